@@ -1,0 +1,47 @@
+# vqscope: every target installs what it needs on a fresh Debian 12 machine.
+PY      := .venv/bin/python
+STAMPS  := .stamps
+CSRC    := $(wildcard inspector/csrc/*.c inspector/csrc/*.h)
+
+.PHONY: all deps venv build test test-unit demo bench-decoder bench-net clean
+
+all: build
+
+$(STAMPS)/deps: scripts/install-deps.sh
+	bash scripts/install-deps.sh
+	@mkdir -p $(STAMPS) && touch $@
+
+# The venv comes from Debian's python3 with system site-packages so that
+# BCC's binding (python3-bpfcc) imports.
+$(STAMPS)/venv: $(STAMPS)/deps pyproject.toml
+	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages .venv
+	$(PY) -m pip install -q --upgrade pip setuptools wheel cffi
+	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	$(PY) -m pip install -q virtme-ng
+	@touch $@
+
+venv: $(STAMPS)/venv
+
+$(STAMPS)/build: $(STAMPS)/venv $(CSRC) inspector/_build_vqd.py
+	cd . && $(PY) inspector/_build_vqd.py
+	@touch $@
+
+build: $(STAMPS)/build
+
+test: build
+	$(PY) -m pytest -ra -p no:cacheprovider $(PYTEST_ARGS)
+
+test-unit: build
+	$(PY) -m pytest -ra -p no:cacheprovider -m 'not dpdk and not qemu' $(PYTEST_ARGS)
+
+demo: build
+	.venv/bin/vqscope demo
+
+bench-decoder: build
+	$(PY) tests/bench/bench_decoder.py
+
+bench-net: build
+	$(PY) tests/bench/bench_net.py
+
+clean:
+	rm -rf $(STAMPS) build inspector/_vqd*.so inspector/_vqd.c inspector/_vqd.o

@@ -1,0 +1,161 @@
+"""The ``vqscope`` command line.
+
+Each subcommand's implementation lives next to what it drives; this module
+only parses arguments, turns InspectorError into a one-line message with exit
+status 2, and dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+
+from .errors import InspectorError
+
+
+def _examples(text: str) -> str:
+    return "examples:\n" + textwrap.indent(textwrap.dedent(text).strip(), "  ")
+
+
+def cmd_layout(args: argparse.Namespace) -> int:
+    from .layout import split_layout
+
+    lay = split_layout(args.size, args.align)
+    if args.json:
+        print(json.dumps(lay.as_dict()))
+    else:
+        for k, v in lay.as_dict().items():
+            print(f"{k:>24}: {v}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve_main
+
+    return serve_main(args)
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from .sources import open_source
+
+    with open_source(args) as src:
+        snap = src.snapshot()
+    if args.json:
+        print(json.dumps(snap))
+    else:
+        from rich.console import Console
+
+        from tui.render import snapshot_table
+
+        Console().print(snapshot_table(snap))
+    return 0
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    from tui.app import run_tui
+
+    return run_tui(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import demo_main
+
+    return demo_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="vqscope",
+        description="Show every virtqueue live; be a vhost-user device whose rings you can watch.",
+        formatter_class=fmt,
+        epilog=_examples("""
+            vqscope demo                                 # back-end + built-in front-end + TUI
+            vqscope serve net --socket /tmp/vq.sock --loopback
+            vqscope tui --connect /tmp/vq.sock
+            vqscope snapshot --connect /tmp/vq.sock --json
+            vqscope layout --size 256 --align 4 --json
+        """),
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    lp = sub.add_parser("layout", help="split-ring layout of a queue size and alignment",
+                        formatter_class=fmt, epilog=_examples("""
+                            vqscope layout --size 256 --align 4096
+                            vqscope layout --size 8 --align 4 --json   # QEMU's legacy formula differs
+                        """))
+    lp.add_argument("--size", type=int, required=True, help="queue size N (power of two, ≤ 32768)")
+    lp.add_argument("--align", type=int, default=4096, help="used-ring alignment (power of two; default 4096)")
+    lp.add_argument("--json", action="store_true", help="print one JSON object")
+    lp.set_defaults(func=cmd_layout)
+
+    sp = sub.add_parser("serve", help="run a vhost-user back-end device", formatter_class=fmt,
+                        epilog=_examples("""
+                            vqscope serve net --socket /tmp/vq.sock --loopback
+                            vqscope serve net --socket /tmp/vq.sock --tap vq0 --queues 2
+                            vqscope serve net --socket /tmp/vq.sock --loopback --introspect /tmp/vq.i
+                        """))
+    sp.add_argument("kind", choices=["net"], help="device type")
+    sp.add_argument("--socket", required=True, help="vhost-user Unix socket path (created mode 0600)")
+    mode = sp.add_mutually_exclusive_group()
+    mode.add_argument("--loopback", action="store_true",
+                      help="echo each TX frame back on RX with MACs swapped (default)")
+    mode.add_argument("--tap", metavar="IFNAME", help="attach a Linux tap device")
+    sp.add_argument("--queues", type=int, default=1, help="queue pairs offered (default 1)")
+    sp.add_argument("--introspect", metavar="PATH", help="introspection socket (default SOCKET.introspect)")
+    sp.add_argument("--mac", default="52:54:00:12:34:57", help="MAC address in the config space")
+    sp.add_argument("-v", "--verbose", action="store_true", help="log every vhost-user message")
+    sp.set_defaults(func=cmd_serve)
+
+    def add_source_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--connect", metavar="PATH",
+                       help="a vqscope back-end: its vhost-user socket or introspection socket")
+        q.add_argument("--file", metavar="JSON", help="a snapshot JSON file (recorded)")
+
+    snp = sub.add_parser("snapshot", help="print one snapshot of every queue", formatter_class=fmt,
+                         epilog=_examples("""
+                             vqscope snapshot --connect /tmp/vq.sock --json
+                             vqscope snapshot --connect /tmp/vq.sock
+                         """))
+    add_source_args(snp)
+    snp.add_argument("--json", action="store_true", help="print the snapshot JSON")
+    snp.set_defaults(func=cmd_snapshot)
+
+    tp = sub.add_parser("tui", help="interactive live view", formatter_class=fmt,
+                        epilog=_examples("""
+                            vqscope tui --connect /tmp/vq.sock
+                            vqscope tui --file snapshot.json
+                        """))
+    add_source_args(tp)
+    tp.add_argument("--interval", type=float, default=0.25, help="refresh period in seconds (default 0.25)")
+    tp.set_defaults(func=cmd_tui)
+
+    dp = sub.add_parser("demo", help="loopback back-end + built-in front-end + TUI", formatter_class=fmt,
+                        epilog=_examples("""
+                            vqscope demo
+                            vqscope demo --headless --duration 5 --json
+                        """))
+    dp.add_argument("--headless", action="store_true", help="no TUI; run for --duration seconds")
+    dp.add_argument("--duration", type=float, default=5.0, help="seconds to run headless (default 5)")
+    dp.add_argument("--json", action="store_true", help="print the final snapshot JSON (headless)")
+    dp.add_argument("--queues", type=int, default=1, help="queue pairs (default 1)")
+    dp.add_argument("--interval", type=float, default=0.25, help="TUI refresh period in seconds")
+    dp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except InspectorError as e:
+        print(f"vqscope {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

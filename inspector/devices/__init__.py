@@ -1,0 +1,1 @@
+"""Devices that sit behind vqscope's vhost-user back-end."""

@@ -1,0 +1,86 @@
+"""The contract between the vhost-user back-end core and a device.
+
+The back-end core (inspector/vhost_user/backend.py) speaks the protocol and
+collects each vring's untrusted plain state in a :class:`VringConfig`. When a
+vring becomes ready (VIRTIO 1.2 / vhost-user spec "Starting and stopping
+rings": kick fd received, addresses and size set, and enabled) it calls
+``Device.start_queue``; GET_VRING_BASE, RESET_OWNER or a disconnect call
+``Device.stop_queue``, which returns the ring's ``last_avail_idx``.
+A device never sees protocol messages and the core never touches rings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..memory import GuestMemory
+
+
+@dataclass
+class VringConfig:
+    """One vring's state as set by the front-end; plain and untrusted.
+
+    Addresses are front-end virtual addresses (SET_VRING_ADDR); ``base`` is
+    the ``last_avail_idx`` from SET_VRING_BASE. Fds are owned by the core,
+    which closes them; a device must dup() any fd it keeps past stop_queue.
+    """
+
+    index: int
+    num: int = 0
+    desc_uva: int = 0
+    avail_uva: int = 0
+    used_uva: int = 0
+    log_guest_addr: int = 0
+    addr_flags: int = 0
+    base: int = 0
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    enabled: bool = False
+    started: bool = False
+    addr_set: bool = False
+
+
+@dataclass
+class QueueStats:
+    """Counters a device keeps per queue (its data path counts them)."""
+
+    kicks: int = 0
+    calls: int = 0
+    calls_suppressed: int = 0
+    packets: int = 0
+    bytes: int = 0
+    last_avail_idx: int | None = None
+    broken: str | None = None
+
+
+class Device(Protocol):
+    """A virtio device behind the back-end. ``features`` are the virtio
+    feature bits it offers (VIRTIO_F_VERSION_1 etc.; the core adds
+    VHOST_USER_F_PROTOCOL_FEATURES); ``num_queues`` the most vrings it has."""
+
+    name: str
+    num_queues: int
+
+    def features(self) -> int: ...
+
+    def set_features(self, features: int) -> None:
+        """The front-end's acked features (SET_FEATURES); called before rings start."""
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """Bytes ``[offset, offset+size)`` of the device config space (GET_CONFIG)."""
+
+    def set_config(self, offset: int, data: bytes) -> None: ...
+
+    def start_queue(self, vring: VringConfig, mem: GuestMemory) -> None:
+        """Begin servicing ``vring`` (a ready vring) in ``mem``."""
+
+    def stop_queue(self, index: int) -> int:
+        """Stop servicing vring ``index``; return its last_avail_idx."""
+
+    def queue_stats(self, index: int) -> QueueStats:
+        """Current counters of vring ``index`` (zeros if never started)."""
+
+    def close(self) -> None:
+        """Stop every queue and release every resource (disconnect)."""

@@ -1,0 +1,29 @@
+"""One error hierarchy for vqscope.
+
+Every message says what went wrong, where (device, queue, field, value) and,
+where it helps, what to do.
+"""
+
+
+class InspectorError(Exception):
+    """Root of every error vqscope raises on purpose."""
+
+
+class LayoutError(InspectorError, ValueError):
+    """A queue size or alignment that VIRTIO 1.2 §2.7 does not allow."""
+
+
+class MemoryAccessError(InspectorError):
+    """An address (guest-physical or front-end virtual) outside every region."""
+
+
+class RingError(InspectorError):
+    """A ring that cannot be decoded at all (e.g. its areas are unmapped)."""
+
+
+class ProtocolError(InspectorError):
+    """A vhost-user message that breaks the spec; the connection is broken."""
+
+
+class SourceError(InspectorError):
+    """A source (introspection socket, QMP, process) that cannot be read."""

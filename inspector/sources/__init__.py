@@ -1,0 +1,41 @@
+"""Sources of queue state. Each yields snapshot dicts (the snapshot JSON of
+README.md, "Snapshot JSON"); no UI code lives here.
+
+- ``backend``: a vqscope back-end, through its introspection socket.
+- ``file``: a snapshot JSON file (one object), for tests and offline looks.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Protocol
+
+from ..errors import SourceError
+
+
+class Source(Protocol):
+    """Something that can be asked for the current snapshot, repeatedly."""
+
+    name: str
+
+    def snapshot(self) -> dict:
+        """One snapshot dict; raises SourceError when the source is gone."""
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "Source": ...
+
+    def __exit__(self, *exc) -> None: ...
+
+
+def open_source(args: argparse.Namespace) -> Source:
+    """The source the CLI arguments name (``--connect`` or ``--file``)."""
+    if getattr(args, "connect", None):
+        from .backend import BackendSource
+
+        return BackendSource(args.connect)
+    if getattr(args, "file", None):
+        from .file import FileSource
+
+        return FileSource(args.file)
+    raise SourceError("no source given: use --connect PATH (a vqscope back-end) or --file SNAPSHOT.json")
