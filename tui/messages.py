@@ -1,0 +1,21 @@
+"""Messages the polling worker posts to the app (dataclasses)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual.message import Message
+
+
+@dataclass
+class SnapshotReceived(Message):
+    """The source answered with a snapshot dict (README.md, "Snapshot JSON")."""
+
+    snapshot: dict
+
+
+@dataclass
+class SourceGone(Message):
+    """The source raised SourceError; ``reason`` is its message."""
+
+    reason: str
