@@ -1,0 +1,33 @@
+"""The keys, over whatever screen is showing."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+KEYS = (
+    ("↑ ↓ PgUp PgDn", "move between queues / descriptors"),
+    ("enter", "open the queue under the cursor (chains, anomalies)"),
+    ("escape", "back to the queue table (or close this help)"),
+    ("?", "this help"),
+    ("q", "quit"),
+)
+
+LEGEND = (
+    "inflight = (avail_idx − used_idx) mod 2^16: buffers the driver made available\n"
+    "that the device has not returned. — : not known, or not negotiated\n"
+    "(used_event / avail_event without VIRTIO_RING_F_EVENT_IDX).\n"
+    "Rates are per second between the last two snapshots' times."
+)
+
+
+class HelpScreen(ModalScreen):
+    """Key list and a short legend; escape or ? closes it."""
+
+    BINDINGS = [Binding("escape", "dismiss", "Close"), Binding("question_mark", "dismiss", "Close", show=False)]
+
+    def compose(self) -> ComposeResult:
+        lines = "\n".join(f"[b]{key:>14}[/b]  {what}" for key, what in KEYS)
+        yield Static(f"[b]vqscope keys[/b]\n\n{lines}\n\n[dim]{LEGEND}[/dim]", id="help")

@@ -1,0 +1,53 @@
+"""One queue: its fields, in-flight chains and anomalies, live."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import Footer, Static
+
+from ..rates import queue_id
+from ..widgets.anomaly_table import AnomalyTable
+from ..widgets.chain_table import ChainTable
+from ..widgets.queue_fields import QueueFields
+from ..widgets.status_header import StatusHeader
+
+
+class QueueScreen(Screen):
+    """Follows queue ``index`` of ``device`` through every new snapshot."""
+
+    BINDINGS = [Binding("escape", "app.pop_screen", "Back")]
+
+    def __init__(self, device: str, index: int) -> None:
+        super().__init__()
+        self.queue = (device, index)
+
+    def compose(self) -> ComposeResult:
+        device, index = self.queue
+        yield StatusHeader()
+        yield Static(f"{device} queue {index}", classes="title")
+        yield QueueFields()
+        yield Static("in-flight chains (made available, not yet taken by the device)", classes="section")
+        yield ChainTable(id="chains")
+        yield Static("anomalies", classes="section")
+        yield AnomalyTable(id="anomalies")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(StatusHeader).source_name = self.app.source.name
+        self.watch(self.app, "gone", self._show_gone)
+        self.watch(self.app, "snapshot", self._show_snapshot)
+
+    def _show_gone(self, gone: str | None) -> None:
+        self.query_one(StatusHeader).gone = gone
+
+    def _show_snapshot(self, snap: dict | None) -> None:
+        if snap is None:
+            return
+        header = self.query_one(StatusHeader)
+        header.snap_time, header.queue_count = snap["time"], len(snap["queues"])
+        queue = next((q for q in snap["queues"] if queue_id(q) == self.queue), None)
+        self.query_one(QueueFields).show(queue)
+        self.query_one(ChainTable).show(queue["chains"] if queue else [])
+        self.query_one(AnomalyTable).show(queue["anomalies"] if queue else [])
