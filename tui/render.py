@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
@@ -208,6 +209,11 @@ def chain_rows(chain: dict) -> list[list[str]]:
 def snapshot_table(snap: dict) -> Table:
     """Every queue of a snapshot as one rich Table (``vqscope snapshot``)."""
     table = Table(
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
+        collapse_padding=True,
+        title_justify="left",
         title=f"{snap.get('source', DASH)}  {time_text(snap.get('time'))}  "
               f"{len(snap['queues'])} queue{'' if len(snap['queues']) == 1 else 's'}",
     )
