@@ -1,0 +1,426 @@
+"""A vhost-user front-end (the driver side), for ``vqscope demo`` and tests.
+
+It owns guest memory (a memfd it maps), builds split rings in it with
+inspector.driver.DriverRing, does the handshake the way QEMU does, and drives
+a virtio-net device: RX buffers, TX frames, kicks honouring notification
+suppression, calls on eventfds. Guest-physical addresses start at 0; the
+front-end virtual addresses it sends are the mmap's real address, so a
+back-end that confuses the two fails visibly.
+
+Memory layout: the vrings (legacy contiguous layout, 4096-aligned) from gpa 0,
+then fixed-size frame slots up to ``mem_size``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import select
+import socket
+import struct
+
+from ..driver import VRING_USED_F_NO_NOTIFY, DriverRing
+from ..errors import InspectorError, ProtocolError
+from ..layout import split_layout
+from ..memory import GuestMemory
+from .protocol import (
+    FLAG_NEED_REPLY, FLAG_REPLY, VERSION, VHOST_USER_F_PROTOCOL_FEATURES, VRING_NOFD_MASK,
+    ConfigPayload, MemoryRegionDesc, MemoryTable, Message, ProtocolFeature, Request, VringAddr,
+    VringState, pack_u64, recv_message, send_message,
+)
+
+VIRTIO_NET_F_MRG_RXBUF = 1 << 15
+VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
+VIRTIO_RING_F_EVENT_IDX = 1 << 29
+VIRTIO_F_VERSION_1 = 1 << 32
+
+_NET_HDR_V1 = struct.Struct("<BBHHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
+
+# Requests whose reply is their own (REPLY_ACK must not be requested for them).
+_HAS_REPLY = {Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_QUEUE_NUM,
+              Request.GET_VRING_BASE, Request.GET_CONFIG, Request.SET_LOG_BASE}
+
+
+def vring_need_event(event_idx: int, new_idx: int, old: int) -> bool:
+    """VIRTIO 1.2 §2.7.10 / Linux vring_need_event: notify when ``event_idx``
+    lies in (old, new]."""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old) & 0xFFFF)
+
+
+def _align(x: int, a: int) -> int:
+    return (x + a - 1) & ~(a - 1)
+
+
+class _Queue:
+    """The front-end's state of one vring."""
+
+    def __init__(self, index: int, ring: DriverRing, kick_fd: int, call_fd: int):
+        self.index = index
+        self.ring = ring
+        self.kick_fd = kick_fd
+        self.call_fd = call_fd
+        self.slots: dict[int, int] = {}  # head -> slot
+        self.kicks = 0
+        self.calls = 0
+        self.last_kick_idx = 0  # avail idx at the last kick decision
+
+
+class VhostUserFrontend:
+    """Connect to a vhost-user back-end at ``socket_path`` and set up
+    ``queue_pairs`` virtio-net queue pairs (vring 2p: RX, 2p+1: TX) of
+    ``queue_size`` entries in ``mem_size`` bytes of shared memory.
+
+    ``event_idx`` / ``mrg_rxbuf``: ack VIRTIO_RING_F_EVENT_IDX /
+    VIRTIO_NET_F_MRG_RXBUF when offered; ``extra_features`` are acked too when
+    offered. ``handshake=False`` only connects (for negative tests: use
+    send_raw / recv_reply, then handshake())."""
+
+    def __init__(self, socket_path: str, queue_pairs: int = 1, queue_size: int = 256,
+                 mem_size: int = 64 << 20, *, event_idx: bool = False, mrg_rxbuf: bool = False,
+                 extra_features: int = 0, slot_size: int = 4096, handshake: bool = True,
+                 timeout: float = 5.0):
+        self.socket_path = socket_path
+        self.queue_pairs = queue_pairs
+        self.queue_size = queue_size
+        self.mem_size = mem_size
+        self.slot_size = slot_size
+        self.want_features = VIRTIO_F_VERSION_1 | extra_features
+        if event_idx:
+            self.want_features |= VIRTIO_RING_F_EVENT_IDX
+        if mrg_rxbuf:
+            self.want_features |= VIRTIO_NET_F_MRG_RXBUF
+        self.features = 0
+        self.device_features = 0
+        self.protocol_features = 0
+        self.queue_num: int | None = None
+        self.queues: list[_Queue] = []
+        self._fds: list[int] = []
+        self.backend_channel: socket.socket | None = None
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.memfd = -1
+        self.map: mmap.mmap | None = None
+        try:
+            self.sock.connect(socket_path)
+            self.memfd = os.memfd_create("vqscope-guest", os.MFD_CLOEXEC)
+            os.ftruncate(self.memfd, mem_size)
+            self.map = mmap.mmap(self.memfd, mem_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            anchor = ctypes.c_char.from_buffer(self.map)
+            self.uva = ctypes.addressof(anchor)
+            del anchor
+            self.mem = GuestMemory()
+            self.mem.add(0, self.map, uva=self.uva, size=mem_size)
+            self._layout()
+            if handshake:
+                self.handshake()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- memory ------------------------------------------------------------
+    def _layout(self) -> None:
+        lay = split_layout(self.queue_size, 4096)
+        ring_bytes = _align(lay.total_size, 4096)
+        self.ring_base = [i * ring_bytes for i in range(2 * self.queue_pairs)]
+        self.slots_base = _align(2 * self.queue_pairs * ring_bytes, 4096)
+        nslots = (self.mem_size - self.slots_base) // self.slot_size
+        if nslots < 1:
+            raise InspectorError(f"mem_size {self.mem_size:#x} is too small for {2 * self.queue_pairs} "
+                                 f"rings of {self.queue_size}")
+        self.free_slots = list(range(nslots - 1, -1, -1))
+
+    def gpa_to_uva(self, gpa: int) -> int:
+        return gpa + self.uva
+
+    def _slot_gpa(self, slot: int) -> int:
+        return self.slots_base + slot * self.slot_size
+
+    def _alloc_slot(self) -> int:
+        if not self.free_slots:
+            raise InspectorError("front-end: no free frame slot in guest memory")
+        return self.free_slots.pop()
+
+    # --- messages ------------------------------------------------------------------
+    def send_raw(self, request: int, payload: bytes = b"", fds=(), flags: int | None = None,
+                 size: int | None = None) -> None:
+        """Send any message verbatim (``flags`` defaults to version 1)."""
+        send_message(self.sock, int(request), payload, fds=fds,
+                     flags=VERSION if flags is None else flags, size=size)
+
+    def recv_reply(self) -> Message:
+        """Read one reply; raises ProtocolError when the back-end closed."""
+        msg = recv_message(self.sock)
+        if msg is None:
+            raise ProtocolError("back-end closed the connection")
+        for fd in msg.fds:  # no reply we read carries fds
+            os.close(fd)
+        msg.fds = []
+        if not msg.flags & FLAG_REPLY:
+            raise ProtocolError(f"{msg.name}: reply without the REPLY flag (flags {msg.flags:#x})")
+        return msg
+
+    def _request(self, request: Request, payload: bytes = b"", fds=()) -> Message | None:
+        """Send; read the reply of requests that have one, or the REPLY_ACK
+        when negotiated (raising on a non-zero ack)."""
+        ack = (self.protocol_features & ProtocolFeature.REPLY_ACK) and request not in _HAS_REPLY
+        flags = VERSION | (FLAG_NEED_REPLY if ack else 0)
+        self.send_raw(request, payload, fds, flags)
+        if request == Request.SET_LOG_BASE and not self.protocol_features & ProtocolFeature.LOG_SHMFD:
+            return None
+        if request in _HAS_REPLY or ack:
+            reply = self.recv_reply()
+            if reply.request != request:
+                raise ProtocolError(f"{request.name}: got a reply to {reply.name}")
+            if ack and struct.unpack("<Q", reply.payload)[0] != 0:
+                raise ProtocolError(f"{request.name}: back-end answered REPLY_ACK with failure")
+            return reply
+        return None
+
+    def _get_u64(self, request: Request) -> int:
+        reply = self._request(request)
+        if len(reply.payload) != 8:
+            raise ProtocolError(f"{request.name}: reply of {len(reply.payload)} bytes, want 8")
+        return struct.unpack("<Q", reply.payload)[0]
+
+    def get_features(self) -> int:
+        return self._get_u64(Request.GET_FEATURES)
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        reply = self._request(Request.GET_CONFIG, ConfigPayload(offset, size, 0, bytes(size)).pack())
+        if len(reply.payload) != 12 + size:
+            raise ProtocolError(f"GET_CONFIG: reply of {len(reply.payload)} bytes, want {12 + size}")
+        return reply.payload[12:]
+
+    def get_vring_base(self, index: int) -> int:
+        """Stop vring ``index`` (GET_VRING_BASE) and return its last_avail_idx."""
+        reply = self._request(Request.GET_VRING_BASE, VringState(index, 0).pack())
+        return struct.unpack("<II", reply.payload)[1]
+
+    # --- handshake ---------------------------------------------------------------------
+    def handshake(self) -> None:
+        """QEMU's sequence: features, owner, protocol features, queue count,
+        features ack, memory table, then each vring's size, base, addresses,
+        kick, call and enable."""
+        self.device_features = self.get_features()
+        self._request(Request.SET_OWNER)
+        if self.device_features & VHOST_USER_F_PROTOCOL_FEATURES:
+            offered = self._get_u64(Request.GET_PROTOCOL_FEATURES)
+            want = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
+                    | ProtocolFeature.LOG_SHMFD | ProtocolFeature.BACKEND_REQ)
+            acked = offered & int(want)
+            self._request(Request.SET_PROTOCOL_FEATURES, pack_u64(acked))
+            self.protocol_features = acked
+            if acked & ProtocolFeature.MQ:
+                self.queue_num = self._get_u64(Request.GET_QUEUE_NUM)
+                if self.queue_pairs > self.queue_num:
+                    raise ProtocolError(f"back-end supports {self.queue_num} queue(s); "
+                                        f"{self.queue_pairs} pair(s) asked for")
+            elif self.queue_pairs > 1:
+                raise ProtocolError("back-end does not offer VHOST_USER_PROTOCOL_F_MQ; "
+                                    "only 1 queue pair is possible")
+            if acked & ProtocolFeature.BACKEND_REQ:
+                mine, theirs = socket.socketpair()
+                try:
+                    self._request(Request.SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
+                finally:
+                    theirs.close()
+                self.backend_channel = mine
+        self.features = self.device_features & (self.want_features | VHOST_USER_F_PROTOCOL_FEATURES)
+        self._request(Request.SET_FEATURES, pack_u64(self.features))
+        self._request(Request.SET_MEM_TABLE,
+                      MemoryTable([MemoryRegionDesc(0, self.mem_size, self.uva, 0)]).pack(),
+                      fds=[self.memfd])
+        for i in range(2 * self.queue_pairs):
+            self._setup_vring(i)
+
+    def _eventfd(self) -> int:
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._fds.append(fd)
+        return fd
+
+    def _setup_vring(self, i: int) -> None:
+        ring = DriverRing(self.mem, self.ring_base[i], self.queue_size)
+        q = _Queue(i, ring, self._eventfd(), self._eventfd())
+        self.queues.append(q)
+        self._request(Request.SET_VRING_NUM, VringState(i, self.queue_size).pack())
+        self._request(Request.SET_VRING_BASE, VringState(i, 0).pack())
+        self._request(Request.SET_VRING_ADDR, VringAddr(
+            i, 0, self.gpa_to_uva(ring.desc_addr), self.gpa_to_uva(ring.used_addr),
+            self.gpa_to_uva(ring.avail_addr), 0).pack())
+        self._request(Request.SET_VRING_KICK, pack_u64(i), fds=[q.kick_fd])
+        self._request(Request.SET_VRING_CALL, pack_u64(i), fds=[q.call_fd])
+        if self.features & VHOST_USER_F_PROTOCOL_FEATURES:
+            self._request(Request.SET_VRING_ENABLE, VringState(i, 1).pack())
+
+    # --- virtio-net driver ---------------------------------------------------------------------
+    @property
+    def net_hdr_len(self) -> int:
+        """12 with VERSION_1 or MRG_RXBUF (virtio_net_hdr_v1 /
+        _mrg_rxbuf), else 10 (VIRTIO 1.2 §5.1.6)."""
+        return 12 if self.features & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF) else 10
+
+    @property
+    def event_idx(self) -> bool:
+        return bool(self.features & VIRTIO_RING_F_EVENT_IDX)
+
+    def rx(self, pair: int) -> _Queue:
+        return self.queues[2 * pair]
+
+    def tx(self, pair: int) -> _Queue:
+        return self.queues[2 * pair + 1]
+
+    def kick(self, q: _Queue) -> bool:
+        """Notify the device if it asked for it (VIRTIO 1.2 §2.7.13.4):
+        VRING_USED_F_NO_NOTIFY, or with EVENT_IDX the avail_event window.
+        Returns whether a kick was sent."""
+        ring = q.ring
+        old, new = q.last_kick_idx, ring.avail_idx
+        q.last_kick_idx = new
+        if self.event_idx:
+            need = vring_need_event(ring.avail_event, new, old)
+        else:
+            need = not ring.used_flags & VRING_USED_F_NO_NOTIFY
+        if need:
+            os.eventfd_write(q.kick_fd, 1)
+            q.kicks += 1
+        return need
+
+    def post_rx_buffers(self, pair: int, n: int, buf_len: int = 2048) -> int:
+        """Make ``n`` device-writable buffers of ``buf_len`` bytes available on
+        the RX vring of ``pair``; returns how many were posted."""
+        if buf_len > self.slot_size:
+            raise InspectorError(f"buf_len {buf_len} exceeds the slot size {self.slot_size}")
+        q = self.rx(pair)
+        posted = 0
+        for _ in range(n):
+            if q.ring.num_free == 0 or not self.free_slots:
+                break
+            slot = self._alloc_slot()
+            head = q.ring.add_chain([(self._slot_gpa(slot), buf_len, True)])
+            q.slots[head] = slot
+            posted += 1
+        if posted:
+            q.ring.publish()
+            self.kick(q)
+        return posted
+
+    def send_frames(self, pair: int, frames: list[bytes]) -> int:
+        """Put ``frames`` on the TX vring of ``pair``, each behind a zeroed
+        virtio-net header, publish and kick if needed; returns how many fit."""
+        q = self.tx(pair)
+        hlen = self.net_hdr_len
+        sent = 0
+        for frame in frames:
+            if hlen + len(frame) > self.slot_size:
+                raise InspectorError(f"frame of {len(frame)} bytes does not fit a {self.slot_size}-byte slot")
+            if q.ring.num_free == 0 or not self.free_slots:
+                break
+            slot = self._alloc_slot()
+            gpa = self._slot_gpa(slot)
+            view = self.mem.view(gpa, hlen + len(frame))
+            view[:hlen] = bytes(hlen)
+            view[hlen:] = frame
+            head = q.ring.add_chain([(gpa, hlen + len(frame), False)])
+            q.slots[head] = slot
+            sent += 1
+        if sent:
+            q.ring.publish()
+            self.kick(q)
+        return sent
+
+    def _collect(self, q: _Queue) -> list[tuple[int, int, int]]:
+        """Used entries as (head, len, slot); frees descriptors, re-arms used_event."""
+        out = []
+        for head, length in q.ring.get_used():
+            out.append((head, length, q.slots.pop(head)))
+        if self.event_idx:
+            q.ring.used_event = q.ring.last_used_idx
+        return out
+
+    def poll_tx_done(self, pair: int) -> int:
+        """Reclaim the TX buffers the device returned; returns how many."""
+        done = self._collect(self.tx(pair))
+        for _, _, slot in done:
+            self.free_slots.append(slot)
+        return len(done)
+
+    def recv_frames(self, pair: int) -> list[bytes]:
+        """Frames the device wrote into RX buffers, without the virtio-net
+        header. With MRG_RXBUF a frame spans ``num_buffers`` used buffers."""
+        done = self._collect(self.rx(pair))
+        hlen = self.net_hdr_len
+        mrg = bool(self.features & VIRTIO_NET_F_MRG_RXBUF)
+        frames = []
+        i = 0
+        try:
+            while i < len(done):
+                _, length, slot = done[i]
+                data = self.mem.read(self._slot_gpa(slot), min(length, self.slot_size))
+                if length < hlen:
+                    raise ProtocolError(f"RX used length {length} is shorter than the "
+                                        f"{hlen}-byte virtio-net header")
+                nbufs = _NET_HDR_V1.unpack_from(data)[6] if mrg else 1
+                parts = [data[hlen:]]
+                for k in range(1, max(nbufs, 1)):
+                    if i + k >= len(done):
+                        raise ProtocolError(f"RX frame announces num_buffers={nbufs}, "
+                                            f"only {len(done) - i} used")
+                    _, ln, sl = done[i + k]
+                    parts.append(self.mem.read(self._slot_gpa(sl), min(ln, self.slot_size)))
+                frames.append(b"".join(parts))
+                i += max(nbufs, 1)
+        finally:
+            for _, _, slot in done:
+                self.free_slots.append(slot)
+        return frames
+
+    def wait_call(self, pair: int, timeout: float = 1.0, which: str = "any") -> bool:
+        """Wait up to ``timeout`` s for a call on the pair's RX, TX or either
+        vring; drains the eventfd(s). True when a call came."""
+        qs = {"rx": [self.rx(pair)], "tx": [self.tx(pair)], "any": [self.rx(pair), self.tx(pair)]}[which]
+        poller = select.poll()
+        for q in qs:
+            poller.register(q.call_fd, select.POLLIN)
+        if not poller.poll(max(0, timeout) * 1000):
+            return False
+        got = False
+        for q in qs:
+            try:
+                os.eventfd_read(q.call_fd)
+                q.calls += 1
+                got = True
+            except BlockingIOError:
+                pass
+        return got
+
+    # --- teardown ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the connection, eventfds, memfd and mapping."""
+        for s in (self.sock, self.backend_channel):
+            if s is not None:
+                s.close()
+        self.backend_channel = None
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+        if self.memfd >= 0:
+            os.close(self.memfd)
+            self.memfd = -1
+        if self.map is not None:
+            self.queues = []
+            self.mem = None
+            try:
+                self.map.close()
+            except BufferError:
+                pass
+            self.map = None
+
+    def __enter__(self) -> "VhostUserFrontend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,586 @@
+"""vhost-user wire format: requests, flags, payload codecs, message I/O.
+
+Numbers and layouts are the spec's (QEMU docs/interop/vhost-user.rst) and
+match libvhost-user. A message is a 12-byte header (request u32, flags u32,
+size u32, all little-endian on the hosts we run on: the spec says "native
+endian"), ``size`` bytes of payload, and up to 8 file descriptors passed
+with SCM_RIGHTS alongside the header.
+
+Everything here is pure: no state, no policy. Every malformed input raises
+:class:`ProtocolViolation` (a ProtocolError) naming the request, the field
+and the value, so the back-end can log one line and close the connection.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum, IntFlag
+from typing import Any
+
+from ..errors import ProtocolError
+
+
+class Request(IntEnum):
+    """Front-end → back-end message types (spec "Front-end message types")."""
+
+    GET_FEATURES = 1
+    SET_FEATURES = 2
+    SET_OWNER = 3
+    RESET_OWNER = 4
+    SET_MEM_TABLE = 5
+    SET_LOG_BASE = 6
+    SET_LOG_FD = 7
+    SET_VRING_NUM = 8
+    SET_VRING_ADDR = 9
+    SET_VRING_BASE = 10
+    GET_VRING_BASE = 11
+    SET_VRING_KICK = 12
+    SET_VRING_CALL = 13
+    SET_VRING_ERR = 14
+    GET_PROTOCOL_FEATURES = 15
+    SET_PROTOCOL_FEATURES = 16
+    GET_QUEUE_NUM = 17
+    SET_VRING_ENABLE = 18
+    SEND_RARP = 19
+    NET_SET_MTU = 20
+    SET_BACKEND_REQ_FD = 21
+    IOTLB_MSG = 22
+    SET_VRING_ENDIAN = 23
+    GET_CONFIG = 24
+    SET_CONFIG = 25
+    CREATE_CRYPTO_SESSION = 26
+    CLOSE_CRYPTO_SESSION = 27
+    POSTCOPY_ADVISE = 28
+    POSTCOPY_LISTEN = 29
+    POSTCOPY_END = 30
+    GET_INFLIGHT_FD = 31
+    SET_INFLIGHT_FD = 32
+    GPU_SET_SOCKET = 33
+    RESET_DEVICE = 34
+    VRING_KICK = 35
+    GET_MAX_MEM_SLOTS = 36
+    ADD_MEM_REG = 37
+    REM_MEM_REG = 38
+    SET_STATUS = 39
+    GET_STATUS = 40
+    GET_SHARED_OBJECT = 41
+    SET_DEVICE_STATE_FD = 42
+    CHECK_DEVICE_STATE = 43
+
+
+class BackendRequest(IntEnum):
+    """Back-end → front-end message types (spec "Back-end message types"),
+    sent on the channel given by SET_BACKEND_REQ_FD."""
+
+    IOTLB_MSG = 1
+    CONFIG_CHANGE_MSG = 2
+    VRING_HOST_NOTIFIER_MSG = 3
+    VRING_CALL = 4
+    VRING_ERR = 5
+    SHARED_OBJECT_ADD = 6
+    SHARED_OBJECT_REMOVE = 7
+    SHARED_OBJECT_LOOKUP = 8
+
+
+class ProtocolFeature(IntFlag):
+    """VHOST_USER_PROTOCOL_F_* as bit masks (bit numbers from the spec)."""
+
+    MQ = 1 << 0
+    LOG_SHMFD = 1 << 1
+    RARP = 1 << 2
+    REPLY_ACK = 1 << 3
+    MTU = 1 << 4
+    BACKEND_REQ = 1 << 5
+    CROSS_ENDIAN = 1 << 6
+    CRYPTO_SESSION = 1 << 7
+    PAGEFAULT = 1 << 8
+    CONFIG = 1 << 9
+    BACKEND_SEND_FD = 1 << 10
+    HOST_NOTIFIER = 1 << 11
+    INFLIGHT_SHMFD = 1 << 12
+    RESET_DEVICE = 1 << 13
+    INBAND_NOTIFICATIONS = 1 << 14
+    CONFIGURE_MEM_SLOTS = 1 << 15
+    STATUS = 1 << 16
+    XEN_MMAP = 1 << 17
+    SHARED_OBJECT = 1 << 18
+    DEVICE_STATE = 1 << 19
+
+
+VHOST_USER_F_PROTOCOL_FEATURES = 1 << 30
+VHOST_F_LOG_ALL = 1 << 26  # dirty logging; vqscope never offers it
+
+# Header flags.
+VERSION = 0x1
+VERSION_MASK = 0x3
+FLAG_REPLY = 0x4
+FLAG_NEED_REPLY = 0x8
+
+# SET_VRING_KICK/CALL/ERR u64 payload.
+VRING_IDX_MASK = 0xFF
+VRING_NOFD_MASK = 0x100
+
+MAX_MEM_REGIONS = 8  # VHOST_MEMORY_BASELINE_NREGIONS
+MAX_FDS = 8
+MAX_CONFIG_SIZE = 256  # VHOST_USER_MAX_CONFIG_SIZE
+MAX_VRING_NUM = 32768  # VIRTIO 1.2 §2.7: Queue Size ≤ 32768
+
+HEADER = struct.Struct("<III")
+HEADER_SIZE = HEADER.size
+U64 = struct.Struct("<Q")
+VRING_STATE = struct.Struct("<II")
+VRING_ADDR = struct.Struct("<IIQQQQ")
+MEM_HEADER = struct.Struct("<II")
+MEM_REGION = struct.Struct("<QQQQ")
+LOG = struct.Struct("<QQ")
+CONFIG_HEADER = struct.Struct("<III")
+INFLIGHT = struct.Struct("<QQHH4x")  # C struct VhostUserInflight is padded to 24
+MEM_REG_MSG = struct.Struct("<Q")  # padding u64, then one MEM_REGION
+
+# The largest request payload a front-end sends: VhostUserConfig (12 + 256),
+# the biggest member of libvhost-user's payload union.
+MAX_PAYLOAD = CONFIG_HEADER.size + MAX_CONFIG_SIZE
+
+# Control-message buffer: room for more fds than any request may carry so that
+# a peer sending too many is detected (and every fd it sent is closed) instead
+# of having the kernel silently truncate.
+_CMSG_FDS = 64
+
+
+class ProtocolViolation(ProtocolError):
+    """A message that breaks the spec: ``request`` (name), ``field`` and
+    ``value`` say exactly what."""
+
+    def __init__(self, request: str, field_: str, value: Any, why: str):
+        self.request = request
+        self.field = field_
+        self.value = value
+        self.why = why
+        shown = f"{value:#x}" if isinstance(value, int) and not isinstance(value, bool) and value > 9 else value
+        super().__init__(f"{request}: {field_}={shown}: {why}")
+
+
+def request_name(request: int) -> str:
+    """The spec's name of a request number, or ``UNKNOWN(n)``."""
+    try:
+        return Request(request).name
+    except ValueError:
+        return f"UNKNOWN({request})"
+
+
+# --- payload types --------------------------------------------------------
+
+@dataclass
+class VringState:
+    index: int
+    num: int
+
+    def pack(self) -> bytes:
+        return VRING_STATE.pack(self.index, self.num)
+
+
+@dataclass
+class VringAddr:
+    index: int
+    flags: int
+    desc_user_addr: int
+    used_user_addr: int
+    avail_user_addr: int
+    log_guest_addr: int
+
+    def pack(self) -> bytes:
+        return VRING_ADDR.pack(self.index, self.flags, self.desc_user_addr, self.used_user_addr,
+                               self.avail_user_addr, self.log_guest_addr)
+
+
+@dataclass
+class MemoryRegionDesc:
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    mmap_offset: int
+
+    def pack(self) -> bytes:
+        return MEM_REGION.pack(self.guest_phys_addr, self.memory_size, self.userspace_addr,
+                               self.mmap_offset)
+
+
+@dataclass
+class MemoryTable:
+    regions: list[MemoryRegionDesc]
+
+    def pack(self) -> bytes:
+        return MEM_HEADER.pack(len(self.regions), 0) + b"".join(r.pack() for r in self.regions)
+
+
+@dataclass
+class LogPayload:
+    mmap_size: int
+    mmap_offset: int
+
+    def pack(self) -> bytes:
+        return LOG.pack(self.mmap_size, self.mmap_offset)
+
+
+@dataclass
+class ConfigPayload:
+    offset: int
+    size: int
+    flags: int
+    payload: bytes = b""
+
+    def pack(self) -> bytes:
+        return CONFIG_HEADER.pack(self.offset, self.size, self.flags) + self.payload
+
+
+@dataclass
+class InflightPayload:
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+
+    def pack(self) -> bytes:
+        return INFLIGHT.pack(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
+
+
+def pack_u64(value: int) -> bytes:
+    return U64.pack(value)
+
+
+def _need(name: str, data: bytes, size: int, what: str) -> None:
+    if len(data) != size:
+        raise ProtocolViolation(name, "size", len(data), f"a {what} payload is {size} bytes")
+
+
+def unpack_u64(name: str, data: bytes) -> int:
+    _need(name, data, U64.size, "u64")
+    return U64.unpack(data)[0]
+
+
+def unpack_vring_state(name: str, data: bytes) -> VringState:
+    _need(name, data, VRING_STATE.size, "vring state")
+    return VringState(*VRING_STATE.unpack(data))
+
+
+def unpack_vring_addr(name: str, data: bytes) -> VringAddr:
+    _need(name, data, VRING_ADDR.size, "vring address")
+    return VringAddr(*VRING_ADDR.unpack(data))
+
+
+def unpack_memory_table(name: str, data: bytes) -> MemoryTable:
+    """Decode SET_MEM_TABLE; checks 1 ≤ num_regions ≤ 8 and that ``size`` is
+    exactly 8 + 32·num_regions (what QEMU and DPDK send)."""
+    if len(data) < MEM_HEADER.size:
+        raise ProtocolViolation(name, "size", len(data), "a memory table payload is at least 8 bytes")
+    n, _padding = MEM_HEADER.unpack_from(data)
+    if n == 0 or n > MAX_MEM_REGIONS:
+        raise ProtocolViolation(name, "num_regions", n, f"must be 1 to {MAX_MEM_REGIONS}")
+    want = MEM_HEADER.size + n * MEM_REGION.size
+    if len(data) != want:
+        raise ProtocolViolation(name, "size", len(data),
+                                f"{n} region(s) take {want} bytes (8 + 32 per region)")
+    regions = [MemoryRegionDesc(*MEM_REGION.unpack_from(data, MEM_HEADER.size + i * MEM_REGION.size))
+               for i in range(n)]
+    return MemoryTable(regions)
+
+
+def unpack_log(name: str, data: bytes) -> LogPayload:
+    _need(name, data, LOG.size, "log")
+    return LogPayload(*LOG.unpack(data))
+
+
+def unpack_config(name: str, data: bytes) -> ConfigPayload:
+    """Decode GET/SET_CONFIG; ``size`` must be ≤ 256 and match the bytes that
+    follow the 12-byte config header."""
+    if len(data) < CONFIG_HEADER.size:
+        raise ProtocolViolation(name, "size", len(data), "a config payload is at least 12 bytes")
+    offset, size, flags = CONFIG_HEADER.unpack_from(data)
+    if size > MAX_CONFIG_SIZE:
+        raise ProtocolViolation(name, "config.size", size, f"exceeds the maximum {MAX_CONFIG_SIZE}")
+    if CONFIG_HEADER.size + size != len(data):
+        raise ProtocolViolation(name, "config.size", size,
+                                f"does not match the {len(data) - CONFIG_HEADER.size} payload bytes "
+                                f"after the config header")
+    return ConfigPayload(offset, size, flags, bytes(data[CONFIG_HEADER.size:]))
+
+
+def unpack_inflight(name: str, data: bytes) -> InflightPayload:
+    _need(name, data, INFLIGHT.size, "inflight")
+    return InflightPayload(*INFLIGHT.unpack(data))
+
+
+# What each request carries: payload kind and how many fds. ``"vring_fd"``
+# means one fd unless bit 8 (VRING_NOFD_MASK) of the u64 is set; ``"regions"``
+# one fd per memory region. Requests not listed have no payload and no fd.
+PAYLOAD_KIND: dict[Request, str] = {
+    Request.SET_FEATURES: "u64",
+    Request.SET_MEM_TABLE: "memory",
+    Request.SET_LOG_BASE: "log",
+    Request.SET_VRING_NUM: "state",
+    Request.SET_VRING_ADDR: "addr",
+    Request.SET_VRING_BASE: "state",
+    Request.GET_VRING_BASE: "state",
+    Request.SET_VRING_KICK: "u64",
+    Request.SET_VRING_CALL: "u64",
+    Request.SET_VRING_ERR: "u64",
+    Request.SET_PROTOCOL_FEATURES: "u64",
+    Request.SET_VRING_ENABLE: "state",
+    Request.SEND_RARP: "u64",
+    Request.NET_SET_MTU: "u64",
+    Request.SET_VRING_ENDIAN: "state",
+    Request.GET_CONFIG: "config",
+    Request.SET_CONFIG: "config",
+    Request.GET_INFLIGHT_FD: "inflight",
+    Request.SET_INFLIGHT_FD: "inflight",
+    Request.VRING_KICK: "state",
+    Request.SET_STATUS: "u64",
+}
+
+FDS: dict[Request, Any] = {
+    Request.SET_MEM_TABLE: "regions",
+    Request.SET_LOG_BASE: 1,
+    Request.SET_LOG_FD: 1,
+    Request.SET_VRING_KICK: "vring_fd",
+    Request.SET_VRING_CALL: "vring_fd",
+    Request.SET_VRING_ERR: "vring_fd",
+    Request.SET_BACKEND_REQ_FD: 1,
+    Request.SET_INFLIGHT_FD: 1,
+}
+
+_UNPACK = {
+    "u64": unpack_u64,
+    "state": unpack_vring_state,
+    "addr": unpack_vring_addr,
+    "memory": unpack_memory_table,
+    "log": unpack_log,
+    "config": unpack_config,
+    "inflight": unpack_inflight,
+}
+
+
+def decode_payload(request: Request, data: bytes) -> Any:
+    """Decode the payload of ``request``, checking its size against the
+    request's payload type; ``None`` for requests that carry none."""
+    kind = PAYLOAD_KIND.get(request)
+    if kind is None:
+        if data:
+            raise ProtocolViolation(request.name, "size", len(data), "this request carries no payload")
+        return None
+    return _UNPACK[kind](request.name, data)
+
+
+def payload_fields(payload: Any) -> dict:
+    """The decoded payload as plain ints (for the message log)."""
+    if payload is None:
+        return {}
+    if isinstance(payload, int):
+        return {"u64": payload}
+    if isinstance(payload, MemoryTable):
+        return {"num_regions": len(payload.regions),
+                "regions": [dict(vars(r)) for r in payload.regions]}
+    if isinstance(payload, ConfigPayload):
+        return {"offset": payload.offset, "size": payload.size, "flags": payload.flags}
+    return dict(vars(payload))
+
+
+def expected_fds(request: Request, payload: Any) -> int:
+    """How many fds ``request`` with ``payload`` must carry."""
+    rule = FDS.get(request, 0)
+    if rule == "regions":
+        return len(payload.regions)
+    if rule == "vring_fd":
+        return 0 if payload & VRING_NOFD_MASK else 1
+    return rule
+
+
+# --- messages -------------------------------------------------------------
+
+@dataclass
+class Message:
+    """One received message. ``fds`` are owned by whoever holds the message:
+    take the ones you keep out of the list, :meth:`close_fds` the rest."""
+
+    request: int
+    flags: int
+    size: int
+    payload: bytes
+    fds: list[int] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return request_name(self.request)
+
+    def take_fd(self) -> int:
+        return self.fds.pop(0)
+
+    def close_fds(self) -> None:
+        while self.fds:
+            fd = self.fds.pop()
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def encode_header(request: int, flags: int, size: int) -> bytes:
+    return HEADER.pack(request, flags, size)
+
+
+def decode_header(data: bytes) -> tuple[int, int, int]:
+    if len(data) != HEADER_SIZE:
+        raise ProtocolViolation("header", "length", len(data), f"a header is {HEADER_SIZE} bytes")
+    return HEADER.unpack(data)
+
+
+def encode_message(request: int, payload: bytes = b"", flags: int = VERSION,
+                   size: int | None = None) -> bytes:
+    return encode_header(request, flags, len(payload) if size is None else size) + payload
+
+
+def send_message(sock: socket.socket, request: int, payload: bytes = b"", fds=(),
+                 flags: int = VERSION, size: int | None = None) -> None:
+    """Send one message; ``fds`` go with the header as SCM_RIGHTS."""
+    data = encode_message(request, payload, flags, size)
+    if fds:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", list(fds)).tobytes())]
+        sent = sock.sendmsg([data], anc)
+    else:
+        sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+def _collect_fds(ancdata, fds: list[int]) -> bool:
+    """Append SCM_RIGHTS fds from ``ancdata`` to ``fds``; True when the
+    control data was cut short."""
+    cut = False
+    for level, ctype, cdata in ancdata:
+        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+            usable = len(cdata) - len(cdata) % 4
+            if usable != len(cdata):
+                cut = True
+            fds.extend(array.array("i", cdata[:usable]))
+    return cut
+
+
+def _recv_exact(sock: socket.socket, n: int, fds: list[int], what: str) -> tuple[bytes, bool]:
+    """Read exactly ``n`` bytes, collecting fds; returns (data, truncated).
+    Returns fewer bytes only when the peer closed before the first byte."""
+    buf = bytearray()
+    truncated = False
+    while len(buf) < n:
+        try:
+            data, anc, mflags, _ = sock.recvmsg(n - len(buf), socket.CMSG_SPACE(_CMSG_FDS * 4))
+        except InterruptedError:
+            continue
+        except BlockingIOError:
+            # A non-blocking socket that was readable for the first part only.
+            raise ProtocolViolation(what, "length", len(buf),
+                                    f"peer stalled in the middle of a message (want {n} bytes)")
+        except socket.timeout:
+            raise ProtocolViolation(what, "length", len(buf),
+                                    f"peer stalled in the middle of a message (want {n} bytes)")
+        truncated |= _collect_fds(anc, fds) or bool(mflags & socket.MSG_CTRUNC)
+        if not data:
+            if buf:
+                raise ProtocolViolation(what, "length", len(buf),
+                                        f"peer closed the connection in the middle of a message "
+                                        f"(want {n} bytes)")
+            return bytes(buf), truncated
+        buf += data
+    return bytes(buf), truncated
+
+
+def recv_message(sock: socket.socket) -> Message | None:
+    """Read one message (header, payload, fds). Returns None when the peer
+    closed cleanly between messages. Raises ProtocolViolation (closing every
+    fd received) for a header cut short, a payload larger than any request
+    carries, more than 8 fds, or a peer that closes mid-message. Request
+    semantics (known number, flags, size vs type) are checked by the caller."""
+    fds: list[int] = []
+    try:
+        head, truncated = _recv_exact(sock, HEADER_SIZE, fds, "header")
+        if not head:
+            if fds:
+                raise ProtocolViolation("header", "fds", len(fds), "fds without a message")
+            return None
+        request, flags, size = decode_header(head)
+        name = request_name(request)
+        if size > MAX_PAYLOAD:
+            raise ProtocolViolation(name, "size", size,
+                                    f"exceeds the largest request payload ({MAX_PAYLOAD} bytes)")
+        payload = b""
+        if size:
+            payload, t2 = _recv_exact(sock, size, fds, name)
+            truncated |= t2
+            if len(payload) != size:
+                raise ProtocolViolation(name, "size", size,
+                                        f"peer closed the connection after the header "
+                                        f"(got {len(payload)} payload bytes)")
+        if truncated or len(fds) > MAX_FDS:
+            raise ProtocolViolation(name, "fds", len(fds) if not truncated else f">{len(fds)}",
+                                    f"a message carries at most {MAX_FDS} fds")
+        return Message(request, flags, size, payload, fds)
+    except BaseException:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        raise
+
+
+def check_header(msg: Message) -> tuple[Request, Any]:
+    """Validate a request's header (version, REPLY bit, known number),
+    payload size against its type, and fd count; return the Request and the
+    decoded payload."""
+    name = msg.name
+    if msg.flags & VERSION_MASK != VERSION:
+        raise ProtocolViolation(name, "flags.version", msg.flags & VERSION_MASK,
+                                f"only version {VERSION} exists")
+    if msg.flags & FLAG_REPLY:
+        raise ProtocolViolation(name, "flags", msg.flags, "the REPLY bit (0x4) is set in a request")
+    try:
+        req = Request(msg.request)
+    except ValueError:
+        raise ProtocolViolation(name, "request", msg.request, "unknown request number") from None
+    payload = decode_payload(req, msg.payload)
+    if req in (Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR):
+        extra = payload & ~(VRING_IDX_MASK | VRING_NOFD_MASK)
+        if extra:
+            raise ProtocolViolation(name, "u64", payload,
+                                    "only bits 0-7 (index) and 8 (no fd) may be set")
+    want = expected_fds(req, payload)
+    if len(msg.fds) != want:
+        why = "this request carries no fd" if want == 0 else f"this request carries {want} fd(s)"
+        if req in (Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR) and want == 0:
+            why = "bit 8 (no fd / polling) is set, so no fd may come with it"
+        raise ProtocolViolation(name, "fds", len(msg.fds), why)
+    return req, payload
+
+
+def check_index(req: Request, payload: Any, num_queues: int) -> None:
+    """A vring request's index must name one of the device's vrings."""
+    index = vring_index(req, payload)
+    if index is not None and index >= num_queues:
+        raise ProtocolViolation(req.name, "index", index,
+                                f"the device has {num_queues} vring(s) (0-{num_queues - 1})")
+
+
+def vring_index(req: Request, payload: Any) -> int | None:
+    """The vring a request addresses, or None."""
+    if isinstance(payload, (VringState, VringAddr)):
+        return payload.index
+    if req in (Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR):
+        return payload & VRING_IDX_MASK
+    return None
+
+
+def is_closed_error(e: OSError) -> bool:
+    return e.errno in (errno.EPIPE, errno.ECONNRESET, errno.EBADF, errno.ENOTCONN)

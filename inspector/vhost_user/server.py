@@ -1,0 +1,352 @@
+"""A vhost-user server: Unix-socket listener, event loop, introspection.
+
+The event loop (``selectors``, one thread) accepts front-ends on the
+vhost-user socket, gives each a new device from the factory and a
+:class:`BackendConnection`, and feeds it readable events. A connection that
+breaks the protocol or goes away is closed; the server keeps accepting.
+
+The introspection endpoint is a second Unix socket serving read-only,
+newline-delimited JSON (inspector/sources/backend.py documents the client
+side). It runs in the same loop with non-blocking sockets and bounded
+buffers, so a slow or silent client never blocks vhost-user traffic, and a
+snapshot never races with a memory table being replaced.
+
+Both sockets are created mode 0600 (chmod between bind and listen: no one
+can connect before listen, so there is no window).
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import json
+import logging
+import os
+import selectors
+import socket
+import stat
+import threading
+import time
+from typing import Callable
+
+from ..devices.base import Device
+from ..errors import InspectorError
+from .backend import BackendConnection
+
+logger = logging.getLogger("inspector.vhost_user")
+
+_MAX_REQUEST_LINE = 64 * 1024
+_MAX_PENDING_OUT = 64 * 1024 * 1024
+_CLOSED_LOGS_KEPT = 16
+
+
+def _listen_unix(path: str) -> socket.socket:
+    """A listening Unix stream socket at ``path``, mode 0600. A stale socket
+    file (nobody listening) is removed; a live one or a non-socket file is an
+    error."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise InspectorError(f"{path} exists and is not a socket; not removing it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError as e:
+            if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise InspectorError(f"cannot check the socket {path}: {e.strerror}") from e
+            os.unlink(path)
+        else:
+            raise InspectorError(f"{path} is in use by a running server; choose another path")
+        finally:
+            probe.close()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(path)
+        os.chmod(path, 0o600)
+        s.listen(16)
+    except OSError as e:
+        s.close()
+        raise InspectorError(f"cannot listen on {path}: {e.strerror}") from e
+    s.setblocking(False)
+    return s
+
+
+class _IntrospectClient:
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+
+
+class VhostUserServer:
+    """Serve vhost-user on ``socket_path``; one device per connection.
+
+    ``device_factory()`` makes a Device for each new front-end.
+    ``introspect_path``: where to serve introspection (None: not served).
+    ``snapshot_fn(server)`` builds the snapshot JSON (inspector/snapshot.py).
+
+    ``connections`` lists the live BackendConnections (each with .id,
+    .device, .vrings, .mem, .features, .broken, .log).
+    """
+
+    def __init__(self, socket_path: str, device_factory: Callable[[], Device],
+                 introspect_path: str | None = None,
+                 snapshot_fn: Callable[["VhostUserServer"], dict] | None = None):
+        self.socket_path = socket_path
+        self.device_factory = device_factory
+        self.introspect_path = introspect_path
+        self.snapshot_fn = snapshot_fn
+        self.connections: list[BackendConnection] = []
+        self.closed_logs: collections.deque[tuple[int, list[dict]]] = collections.deque(
+            maxlen=_CLOSED_LOGS_KEPT)
+        self.accepted = 0
+        self._next_id = 0
+        self._sel: selectors.BaseSelector | None = None
+        self._listener: socket.socket | None = None
+        self._ilistener: socket.socket | None = None
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._lock = threading.Lock()
+
+    # --- lifecycle -----------------------------------------------------------
+    def open(self) -> None:
+        """Create the sockets (done by start() / serve_forever() if needed)."""
+        if self._sel is not None:
+            return
+        self._listener = _listen_unix(self.socket_path)
+        try:
+            if self.introspect_path:
+                self._ilistener = _listen_unix(self.introspect_path)
+        except BaseException:
+            self._listener.close()
+            os.unlink(self.socket_path)
+            raise
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._listener, selectors.EVENT_READ, ("listen", None))
+        if self._ilistener is not None:
+            self._sel.register(self._ilistener, selectors.EVENT_READ, ("ilisten", None))
+        self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self._stopping = False
+
+    def start(self) -> "VhostUserServer":
+        """Listen now and run the loop in a daemon thread."""
+        self.open()
+        self._thread = threading.Thread(target=self._run, name="vhost-user-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Listen and run the loop in this thread until stop()."""
+        self.open()
+        self._run()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the loop, close every connection and remove the sockets.
+        Safe from any thread and from signal handlers."""
+        self._stopping = True
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"x")
+            except OSError:
+                pass
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> "VhostUserServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- loop -----------------------------------------------------------------------
+    def _run(self) -> None:
+        sel = self._sel
+        try:
+            while not self._stopping:
+                for key, events in sel.select(timeout=1.0):
+                    kind, obj = key.data
+                    try:
+                        if kind == "listen":
+                            self._accept()
+                        elif kind == "conn":
+                            if not self._readable(obj):
+                                self._drop(obj)
+                        elif kind == "ilisten":
+                            self._iaccept()
+                        elif kind == "iclient":
+                            self._iservice(obj, events)
+                        elif kind == "wake":
+                            try:
+                                self._wake_r.recv(64)
+                            except OSError:
+                                pass
+                    except Exception:
+                        logger.exception("vhost-user server: unexpected error handling %s", kind)
+                        if kind == "conn":
+                            self._drop(obj)
+                        elif kind == "iclient":
+                            self._iclose(obj)
+                    if self._stopping:
+                        break
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        for conn in list(self.connections):
+            self._drop(conn)
+        sel, self._sel = self._sel, None
+        if sel is not None:
+            for key in list(sel.get_map().values()):
+                kind, obj = key.data
+                if kind == "iclient":
+                    obj.sock.close()
+            sel.close()
+        for s, path in ((self._listener, self.socket_path), (self._ilistener, self.introspect_path)):
+            if s is not None:
+                s.close()
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        self._listener = self._ilistener = None
+        for s in (self._wake_r, self._wake_w):
+            if s is not None:
+                s.close()
+        self._wake_r = self._wake_w = None
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:  # EMFILE etc.: log, keep serving
+            logger.warning("vhost-user server: accept failed: %s", e)
+            return
+        sock.setblocking(True)
+        try:
+            device = self.device_factory()
+        except Exception as e:
+            logger.error("vhost-user server: cannot create a device for a new front-end: %s", e)
+            sock.close()
+            return
+        self._next_id += 1
+        try:
+            conn = BackendConnection(sock, device, logger, conn_id=self._next_id)
+        except Exception as e:
+            logger.error("vhost-user server: cannot set up connection %d: %s", self._next_id, e)
+            try:
+                device.close()
+            finally:
+                sock.close()
+            return
+        self.accepted += 1
+        with self._lock:
+            self.connections.append(conn)
+        self._sel.register(sock, selectors.EVENT_READ, ("conn", conn))
+        logger.info("front-end connected (connection %d, device %s)", conn.id, device.name)
+
+    def _readable(self, conn: BackendConnection) -> bool:
+        return conn.handle_readable()
+
+    def _drop(self, conn: BackendConnection) -> None:
+        try:
+            if self._sel is not None:
+                self._sel.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        with self._lock:
+            if conn in self.connections:
+                self.connections.remove(conn)
+            self.closed_logs.append((conn.id, list(conn.log)))
+        conn.close()
+        logger.info("connection %d closed%s", conn.id,
+                    f" (broken: {conn.broken_reason})" if conn.broken else "")
+
+    # --- introspection ---------------------------------------------------------------
+    def _iaccept(self) -> None:
+        try:
+            sock, _ = self._ilistener.accept()
+        except OSError:
+            return
+        sock.setblocking(False)
+        client = _IntrospectClient(sock)
+        self._sel.register(sock, selectors.EVENT_READ, ("iclient", client))
+
+    def _iclose(self, client: _IntrospectClient) -> None:
+        try:
+            self._sel.unregister(client.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        client.sock.close()
+
+    def _iservice(self, client: _IntrospectClient, events: int) -> None:
+        if events & selectors.EVENT_READ:
+            try:
+                data = client.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                self._iclose(client)
+                return
+            if data == b"":
+                self._iclose(client)
+                return
+            if data:
+                client.inbuf += data
+                while b"\n" in client.inbuf:
+                    line, _, rest = bytes(client.inbuf).partition(b"\n")
+                    client.inbuf = bytearray(rest)
+                    if line.strip():
+                        client.outbuf += json.dumps(self.introspect(line)).encode() + b"\n"
+                if len(client.inbuf) > _MAX_REQUEST_LINE or len(client.outbuf) > _MAX_PENDING_OUT:
+                    self._iclose(client)
+                    return
+        if client.outbuf:
+            try:
+                n = client.sock.send(client.outbuf)
+                del client.outbuf[:n]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._iclose(client)
+                return
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.outbuf else 0)
+        self._sel.modify(client.sock, want, ("iclient", client))
+
+    def introspect(self, line: bytes | str) -> dict:
+        """Answer one introspection request line (read-only ops only)."""
+        try:
+            req = json.loads(line)
+            op = req.get("op") if isinstance(req, dict) else None
+        except ValueError as e:
+            return {"error": f"request is not JSON: {e}"}
+        if op == "snapshot":
+            if self.snapshot_fn is None:
+                return {"source": f"vqscope serve {self.socket_path}", "time": time.time(), "queues": []}
+            try:
+                return self.snapshot_fn(self)
+            except Exception as e:
+                logger.warning("introspection: snapshot failed: %s", e)
+                return {"error": f"snapshot failed: {type(e).__name__}: {e}"}
+        if op == "messages":
+            return {"messages": self.messages()}
+        return {"error": f"unknown op {op!r}: the ops are \"snapshot\" and \"messages\""}
+
+    def messages(self) -> list[dict]:
+        """The message logs of recently closed and live connections, each
+        entry with its ``connection`` id, in time order."""
+        with self._lock:
+            logs = list(self.closed_logs) + [(c.id, list(c.log)) for c in self.connections]
+        out = [dict(e, connection=cid) for cid, entries in logs for e in entries]
+        out.sort(key=lambda e: e["time"])
+        return out
