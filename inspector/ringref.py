@@ -1,0 +1,302 @@
+"""Pure-Python reference of the split-ring snapshot decoder (VIRTIO 1.2 §2.7).
+
+:func:`snapshot_split` here and in :mod:`inspector.vqd` (C-backed) return the
+same dict for the same memory; ``tests/test_decoder_diff.py`` holds them
+equal. This module mirrors ``inspector/csrc/vqd_decode.c`` step by step, in
+the same order, with the same detail strings: change both together. It is
+written to be read, not to be fast.
+
+Semantics (both implementations):
+
+- The three areas (descriptor table 16·size, driver area 6 + 2·size, device
+  area 6 + 8·size bytes) must each lie inside one memory region, else
+  :class:`~inspector.errors.RingError` naming the area and address.
+- Chains are the heads in ``avail->ring`` from ``last_avail_idx`` (or
+  ``used->idx`` when it is None) up to ``avail->idx``, at most ``size`` heads
+  (more is an ``avail_idx_jump``). Every walked slot gives one chain, even
+  when its head is out of range (then with no descriptors); a head appearing
+  in several slots is walked for each.
+- A chain follows ``VRING_DESC_F_NEXT`` in the descriptor table, at most
+  ``size`` descriptors. A ``VRING_DESC_F_INDIRECT`` descriptor ends the
+  direct part (§2.7.5.3.2); it is not listed itself, the descriptors of its
+  table are (one level; the table walk is bounded by its len / 16 entries).
+- A chain with an anomaly is reported with the descriptors read before it.
+- The whole snapshot lists at most ``max_descs`` descriptors; past that,
+  one ``truncated`` anomaly and the remaining chains have no descriptors.
+- ``zero_len`` and ``addr_out_of_range`` do not stop a walk; every other
+  anomaly of a chain ends it.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from .errors import RingError
+from .layout import check_queue_size
+from .memory import GuestMemory
+
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+
+#: Anomaly kinds, indexed by the C decoder's VQD_A_* codes (same order).
+ANOMALY_KINDS = (
+    "avail_idx_jump",       # avail->idx more than size ahead (§2.7.6, §2.7.13.3)
+    "head_out_of_range",    # avail->ring[] head >= size (§2.7.6)
+    "next_out_of_range",    # next >= size, or >= entries of the indirect table (§2.7.5, §2.7.5.3)
+    "loop",                 # chain longer than its table (§2.7.5.2)
+    "indirect_len",         # indirect len 0, not a multiple of 16, or > 16·32768 (§2.7.5.3)
+    "nested_indirect",      # INDIRECT inside an indirect table (§2.7.5.3.1)
+    "indirect_with_next",   # INDIRECT and NEXT together (§2.7.5.3.1)
+    "zero_len",             # descriptor of length 0 (§2.7.5; flagged, not forbidden)
+    "addr_out_of_range",    # buffer not inside one region (§2.7.5)
+    "indirect_out_of_range",  # indirect table not inside one region (§2.7.5.3)
+    "truncated",            # snapshot descriptor budget max_descs exhausted
+)
+
+#: Default bound on the descriptors one snapshot lists (all chains together).
+DEFAULT_MAX_DESCS = 1 << 17
+#: Longest detail string (the C decoder's buffer is VQD_SNAP_DETAIL_LEN = 160 with NUL).
+DETAIL_MAX = 159
+MAX_INDIRECT_LEN = 16 * 32768
+U64_END = 1 << 64
+
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+
+AREAS = ("descriptor table", "driver area (avail ring)", "device area (used ring)")
+
+
+def area_error(area_index: int, addr: int, length: int) -> RingError:
+    """The RingError for a ring area not inside one memory region (shared by
+    both implementations so that their messages are equal)."""
+    return RingError(
+        f"{AREAS[area_index]} at guest-physical 0x{addr:x} (+0x{length:x} bytes) is not "
+        f"inside one memory region: check the queue addresses and the memory table")
+
+
+def area_sizes(size: int) -> tuple[int, int, int]:
+    """Bytes of the descriptor table, driver area and device area (§2.7)."""
+    return 16 * size, 6 + 2 * size, 6 + 8 * size
+
+
+def check_args(size: int, desc: int, avail: int, used: int, last_avail_idx: int | None,
+               max_descs: int) -> None:
+    """Checks done in Python before either decoder runs (same for both)."""
+    check_queue_size(size)
+    if last_avail_idx is not None and not 0 <= last_avail_idx <= 0xFFFF:
+        raise RingError(f"last_avail_idx {last_avail_idx} is not a 16-bit ring index "
+                        f"(0..65535): pass the device's value or None")
+    if not 0 <= max_descs < 1 << 31:
+        raise ValueError(f"max_descs {max_descs} must be in 0..2**31-1")
+    for i, (addr, length) in enumerate(zip((desc, avail, used), area_sizes(size))):
+        if not 0 <= addr < U64_END:
+            raise area_error(i, addr, length)
+
+
+def region_table(mem: GuestMemory) -> list[tuple[int, int, Any, int]]:
+    """``(gpa, size, buffer, buf_offset)`` per usable region, clamped so that
+    no lookup can reach past the backing buffer or past 2**64: a region whose
+    ``buf`` is shorter than ``size`` is shortened, one with an address that
+    does not fit in 64 bits is dropped. Both decoders use this table."""
+    out = []
+    for r in mem.regions:
+        if not 0 <= r.gpa < U64_END or r.buf_offset < 0:
+            continue
+        nbytes = memoryview(r.buf).nbytes
+        size = max(0, min(r.size, nbytes - r.buf_offset, U64_END - r.gpa))
+        out.append((r.gpa, size, r.buf, r.buf_offset))
+    return out
+
+
+class _Mem:
+    """Lookups over a region table, like the C ``vqd_gpa_to_host``."""
+
+    def __init__(self, table: list[tuple[int, int, Any, int]]):
+        self.table = [(gpa, size, memoryview(buf).cast("B"), off) for gpa, size, buf, off in table]
+
+    def find(self, addr: int, length: int) -> tuple[memoryview, int] | None:
+        """(view, offset) of ``[addr, addr + length)`` when it lies inside
+        the first region holding ``addr``, else None."""
+        for gpa, size, view, off in self.table:
+            if gpa <= addr < gpa + size:
+                if addr + length > gpa + size:
+                    return None
+                return view, off + addr - gpa
+        return None
+
+
+class _Walk:
+    def __init__(self, mem: _Mem, size: int, max_descs: int):
+        self.mem = mem
+        self.size = size
+        self.max_descs = max_descs
+        self.budget = max_descs
+        self.truncated = False
+        self.anomalies: list[dict] = []
+        self.desc_table: tuple[memoryview, int] = (memoryview(b""), 0)
+        self.slot = 0
+        self.head = 0
+
+    def anomaly(self, kind: int, detail: str) -> None:
+        self.anomalies.append({"kind": ANOMALY_KINDS[kind], "detail": detail[:DETAIL_MAX]})
+
+    def budget_ok(self) -> bool:
+        if self.budget:
+            return True
+        if not self.truncated:
+            self.truncated = True
+            self.anomaly(10, f"snapshot lists at most {self.max_descs} descriptors: chain of "
+                             f"avail->ring[{self.slot}] (head {self.head}) and later chains are "
+                             f"cut short")
+        return False
+
+    def emit(self, chain: dict, d: tuple[int, int, int, int], loc: str) -> None:
+        addr, length, flags, next_ = d
+        self.budget -= 1
+        chain["descs"].append({"addr": addr, "len": length, "flags": flags, "next": next_})
+        # §2.7.5: VRING_DESC_F_WRITE marks a device-writable buffer.
+        if flags & VRING_DESC_F_WRITE:
+            chain["in_bytes"] += length
+        else:
+            chain["out_bytes"] += length
+        if length == 0:
+            # §2.7.5: zero length carries no buffer; flagged, not forbidden.
+            self.anomaly(7, f"{loc}.len = 0 (head {self.head})")
+        elif self.mem.find(addr, length) is None:
+            # §2.7.5: the buffer is guest memory: inside one region.
+            self.anomaly(8, f"{loc}.addr 0x{addr:x} len {length} is not inside one memory "
+                            f"region (head {self.head})")
+
+    def walk_indirect(self, chain: dict, di: int, d: tuple[int, int, int, int]) -> None:
+        addr, length = d[0], d[1]
+        head = self.head
+        # §2.7.5.3: desc[len / 16]; §2.7.5.3.1 + §2.7: at most 32768 entries.
+        if length == 0 or length % 16 or length > MAX_INDIRECT_LEN:
+            self.anomaly(4, f"desc[{di}].len = {length} for an indirect table: not a non-zero "
+                            f"multiple of 16 up to {MAX_INDIRECT_LEN} (head {head})")
+            return
+        where = self.mem.find(addr, length)
+        if where is None:
+            # §2.7.5.3: the table is guest memory.
+            self.anomaly(9, f"desc[{di}] indirect table 0x{addr:x} len {length} is not inside "
+                            f"one memory region (head {head})")
+            return
+        view, off = where
+        n = length // 16
+        j = count = 0
+        while True:
+            # §2.7.5.2: loops are forbidden; longer than the table revisits.
+            if count >= n:
+                self.anomaly(3, f"desc[{di}]->indirect chain is longer than its table of {n} "
+                                f"entries: loop (head {head})")
+                return
+            if not self.budget_ok():
+                return
+            e = _DESC.unpack_from(view, off + 16 * j)
+            count += 1
+            if e[2] & VRING_DESC_F_INDIRECT:
+                # §2.7.5.3.1: no INDIRECT within an indirect table.
+                self.anomaly(5, f"desc[{di}]->indirect[{j}].flags = 0x{e[2]:x} sets "
+                                f"VRING_DESC_F_INDIRECT (head {head})")
+                return
+            self.emit(chain, e, f"desc[{di}]->indirect[{j}]")
+            if not e[2] & VRING_DESC_F_NEXT:
+                return
+            if e[3] >= n:
+                self.anomaly(2, f"desc[{di}]->indirect[{j}].next = {e[3]} >= table entries {n} "
+                                f"(head {head})")
+                return
+            j = e[3]
+
+    def walk_chain(self, chain: dict, head: int) -> None:
+        size = self.size
+        # §2.7.6: heads index the descriptor table.
+        if head >= size:
+            self.anomaly(1, f"avail->ring[{self.slot}] = head {head} >= size {size}")
+            return
+        view, off = self.desc_table
+        i = head
+        count = 0
+        while True:
+            # §2.7.5.2: loops are forbidden; longer than the table revisits.
+            if count >= size:
+                self.anomaly(3, f"chain from head {head} is longer than the descriptor table "
+                                f"(size {size}): loop")
+                return
+            if not self.budget_ok():
+                return
+            d = _DESC.unpack_from(view, off + 16 * i)
+            count += 1
+            flags = d[2]
+            if flags & VRING_DESC_F_INDIRECT:
+                # §2.7.5.3.1: not INDIRECT and NEXT together; §2.7.5.3.2: the
+                # indirect descriptor ends the chain and is not listed.
+                if flags & VRING_DESC_F_NEXT:
+                    self.anomaly(6, f"desc[{i}].flags = 0x{flags:x} sets both "
+                                    f"VRING_DESC_F_INDIRECT and VRING_DESC_F_NEXT (head {head})")
+                self.walk_indirect(chain, i, d)
+                return
+            self.emit(chain, d, f"desc[{i}]")
+            if not flags & VRING_DESC_F_NEXT:
+                return
+            if d[3] >= size:
+                self.anomaly(2, f"desc[{i}].next = {d[3]} >= size {size} (head {head})")
+                return
+            i = d[3]
+
+
+def snapshot_split(mem: GuestMemory, size: int, desc: int, avail: int, used: int,
+                   last_avail_idx: int | None, *, max_descs: int = DEFAULT_MAX_DESCS) -> dict:
+    """Snapshot a split ring (pure Python); see the module docstring."""
+    check_args(size, desc, avail, used, last_avail_idx, max_descs)
+    m = _Mem(region_table(mem))
+    areas = []
+    for i, (addr, length) in enumerate(zip((desc, avail, used), area_sizes(size))):
+        where = m.find(addr, length)
+        if where is None:
+            raise area_error(i, addr, length)
+        areas.append(where)
+    (av, aoff), (uv, uoff) = areas[1], areas[2]
+    avail_flags, avail_idx = struct.unpack_from("<HH", av, aoff)
+    avail_ring = list(struct.unpack_from(f"<{size}H", av, aoff + 4))
+    used_event = _U16.unpack_from(av, aoff + 4 + 2 * size)[0]
+    used_flags, used_idx = struct.unpack_from("<HH", uv, uoff)
+    flat = struct.unpack_from(f"<{2 * size}I", uv, uoff + 4)
+    used_ring = [[flat[2 * k], flat[2 * k + 1]] for k in range(size)]
+    avail_event = _U16.unpack_from(uv, uoff + 4 + 8 * size)[0]
+
+    w = _Walk(m, size, max_descs)
+    w.desc_table = areas[0]
+    start = used_idx if last_avail_idx is None else last_avail_idx
+    pending = (avail_idx - start) & 0xFFFF
+    n = pending
+    if pending > size:
+        # §2.7.6 / §2.7.13.3: at most `size` heads can be available.
+        name = "used->idx" if last_avail_idx is None else "last_avail_idx"
+        w.anomaly(0, f"avail->idx {avail_idx} is {pending} ahead of {name} {start}, more than "
+                     f"size {size}: walked {size} heads")
+        n = size
+    chains = []
+    for k in range(n):
+        slot = (start + k) % size
+        head = avail_ring[slot]
+        w.slot, w.head = slot, head
+        chain = {"head": head, "descs": [], "out_bytes": 0, "in_bytes": 0}
+        w.walk_chain(chain, head)
+        chains.append(chain)
+    return {
+        "avail_flags": avail_flags,
+        "avail_idx": avail_idx,
+        "avail_ring": avail_ring,
+        "used_event": used_event,
+        "used_flags": used_flags,
+        "used_idx": used_idx,
+        "used_ring": used_ring,
+        "avail_event": avail_event,
+        "last_avail_idx": last_avail_idx,
+        "inflight": (avail_idx - used_idx) & 0xFFFF,
+        "chains": chains,
+        "anomalies": w.anomalies,
+    }

@@ -1,0 +1,400 @@
+"""The one Python wrapper of the private C module ``inspector._vqd``.
+
+It turns the C functions' status codes into exceptions and their output
+arrays into Python objects. Nothing else imports ``inspector._vqd``.
+
+Decoder: :func:`snapshot_split` is the C-backed twin of
+:func:`inspector.ringref.snapshot_split` (same arguments, same dict; see that
+module's docstring for the semantics and tests/test_decoder_diff.py).
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ._vqd import ffi, lib
+from .errors import InspectorError, LayoutError
+from .memory import GuestMemory
+from .ringref import (ANOMALY_KINDS, DEFAULT_MAX_DESCS, area_error, area_sizes, check_args,
+                      region_table)
+
+__all__ = ["snapshot_split", "DEFAULT_MAX_DESCS", "ANOMALY_KINDS"]
+
+# Output arrays are large (max_descs entries) but only their used prefix is
+# touched: allocate them uncleared, and keep the last set per thread.
+_alloc = ffi.new_allocator(should_clear_after_alloc=False)
+_tls = threading.local()
+
+
+class _Out:
+    """A ``struct vqd_snap_out`` and the arrays it points to, for one
+    (size, max_descs)."""
+
+    def __init__(self, size: int, max_descs: int):
+        self.key = (size, max_descs)
+        acap = lib.vqd_snapshot_anomaly_cap(size, max_descs)
+        o = self.out = ffi.new("struct vqd_snap_out *")
+        self.keep = [
+            _arr(o, "avail_ring", "uint16_t[]", size),
+            _arr(o, "used_ring", "uint32_t[]", 2 * size),
+            _arr(o, "chain_head", "uint32_t[]", size),
+            _arr(o, "chain_first", "uint32_t[]", size),
+            _arr(o, "chain_ndescs", "uint32_t[]", size),
+            _arr(o, "chain_out_bytes", "uint64_t[]", size),
+            _arr(o, "chain_in_bytes", "uint64_t[]", size),
+            _arr(o, "desc_addr", "uint64_t[]", max(max_descs, 1)),
+            _arr(o, "desc_len", "uint32_t[]", max(max_descs, 1)),
+            _arr(o, "desc_flags", "uint16_t[]", max(max_descs, 1)),
+            _arr(o, "desc_next", "uint16_t[]", max(max_descs, 1)),
+            _arr(o, "anomalies", "struct vqd_anomaly[]", acap),
+        ]
+        o.desc_cap = max_descs
+        o.anomaly_cap = acap
+        # memoryviews of each column, cast to its item type, sliced per call
+        self.avail_ring = _col(self.keep[0], "H")
+        self.used_ring = _col(self.keep[1], "I")
+        self.chain_head = _col(self.keep[2], "I")
+        self.chain_first = _col(self.keep[3], "I")
+        self.chain_ndescs = _col(self.keep[4], "I")
+        self.chain_out = _col(self.keep[5], "Q")
+        self.chain_in = _col(self.keep[6], "Q")
+        self.desc_addr = _col(self.keep[7], "Q")
+        self.desc_len = _col(self.keep[8], "I")
+        self.desc_flags = _col(self.keep[9], "H")
+        self.desc_next = _col(self.keep[10], "H")
+
+
+def _arr(out, name: str, ctype: str, n: int):
+    a = _alloc(ctype, n)
+    setattr(out, name, a)
+    return a
+
+
+def _col(arr, fmt: str) -> memoryview:
+    return memoryview(ffi.buffer(arr)).cast("B").cast(fmt)
+
+
+def _outputs(size: int, max_descs: int) -> _Out:
+    o = getattr(_tls, "out", None)
+    if o is None or o.key != (size, max_descs):
+        o = _tls.out = _Out(size, max_descs)
+    return o
+
+
+def _regions(mem: GuestMemory):
+    """A ``struct vqd_region[]`` for ``mem`` and the from_buffer objects that
+    must stay alive while C reads through it."""
+    table = region_table(mem)
+    regions = ffi.new("struct vqd_region[]", max(len(table), 1))
+    keep = []
+    for i, (gpa, size, buf, off) in enumerate(table):
+        fb = ffi.from_buffer(buf)
+        keep.append(fb)
+        r = regions[i]
+        r.gpa = gpa
+        r.size = size
+        r.host = ffi.cast("uint8_t *", fb) + off
+    return regions, len(table), keep
+
+
+_AREA_STATUS = {lib.VQD_SNAP_E_DESC_AREA: 0, lib.VQD_SNAP_E_AVAIL_AREA: 1, lib.VQD_SNAP_E_USED_AREA: 2}
+_DESC_KEYS = ("addr", "len", "flags", "next")
+
+
+def snapshot_split(mem: GuestMemory, size: int, desc: int, avail: int, used: int,
+                   last_avail_idx: int | None, *, max_descs: int = DEFAULT_MAX_DESCS) -> dict:
+    """Snapshot a split ring with the C decoder; same contract as
+    :func:`inspector.ringref.snapshot_split`."""
+    check_args(size, desc, avail, used, last_avail_idx, max_descs)
+    regions, nr, keep = _regions(mem)
+    o = _outputs(size, max_descs)
+    out = o.out
+    rc = lib.vqd_snapshot(regions, nr, desc, avail, used, size,
+                          -1 if last_avail_idx is None else last_avail_idx, max_descs, out)
+    del keep  # the from_buffer objects were needed only during the call
+    if rc != lib.VQD_SNAP_OK:
+        if rc in _AREA_STATUS:
+            i = _AREA_STATUS[rc]
+            raise area_error(i, (desc, avail, used)[i], area_sizes(size)[i])
+        if rc == lib.VQD_SNAP_E_SIZE:
+            raise LayoutError(f"queue size {size} is invalid (VIRTIO 1.2 §2.7)")
+        raise InspectorError(f"vqd_snapshot failed with status {rc} (size {size}, "
+                             f"last_avail_idx {last_avail_idx}, max_descs {max_descs})")
+
+    n_chains = out.n_chains
+    n_descs = out.n_descs
+    # Columns to lists in one call each, then dicts with a dict display (the
+    # fastest way CPython builds small dicts).
+    descs = [{"addr": a, "len": ln, "flags": f, "next": nx} for a, ln, f, nx in zip(
+        o.desc_addr[:n_descs].tolist(), o.desc_len[:n_descs].tolist(),
+        o.desc_flags[:n_descs].tolist(), o.desc_next[:n_descs].tolist())]
+    chains = [{"head": h, "descs": descs[s:s + c], "out_bytes": ob, "in_bytes": ib}
+              for h, s, c, ob, ib in zip(
+                  o.chain_head[:n_chains].tolist(), o.chain_first[:n_chains].tolist(),
+                  o.chain_ndescs[:n_chains].tolist(), o.chain_out[:n_chains].tolist(),
+                  o.chain_in[:n_chains].tolist())]
+    anomalies = []
+    if out.n_anomalies:
+        kinds = ANOMALY_KINDS
+        string = ffi.string
+        for a in out.anomalies[0:out.n_anomalies]:
+            anomalies.append({"kind": kinds[a.kind], "detail": string(a.detail).decode("ascii")})
+    flat = o.used_ring[:2 * size].tolist()
+    it = iter(flat)
+    avail_idx = out.avail_idx
+    used_idx = out.used_idx
+    return {
+        "avail_flags": out.avail_flags,
+        "avail_idx": avail_idx,
+        "avail_ring": o.avail_ring[:size].tolist(),
+        "used_event": out.used_event,
+        "used_flags": out.used_flags,
+        "used_idx": used_idx,
+        "used_ring": [[i, ln] for i, ln in zip(it, it)],
+        "avail_event": out.avail_event,
+        "last_avail_idx": last_avail_idx,
+        "inflight": (avail_idx - used_idx) & 0xFFFF,
+        "chains": chains,
+        "anomalies": anomalies,
+    }
+
+
+# --- data path (vqd_datapath.c) ---
+# The device side of a split ring (VIRTIO 1.2 §2.7) and the virtio-net fast
+# paths, driven by inspector/devices/net.py. C returns counts or negative
+# VQD_E_* statuses; here they become exceptions: a broken queue is a
+# RingError carrying C's reason, a bad argument a ValueError, a tap failure
+# an OSError. Objects here hold raw pointers into guest memory: keep the
+# GuestMemory buffers alive (they do) and call release() before unmapping.
+
+from dataclasses import dataclass as _dp_dataclass
+
+from ._vqd import ffi as _dp_ffi, lib as _dp_lib  # noqa: E402
+from .errors import MemoryAccessError as _DpMemoryAccessError, RingError as _DpRingError  # noqa: E402
+
+VQD_NET_IOV = _dp_lib.VQD_NET_IOV
+NET_HDR_LEN_MRG = 12   # struct virtio_net_hdr with num_buffers (VERSION_1 or MRG_RXBUF)
+NET_HDR_LEN_LEGACY = 10
+
+
+def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """``vring_need_event`` (§2.7.10): true when ``event_idx`` lies in
+    ``[old_idx, new_idx)`` modulo 2^16."""
+    return bool(_dp_lib.vqd_need_event(event_idx & 0xFFFF, new_idx & 0xFFFF, old_idx & 0xFFFF))
+
+
+class RegionTable:
+    """``struct vqd_region[]`` over a GuestMemory's buffers (zero copy).
+
+    Holds buffer exports (``ffi.from_buffer``) of every region: call
+    :meth:`release` once no C code uses the pointers, or an ``mmap`` cannot be
+    closed."""
+
+    def __init__(self, mem):
+        self.mem = mem
+        regions = list(mem)
+        self._bufs = []
+        self.count = len(regions)
+        self.array = _dp_ffi.new("struct vqd_region[]", max(1, self.count))
+        for i, r in enumerate(regions):
+            cbuf = _dp_ffi.from_buffer("uint8_t[]", r.buf, require_writable=True)
+            self._bufs.append(cbuf)
+            if r.buf_offset < 0 or r.buf_offset + r.size > len(cbuf):
+                raise _DpMemoryAccessError(
+                    f"region gpa {r.gpa:#x}+{r.size:#x} needs {r.buf_offset + r.size} bytes of "
+                    f"its buffer, which has {len(cbuf)}")
+            self.array[i].gpa = r.gpa
+            self.array[i].size = r.size
+            self.array[i].host = cbuf + r.buf_offset
+
+    def host(self, gpa: int, size: int):
+        """``uint8_t *`` for ``[gpa, gpa+size)``, which must lie in one region."""
+        for i in range(self.count):
+            r = self.array[i]
+            if r.gpa <= gpa < r.gpa + r.size:
+                if gpa + size > r.gpa + r.size:
+                    raise _DpMemoryAccessError(
+                        f"ring area {gpa:#x}+{size:#x} runs past the end of region "
+                        f"{r.gpa:#x}+{r.size:#x}")
+                return r.host + (gpa - r.gpa)
+        raise _DpMemoryAccessError(f"ring area at guest-physical {gpa:#x} is outside every region")
+
+    def release(self) -> None:
+        for b in self._bufs:
+            _dp_ffi.release(b)
+        self._bufs = []
+        self.count = 0
+
+
+@_dp_dataclass
+class Chain:
+    """A popped chain: ``out`` device-readable and ``in_`` device-writable
+    views into guest memory (one per region piece)."""
+
+    head: int
+    out: list
+    in_: list
+    out_len: int
+    in_len: int
+
+
+def _dp_check(vq_or_none, rc: int, what: str) -> int:
+    if rc >= 0:
+        return rc
+    if rc == _dp_lib.VQD_E_BROKEN:
+        reason = vq_or_none.broken if vq_or_none is not None else None
+        raise _DpRingError(f"{what}: queue is broken: {reason or 'see the peer queue'}")
+    if rc == _dp_lib.VQD_E_NOSPACE:
+        raise ValueError(f"{what}: the iovec array is too small for the next chain")
+    if rc == _dp_lib.VQD_E_INVAL:
+        raise ValueError(f"{what}: invalid argument")
+    raise _DpRingError(f"{what}: status {rc}")
+
+
+class DeviceQueue:
+    """One split ring serviced by the device (``struct vqd_vq``).
+
+    Ring addresses are front-end virtual addresses (vhost-user
+    SET_VRING_ADDR) unless ``gpa=True``; they are translated through ``mem``.
+    Fds are borrowed: the caller keeps them open while the queue is used."""
+
+    def __init__(self, mem, num: int, desc: int, avail: int, used: int, *,
+                 last_avail_idx: int = 0, event_idx: bool = False,
+                 call_fd: int = -1, kick_fd: int = -1, gpa: bool = False,
+                 regions: RegionTable | None = None):
+        from .layout import avail_ring_size, used_ring_size
+
+        self.num = num
+        self.regions = regions if regions is not None else RegionTable(mem)
+        self._own_regions = regions is None
+        if not gpa:
+            desc = mem.uva_to_gpa(desc, 16 * num)
+            avail = mem.uva_to_gpa(avail, avail_ring_size(num))
+            used = mem.uva_to_gpa(used, used_ring_size(num))
+        self.vq = _dp_ffi.new("struct vqd_vq *")
+        rc = _dp_lib.vqd_vq_init(
+            self.vq, num, self.regions.host(desc, 16 * num),
+            self.regions.host(avail, avail_ring_size(num)),
+            self.regions.host(used, used_ring_size(num)),
+            self.regions.array, self.regions.count, last_avail_idx & 0xFFFF,
+            1 if event_idx else 0, call_fd, kick_fd)
+        _dp_check(self, rc, "vring init")
+        self._elems = None
+        self._iov = None
+
+    # --- state --------------------------------------------------------------
+    @property
+    def broken(self) -> str | None:
+        if not self.vq.broken:
+            return None
+        return _dp_ffi.string(self.vq.reason).decode(errors="replace")
+
+    @property
+    def last_avail_idx(self) -> int:
+        return self.vq.last_avail_idx
+
+    @property
+    def used_idx(self) -> int:
+        return self.vq.used_idx
+
+    @property
+    def counters(self) -> dict:
+        v = self.vq
+        return {"kicks": v.kicks, "calls": v.calls, "calls_suppressed": v.calls_suppressed,
+                "packets": v.packets, "bytes": v.bytes, "drops": v.drops}
+
+    # --- operations -----------------------------------------------------------
+    def avail_count(self) -> int:
+        return _dp_check(self, _dp_lib.vqd_vq_avail_count(self.vq), "avail")
+
+    def pop(self, max_chains: int = 64, max_iov: int = 1024) -> list[Chain]:
+        """Pop up to ``max_chains`` available chains (raises RingError when
+        the queue is broken and nothing could be popped)."""
+        if self._elems is None or len(self._elems) < max_chains or len(self._iov) < max_iov:
+            self._elems = _dp_ffi.new("struct vqd_elem[]", max_chains)
+            self._iov = _dp_ffi.new("struct vqd_iov[]", max_iov)
+        n = _dp_check(self, _dp_lib.vqd_vq_pop(self.vq, self._elems, max_chains, self._iov, max_iov),
+                      "pop")
+        out = []
+        for k in range(n):
+            e = self._elems[k]
+            views = [memoryview(_dp_ffi.buffer(self._iov[j].base, self._iov[j].len))
+                     for j in range(e.iov_idx, e.iov_idx + e.out_num + e.in_num)]
+            out.append(Chain(e.head, views[:e.out_num], views[e.out_num:], e.out_len, e.in_len))
+        return out
+
+    def rewind(self, n: int) -> None:
+        _dp_lib.vqd_vq_rewind(self.vq, n)
+
+    def push(self, used: list[tuple[int, int]]) -> int:
+        """Return chains as used ``(head, len)`` and publish used->idx."""
+        heads = _dp_ffi.new("uint32_t[]", [h for h, _ in used] or [0])
+        lens = _dp_ffi.new("uint32_t[]", [n for _, n in used] or [0])
+        return _dp_check(self, _dp_lib.vqd_vq_push(self.vq, heads, lens, len(used)), "push")
+
+    def should_notify(self) -> bool:
+        return bool(_dp_lib.vqd_vq_should_notify(self.vq))
+
+    def notify(self) -> bool:
+        """Write the call eventfd if the driver wants it; True if called."""
+        return bool(_dp_check(self, _dp_lib.vqd_vq_notify(self.vq), "notify"))
+
+    def set_notification(self, enable: bool) -> int:
+        """Enable/disable kicks; after enabling returns entries already available."""
+        return _dp_check(self, _dp_lib.vqd_vq_set_notification(self.vq, 1 if enable else 0),
+                         "set_notification")
+
+    def drain_kick(self) -> int:
+        return _dp_lib.vqd_vq_drain_kick(self.vq)
+
+    def release(self) -> None:
+        """Drop the buffer exports (only when no thread is in C with this queue)."""
+        if self._own_regions:
+            self.regions.release()
+
+
+class NetScratch:
+    """Per-worker scratch of the net fast paths (iovecs and a frame buffer)."""
+
+    def __init__(self):
+        self.s = _dp_ffi.new("struct vqd_net_scratch *")
+
+    @property
+    def rx_starved(self) -> bool:
+        return bool(self.s.rx_starved)
+
+    @property
+    def tx_blocked(self) -> bool:
+        return bool(self.s.tx_blocked)
+
+
+def _dp_net_check(rc: int, s, what: str, *queues) -> int:
+    if rc >= 0:
+        return rc
+    if rc == _dp_lib.VQD_E_IO:
+        import os as _os
+        raise OSError(s.s.err, f"{what}: {_os.strerror(s.s.err)}")
+    for q in queues:
+        if q is not None and q.broken:
+            raise _DpRingError(f"{what}: queue is broken: {q.broken}")
+    return _dp_check(None, rc, what)
+
+
+def net_loopback(tx: DeviceQueue, rx: DeviceQueue, scratch: NetScratch, hdr_len: int,
+                 mrg_rxbuf: bool, budget: int = 256, spin: int = 0) -> int:
+    """Move up to ``budget`` frames from ``tx`` to ``rx`` with MACs swapped."""
+    rc = _dp_lib.vqd_net_loopback(tx.vq, rx.vq, hdr_len, 1 if mrg_rxbuf else 0, budget, spin,
+                                  scratch.s)
+    return _dp_net_check(rc, scratch, "net loopback", tx, rx)
+
+
+def net_tap_tx(tx: DeviceQueue, tap_fd: int, scratch: NetScratch, hdr_len: int,
+               budget: int = 256) -> int:
+    rc = _dp_lib.vqd_net_tap_tx(tx.vq, tap_fd, hdr_len, budget, scratch.s)
+    return _dp_net_check(rc, scratch, "tap transmit", tx)
+
+
+def net_tap_rx(rx: DeviceQueue, tap_fd: int, scratch: NetScratch, hdr_len: int,
+               mrg_rxbuf: bool, budget: int = 256) -> int:
+    rc = _dp_lib.vqd_net_tap_rx(rx.vq, tap_fd, hdr_len, 1 if mrg_rxbuf else 0, budget, scratch.s)
+    return _dp_net_check(rc, scratch, "tap receive", rx)
