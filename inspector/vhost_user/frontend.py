@@ -44,7 +44,8 @@ _HAS_REPLY = {Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_Q
 
 def vring_need_event(event_idx: int, new_idx: int, old: int) -> bool:
     """VIRTIO 1.2 §2.7.10 / Linux vring_need_event: notify when ``event_idx``
-    lies in (old, new]."""
+    lies in [old, new), i.e. the other side asked to be told once entry
+    ``event_idx`` is published."""
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old) & 0xFFFF)
 
 

@@ -161,7 +161,9 @@ class ProtocolViolation(ProtocolError):
         self.field = field_
         self.value = value
         self.why = why
-        shown = f"{value:#x}" if isinstance(value, int) and not isinstance(value, bool) and value > 9 else value
+        shown = value
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0xFFF:
+            shown = f"{value} ({value:#x})"
         super().__init__(f"{request}: {field_}={shown}: {why}")
 
 
