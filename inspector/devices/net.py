@@ -1,0 +1,486 @@
+"""virtio-net (VIRTIO 1.2 §5.1) behind the vhost-user back-end: loopback or tap.
+
+Vrings 2k and 2k+1 are receiveq k and transmitq k (§5.1.2). The control
+queue is not ours: vhost-user front-ends (QEMU, DPDK virtio-user) emulate it
+and tell the back-end which pairs to use with SET_VRING_ENABLE.
+
+Per queue pair a worker thread runs the C fast paths of inspector/vqd.py
+(``vqd_net_loopback``, ``vqd_net_tap_tx`` / ``_rx``), which process a burst
+per call and run without the GIL (cffi releases it around C calls). While
+there is work, the worker polls with kicks disabled (VRING_USED_F_NO_NOTIFY,
+or a stale avail_event with EVENT_IDX); after ``busy_poll_us`` of empty
+polls it enables kicks, re-checks the ring (the driver may have added
+buffers before it saw the change) and blocks in poll() on the kick eventfd
+(TX, or RX when RX ran out of buffers), the tap fd and a stop eventfd. Calls
+(device->driver notifications) are decided and written in C after each
+burst, honouring VRING_AVAIL_F_NO_INTERRUPT / used_event.
+
+Loopback: every frame sent on transmitq k comes back on receiveq k with its
+source and destination MAC swapped. When receiveq k has no buffers, frames
+stay on transmitq k (nothing is dropped) until the driver adds some.
+Tap: frames go to and come from a tap interface (IFF_TAP | IFF_NO_PI, one fd
+per pair with IFF_MULTI_QUEUE); the virtio_net_hdr is stripped on transmit
+and synthesised on receive (no offloads are offered).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+import time
+
+from ..errors import InspectorError, RingError
+from ..memory import GuestMemory
+from .base import QueueStats, VringConfig
+
+logger = logging.getLogger("inspector.devices.net")
+
+# Feature bits (VIRTIO 1.2 §5.1.3, §6).
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_NET_F_STATUS = 16
+VIRTIO_NET_F_MQ = 22
+VIRTIO_RING_F_INDIRECT_DESC = 28
+VIRTIO_RING_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+
+VIRTIO_NET_S_LINK_UP = 1
+DEFAULT_MTU = 1500
+
+# Linux tun/tap and interface ioctls.
+_TUNSETIFF = 0x400454CA
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+_IFF_MULTI_QUEUE = 0x0100
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+
+
+def parse_mac(mac: str) -> bytes:
+    parts = mac.split(":")
+    try:
+        b = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        b = b""
+    if len(parts) != 6 or len(b) != 6 or any(len(p) != 2 for p in parts):
+        raise InspectorError(f"MAC address {mac!r} is invalid: give six hex bytes like 52:54:00:12:34:57")
+    return b
+
+
+def net_hdr_len(features: int) -> int:
+    """§5.1.6.1: the header has num_buffers (12 bytes) with VIRTIO_F_VERSION_1
+    or VIRTIO_NET_F_MRG_RXBUF, else 10 bytes."""
+    if features >> VIRTIO_F_VERSION_1 & 1 or features >> VIRTIO_NET_F_MRG_RXBUF & 1:
+        return 12
+    return 10
+
+
+def open_tap(name: str | None, queues: int = 1) -> tuple[str, list[int]]:
+    """Open (creating if needed) tap ``name`` with ``queues`` non-blocking fds
+    and set it up; returns the kernel's name and the fds."""
+    flags = _IFF_TAP | _IFF_NO_PI | (_IFF_MULTI_QUEUE if queues > 1 else 0)
+    req = (name or "").encode()
+    if len(req) > 15:
+        raise InspectorError(f"tap name {name!r} is longer than 15 bytes (IFNAMSIZ)")
+    fds: list[int] = []
+    try:
+        for _ in range(queues):
+            try:
+                fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as e:
+                raise InspectorError(f"cannot open /dev/net/tun: {e.strerror} (needs root or "
+                                     f"CAP_NET_ADMIN, and the tun module)") from e
+            fds.append(fd)
+            try:
+                res = fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", req, flags))
+            except OSError as e:
+                raise InspectorError(f"cannot attach tap {name or '(new)'}: {e.strerror}") from e
+            req = res[:16].rstrip(b"\0")
+        ifname = req.decode()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            cur = fcntl.ioctl(s, _SIOCGIFFLAGS, struct.pack("16sH22x", req, 0))
+            iflags = struct.unpack_from("16sH", cur)[1]
+            fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH22x", req, iflags | _IFF_UP))
+        return ifname, fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def _dup(fd: int | None, nonblocking: bool = False) -> int:
+    if fd is None or fd < 0:
+        return -1
+    d = os.dup(fd)
+    if nonblocking:
+        os.set_blocking(d, False)
+    return d
+
+
+class _Ring:
+    """A started vring: the C queue and the fds it keeps (dup'ed: ours)."""
+
+    def __init__(self, vring: VringConfig, mem: GuestMemory, event_idx: bool):
+        from ..vqd import DeviceQueue
+
+        self.index = vring.index
+        self.kick_fd = _dup(vring.kick_fd, nonblocking=True)
+        self.call_fd = _dup(vring.call_fd)
+        self.err_fd = _dup(vring.err_fd)
+        try:
+            self.q = DeviceQueue(mem, vring.num, vring.desc_uva, vring.avail_uva, vring.used_uva,
+                                 last_avail_idx=vring.base, event_idx=event_idx,
+                                 call_fd=self.call_fd, kick_fd=self.kick_fd)
+        except BaseException:
+            self._close_fds()
+            raise
+        self.reported_broken = False
+
+    def signal_error(self) -> None:
+        """vhost-user SET_VRING_ERR: tell the front-end this ring failed."""
+        if self.err_fd >= 0:
+            try:
+                os.eventfd_write(self.err_fd, 1)
+            except OSError:
+                pass
+
+    def _close_fds(self) -> None:
+        for fd in (self.kick_fd, self.call_fd, self.err_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.kick_fd = self.call_fd = self.err_fd = -1
+
+    def close(self) -> None:
+        self.q.release()
+        self._close_fds()
+
+
+class _PairWorker(threading.Thread):
+    """Services receiveq/transmitq of one pair until stop()."""
+
+    def __init__(self, dev: "NetDevice", pair: int, rx: _Ring | None, tx: _Ring | None):
+        super().__init__(name=f"vqscope-net-pair{pair}", daemon=True)
+        self.dev = dev
+        self.pair = pair
+        self.rx = rx
+        self.tx = tx
+        self.tap_fd = dev._tap_fds[pair] if dev._tap_fds else -1
+        self._stopping = False
+        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def stop(self) -> None:
+        self._stopping = True
+        os.eventfd_write(self._stop_fd, 1)
+        if self.is_alive() and self is not threading.current_thread():
+            self.join()
+        os.close(self._stop_fd)
+
+    def run(self) -> None:
+        cpus = self.dev.cpus
+        if cpus:
+            try:
+                os.sched_setaffinity(0, {cpus[self.pair % len(cpus)]})
+            except OSError as e:
+                logger.warning("net pair %d: cannot pin to CPU %s: %s", self.pair,
+                               cpus[self.pair % len(cpus)], e)
+        try:
+            if self.dev.mode == "loopback":
+                self._run_loopback()
+            else:
+                self._run_tap()
+        except RingError as e:
+            for r in (self.rx, self.tx):
+                if r is not None and r.q.broken and not r.reported_broken:
+                    r.reported_broken = True
+                    r.signal_error()
+            logger.error("net pair %d: %s; the queue is no longer serviced", self.pair, e)
+        except OSError as e:
+            logger.error("net pair %d: tap I/O failed: %s; the pair is no longer serviced", self.pair, e)
+        except Exception:
+            logger.exception("net pair %d: worker failed", self.pair)
+
+    # --- waiting ---------------------------------------------------------------------
+    def _wait(self, fds: list[tuple[int, int]], timeout_ms: int) -> None:
+        want: dict[int, int] = {self._stop_fd: select.POLLIN}
+        for fd, ev in fds:
+            if fd >= 0:
+                want[fd] = want.get(fd, 0) | ev
+        p = select.poll()
+        for fd, ev in want.items():
+            p.register(fd, ev)
+        try:
+            p.poll(timeout_ms)
+        except InterruptedError:
+            pass
+
+    def _sleep_on(self, q, kick_fd: int, extra: list[tuple[int, int]], starved: bool) -> None:
+        """Enable kicks on ``q``, re-check, block, disable kicks again."""
+        q.drain_kick()
+        pending = q.set_notification(True)
+        try:
+            if pending and not starved:
+                return  # the driver added buffers before it saw kicks enabled
+            if kick_fd < 0:  # polling front-end (no kick fd): nap
+                self._wait(extra, 1)
+            elif pending:    # starved but some RX buffers: maybe too few for a frame
+                self._wait([(kick_fd, select.POLLIN)] + extra, 1)
+            else:
+                self._wait([(kick_fd, select.POLLIN)] + extra, self.dev.idle_timeout_ms)
+            q.drain_kick()
+        finally:
+            q.set_notification(False)
+
+    # --- loops -------------------------------------------------------------------------
+    def _run_loopback(self) -> None:
+        from ..vqd import NetScratch, net_loopback
+
+        dev, txq, rxq = self.dev, self.tx.q, self.rx.q
+        s = NetScratch()
+        hdr, mrg = dev.hdr_len, dev.mrg_rxbuf
+        budget, spin, busy = dev.budget, dev.spin, dev.busy_poll_us / 1e6
+        txq.set_notification(False)
+        rxq.set_notification(False)
+        idle_since = None
+        clock = time.monotonic
+        while not self._stopping:
+            if net_loopback(txq, rxq, s, hdr, mrg, budget, spin):
+                idle_since = None
+                continue
+            now = clock()
+            if idle_since is None:
+                idle_since = now
+            elif now - idle_since >= busy:
+                if s.rx_starved:
+                    self._sleep_on(rxq, self.rx.kick_fd, [], True)
+                else:
+                    self._sleep_on(txq, self.tx.kick_fd, [], False)
+                idle_since = None
+
+    def _run_tap(self) -> None:
+        from ..vqd import NetScratch, net_tap_rx, net_tap_tx
+
+        dev, tap = self.dev, self.tap_fd
+        txq = self.tx.q if self.tx else None
+        rxq = self.rx.q if self.rx else None
+        s = NetScratch()
+        hdr, mrg, budget, busy = dev.hdr_len, dev.mrg_rxbuf, dev.budget, dev.busy_poll_us / 1e6
+        for q in (txq, rxq):
+            if q is not None:
+                q.set_notification(False)
+        idle_since = None
+        clock = time.monotonic
+        while not self._stopping:
+            n = 0
+            if txq is not None:
+                n += net_tap_tx(txq, tap, s, hdr, budget)
+            if rxq is not None:
+                n += net_tap_rx(rxq, tap, s, hdr, mrg, budget)
+            if n:
+                idle_since = None
+                continue
+            now = clock()
+            if idle_since is None:
+                idle_since = now
+                continue
+            if now - idle_since < busy:
+                continue
+            idle_since = None
+            self._tap_sleep(txq, rxq, s)
+
+    def _tap_sleep(self, txq, rxq, s) -> None:
+        """Enable kicks where we wait for the driver, re-check, block on
+        kicks and the tap, then disable kicks again."""
+        waits: list[tuple[int, int]] = []
+        enabled = []
+        timeout = self.dev.idle_timeout_ms
+        try:
+            if txq is not None and not s.tx_blocked:
+                txq.drain_kick()
+                enabled.append(txq)
+                if txq.set_notification(True):
+                    return  # TX buffers arrived before the driver saw kicks enabled
+                waits.append((self.tx.kick_fd, select.POLLIN))
+            if txq is not None and s.tx_blocked:
+                waits.append((self.tap_fd, select.POLLOUT))
+            if rxq is not None:
+                if s.rx_starved:
+                    rxq.drain_kick()
+                    enabled.append(rxq)
+                    if rxq.set_notification(True):
+                        timeout = 1  # buffers, but too few for the pending frame
+                    waits.append((self.rx.kick_fd, select.POLLIN))
+                else:
+                    waits.append((self.tap_fd, select.POLLIN))
+            if any(fd < 0 for fd, _ in waits):
+                timeout = 1  # a polling front-end without kick fds
+            self._wait(waits, timeout)
+        finally:
+            for q in enabled:
+                q.drain_kick()
+                q.set_notification(False)
+
+
+class NetDevice:
+    """A virtio-net device: ``mode`` "loopback" or "tap" (``tap_name``, None:
+    the kernel picks tapN), ``queue_pairs`` RX/TX pairs, ``mac`` in its config.
+
+    Tuning: ``budget`` frames per C call, ``spin`` empty re-polls inside C
+    before returning, ``busy_poll_us`` of empty polls before sleeping on
+    kicks, ``cpus`` to pin pair k's worker to ``cpus[k % len(cpus)]``.
+    """
+
+    name = "net"
+
+    def __init__(self, mode: str = "loopback", tap_name: str | None = None, queue_pairs: int = 1,
+                 mac: str = "52:54:00:12:34:57", *, budget: int = 256, spin: int = 64,
+                 busy_poll_us: float = 200.0, idle_timeout_ms: int = 500,
+                 cpus: list[int] | None = None):
+        if mode not in ("loopback", "tap"):
+            raise InspectorError(f"net mode {mode!r} is invalid: use \"loopback\" or \"tap\"")
+        if not 1 <= queue_pairs <= 0x8000:
+            raise InspectorError(f"queue_pairs {queue_pairs} is invalid: 1 to 32768 (VIRTIO 1.2 §5.1.4)")
+        self.mode = mode
+        self.queue_pairs = queue_pairs
+        self.num_queues = 2 * queue_pairs
+        self.mac = parse_mac(mac)
+        self.budget, self.spin = budget, spin
+        self.busy_poll_us, self.idle_timeout_ms = busy_poll_us, idle_timeout_ms
+        self.cpus = list(cpus) if cpus else None
+        self.acked = 0
+        self.hdr_len = 10
+        self.mrg_rxbuf = False
+        self.event_idx = False
+        self._lock = threading.Lock()
+        self._rings: dict[int, _Ring] = {}
+        self._workers: dict[int, _PairWorker] = {}
+        self._totals: dict[int, QueueStats] = {}
+        self._last_avail: dict[int, int] = {}
+        self._tap_fds: list[int] = []
+        self.tap_name: str | None = None
+        if mode == "tap":
+            self.tap_name, self._tap_fds = open_tap(tap_name, queue_pairs)
+
+    # --- Device protocol -------------------------------------------------------------
+    def features(self) -> int:
+        f = (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MRG_RXBUF | 1 << VIRTIO_NET_F_MAC
+             | 1 << VIRTIO_NET_F_STATUS | 1 << VIRTIO_RING_F_EVENT_IDX | 1 << VIRTIO_RING_F_INDIRECT_DESC)
+        if self.queue_pairs > 1:
+            f |= 1 << VIRTIO_NET_F_MQ
+        return f
+
+    def set_features(self, features: int) -> None:
+        self.acked = features
+        self.hdr_len = net_hdr_len(features)
+        self.mrg_rxbuf = bool(features >> VIRTIO_NET_F_MRG_RXBUF & 1)
+        self.event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
+
+    def _config(self) -> bytes:
+        # §5.1.4: mac[6], status le16, max_virtqueue_pairs le16, mtu le16.
+        return self.mac + struct.pack("<HHH", VIRTIO_NET_S_LINK_UP, self.queue_pairs, DEFAULT_MTU)
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        cfg = self._config()
+        out = cfg[offset:offset + size] if 0 <= offset < len(cfg) else b""
+        return out + bytes(size - len(out))
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        # Only the MAC is driver-writable (legacy drivers without CTRL_MAC_ADDR).
+        if 0 <= offset and offset + len(data) <= 6:
+            mac = bytearray(self.mac)
+            mac[offset:offset + len(data)] = data
+            self.mac = bytes(mac)
+
+    def start_queue(self, vring: VringConfig, mem: GuestMemory) -> None:
+        i = vring.index
+        if not 0 <= i < self.num_queues:
+            raise InspectorError(f"net: vring {i} does not exist: this device has {self.num_queues} "
+                                 f"(receiveq/transmitq of {self.queue_pairs} pair(s))")
+        with self._lock:
+            pair = i // 2
+            self._stop_worker(pair)
+            try:
+                old = self._rings.pop(i, None)
+                if old is not None:
+                    self._retire(old)
+                self._rings[i] = _Ring(vring, mem, self.event_idx)
+            finally:
+                self._start_worker(pair)
+
+    def stop_queue(self, index: int) -> int:
+        with self._lock:
+            ring = self._rings.get(index)
+            if ring is None:
+                return self._last_avail.get(index, 0)
+            pair = index // 2
+            self._stop_worker(pair)
+            del self._rings[index]
+            last = self._retire(ring)
+            self._start_worker(pair)
+            return last
+
+    def queue_stats(self, index: int) -> QueueStats:
+        with self._lock:
+            tot = self._totals.get(index, QueueStats())
+            st = QueueStats(tot.kicks, tot.calls, tot.calls_suppressed, tot.packets, tot.bytes,
+                            None, tot.broken)
+            ring = self._rings.get(index)
+            if ring is not None:
+                c = ring.q.counters
+                st.kicks += c["kicks"]
+                st.calls += c["calls"]
+                st.calls_suppressed += c["calls_suppressed"]
+                st.packets += c["packets"]
+                st.bytes += c["bytes"]
+                st.last_avail_idx = ring.q.last_avail_idx
+                st.broken = ring.q.broken or st.broken
+            return st
+
+    def close(self) -> None:
+        with self._lock:
+            for pair in list(self._workers):
+                self._stop_worker(pair)
+            for i in list(self._rings):
+                self._retire(self._rings.pop(i))
+            for fd in self._tap_fds:
+                os.close(fd)
+            self._tap_fds = []
+
+    # --- helpers (called with the lock held) ----------------------------------------------
+    def _retire(self, ring: _Ring) -> int:
+        """Fold a ring's counters into the totals and release it."""
+        c = ring.q.counters
+        t = self._totals.setdefault(ring.index, QueueStats())
+        t.kicks += c["kicks"]
+        t.calls += c["calls"]
+        t.calls_suppressed += c["calls_suppressed"]
+        t.packets += c["packets"]
+        t.bytes += c["bytes"]
+        t.broken = ring.q.broken or t.broken
+        last = ring.q.last_avail_idx
+        self._last_avail[ring.index] = last
+        ring.close()
+        return last
+
+    def _stop_worker(self, pair: int) -> None:
+        w = self._workers.pop(pair, None)
+        if w is not None:
+            w.stop()
+
+    def _start_worker(self, pair: int) -> None:
+        rx, tx = self._rings.get(2 * pair), self._rings.get(2 * pair + 1)
+        if rx is None and tx is None:
+            return
+        if self.mode == "loopback" and (rx is None or tx is None):
+            return  # nothing to do until both halves run
+        w = _PairWorker(self, pair, rx, tx)
+        self._workers[pair] = w
+        w.start()
+
+
+__all__ = ["NetDevice", "open_tap", "net_hdr_len", "parse_mac"]
