@@ -49,7 +49,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
         from tui.render import snapshot_table
 
-        Console().print(snapshot_table(snap))
+        Console(width=max(Console().width, 140)).print(snapshot_table(snap))
     return 0
 
 

@@ -59,7 +59,11 @@ class BackendSource:
         if not line:
             self.close()
             raise SourceError(f"back-end at {self.path} closed the introspection connection")
-        reply = json.loads(line)
+        try:
+            reply = json.loads(line)
+        except ValueError as e:
+            self.close()
+            raise SourceError(f"back-end at {self.path} sent a malformed reply: {e}") from e
         if "error" in reply:
             raise SourceError(f"back-end at {self.path}: {reply['error']}")
         return reply

@@ -1,0 +1,78 @@
+"""Snapshot JSON of a running vqscope back-end (README.md, "Snapshot JSON").
+
+Joins three things per vring: what the front-end configured (the back-end
+core's VringConfig: size, addresses), what the device's data path counted
+(QueueStats: kicks, calls, packets, last_avail_idx) and what the rings say
+now (the C decoder over the shared memory). Reading never writes the rings.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .devices.base import QueueStats, VringConfig
+from .errors import InspectorError
+from .layout import avail_ring_size, desc_table_size, used_ring_size
+from .memory import GuestMemory
+
+VIRTIO_RING_F_EVENT_IDX = 29
+
+
+def queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features: int,
+                   stats: QueueStats) -> dict[str, Any]:
+    """One queue entry of the snapshot JSON for ``vring`` of ``device``.
+
+    ``last_avail_idx`` is the device's (its data path) or, for a ring not
+    started yet, the base the front-end set. A ring whose areas are not in
+    ``mem`` gives an entry with zeros and an anomaly ``ring_unmapped``.
+    """
+    from . import vqd
+
+    event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
+    last_avail = stats.last_avail_idx if stats.last_avail_idx is not None else vring.base
+    num = vring.num
+    entry: dict[str, Any] = {
+        "device": device, "index": vring.index, "layout": "split", "size": num,
+        "features": features, "event_idx": event_idx,
+        "avail_idx": 0, "used_idx": 0, "last_avail_idx": last_avail, "inflight": 0,
+        "avail_flags": 0, "used_flags": 0, "used_event": None, "avail_event": None,
+        "kicks": stats.kicks, "calls": stats.calls, "packets": stats.packets, "bytes": stats.bytes,
+        "chains": [], "anomalies": [],
+    }
+    try:
+        dec = vqd.snapshot_split(
+            mem, num,
+            mem.uva_to_gpa(vring.desc_uva, desc_table_size(num)),
+            mem.uva_to_gpa(vring.avail_uva, avail_ring_size(num)),
+            mem.uva_to_gpa(vring.used_uva, used_ring_size(num)),
+            last_avail)
+    except InspectorError as e:
+        entry["anomalies"].append({"kind": "ring_unmapped", "detail": str(e)})
+        return entry
+    for key in ("avail_idx", "used_idx", "inflight", "avail_flags", "used_flags", "chains"):
+        entry[key] = dec[key]
+    if event_idx:
+        entry["used_event"] = dec["used_event"]
+        entry["avail_event"] = dec["avail_event"]
+    entry["anomalies"] = dec["anomalies"]
+    if stats.broken:
+        entry["anomalies"].append({"kind": "queue_broken", "detail": stats.broken})
+    return entry
+
+
+def backend_snapshot(server) -> dict[str, Any]:
+    """Snapshot of every configured vring of every live connection of a
+    VhostUserServer (inspector/vhost_user/server.py)."""
+    queues = []
+    for n, conn in enumerate(list(server.connections)):
+        mem = conn.mem
+        if mem is None:
+            continue
+        name = f"{conn.device.name}{getattr(conn, 'id', n)}"
+        for vring in list(conn.vrings):
+            if not vring.addr_set or vring.num == 0:
+                continue
+            queues.append(queue_snapshot(name, vring, mem, conn.features,
+                                         conn.device.queue_stats(vring.index)))
+    return {"source": f"vqscope serve {server.socket_path}", "time": time.time(), "queues": queues}
