@@ -184,10 +184,10 @@ class BackendConnection:
             reply = self._handlers.get(req, self._unsupported)(msg, payload)
         except ProtocolViolation as e:
             msg.close_fds()
-            if need_reply and msg.request in Request._value2member_map_:
-                self._reply_quietly(msg.request, pack_u64(1))
             entry["error"] = str(e)
             self._break(e)
+            if need_reply and msg.request in Request._value2member_map_:
+                self._reply_quietly(msg.request, pack_u64(1))
             return False
         except _Failed as e:
             msg.close_fds()

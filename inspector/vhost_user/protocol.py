@@ -471,9 +471,10 @@ def _collect_fds(ancdata, fds: list[int]) -> bool:
     return cut
 
 
-def _recv_exact(sock: socket.socket, n: int, fds: list[int], what: str) -> tuple[bytes, bool]:
+def _recv_exact(sock: socket.socket, n: int, fds: list[int], what: str, field_: str) -> tuple[bytes, bool]:
     """Read exactly ``n`` bytes, collecting fds; returns (data, truncated).
-    Returns fewer bytes only when the peer closed before the first byte."""
+    Returns fewer bytes only when the peer closed before the first byte. A
+    short read is reported as ``what``: ``field_``=n."""
     buf = bytearray()
     truncated = False
     while len(buf) < n:
@@ -481,19 +482,14 @@ def _recv_exact(sock: socket.socket, n: int, fds: list[int], what: str) -> tuple
             data, anc, mflags, _ = sock.recvmsg(n - len(buf), socket.CMSG_SPACE(_CMSG_FDS * 4))
         except InterruptedError:
             continue
-        except BlockingIOError:
-            # A non-blocking socket that was readable for the first part only.
-            raise ProtocolViolation(what, "length", len(buf),
-                                    f"peer stalled in the middle of a message (want {n} bytes)")
-        except socket.timeout:
-            raise ProtocolViolation(what, "length", len(buf),
-                                    f"peer stalled in the middle of a message (want {n} bytes)")
+        except (BlockingIOError, socket.timeout):
+            raise ProtocolViolation(what, field_, n, f"peer stalled in the middle of a message "
+                                                     f"(got {len(buf)} of {n} bytes)") from None
         truncated |= _collect_fds(anc, fds) or bool(mflags & socket.MSG_CTRUNC)
         if not data:
             if buf:
-                raise ProtocolViolation(what, "length", len(buf),
-                                        f"peer closed the connection in the middle of a message "
-                                        f"(want {n} bytes)")
+                raise ProtocolViolation(what, field_, n, f"peer closed the connection in the middle "
+                                                         f"of a message (got {len(buf)} of {n} bytes)")
             return bytes(buf), truncated
         buf += data
     return bytes(buf), truncated
@@ -507,7 +503,7 @@ def recv_message(sock: socket.socket) -> Message | None:
     semantics (known number, flags, size vs type) are checked by the caller."""
     fds: list[int] = []
     try:
-        head, truncated = _recv_exact(sock, HEADER_SIZE, fds, "header")
+        head, truncated = _recv_exact(sock, HEADER_SIZE, fds, "header", "length")
         if not head:
             if fds:
                 raise ProtocolViolation("header", "fds", len(fds), "fds without a message")
@@ -519,7 +515,7 @@ def recv_message(sock: socket.socket) -> Message | None:
                                     f"exceeds the largest request payload ({MAX_PAYLOAD} bytes)")
         payload = b""
         if size:
-            payload, t2 = _recv_exact(sock, size, fds, name)
+            payload, t2 = _recv_exact(sock, size, fds, name, "size")
             truncated |= t2
             if len(payload) != size:
                 raise ProtocolViolation(name, "size", size,
