@@ -10,6 +10,7 @@ module's docstring for the semantics and tests/test_decoder_diff.py).
 
 from __future__ import annotations
 
+import gc
 import threading
 
 from ._vqd import ffi, lib
@@ -97,20 +98,15 @@ def _regions(mem: GuestMemory):
     return regions, len(table), keep
 
 
-_AREA_STATUS = {lib.VQD_SNAP_E_DESC_AREA: 0, lib.VQD_SNAP_E_AVAIL_AREA: 1, lib.VQD_SNAP_E_USED_AREA: 2}
-_DESC_KEYS = ("addr", "len", "flags", "next")
-
-
-def snapshot_split(mem: GuestMemory, size: int, desc: int, avail: int, used: int,
-                   last_avail_idx: int | None, *, max_descs: int = DEFAULT_MAX_DESCS) -> dict:
-    """Snapshot a split ring with the C decoder; same contract as
-    :func:`inspector.ringref.snapshot_split`."""
+def _walk(mem: GuestMemory, size: int, desc: int, avail: int, used: int,
+          last_avail_idx: int | None, max_descs: int) -> _Out:
+    """Run vqd_snapshot; its results are in the returned (per-thread,
+    reused) output arrays. tests/bench/bench_decoder.py times this alone."""
     check_args(size, desc, avail, used, last_avail_idx, max_descs)
     regions, nr, keep = _regions(mem)
     o = _outputs(size, max_descs)
-    out = o.out
     rc = lib.vqd_snapshot(regions, nr, desc, avail, used, size,
-                          -1 if last_avail_idx is None else last_avail_idx, max_descs, out)
+                          -1 if last_avail_idx is None else last_avail_idx, max_descs, o.out)
     del keep  # the from_buffer objects were needed only during the call
     if rc != lib.VQD_SNAP_OK:
         if rc in _AREA_STATUS:
@@ -120,11 +116,34 @@ def snapshot_split(mem: GuestMemory, size: int, desc: int, avail: int, used: int
             raise LayoutError(f"queue size {size} is invalid (VIRTIO 1.2 §2.7)")
         raise InspectorError(f"vqd_snapshot failed with status {rc} (size {size}, "
                              f"last_avail_idx {last_avail_idx}, max_descs {max_descs})")
+    return o
 
+
+_AREA_STATUS = {lib.VQD_SNAP_E_DESC_AREA: 0, lib.VQD_SNAP_E_AVAIL_AREA: 1, lib.VQD_SNAP_E_USED_AREA: 2}
+
+
+def snapshot_split(mem: GuestMemory, size: int, desc: int, avail: int, used: int,
+                   last_avail_idx: int | None, *, max_descs: int = DEFAULT_MAX_DESCS) -> dict:
+    """Snapshot a split ring with the C decoder; same contract as
+    :func:`inspector.ringref.snapshot_split`."""
+    o = _walk(mem, size, desc, avail, used, last_avail_idx, max_descs)
+    # Building the dict is most of the time of a snapshot (thousands of small
+    # dicts and lists; the C walk itself is a few per cent of it). Columns
+    # become lists in one call each, dicts come from dict displays (CPython's
+    # fastest way to build them), and the cyclic GC, which would otherwise
+    # scan the young objects several times over, is paused meanwhile.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _build(o, o.out, size, last_avail_idx)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _build(o: _Out, out, size: int, last_avail_idx: int | None) -> dict:
     n_chains = out.n_chains
     n_descs = out.n_descs
-    # Columns to lists in one call each, then dicts with a dict display (the
-    # fastest way CPython builds small dicts).
     descs = [{"addr": a, "len": ln, "flags": f, "next": nx} for a, ln, f, nx in zip(
         o.desc_addr[:n_descs].tolist(), o.desc_len[:n_descs].tolist(),
         o.desc_flags[:n_descs].tolist(), o.desc_next[:n_descs].tolist())]
@@ -139,8 +158,7 @@ def snapshot_split(mem: GuestMemory, size: int, desc: int, avail: int, used: int
         string = ffi.string
         for a in out.anomalies[0:out.n_anomalies]:
             anomalies.append({"kind": kinds[a.kind], "detail": string(a.detail).decode("ascii")})
-    flat = o.used_ring[:2 * size].tolist()
-    it = iter(flat)
+    it = iter(o.used_ring[:2 * size].tolist())
     avail_idx = out.avail_idx
     used_idx = out.used_idx
     return {
@@ -150,7 +168,7 @@ def snapshot_split(mem: GuestMemory, size: int, desc: int, avail: int, used: int
         "used_event": out.used_event,
         "used_flags": out.used_flags,
         "used_idx": used_idx,
-        "used_ring": [[i, ln] for i, ln in zip(it, it)],
+        "used_ring": list(map(list, zip(it, it))),
         "avail_event": out.avail_event,
         "last_avail_idx": last_avail_idx,
         "inflight": (avail_idx - used_idx) & 0xFFFF,

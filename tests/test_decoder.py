@@ -491,3 +491,20 @@ def test_random_garbage_ring_does_not_crash(impl):
         rb.mem.view(desc, end - desc)[:] = rng.randbytes(end - desc)
         for last in (None, rng.randrange(65536)):
             snap(rb, impl, last)
+
+
+def test_worst_case_is_bounded_by_max_descs(impl):
+    """Every slot of a 32768-entry queue names a chain that runs through the
+    whole table into a loop of zero-length descriptors: the walk stops at
+    max_descs listed descriptors (one ``truncated``), not 2^30."""
+    size = 32768
+    rb = RingBuilder(size, data_mem=0x1000)
+    desc, avail, used = rb.addrs
+    for i in range(size):
+        rb.ring.write_desc(i, rb.data_gpa, 0, VRING_DESC_F_NEXT, (i + 1) % size)
+    rb.ring.set_avail_idx(size)
+    s = snap(rb, impl, max_descs=4 * size)
+    assert len(s["chains"]) == size
+    assert sum(len(c["descs"]) for c in s["chains"]) == 4 * size
+    assert kinds(s).count("loop") == 4 and kinds(s).count("zero_len") == 4 * size
+    assert kinds(s).count("truncated") == 1

@@ -66,10 +66,22 @@ static int budget_ok(struct walk *w)
     return 0;
 }
 
-/* List one (non-indirect) descriptor in the current chain and check its
- * buffer. `loc` names it for details: "desc[i]" or "desc[i]->indirect[j]". */
-static void emit(struct walk *w, const struct vqd_desc *d, const char *loc)
+/* Name a descriptor for details: "desc[i]", or "desc[i]->indirect[j]" for
+ * entry j (>= 0) of the indirect table of desc[i]. Only called on anomalies. */
+static const char *loc_name(char *buf, size_t n, uint32_t i, int64_t j)
 {
+    if (j < 0)
+        snprintf(buf, n, "desc[%u]", i);
+    else
+        snprintf(buf, n, "desc[%u]->indirect[%u]", i, (unsigned)j);
+    return buf;
+}
+
+/* List one (non-indirect) descriptor in the current chain and check its
+ * buffer; (i, j) name it as in loc_name. */
+static void emit(struct walk *w, const struct vqd_desc *d, uint32_t i, int64_t j)
+{
+    char loc[48];
     struct vqd_snap_out *o = w->out;
     uint32_t n = o->n_descs++;
     w->budget--;
@@ -88,14 +100,15 @@ static void emit(struct walk *w, const struct vqd_desc *d, const char *loc)
         /* §2.7.5: a descriptor describes a buffer of len bytes. Zero is not
          * forbidden to the driver, but the descriptor carries no buffer and
          * devices differ in how they treat it: flagged, not fatal. */
-        anomaly(w, VQD_A_ZERO_LEN, "%s.len = 0 (head %u)", loc, w->head);
+        anomaly(w, VQD_A_ZERO_LEN, "%s.len = 0 (head %u)",
+                loc_name(loc, sizeof loc, i, j), w->head);
     } else if (!vqd_gpa_to_host(w->regions, w->nr_regions, d->addr, d->len)) {
         /* §2.7.5: addr is a guest-physical address; the whole buffer must be
          * guest memory the device can map (one region, addr + len without
          * 64-bit overflow: vqd_gpa_to_host never adds). */
         anomaly(w, VQD_A_ADDR_OUT_OF_RANGE,
                 "%s.addr 0x%llx len %u is not inside one memory region (head %u)",
-                loc, (unsigned long long)d->addr, d->len, w->head);
+                loc_name(loc, sizeof loc, i, j), (unsigned long long)d->addr, d->len, w->head);
     }
 }
 
@@ -122,7 +135,6 @@ static void walk_indirect(struct walk *w, uint32_t di, const struct vqd_desc *d)
         return;
     }
     uint32_t n = d->len / 16, j = 0, count = 0;
-    char loc[48];
     for (;;) {
         /* §2.7.5.2: no loops ("this implies that loops in the descriptor
          * chain are forbidden"); a walk longer than the table revisits. */
@@ -146,8 +158,7 @@ static void walk_indirect(struct walk *w, uint32_t di, const struct vqd_desc *d)
                     "(head %u)", di, j, (unsigned)e.flags, w->head);
             return;
         }
-        snprintf(loc, sizeof loc, "desc[%u]->indirect[%u]", di, j);
-        emit(w, &e, loc);
+        emit(w, &e, di, j);
         if (!(e.flags & VRING_DESC_F_NEXT))
             return;
         /* §2.7.5.3: next indexes the indirect table. */
@@ -165,7 +176,6 @@ static void walk_indirect(struct walk *w, uint32_t di, const struct vqd_desc *d)
 static void walk_chain(struct walk *w, uint32_t head)
 {
     uint32_t size = w->size, i = head, count = 0;
-    char loc[24];
 
     /* §2.7.6: avail->ring[] holds heads of descriptor chains, i.e. indices
      * into the descriptor table of Queue Size entries. */
@@ -204,8 +214,7 @@ static void walk_chain(struct walk *w, uint32_t head)
             walk_indirect(w, i, &d);
             return;
         }
-        snprintf(loc, sizeof loc, "desc[%u]", i);
-        emit(w, &d, loc);
+        emit(w, &d, i, -1);
         if (!(d.flags & VRING_DESC_F_NEXT))
             return;
         /* §2.7.5: next indexes the descriptor table of Queue Size entries. */

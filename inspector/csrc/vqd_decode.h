@@ -47,7 +47,7 @@ struct vqd_anomaly {
 };
 
 /* Output of one snapshot. The caller fills the array pointers and capacities
- * (vqd_snapshot_caps); vqd_snapshot fills the rest. Chains and descriptors
+ * (vqd_snapshot_anomaly_cap); vqd_snapshot fills the rest. Chains and descriptors
  * are structures of arrays so that the wrapper can unpack each column at once.
  * Chain k lists descriptors [chain_first[k], chain_first[k] + chain_ndescs[k]). */
 struct vqd_snap_out {
