@@ -200,7 +200,6 @@ class LoopbackDevice:
             self.rings.clear()
 
     def _run(self) -> None:
-        hlen = 12
         while True:
             with self.lock:
                 fds = {r.kick_fd: i for i, r in self.rings.items() if r.kick_fd is not None}
@@ -218,6 +217,7 @@ class LoopbackDevice:
                             os.eventfd_read(fd)
                         except BlockingIOError:
                             pass
+                hlen = 12 if self.acked & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF) else 10
                 for pair in range(self.num_queues // 2):
                     rx, tx = self.rings.get(2 * pair), self.rings.get(2 * pair + 1)
                     if rx is None or tx is None:
@@ -236,7 +236,7 @@ class LoopbackDevice:
                         tx.stats.bytes += len(data)
                         rhead, rchain = rx.pop()
                         addr, cap, _ = rchain[0]
-                        out = struct.pack("<BBHHHHH", 0, 0, 0, 0, 0, 0, 1) + data
+                        out = struct.pack("<BBHHHHH", 0, 0, 0, 0, 0, 0, 1)[:hlen] + data
                         out = out[:cap]
                         rx.mem.view(addr, len(out))[:] = out
                         rx.push(rhead, len(out))

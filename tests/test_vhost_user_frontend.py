@@ -1,0 +1,184 @@
+"""The built-in vhost-user front-end (driver side) against our server: the
+virtio-net helpers through a Python loopback device, notification
+suppression, the back-end channel, and clean teardown."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+
+import pytest
+
+from inspector.driver import VRING_USED_F_NO_NOTIFY
+from inspector.errors import ProtocolError
+from inspector.vhost_user import protocol as p
+from inspector.vhost_user.frontend import VIRTIO_F_VERSION_1, VhostUserFrontend
+from inspector.vhost_user.protocol import BackendRequest, Request
+from inspector.vhost_user.server import VhostUserServer
+
+from .nulldevice import VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX, LoopbackDevice, NullDevice
+
+
+def wait_for(cond, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return cond()
+
+
+@pytest.fixture
+def loop_server(tmp_path):
+    devices = []
+
+    def factory():
+        devices.append(LoopbackDevice(queue_pairs=2))
+        return devices[-1]
+
+    with VhostUserServer(str(tmp_path / "vu.sock"), factory) as srv:
+        srv.devices = devices
+        yield srv
+
+
+def frames_back(fe, pair, n, timeout=5.0):
+    got = []
+    end = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < end:
+        fe.wait_call(pair, 0.1, "rx")
+        got += fe.recv_frames(pair)
+    return got
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+@pytest.mark.parametrize("mrg_rxbuf", [False, True])
+def test_loopback_round_trip(loop_server, event_idx, mrg_rxbuf):
+    with VhostUserFrontend(loop_server.socket_path, queue_pairs=2, queue_size=64, mem_size=4 << 20,
+                           event_idx=event_idx, mrg_rxbuf=mrg_rxbuf) as fe:
+        assert bool(fe.features & VIRTIO_RING_F_EVENT_IDX) == event_idx
+        assert bool(fe.features & VIRTIO_NET_F_MRG_RXBUF) == mrg_rxbuf
+        assert fe.net_hdr_len == 12
+        for pair in (0, 1):
+            assert fe.post_rx_buffers(pair, 32) == 32
+        sent = [bytes([i]) * (60 + i) for i in range(40)]
+        assert fe.send_frames(1, sent[:20]) == 20
+        got = frames_back(fe, 1, 20)
+        assert got == sent[:20]
+        # More frames than posted RX buffers: the rest waits until we repost.
+        assert fe.send_frames(1, sent[20:]) == 20
+        got = frames_back(fe, 1, 12)
+        assert got == sent[20:32]
+        fe.post_rx_buffers(1, 16)
+        got = frames_back(fe, 1, 8)
+        assert got == sent[32:]
+        assert wait_for(lambda: fe.poll_tx_done(1) == 0 and not fe.tx(1).slots)
+        assert fe.recv_frames(0) == []
+        # The TX ring's last_avail_idx is what the device consumed.
+        assert fe.get_vring_base(3) == 40
+
+
+def test_wait_call_times_out_without_traffic(loop_server):
+    with VhostUserFrontend(loop_server.socket_path, queue_pairs=1, queue_size=64, mem_size=1 << 20) as fe:
+        t0 = time.monotonic()
+        assert fe.wait_call(0, 0.1) is False
+        assert time.monotonic() - t0 >= 0.09
+
+
+def _null_server(tmp_path, **kw):
+    devices = []
+
+    def factory():
+        devices.append(NullDevice(**kw))
+        return devices[-1]
+
+    srv = VhostUserServer(str(tmp_path / "n.sock"), factory)
+    srv.devices = devices
+    return srv
+
+
+def test_kick_honours_used_flags_no_notify(tmp_path):
+    with _null_server(tmp_path, features=VIRTIO_F_VERSION_1) as srv:
+        with VhostUserFrontend(srv.socket_path, queue_size=64, mem_size=1 << 20) as fe:
+            tx = fe.tx(0)
+            fe.send_frames(0, [b"a" * 60])
+            assert tx.kicks == 1 and os.eventfd_read(srv.connections[0].vrings[1].kick_fd) == 1
+            # The device asks not to be notified (VIRTIO 1.2 §2.7.10).
+            mem = srv.connections[0].mem
+            used = mem.uva_to_gpa(srv.connections[0].vrings[1].used_uva)
+            mem.view(used, 2)[:] = struct.pack("<H", VRING_USED_F_NO_NOTIFY)
+            fe.send_frames(0, [b"b" * 60, b"c" * 60])
+            assert tx.kicks == 1
+            mem.view(used, 2)[:] = b"\0\0"
+            fe.send_frames(0, [b"d" * 60])
+            assert tx.kicks == 2
+
+
+def test_kick_honours_avail_event(tmp_path):
+    with _null_server(tmp_path, features=VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX) as srv:
+        with VhostUserFrontend(srv.socket_path, queue_size=64, mem_size=1 << 20, event_idx=True) as fe:
+            tx = fe.tx(0)
+            assert fe.event_idx
+            fe.send_frames(0, [b"a" * 60])  # avail_event 0: kick when entry 0 is published
+            assert tx.kicks == 1
+            conn = srv.connections[0]
+            mem = conn.mem
+            v = conn.vrings[1]
+            avail_event = mem.uva_to_gpa(v.used_uva) + 4 + 8 * 64
+            mem.view(avail_event, 2)[:] = struct.pack("<H", 3)  # wake me at entry 3
+            fe.send_frames(0, [b"b" * 60])  # idx 1 → 2: no
+            assert tx.kicks == 1
+            fe.send_frames(0, [b"c" * 60, b"d" * 60])  # idx 2 → 4 crosses 3: kick
+            assert tx.kicks == 2
+            fe.send_frames(0, [b"e" * 60])  # 4 → 5: event 3 is behind
+            assert tx.kicks == 2
+
+
+def test_header_length_follows_features(tmp_path):
+    with _null_server(tmp_path, features=0) as srv:
+        with VhostUserFrontend(srv.socket_path, queue_size=64, mem_size=1 << 20) as fe:
+            assert fe.features & ~p.VHOST_USER_F_PROTOCOL_FEATURES == 0
+            assert fe.net_hdr_len == 10
+            fe.send_frames(0, [b"x" * 50])
+            head, slot = next(iter(fe.tx(0).slots.items()))
+            assert fe.tx(0).ring.read_desc(head)[1] == 60
+
+
+def test_backend_channel_and_config_change(tmp_path):
+    with _null_server(tmp_path) as srv:
+        with VhostUserFrontend(srv.socket_path, queue_size=64, mem_size=1 << 20) as fe:
+            assert fe.backend_channel is not None
+            conn = srv.connections[0]
+            assert wait_for(lambda: conn.backend_req_fd is not None)
+            assert conn.send_config_change()
+            fe.backend_channel.settimeout(5)
+            msg = p.recv_message(fe.backend_channel)
+            assert msg.request == BackendRequest.CONFIG_CHANGE_MSG and msg.size == 12
+
+
+def test_queue_pairs_beyond_the_backend_are_refused(tmp_path):
+    with _null_server(tmp_path, num_queues=2) as srv:
+        with pytest.raises(ProtocolError, match="queue"):
+            VhostUserFrontend(srv.socket_path, queue_pairs=3, queue_size=64, mem_size=1 << 20)
+
+
+def test_send_raw_and_recv_reply(tmp_path):
+    with _null_server(tmp_path) as srv:
+        with VhostUserFrontend(srv.socket_path, handshake=False, mem_size=1 << 20) as fe:
+            fe.send_raw(Request.GET_FEATURES)
+            r = fe.recv_reply()
+            assert r.request == Request.GET_FEATURES
+            assert struct.unpack("<Q", r.payload)[0] & p.VHOST_USER_F_PROTOCOL_FEATURES
+            fe.send_raw(Request.GET_FEATURES, flags=0)  # version 0: a violation
+            with pytest.raises(ProtocolError, match="closed"):
+                fe.recv_reply()
+
+
+def test_frontend_and_backend_release_everything(tmp_path):
+    before = len(os.listdir("/proc/self/fd"))
+    with _null_server(tmp_path) as srv:
+        for _ in range(20):
+            with VhostUserFrontend(srv.socket_path, queue_size=64, mem_size=1 << 20) as fe:
+                fe.send_frames(0, [b"z" * 100])
+            assert wait_for(lambda: not srv.connections)
+    assert len(os.listdir("/proc/self/fd")) == before
