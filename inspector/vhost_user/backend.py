@@ -541,9 +541,12 @@ class BackendConnection:
 
     def _get_queue_num(self, msg: Message, _: None) -> bytes:
         # What the front-end compares its queue count with. For virtio-net,
-        # QEMU and DPDK count queue *pairs*; a device may say so with a
-        # ``vhost_queue_num`` attribute (else: its vring count).
+        # QEMU and DPDK count queue *pairs*. A device says what to answer with
+        # a ``vhost_queue_num`` attribute; else a ``queue_pairs`` attribute
+        # (virtio-net); else its vring count (vhost-user-blk's convention).
         n = getattr(self.device, "vhost_queue_num", None)
+        if n is None:
+            n = getattr(self.device, "queue_pairs", None)
         return pack_u64(int(n if n is not None else self.num_queues))
 
     def _set_vring_enable(self, msg: Message, st: VringState) -> None:

@@ -25,7 +25,7 @@ from ..errors import InspectorError, ProtocolError
 from ..layout import split_layout
 from ..memory import GuestMemory
 from .protocol import (
-    FLAG_NEED_REPLY, FLAG_REPLY, VERSION, VHOST_USER_F_PROTOCOL_FEATURES, VRING_NOFD_MASK,
+    FLAG_NEED_REPLY, FLAG_REPLY, VERSION, VHOST_USER_F_PROTOCOL_FEATURES,
     ConfigPayload, MemoryRegionDesc, MemoryTable, Message, ProtocolFeature, Request, VringAddr,
     VringState, pack_u64, recv_message, send_message,
 )

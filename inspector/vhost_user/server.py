@@ -345,8 +345,15 @@ class VhostUserServer:
     def messages(self) -> list[dict]:
         """The message logs of recently closed and live connections, each
         entry with its ``connection`` id, in time order."""
-        with self._lock:
-            logs = list(self.closed_logs) + [(c.id, list(c.log)) for c in self.connections]
+        for _ in range(10):  # the loop thread may append meanwhile
+            try:
+                with self._lock:
+                    logs = list(self.closed_logs) + [(c.id, list(c.log)) for c in self.connections]
+                break
+            except RuntimeError:
+                continue
+        else:
+            logs = []
         out = [dict(e, connection=cid) for cid, entries in logs for e in entries]
         out.sort(key=lambda e: e["time"])
         return out
