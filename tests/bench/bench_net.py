@@ -1,0 +1,182 @@
+"""Packet rate of vqscope's virtio-net loopback vs DPDK's own vhost back-end.
+
+The same front-end, dpdk-testpmd with a virtio-user port in io forwarding
+(--tx-first: it keeps a burst of 64-byte frames circulating), runs against
+(a) ``vqscope serve net --loopback`` and (b) ``dpdk-testpmd`` with
+``net_vhost0`` in io forwarding, one after the other in the same run (the
+machine is shared and noisy: only the ratio means something). The rate of
+each is the median of testpmd's per-second ``Rx-pps`` after a warm-up,
+cross-checked against its final packet totals.
+
+The front-end forwards on CPU 0 (``-l 0,1 --main-lcore 1``); each back-end
+runs on CPU 1 (DPDK: ``--main-lcore 0``; vqscope: ``taskset -c 1``).
+
+Prints ONE JSON line: {"bench": "net", "vqscope_mpps", "dpdk_mpps", "ratio", ...}.
+
+  python tests/bench/bench_net.py [--seconds 20] [--rounds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+WARMUP_SAMPLES = 3
+
+
+class Proc:
+    """A child in its own process group, its output collected by a thread."""
+
+    def __init__(self, argv: list[str], name: str, stdin=subprocess.DEVNULL):
+        self.name = name
+        self.p = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  start_new_session=True, cwd=ROOT)
+        self.buf: list[str] = []
+        self.t = threading.Thread(target=self._read, daemon=True)
+        self.t.start()
+
+    def _read(self) -> None:
+        for line in iter(self.p.stdout.readline, b""):
+            self.buf.append(line.decode(errors="replace"))
+
+    @property
+    def output(self) -> str:
+        return "".join(self.buf)
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def kill(self, sig: int) -> None:
+        try:
+            os.killpg(self.p.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def close(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.alive():
+            self.kill(sig)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
+                self.p.wait(5)
+        self.t.join(2)
+
+
+def wait_path(path: str, proc: Proc, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if os.path.exists(path):
+            return
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited before creating {path}:\n{proc.output[-3000:]}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{proc.name} did not create {path} in {timeout} s:\n{proc.output[-3000:]}")
+
+
+def testpmd() -> str:
+    exe = shutil.which("dpdk-testpmd")
+    if not exe:
+        raise SystemExit("bench_net: dpdk-testpmd not found (Debian: dpdk librte-net-virtio23 "
+                         "librte-net-vhost23 librte-mempool-ring23); run `make deps`")
+    return exe
+
+
+def run_frontend(sock: str, prefix: str, seconds: float) -> dict:
+    """testpmd virtio-user front-end against ``sock`` for ``seconds``; its rates."""
+    argv = [testpmd(), "-l", "0,1", "--main-lcore", "1", "--no-pci", "--no-huge", "-m", "1024",
+            f"--file-prefix={prefix}", "--vdev", f"net_virtio_user0,path={sock},queues=1",
+            "--", "--nb-cores=1", "--forward-mode=io", "--tx-first", "--stats-period", "1"]
+    fe = Proc(argv, "testpmd front-end")
+    try:
+        end = time.monotonic() + seconds + WARMUP_SAMPLES + 5
+        while time.monotonic() < end and fe.alive():
+            n = len(re.findall(r"Rx-pps:", fe.output))
+            if n >= seconds + WARMUP_SAMPLES:
+                break
+            time.sleep(0.2)
+        fe.close(signal.SIGINT, timeout=20)
+    finally:
+        fe.close(signal.SIGKILL)
+    out = fe.output
+    pps = [int(x) for x in re.findall(r"Rx-pps:\s+(\d+)", out)]
+    samples = pps[WARMUP_SAMPLES:] or pps
+    m = re.search(r"Accumulated forward statistics.*?RX-packets:\s+(\d+)", out, re.S)
+    if not samples:
+        raise RuntimeError(f"no statistics from the front-end:\n{out[-3000:]}")
+    return {"mpps": statistics.median(samples) / 1e6, "samples": len(samples),
+            "total_rx": int(m.group(1)) if m else None,
+            "min_mpps": min(samples) / 1e6, "max_mpps": max(samples) / 1e6}
+
+
+def bench_vqscope(tmp: str, seconds: float, tag: str) -> dict:
+    sock = os.path.join(tmp, f"vq-{tag}.sock")
+    argv = ["taskset", "-c", "1", sys.executable, "-m", "inspector", "serve", "net", "--socket", sock,
+            "--loopback"]
+    be = Proc(argv, "vqscope serve")
+    try:
+        wait_path(sock, be)
+        res = run_frontend(sock, f"vqbench-fe-{tag}-{os.getpid()}", seconds)
+    finally:
+        be.close(signal.SIGINT)
+    return res
+
+
+def bench_dpdk(tmp: str, seconds: float, tag: str) -> dict:
+    sock = os.path.join(tmp, f"dpdk-{tag}.sock")
+    argv = [testpmd(), "-l", "0,1", "--main-lcore", "0", "--no-pci", "--no-huge", "-m", "1024",
+            f"--file-prefix=vqbench-be-{tag}-{os.getpid()}", "--vdev",
+            f"net_vhost0,iface={sock},queues=1", "--", "--nb-cores=1", "--forward-mode=io"]
+    # Without -i testpmd forwards until a line arrives on stdin: keep it open.
+    be = Proc(argv, "testpmd vhost back-end", stdin=subprocess.PIPE)
+    try:
+        wait_path(sock, be)
+        res = run_frontend(sock, f"vqbench-fe-{tag}-{os.getpid()}", seconds)
+    finally:
+        try:
+            be.p.stdin.write(b"\n")
+            be.p.stdin.close()
+        except OSError:
+            pass
+        try:
+            be.p.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
+        be.close(signal.SIGINT)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=20, help="measured seconds per back-end and round")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate vqscope/DPDK this many times")
+    args = ap.parse_args()
+    testpmd()
+    vq, dp = [], []
+    with tempfile.TemporaryDirectory(prefix="vqbench-") as tmp:
+        for r in range(args.rounds):
+            vq.append(bench_vqscope(tmp, args.seconds, f"v{r}"))
+            dp.append(bench_dpdk(tmp, args.seconds, f"d{r}"))
+    vq_mpps = statistics.median(x["mpps"] for x in vq)
+    dp_mpps = statistics.median(x["mpps"] for x in dp)
+    print(json.dumps({"bench": "net", "vqscope_mpps": round(vq_mpps, 3), "dpdk_mpps": round(dp_mpps, 3),
+                      "ratio": round(vq_mpps / dp_mpps, 3) if dp_mpps else None,
+                      "frame_bytes": 64, "seconds": args.seconds, "rounds": args.rounds,
+                      "vqscope_runs": vq, "dpdk_runs": dp}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
