@@ -602,3 +602,31 @@ def test_loopback_budget_and_many_frames():
     used = rig.rx.get_used()
     assert [n - HDR12 for _, n in used] == [64 + i for i in range(200)]
     assert rig.rxq.counters["bytes"] == sum(64 + i for i in range(200))
+
+
+def test_loopback_legacy_10_byte_header():
+    """§5.1.6.1: without VERSION_1 and MRG_RXBUF the header has no num_buffers."""
+    rig = NetRig()
+    (addr,) = rig.give_rx(2048, 1)
+    rig.mem.view(addr, 16)[:] = b"\xee" * 16
+    a = rig.alloc(10 + 64)
+    rig.mem.view(a, 74)[:] = bytes(10) + _eth(64)
+    rig.tx.add_chain([(a, 74, False)])
+    rig.tx.publish()
+    assert net_loopback(rig.txq, rig.rxq, rig.s, 10, False, 64) == 1
+    assert rig.rx.get_used()[0][1] == 10 + 64
+    assert rig.mem.read(addr, 10) == bytes(10)
+    assert rig.mem.read(addr + 10, 64) == MAC_B + MAC_A + _eth(64)[12:]
+
+
+def test_loopback_indirect_tx_and_rx_chains():
+    rig = NetRig()
+    rx_buf = rig.alloc(2048)
+    rig.rx.add_indirect_chain(rig.alloc(64), [(rx_buf, 12, True), (rx_buf + 12, 2000, True)])
+    rig.rx.publish()
+    a = rig.alloc(12 + 64)
+    rig.mem.view(a, 76)[:] = bytes(12) + _eth(64)
+    rig.tx.add_indirect_chain(rig.alloc(64), [(a, 12, False), (a + 12, 64, False)])
+    rig.tx.publish()
+    assert rig.run() == 1
+    assert rig.mem.read(rx_buf + 12, 64) == MAC_B + MAC_A + _eth(64)[12:]
