@@ -1,10 +1,12 @@
 """Pure-Python reference of the split-ring snapshot decoder (VIRTIO 1.2 §2.7).
 
-:func:`snapshot_split` here and in :mod:`inspector.vqd` (C-backed) return the
-same dict for the same memory; ``tests/test_decoder_diff.py`` holds them
-equal. This module mirrors ``inspector/csrc/vqd_decode.c`` step by step, in
-the same order, with the same detail strings: change both together. It is
-written to be read, not to be fast.
+:func:`snapshot_split` here and in :mod:`inspector.vqd` (C-backed) return
+equal :class:`~inspector.ringsnap.RingSnapshot` objects (columns of integers;
+``.as_dict()`` gives the dict of the Snapshot JSON) for the same memory;
+``tests/test_decoder_diff.py`` holds them equal. This module mirrors
+``inspector/csrc/vqd_decode.c`` step by step, in the same order, with the same
+detail strings, filling ``array.array`` columns where the C fills its output
+arrays: change both together. It is written to be read, not to be fast.
 
 Semantics (both implementations):
 
@@ -30,11 +32,14 @@ Semantics (both implementations):
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from typing import Any
 
 from .errors import RingError
 from .layout import check_queue_size
 from .memory import GuestMemory
+from .ringsnap import U16, U32, U64, RingSnapshot
 
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
@@ -127,6 +132,16 @@ class _Mem:
         return None
 
 
+def _column(code: str, view: memoryview, off: int, count: int) -> array:
+    """``count`` little-endian integers of array typecode ``code`` at
+    ``view[off:]``, copied (the driver may be writing concurrently)."""
+    a = array(code)
+    a.frombytes(view[off:off + count * a.itemsize])
+    if sys.byteorder != "little":  # ring fields are little-endian (§2.7)
+        a.byteswap()
+    return a
+
+
 class _Walk:
     def __init__(self, mem: _Mem, size: int, max_descs: int):
         self.mem = mem
@@ -134,13 +149,22 @@ class _Walk:
         self.max_descs = max_descs
         self.budget = max_descs
         self.truncated = False
-        self.anomalies: list[dict] = []
+        self.anomalies: list[tuple[str, str]] = []
         self.desc_table: tuple[memoryview, int] = (memoryview(b""), 0)
+        # the listed descriptors of all chains, in order (C: out->desc_*)
+        self.desc_addr = array(U64)
+        self.desc_len = array(U32)
+        self.desc_flags = array(U16)
+        self.desc_next = array(U16)
+        # the chain being walked
         self.slot = 0
         self.head = 0
+        self.ndescs = 0
+        self.out_bytes = 0
+        self.in_bytes = 0
 
     def anomaly(self, kind: int, detail: str) -> None:
-        self.anomalies.append({"kind": ANOMALY_KINDS[kind], "detail": detail[:DETAIL_MAX]})
+        self.anomalies.append((ANOMALY_KINDS[kind], detail[:DETAIL_MAX]))
 
     def budget_ok(self) -> bool:
         if self.budget:
@@ -152,15 +176,19 @@ class _Walk:
                              f"cut short")
         return False
 
-    def emit(self, chain: dict, d: tuple[int, int, int, int], loc: str) -> None:
+    def emit(self, d: tuple[int, int, int, int], loc: str) -> None:
         addr, length, flags, next_ = d
         self.budget -= 1
-        chain["descs"].append({"addr": addr, "len": length, "flags": flags, "next": next_})
+        self.desc_addr.append(addr)
+        self.desc_len.append(length)
+        self.desc_flags.append(flags)
+        self.desc_next.append(next_)
+        self.ndescs += 1
         # §2.7.5: VRING_DESC_F_WRITE marks a device-writable buffer.
         if flags & VRING_DESC_F_WRITE:
-            chain["in_bytes"] += length
+            self.in_bytes += length
         else:
-            chain["out_bytes"] += length
+            self.out_bytes += length
         if length == 0:
             # §2.7.5: zero length carries no buffer; flagged, not forbidden.
             self.anomaly(7, f"{loc}.len = 0 (head {self.head})")
@@ -169,7 +197,7 @@ class _Walk:
             self.anomaly(8, f"{loc}.addr 0x{addr:x} len {length} is not inside one memory "
                             f"region (head {self.head})")
 
-    def walk_indirect(self, chain: dict, di: int, d: tuple[int, int, int, int]) -> None:
+    def walk_indirect(self, di: int, d: tuple[int, int, int, int]) -> None:
         addr, length = d[0], d[1]
         head = self.head
         # §2.7.5.3: desc[len / 16]; §2.7.5.3.1 + §2.7: at most 32768 entries.
@@ -201,7 +229,7 @@ class _Walk:
                 self.anomaly(5, f"desc[{di}]->indirect[{j}].flags = 0x{e[2]:x} sets "
                                 f"VRING_DESC_F_INDIRECT (head {head})")
                 return
-            self.emit(chain, e, f"desc[{di}]->indirect[{j}]")
+            self.emit(e, f"desc[{di}]->indirect[{j}]")
             if not e[2] & VRING_DESC_F_NEXT:
                 return
             if e[3] >= n:
@@ -210,7 +238,7 @@ class _Walk:
                 return
             j = e[3]
 
-    def walk_chain(self, chain: dict, head: int) -> None:
+    def walk_chain(self, head: int) -> None:
         size = self.size
         # §2.7.6: heads index the descriptor table.
         if head >= size:
@@ -236,9 +264,9 @@ class _Walk:
                 if flags & VRING_DESC_F_NEXT:
                     self.anomaly(6, f"desc[{i}].flags = 0x{flags:x} sets both "
                                     f"VRING_DESC_F_INDIRECT and VRING_DESC_F_NEXT (head {head})")
-                self.walk_indirect(chain, i, d)
+                self.walk_indirect(i, d)
                 return
-            self.emit(chain, d, f"desc[{i}]")
+            self.emit(d, f"desc[{i}]")
             if not flags & VRING_DESC_F_NEXT:
                 return
             if d[3] >= size:
@@ -248,7 +276,8 @@ class _Walk:
 
 
 def snapshot_split(mem: GuestMemory, size: int, desc: int, avail: int, used: int,
-                   last_avail_idx: int | None, *, max_descs: int = DEFAULT_MAX_DESCS) -> dict:
+                   last_avail_idx: int | None, *,
+                   max_descs: int = DEFAULT_MAX_DESCS) -> RingSnapshot:
     """Snapshot a split ring (pure Python); see the module docstring."""
     check_args(size, desc, avail, used, last_avail_idx, max_descs)
     m = _Mem(region_table(mem))
@@ -260,11 +289,10 @@ def snapshot_split(mem: GuestMemory, size: int, desc: int, avail: int, used: int
         areas.append(where)
     (av, aoff), (uv, uoff) = areas[1], areas[2]
     avail_flags, avail_idx = struct.unpack_from("<HH", av, aoff)
-    avail_ring = list(struct.unpack_from(f"<{size}H", av, aoff + 4))
+    avail_ring = _column(U16, av, aoff + 4, size)
     used_event = _U16.unpack_from(av, aoff + 4 + 2 * size)[0]
     used_flags, used_idx = struct.unpack_from("<HH", uv, uoff)
-    flat = struct.unpack_from(f"<{2 * size}I", uv, uoff + 4)
-    used_ring = [[flat[2 * k], flat[2 * k + 1]] for k in range(size)]
+    used_ring = _column(U32, uv, uoff + 4, 2 * size)  # id, len of each element
     avail_event = _U16.unpack_from(uv, uoff + 4 + 8 * size)[0]
 
     w = _Walk(m, size, max_descs)
@@ -278,25 +306,24 @@ def snapshot_split(mem: GuestMemory, size: int, desc: int, avail: int, used: int
         w.anomaly(0, f"avail->idx {avail_idx} is {pending} ahead of {name} {start}, more than "
                      f"size {size}: walked {size} heads")
         n = size
-    chains = []
+    chain_head, chain_first, chain_ndescs = array(U32), array(U32), array(U32)
+    chain_out_bytes, chain_in_bytes = array(U64), array(U64)
     for k in range(n):
         slot = (start + k) % size
         head = avail_ring[slot]
         w.slot, w.head = slot, head
-        chain = {"head": head, "descs": [], "out_bytes": 0, "in_bytes": 0}
-        w.walk_chain(chain, head)
-        chains.append(chain)
-    return {
-        "avail_flags": avail_flags,
-        "avail_idx": avail_idx,
-        "avail_ring": avail_ring,
-        "used_event": used_event,
-        "used_flags": used_flags,
-        "used_idx": used_idx,
-        "used_ring": used_ring,
-        "avail_event": avail_event,
-        "last_avail_idx": last_avail_idx,
-        "inflight": (avail_idx - used_idx) & 0xFFFF,
-        "chains": chains,
-        "anomalies": w.anomalies,
-    }
+        w.ndescs = w.out_bytes = w.in_bytes = 0
+        chain_head.append(head)
+        chain_first.append(len(w.desc_addr))
+        w.walk_chain(head)
+        chain_ndescs.append(w.ndescs)
+        chain_out_bytes.append(w.out_bytes)
+        chain_in_bytes.append(w.in_bytes)
+    return RingSnapshot(
+        size=size, avail_flags=avail_flags, avail_idx=avail_idx, used_event=used_event,
+        used_flags=used_flags, used_idx=used_idx, avail_event=avail_event,
+        last_avail_idx=last_avail_idx, avail_ring=avail_ring, used_ring=used_ring,
+        desc_addr=w.desc_addr, desc_len=w.desc_len, desc_flags=w.desc_flags,
+        desc_next=w.desc_next, chain_head=chain_head, chain_first=chain_first,
+        chain_ndescs=chain_ndescs, chain_out_bytes=chain_out_bytes,
+        chain_in_bytes=chain_in_bytes, anomalies=w.anomalies)

@@ -50,12 +50,18 @@ def queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features: 
     except InspectorError as e:
         entry["anomalies"].append({"kind": "ring_unmapped", "detail": str(e)})
         return entry
-    for key in ("avail_idx", "used_idx", "inflight", "avail_flags", "used_flags", "chains"):
-        entry[key] = dec[key]
+    # Attributes of the RingSnapshot: the rings themselves are not part of
+    # the entry, so as_dict() would build avail_ring/used_ring lists for nothing.
+    entry["avail_idx"] = dec.avail_idx
+    entry["used_idx"] = dec.used_idx
+    entry["inflight"] = dec.inflight
+    entry["avail_flags"] = dec.avail_flags
+    entry["used_flags"] = dec.used_flags
+    entry["chains"] = dec.chains  # dec is ours alone: its cached view can be handed on
     if event_idx:
-        entry["used_event"] = dec["used_event"]
-        entry["avail_event"] = dec["avail_event"]
-    entry["anomalies"] = dec["anomalies"]
+        entry["used_event"] = dec.used_event
+        entry["avail_event"] = dec.avail_event
+    entry["anomalies"] = dec.anomaly_dicts()
     if stats.broken:
         entry["anomalies"].append({"kind": "queue_broken", "detail": stats.broken})
     return entry

@@ -4,13 +4,13 @@ It turns the C functions' status codes into exceptions and their output
 arrays into Python objects. Nothing else imports ``inspector._vqd``.
 
 Decoder: :func:`snapshot_split` is the C-backed twin of
-:func:`inspector.ringref.snapshot_split` (same arguments, same dict; see that
-module's docstring for the semantics and tests/test_decoder_diff.py).
+:func:`inspector.ringref.snapshot_split` (same arguments, equal
+:class:`~inspector.ringsnap.RingSnapshot`; see that module's docstring for the
+semantics and tests/test_decoder_diff.py).
 """
 
 from __future__ import annotations
 
-import gc
 import threading
 
 from ._vqd import ffi, lib
@@ -18,13 +18,30 @@ from .errors import InspectorError, LayoutError
 from .memory import GuestMemory
 from .ringref import (ANOMALY_KINDS, DEFAULT_MAX_DESCS, area_error, area_sizes, check_args,
                       region_table)
+from .ringsnap import U16, U32, U64, RingSnapshot
 
-__all__ = ["snapshot_split", "DEFAULT_MAX_DESCS", "ANOMALY_KINDS"]
+__all__ = ["snapshot_split", "RingSnapshot", "DEFAULT_MAX_DESCS", "ANOMALY_KINDS"]
 
 # Output arrays are large (max_descs entries) but only their used prefix is
-# touched: allocate them uncleared, and keep the last set per thread.
+# touched: allocate them uncleared, and keep the last set per thread. A
+# snapshot never points into them: its columns are bytes copies.
 _alloc = ffi.new_allocator(should_clear_after_alloc=False)
 _tls = threading.local()
+
+# (field of struct vqd_snap_out, C type, column format); the order of _Out.bufs
+_ARRAYS = (
+    ("avail_ring", "uint16_t[]", U16),
+    ("used_ring", "uint32_t[]", U32),
+    ("chain_head", "uint32_t[]", U32),
+    ("chain_first", "uint32_t[]", U32),
+    ("chain_ndescs", "uint32_t[]", U32),
+    ("chain_out_bytes", "uint64_t[]", U64),
+    ("chain_in_bytes", "uint64_t[]", U64),
+    ("desc_addr", "uint64_t[]", U64),
+    ("desc_len", "uint32_t[]", U32),
+    ("desc_flags", "uint16_t[]", U16),
+    ("desc_next", "uint16_t[]", U16),
+)
 
 
 class _Out:
@@ -35,44 +52,19 @@ class _Out:
         self.key = (size, max_descs)
         acap = lib.vqd_snapshot_anomaly_cap(size, max_descs)
         o = self.out = ffi.new("struct vqd_snap_out *")
-        self.keep = [
-            _arr(o, "avail_ring", "uint16_t[]", size),
-            _arr(o, "used_ring", "uint32_t[]", 2 * size),
-            _arr(o, "chain_head", "uint32_t[]", size),
-            _arr(o, "chain_first", "uint32_t[]", size),
-            _arr(o, "chain_ndescs", "uint32_t[]", size),
-            _arr(o, "chain_out_bytes", "uint64_t[]", size),
-            _arr(o, "chain_in_bytes", "uint64_t[]", size),
-            _arr(o, "desc_addr", "uint64_t[]", max(max_descs, 1)),
-            _arr(o, "desc_len", "uint32_t[]", max(max_descs, 1)),
-            _arr(o, "desc_flags", "uint16_t[]", max(max_descs, 1)),
-            _arr(o, "desc_next", "uint16_t[]", max(max_descs, 1)),
-            _arr(o, "anomalies", "struct vqd_anomaly[]", acap),
-        ]
+        nd = max(max_descs, 1)
+        counts = {"avail_ring": size, "used_ring": 2 * size}
+        self.keep = []
+        self.bufs = []  # ffi.buffer over each whole array, in _ARRAYS order
+        for name, ctype, _fmt in _ARRAYS:
+            a = _alloc(ctype, counts.get(name, size if name.startswith("chain_") else nd))
+            setattr(o, name, a)
+            self.keep.append(a)
+            self.bufs.append(ffi.buffer(a))
+        self.anomalies = _alloc("struct vqd_anomaly[]", acap)
+        o.anomalies = self.anomalies
         o.desc_cap = max_descs
         o.anomaly_cap = acap
-        # memoryviews of each column, cast to its item type, sliced per call
-        self.avail_ring = _col(self.keep[0], "H")
-        self.used_ring = _col(self.keep[1], "I")
-        self.chain_head = _col(self.keep[2], "I")
-        self.chain_first = _col(self.keep[3], "I")
-        self.chain_ndescs = _col(self.keep[4], "I")
-        self.chain_out = _col(self.keep[5], "Q")
-        self.chain_in = _col(self.keep[6], "Q")
-        self.desc_addr = _col(self.keep[7], "Q")
-        self.desc_len = _col(self.keep[8], "I")
-        self.desc_flags = _col(self.keep[9], "H")
-        self.desc_next = _col(self.keep[10], "H")
-
-
-def _arr(out, name: str, ctype: str, n: int):
-    a = _alloc(ctype, n)
-    setattr(out, name, a)
-    return a
-
-
-def _col(arr, fmt: str) -> memoryview:
-    return memoryview(ffi.buffer(arr)).cast("B").cast(fmt)
 
 
 def _outputs(size: int, max_descs: int) -> _Out:
@@ -123,58 +115,44 @@ _AREA_STATUS = {lib.VQD_SNAP_E_DESC_AREA: 0, lib.VQD_SNAP_E_AVAIL_AREA: 1, lib.V
 
 
 def snapshot_split(mem: GuestMemory, size: int, desc: int, avail: int, used: int,
-                   last_avail_idx: int | None, *, max_descs: int = DEFAULT_MAX_DESCS) -> dict:
+                   last_avail_idx: int | None, *,
+                   max_descs: int = DEFAULT_MAX_DESCS) -> RingSnapshot:
     """Snapshot a split ring with the C decoder; same contract as
     :func:`inspector.ringref.snapshot_split`."""
     o = _walk(mem, size, desc, avail, used, last_avail_idx, max_descs)
-    # Building the dict is most of the time of a snapshot (thousands of small
-    # dicts and lists; the C walk itself is a few per cent of it). Columns
-    # become lists in one call each, dicts come from dict displays (CPython's
-    # fastest way to build them), and the cyclic GC, which would otherwise
-    # scan the young objects several times over, is paused meanwhile.
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        return _build(o, o.out, size, last_avail_idx)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+    return _result(o, size, last_avail_idx)
 
 
-def _build(o: _Out, out, size: int, last_avail_idx: int | None) -> dict:
-    n_chains = out.n_chains
-    n_descs = out.n_descs
-    descs = [{"addr": a, "len": ln, "flags": f, "next": nx} for a, ln, f, nx in zip(
-        o.desc_addr[:n_descs].tolist(), o.desc_len[:n_descs].tolist(),
-        o.desc_flags[:n_descs].tolist(), o.desc_next[:n_descs].tolist())]
-    chains = [{"head": h, "descs": descs[s:s + c], "out_bytes": ob, "in_bytes": ib}
-              for h, s, c, ob, ib in zip(
-                  o.chain_head[:n_chains].tolist(), o.chain_first[:n_chains].tolist(),
-                  o.chain_ndescs[:n_chains].tolist(), o.chain_out[:n_chains].tolist(),
-                  o.chain_in[:n_chains].tolist())]
+def _result(o: _Out, size: int, last_avail_idx: int | None) -> RingSnapshot:
+    """Copy the used prefix of each output array into bytes (one memcpy
+    each: a few KB for a full 1024 ring) and view it as a typed column;
+    nothing per chain or descriptor is built here."""
+    out = o.out
+    nc, nd = out.n_chains, out.n_descs
+    (avail_ring, used_ring, chain_head, chain_first, chain_ndescs, chain_out, chain_in,
+     desc_addr, desc_len, desc_flags, desc_next) = o.bufs
     anomalies = []
     if out.n_anomalies:
         kinds = ANOMALY_KINDS
         string = ffi.string
-        for a in out.anomalies[0:out.n_anomalies]:
-            anomalies.append({"kind": kinds[a.kind], "detail": string(a.detail).decode("ascii")})
-    it = iter(o.used_ring[:2 * size].tolist())
-    avail_idx = out.avail_idx
-    used_idx = out.used_idx
-    return {
-        "avail_flags": out.avail_flags,
-        "avail_idx": avail_idx,
-        "avail_ring": o.avail_ring[:size].tolist(),
-        "used_event": out.used_event,
-        "used_flags": out.used_flags,
-        "used_idx": used_idx,
-        "used_ring": list(map(list, zip(it, it))),
-        "avail_event": out.avail_event,
-        "last_avail_idx": last_avail_idx,
-        "inflight": (avail_idx - used_idx) & 0xFFFF,
-        "chains": chains,
-        "anomalies": anomalies,
-    }
+        for a in o.anomalies[0:out.n_anomalies]:
+            anomalies.append((kinds[a.kind], string(a.detail).decode("ascii")))
+    return RingSnapshot(
+        size=size, avail_flags=out.avail_flags, avail_idx=out.avail_idx,
+        used_event=out.used_event, used_flags=out.used_flags, used_idx=out.used_idx,
+        avail_event=out.avail_event, last_avail_idx=last_avail_idx,
+        avail_ring=memoryview(avail_ring[:2 * size]).cast(U16),
+        used_ring=memoryview(used_ring[:8 * size]).cast(U32),
+        desc_addr=memoryview(desc_addr[:8 * nd]).cast(U64),
+        desc_len=memoryview(desc_len[:4 * nd]).cast(U32),
+        desc_flags=memoryview(desc_flags[:2 * nd]).cast(U16),
+        desc_next=memoryview(desc_next[:2 * nd]).cast(U16),
+        chain_head=memoryview(chain_head[:4 * nc]).cast(U32),
+        chain_first=memoryview(chain_first[:4 * nc]).cast(U32),
+        chain_ndescs=memoryview(chain_ndescs[:4 * nc]).cast(U32),
+        chain_out_bytes=memoryview(chain_out[:8 * nc]).cast(U64),
+        chain_in_bytes=memoryview(chain_in[:8 * nc]).cast(U64),
+        anomalies=anomalies)
 
 
 # --- data path (vqd_datapath.c) ---

@@ -1,8 +1,9 @@
 """The split-ring decoder, C (inspector.vqd) and pure Python (inspector.ringref).
 
 Every test runs against both implementations (``impl`` fixture) and checks
-that the other one returns the same dict. Negative tests quote the VIRTIO 1.2
-rule the ring breaks.
+that the other one returns an equal RingSnapshot (columns and ``as_dict()``).
+Most tests read ``as_dict()``, the dict of the Snapshot JSON. Negative tests
+quote the VIRTIO 1.2 rule the ring breaks.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 from inspector import ringref, vqd
 from inspector.errors import LayoutError, RingError
 from inspector.memory import GuestMemory
+from inspector.ringsnap import COLUMNS, RingSnapshot
 from tests.ringbuilder import (VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
                                RingBuilder)
 
@@ -26,10 +28,15 @@ def impl(request):
 
 
 def snap(rb: RingBuilder, impl, last_avail_idx=None, **kw) -> dict:
-    """Snapshot with ``impl``; assert the other implementation agrees."""
-    s = rb.snapshot(impl, last_avail_idx, **kw)
+    """Snapshot with ``impl``; assert the other implementation agrees; the
+    snapshot's ``as_dict()``."""
+    r = rb.snapshot(impl, last_avail_idx, **kw)
+    assert isinstance(r, RingSnapshot)
     other = ringref if impl is vqd else vqd
-    assert rb.snapshot(other, last_avail_idx, **kw) == s
+    r2 = rb.snapshot(other, last_avail_idx, **kw)
+    s = r.as_dict()
+    assert r2.as_dict() == s
+    assert r2 == r  # column equality
     json.dumps(s)  # the Snapshot JSON contract: plain JSON types only
     return s
 
@@ -177,7 +184,73 @@ def test_regions_read_only_and_offset(impl):
     mem.add(0x10000, pad + bytes(rb.ring_buf), buf_offset=100)
     mem.add(rb.data_gpa, bytes(rb.data_buf))
     s = impl.snapshot_split(mem, 8, *rb.addrs, None)
-    assert s == snap(rb, impl)
+    assert s.as_dict() == snap(rb, impl)
+
+
+# --- the RingSnapshot type -------------------------------------------------------
+
+def _mixed_ring() -> RingBuilder:
+    """Direct and indirect chains, one out-of-range head, a used element."""
+    rb = RingBuilder(16)
+    heads = [rb.add_chain([(100, False), (200, True)]),
+             rb.add_indirect_chain([(16, False), (32, True), (64, True)]),
+             rb.add_chain([(8, False)]),
+             rb.add_chain([(1, False), (2, False), (3, True)])]
+    rb.publish()
+    rb.device_use([(heads[0], 300)])
+    rb.set_head(2, 999)
+    return rb
+
+
+def test_chains_view_of_c_equals_reference():
+    rb = _mixed_ring()
+    c, p = rb.snapshot(vqd), rb.snapshot(ringref)
+    assert c.chains == p.chains
+    assert c.chains == c.as_dict()["chains"]
+    assert c.chains is c.chains  # cached
+    assert [c.chain(k) for k in range(c.n_chains)] == p.chains
+    assert c.chain(-1) == p.chains[-1]
+    assert c.anomalies == p.anomalies == [("head_out_of_range",
+                                           "avail->ring[2] = head 999 >= size 16")]
+
+
+def test_ring_snapshot_columns(impl):
+    rb = _mixed_ring()
+    r = rb.snapshot(impl)
+    d = r.as_dict()
+    assert (r.size, r.avail_idx, r.used_idx, r.inflight) == (16, 4, 1, 3)
+    assert r.last_avail_idx is None and r.used_event == d["used_event"]
+    assert r.n_chains == 3 and r.n_descs == 3 + 0 + 3
+    for name, fmt in COLUMNS.items():
+        col = getattr(r, name)
+        assert (col.format if isinstance(col, memoryview) else col.typecode) == fmt, name
+    assert list(r.chain_ndescs) == [len(c["descs"]) for c in d["chains"]]
+    assert list(r.chain_first) == [0, 3, 3]
+    assert r.used_elem(0) == (d["used_ring"][0][0], 300)
+    assert r.avail_ring.tolist() == d["avail_ring"]
+    assert r.anomaly_dicts() == d["anomalies"]
+    # chain(k) built alone equals the cached view; as_dict shares nothing
+    assert r.chain(1) == r.chains[1]
+    d["chains"][0]["descs"].clear()
+    d["anomalies"].append({"kind": "x", "detail": "y"})
+    assert r.as_dict()["chains"] == r.chains and len(r.anomalies) == 1
+    with pytest.raises(IndexError):
+        r.chain(3)
+
+
+def test_c_snapshot_survives_the_next_walk():
+    """C columns are copies: the per-thread output arrays are reused by the
+    next snapshot."""
+    rb = _mixed_ring()
+    first = rb.snapshot(vqd)
+    before = first.as_dict()
+    other = RingBuilder(16)
+    for _ in range(5):
+        other.add_chain([(7, True)] * 3)
+    other.publish()
+    rb2 = other.snapshot(vqd)
+    assert rb2.n_descs == 15
+    assert first.as_dict() == before
 
 
 # --- argument and area errors ----------------------------------------------------
@@ -216,7 +289,7 @@ def test_area_ends_exactly_at_region_end(impl):
     mem.add(0x2000, bytearray(6 + 2 * size))
     mem.add(0x3000, bytearray(6 + 8 * size))
     s = impl.snapshot_split(mem, size, 0x1000, 0x2000, 0x3000, None)
-    assert s["chains"] == []
+    assert s.chains == [] and s.as_dict()["chains"] == []
     with pytest.raises(RingError, match="device area"):
         impl.snapshot_split(mem, size, 0x1000, 0x2000, 0x3001, None)
 

@@ -1,6 +1,7 @@
 """Differential test: the C decoder (inspector.vqd) and the pure-Python
-reference (inspector.ringref) return the same dict, or raise the same error,
-for random and hostile rings over random region tables."""
+reference (inspector.ringref) return equal RingSnapshots (same ``as_dict()``,
+same columns), or raise the same error, for random and hostile rings over
+random region tables."""
 
 from __future__ import annotations
 
@@ -21,15 +22,22 @@ U64_END = 1 << 64
 
 def outcome(impl, mem, size, addrs, last, max_descs):
     try:
-        return ("ok", impl.snapshot_split(mem, size, *addrs, last, max_descs=max_descs))
+        r = impl.snapshot_split(mem, size, *addrs, last, max_descs=max_descs)
     except InspectorError as e:
-        return ("error", type(e).__name__, str(e))
+        return ("error", type(e).__name__, str(e)), None
+    return ("ok", r.as_dict()), r
 
 
 def assert_same(mem, size, addrs, last, max_descs):
-    c = outcome(vqd, mem, size, addrs, last, max_descs)
-    p = outcome(ringref, mem, size, addrs, last, max_descs)
+    """Same outcome; for a snapshot, same ``as_dict()`` (compared first: its
+    diff is readable), same columns, and the C ``.chains`` view equal to the
+    reference's. Returns ("ok", as_dict) or ("error", type, message)."""
+    c, c_snap = outcome(vqd, mem, size, addrs, last, max_descs)
+    p, p_snap = outcome(ringref, mem, size, addrs, last, max_descs)
     assert c == p
+    if c_snap is not None:
+        assert c_snap == p_snap
+        assert c_snap.chains == p_snap.chains == c[1]["chains"]
     return c
 
 

@@ -48,7 +48,10 @@ struct vqd_anomaly {
 
 /* Output of one snapshot. The caller fills the array pointers and capacities
  * (vqd_snapshot_anomaly_cap); vqd_snapshot fills the rest. Chains and descriptors
- * are structures of arrays so that the wrapper can unpack each column at once.
+ * are structures of arrays: the wrapper copies the used prefix of each array
+ * (one memcpy) into a column of inspector.ringsnap.RingSnapshot, the layout the
+ * Python reference fills too. Only those prefixes are written, so the arrays
+ * may be allocated uncleared and reused.
  * Chain k lists descriptors [chain_first[k], chain_first[k] + chain_ndescs[k]). */
 struct vqd_snap_out {
     /* header, read once each */

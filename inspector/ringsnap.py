@@ -1,0 +1,184 @@
+"""The result of both split-ring snapshot decoders (VIRTIO 1.2 §2.7).
+
+:func:`inspector.vqd.snapshot_split` (C) and
+:func:`inspector.ringref.snapshot_split` (pure Python) return a
+:class:`RingSnapshot`: header fields as ints, rings, descriptors and chains as
+columns of fixed-width integers, anomalies as ``(kind, detail)`` tuples.
+Nothing per descriptor or per chain is a Python object until asked for: the
+dicts of the Snapshot JSON (README.md) are built by :attr:`RingSnapshot.chains`,
+:meth:`RingSnapshot.chain` and :meth:`RingSnapshot.as_dict`.
+
+A column is any sequence of ints with ``tolist()`` whose items have the
+column's width: the C decoder gives ``memoryview`` casts of ``bytes`` copied
+out of its buffers, the reference gives ``array.array``. Both are read-only
+in spirit: do not modify a snapshot's columns.
+"""
+
+from __future__ import annotations
+
+import gc
+from array import array
+from typing import Any
+
+#: ``array``/``memoryview`` format of the unsigned 16, 32 and 64-bit columns.
+U16, U32, U64 = "H", "I", "Q"
+for _code, _width in ((U16, 2), (U32, 4), (U64, 8)):
+    if array(_code).itemsize != _width:  # pragma: no cover - exotic ABIs only
+        raise ImportError(f"array typecode {_code!r} is not {_width} bytes on this platform")
+
+#: Header fields (ints; ``last_avail_idx`` may be None).
+HEADER = ("size", "avail_flags", "avail_idx", "used_event", "used_flags", "used_idx",
+          "avail_event", "last_avail_idx", "inflight")
+#: Columns and their item formats.
+COLUMNS = {
+    "avail_ring": U16,       # [size] avail->ring[]
+    "used_ring": U32,        # [2 * size] used->ring[] flattened: id0, len0, id1, len1, ...
+    "desc_addr": U64,        # [n_descs] listed descriptors, chain after chain
+    "desc_len": U32,
+    "desc_flags": U16,
+    "desc_next": U16,
+    "chain_head": U32,       # [n_chains] one per walked avail slot
+    "chain_first": U32,      # index of the chain's first descriptor in desc_*
+    "chain_ndescs": U32,     # its number of descriptors
+    "chain_out_bytes": U64,  # sum of len of device-readable descriptors
+    "chain_in_bytes": U64,   # sum of len of device-writable descriptors
+}
+
+
+class RingSnapshot:
+    """One split ring as read by a decoder; see the module docstring.
+
+    Chain ``k`` lists descriptors ``chain_first[k] .. chain_first[k] +
+    chain_ndescs[k] - 1`` of the ``desc_*`` columns. Equality compares the
+    header, every column's values and the anomalies, whatever the column
+    types.
+    """
+
+    __slots__ = HEADER + tuple(COLUMNS) + ("anomalies", "_chains")
+
+    def __init__(self, *, size: int, avail_flags: int, avail_idx: int, used_event: int,
+                 used_flags: int, used_idx: int, avail_event: int, last_avail_idx: int | None,
+                 avail_ring, used_ring, desc_addr, desc_len, desc_flags, desc_next,
+                 chain_head, chain_first, chain_ndescs, chain_out_bytes, chain_in_bytes,
+                 anomalies: list[tuple[str, str]]):
+        self.size = size
+        self.avail_flags = avail_flags
+        self.avail_idx = avail_idx
+        self.used_event = used_event
+        self.used_flags = used_flags
+        self.used_idx = used_idx
+        self.avail_event = avail_event
+        self.last_avail_idx = last_avail_idx
+        # README "Snapshot JSON": (avail_idx − used_idx) mod 2^16
+        self.inflight = (avail_idx - used_idx) & 0xFFFF
+        self.avail_ring = avail_ring
+        self.used_ring = used_ring
+        self.desc_addr = desc_addr
+        self.desc_len = desc_len
+        self.desc_flags = desc_flags
+        self.desc_next = desc_next
+        self.chain_head = chain_head
+        self.chain_first = chain_first
+        self.chain_ndescs = chain_ndescs
+        self.chain_out_bytes = chain_out_bytes
+        self.chain_in_bytes = chain_in_bytes
+        self.anomalies = anomalies
+        self._chains: list[dict] | None = None
+
+    @property
+    def n_chains(self) -> int:
+        return len(self.chain_head)
+
+    @property
+    def n_descs(self) -> int:
+        return len(self.desc_addr)
+
+    # --- lazy views -------------------------------------------------------------
+    @property
+    def chains(self) -> list[dict]:
+        """The chain dicts of the Snapshot JSON (``head``, ``descs``,
+        ``out_bytes``, ``in_bytes``), built on first access and cached: do
+        not modify them (``as_dict`` gives fresh ones)."""
+        if self._chains is None:
+            self._chains = self._build_chains()
+        return self._chains
+
+    def chain(self, k: int) -> dict:
+        """The dict of chain ``k`` (negative ``k`` counts from the end),
+        without building the others."""
+        if self._chains is not None:
+            return self._chains[k]
+        k = range(self.n_chains)[k]  # IndexError like a list
+        s, c = self.chain_first[k], self.chain_ndescs[k]
+        descs = [{"addr": a, "len": ln, "flags": f, "next": nx} for a, ln, f, nx in zip(
+            self.desc_addr[s:s + c], self.desc_len[s:s + c], self.desc_flags[s:s + c],
+            self.desc_next[s:s + c])]
+        return {"head": self.chain_head[k], "descs": descs,
+                "out_bytes": self.chain_out_bytes[k], "in_bytes": self.chain_in_bytes[k]}
+
+    def used_elem(self, i: int) -> tuple[int, int]:
+        """``(id, len)`` of ``used->ring[i]``."""
+        return self.used_ring[2 * i], self.used_ring[2 * i + 1]
+
+    def anomaly_dicts(self) -> list[dict]:
+        """The anomalies as Snapshot JSON dicts (a new list each call)."""
+        return [{"kind": k, "detail": d} for k, d in self.anomalies]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The decoder dict of the Snapshot JSON queue entry: header fields,
+        ``avail_ring`` (list of ints), ``used_ring`` (list of ``[id, len]``),
+        ``chains`` and ``anomalies``. New objects each call, sharing nothing
+        with this snapshot."""
+        it = iter(self.used_ring.tolist())
+        return {
+            "avail_flags": self.avail_flags,
+            "avail_idx": self.avail_idx,
+            "avail_ring": self.avail_ring.tolist(),
+            "used_event": self.used_event,
+            "used_flags": self.used_flags,
+            "used_idx": self.used_idx,
+            "used_ring": list(map(list, zip(it, it))),
+            "avail_event": self.avail_event,
+            "last_avail_idx": self.last_avail_idx,
+            "inflight": self.inflight,
+            "chains": self._build_chains(),
+            "anomalies": self.anomaly_dicts(),
+        }
+
+    def _build_chains(self) -> list[dict]:
+        # Thousands of small dicts: columns become lists in one call each,
+        # dicts come from dict displays (CPython's fastest way to build them),
+        # and the cyclic GC, which would otherwise scan the young objects
+        # several times over, is paused meanwhile.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            descs = [{"addr": a, "len": ln, "flags": f, "next": nx} for a, ln, f, nx in zip(
+                self.desc_addr.tolist(), self.desc_len.tolist(), self.desc_flags.tolist(),
+                self.desc_next.tolist())]
+            return [{"head": h, "descs": descs[s:s + c], "out_bytes": ob, "in_bytes": ib}
+                    for h, s, c, ob, ib in zip(
+                        self.chain_head.tolist(), self.chain_first.tolist(),
+                        self.chain_ndescs.tolist(), self.chain_out_bytes.tolist(),
+                        self.chain_in_bytes.tolist())]
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    # --- comparison -----------------------------------------------------------
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RingSnapshot):
+            return NotImplemented
+        return (all(getattr(self, f) == getattr(other, f) for f in HEADER)
+                and all(getattr(self, c).tolist() == getattr(other, c).tolist() for c in COLUMNS)
+                and list(self.anomalies) == list(other.anomalies))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-ish, compared by value
+
+    def __repr__(self) -> str:
+        return (f"<RingSnapshot size={self.size} avail_idx={self.avail_idx} "
+                f"used_idx={self.used_idx} chains={self.n_chains} descs={self.n_descs} "
+                f"anomalies={len(self.anomalies)}>")
+
+
+__all__ = ["RingSnapshot", "HEADER", "COLUMNS", "U16", "U32", "U64"]
