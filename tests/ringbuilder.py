@@ -15,6 +15,7 @@ from inspector.driver import (VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DE
                               DriverRing)
 from inspector.layout import split_layout
 from inspector.memory import GuestMemory
+from inspector.ringsnap import RingSnapshot
 
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
@@ -165,7 +166,7 @@ class RingBuilder:
         self.set_table_entry(head, j, flags=f | VRING_DESC_F_INDIRECT)
 
     # --- decoding -------------------------------------------------------------
-    def snapshot(self, impl=ringref, last_avail_idx: int | None = None, **kw) -> dict:
+    def snapshot(self, impl=ringref, last_avail_idx: int | None = None, **kw) -> RingSnapshot:
         desc, avail, used = self.addrs
         return impl.snapshot_split(self.mem, self.size, desc, avail, used, last_avail_idx, **kw)
 
