@@ -316,6 +316,30 @@ def test_hostile_tx_ring_breaks_the_queue_not_the_device(memory):
         os.close(err)
 
 
+@pytest.mark.timeout(60)
+def test_polling_front_end_without_kick_fds(memory):
+    """vhost-user's VRING_NOFD bit: no kick fd; the device polls (naps 1 ms)."""
+    dev = NetDevice(busy_poll_us=50)
+    dev.set_features(FEATURES)
+    drv = Driver(memory, 0, 64, False)
+    try:
+        for i in (0, 1):
+            v = drv.vring(i)
+            v.kick_fd = None
+            dev.start_queue(v, memory)
+        time.sleep(0.05)   # let the worker go idle
+        drv.give_rx(4)
+        drv.send([eth(64)])
+        got: list[bytes] = []
+        wait_for(lambda: got.extend(drv.received()) or got, what="frame without kicks")
+        assert dev.queue_stats(1).kicks == 0
+        dev.stop_queue(1)
+        assert not drv.tx.used_flags & VRING_USED_F_NO_NOTIFY   # handed back asking for kicks
+    finally:
+        dev.close()
+        drv.close()
+
+
 def test_start_queue_rejects_unmapped_ring(memory):
     dev = NetDevice()
     dev.set_features(FEATURES)

@@ -464,6 +464,10 @@ class NetDevice:
         t.broken = ring.q.broken or t.broken
         last = ring.q.last_avail_idx
         self._last_avail[ring.index] = last
+        if not ring.q.broken:
+            # Hand the ring back asking for kicks (NO_NOTIFY clear / avail_event
+            # current), as a fresh ring is: whoever services it next gets them.
+            ring.q.set_notification(True)
         ring.close()
         return last
 
