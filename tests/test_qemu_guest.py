@@ -132,6 +132,10 @@ read x
             # replies host -> tap -> RX virtqueue -> guest.
             assert tap_rx >= 5 and tap_tx >= 5, f"tap {tap}: rx={tap_rx} tx={tap_tx}"
             assert counts[vq_tx(0)] >= 5 and counts[vq_rx(0)] >= 5, counts
+            # Everything the back-end delivered to the guest came from the tap
+            # (snapshot first, tap counters after: both only grow).
+            assert counts[vq_rx(0)] <= tap_tx, f"RX virtqueue 0 delivered {counts[vq_rx(0)]} frames, " \
+                                               f"the tap gave {tap_tx}"
     finally:
         delete_link(tap)  # only if the back-end left it behind
         shutil.rmtree(d, ignore_errors=True)
