@@ -334,7 +334,9 @@ class DpdkTestpmd(Peer):
                 self.proc.wait(timeout)
             except (OSError, subprocess.TimeoutExpired):
                 pass
-        return super().close(5)
+        rc = super().close(5)
+        shutil.rmtree(f"/var/run/dpdk/{self.prefix}", ignore_errors=True)  # EAL's runtime dir
+        return rc
 
 
 def virtio_user_vdev(sock: str, queues: int = 1, **devargs) -> str:

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.dpdk
 MIN_PACKETS = 100_000   # each way, over all queues
 BURSTS = 4              # tx_first bursts of 32 frames per queue: 128 in flight, half a 256-entry ring
 RUN_TIMEOUT = 240.0     # seconds to reach MIN_PACKETS
+STALL_TIMEOUT = 30.0    # seconds without any counter moving: traffic has died
 DEFAULT_RING = 256      # virtio_user's default queue_size
 
 
@@ -44,15 +45,19 @@ def _run_until(fe: DpdkTestpmd, be, minimum: int, timeout: float) -> tuple[int, 
     """Poll testpmd's port counters until both directions reach ``minimum``."""
     t0 = time.monotonic()
     rx = tx = 0
+    moved, last = t0, (0, 0)
     while time.monotonic() - t0 < timeout:
         rx, tx = fe.port_stats()[0]
         if rx >= minimum and tx >= minimum:
             return rx, tx, time.monotonic() - t0
-        if not fe.alive():
-            break
+        if (rx, tx) != last:
+            moved, last = time.monotonic(), (rx, tx)
+        elif time.monotonic() - moved > STALL_TIMEOUT:
+            break  # traffic stopped: no need to wait for the full timeout
         time.sleep(1.0)
-    pytest.fail(f"testpmd counted rx={rx} tx={tx} after {time.monotonic() - t0:.0f} s, "
-                f"wanted {minimum} each way\n{fe.tail()}\n{be.tail()}")
+    pytest.fail(f"testpmd counted rx={rx} tx={tx} after {time.monotonic() - t0:.0f} s "
+                f"(no progress for {time.monotonic() - moved:.0f} s), wanted {minimum} each way\n"
+                f"{fe.tail()}\n{be.tail()}")
 
 
 @pytest.mark.timeout(480)
