@@ -492,14 +492,19 @@ static inline void cursor_skip(struct cursor *c, uint64_t skip)
     }
 }
 
-/* Copy up to len bytes out of the cursor into dst; returns bytes copied. */
-static inline uint64_t cursor_read(struct cursor *c, uint8_t *dst, uint64_t len)
+/* Copy up to len bytes between buf and the cursor's iovecs: into the
+ * iovecs when to_iov, out of them otherwise; returns bytes copied. Callers
+ * pass a constant to_iov, so each inlined copy has no branch on it. */
+static inline uint64_t cursor_copy(struct cursor *c, uint8_t *buf, uint64_t len, int to_iov)
 {
     uint64_t done = 0;
     while (done < len && c->i < c->n) {
         uint64_t room = c->iov[c->i].len - c->off;
         uint64_t k = len - done < room ? len - done : room;
-        memcpy(dst + done, c->iov[c->i].base + c->off, k);
+        if (to_iov)
+            memcpy(c->iov[c->i].base + c->off, buf + done, k);
+        else
+            memcpy(buf + done, c->iov[c->i].base + c->off, k);
         done += k;
         c->off += k;
         if (c->off == c->iov[c->i].len) {
@@ -510,22 +515,14 @@ static inline uint64_t cursor_read(struct cursor *c, uint8_t *dst, uint64_t len)
     return done;
 }
 
-/* Copy up to len bytes from src into the cursor; returns bytes copied. */
+static inline uint64_t cursor_read(struct cursor *c, uint8_t *dst, uint64_t len)
+{
+    return cursor_copy(c, dst, len, 0);
+}
+
 static inline uint64_t cursor_write(struct cursor *c, const uint8_t *src, uint64_t len)
 {
-    uint64_t done = 0;
-    while (done < len && c->i < c->n) {
-        uint64_t room = c->iov[c->i].len - c->off;
-        uint64_t k = len - done < room ? len - done : room;
-        memcpy(c->iov[c->i].base + c->off, src + done, k);
-        done += k;
-        c->off += k;
-        if (c->off == c->iov[c->i].len) {
-            c->i++;
-            c->off = 0;
-        }
-    }
-    return done;
+    return cursor_copy(c, (uint8_t *)src, len, 1);
 }
 
 static inline int cursor_done(const struct cursor *c)

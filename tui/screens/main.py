@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from textual.app import ComposeResult
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer
 
 from ..widgets.queue_table import QueueTable
 from ..widgets.status_header import StatusHeader
+from .live import LiveScreen
 
 
-class MainScreen(Screen):
+class MainScreen(LiveScreen):
     """Every queue of the source; enter opens the queue under the cursor."""
 
     def compose(self) -> ComposeResult:
@@ -18,22 +18,9 @@ class MainScreen(Screen):
         yield QueueTable(id="queues")
         yield Footer()
 
-    def on_mount(self) -> None:
-        header = self.query_one(StatusHeader)
-        header.source_name = self.app.source.name
-        self.watch(self.app, "gone", self._show_gone)
-        self.watch(self.app, "snapshot", self._show_snapshot)
-
-    def _show_gone(self, gone: str | None) -> None:
-        self.query_one(StatusHeader).gone = gone
-
-    def _show_snapshot(self, snap: dict | None) -> None:
-        if snap is None:
-            return
-        header = self.query_one(StatusHeader)
-        header.snap_time, header.queue_count = snap["time"], len(snap["queues"])
+    def show_queues(self, queues: list[dict]) -> None:
         # The app sets ``rates`` before ``snapshot``: they belong together.
-        self.query_one(QueueTable).show(snap["queues"], self.app.rates)
+        self.query_one(QueueTable).show(queues, self.app.rates)
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         from .queue import QueueScreen

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.screen import Screen
 from textual.widgets import Footer, Static
 
 from ..rates import queue_id
@@ -12,9 +11,10 @@ from ..widgets.anomaly_table import AnomalyTable
 from ..widgets.chain_table import ChainTable
 from ..widgets.queue_fields import QueueFields
 from ..widgets.status_header import StatusHeader
+from .live import LiveScreen
 
 
-class QueueScreen(Screen):
+class QueueScreen(LiveScreen):
     """Follows queue ``index`` of ``device`` through every new snapshot."""
 
     BINDINGS = [Binding("escape", "app.pop_screen", "Back")]
@@ -34,20 +34,8 @@ class QueueScreen(Screen):
         yield AnomalyTable(id="anomalies")
         yield Footer()
 
-    def on_mount(self) -> None:
-        self.query_one(StatusHeader).source_name = self.app.source.name
-        self.watch(self.app, "gone", self._show_gone)
-        self.watch(self.app, "snapshot", self._show_snapshot)
-
-    def _show_gone(self, gone: str | None) -> None:
-        self.query_one(StatusHeader).gone = gone
-
-    def _show_snapshot(self, snap: dict | None) -> None:
-        if snap is None:
-            return
-        header = self.query_one(StatusHeader)
-        header.snap_time, header.queue_count = snap["time"], len(snap["queues"])
-        queue = next((q for q in snap["queues"] if queue_id(q) == self.queue), None)
+    def show_queues(self, queues: list[dict]) -> None:
+        queue = next((q for q in queues if queue_id(q) == self.queue), None)
         self.query_one(QueueFields).show(queue)
         self.query_one(ChainTable).show(queue["chains"] if queue else [])
         self.query_one(AnomalyTable).show(queue["anomalies"] if queue else [])
