@@ -37,7 +37,8 @@ def queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features: 
         "features": features, "event_idx": event_idx,
         "avail_idx": 0, "used_idx": 0, "last_avail_idx": last_avail, "inflight": 0,
         "avail_flags": 0, "used_flags": 0, "used_event": None, "avail_event": None,
-        "kicks": stats.kicks, "calls": stats.calls, "packets": stats.packets, "bytes": stats.bytes,
+        "kicks": stats.kicks, "calls": stats.calls, "calls_suppressed": stats.calls_suppressed,
+        "packets": stats.packets, "bytes": stats.bytes,
         "chains": [], "anomalies": [],
     }
     try:
