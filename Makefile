@@ -23,7 +23,7 @@ $(STAMPS)/venv: $(STAMPS)/deps pyproject.toml
 venv: $(STAMPS)/venv
 
 $(STAMPS)/build: $(STAMPS)/venv $(CSRC) inspector/_build_vqd.py
-	cd . && $(PY) inspector/_build_vqd.py
+	$(PY) inspector/_build_vqd.py
 	@touch $@
 
 build: $(STAMPS)/build
