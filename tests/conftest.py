@@ -24,3 +24,16 @@ def require(condition: bool, reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"required in CI: {reason}")
     pytest.skip(reason)
+
+
+def wait_for(cond, timeout: float = 5.0, interval: float = 0.005) -> bool:
+    """Poll ``cond()`` until it is true or ``timeout`` seconds pass; returns
+    its last value (callers assert on it, so a timeout fails the test)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(interval)
+    return bool(cond())

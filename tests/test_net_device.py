@@ -26,6 +26,7 @@ from inspector.driver import VRING_USED_F_NO_NOTIFY, DriverRing
 from inspector.errors import InspectorError
 from inspector.memory import GuestMemory
 from inspector.vqd import need_event
+from tests import conftest
 from tests.conftest import require
 
 GPA = 0x40000000
@@ -49,12 +50,8 @@ def evread(fd: int) -> int:
 
 
 def wait_for(cond, timeout=5.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.001)
-    raise AssertionError(f"timed out waiting for {what}")
+    if not conftest.wait_for(cond, timeout, interval=0.001):
+        raise AssertionError(f"timed out waiting for {what}")
 
 
 class Driver:

@@ -25,18 +25,10 @@ from inspector.vhost_user.protocol import (
 )
 from inspector.vhost_user.server import VhostUserServer
 
+from tests.conftest import wait_for
 from .nulldevice import VIRTIO_F_VERSION_1, NullDevice
 
 MARK = "vqscope-test-mark"
-
-
-def wait_for(cond, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
 
 
 def marked_fds() -> int:

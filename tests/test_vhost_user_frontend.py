@@ -17,16 +17,8 @@ from inspector.vhost_user.frontend import VIRTIO_F_VERSION_1, VhostUserFrontend
 from inspector.vhost_user.protocol import BackendRequest, Request
 from inspector.vhost_user.server import VhostUserServer
 
+from tests.conftest import wait_for
 from .nulldevice import VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX, LoopbackDevice, NullDevice
-
-
-def wait_for(cond, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
 
 
 @pytest.fixture
