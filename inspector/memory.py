@@ -4,9 +4,16 @@ A region maps a range of guest-physical addresses (what descriptors carry) and
 the same range in the front-end's virtual address space (what vhost-user's
 SET_VRING_ADDR carries) onto a local buffer: an mmap of a memfd received with
 SET_MEM_TABLE, a ``bytearray`` in tests, or a buffer gathered from
-``/proc/PID/mem``. Every lookup is bounded: an access that starts outside
-every region, or runs past the end of the region it starts in, raises
-MemoryAccessError naming the address and size. Guest memory is hostile.
+``/proc/PID/mem``. Every lookup is bounded: an access that no region holds
+entirely raises MemoryAccessError naming the address and size. Guest memory
+is hostile.
+
+A region may also be *validate-only* (``buf`` is None): guest memory that
+exists but is not readable here, e.g. a QEMU's RAM of which only the ring
+areas were gathered. Decoders accept buffer addresses inside it, but nothing
+can be read from it. Readable regions take precedence: a read is served by
+the first readable region holding the whole range, whatever validate-only
+regions overlap it (see inspector/ringref.py for the decoders' rule).
 """
 
 from __future__ import annotations
@@ -21,13 +28,18 @@ from .errors import MemoryAccessError
 class MemRegion:
     """One region: ``size`` bytes at guest-physical ``gpa`` and front-end
     virtual ``uva``, backed by ``buf`` (any object with the buffer protocol,
-    at least ``size`` bytes long) starting at byte ``buf_offset``."""
+    at least ``size`` bytes long) starting at byte ``buf_offset``, or
+    validate-only when ``buf`` is None."""
 
     gpa: int
     size: int
     uva: int
     buf: Any
     buf_offset: int = 0
+
+    @property
+    def readable(self) -> bool:
+        return self.buf is not None
 
     def contains_gpa(self, addr: int) -> bool:
         return self.gpa <= addr < self.gpa + self.size
@@ -38,9 +50,10 @@ class MemRegion:
 
 @dataclass
 class GuestMemory:
-    """A region table. Regions do not overlap (the back-end validates that
-    before adding them); lookups are linear, tables hold at most a few
-    dozen regions (vhost-user's limit is 8, or 509 with CONFIGURE_MEM_SLOTS)."""
+    """A region table. Readable regions do not overlap (the back-end
+    validates that before adding them); validate-only regions may overlap
+    readable ones. Lookups are linear, tables hold at most a few dozen
+    regions (vhost-user's limit is 8, or 509 with CONFIGURE_MEM_SLOTS)."""
 
     regions: list[MemRegion] = field(default_factory=list)
 
@@ -54,18 +67,33 @@ class GuestMemory:
         self.regions.append(region)
         return region
 
+    def add_valid(self, gpa: int, size: int, *, uva: int | None = None) -> MemRegion:
+        """Add a validate-only region: ``size`` bytes of guest memory at
+        ``gpa`` that exist but are not readable here."""
+        region = MemRegion(gpa=gpa, size=size, uva=gpa if uva is None else uva, buf=None)
+        self.regions.append(region)
+        return region
+
     def __iter__(self) -> Iterator[MemRegion]:
         return iter(self.regions)
 
     def region_for_gpa(self, addr: int, size: int = 1) -> MemRegion:
-        """The region holding ``[addr, addr + size)``; raises MemoryAccessError."""
-        for r in self.regions:
-            if r.contains_gpa(addr):
-                if addr + size > r.gpa + r.size:
-                    raise MemoryAccessError(
-                        f"guest-physical range {addr:#x}+{size:#x} runs past the end of "
-                        f"region {r.gpa:#x}+{r.size:#x}")
+        """The first readable region holding all of ``[addr, addr + size)``;
+        raises MemoryAccessError (saying whether the range runs past a
+        region's end or lies in validate-only memory)."""
+        holders = [r for r in self.regions if r.contains_gpa(addr)]
+        whole = [r for r in holders if addr + size <= r.gpa + r.size]
+        for r in whole:
+            if r.buf is not None:
                 return r
+        if whole:
+            raise MemoryAccessError(
+                f"guest-physical range {addr:#x}+{size:#x} is guest memory that was not read "
+                f"(validate-only region {whole[0].gpa:#x}+{whole[0].size:#x})")
+        if holders:
+            raise MemoryAccessError(
+                f"guest-physical range {addr:#x}+{size:#x} runs past the end of "
+                f"region {holders[0].gpa:#x}+{holders[0].size:#x}")
         raise MemoryAccessError(f"guest-physical address {addr:#x} is outside every memory region")
 
     def uva_to_gpa(self, addr: int, size: int = 1) -> int:

@@ -10,8 +10,15 @@ arrays: change both together. It is written to be read, not to be fast.
 
 Semantics (both implementations):
 
+- Regions are readable (``MemRegion.buf`` is a buffer) or validate-only
+  (``buf`` is None: guest memory that exists but was not read locally, e.g.
+  the rest of a QEMU's RAM around the ring areas gathered from
+  ``/proc/PID/mem``). A range is *readable* when one readable region holds
+  all of it (the first such region in table order); it is *valid* when it is
+  readable or one validate-only region holds all of it. Readable regions
+  thus take precedence where the two overlap, and regions may overlap.
 - The three areas (descriptor table 16·size, driver area 6 + 2·size, device
-  area 6 + 8·size bytes) must each lie inside one memory region, else
+  area 6 + 8·size bytes) must each be readable, else
   :class:`~inspector.errors.RingError` naming the area and address.
 - Chains are the heads in ``avail->ring`` from ``last_avail_idx`` (or
   ``used->idx`` when it is None) up to ``avail->idx``, at most ``size`` heads
@@ -27,6 +34,12 @@ Semantics (both implementations):
   one ``truncated`` anomaly and the remaining chains have no descriptors.
 - ``zero_len`` and ``addr_out_of_range`` do not stop a walk; every other
   anomaly of a chain ends it.
+- A buffer must be valid (else ``addr_out_of_range``). An indirect table
+  must be readable: one that is valid but not readable ends its chain with
+  ``indirect_not_read`` and is returned by :func:`snapshot_split_pass` as an
+  unread table ``(gpa, len)``; the caller reads those tables, adds them as
+  readable regions and decodes again (:mod:`inspector.procmem`), after which
+  the anomaly is gone. A decode of readable regions only never reports it.
 """
 
 from __future__ import annotations
@@ -58,6 +71,7 @@ ANOMALY_KINDS = (
     "addr_out_of_range",    # buffer not inside one region (§2.7.5)
     "indirect_out_of_range",  # indirect table not inside one region (§2.7.5.3)
     "truncated",            # snapshot descriptor budget max_descs exhausted
+    "indirect_not_read",    # indirect table in validate-only memory (first pass of a remote read)
 )
 
 #: Default bound on the descriptors one snapshot lists (all chains together).
@@ -101,13 +115,13 @@ def check_args(size: int, desc: int, avail: int, used: int, last_avail_idx: int 
 
 
 def region_table(mem: GuestMemory) -> list[tuple[int, int, Any, int]]:
-    """``(gpa, size, buffer, buf_offset)`` per usable region, clamped so that
-    no lookup can reach past the backing buffer or past 2**64: a region whose
-    ``buf`` is shorter than ``size`` is shortened, one with an address that
-    does not fit in 64 bits is dropped. Both decoders use this table."""
+    """``(gpa, size, buffer, buf_offset)`` per readable region, clamped so
+    that no lookup can reach past the backing buffer or past 2**64: a region
+    whose ``buf`` is shorter than ``size`` is shortened, one with an address
+    that does not fit in 64 bits is dropped. Both decoders use this table."""
     out = []
     for r in mem.regions:
-        if not 0 <= r.gpa < U64_END or r.buf_offset < 0:
+        if r.buf is None or not 0 <= r.gpa < U64_END or r.buf_offset < 0:
             continue
         nbytes = memoryview(r.buf).nbytes
         size = max(0, min(r.size, nbytes - r.buf_offset, U64_END - r.gpa))
@@ -115,21 +129,36 @@ def region_table(mem: GuestMemory) -> list[tuple[int, int, Any, int]]:
     return out
 
 
-class _Mem:
-    """Lookups over a region table, like the C ``vqd_gpa_to_host``."""
+def valid_table(mem: GuestMemory) -> list[tuple[int, int]]:
+    """``(gpa, size)`` per validate-only region (``buf`` is None), clamped
+    at 2**64; one whose address does not fit in 64 bits is dropped. Both
+    decoders use this table."""
+    return [(r.gpa, max(0, min(r.size, U64_END - r.gpa))) for r in mem.regions
+            if r.buf is None and 0 <= r.gpa < U64_END]
 
-    def __init__(self, table: list[tuple[int, int, Any, int]]):
+
+class _Mem:
+    """Lookups over the region tables, like the C ``find_region``."""
+
+    def __init__(self, table: list[tuple[int, int, Any, int]], valid: list[tuple[int, int]]):
         self.table = [(gpa, size, memoryview(buf).cast("B"), off) for gpa, size, buf, off in table]
+        self.valid = valid
 
     def find(self, addr: int, length: int) -> tuple[memoryview, int] | None:
-        """(view, offset) of ``[addr, addr + length)`` when it lies inside
-        the first region holding ``addr``, else None."""
+        """(view, offset) of ``[addr, addr + length)`` in the first readable
+        region holding all of it, else None."""
         for gpa, size, view, off in self.table:
-            if gpa <= addr < gpa + size:
-                if addr + length > gpa + size:
-                    return None
+            if gpa <= addr < gpa + size and addr + length <= gpa + size:
                 return view, off + addr - gpa
         return None
+
+    def in_valid_only(self, addr: int, length: int) -> bool:
+        """Does one validate-only region hold all of ``[addr, addr + length)``?"""
+        return any(gpa <= addr < gpa + size and addr + length <= gpa + size
+                   for gpa, size in self.valid)
+
+    def is_valid(self, addr: int, length: int) -> bool:
+        return self.find(addr, length) is not None or self.in_valid_only(addr, length)
 
 
 def _column(code: str, view: memoryview, off: int, count: int) -> array:
@@ -150,6 +179,7 @@ class _Walk:
         self.budget = max_descs
         self.truncated = False
         self.anomalies: list[tuple[str, str]] = []
+        self.unread: list[tuple[int, int]] = []  # C: out->want_addr / want_len
         self.desc_table: tuple[memoryview, int] = (memoryview(b""), 0)
         # the listed descriptors of all chains, in order (C: out->desc_*)
         self.desc_addr = array(U64)
@@ -192,7 +222,7 @@ class _Walk:
         if length == 0:
             # §2.7.5: zero length carries no buffer; flagged, not forbidden.
             self.anomaly(7, f"{loc}.len = 0 (head {self.head})")
-        elif self.mem.find(addr, length) is None:
+        elif not self.mem.is_valid(addr, length):
             # §2.7.5: the buffer is guest memory: inside one region.
             self.anomaly(8, f"{loc}.addr 0x{addr:x} len {length} is not inside one memory "
                             f"region (head {self.head})")
@@ -206,6 +236,12 @@ class _Walk:
                             f"multiple of 16 up to {MAX_INDIRECT_LEN} (head {head})")
             return
         where = self.mem.find(addr, length)
+        if where is None and self.mem.in_valid_only(addr, length):
+            # Guest memory, but not read here: the caller reads it and decodes again.
+            self.unread.append((addr, length))
+            self.anomaly(11, f"desc[{di}] indirect table 0x{addr:x} len {length} is guest memory "
+                             f"that was not read (head {head})")
+            return
         if where is None:
             # §2.7.5.3: the table is guest memory.
             self.anomaly(9, f"desc[{di}] indirect table 0x{addr:x} len {length} is not inside "
@@ -279,8 +315,19 @@ def snapshot_split(mem: GuestMemory, size: int, desc: int, avail: int, used: int
                    last_avail_idx: int | None, *,
                    max_descs: int = DEFAULT_MAX_DESCS) -> RingSnapshot:
     """Snapshot a split ring (pure Python); see the module docstring."""
+    return snapshot_split_pass(mem, size, desc, avail, used, last_avail_idx,
+                               max_descs=max_descs)[0]
+
+
+def snapshot_split_pass(mem: GuestMemory, size: int, desc: int, avail: int, used: int,
+                        last_avail_idx: int | None, *, max_descs: int = DEFAULT_MAX_DESCS,
+                        ) -> tuple[RingSnapshot, list[tuple[int, int]]]:
+    """:func:`snapshot_split` and the indirect tables it could not read:
+    ``(gpa, len)`` of each table that lies in validate-only memory, one per
+    chain that reached it, in walk order (not deduplicated); each is also an
+    ``indirect_not_read`` anomaly of the snapshot."""
     check_args(size, desc, avail, used, last_avail_idx, max_descs)
-    m = _Mem(region_table(mem))
+    m = _Mem(region_table(mem), valid_table(mem))
     areas = []
     for i, (addr, length) in enumerate(zip((desc, avail, used), area_sizes(size))):
         where = m.find(addr, length)
@@ -319,11 +366,11 @@ def snapshot_split(mem: GuestMemory, size: int, desc: int, avail: int, used: int
         chain_ndescs.append(w.ndescs)
         chain_out_bytes.append(w.out_bytes)
         chain_in_bytes.append(w.in_bytes)
-    return RingSnapshot(
+    return (RingSnapshot(
         size=size, avail_flags=avail_flags, avail_idx=avail_idx, used_event=used_event,
         used_flags=used_flags, used_idx=used_idx, avail_event=avail_event,
         last_avail_idx=last_avail_idx, avail_ring=avail_ring, used_ring=used_ring,
         desc_addr=w.desc_addr, desc_len=w.desc_len, desc_flags=w.desc_flags,
         desc_next=w.desc_next, chain_head=chain_head, chain_first=chain_first,
         chain_ndescs=chain_ndescs, chain_out_bytes=chain_out_bytes,
-        chain_in_bytes=chain_in_bytes, anomalies=w.anomalies)
+        chain_in_bytes=chain_in_bytes, anomalies=w.anomalies), w.unread)

@@ -17,10 +17,11 @@ from ._vqd import ffi, lib
 from .errors import InspectorError, LayoutError
 from .memory import GuestMemory
 from .ringref import (ANOMALY_KINDS, DEFAULT_MAX_DESCS, area_error, area_sizes, check_args,
-                      region_table)
+                      region_table, valid_table)
 from .ringsnap import U16, U32, U64, RingSnapshot
 
-__all__ = ["snapshot_split", "RingSnapshot", "DEFAULT_MAX_DESCS", "ANOMALY_KINDS"]
+__all__ = ["snapshot_split", "snapshot_split_pass", "RingSnapshot", "DEFAULT_MAX_DESCS",
+           "ANOMALY_KINDS"]
 
 # Output arrays are large (max_descs entries) but only their used prefix is
 # touched: allocate them uncleared, and keep the last set per thread. A
@@ -65,6 +66,11 @@ class _Out:
         o.anomalies = self.anomalies
         o.desc_cap = max_descs
         o.anomaly_cap = acap
+        self.want_addr = _alloc("uint64_t[]", size)
+        self.want_len = _alloc("uint32_t[]", size)
+        o.want_addr = self.want_addr
+        o.want_len = self.want_len
+        o.want_cap = size
 
 
 def _outputs(size: int, max_descs: int) -> _Out:
@@ -75,8 +81,9 @@ def _outputs(size: int, max_descs: int) -> _Out:
 
 
 def _regions(mem: GuestMemory):
-    """A ``struct vqd_region[]`` for ``mem`` and the from_buffer objects that
-    must stay alive while C reads through it."""
+    """``struct vqd_region[]`` of the readable and of the validate-only
+    regions of ``mem``, their counts, and the from_buffer objects that must
+    stay alive while C reads through them."""
     table = region_table(mem)
     regions = ffi.new("struct vqd_region[]", max(len(table), 1))
     keep = []
@@ -87,7 +94,12 @@ def _regions(mem: GuestMemory):
         r.gpa = gpa
         r.size = size
         r.host = ffi.cast("uint8_t *", fb) + off
-    return regions, len(table), keep
+    vtable = valid_table(mem)
+    if vtable:
+        valid = ffi.new("struct vqd_region[]", vtable)  # (gpa, size); host stays NULL
+    else:
+        valid = ffi.NULL
+    return regions, len(table), valid, len(vtable), keep
 
 
 def _walk(mem: GuestMemory, size: int, desc: int, avail: int, used: int,
@@ -95,9 +107,9 @@ def _walk(mem: GuestMemory, size: int, desc: int, avail: int, used: int,
     """Run vqd_snapshot; its results are in the returned (per-thread,
     reused) output arrays. tests/bench/bench_decoder.py times this alone."""
     check_args(size, desc, avail, used, last_avail_idx, max_descs)
-    regions, nr, keep = _regions(mem)
+    regions, nr, valid, nvalid, keep = _regions(mem)
     o = _outputs(size, max_descs)
-    rc = lib.vqd_snapshot(regions, nr, desc, avail, used, size,
+    rc = lib.vqd_snapshot(regions, nr, valid, nvalid, desc, avail, used, size,
                           -1 if last_avail_idx is None else last_avail_idx, max_descs, o.out)
     del keep  # the from_buffer objects were needed only during the call
     if rc != lib.VQD_SNAP_OK:
@@ -121,6 +133,18 @@ def snapshot_split(mem: GuestMemory, size: int, desc: int, avail: int, used: int
     :func:`inspector.ringref.snapshot_split`."""
     o = _walk(mem, size, desc, avail, used, last_avail_idx, max_descs)
     return _result(o, size, last_avail_idx)
+
+
+def snapshot_split_pass(mem: GuestMemory, size: int, desc: int, avail: int, used: int,
+                        last_avail_idx: int | None, *, max_descs: int = DEFAULT_MAX_DESCS,
+                        ) -> tuple[RingSnapshot, list[tuple[int, int]]]:
+    """:func:`snapshot_split` and the indirect tables it could not read
+    (validate-only memory); same contract as
+    :func:`inspector.ringref.snapshot_split_pass`."""
+    o = _walk(mem, size, desc, avail, used, last_avail_idx, max_descs)
+    n = o.out.n_want
+    unread = list(zip(o.want_addr[0:n], o.want_len[0:n])) if n else []
+    return _result(o, size, last_avail_idx), unread
 
 
 def _result(o: _Out, size: int, last_avail_idx: int | None) -> RingSnapshot:

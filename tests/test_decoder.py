@@ -581,3 +581,106 @@ def test_worst_case_is_bounded_by_max_descs(impl):
     assert sum(len(c["descs"]) for c in s["chains"]) == 4 * size
     assert kinds(s).count("loop") == 4 and kinds(s).count("zero_len") == 4 * size
     assert kinds(s).count("truncated") == 1
+
+
+# --- validate-only regions (remote reads, inspector/procmem.py) ---------------------
+
+def _remote_view(rb: RingBuilder, extra: list[tuple[int, int]] = ()) -> GuestMemory:
+    """What a remote read gives: copies of the three ring areas (and of the
+    ``extra`` ranges) as readable regions, the builder's regions as
+    validate-only guest memory."""
+    mem = GuestMemory()
+    desc, avail, used = rb.addrs
+    for gpa, n in [(desc, 16 * rb.size), (avail, 6 + 2 * rb.size), (used, 6 + 8 * rb.size),
+                   *extra]:
+        mem.add(gpa, rb.mem.read(gpa, n))
+    for r in rb.mem.regions:
+        mem.add_valid(r.gpa, r.size)
+    return mem
+
+
+def test_buffers_in_validate_only_memory_are_valid(impl):
+    """§2.7.5: a buffer is guest memory; validate-only regions are guest
+    memory even though nothing is read from them."""
+    rb = RingBuilder(8)
+    rb.add_chain([(100, False), (200, True)])
+    bad = rb.add_chain([(10, False)])
+    rb.publish()
+    rb.out_of_memory(bad)
+    mem = _remote_view(rb)
+    s, unread = impl.snapshot_split_pass(mem, 8, *rb.addrs, None)
+    assert s == rb.snapshot(impl) and unread == []
+    assert [a for a, _ in s.anomalies] == ["addr_out_of_range"]
+
+
+def test_indirect_table_in_validate_only_memory_is_asked_for(impl):
+    """The first pass cannot read the table: it names it (unread list and
+    ``indirect_not_read``, which ends the chain); with the table added as a
+    readable region the result equals the local decode."""
+    rb = RingBuilder(8)
+    direct = rb.add_chain([(100, False)])
+    head = rb.add_indirect_chain([(10, False), (20, True), (30, True)])
+    last = rb.add_chain([(5, True)])
+    rb.publish()
+    table = rb.tables[head]
+    s, unread = impl.snapshot_split_pass(_remote_view(rb), 8, *rb.addrs, None)
+    assert unread == [(table, 48)]
+    detail = (f"desc[{head}] indirect table 0x{table:x} len 48 is guest memory that was not "
+              f"read (head {head})")
+    assert s.anomalies == [("indirect_not_read", detail)]
+    assert s.chain_head.tolist() == [direct, head, last] and s.chain_ndescs.tolist() == [1, 0, 1]
+    s2, unread2 = impl.snapshot_split_pass(_remote_view(rb, [(table, 48)]), 8, *rb.addrs, None)
+    assert unread2 == [] and s2 == rb.snapshot(impl)
+
+
+def test_indirect_table_outside_every_region_is_not_asked_for(impl):
+    rb = RingBuilder(8)
+    head = rb.add_indirect_chain([(10, False)])
+    rb.publish()
+    rb.set_desc(head, addr=0xDEAD_0000_0000)
+    s, unread = impl.snapshot_split_pass(_remote_view(rb), 8, *rb.addrs, None)
+    assert unread == [] and [a for a, _ in s.anomalies] == ["indirect_out_of_range"]
+
+
+def test_readable_regions_take_precedence_and_may_overlap(impl):
+    """A range is read from the first readable region holding ALL of it: a
+    table that starts inside the copy of the driver area but runs past it
+    is read from its own copy, not reported unreadable."""
+    rb = RingBuilder(8)
+    head = rb.add_indirect_chain([(10, False), (20, True)])
+    rb.publish()
+    # move the table so that it starts in the driver area (over the unused
+    # avail->ring[6..7] and used_event) and runs past its end
+    table = rb.addrs[1] + 16
+    rb.mem.view(table, 32)[:] = rb.mem.read(rb.tables[head], 32)
+    rb.set_desc(head, addr=table)
+    _, unread = impl.snapshot_split_pass(_remote_view(rb), 8, *rb.addrs, None)
+    assert unread == [(table, 32)]
+    s, unread = impl.snapshot_split_pass(_remote_view(rb, [(table, 32)]), 8, *rb.addrs, None)
+    assert unread == [] and s == rb.snapshot(impl) and s.n_descs == 2
+    # validate-only memory listed first changes nothing
+    mem = _remote_view(rb, [(table, 32)])
+    mem.regions.sort(key=lambda r: r.readable)
+    assert impl.snapshot_split_pass(mem, 8, *rb.addrs, None) == (s, [])
+
+
+def test_ring_area_in_validate_only_memory_is_a_ring_error(impl):
+    rb = RingBuilder(8)
+    mem = GuestMemory()
+    for r in rb.mem.regions:
+        mem.add_valid(r.gpa, r.size)
+    with pytest.raises(RingError, match="descriptor table at guest-physical"):
+        impl.snapshot_split(mem, 8, *rb.addrs, None)
+
+
+def test_guest_memory_reads_refuse_validate_only_regions():
+    from inspector.errors import MemoryAccessError
+    mem = GuestMemory()
+    mem.add_valid(0x1000, 0x1000)
+    mem.add(0x1800, bytearray(b"x" * 16))
+    assert mem.read(0x1800, 16) == b"x" * 16  # readable region wins
+    with pytest.raises(MemoryAccessError, match="not read"):
+        mem.read(0x1000, 4)
+    with pytest.raises(MemoryAccessError, match="runs past the end"):
+        mem.read(0x1F00, 0x200)
+    assert mem.uva_to_gpa(0x1004) == 0x1004

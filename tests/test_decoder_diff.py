@@ -1,7 +1,8 @@
 """Differential test: the C decoder (inspector.vqd) and the pure-Python
 reference (inspector.ringref) return equal RingSnapshots (same ``as_dict()``,
-same columns), or raise the same error, for random and hostile rings over
-random region tables."""
+same columns) and the same unread indirect tables (``snapshot_split_pass``),
+or raise the same error, for random and hostile rings over random region
+tables, readable and validate-only."""
 
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ U64_END = 1 << 64
 
 def outcome(impl, mem, size, addrs, last, max_descs):
     try:
-        r = impl.snapshot_split(mem, size, *addrs, last, max_descs=max_descs)
+        r, unread = impl.snapshot_split_pass(mem, size, *addrs, last, max_descs=max_descs)
     except InspectorError as e:
         return ("error", type(e).__name__, str(e)), None
-    return ("ok", r.as_dict()), r
+    return ("ok", r.as_dict(), unread), r
 
 
 def assert_same(mem, size, addrs, last, max_descs):
@@ -45,7 +46,10 @@ def split_regions(rng: random.Random, rb: RingBuilder) -> GuestMemory:
     """A new region table over the builder's buffers: each buffer cut into
     pieces (ranges spanning a cut are no longer inside one region), pieces
     sometimes dropped, shortened (buffer shorter than the declared size),
-    reordered or duplicated (first match wins in both decoders)."""
+    reordered or duplicated (the first region holding a whole range serves it
+    in both decoders), sometimes validate-only (``buf`` None), and sometimes
+    validate-only regions over parts of the builder's memory or past 2**64
+    (clamped) are added."""
     mem = GuestMemory()
     pieces = []
     for r in rb.mem.regions:
@@ -60,8 +64,18 @@ def split_regions(rng: random.Random, rb: RingBuilder) -> GuestMemory:
         rng.shuffle(pieces)
     if rng.random() < 0.1:
         pieces.append(rng.choice(pieces))
+    p_valid_only = rng.choice([0, 0, 0.3])
+    if rng.random() < 0.3:
+        for r in rb.mem.regions:
+            lo = rng.randrange(len(r.buf))
+            pieces.append((r.gpa + lo, None, 0, rng.choice([len(r.buf) - lo, 16, 4096])))
+        pieces.append((U64_END - rng.randrange(1, 0x8000), None, 0, 0x10000))
+        pieces.append((rng.randrange(U64_END), None, 0, rng.randrange(1, 1 << 40)))
+        rng.shuffle(pieces)
     for gpa, buf, off, size in pieces:
-        if rng.random() < 0.05:
+        if buf is None or rng.random() < p_valid_only:
+            mem.add_valid(gpa, size)
+        elif rng.random() < 0.05:
             # a declared size longer than the buffer behind it
             mem.add(gpa, buf, size=size + rng.randrange(1, 4096), buf_offset=off)
         else:

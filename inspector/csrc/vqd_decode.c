@@ -10,6 +10,8 @@
 struct walk {
     const struct vqd_region *regions;
     int nr_regions;
+    const struct vqd_region *valid;
+    int nr_valid;
     const uint8_t *desc;        /* host view of the whole descriptor table */
     uint32_t size;
     uint32_t max_descs;
@@ -38,6 +40,35 @@ static void anomaly(struct walk *w, uint32_t kind, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(a->detail, sizeof a->detail, fmt, ap);
     va_end(ap);
+}
+
+/* The first region of r[0..nr) holding all of [gpa, gpa + len), len >= 1:
+ * its index, or -1. Overflow-checked: never computes gpa + len. Unlike
+ * vqd_gpa_to_host (first region holding gpa), a region that holds gpa but not
+ * the whole range does not end the search: the decoder's tables may overlap
+ * (a local copy of a ring area inside a copy of an indirect table, readable
+ * copies inside validate-only RAM). */
+static int find_region(const struct vqd_region *r, int nr, uint64_t gpa, uint64_t len)
+{
+    for (int i = 0; i < nr; i++) {
+        if (gpa >= r[i].gpa && gpa - r[i].gpa < r[i].size && len <= r[i].size - (gpa - r[i].gpa))
+            return i;
+    }
+    return -1;
+}
+
+/* Host view of a readable range, or NULL. */
+static const uint8_t *readable(const struct walk *w, uint64_t gpa, uint64_t len)
+{
+    int i = find_region(w->regions, w->nr_regions, gpa, len);
+    return i < 0 ? NULL : w->regions[i].host + (gpa - w->regions[i].gpa);
+}
+
+/* Is the range valid guest memory (readable or validate-only)? */
+static int is_valid(const struct walk *w, uint64_t gpa, uint64_t len)
+{
+    return find_region(w->regions, w->nr_regions, gpa, len) >= 0
+        || find_region(w->valid, w->nr_valid, gpa, len) >= 0;
 }
 
 uint32_t vqd_snapshot_anomaly_cap(uint32_t size, uint32_t max_descs)
@@ -102,10 +133,11 @@ static void emit(struct walk *w, const struct vqd_desc *d, uint32_t i, int64_t j
          * devices differ in how they treat it: flagged, not fatal. */
         anomaly(w, VQD_A_ZERO_LEN, "%s.len = 0 (head %u)",
                 loc_name(loc, sizeof loc, i, j), w->head);
-    } else if (!vqd_gpa_to_host(w->regions, w->nr_regions, d->addr, d->len)) {
+    } else if (!is_valid(w, d->addr, d->len)) {
         /* §2.7.5: addr is a guest-physical address; the whole buffer must be
-         * guest memory the device can map (one region, addr + len without
-         * 64-bit overflow: vqd_gpa_to_host never adds). */
+         * guest memory the device can map (one region, readable or
+         * validate-only; addr + len without 64-bit overflow: find_region
+         * never adds). */
         anomaly(w, VQD_A_ADDR_OUT_OF_RANGE,
                 "%s.addr 0x%llx len %u is not inside one memory region (head %u)",
                 loc_name(loc, sizeof loc, i, j), (unsigned long long)d->addr, d->len, w->head);
@@ -126,7 +158,21 @@ static void walk_indirect(struct walk *w, uint32_t di, const struct vqd_desc *d)
                 "of 16 up to %u (head %u)", di, d->len, VQD_SNAP_MAX_INDIRECT_LEN, w->head);
         return;
     }
-    const uint8_t *table = vqd_gpa_to_host(w->regions, w->nr_regions, d->addr, d->len);
+    const uint8_t *table = readable(w, d->addr, d->len);
+    if (!table && find_region(w->valid, w->nr_valid, d->addr, d->len) >= 0) {
+        /* Guest memory, but not read here: ask the caller for it. At most
+         * one per chain, so want_cap >= size always has room. */
+        struct vqd_snap_out *o = w->out;
+        if (o->n_want < o->want_cap) {
+            o->want_addr[o->n_want] = d->addr;
+            o->want_len[o->n_want] = d->len;
+            o->n_want++;
+        }
+        anomaly(w, VQD_A_INDIRECT_NOT_READ,
+                "desc[%u] indirect table 0x%llx len %u is guest memory that was not "
+                "read (head %u)", di, (unsigned long long)d->addr, d->len, w->head);
+        return;
+    }
     if (!table) {
         /* §2.7.5.3: addr is the guest-physical address of the table. */
         anomaly(w, VQD_A_INDIRECT_OUT_OF_RANGE,
@@ -228,6 +274,7 @@ static void walk_chain(struct walk *w, uint32_t head)
 }
 
 int vqd_snapshot(const struct vqd_region *regions, int nr_regions,
+                 const struct vqd_region *valid, int nr_valid,
                  uint64_t desc, uint64_t avail, uint64_t used,
                  uint32_t size, int32_t last_avail_idx, uint32_t max_descs,
                  struct vqd_snap_out *out)
@@ -237,18 +284,23 @@ int vqd_snapshot(const struct vqd_region *regions, int nr_regions,
         return VQD_SNAP_E_SIZE;
     if (last_avail_idx < -1 || last_avail_idx > 0xffff)
         return VQD_SNAP_E_ARG;
-    if (out->desc_cap < max_descs || out->anomaly_cap < vqd_snapshot_anomaly_cap(size, max_descs))
+    if (out->desc_cap < max_descs || out->anomaly_cap < vqd_snapshot_anomaly_cap(size, max_descs)
+        || out->want_cap < size)
         return VQD_SNAP_E_NOSPACE;
+    struct walk w = {
+        .regions = regions, .nr_regions = nr_regions, .valid = valid, .nr_valid = nr_valid,
+        .size = size, .max_descs = max_descs, .budget = max_descs, .truncated = 0, .out = out,
+    };
     /* §2.7: descriptor table 16 * size, driver area 6 + 2 * size (flags, idx,
      * ring, used_event), device area 6 + 8 * size (flags, idx, ring,
-     * avail_event); each must lie inside one region. */
-    const uint8_t *dt = vqd_gpa_to_host(regions, nr_regions, desc, 16 * (uint64_t)size);
+     * avail_event); each must lie inside one readable region. */
+    const uint8_t *dt = readable(&w, desc, 16 * (uint64_t)size);
     if (!dt)
         return VQD_SNAP_E_DESC_AREA;
-    const uint8_t *av = vqd_gpa_to_host(regions, nr_regions, avail, 6 + 2 * (uint64_t)size);
+    const uint8_t *av = readable(&w, avail, 6 + 2 * (uint64_t)size);
     if (!av)
         return VQD_SNAP_E_AVAIL_AREA;
-    const uint8_t *us = vqd_gpa_to_host(regions, nr_regions, used, 6 + 8 * (uint64_t)size);
+    const uint8_t *us = readable(&w, used, 6 + 8 * (uint64_t)size);
     if (!us)
         return VQD_SNAP_E_USED_AREA;
 
@@ -262,12 +314,8 @@ int vqd_snapshot(const struct vqd_region *regions, int nr_regions,
     memcpy(&out->used_idx, us + 2, 2);
     memcpy(out->used_ring, us + 4, 8 * (size_t)size);
     memcpy(&out->avail_event, us + 4 + 8 * (size_t)size, 2);
-    out->n_chains = out->n_descs = out->n_anomalies = 0;
-
-    struct walk w = {
-        .regions = regions, .nr_regions = nr_regions, .desc = dt, .size = size,
-        .max_descs = max_descs, .budget = max_descs, .truncated = 0, .out = out,
-    };
+    out->n_chains = out->n_descs = out->n_anomalies = out->n_want = 0;
+    w.desc = dt;
     int known = last_avail_idx >= 0;
     uint16_t start = known ? (uint16_t)last_avail_idx : out->used_idx;
     uint32_t pending = (uint16_t)(out->avail_idx - start), n = pending;

@@ -1,6 +1,18 @@
 /* Split-ring snapshot decoder (VIRTIO 1.2 §2.7): reads one queue from guest
  * memory through a region table and walks its in-flight chains.
  *
+ * Two region tables: `regions` are readable (host points at a local copy or
+ * mapping), `valid` are validate-only (guest memory that exists but was not
+ * read here: only gpa and size are used, host is ignored). A range is
+ * readable when one readable region holds all of it (the first such region
+ * in table order); it is valid guest memory when it is readable or one
+ * validate-only region holds all of it. So readable regions take precedence
+ * wherever the two overlap, and regions may overlap freely. A buffer must be
+ * valid (else addr_out_of_range); an indirect table must be readable: one
+ * that is only valid is listed in want_addr/want_len and reported as
+ * indirect_not_read, so that the caller can read it and decode again
+ * (inspector/procmem.py).
+ *
  * Guest memory is hostile. Every read goes through vqd_gpa_to_host (whole
  * range inside one region, overflow-checked), every walk is bounded, and every
  * violation becomes an anomaly record, never a crash or a hang. No malloc: the
@@ -37,6 +49,7 @@
 #define VQD_A_ADDR_OUT_OF_RANGE 8
 #define VQD_A_INDIRECT_OUT_OF_RANGE 9
 #define VQD_A_TRUNCATED 10
+#define VQD_A_INDIRECT_NOT_READ 11
 
 #define VQD_SNAP_DETAIL_LEN 160
 #define VQD_SNAP_MAX_INDIRECT_LEN 524288 /* 16 * 32768 bytes */
@@ -82,19 +95,27 @@ struct vqd_snap_out {
     /* [anomaly_cap] */
     uint32_t anomaly_cap;
     struct vqd_anomaly *anomalies;
+    /* [want_cap >= size] indirect tables in validate-only memory (at most one
+     * per walked chain, in walk order, not deduplicated) */
+    uint32_t want_cap;
+    uint32_t n_want;
+    uint64_t *want_addr;
+    uint32_t *want_len;
 };
 
 /* Capacities vqd_snapshot needs for a queue of `size` listing at most
- * `max_descs` descriptors: desc_cap >= max_descs and
- * anomaly_cap >= max_descs + 2 * size + 2. */
+ * `max_descs` descriptors: desc_cap >= max_descs,
+ * anomaly_cap >= max_descs + 2 * size + 2 and want_cap >= size. */
 uint32_t vqd_snapshot_anomaly_cap(uint32_t size, uint32_t max_descs);
 
 /* Snapshot the split ring of `size` entries whose descriptor table, driver
- * area and device area are at guest-physical desc, avail, used. Chains are
+ * area and device area are at guest-physical desc, avail, used (each must be
+ * readable). Chains are
  * walked from last_avail_idx (-1: unknown, use used->idx) up to avail->idx,
  * listing at most max_descs descriptors in total. Returns VQD_SNAP_OK or a
  * VQD_SNAP_E_* status. */
 int vqd_snapshot(const struct vqd_region *regions, int nr_regions,
+                 const struct vqd_region *valid, int nr_valid,
                  uint64_t desc, uint64_t avail, uint64_t used,
                  uint32_t size, int32_t last_avail_idx, uint32_t max_descs,
                  struct vqd_snap_out *out);
