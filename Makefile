@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMPS  := .stamps
 CSRC    := $(wildcard inspector/csrc/*.c inspector/csrc/*.h)
 
-.PHONY: all deps venv build test test-unit demo bench-decoder bench-net clean
+.PHONY: all deps venv build test test-unit demo bench-decoder bench-net bench-attach clean
 
 all: build
 
@@ -42,6 +42,9 @@ bench-decoder: build
 
 bench-net: build
 	$(PY) tests/bench/bench_net.py
+
+bench-attach: build
+	$(PY) tests/bench/bench_attach.py
 
 clean:
 	rm -rf $(STAMPS) build inspector/_vqd*.so inspector/_vqd.c inspector/_vqd.o

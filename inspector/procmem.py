@@ -22,10 +22,10 @@ mapped in that process. ``ram`` is the guest-physical → host-virtual map
    returned by ``snapshot_split_pass`` (and are ``indirect_not_read``
    anomalies of that pass only);
 4. if there are any, they are gathered in ONE more ``process_vm_readv``
-   (deduplicated, at most one per chain so at most ``size``, each at most
-   the decoder's 16·32768-byte bound, at most 16·max_descs bytes in all),
-   added as readable regions, and the ring is decoded again from the same
-   ring-area copies. Only this second result is returned: a table that
+   (at most one per chain so at most ``size``, each at most the decoder's
+   16·32768-byte bound; deduplicated, tables less than SPAN_GAP apart read
+   as one span, at most 16·max_descs bytes in all), added as readable
+   regions, and the ring is decoded again from the same ring-area copies. Only this second result is returned: a table that
    could be read leaves no trace; one that could not (over the byte budget,
    or unmapped in the process) keeps ``indirect_not_read`` on its chain.
 
@@ -40,7 +40,9 @@ import ctypes
 import errno
 import os
 import select
+from array import array
 from dataclasses import dataclass
+from itertools import chain
 
 from . import vqd
 from .errors import RingError, SourceError
@@ -79,14 +81,15 @@ class ProcessReadError(SourceError):
         self.addr = addr
 
 
-class _IOVec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
+if array("Q").itemsize != ctypes.sizeof(ctypes.c_void_p) or ctypes.sizeof(ctypes.c_size_t) != 8:
+    raise ImportError("inspector.procmem needs a 64-bit platform (struct iovec of two u64)")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _process_vm_readv = _libc.process_vm_readv
-_process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_IOVec), ctypes.c_ulong,
-                              ctypes.POINTER(_IOVec), ctypes.c_ulong, ctypes.c_ulong]
+# iovec arrays are passed as addresses of array('Q') [base, len, base, len, ...]:
+# built at C speed, unlike ctypes structures filled field by field.
+_process_vm_readv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong,
+                              ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
 _process_vm_readv.restype = ctypes.c_ssize_t
 
 
@@ -264,16 +267,13 @@ class ProcessMemory:
         if self.use_pread:
             return self._pread_some(ranges, offsets, base, i, j)
         n = j - i
-        remote = (_IOVec * n)()
-        want = 0
-        for m in range(n):
-            hva, size = ranges[i + m]
-            remote[m].iov_base = hva
-            remote[m].iov_len = size
-            want += size
-        local = _IOVec(base + offsets[i], want)
+        chunk = ranges[i:j]
+        remote = array("Q", chain.from_iterable(chunk))
+        want = sum(remote[1::2])
+        local = array("Q", (base + offsets[i], want))
         self.syscalls += 1
-        got = _process_vm_readv(self.pid, ctypes.byref(local), 1, remote, n, 0)
+        got = _process_vm_readv(self.pid, local.buffer_info()[0], 1, remote.buffer_info()[0],
+                                n, 0)
         if got < 0:
             err = ctypes.get_errno()
             if err == errno.EFAULT:
@@ -346,6 +346,43 @@ def ram_hva(ram: list[RamRange], gpa: int, size: int) -> int | None:
     return None
 
 
+#: Indirect tables closer than this (same RAM range) are read as one span:
+#: the driver's allocator packs them (Linux: kmalloc-64/-128 slabs), and one
+#: region per span keeps the region tables short; the gap bytes are cheap.
+SPAN_GAP = 4096
+
+
+def table_spans(tables: list[tuple[int, int]], ram: list[RamRange], budget: int,
+                gap: int = SPAN_GAP) -> list[tuple[int, int, int]]:
+    """``(gpa, size, hva)`` spans to read for the indirect ``tables``
+    (``(gpa, len)``, duplicates allowed): sorted by gpa, tables at most
+    ``gap`` bytes apart inside one RAM range merged, at most ``budget``
+    bytes in all (a table that does not fit is left out, and stays
+    ``indirect_not_read``)."""
+    spans: list[tuple[int, int, int]] = []  # (gpa, size, hva)
+    used = 0
+    start = end = limit = hva0 = 0  # the open span [start, end), its RAM range ends at limit
+    is_open = False
+    for gpa, n in sorted(tables):  # a duplicate follows its twin: grows nothing
+        if is_open and end + gap >= gpa and gpa + n <= limit:
+            grow = max(end, gpa + n) - end
+            if used + grow <= budget:
+                used += grow
+                end += grow
+                continue
+        hva = ram_hva(ram, gpa, n)
+        if hva is None or used + n > budget:
+            continue
+        if is_open:
+            spans.append((start, end - start, hva0))
+        r = next(r for r in ram if r.hva_of(gpa, n) == hva)
+        start, end, limit, hva0, is_open = gpa, gpa + n, r.gpa + r.size, hva, True
+        used += n
+    if is_open:
+        spans.append((start, end - start, hva0))
+    return spans
+
+
 def snapshot_remote_split(pmem: ProcessMemory, ram: list[RamRange], size: int, desc_gpa: int,
                           avail_gpa: int, used_gpa: int, last_avail_idx: int | None, *,
                           impl=vqd, max_descs: int = DEFAULT_MAX_DESCS) -> RingSnapshot:
@@ -372,23 +409,12 @@ def snapshot_remote_split(pmem: ProcessMemory, ram: list[RamRange], size: int, d
     for r in ram:
         mem.add_valid(r.gpa, r.size, uva=r.hva)
     snap, unread = impl.snapshot_split_pass(mem, size, desc_gpa, avail_gpa, used_gpa,
-                                            last_avail_idx, max_descs=max_descs)
+                                            last_avail_idx, max_descs=max_descs,
+                                            skip_if_unread=True)
     if not unread:
         return snap
-    # Second pass: the unread indirect tables, deduplicated, within budget.
-    budget = 16 * max_descs
-    tables, seen = [], set()
-    for gpa, n in unread:
-        if (gpa, n) in seen or n > budget:
-            continue
-        hva = ram_hva(ram, gpa, n)
-        if hva is None:  # pragma: no cover - validate-only regions are the RAM ranges
-            continue
-        seen.add((gpa, n))
-        tables.append((gpa, n, hva))
-        budget -= n
-    if not tables:
-        return snap
+    # Second pass: the unread indirect tables, coalesced into spans, within budget.
+    tables = table_spans(unread, ram, 16 * max_descs)
     tbuf, toffs, failed = pmem.gather_partial([(hva, n) for _, n, hva in tables])
     for k, ((gpa, n, hva), off) in enumerate(zip(tables, toffs)):
         if k not in failed:
@@ -408,4 +434,5 @@ __all__ = [
     "permission_message",
     "ram_hva",
     "snapshot_remote_split",
+    "table_spans",
 ]

@@ -44,6 +44,7 @@ Semantics (both implementations):
 
 from __future__ import annotations
 
+import bisect
 import struct
 import sys
 from array import array
@@ -120,10 +121,13 @@ def region_table(mem: GuestMemory) -> list[tuple[int, int, Any, int]]:
     whose ``buf`` is shorter than ``size`` is shortened, one with an address
     that does not fit in 64 bits is dropped. Both decoders use this table."""
     out = []
+    nbytes_of: dict[int, int] = {}  # id(buf) -> bytes (remote reads share one buffer)
     for r in mem.regions:
         if r.buf is None or not 0 <= r.gpa < U64_END or r.buf_offset < 0:
             continue
-        nbytes = memoryview(r.buf).nbytes
+        nbytes = nbytes_of.get(id(r.buf))
+        if nbytes is None:
+            nbytes = nbytes_of[id(r.buf)] = memoryview(r.buf).nbytes
         size = max(0, min(r.size, nbytes - r.buf_offset, U64_END - r.gpa))
         out.append((r.gpa, size, r.buf, r.buf_offset))
     return out
@@ -179,7 +183,7 @@ class _Walk:
         self.budget = max_descs
         self.truncated = False
         self.anomalies: list[tuple[str, str]] = []
-        self.unread: list[tuple[int, int]] = []  # C: out->want_addr / want_len
+        self.unread: list[tuple[int, int]] = []  # C: out->want_addr / want_len, sorted
         self.desc_table: tuple[memoryview, int] = (memoryview(b""), 0)
         # the listed descriptors of all chains, in order (C: out->desc_*)
         self.desc_addr = array(U64)
@@ -238,7 +242,8 @@ class _Walk:
         where = self.mem.find(addr, length)
         if where is None and self.mem.in_valid_only(addr, length):
             # Guest memory, but not read here: the caller reads it and decodes again.
-            self.unread.append((addr, length))
+            if (addr, length) not in self.unread:
+                bisect.insort(self.unread, (addr, length))
             self.anomaly(11, f"desc[{di}] indirect table 0x{addr:x} len {length} is guest memory "
                              f"that was not read (head {head})")
             return
@@ -321,11 +326,14 @@ def snapshot_split(mem: GuestMemory, size: int, desc: int, avail: int, used: int
 
 def snapshot_split_pass(mem: GuestMemory, size: int, desc: int, avail: int, used: int,
                         last_avail_idx: int | None, *, max_descs: int = DEFAULT_MAX_DESCS,
-                        ) -> tuple[RingSnapshot, list[tuple[int, int]]]:
+                        skip_if_unread: bool = False,
+                        ) -> tuple[RingSnapshot | None, list[tuple[int, int]]]:
     """:func:`snapshot_split` and the indirect tables it could not read:
-    ``(gpa, len)`` of each table that lies in validate-only memory, one per
-    chain that reached it, in walk order (not deduplicated); each is also an
-    ``indirect_not_read`` anomaly of the snapshot."""
+    ``(gpa, len)`` of each table that lies in validate-only memory, sorted,
+    without duplicates; each chain that reached one has an
+    ``indirect_not_read`` anomaly. With ``skip_if_unread``
+    the snapshot is None when there are unread tables (a first pass whose
+    result the caller would discard)."""
     check_args(size, desc, avail, used, last_avail_idx, max_descs)
     m = _Mem(region_table(mem), valid_table(mem))
     areas = []
@@ -366,6 +374,8 @@ def snapshot_split_pass(mem: GuestMemory, size: int, desc: int, avail: int, used
         chain_ndescs.append(w.ndescs)
         chain_out_bytes.append(w.out_bytes)
         chain_in_bytes.append(w.in_bytes)
+    if skip_if_unread and w.unread:
+        return None, w.unread
     return (RingSnapshot(
         size=size, avail_flags=avail_flags, avail_idx=avail_idx, used_event=used_event,
         used_flags=used_flags, used_idx=used_idx, avail_event=avail_event,

@@ -12,6 +12,7 @@ semantics and tests/test_decoder_diff.py).
 from __future__ import annotations
 
 import threading
+from array import array
 
 from ._vqd import ffi, lib
 from .errors import InspectorError, LayoutError
@@ -27,6 +28,9 @@ __all__ = ["snapshot_split", "snapshot_split_pass", "RingSnapshot", "DEFAULT_MAX
 # touched: allocate them uncleared, and keep the last set per thread. A
 # snapshot never points into them: its columns are bytes copies.
 _alloc = ffi.new_allocator(should_clear_after_alloc=False)
+if (ffi.sizeof("struct vqd_region"), ffi.offsetof("struct vqd_region", "size"),
+        ffi.offsetof("struct vqd_region", "host"), array("Q").itemsize) != (24, 8, 16, 8):
+    raise ImportError("struct vqd_region is not {u64 gpa; u64 size; u8 *host} on this platform")
 _tls = threading.local()
 
 # (field of struct vqd_snap_out, C type, column format); the order of _Out.bufs
@@ -85,15 +89,24 @@ def _regions(mem: GuestMemory):
     regions of ``mem``, their counts, and the from_buffer objects that must
     stay alive while C reads through them."""
     table = region_table(mem)
-    regions = ffi.new("struct vqd_region[]", max(len(table), 1))
     keep = []
-    for i, (gpa, size, buf, off) in enumerate(table):
-        fb = ffi.from_buffer(buf)
-        keep.append(fb)
-        r = regions[i]
-        r.gpa = gpa
-        r.size = size
-        r.host = ffi.cast("uint8_t *", fb) + off
+    # The struct array is filled as flat u64s (gpa, size, host) and viewed
+    # as struct vqd_region[]: remote reads give a region per indirect table,
+    # and per-field cffi stores would cost more than the walk.
+    base: dict[int, int] = {}  # id(buf) -> address (regions often share a buffer)
+    flat = array("Q")
+    for gpa, size, buf, off in table:
+        b = base.get(id(buf))
+        if b is None:
+            fb = ffi.from_buffer(buf)
+            keep.append(fb)
+            b = base[id(buf)] = int(ffi.cast("uintptr_t", fb))
+        flat.extend((gpa, size, b + off))
+    if flat:
+        regions = ffi.from_buffer("struct vqd_region[]", flat)
+        keep.append(flat)
+    else:
+        regions = ffi.new("struct vqd_region[]", 1)
     vtable = valid_table(mem)
     if vtable:
         valid = ffi.new("struct vqd_region[]", vtable)  # (gpa, size); host stays NULL
@@ -137,14 +150,20 @@ def snapshot_split(mem: GuestMemory, size: int, desc: int, avail: int, used: int
 
 def snapshot_split_pass(mem: GuestMemory, size: int, desc: int, avail: int, used: int,
                         last_avail_idx: int | None, *, max_descs: int = DEFAULT_MAX_DESCS,
-                        ) -> tuple[RingSnapshot, list[tuple[int, int]]]:
+                        skip_if_unread: bool = False,
+                        ) -> tuple[RingSnapshot | None, list[tuple[int, int]]]:
     """:func:`snapshot_split` and the indirect tables it could not read
     (validate-only memory); same contract as
     :func:`inspector.ringref.snapshot_split_pass`."""
     o = _walk(mem, size, desc, avail, used, last_avail_idx, max_descs)
     n = o.out.n_want
-    unread = list(zip(o.want_addr[0:n], o.want_len[0:n])) if n else []
-    return _result(o, size, last_avail_idx), unread
+    if not n:
+        return _result(o, size, last_avail_idx), []
+    addrs, lens = array(U64), array(U32)
+    addrs.frombytes(ffi.buffer(o.want_addr, 8 * n))
+    lens.frombytes(ffi.buffer(o.want_len, 4 * n))
+    unread = list(zip(addrs.tolist(), lens.tolist()))
+    return (None if skip_if_unread else _result(o, size, last_avail_idx)), unread
 
 
 def _result(o: _Out, size: int, last_avail_idx: int | None) -> RingSnapshot:

@@ -90,11 +90,16 @@ if scenario == "mixed":
     out["buffers"] = [[hva(rb.data_buf), len(rb.data_buf)], [hva(rb.ring_buf), len(rb.ring_buf)]]
     out["data_sample"] = bytes(rb.ring_buf[:64]).hex()
 elif scenario == "bench":
-    # 64 queues of 256 in one RAM block, as a virtio-net VM with 32 queue
+    # nq queues of 256 in one RAM block, as a virtio-net VM with nq/2 queue
     # pairs: RX (even) one 1526-byte writable buffer per chain (mergeable
     # buffers), TX (odd) an indirect table of header + linear part + page
-    # fragment; half of each ring in flight.
-    nq, size, qbytes, data_per_q = int(sys.argv[2]), 256, 0x3000, 0x100000
+    # fragment; half of each ring in flight. Tables "slab": packed 64 bytes
+    # apart in shuffled order, as Linux's kmalloc-64 gives them;
+    # "scattered": each next to its buffers, 8 KiB apart (worst case for
+    # the second read: one page and one region per table).
+    import random
+    nq, size, qbytes, data_per_q = int(sys.argv[2]), 256, 0x3000, 0x200000
+    layout = sys.argv[3] if len(sys.argv) > 3 else "slab"
     base = 0x100000
     ram = bytearray(nq * qbytes + nq * data_per_q)
     mem = GuestMemory()
@@ -104,13 +109,15 @@ elif scenario == "bench":
     for q in range(nq):
         ring = DriverRing(mem, base + q * qbytes, size, 4096)
         data = base + nq * qbytes + q * data_per_q
-        cur = data
+        cur = data + 0x10000
+        slots = list(range(size // 2))
+        random.Random(q).shuffle(slots)
         for k in range(size // 2):
             if q % 2 == 0:
                 ring.add_chain([(cur, 1526, True)])
                 cur += 2048
             else:
-                table = cur
+                table = data + 64 * slots[k] if layout == "slab" else cur
                 ring.add_indirect_chain(table, [(cur + 64, 12, False), (cur + 128, 1000, False),
                                                 (cur + 2048, 3000, False)])
                 cur += 8192
@@ -201,17 +208,37 @@ def test_remote_decode_equals_the_local_decode(mixed, impl):
     assert any(len(c["descs"]) == 3 for c in local["chains"])  # the indirect chain
 
 
-def test_one_read_per_refresh_two_with_indirect_tables():
+@pytest.mark.parametrize("layout", ["slab", "scattered"])
+def test_one_read_per_refresh_two_with_indirect_tables(layout):
     """The three ring areas come in one process_vm_readv; all the indirect
     tables of a refresh in one more (bench scenario: queue 0 has only direct
-    chains, queue 1 only indirect ones, 128 in flight each)."""
-    with RingChild("bench", "2") as child, ProcessMemory(child.pid) as pm:
+    chains, queue 1 only indirect ones, 128 in flight each, tables packed
+    or scattered)."""
+    with RingChild("bench", "2", layout) as child, ProcessMemory(child.pid) as pm:
         direct, indirect = child.info["rings"]
         for ring, reads in ((direct, 1), (indirect, 2)):
             before = pm.syscalls
             s = remote(pm, child.ram, ring)
             assert pm.syscalls - before == reads
             assert s.as_dict() == ring["local"] and s.n_chains == 128 and not s.anomalies
+
+
+def test_table_spans():
+    """Tables are deduplicated, sorted, merged when less than SPAN_GAP apart
+    inside one RAM range, and bounded by the byte budget."""
+    ram = [RamRange(0x1000, 0x10000, 0x7F0000001000), RamRange(0x11000, 0x1000, 0x5000)]
+    t = [(0x2000, 48), (0x1000, 32), (0x2000, 48), (0x2010, 16), (0x9000, 64),
+         (0x10FF0, 16), (0x11000, 16), (0xDEAD0000, 16)]
+    assert procmem.table_spans(t, ram, 1 << 20) == [
+        (0x1000, 0x1030, 0x7F0000001000),   # 0x1000+32 and 0x2000+48 (gap < 4096)
+        (0x9000, 64, 0x7F0000009000),
+        (0x10FF0, 16, 0x7F0000010FF0),      # not merged across RAM ranges
+        (0x11000, 16, 0x5000)]              # 0xDEAD0000: not RAM, left out
+    assert procmem.table_spans(t, ram, 0x1030) == [(0x1000, 0x1030, 0x7F0000001000)]
+    assert procmem.table_spans(t, ram, 0x20) == [(0x1000, 32, 0x7F0000001000)]
+    assert procmem.table_spans(t, ram, 1 << 20, gap=0) == [
+        (0x1000, 32, 0x7F0000001000), (0x2000, 48, 0x7F0000002000),
+        (0x9000, 64, 0x7F0000009000), (0x10FF0, 16, 0x7F0000010FF0), (0x11000, 16, 0x5000)]
 
 
 def test_table_in_ram_but_unmapped_keeps_indirect_not_read(mixed):

@@ -64,11 +64,14 @@ static const uint8_t *readable(const struct walk *w, uint64_t gpa, uint64_t len)
     return i < 0 ? NULL : w->regions[i].host + (gpa - w->regions[i].gpa);
 }
 
-/* Is the range valid guest memory (readable or validate-only)? */
+/* Is the range valid guest memory (readable or validate-only)? An OR, so
+ * the order does not matter: validate-only regions first, they are few (the
+ * RAM ranges) and hold most buffers, while the readable ones of a remote
+ * read are many small copies (ring areas, indirect tables). */
 static int is_valid(const struct walk *w, uint64_t gpa, uint64_t len)
 {
-    return find_region(w->regions, w->nr_regions, gpa, len) >= 0
-        || find_region(w->valid, w->nr_valid, gpa, len) >= 0;
+    return find_region(w->valid, w->nr_valid, gpa, len) >= 0
+        || find_region(w->regions, w->nr_regions, gpa, len) >= 0;
 }
 
 uint32_t vqd_snapshot_anomaly_cap(uint32_t size, uint32_t max_descs)
@@ -144,6 +147,30 @@ static void emit(struct walk *w, const struct vqd_desc *d, uint32_t i, int64_t j
     }
 }
 
+/* Record an unread indirect table in want_addr/want_len, kept sorted by
+ * (addr, len) without duplicates (binary search, then shift: at most
+ * want_cap >= size entries, one per walked chain, so never full). */
+static void want_table(struct vqd_snap_out *o, uint64_t addr, uint32_t len)
+{
+    uint32_t lo = 0, hi = o->n_want;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (o->want_addr[mid] < addr || (o->want_addr[mid] == addr && o->want_len[mid] < len))
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo < o->n_want && o->want_addr[lo] == addr && o->want_len[lo] == len)
+        return;
+    if (o->n_want >= o->want_cap)
+        return;
+    memmove(&o->want_addr[lo + 1], &o->want_addr[lo], (o->n_want - lo) * sizeof o->want_addr[0]);
+    memmove(&o->want_len[lo + 1], &o->want_len[lo], (o->n_want - lo) * sizeof o->want_len[0]);
+    o->want_addr[lo] = addr;
+    o->want_len[lo] = len;
+    o->n_want++;
+}
+
 /* Walk the indirect table described by descriptor `di` (already read into
  * *d). §2.7.5.3: the table holds len / 16 descriptors, the chain starts at
  * entry 0 and follows next inside the table. */
@@ -162,12 +189,7 @@ static void walk_indirect(struct walk *w, uint32_t di, const struct vqd_desc *d)
     if (!table && find_region(w->valid, w->nr_valid, d->addr, d->len) >= 0) {
         /* Guest memory, but not read here: ask the caller for it. At most
          * one per chain, so want_cap >= size always has room. */
-        struct vqd_snap_out *o = w->out;
-        if (o->n_want < o->want_cap) {
-            o->want_addr[o->n_want] = d->addr;
-            o->want_len[o->n_want] = d->len;
-            o->n_want++;
-        }
+        want_table(w->out, d->addr, d->len);
         anomaly(w, VQD_A_INDIRECT_NOT_READ,
                 "desc[%u] indirect table 0x%llx len %u is guest memory that was not "
                 "read (head %u)", di, (unsigned long long)d->addr, d->len, w->head);

@@ -96,7 +96,7 @@ struct vqd_snap_out {
     uint32_t anomaly_cap;
     struct vqd_anomaly *anomalies;
     /* [want_cap >= size] indirect tables in validate-only memory (at most one
-     * per walked chain, in walk order, not deduplicated) */
+     * per walked chain), sorted by (addr, len), without duplicates */
     uint32_t want_cap;
     uint32_t n_want;
     uint64_t *want_addr;
