@@ -631,6 +631,28 @@ def test_indirect_table_in_validate_only_memory_is_asked_for(impl):
     assert s.chain_head.tolist() == [direct, head, last] and s.chain_ndescs.tolist() == [1, 0, 1]
     s2, unread2 = impl.snapshot_split_pass(_remote_view(rb, [(table, 48)]), 8, *rb.addrs, None)
     assert unread2 == [] and s2 == rb.snapshot(impl)
+    # a first pass that will be discarded need not build its snapshot
+    assert impl.snapshot_split_pass(_remote_view(rb), 8, *rb.addrs, None,
+                                    skip_if_unread=True) == (None, [(table, 48)])
+    s3, _ = impl.snapshot_split_pass(_remote_view(rb, [(table, 48)]), 8, *rb.addrs, None,
+                                     skip_if_unread=True)
+    assert s3 == s2
+
+
+def test_unread_tables_sorted_without_duplicates(impl):
+    """The same table named by several chains (a head in several slots, or
+    two descriptors pointing at one table) is asked for once; tables come
+    sorted by (gpa, len)."""
+    rb = RingBuilder(8)
+    h1 = rb.add_indirect_chain([(10, False), (20, True)])
+    h2 = rb.add_indirect_chain([(10, False)])
+    h3 = rb.add_indirect_chain([(10, False), (20, True)])
+    rb.publish()
+    rb.set_desc(h3, addr=rb.tables[h1])  # h3 shares h1's table
+    rb.set_head(3, h2)
+    rb.jump_avail_idx(1)
+    _, unread = impl.snapshot_split_pass(_remote_view(rb), 8, *rb.addrs, None)
+    assert unread == sorted({(rb.tables[h1], 32), (rb.tables[h2], 16)})
 
 
 def test_indirect_table_outside_every_region_is_not_asked_for(impl):
