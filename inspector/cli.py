@@ -2,7 +2,8 @@
 
 Each subcommand's implementation lives next to what it drives; this module
 only parses arguments, turns InspectorError into a one-line message with exit
-status 2, and dispatches.
+status 2 (SourceGone, a source that went away while attached: status 1), and
+dispatches.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
             vqscope serve net --socket /tmp/vq.sock --loopback
             vqscope tui --connect /tmp/vq.sock
             vqscope snapshot --connect /tmp/vq.sock --json
+            vqscope tui --qmp /run/vm1.qmp               # attach to a running QEMU
             vqscope layout --size 256 --align 4 --json
         """),
     )
@@ -112,12 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     def add_source_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("--connect", metavar="PATH",
                        help="a vqscope back-end: its vhost-user socket or introspection socket")
+        q.add_argument("--qmp", metavar="SOCK",
+                       help="a running QEMU (>= 7.2): its QMP socket (-qmp unix:SOCK,server=on,wait=off); "
+                            "rings are read from /proc/PID/mem, never written")
+        q.add_argument("--pid", type=int, metavar="PID",
+                       help="QEMU's pid, with --qmp (default: the socket's peer, SO_PEERCRED)")
         q.add_argument("--file", metavar="JSON", help="a snapshot JSON file (recorded)")
 
     snp = sub.add_parser("snapshot", help="print one snapshot of every queue", formatter_class=fmt,
                          epilog=_examples("""
                              vqscope snapshot --connect /tmp/vq.sock --json
                              vqscope snapshot --connect /tmp/vq.sock
+                             vqscope snapshot --qmp /run/vm1.qmp --json   # every queue of a running QEMU
                          """))
     add_source_args(snp)
     snp.add_argument("--json", action="store_true", help="print the snapshot JSON")
@@ -126,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp = sub.add_parser("tui", help="interactive live view", formatter_class=fmt,
                         epilog=_examples("""
                             vqscope tui --connect /tmp/vq.sock
+                            vqscope tui --qmp /run/vm1.qmp               # a running QEMU (root)
                             vqscope tui --file snapshot.json
                         """))
     add_source_args(tp)
@@ -147,9 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .sources import SourceGone
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
+    except SourceGone as e:  # attached, then the source went away (QEMU exited)
+        print(f"vqscope {args.command}: {e}", file=sys.stderr)
+        return 1
     except InspectorError as e:
         print(f"vqscope {args.command}: {e}", file=sys.stderr)
         return 2

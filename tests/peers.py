@@ -520,12 +520,15 @@ def delete_link(ifname: str) -> None:
 # ---------------------------------------------------------------- virtme-ng guest
 
 def vng_argv(sock: str, script: str, *, mac: str = GUEST_MAC, memory: str = "1G", cpus: int = 1,
-             kernel: str | None = None) -> list[str]:
+             kernel: str | None = None, device_opts: str = "", qemu_extra: str = "") -> list[str]:
     """The vng command line booting Debian's kernel under TCG with one
-    vhost-user virtio-net-pci device on ``sock``, running ``script``."""
+    vhost-user virtio-net-pci device on ``sock``, running ``script``.
+    ``device_opts`` are appended to that device's options (e.g. ``,id=vunet``),
+    ``qemu_extra`` to QEMU's command line (no spaces inside an option: vng
+    passes them through a shell)."""
     qemu_opts = (f"-object memory-backend-memfd,id=mem0,size={memory},share=on -numa node,memdev=mem0 "
                  f"-chardev socket,id=c0,path={sock} -netdev vhost-user,id=n0,chardev=c0 "
-                 f"-device virtio-net-pci,netdev=n0,mac={mac},vectors=0")
+                 f"-device virtio-net-pci,netdev=n0,mac={mac},vectors=0{device_opts} {qemu_extra}").strip()
     return [vng_path() or "vng", "-r", kernel or guest_kernel() or "", "--disable-kvm", "--disable-microvm",
             "--cpus", str(cpus), "--memory", memory, f"--qemu-opts={qemu_opts}", "--exec", script]
 
@@ -563,3 +566,99 @@ class Guest(Peer):
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             raise PeerError(f"guest did not exit within {timeout:.0f} s\n{self.tail()}") from None
+
+
+# ---------------------------------------------------------------- a VM to attach to (issue 3)
+
+USERNET_MAC = "52:54:00:12:34:60"  # the virtio-net-pci on -netdev user
+DISK_SERIAL = "vqsdisk"
+
+
+def attach_script(vhost_subnet: str) -> str:
+    """Guest script for the attach tests: configure the user-net NIC
+    (10.0.2.15/24, slirp's gateway 10.0.2.2) and the vhost-user NIC, then
+    keep pinging both and writing the disk (O_DIRECT) in the background, and
+    wait on stdin."""
+    return f"""
+UIF=""; VIF=""
+for d in /sys/class/net/*; do
+  a=$(cat $d/address)
+  [ "$a" = {GUEST_MAC} ] && VIF=${{d##*/}}
+  [ "$a" = {USERNET_MAC} ] && UIF=${{d##*/}}
+done
+DISK=""
+for b in /sys/block/vd*; do [ "$(cat $b/serial 2>/dev/null)" = {DISK_SERIAL} ] && DISK=/dev/${{b##*/}}; done
+echo "VQS-IF user=$UIF vhost=$VIF disk=$DISK"
+[ -n "$UIF" ] && [ -n "$VIF" ] && [ -n "$DISK" ] || {{ echo VQS-MISSING; ip -br link; ls /sys/block; exit 3; }}
+ip link set "$UIF" up; ip addr add 10.0.2.15/24 dev "$UIF"
+ip link set "$VIF" up; ip addr add {vhost_subnet}.2/24 dev "$VIF"
+ip neigh replace {vhost_subnet}.1 lladdr {PEER_MAC} dev "$VIF" nud permanent
+(while :; do ping -c 1 -W 1 10.0.2.2 >/dev/null 2>&1; sleep 0.1; done) &
+(while :; do ping -c 1 -W 1 {vhost_subnet}.1 >/dev/null 2>&1; sleep 0.1; done) &
+(while :; do dd if=/dev/zero of="$DISK" bs=4k count=16 oflag=direct 2>/dev/null; sleep 0.1; done) &
+echo VQS-READY
+read x
+"""
+
+
+class AttachVM:
+    """A guest with three virtio devices to attach to: ``unet``
+    (virtio-net-pci on ``-netdev user``), ``vblk`` (virtio-blk-pci on a
+    small raw image) and ``vunet`` (vhost-user virtio-net-pci on our
+    back-end, ``self.backend``), and two QMP sockets: ``qmp`` for vqscope,
+    ``qmp_test`` for the test's own commands (QEMU serves one client per
+    monitor). The guest generates traffic and disk writes until closed."""
+
+    def __init__(self, boot_timeout: float = 240):
+        self.dir = socket_dir()
+        self.sock = f"{self.dir}/vu.sock"
+        self.qmp = f"{self.dir}/qmp.sock"
+        self.qmp_test = f"{self.dir}/qmpt.sock"
+        self.disk = f"{self.dir}/disk.img"
+        with open(self.disk, "wb") as f:
+            f.truncate(16 << 20)
+        self.backend = None
+        self.guest = None
+        try:
+            self.backend = VqscopeNet(self.sock)
+            extra = (f"-netdev user,id=u0 -device virtio-net-pci,netdev=u0,mac={USERNET_MAC},id=unet "
+                     f"-drive file={self.disk},if=none,format=raw,id=d0 "
+                     f"-device virtio-blk-pci,drive=d0,serial={DISK_SERIAL},id=vblk "
+                     f"-qmp unix:{self.qmp},server=on,wait=off -qmp unix:{self.qmp_test},server=on,wait=off")
+            self.guest = Guest(self.sock, attach_script(host_subnet()), device_opts=",id=vunet",
+                               qemu_extra=extra)
+            self.guest.expect(r"^VQS-READY", boot_timeout)
+            wait_path(self.qmp, 10)
+        except BaseException:
+            self.close()
+            raise
+
+    def qemu_pid(self) -> int:
+        """QEMU's pid: the peer of its QMP socket."""
+        import socket as _socket
+        import struct as _struct
+
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            s.connect(self.qmp_test)
+            return _struct.unpack("3i", s.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12))[0]
+        finally:
+            s.close()
+
+    def tail(self) -> str:
+        return "\n".join(p.tail() for p in (self.guest, self.backend) if p is not None)
+
+    def close(self) -> None:
+        try:
+            if self.guest is not None:
+                self.guest.close()
+        finally:
+            if self.backend is not None:
+                self.backend.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

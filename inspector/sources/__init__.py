@@ -3,6 +3,7 @@ README.md, "Snapshot JSON"); no UI code lives here.
 
 - ``backend``: a vqscope back-end, through its introspection socket.
 - ``file``: a snapshot JSON file (one object), for tests and offline looks.
+- ``qemu``: a running QEMU, through QMP and ``/proc/PID/mem``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,11 @@ import argparse
 from typing import Protocol
 
 from ..errors import SourceError
+
+
+class SourceGone(SourceError):
+    """A source that was attached and went away (QEMU exited, its monitor
+    closed): ``vqscope snapshot`` exits with status 1 on it, not 2."""
 
 
 class Source(Protocol):
@@ -29,7 +35,13 @@ class Source(Protocol):
 
 
 def open_source(args: argparse.Namespace) -> Source:
-    """The source the CLI arguments name (``--connect`` or ``--file``)."""
+    """The source the CLI arguments name (``--connect``, ``--qmp`` or ``--file``)."""
+    if getattr(args, "pid", None) is not None and not getattr(args, "qmp", None):
+        raise SourceError("--pid goes with --qmp SOCK (QEMU's pid when SO_PEERCRED cannot tell it)")
+    if getattr(args, "qmp", None):
+        from .qemu import QemuSource
+
+        return QemuSource(args.qmp, pid=args.pid)
     if getattr(args, "connect", None):
         from .backend import BackendSource
 
@@ -38,4 +50,5 @@ def open_source(args: argparse.Namespace) -> Source:
         from .file import FileSource
 
         return FileSource(args.file)
-    raise SourceError("no source given: use --connect PATH (a vqscope back-end) or --file SNAPSHOT.json")
+    raise SourceError("no source given: use --connect PATH (a vqscope back-end), --qmp SOCK (a running "
+                      "QEMU's monitor) or --file SNAPSHOT.json")
