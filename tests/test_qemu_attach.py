@@ -380,6 +380,33 @@ def test_qemu_monitor_closing_is_source_gone(fake_vm) -> None:
             src.snapshot()
 
 
+def test_tui_polls_the_qemu_source_and_shows_it_gone(fake_vm) -> None:
+    """The TUI polls from a worker thread, inside Textual's own asyncio
+    loop: the source's QMP loop is its own; a closed monitor is 'gone'."""
+    import asyncio
+
+    from tui.app import VqscopeApp
+
+    async def until(pilot, cond, timeout=10.0):
+        end = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < end, "condition not met in time"
+            await pilot.pause(0.02)
+
+    with qs.QemuSource(fake_vm.qmp.path) as src:
+        app = VqscopeApp(src, interval=0.05)
+
+        async def main():
+            async with app.run_test(size=(160, 50)) as pilot:
+                await until(pilot, lambda: app.snapshot is not None)
+                assert {(q["device"], q["index"]) for q in app.snapshot["queues"]} == {("fnet", 0), ("fvu", 0)}
+                fake_vm.qmp.close()
+                await until(pilot, lambda: app.gone is not None)
+                assert "went away" in app.gone or "closed" in app.gone
+
+        asyncio.run(main())
+
+
 def test_source_gone_exits_1(monkeypatch, capsys) -> None:
     from inspector import cli
     from inspector import sources
