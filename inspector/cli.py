@@ -13,7 +13,7 @@ import json
 import sys
 import textwrap
 
-from .errors import InspectorError
+from .errors import InspectorError, SourceGone
 
 
 def _examples(text: str) -> str:
@@ -156,8 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .sources import SourceGone
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0

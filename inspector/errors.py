@@ -27,3 +27,9 @@ class ProtocolError(InspectorError):
 
 class SourceError(InspectorError):
     """A source (introspection socket, QMP, process) that cannot be read."""
+
+
+class SourceGone(SourceError):
+    """A source that was attached and went away (QEMU exited, its monitor
+    closed, a back-end stopped): ``vqscope snapshot`` exits with status 1 on
+    it, not 2, and the TUI shows the source as gone."""

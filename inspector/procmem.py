@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from itertools import chain
 
 from . import vqd
-from .errors import RingError, SourceError
+from .errors import RingError, SourceError, SourceGone
 from .memory import GuestMemory
 from .ringref import AREAS, DEFAULT_MAX_DESCS, area_sizes, check_args
 from .ringsnap import RingSnapshot
@@ -64,7 +64,7 @@ class ProcessAccessError(SourceError):
     """No permission to read the process (ptrace access mode check)."""
 
 
-class ProcessExitedError(SourceError):
+class ProcessExitedError(SourceGone):
     """The process exited while attached (for QEMU: the VM is gone)."""
 
     def __init__(self, pid: int, message: str):

@@ -45,7 +45,7 @@ import time
 import pytest
 
 from inspector.errors import InspectorError, SourceError
-from inspector.sources import SourceGone
+from inspector.errors import SourceGone
 from inspector.sources import qemu as qs
 
 from .conftest import ROOT, VQSCOPE, require, wait_for

@@ -11,12 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Protocol
 
-from ..errors import SourceError
-
-
-class SourceGone(SourceError):
-    """A source that was attached and went away (QEMU exited, its monitor
-    closed): ``vqscope snapshot`` exits with status 1 on it, not 2."""
+from ..errors import SourceError, SourceGone  # noqa: F401  (SourceGone re-exported)
 
 
 class Source(Protocol):

@@ -49,8 +49,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InspectorError, SourceError
-from . import SourceGone
+from ..errors import InspectorError, SourceError, SourceGone
 
 VIRTIO_RING_F_EVENT_IDX = 29
 VIRTIO_F_RING_PACKED = 34
