@@ -44,7 +44,7 @@ import threading
 import time
 from pathlib import Path
 
-from .conftest import ROOT, VQSCOPE
+from .conftest import ROOT, VQSCOPE, require
 
 GUEST_MAC = "52:54:00:12:34:56"
 PEER_MAC = "52:54:00:12:34:57"  # vqscope serve's default config-space MAC
@@ -77,6 +77,19 @@ def guest_kernel() -> str | None:
     ks = sorted(glob.glob("/boot/vmlinuz-*-amd64"),
                 key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p)])
     return ks[-1] if ks else None
+
+
+def require_guest(why_root: str) -> None:
+    """Fail (CI) or skip (locally) unless a virtme-ng guest can boot here:
+    root (``why_root`` says what for), QEMU, vng, Debian's kernel, busybox
+    and the host userland the guest borrows."""
+    require(is_root(), why_root)
+    require(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86 is not installed (make deps)")
+    require(vng_path() is not None, "virtme-ng (vng) is not installed in the venv (make venv)")
+    require(guest_kernel() is not None, "no Debian kernel in /boot (linux-image-amd64; make deps)")
+    require(shutil.which("busybox") is not None, "busybox-static is not installed (make deps)")
+    require(shutil.which("ping") is not None and shutil.which("ip") is not None,
+            "the guest uses the host's iputils-ping and iproute2 (make deps)")
 
 
 def backend_kind() -> str:

@@ -44,12 +44,11 @@ import time
 
 import pytest
 
-from inspector.errors import InspectorError, SourceError
-from inspector.errors import SourceGone
+from inspector.errors import InspectorError, SourceError, SourceGone
 from inspector.sources import qemu as qs
 
 from .conftest import ROOT, VQSCOPE, require, wait_for
-from .peers import AttachVM, guest_kernel, is_root, socket_dir, vng_path
+from .peers import AttachVM, require_guest, socket_dir
 from .ringbuilder import RingBuilder
 
 MTREE = """FlatView #0
@@ -473,13 +472,7 @@ def test_pid_without_qmp_exit_2() -> None:
 # ------------------------------------------------------------------ real QEMU
 
 def _requirements() -> None:
-    require(is_root(), "reading QEMU's memory and the vhost-user guest need root")
-    require(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86 is not installed (make deps)")
-    require(vng_path() is not None, "virtme-ng (vng) is not installed in the venv (make venv)")
-    require(guest_kernel() is not None, "no Debian kernel in /boot (linux-image-amd64; make deps)")
-    require(shutil.which("busybox") is not None, "busybox-static is not installed (make deps)")
-    require(shutil.which("ping") is not None and shutil.which("ip") is not None,
-            "the guest uses the host's iputils-ping and iproute2 (make deps)")
+    require_guest("reading QEMU's memory and the vhost-user guest need root")
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ import shutil
 import pytest
 
 from .conftest import require
-from .peers import (GUEST_FIND_IF, PEER_MAC, Guest, backend_kind, delete_link, find_testpmd,
-                    guest_kernel, host_subnet, ip, is_root, link_stat, socket_dir,
-                    start_backend, tap_name, vng_path, vq_rx, vq_tx, wait_path)
+from .peers import (GUEST_FIND_IF, PEER_MAC, Guest, backend_kind, delete_link, find_testpmd, host_subnet,
+                    ip, link_stat, require_guest, socket_dir, start_backend, tap_name, vq_rx, vq_tx,
+                    wait_path)
 
 pytestmark = pytest.mark.qemu
 
@@ -29,13 +29,7 @@ PINGS = 20
 
 
 def _requirements() -> None:
-    require(is_root(), "QEMU's vhost-user guest and the tap need root")
-    require(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86 is not installed (make deps)")
-    require(vng_path() is not None, "virtme-ng (vng) is not installed in the venv (make venv)")
-    require(guest_kernel() is not None, "no Debian kernel in /boot (linux-image-amd64; make deps)")
-    require(shutil.which("busybox") is not None, "busybox-static is not installed (make deps)")
-    require(shutil.which("ping") is not None and shutil.which("ip") is not None,
-            "the guest uses the host's iputils-ping and iproute2 (make deps)")
+    require_guest("QEMU's vhost-user guest and the tap need root")
     if backend_kind() == "dpdk":
         require(find_testpmd() is not None, "dpdk-testpmd is not installed")
 
