@@ -22,6 +22,20 @@ class Source(Protocol):
     def snapshot(self) -> dict:
         """One snapshot dict; raises SourceError when the source is gone."""
 
+    # Optional (the recorder and the TUI use them when present):
+    #
+    # def events(self) -> list[inspector.events.Event]:
+    #     """The timed events (kicks, calls, probe hits) seen since the
+    #     previous call, oldest first; never the same event twice."""
+    #
+    # def events_lost(self) -> int:
+    #     """Events the source could not deliver since it was opened (ring
+    #     full, perf buffer overrun), cumulative."""
+    #
+    # def new_messages(self) -> list[dict]:
+    #     """vhost-user messages logged since the previous call (the entries
+    #     of the introspection "messages" op), oldest first."""
+
     def close(self) -> None: ...
 
     def __enter__(self) -> "Source": ...
