@@ -1,0 +1,278 @@
+"""Read a recording file (schema.py): snapshots, events, messages, anomalies.
+
+The replay source (``vqscope tui --replay``) and the exporter are built on
+:class:`Recording`; so can any script::
+
+    with Recording("run.vqs") as rec:
+        for i in rec.anomaly_indices():
+            print(rec.snapshot_times()[i], rec.snapshot(i)["queues"][0]["avail_idx"])
+        print(rec.event_counts())
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import sqlite3
+import urllib.parse
+from functools import partial
+from itertools import repeat
+from operator import gt, itemgetter
+from typing import Any, Iterator
+
+from ..errors import InspectorError
+from ..events import Event
+from . import codec
+from .schema import FORMAT, SCHEMA_VERSION
+
+_new_event = partial(tuple.__new__, Event)
+
+
+class RecordingError(InspectorError):
+    """A file that is not a readable vqscope recording: names the file and
+    what is wrong with it."""
+
+
+class Recording:
+    """A recording opened read-only (SQLite URI ``mode=ro``).
+
+    ``path``: the file; ``header``: the header table, values decoded from
+    JSON (``format``, ``schema_version``, ``vqscope_version``, ``kernel``,
+    ``hostname``, ``source``, ``source_kind``, ``interval_ms``,
+    ``start_time``, ``queues`` ...). Snapshot indices run from 0 to
+    ``len(rec) - 1``; event times are ns since the epoch; snapshot and
+    message times are seconds since the epoch (floats).
+
+    Raises RecordingError when the file is missing, not an SQLite database,
+    not a vqscope recording, of an unknown schema version, or holds no
+    snapshot.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.exists(path):
+            raise RecordingError(f"{path}: no such file")
+        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+        try:
+            self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise RecordingError(f"{path}: cannot open: {e}") from e
+        try:
+            self.header = self._read_header()
+            n = self._db.execute("SELECT count(*) FROM snapshots").fetchone()[0]
+            self._kinds = dict(self._db.execute("SELECT id, kind FROM event_kinds"))
+        except sqlite3.DatabaseError as e:
+            self.close()
+            raise RecordingError(f"{path}: not a vqscope recording ({e})") from e
+        except BaseException:
+            self.close()
+            raise
+        if n == 0:
+            self.close()
+            raise RecordingError(f"{path}: empty recording (no snapshot was committed; was the recorder "
+                                 f"stopped before its first interval?)")
+        self._cache: tuple[int, dict] | None = None
+
+    def _read_header(self) -> dict[str, Any]:
+        try:
+            rows = self._db.execute("SELECT key, value FROM header").fetchall()
+        except sqlite3.DatabaseError as e:
+            raise RecordingError(f"{self.path}: not a vqscope recording ({e})") from e
+        header = {}
+        for k, v in rows:
+            try:
+                header[k] = json.loads(v)
+            except (TypeError, ValueError):
+                header[k] = v
+        if header.get("format") != FORMAT:
+            raise RecordingError(f"{self.path}: not a vqscope recording (header format is "
+                                 f"{header.get('format')!r}, expected {FORMAT!r})")
+        version = header.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise RecordingError(f"{self.path}: unknown schema version {version!r} (this vqscope reads "
+                                 f"version {SCHEMA_VERSION}); use the vqscope that recorded it")
+        return header
+
+    # ------------------------------------------------------------- snapshots
+    def __len__(self) -> int:
+        """Number of snapshots."""
+        return self._db.execute("SELECT count(*) FROM snapshots").fetchone()[0]
+
+    def snapshot_times(self) -> list[float]:
+        """Each snapshot's ``time`` (s since the epoch), by index (ascending
+        as the source gave them)."""
+        return [t for (t,) in self._db.execute("SELECT time FROM snapshots ORDER BY idx")]
+
+    def _rows(self, start: int, stop: int | None = None) -> Iterator[tuple[int, int, bytes]]:
+        q = "SELECT idx, keyframe, data FROM snapshots WHERE idx >= ?"
+        args: list[int] = [start]
+        if stop is not None:
+            q += " AND idx <= ?"
+            args.append(stop)
+        return iter(self._db.execute(q + " ORDER BY idx", args))
+
+    @staticmethod
+    def _step(prev: dict | None, keyframe: int, data: bytes) -> dict:
+        obj = codec.unpack_snapshot(data)
+        if keyframe:
+            return obj["k"]
+        if prev is None:
+            raise codec.CodecError("a delta without a preceding keyframe")
+        return codec.apply_delta(prev, obj)
+
+    def snapshot(self, i: int) -> dict:
+        """Snapshot ``i`` (negative counts from the end), equal to the dict
+        the source returned (as JSON). Decodes from the nearest keyframe, or
+        on from the last snapshot asked for: stepping forward is O(1).
+        Treat the result as read-only (it shares parts with its neighbours)."""
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"{self.path}: snapshot {i} out of range (0..{n - 1})")
+        key = self._db.execute("SELECT max(idx) FROM snapshots WHERE keyframe = 1 AND idx <= ?",
+                               (i,)).fetchone()[0]
+        if key is None:
+            raise RecordingError(f"{self.path}: snapshot {i} has no keyframe before it")
+        if self._cache is not None and key <= self._cache[0] <= i:
+            start, snap = self._cache
+            start += 1
+        else:
+            start, snap = key, None
+        try:
+            for idx, kf, data in self._rows(start, i):
+                snap = self._step(snap, kf, data)
+        except codec.CodecError as e:
+            raise RecordingError(f"{self.path}: snapshot {i}: {e}") from e
+        self._cache = (i, snap)
+        return snap
+
+    def snapshots(self) -> Iterator[dict]:
+        """Every snapshot in order (see :meth:`snapshot`)."""
+        snap = None
+        for idx, kf, data in self._rows(0):
+            try:
+                snap = self._step(snap, kf, data)
+            except codec.CodecError as e:
+                raise RecordingError(f"{self.path}: snapshot {idx}: {e}") from e
+            yield snap
+
+    # ------------------------------------------------------------- anomalies
+    def anomaly_indices(self) -> list[int]:
+        """Indices of the snapshots at which a new anomaly appeared, ascending."""
+        return [i for (i,) in self._db.execute("SELECT DISTINCT snap FROM anomalies ORDER BY snap")]
+
+    def anomalies(self) -> list[dict]:
+        """Every anomaly once: ``{index, time, device, queue, kind, detail}``
+        where ``index`` is the snapshot at which it appeared."""
+        cur = self._db.execute("SELECT snap, time, device, queue, kind, detail FROM anomalies ORDER BY snap, id")
+        return [dict(zip(("index", "time", "device", "queue", "kind", "detail"), r)) for r in cur]
+
+    # ------------------------------------------------------------- events
+    def _blocks(self, start_ns: int | None, end_ns: int | None, cols: str):
+        q = f"SELECT {cols} FROM event_blocks"
+        cond, args = [], []
+        if start_ns is not None:
+            cond.append("t_last >= ?")
+            args.append(start_ns)
+        if end_ns is not None:
+            cond.append("t_first < ?")
+            args.append(end_ns)
+        if cond:
+            q += " WHERE " + " AND ".join(cond)
+        return self._db.execute(q + " ORDER BY t_first, id", args)
+
+    def _decode_block(self, device: str, queue: int, count: int, data: bytes,
+                      start_ns: int | None, end_ns: int | None, inside: bool) -> list[Event]:
+        try:
+            times, kinds, values = codec.decode_events(data, count)
+            evs = list(map(_new_event, zip(times, repeat(device), repeat(queue),
+                                           map(self._kinds.__getitem__, kinds), values)))
+        except (codec.CodecError, KeyError) as e:
+            raise RecordingError(f"{self.path}: event block of {device} queue {queue}: {e}") from e
+        if any(map(gt, times[:-1], times[1:])):
+            evs.sort(key=itemgetter(0))
+        if not inside:
+            lo = start_ns if start_ns is not None else -(1 << 63)
+            hi = end_ns if end_ns is not None else 1 << 63
+            evs = [e for e in evs if lo <= e[0] < hi]
+        return evs
+
+    def _inside(self, t_first: int, t_last: int, start_ns, end_ns) -> bool:
+        return (start_ns is None or t_first >= start_ns) and (end_ns is None or t_last < end_ns)
+
+    def events(self, start_ns: int | None = None, end_ns: int | None = None) -> Iterator[Event]:
+        """Events with ``start_ns <= time_ns < end_ns`` (either bound None:
+        open), in time order (equal times: recording order). Decodes only
+        the blocks that overlap the range, a few at a time."""
+        rows = self._blocks(start_ns, end_ns, "device, queue, t_first, t_last, count, data")
+        heap: list = []
+        seq = 0
+        pending = next(rows, None)
+        while heap or pending is not None:
+            # A block can hold an event before the heap's head only if it
+            # starts before it: blocks come ordered by t_first.
+            while pending is not None and (not heap or pending[2] <= heap[0][0]):
+                device, queue, t_first, t_last, count, data = pending
+                evs = self._decode_block(device, queue, count, data, start_ns, end_ns,
+                                         self._inside(t_first, t_last, start_ns, end_ns))
+                if evs:
+                    it = iter(evs)
+                    e = next(it)
+                    heapq.heappush(heap, (e[0], seq, e, it))
+                    seq += 1
+                pending = next(rows, None)
+            if not heap:
+                continue
+            _, s, e, it = heap[0]
+            yield e
+            nxt = next(it, None)
+            if nxt is None:
+                heapq.heappop(heap)
+            else:
+                heapq.heapreplace(heap, (nxt[0], s, nxt, it))
+
+    def event_counts(self, start_ns: int | None = None, end_ns: int | None = None) -> dict[tuple[str, int, str], int]:
+        """``{(device, queue, kind): count}`` of the events in
+        ``[start_ns, end_ns)``; blocks wholly inside the range are counted
+        from their ``kind_counts`` column without decoding."""
+        out: dict[tuple[str, int, str], int] = {}
+        for device, queue, t_first, t_last, count, kc, data in self._blocks(
+                start_ns, end_ns, "device, queue, t_first, t_last, count, kind_counts, data"):
+            if self._inside(t_first, t_last, start_ns, end_ns):
+                for kind, n in json.loads(kc).items():
+                    out[device, queue, kind] = out.get((device, queue, kind), 0) + n
+            else:
+                for e in self._decode_block(device, queue, count, data, start_ns, end_ns, False):
+                    k = (device, queue, e[3])
+                    out[k] = out.get(k, 0) + 1
+        return out
+
+    # ------------------------------------------------------------- messages
+    def iter_messages(self, until: float | None = None) -> Iterator[dict]:
+        """The vhost-user message log entries, as the source gave them, in
+        time order, up to ``until`` (s since the epoch, inclusive)."""
+        q = "SELECT entry FROM messages"
+        args: tuple = ()
+        if until is not None:
+            q += " WHERE time <= ?"
+            args = (until,)
+        for (entry,) in self._db.execute(q + " ORDER BY time, id", args):
+            yield json.loads(entry)
+
+    def messages(self, until: float | None = None) -> list[dict]:
+        """:meth:`iter_messages` as a list."""
+        return list(self.iter_messages(until))
+
+    # ------------------------------------------------------------- lifetime
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def __enter__(self) -> "Recording":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
