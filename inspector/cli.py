@@ -66,6 +66,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(args)
 
 
+def cmd_load(args: argparse.Namespace) -> int:
+    from .vhost_net_driver import load_main
+
+    return load_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
@@ -120,14 +126,25 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--pid", type=int, metavar="PID",
                        help="QEMU's pid, with --qmp (default: the socket's peer, SO_PEERCRED)")
         q.add_argument("--file", metavar="JSON", help="a snapshot JSON file (recorded)")
+        q.add_argument("--vhost-net", type=int, metavar="PID", dest="vhost_net",
+                       help="every kernel vhost-net queue of process PID (root: BCC probes + /proc/PID/mem)")
+
+    def add_replay_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--replay", metavar="FILE",
+                       help="a recording (vqscope record -o FILE) instead of a live source")
+        q.add_argument("--at", metavar="WHERE",
+                       help="with --replay: snapshot N (1 = first, -1 = last), +SECONDS from the start, "
+                            "or a time (epoch seconds or ISO 8601 UTC); default the first")
 
     snp = sub.add_parser("snapshot", help="print one snapshot of every queue", formatter_class=fmt,
                          epilog=_examples("""
                              vqscope snapshot --connect /tmp/vq.sock --json
                              vqscope snapshot --connect /tmp/vq.sock
                              vqscope snapshot --qmp /run/vm1.qmp --json   # every queue of a running QEMU
+                             vqscope snapshot --replay rec.vqrec --at -1  # the last recorded snapshot
                          """))
     add_source_args(snp)
+    add_replay_args(snp)
     snp.add_argument("--json", action="store_true", help="print the snapshot JSON")
     snp.set_defaults(func=cmd_snapshot)
 
@@ -136,8 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                             vqscope tui --connect /tmp/vq.sock
                             vqscope tui --qmp /run/vm1.qmp               # a running QEMU (root)
                             vqscope tui --file snapshot.json
+                            vqscope tui --replay rec.vqrec               # space: play/pause, ← →: step, n: anomaly
                         """))
     add_source_args(tp)
+    add_replay_args(tp)
     tp.add_argument("--interval", type=float, default=0.25, help="refresh period in seconds (default 0.25)")
     tp.set_defaults(func=cmd_tui)
 
@@ -145,13 +164,32 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=_examples("""
                             vqscope demo
                             vqscope demo --headless --duration 5 --json
+                            vqscope demo --headless --duration 60 --socket /tmp/demo.sock &
+                            vqscope snapshot --connect /tmp/demo.sock   # another process reads it
                         """))
     dp.add_argument("--headless", action="store_true", help="no TUI; run for --duration seconds")
     dp.add_argument("--duration", type=float, default=5.0, help="seconds to run headless (default 5)")
     dp.add_argument("--json", action="store_true", help="print the final snapshot JSON (headless)")
     dp.add_argument("--queues", type=int, default=1, help="queue pairs (default 1)")
     dp.add_argument("--interval", type=float, default=0.25, help="TUI refresh period in seconds")
+    dp.add_argument("--socket", help="vhost-user socket path (introspection: PATH.introspect); "
+                                     "default: in a temporary directory")
     dp.set_defaults(func=cmd_demo)
+
+    ldp = sub.add_parser("load", help="drive a kernel vhost-net device from user space (a load tool)",
+                         formatter_class=fmt, epilog=_examples("""
+                             vqscope load vhost-net --tx 32 --rx 32       # needs root and /dev/vhost-net
+                             vqscope load vhost-net --hold 60 --every 0.5 # stay open for vqscope tui --vhost-net PID
+                         """))
+    ldp.add_argument("kind", choices=["vhost-net"], help="device to drive")
+    ldp.add_argument("--tx", type=int, default=8, help="frames to send through TX (default 8)")
+    ldp.add_argument("--rx", type=int, default=8, help="frames to receive through RX (default 8)")
+    ldp.add_argument("--tap", default="vqs%d", help="tap device name (default vqs%%d: the kernel picks)")
+    ldp.add_argument("--size", type=int, default=256, help="queue size of both vrings (default 256)")
+    ldp.add_argument("--hold", type=float, default=0.0, help="seconds to stay open after the traffic")
+    ldp.add_argument("--every", type=float, default=0.0,
+                     help="while holding, one TX and one RX frame every SECONDS")
+    ldp.set_defaults(func=cmd_load)
     return p
 
 

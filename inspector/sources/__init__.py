@@ -4,6 +4,7 @@ README.md, "Snapshot JSON"); no UI code lives here.
 - ``backend``: a vqscope back-end, through its introspection socket.
 - ``file``: a snapshot JSON file (one object), for tests and offline looks.
 - ``qemu``: a running QEMU, through QMP and ``/proc/PID/mem``.
+- ``replay``: a recording (``vqscope record``), at a movable time cursor.
 """
 
 from __future__ import annotations
@@ -44,7 +45,24 @@ class Source(Protocol):
 
 
 def open_source(args: argparse.Namespace) -> Source:
-    """The source the CLI arguments name (``--connect``, ``--qmp`` or ``--file``)."""
+    """The source the CLI arguments name (``--connect``, ``--qmp``, ``--file``
+    or ``--replay`` with an optional ``--at``)."""
+    if getattr(args, "replay", None):
+        others = [f"--{o}" for o in ("connect", "qmp", "file", "pid") if getattr(args, o, None) is not None]
+        if others:
+            raise SourceError(f"--replay FILE plays a recording; it does not go with {', '.join(others)}")
+        from .replay import ReplaySource
+
+        replay = ReplaySource(args.replay)
+        if getattr(args, "at", None) is not None:
+            try:
+                replay.seek_spec(args.at)
+            except BaseException:
+                replay.close()
+                raise
+        return replay
+    if getattr(args, "at", None) is not None:
+        raise SourceError("--at goes with --replay FILE (a position in a recording)")
     if getattr(args, "pid", None) is not None and not getattr(args, "qmp", None):
         raise SourceError("--pid goes with --qmp SOCK (QEMU's pid when SO_PEERCRED cannot tell it)")
     if getattr(args, "qmp", None):

@@ -15,11 +15,25 @@ KEYS = (
     ("q", "quit"),
 )
 
+REPLAY_KEYS = (
+    ("space", "play / pause the recording (1× is recorded time)"),
+    ("← →", "one snapshot back / forward (pauses)"),
+    ("n  N or p", "next / previous snapshot where a new anomaly appeared"),
+    ("home end", "first / last snapshot"),
+    ("+ −", "play faster / slower"),
+)
+
 LEGEND = (
     "inflight = (avail_idx − used_idx) mod 2^16: buffers the driver made available\n"
     "that the device has not returned. — : not known, or not negotiated\n"
     "(used_event / avail_event without VIRTIO_RING_F_EVENT_IDX).\n"
     "Rates are per second between the last two snapshots' times."
+)
+
+REPLAY_LEGEND = (
+    "\nReplay: rates cover the recorded interval that ends at the cursor's\n"
+    "snapshot; kicks/s and calls/s count recorded kick and call events when\n"
+    "the recording holds them."
 )
 
 
@@ -29,5 +43,6 @@ class HelpScreen(ModalScreen):
     BINDINGS = [Binding("escape", "dismiss", "Close"), Binding("question_mark", "dismiss", "Close", show=False)]
 
     def compose(self) -> ComposeResult:
-        lines = "\n".join(f"[b]{key:>14}[/b]  {what}" for key, what in KEYS)
-        yield Static(f"[b]vqscope keys[/b]\n\n{lines}\n\n[dim]{LEGEND}[/dim]", id="help")
+        keys, legend = (KEYS + REPLAY_KEYS, LEGEND + REPLAY_LEGEND) if self.app.replay else (KEYS, LEGEND)
+        lines = "\n".join(f"[b]{key:>14}[/b]  {what}" for key, what in keys)
+        yield Static(f"[b]vqscope keys[/b]\n\n{lines}\n\n[dim]{legend}[/dim]", id="help")

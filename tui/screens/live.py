@@ -1,9 +1,10 @@
-"""Base for screens that follow the app's live snapshot."""
+"""Base for screens that follow the app's live (or replayed) snapshot."""
 
 from __future__ import annotations
 
 from textual.screen import Screen
 
+from ..widgets.replay_bar import ReplayBar
 from ..widgets.status_header import StatusHeader
 
 
@@ -13,7 +14,8 @@ class LiveScreen(Screen):
     new snapshot's queues."""
 
     def on_mount(self) -> None:
-        self.query_one(StatusHeader).source_name = self.app.source.name
+        header = self.query_one(StatusHeader)
+        header.source_name, header.live = self.app.source.name, not self.app.replay
         self.watch(self.app, "gone", self._show_gone)
         self.watch(self.app, "snapshot", self._show_snapshot)
 
@@ -29,3 +31,7 @@ class LiveScreen(Screen):
 
     def show_queues(self, queues: list[dict]) -> None:
         """Render the queues of a new snapshot (override)."""
+
+    def replay_bar(self) -> list[ReplayBar]:
+        """A ReplayBar to compose when the app replays a recording, else nothing."""
+        return [ReplayBar()] if self.app.replay else []

@@ -16,6 +16,7 @@ class MainScreen(LiveScreen):
     def compose(self) -> ComposeResult:
         yield StatusHeader()
         yield QueueTable(id="queues")
+        yield from self.replay_bar()
         yield Footer()
 
     def show_queues(self, queues: list[dict]) -> None:

@@ -32,6 +32,7 @@ class QueueScreen(LiveScreen):
         yield ChainTable(id="chains")
         yield Static("anomalies", classes="section")
         yield AnomalyTable(id="anomalies")
+        yield from self.replay_bar()
         yield Footer()
 
     def show_queues(self, queues: list[dict]) -> None:

@@ -14,12 +14,14 @@ class StatusHeader(Widget):
 
     ``gone`` is None while the source answers, else the reason it does not;
     the last snapshot's time and queue count stay on screen either way.
+    ``live`` is False for a replayed recording (the status says "recorded").
     """
 
     source_name: reactive[str] = reactive("")
     snap_time: reactive[float | None] = reactive(None)
     queue_count: reactive[int | None] = reactive(None)
     gone: reactive[str | None] = reactive(None)
+    live: reactive[bool] = reactive(True)
 
     def watch_gone(self, gone: str | None) -> None:
         self.set_class(gone is not None, "-gone")
@@ -27,7 +29,9 @@ class StatusHeader(Widget):
     def status_text(self) -> str:
         if self.gone is not None:
             return f"source gone: {self.gone}"
-        return "live" if self.snap_time is not None else "waiting for the first snapshot"
+        if self.snap_time is None:
+            return "waiting for the first snapshot"
+        return "live" if self.live else "recorded"
 
     def render(self) -> Text:
         queues = "" if self.queue_count is None else f"{self.queue_count} queue{'' if self.queue_count == 1 else 's'}"
