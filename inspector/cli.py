@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                              vqscope snapshot --connect /tmp/vq.sock --json
                              vqscope snapshot --connect /tmp/vq.sock
                              vqscope snapshot --qmp /run/vm1.qmp --json   # every queue of a running QEMU
-                             vqscope snapshot --replay rec.vqrec --at -1  # the last recorded snapshot
+                             vqscope snapshot --replay rec.vqs --at -1  # the last recorded snapshot
                          """))
     add_source_args(snp)
     add_replay_args(snp)
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                             vqscope tui --connect /tmp/vq.sock
                             vqscope tui --qmp /run/vm1.qmp               # a running QEMU (root)
                             vqscope tui --file snapshot.json
-                            vqscope tui --replay rec.vqrec               # space: play/pause, ← →: step, n: anomaly
+                            vqscope tui --replay rec.vqs               # space: play/pause, ← →: step, n: anomaly
                         """))
     add_source_args(tp)
     add_replay_args(tp)
@@ -190,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     ldp.add_argument("--every", type=float, default=0.0,
                      help="while holding, one TX and one RX frame every SECONDS")
     ldp.set_defaults(func=cmd_load)
+
+    from .record.cli import add_parsers as add_record_parsers  # record, export (issue 5)
+
+    add_record_parsers(sub, add_source_args)
     return p
 
 

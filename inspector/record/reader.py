@@ -249,6 +249,17 @@ class Recording:
                     out[k] = out.get(k, 0) + 1
         return out
 
+    def time_bounds(self) -> tuple[float, float]:
+        """``(first, last)``: the earliest and latest time (s since the
+        epoch) of any snapshot, event or message in the recording (messages
+        logged before the recording started included)."""
+        lo, hi = self._db.execute("SELECT min(time), max(time) FROM snapshots").fetchone()
+        elo, ehi = self._db.execute("SELECT min(t_first), max(t_last) FROM event_blocks").fetchone()
+        mlo, mhi = self._db.execute("SELECT min(time), max(time) FROM messages").fetchone()
+        lows = [t for t in (lo, elo / 1e9 if elo is not None else None, mlo) if t is not None]
+        highs = [t for t in (hi, ehi / 1e9 if ehi is not None else None, mhi) if t is not None]
+        return min(lows), max(highs)
+
     # ------------------------------------------------------------- messages
     def iter_messages(self, until: float | None = None) -> Iterator[dict]:
         """The vhost-user message log entries, as the source gave them, in
