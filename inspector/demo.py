@@ -1,20 +1,27 @@
 """``vqscope demo``: our loopback back-end, our built-in front-end sending
 traffic through it, and the live TUI on the back-end's introspection socket.
 
-Everything is real: a vhost-user Unix socket in a temporary directory, the
-front-end's rings in a memfd passed with SET_MEM_TABLE, eventfd kicks and
-calls, and the C data path echoing frames. Only the driver is ours instead
-of a guest's.
+Everything is real: a vhost-user Unix socket (in a temporary directory, or
+at ``--socket PATH``), the front-end's rings in a memfd passed with
+SET_MEM_TABLE, eventfd kicks and calls, and the C data path echoing frames.
+Only the driver is ours instead of a guest's.
+
+While it runs, other processes can read the back-end like any `vqscope
+serve`: its introspection socket is ``PATH.introspect`` (headless mode says
+where on stderr), e.g. ``vqscope record --connect PATH`` or ``vqscope tui
+--connect PATH``. SIGTERM ends a headless demo cleanly, like Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
+import sys
 import tempfile
 import threading
-import time
 
 from .errors import InspectorError
 
@@ -59,6 +66,20 @@ class Traffic(threading.Thread):
         self.join(5)
 
 
+def _sleep_unless_terminated(seconds: float) -> None:
+    """Sleep ``seconds``, returning early on SIGTERM (so that the sockets and
+    the temporary directory are removed as after a normal end)."""
+    done = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        done.wait(seconds)
+        return
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: done.set())
+    try:
+        done.wait(seconds)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def demo_main(args: argparse.Namespace) -> int:
     from .devices.net import NetDevice
     from .snapshot import backend_snapshot
@@ -66,8 +87,11 @@ def demo_main(args: argparse.Namespace) -> int:
     from .vhost_user.frontend import VhostUserFrontend
     from .vhost_user.server import VhostUserServer
 
-    with tempfile.TemporaryDirectory(prefix="vqscope-demo-") as tmp:
-        sock = os.path.join(tmp, "vhost-user.sock")
+    with contextlib.ExitStack() as stack:
+        sock = getattr(args, "socket", None)
+        if not sock:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="vqscope-demo-"))
+            sock = os.path.join(tmp, "vhost-user.sock")
         server = VhostUserServer(sock, lambda: NetDevice(mode="loopback", queue_pairs=args.queues),
                                  introspect_path=sock + ".introspect", snapshot_fn=backend_snapshot)
         server.start()
@@ -78,7 +102,10 @@ def demo_main(args: argparse.Namespace) -> int:
                 try:
                     with BackendSource(sock) as source:
                         if args.headless:
-                            time.sleep(args.duration)
+                            print(f"vqscope demo: back-end on {sock}; introspection on "
+                                  f"{server.introspect_path}; running {args.duration:g} s",
+                                  file=sys.stderr, flush=True)
+                            _sleep_unless_terminated(args.duration)
                             snap = source.snapshot()
                         else:
                             from tui.app import VqscopeApp

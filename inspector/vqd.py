@@ -206,12 +206,18 @@ def _result(o: _Out, size: int, last_avail_idx: int | None) -> RingSnapshot:
 # an OSError. Objects here hold raw pointers into guest memory: keep the
 # GuestMemory buffers alive (they do) and call release() before unmapping.
 
+import struct as _dp_struct
 from dataclasses import dataclass as _dp_dataclass
 
 from ._vqd import ffi as _dp_ffi, lib as _dp_lib  # noqa: E402
 from .errors import MemoryAccessError as _DpMemoryAccessError, RingError as _DpRingError  # noqa: E402
 
 VQD_NET_IOV = _dp_lib.VQD_NET_IOV
+EVENT_LOG_DEFAULT = _dp_lib.VQD_EVLOG_DEFAULT
+#: C event kinds (VQD_EV_*) -> inspector.events.KINDS names.
+EVENT_KIND_NAMES = {_dp_lib.VQD_EV_KICK: "kick", _dp_lib.VQD_EV_CALL: "call",
+                    _dp_lib.VQD_EV_CALL_SUPPRESSED: "call_suppressed"}
+_EVENT_RECORD = _dp_struct.Struct("<QII")  # struct vqd_event: time_ns, kind, value
 NET_HDR_LEN_MRG = 12   # struct virtio_net_hdr with num_buffers (VERSION_1 or MRG_RXBUF)
 NET_HDR_LEN_LEGACY = 10
 
@@ -295,12 +301,17 @@ class DeviceQueue:
 
     Ring addresses are front-end virtual addresses (vhost-user
     SET_VRING_ADDR) unless ``gpa=True``; they are translated through ``mem``.
-    Fds are borrowed: the caller keeps them open while the queue is used."""
+    Fds are borrowed: the caller keeps them open while the queue is used.
+
+    ``event_capacity`` > 0 gives the queue an event log of that many entries
+    (a power of two): every kick read, call written and call suppressed is
+    recorded with its CLOCK_REALTIME time by the thread servicing the queue;
+    :meth:`drain_events` (one thread at a time) takes them out. 0: no log."""
 
     def __init__(self, mem, num: int, desc: int, avail: int, used: int, *,
                  last_avail_idx: int = 0, event_idx: bool = False,
                  call_fd: int = -1, kick_fd: int = -1, gpa: bool = False,
-                 regions: RegionTable | None = None):
+                 regions: RegionTable | None = None, event_capacity: int = 0):
         from .layout import avail_ring_size, used_ring_size
 
         self.num = num
@@ -320,6 +331,14 @@ class DeviceQueue:
         _dp_check(self, rc, "vring init")
         self._elems = None
         self._iov = None
+        self.event_capacity = event_capacity
+        if event_capacity:
+            self._evlog = _dp_ffi.new("struct vqd_evlog *")
+            self._evbuf = _dp_ffi.new("struct vqd_event[]", event_capacity)
+            if _dp_lib.vqd_evlog_init(self._evlog, self._evbuf, event_capacity) < 0:
+                raise ValueError(f"event_capacity {event_capacity} is invalid: give a power of two")
+            self._evout = _dp_ffi.new("struct vqd_event[]", event_capacity)
+            self.vq.evlog = self._evlog
 
     # --- state --------------------------------------------------------------
     @property
@@ -385,6 +404,24 @@ class DeviceQueue:
 
     def drain_kick(self) -> int:
         return _dp_lib.vqd_vq_drain_kick(self.vq)
+
+    # --- event log ------------------------------------------------------------
+    def drain_events(self) -> list[tuple[int, str, int]]:
+        """Take the logged events out, oldest first: ``(time_ns, kind,
+        value)`` with ``kind`` "kick" (value: kicks coalesced), "call" or
+        "call_suppressed" (value: used_idx then); see inspector/events.py.
+        Safe while the worker runs; one caller at a time."""
+        if not self.event_capacity:
+            return []
+        n = _dp_lib.vqd_vq_drain_events(self.vq, self._evout, self.event_capacity)
+        names = EVENT_KIND_NAMES
+        return [(t, names.get(k, "unknown"), v)
+                for t, k, v in _EVENT_RECORD.iter_unpack(_dp_ffi.buffer(self._evout, 16 * n))]
+
+    @property
+    def events_dropped(self) -> int:
+        """Events lost because the log was full (cumulative)."""
+        return _dp_lib.vqd_vq_events_dropped(self.vq)
 
     def release(self) -> None:
         """Drop the buffer exports (only when no thread is in C with this queue)."""

@@ -19,12 +19,14 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "vqd_datapath.h"
 
 _Static_assert(sizeof(struct vqd_iov) == sizeof(struct iovec), "vqd_iov must match struct iovec");
 _Static_assert(sizeof(struct vqd_desc) == 16, "virtq_desc is 16 bytes (§2.7.5)");
+_Static_assert(sizeof(struct vqd_event) == 16, "vqd_event is read as <QII by inspector/vqd.py");
 
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -60,6 +62,75 @@ __attribute__((format(printf, 2, 3))) static int broken(struct vqd_vq *vq, const
         vq->broken = 1;
     }
     return VQD_E_BROKEN;
+}
+
+/* ------------------------------------------------------------------------
+ * Event log (single producer: the vq's worker; single consumer: the drain).
+ */
+
+int vqd_evlog_init(struct vqd_evlog *log, struct vqd_event *buf, uint32_t capacity)
+{
+    if (!log || !buf || capacity == 0 || (capacity & (capacity - 1)))
+        return VQD_E_INVAL;
+    memset(log, 0, sizeof(*log));
+    log->ev = buf;
+    log->mask = capacity - 1;
+    return VQD_OK;
+}
+
+/* Append one event, or count it in dropped when the log is full. Costs a
+ * clock_gettime (vDSO) and a 16-byte store; never blocks. */
+static inline void ev_record(struct vqd_vq *vq, uint32_t kind, uint32_t value)
+{
+    struct vqd_evlog *l = vq->evlog;
+    if (!l)
+        return;
+    uint64_t h = __atomic_load_n(&l->head, __ATOMIC_RELAXED);
+    if (UNLIKELY(h - l->tail_cache > l->mask)) {
+        /* Looks full: see how far the consumer got. Acquire: its reads of
+         * the slots it freed are done before we overwrite them. */
+        l->tail_cache = __atomic_load_n(&l->tail, __ATOMIC_ACQUIRE);
+        if (h - l->tail_cache > l->mask) {
+            __atomic_store_n(&l->dropped, l->dropped + 1, __ATOMIC_RELAXED);
+            return;
+        }
+    }
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    struct vqd_event *e = &l->ev[h & l->mask];
+    e->time_ns = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    e->kind = kind;
+    e->value = value;
+    /* Release: the entry is written before the consumer can see it. */
+    __atomic_store_n(&l->head, h + 1, __ATOMIC_RELEASE);
+}
+
+/* Copy up to max logged events, oldest first, into out and free their
+ * slots; returns how many. One consumer at a time (the caller serialises). */
+int vqd_vq_drain_events(struct vqd_vq *vq, struct vqd_event *out, int max)
+{
+    struct vqd_evlog *l = vq->evlog;
+    if (max < 0)
+        return VQD_E_INVAL;
+    if (!l)
+        return 0;
+    uint64_t t = __atomic_load_n(&l->tail, __ATOMIC_RELAXED);
+    uint64_t h = __atomic_load_n(&l->head, __ATOMIC_ACQUIRE);
+    uint64_t n = h - t;
+    if (n > (uint64_t)max)
+        n = (uint64_t)max;
+    /* At most two runs: up to the end of the array, then from its start. */
+    uint64_t first = (t & l->mask) + n > (uint64_t)l->mask + 1 ? (uint64_t)l->mask + 1 - (t & l->mask) : n;
+    memcpy(out, &l->ev[t & l->mask], first * sizeof(*out));
+    memcpy(out + first, &l->ev[0], (n - first) * sizeof(*out));
+    __atomic_store_n(&l->tail, t + n, __ATOMIC_RELEASE);
+    return (int)n;
+}
+
+/* Events lost because the log was full, since the log was initialised. */
+uint64_t vqd_vq_events_dropped(struct vqd_vq *vq)
+{
+    return vq->evlog ? __atomic_load_n(&vq->evlog->dropped, __ATOMIC_RELAXED) : 0;
 }
 
 /* §2.7.10 / §2.7.7.2: "notify if the new used index has just passed
@@ -403,6 +474,7 @@ static inline int write_call(struct vqd_vq *vq)
         /* EAGAIN: the counter is saturated, the driver has a call pending. */
     }
     vq->calls++;
+    ev_record(vq, VQD_EV_CALL, vq->used_idx);
     return 1;
 }
 
@@ -412,6 +484,7 @@ int vqd_vq_notify(struct vqd_vq *vq)
         return VQD_E_BROKEN;
     if (!vqd_vq_should_notify(vq)) {
         vq->calls_suppressed++;
+        ev_record(vq, VQD_EV_CALL_SUPPRESSED, vq->used_idx);
         return 0;
     }
     return write_call(vq);
@@ -446,7 +519,8 @@ int vqd_vq_set_notification(struct vqd_vq *vq, int enable)
 }
 
 /* Read the kick eventfd without blocking (the fd must be O_NONBLOCK) and
- * add its counter to kicks; returns the count read. */
+ * add its counter to kicks (and log a kick event carrying it); returns the
+ * count read. */
 int vqd_vq_drain_kick(struct vqd_vq *vq)
 {
     uint64_t v = 0;
@@ -459,6 +533,8 @@ int vqd_vq_drain_kick(struct vqd_vq *vq)
     if (r != sizeof(v))
         return 0;
     vq->kicks += v;
+    /* An eventfd counter above 2^32 - 1 would need 4 billion unread kicks. */
+    ev_record(vq, VQD_EV_KICK, v > UINT32_MAX ? UINT32_MAX : (uint32_t)v);
     return v > INT32_MAX ? INT32_MAX : (int)v;
 }
 

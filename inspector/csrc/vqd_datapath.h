@@ -14,6 +14,12 @@
  *
  * Threading: one thread services a vq at a time (the device's worker); the
  * driver runs concurrently on another CPU and only shares ring memory.
+ *
+ * Event log: a vq may carry a struct vqd_evlog, a single-producer (the
+ * worker servicing the vq) / single-consumer (vqd_vq_drain_events, called
+ * by one thread at a time) ring of timed events, recorded exactly where the
+ * kicks / calls / calls_suppressed counters move. When it is full an event
+ * is counted in `dropped` and lost: the data path never waits for a reader.
  */
 #ifndef VQD_DATAPATH_H
 #define VQD_DATAPATH_H
@@ -48,6 +54,33 @@ struct vqd_elem {
     uint64_t in_len;
 };
 
+/* Event kinds (inspector/events.py KINDS names them). */
+#define VQD_EV_KICK 1             /* value: the kick eventfd's counter read (kicks coalesced) */
+#define VQD_EV_CALL 2             /* value: used_idx when the call eventfd was written */
+#define VQD_EV_CALL_SUPPRESSED 3  /* value: used_idx when the driver did not want a call */
+#define VQD_EVLOG_DEFAULT 4096    /* entries per vring log */
+
+/* One timed event: 16 bytes, time in ns since the epoch (CLOCK_REALTIME). */
+struct vqd_event {
+    uint64_t time_ns;
+    uint32_t kind;
+    uint32_t value;
+};
+
+/* The log: ev[capacity], capacity = mask + 1, a power of two. head and
+ * dropped are written only by the producer, tail only by the consumer;
+ * head is published with release and read with acquire (and tail the
+ * other way), so an entry is complete before it is seen and read before
+ * it is overwritten. tail_cache is the producer's private copy of tail. */
+struct vqd_evlog {
+    struct vqd_event *ev;
+    uint32_t mask;
+    uint64_t head;
+    uint64_t tail;
+    uint64_t tail_cache;
+    uint64_t dropped;
+};
+
 struct vqd_vq {
     uint32_t num;
     struct vqd_desc *desc;
@@ -72,6 +105,7 @@ struct vqd_vq {
     uint64_t packets;
     uint64_t bytes;
     uint64_t drops;
+    struct vqd_evlog *evlog;     /* NULL: no event log; set after vqd_vq_init */
     char reason[160];
 };
 
@@ -103,6 +137,10 @@ int vqd_vq_notify(struct vqd_vq *vq);
 int vqd_vq_set_notification(struct vqd_vq *vq, int enable);
 int vqd_vq_drain_kick(struct vqd_vq *vq);
 void vqd_vq_set_broken(struct vqd_vq *vq, const char *reason);
+
+int vqd_evlog_init(struct vqd_evlog *log, struct vqd_event *buf, uint32_t capacity);
+int vqd_vq_drain_events(struct vqd_vq *vq, struct vqd_event *out, int max);
+uint64_t vqd_vq_events_dropped(struct vqd_vq *vq);
 
 int vqd_net_loopback(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, int mrg_rxbuf,
                      int budget, int spin, struct vqd_net_scratch *s);

@@ -7,6 +7,11 @@ rings": kick fd received, addresses and size set, and enabled) it calls
 ``Device.start_queue``; GET_VRING_BASE, RESET_OWNER or a disconnect call
 ``Device.stop_queue``, which returns the ring's ``last_avail_idx``.
 A device never sees protocol messages and the core never touches rings.
+
+A device may also log timed events per vring (kicks, calls; see
+inspector/events.py): the server drains them with ``drain_events`` when the
+device has that method (it is optional, like every method a Protocol
+documents but a device does not need).
 """
 
 from __future__ import annotations
@@ -81,6 +86,16 @@ class Device(Protocol):
 
     def queue_stats(self, index: int) -> QueueStats:
         """Current counters of vring ``index`` (zeros if never started)."""
+
+    # Optional:
+    #
+    # def drain_events(self, index: int) -> tuple[list[tuple[int, str, int]], int]:
+    #     """Take vring ``index``'s logged events out, oldest first, as
+    #     ``(time_ns, kind, value)`` (time: ns since the epoch, CLOCK_REALTIME;
+    #     kind and value: inspector.events.KINDS), together with the number of
+    #     events lost so far because its log was full (cumulative over the
+    #     device's life, every start of the vring included). Events of a vring
+    #     that stopped are kept until drained. Never the same event twice."""
 
     def close(self) -> None:
         """Stop every queue and release every resource (disconnect)."""

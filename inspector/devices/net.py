@@ -21,6 +21,12 @@ stay on transmitq k (nothing is dropped) until the driver adds some.
 Tap: frames go to and come from a tap interface (IFF_TAP | IFF_NO_PI, one fd
 per pair with IFF_MULTI_QUEUE); the virtio_net_hdr is stripped on transmit
 and synthesised on receive (no offloads are offered).
+
+Events: each started vring has a C event log (``event_capacity`` entries)
+that the worker fills with every kick read, call written and call
+suppressed; :meth:`NetDevice.drain_events` takes them out. A vring that
+stops hands its undrained events to a per-vring pending list, so none are
+lost across a stop or restart.
 """
 
 from __future__ import annotations
@@ -126,7 +132,7 @@ def _dup(fd: int | None, nonblocking: bool = False) -> int:
 class _Ring:
     """A started vring: the C queue and the fds it keeps (dup'ed: ours)."""
 
-    def __init__(self, vring: VringConfig, mem: GuestMemory, event_idx: bool):
+    def __init__(self, vring: VringConfig, mem: GuestMemory, event_idx: bool, event_capacity: int):
         from ..vqd import DeviceQueue
 
         self.index = vring.index
@@ -136,7 +142,8 @@ class _Ring:
         try:
             self.q = DeviceQueue(mem, vring.num, vring.desc_uva, vring.avail_uva, vring.used_uva,
                                  last_avail_idx=vring.base, event_idx=event_idx,
-                                 call_fd=self.call_fd, kick_fd=self.kick_fd)
+                                 call_fd=self.call_fd, kick_fd=self.kick_fd,
+                                 event_capacity=event_capacity)
         except BaseException:
             self._close_fds()
             raise
@@ -333,6 +340,8 @@ class NetDevice:
     Tuning: ``budget`` frames per C call, ``spin`` empty re-polls inside C
     before returning, ``busy_poll_us`` of empty polls before sleeping on
     kicks, ``cpus`` to pin pair k's worker to ``cpus[k % len(cpus)]``.
+    ``event_capacity``: entries of each vring's event log (a power of two;
+    0: no events are logged).
     """
 
     name = "net"
@@ -340,7 +349,9 @@ class NetDevice:
     def __init__(self, mode: str = "loopback", tap_name: str | None = None, queue_pairs: int = 1,
                  mac: str = "52:54:00:12:34:57", *, budget: int = 256, spin: int = 64,
                  busy_poll_us: float = 200.0, idle_timeout_ms: int = 500,
-                 cpus: list[int] | None = None):
+                 cpus: list[int] | None = None, event_capacity: int | None = None):
+        from ..vqd import EVENT_LOG_DEFAULT
+
         if mode not in ("loopback", "tap"):
             raise InspectorError(f"net mode {mode!r} is invalid: use \"loopback\" or \"tap\"")
         if not 1 <= queue_pairs <= 0x8000:
@@ -352,6 +363,10 @@ class NetDevice:
         self.budget, self.spin = budget, spin
         self.busy_poll_us, self.idle_timeout_ms = busy_poll_us, idle_timeout_ms
         self.cpus = list(cpus) if cpus else None
+        self.event_capacity = EVENT_LOG_DEFAULT if event_capacity is None else event_capacity
+        if self.event_capacity < 0 or self.event_capacity & (self.event_capacity - 1):
+            raise InspectorError(f"event_capacity {self.event_capacity} is invalid: give a power of "
+                                 f"two, or 0 for no event log")
         self.acked = 0
         self.hdr_len = 10
         self.mrg_rxbuf = False
@@ -361,6 +376,9 @@ class NetDevice:
         self._workers: dict[int, _PairWorker] = {}
         self._totals: dict[int, QueueStats] = {}
         self._last_avail: dict[int, int] = {}
+        # Events of retired rings, not drained yet, and their logs' drop counts.
+        self._pending_events: dict[int, list[tuple[int, str, int]]] = {}
+        self._retired_dropped: dict[int, int] = {}
         self._tap_fds: list[int] = []
         self.tap_name: str | None = None
         if mode == "tap":
@@ -408,7 +426,7 @@ class NetDevice:
                 old = self._rings.pop(i, None)
                 if old is not None:
                     self._retire(old)
-                self._rings[i] = _Ring(vring, mem, self.event_idx)
+                self._rings[i] = _Ring(vring, mem, self.event_idx, self.event_capacity)
             finally:
                 self._start_worker(pair)
 
@@ -441,6 +459,19 @@ class NetDevice:
                 st.broken = ring.q.broken or st.broken
             return st
 
+    def drain_events(self, index: int) -> tuple[list[tuple[int, str, int]], int]:
+        """Vring ``index``'s events since the previous drain, oldest first, as
+        ``(time_ns, kind, value)`` (inspector/devices/base.py), and the events
+        its logs lost so far (cumulative). Safe while the worker runs."""
+        with self._lock:
+            events = self._pending_events.pop(index, [])
+            dropped = self._retired_dropped.get(index, 0)
+            ring = self._rings.get(index)
+            if ring is not None:
+                events += ring.q.drain_events()
+                dropped += ring.q.events_dropped
+            return events, dropped
+
     def close(self) -> None:
         with self._lock:
             for pair in list(self._workers):
@@ -462,6 +493,16 @@ class NetDevice:
         t.packets += c["packets"]
         t.bytes += c["bytes"]
         t.broken = ring.q.broken or t.broken
+        # Keep its events for drain_events (bounded: a device nobody drains
+        # holds at most a few logs' worth; the excess counts as dropped).
+        pending = self._pending_events.setdefault(ring.index, [])
+        pending += ring.q.drain_events()
+        lost = ring.q.events_dropped
+        limit = 4 * max(self.event_capacity, 1)
+        if len(pending) > limit:
+            lost += len(pending) - limit
+            del pending[:len(pending) - limit]
+        self._retired_dropped[ring.index] = self._retired_dropped.get(ring.index, 0) + lost
         last = ring.q.last_avail_idx
         self._last_avail[ring.index] = last
         if not ring.q.broken:

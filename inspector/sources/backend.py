@@ -2,9 +2,20 @@
 
 Protocol (one Unix stream connection, newline-delimited JSON both ways): the
 client sends ``{"op": "snapshot"}`` and receives one snapshot JSON object, or
-``{"error": "..."}``. Other ops: ``{"op": "messages"}`` returns
-``{"messages": [...]}``, the back-end's vhost-user message log. There is no
-operation that writes anything.
+``{"error": "..."}``. Other ops:
+
+- ``{"op": "messages"}`` returns ``{"messages": [...], "next": M}``, the
+  back-end's vhost-user message log, each entry with a server-wide ``seq``;
+  ``{"op": "messages", "since": N}`` only the entries with ``seq >= N``.
+- ``{"op": "events", "since": N}`` (optional ``"limit"``, at most 65536)
+  returns ``{"next": M, "dropped": D, "gap": G, "events": [[time_ns, device,
+  queue, kind, value], ...]}``: the timed events (inspector/events.py) with
+  sequence number >= N, oldest first within a queue. ``next`` is the cursor
+  for the next call; ``dropped`` the events the devices' logs lost (full)
+  since the back-end started; ``gap`` the events >= N that left the
+  back-end's bounded buffer before this call.
+
+There is no operation that writes anything.
 """
 
 from __future__ import annotations
@@ -14,6 +25,9 @@ import os
 import socket
 
 from ..errors import SourceError
+from ..events import Event
+
+EVENTS_PER_REQUEST = 65536
 
 
 def introspect_path(path: str) -> str:
@@ -33,6 +47,11 @@ class BackendSource:
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._rfile = None
+        self._events_next = 0
+        self._dropped_base: int | None = None
+        self._dropped = 0
+        self._gaps = 0
+        self._messages_next = 0
 
     def _connect(self) -> None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -46,12 +65,12 @@ class BackendSource:
         self._sock = s
         self._rfile = s.makefile("rb")
 
-    def request(self, op: str) -> dict:
-        """Send ``{"op": op}`` and return the decoded reply."""
+    def request(self, op: str, **params) -> dict:
+        """Send ``{"op": op, **params}`` and return the decoded reply."""
         if self._sock is None:
             self._connect()
         try:
-            self._sock.sendall(json.dumps({"op": op}).encode() + b"\n")
+            self._sock.sendall(json.dumps({"op": op, **params}).encode() + b"\n")
             line = self._rfile.readline()
         except OSError as e:
             self.close()
@@ -72,7 +91,41 @@ class BackendSource:
         return self.request("snapshot")
 
     def messages(self) -> list[dict]:
+        """The whole message log the back-end keeps."""
         return self.request("messages")["messages"]
+
+    def new_messages(self) -> list[dict]:
+        """vhost-user messages logged since the previous call (the first
+        call: all the back-end keeps), oldest first, each with its ``seq``."""
+        reply = self.request("messages", since=self._messages_next)
+        self._messages_next = reply["next"]
+        return reply["messages"]
+
+    def events(self) -> list[Event]:
+        """Timed events (kicks, calls; inspector/events.py) since the previous
+        call, never the same twice; the first call returns what the back-end
+        still buffers. Asks again while a reply comes back full."""
+        out: list[Event] = []
+        while True:
+            reply = self.request("events", since=self._events_next, limit=EVENTS_PER_REQUEST)
+            evs = reply["events"]
+            out.extend(Event(*e) for e in evs)
+            if self._dropped_base is None:
+                # Losses before this source opened are not ours, nor is the
+                # part of the back-end's history it no longer buffers.
+                self._dropped_base = reply["dropped"]
+            else:
+                self._gaps += reply["gap"]
+            self._dropped = reply["dropped"] - self._dropped_base
+            self._events_next = reply["next"]
+            if len(evs) < EVENTS_PER_REQUEST:
+                return out
+
+    def events_lost(self) -> int:
+        """Events this source could not deliver since it was opened: dropped
+        by the back-end's full device logs plus those that left its buffer
+        before :meth:`events` asked (cumulative)."""
+        return self._dropped + self._gaps
 
     def close(self) -> None:
         if self._sock is not None:

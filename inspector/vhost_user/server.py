@@ -13,12 +13,22 @@ snapshot never races with a memory table being replaced.
 
 Both sockets are created mode 0600 (chmod between bind and listen: no one
 can connect before listen, so there is no window).
+
+Events: every ``event_poll_s`` (and before answering any introspection
+request) the loop drains each device's per-vring event logs
+(``Device.drain_events``, optional) into one bounded central buffer that
+numbers events with a global sequence number; each introspection client
+reads it with its own cursor (op ``events``), so several clients each see
+every event. vhost-user message log entries are numbered the same way
+(op ``messages`` with ``since``).
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import errno
+import itertools
 import json
 import logging
 import os
@@ -38,6 +48,69 @@ logger = logging.getLogger("inspector.vhost_user")
 _MAX_REQUEST_LINE = 64 * 1024
 _MAX_PENDING_OUT = 64 * 1024 * 1024
 _CLOSED_LOGS_KEPT = 16
+EVENT_POLL_S = 0.05          # device event logs are drained this often
+EVENT_BUFFER = 131072        # events the central buffer keeps (~16 MiB at most)
+EVENTS_PER_REPLY = 65536     # most events one "events" reply carries
+
+
+class EventBuffer:
+    """The server's central, bounded buffer of timed events.
+
+    Events are appended in chunks (one per drained vring log) and numbered
+    with a global sequence number from 0; once more than ``capacity`` are
+    held the oldest chunks go. Readers keep their own cursor (:meth:`read`).
+    Within one queue events are in time order; across queues they are in
+    drain order (sort by ``time_ns`` where it matters). ``dropped``: events
+    the devices' logs lost (full) since the buffer was made, cumulative.
+    Not thread-safe: the server calls it under its lock.
+    """
+
+    def __init__(self, capacity: int = EVENT_BUFFER):
+        self.capacity = capacity
+        self.chunks: collections.deque[tuple[int, str, int, list]] = collections.deque()
+        self._firsts: collections.deque[int] = collections.deque()
+        self.size = 0
+        self.next_seq = 0
+        self.dropped = 0
+
+    @property
+    def oldest_seq(self) -> int:
+        return self._firsts[0] if self._firsts else self.next_seq
+
+    def add(self, device: str, queue: int, events: list[tuple[int, str, int]]) -> None:
+        """Append one vring's drained ``(time_ns, kind, value)`` events."""
+        if not events:
+            return
+        self.chunks.append((self.next_seq, device, queue, events))
+        self._firsts.append(self.next_seq)
+        self.next_seq += len(events)
+        self.size += len(events)
+        while self.size > self.capacity and len(self.chunks) > 1:
+            self.size -= len(self.chunks.popleft()[3])
+            self._firsts.popleft()
+
+    def read(self, since: int, limit: int = EVENTS_PER_REPLY) -> dict:
+        """Events with sequence number >= ``since``, at most ``limit``:
+        ``{"next": M, "dropped": D, "gap": G, "events": [[time_ns, device,
+        queue, kind, value], ...]}``. ``next``: the cursor for the next call;
+        ``gap``: events >= ``since`` that left the buffer before this read (a
+        slow reader's loss). A ``since`` beyond ``next_seq`` (a cursor from an
+        earlier server) reads from the oldest event."""
+        if since > self.next_seq:
+            since = 0
+        oldest = self.oldest_seq
+        gap = max(0, oldest - since)
+        start = max(since, oldest)
+        out: list[list] = []
+        # The chunk holding ``start``: the last one whose first seq is <= start.
+        i = max(0, bisect.bisect_right(self._firsts, start) - 1)
+        for first, device, queue, events in itertools.islice(self.chunks, i, None):
+            if len(out) >= limit:
+                break
+            off = max(0, start - first)
+            for t, kind, value in events[off:off + limit - len(out)]:
+                out.append([t, device, queue, kind, value])
+        return {"next": start + len(out), "dropped": self.dropped, "gap": gap, "events": out}
 
 
 def _listen_unix(path: str) -> socket.socket:
@@ -87,6 +160,10 @@ class VhostUserServer:
     ``device_factory()`` makes a Device for each new front-end.
     ``introspect_path``: where to serve introspection (None: not served).
     ``snapshot_fn(server)`` builds the snapshot JSON (inspector/snapshot.py).
+    ``event_poll_s``: period of draining the devices' event logs into
+    ``events`` (an :class:`EventBuffer` of ``event_buffer`` events); None:
+    only when an introspection request comes (tests use it to let a device
+    log fill up).
 
     ``connections`` lists the live BackendConnections (each with .id,
     .device, .vrings, .mem, .features, .broken, .log).
@@ -94,7 +171,8 @@ class VhostUserServer:
 
     def __init__(self, socket_path: str, device_factory: Callable[[], Device],
                  introspect_path: str | None = None,
-                 snapshot_fn: Callable[["VhostUserServer"], dict] | None = None):
+                 snapshot_fn: Callable[["VhostUserServer"], dict] | None = None,
+                 event_poll_s: float | None = EVENT_POLL_S, event_buffer: int = EVENT_BUFFER):
         self.socket_path = socket_path
         self.device_factory = device_factory
         self.introspect_path = introspect_path
@@ -112,6 +190,13 @@ class VhostUserServer:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._lock = threading.Lock()
+        self.event_poll_s = event_poll_s
+        self.events = EventBuffer(event_buffer)
+        self._ev_lock = threading.Lock()
+        self._ev_dropped: dict[tuple[int, int], int] = {}  # (connection, vring) -> log drops seen
+        self._ev_queues: dict[int, set[int]] = {}          # connection -> vrings that ran
+        self._next_drain = 0.0
+        self._msg_seq = 0
 
     # --- lifecycle -----------------------------------------------------------
     def open(self) -> None:
@@ -171,9 +256,18 @@ class VhostUserServer:
     # --- loop -----------------------------------------------------------------------
     def _run(self) -> None:
         sel = self._sel
+        period = self.event_poll_s
         try:
             while not self._stopping:
-                for key, events in sel.select(timeout=1.0):
+                if period is not None:
+                    now = time.monotonic()
+                    if now >= self._next_drain:
+                        self.drain_events()
+                        self._next_drain = now + period
+                    timeout = max(0.0, self._next_drain - now)
+                else:
+                    timeout = 1.0
+                for key, events in sel.select(timeout=timeout):
                     kind, obj = key.data
                     try:
                         if kind == "listen":
@@ -256,7 +350,24 @@ class VhostUserServer:
         logger.info("front-end connected (connection %d, device %s)", conn.id, device.name)
 
     def _readable(self, conn: BackendConnection) -> bool:
-        return conn.handle_readable()
+        try:
+            return conn.handle_readable()
+        finally:
+            self._stamp_messages(conn)
+
+    def _stamp_messages(self, conn: BackendConnection) -> None:
+        """Give the connection's newly logged messages their ``seq``
+        (one message is read per readable event, so none left the bounded
+        log unnumbered)."""
+        with self._lock:
+            new = []
+            for entry in reversed(conn.log):
+                if "seq" in entry:
+                    break
+                new.append(entry)
+            for entry in reversed(new):
+                entry["seq"] = self._msg_seq
+                self._msg_seq += 1
 
     def _drop(self, conn: BackendConnection) -> None:
         try:
@@ -269,6 +380,12 @@ class VhostUserServer:
                 self.connections.remove(conn)
             self.closed_logs.append((conn.id, list(conn.log)))
         conn.close()
+        # The device stopped its vrings and kept their events: take them now.
+        self._drain_connection(conn, range(conn.num_queues))
+        with self._ev_lock:
+            self._ev_queues.pop(conn.id, None)
+            for key in [k for k in self._ev_dropped if k[0] == conn.id]:
+                del self._ev_dropped[key]
         logger.info("connection %d closed%s", conn.id,
                     f" (broken: {conn.broken_reason})" if conn.broken else "")
 
@@ -330,6 +447,17 @@ class VhostUserServer:
             op = req.get("op") if isinstance(req, dict) else None
         except ValueError as e:
             return {"error": f"request is not JSON: {e}"}
+        since = req.get("since") if op in ("events", "messages") else None
+        if since is not None and (not isinstance(since, int) or isinstance(since, bool) or since < 0):
+            return {"error": f"{op}: since {since!r} is invalid: give the \"next\" of the previous "
+                             f"reply, or 0"}
+        self.drain_events()
+        if op == "events":
+            limit = req.get("limit", EVENTS_PER_REPLY)
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+                return {"error": f"events: limit {limit!r} is invalid: give a positive integer"}
+            with self._ev_lock:
+                return self.events.read(since or 0, min(limit, EVENTS_PER_REPLY))
         if op == "snapshot":
             if self.snapshot_fn is None:
                 return {"source": f"vqscope serve {self.socket_path}", "time": time.time(), "queues": []}
@@ -339,21 +467,65 @@ class VhostUserServer:
                 logger.warning("introspection: snapshot failed: %s", e)
                 return {"error": f"snapshot failed: {type(e).__name__}: {e}"}
         if op == "messages":
-            return {"messages": self.messages()}
-        return {"error": f"unknown op {op!r}: the ops are \"snapshot\" and \"messages\""}
+            msgs, next_seq = self.message_log(since)
+            return {"messages": msgs, "next": next_seq}
+        return {"error": f"unknown op {op!r}: the ops are \"snapshot\", \"messages\" and \"events\""}
 
-    def messages(self) -> list[dict]:
+    # --- events ----------------------------------------------------------------------------
+    def drain_events(self) -> None:
+        """Move every device's logged events into :attr:`events` (the loop
+        calls it every ``event_poll_s`` and before each introspection reply)."""
+        for conn in list(self.connections):
+            with self._ev_lock:
+                ran = self._ev_queues.setdefault(conn.id, set())
+                ran.update(v.index for v in list(conn.vrings) if v.started)
+                queues = sorted(ran)
+            self._drain_connection(conn, queues)
+
+    def _drain_connection(self, conn: BackendConnection, queues) -> None:
+        drain = getattr(conn.device, "drain_events", None)
+        if drain is None:
+            return
+        name = f"{conn.device.name}{conn.id}"
+        with self._ev_lock:
+            ran = self._ev_queues.get(conn.id, set())
+            for i in queues:
+                try:
+                    events, dropped = drain(i)
+                except Exception as e:  # a failing device must not stop the loop
+                    logger.warning("connection %d: draining events of vring %d failed: %s",
+                                   conn.id, i, e)
+                    continue
+                self.events.add(name, i, events)
+                seen = self._ev_dropped.get((conn.id, i), 0)
+                if dropped > seen:
+                    self.events.dropped += dropped - seen
+                    self._ev_dropped[conn.id, i] = dropped
+                if not events and i < len(conn.vrings) and not conn.vrings[i].started:
+                    ran.discard(i)  # stopped and drained: nothing more will come
+
+    # --- messages --------------------------------------------------------------------------
+    def messages(self, since: int | None = None) -> list[dict]:
         """The message logs of recently closed and live connections, each
-        entry with its ``connection`` id, in time order."""
+        entry with its ``connection`` id and ``seq`` (a server-wide number,
+        in arrival order), in arrival order; with ``since``, only entries
+        whose seq is >= since."""
+        return self.message_log(since)[0]
+
+    def message_log(self, since: int | None = None) -> tuple[list[dict], int]:
+        """:meth:`messages` and the ``next`` cursor (the seq the next
+        logged message will get)."""
         for _ in range(10):  # the loop thread may append meanwhile
             try:
                 with self._lock:
                     logs = list(self.closed_logs) + [(c.id, list(c.log)) for c in self.connections]
+                    next_seq = self._msg_seq
                 break
             except RuntimeError:
                 continue
         else:
-            logs = []
-        out = [dict(e, connection=cid) for cid, entries in logs for e in entries]
-        out.sort(key=lambda e: e["time"])
-        return out
+            logs, next_seq = [], self._msg_seq
+        out = [dict(e, connection=cid) for cid, entries in logs for e in entries
+               if "seq" in e and (since is None or e["seq"] >= since)]
+        out.sort(key=lambda e: e["seq"])
+        return out, next_seq

@@ -1,0 +1,307 @@
+"""The back-end's timed event stream (issue 5): per-vring C event logs
+(vqd_datapath.c), NetDevice.drain_events, the server's central buffer and
+the introspection ops ``events`` / ``messages`` with cursors, and
+BackendSource.events() / events_lost() / new_messages().
+
+Everything runs over real sockets: a VhostUserServer with a loopback
+NetDevice, the built-in front-end (inspector/vhost_user/frontend.py) with
+eventfd kicks and calls. Assertions compare events with the data path's own
+counters (kicks, calls, calls_suppressed), never with absolute times.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections import Counter, defaultdict
+
+import pytest
+
+from inspector.devices.net import NetDevice
+from inspector.driver import VRING_AVAIL_F_NO_INTERRUPT, DriverRing
+from inspector.errors import SourceError
+from inspector.events import KINDS, Event
+from inspector.memory import GuestMemory
+from inspector.snapshot import backend_snapshot
+from inspector.sources.backend import BackendSource
+from inspector.vhost_user.frontend import VhostUserFrontend
+from inspector.vhost_user.server import EventBuffer, VhostUserServer
+from inspector.vqd import DeviceQueue
+from tests.conftest import ROOT, VQSCOPE, wait_for
+
+FRAME = bytes.fromhex("ffffffffffff525400123456" "88b5") + bytes(50)
+
+
+# --- the C log, directly --------------------------------------------------------------------
+
+def device_queue(capacity: int, **kw) -> tuple[DriverRing, DeviceQueue]:
+    mem = GuestMemory()
+    mem.add(0x100000, bytearray(1 << 16))
+    drv = DriverRing(mem, 0x100000, 8)
+    q = DeviceQueue(mem, 8, drv.desc_addr, drv.avail_addr, drv.used_addr, gpa=True,
+                    event_capacity=capacity, **kw)
+    return drv, q
+
+
+def test_log_records_where_the_counters_move_and_counts_what_it_drops():
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        drv, q = device_queue(4, kick_fd=kick, call_fd=call)
+        t0 = time.time_ns()
+        os.eventfd_write(kick, 3)
+        os.eventfd_write(kick, 2)          # coalesced: one read of 5
+        assert q.drain_kick() == 5
+        assert q.notify()                  # no NO_INTERRUPT: a call, used_idx 0
+        drv.avail_flags = VRING_AVAIL_F_NO_INTERRUPT   # the driver wants no calls (§2.7.10)
+        assert not q.notify()
+        events = q.drain_events()
+        t1 = time.time_ns()
+        assert [(k, v) for _, k, v in events] == [("kick", 5), ("call", 0), ("call_suppressed", 0)]
+        assert all(t0 <= t <= t1 for t, _, _ in events)
+        assert q.counters["kicks"] == 5 and q.counters["calls"] == 1
+        assert q.drain_events() == [] and q.events_dropped == 0
+        # Full: 4 kept (the oldest), the rest counted, never blocking.
+        for _ in range(10):
+            q.notify()
+        assert len(q.drain_events()) == 4 and q.events_dropped == 6
+        q.notify()                         # room again after the drain
+        assert len(q.drain_events()) == 1 and q.events_dropped == 6
+        assert q.counters["calls_suppressed"] == 12
+    finally:
+        os.close(kick)
+        os.close(call)
+
+
+def test_log_wraps_around_its_array_in_order():
+    drv, q = device_queue(8)
+    seen = []
+    for round_ in range(5):                # 5 x 6 events through an 8-slot ring
+        for _ in range(6):
+            q.notify()
+        seen += q.drain_events()
+    assert len(seen) == 30 and q.events_dropped == 0
+    assert [t for t, _, _ in seen] == sorted(t for t, _, _ in seen)
+    with pytest.raises(ValueError, match="power of two"):
+        device_queue(6)
+    assert device_queue(0)[1].drain_events() == []   # no log at all
+
+
+def test_event_kinds_are_the_shared_ones():
+    from inspector.vqd import EVENT_KIND_NAMES
+
+    assert set(EVENT_KIND_NAMES.values()) <= set(KINDS)
+
+
+# --- the central buffer -------------------------------------------------------------------
+
+def test_event_buffer_cursor_gap_limit_and_eviction():
+    buf = EventBuffer(capacity=10)
+    buf.add("net1", 0, [(i, "call", i) for i in range(6)])         # seq 0..5
+    buf.add("net1", 1, [(100 + i, "kick", 1) for i in range(6)])   # seq 6..11: evicts chunk 0
+    r = buf.read(0)
+    assert r["gap"] == 6 and r["next"] == 12
+    assert r["events"][0] == [100, "net1", 1, "kick", 1] and len(r["events"]) == 6
+    r = buf.read(8, limit=3)
+    assert r["gap"] == 0 and r["next"] == 11 and [e[0] for e in r["events"]] == [102, 103, 104]
+    assert buf.read(12)["events"] == [] and buf.read(12)["next"] == 12
+    assert buf.read(99)["next"] == 12      # a cursor of an earlier server: from the oldest
+
+
+# --- over the sockets ---------------------------------------------------------------------
+
+@pytest.fixture
+def backend(tmp_path):
+    """Start a server; yields a function(**server_kw, **device_kw) -> (server, devices)."""
+    servers = []
+
+    def make(event_poll_s=0.05, **device_kw):
+        devices = []
+
+        def factory():
+            devices.append(NetDevice(mode="loopback", **device_kw))
+            return devices[-1]
+
+        sock = str(tmp_path / f"vu{len(servers)}.sock")
+        srv = VhostUserServer(sock, factory, introspect_path=sock + ".introspect",
+                              snapshot_fn=backend_snapshot, event_poll_s=event_poll_s)
+        srv.start()
+        servers.append(srv)
+        return srv, devices
+
+    yield make
+    for srv in servers:
+        srv.stop()
+
+
+def run_traffic(fe: VhostUserFrontend, bursts: int, per_burst: int = 4, pause: float = 0.01) -> int:
+    """Send ``bursts`` bursts of frames, pausing so that the device's worker
+    goes idle and asks for kicks between them; waits for every echo."""
+    sent = got = 0
+    for _ in range(bursts):
+        fe.post_rx_buffers(0, per_burst)
+        sent += fe.send_frames(0, [FRAME] * per_burst)
+        done = 0
+
+        def tx_done() -> bool:
+            nonlocal done
+            done += fe.poll_tx_done(0)
+            return done == per_burst
+
+        assert wait_for(tx_done, timeout=10)
+        while got < sent:
+            n = len(fe.recv_frames(0))
+            got += n
+            if not n:
+                time.sleep(0.001)
+        time.sleep(pause)
+    return sent
+
+
+def tally(events: list[Event]) -> dict:
+    """Per (device, queue): kick value sum, call count, call_suppressed count."""
+    t: dict = defaultdict(Counter)
+    for e in events:
+        key = (e.device, e.queue)
+        if e.kind == "kick":
+            t[key]["kicks"] += e.value
+        else:
+            t[key][e.kind + "s" if e.kind == "call" else "calls_suppressed"] += 1
+    return t
+
+
+def counters(snap: dict) -> dict:
+    return {(q["device"], q["index"]): Counter({k: q[k] for k in ("kicks", "calls", "calls_suppressed")
+                                                if q[k]}) for q in snap["queues"]}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_events_match_counters_and_every_client_sees_all(backend, event_idx):
+    srv, _ = backend(busy_poll_us=50)
+    t0 = time.time_ns()
+    with VhostUserFrontend(srv.socket_path, queue_size=64, event_idx=event_idx, mrg_rxbuf=True) as fe, \
+            BackendSource(srv.socket_path) as a, BackendSource(srv.socket_path) as b:
+        early = a.events()          # a opened before the traffic, b after
+        run_traffic(fe, 20)
+        seen_a, seen_b = list(early), []
+
+        def consistent() -> bool:
+            snap = a.snapshot()      # counters first: events then include all they count
+            seen_a.extend(a.events())
+            seen_b.extend(b.events())
+            want, got = counters(snap), tally(seen_a)
+            return all(want.get(k, Counter()) == got.get(k, Counter()) for k in set(want) | set(got))
+
+        assert wait_for(consistent, timeout=10, interval=0.05)
+        t1 = time.time_ns()
+        snap = a.snapshot()
+    kicks = {q["index"]: q["kicks"] for q in snap["queues"]}
+    assert kicks[1] > 0       # the worker slept on the TX kick fd and was kicked
+    assert seen_a == seen_b                   # both clients, every event, same order
+    assert {e.device for e in seen_a} == {"net1"}
+    for qi in (0, 1):
+        times = [e.time_ns for e in seen_a if e.queue == qi]
+        assert times == sorted(times)
+        assert t0 <= times[0] and times[-1] <= t1
+    assert a.events_lost() == 0 and b.events_lost() == 0
+
+
+@pytest.mark.timeout(120)
+def test_full_device_log_is_counted_as_dropped(backend):
+    # No periodic drain: nothing leaves the 8-entry logs until a request comes.
+    srv, devices = backend(event_poll_s=None, event_capacity=8, busy_poll_us=50)
+    with VhostUserFrontend(srv.socket_path, queue_size=64, event_idx=True, mrg_rxbuf=True) as fe:
+        run_traffic(fe, 20)
+        (dev,) = devices
+        produced = sum(dev.queue_stats(i).calls + dev.queue_stats(i).calls_suppressed for i in (0, 1))
+        with BackendSource(srv.socket_path) as src:
+            events = src.events()
+            per_queue = Counter(e.queue for e in events)
+            assert per_queue == {0: 8, 1: 8}           # each log held its 8 oldest
+            lost = src.events_lost()
+            reply = src.request("events", since=0)
+            assert reply["dropped"] >= produced - 16 > 0  # at least the calls that did not fit
+            assert lost == 0                             # dropped before this source opened
+            run_traffic(fe, 1)                           # the logs drained: room again
+            more = src.events()
+            assert more and src.request("events", since=0)["dropped"] == reply["dropped"]
+            assert src.events_lost() == 0
+
+
+@pytest.mark.timeout(120)
+def test_dropped_after_opening_counts_as_lost(backend):
+    srv, devices = backend(event_poll_s=None, event_capacity=8, busy_poll_us=50)
+    with VhostUserFrontend(srv.socket_path, queue_size=64, event_idx=True, mrg_rxbuf=True) as fe, \
+            BackendSource(srv.socket_path) as src:
+        src.events()                   # opened: losses from here on are this source's
+        run_traffic(fe, 20)
+        events = src.events()
+        assert Counter(e.queue for e in events) == {0: 8, 1: 8}
+        assert src.events_lost() == src.request("events", since=0)["dropped"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_stopped_queue_and_closed_connection_keep_their_events(backend):
+    srv, devices = backend(event_poll_s=None, busy_poll_us=50)
+    with BackendSource(srv.socket_path) as src:
+        with VhostUserFrontend(srv.socket_path, queue_size=64, event_idx=False) as fe:
+            run_traffic(fe, 10)
+            fe.get_vring_base(1)          # stops the TX vring (and the pair's worker)
+            (dev,) = devices
+            stopped = {i: dev.queue_stats(i) for i in (0, 1)}
+        # The front-end is gone: the server took the device's pending events on close.
+        assert wait_for(lambda: not srv.connections)
+        events = src.events()
+    t = tally(events)
+    for i in (0, 1):
+        st = dev.queue_stats(i)
+        assert t[("net1", i)]["kicks"] == st.kicks and t[("net1", i)]["calls"] == st.calls
+        assert t[("net1", i)]["calls_suppressed"] == st.calls_suppressed
+    assert stopped[1].kicks == dev.queue_stats(1).kicks and stopped[1].kicks > 0
+    assert src.events_lost() == 0
+
+
+@pytest.mark.timeout(60)
+def test_messages_since_cursor(backend):
+    srv, _ = backend()
+    with BackendSource(srv.socket_path) as src:
+        with VhostUserFrontend(srv.socket_path, queue_size=64):
+            first = src.new_messages()
+            names = [m["request"] for m in first]
+            assert names[0] == "GET_FEATURES" and "SET_MEM_TABLE" in names and "SET_VRING_KICK" in names
+            seqs = [m["seq"] for m in first]
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+            assert src.new_messages() == []
+            assert len(src.messages()) == len(first)           # the old op, unchanged
+        with VhostUserFrontend(srv.socket_path, queue_size=64):
+            second = src.new_messages()
+        assert second[0]["request"] == "GET_FEATURES" and {m["connection"] for m in second} == {2}
+        assert second[0]["seq"] == seqs[-1] + 1
+        with pytest.raises(SourceError, match="since"):
+            src.request("messages", since=-1)
+        with pytest.raises(SourceError, match="since"):
+            src.request("events", since="x")
+
+
+@pytest.mark.timeout(120)
+def test_demo_socket_is_readable_by_another_process(tmp_path):
+    sock = str(tmp_path / "demo.sock")
+    demo = subprocess.Popen(VQSCOPE + ["demo", "--headless", "--duration", "60", "--socket", sock],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: os.path.exists(sock + ".introspect"), timeout=30)
+        with BackendSource(sock) as src:
+            events: list[Event] = []
+            assert wait_for(lambda: events.extend(src.events()) or len(events) > 100, timeout=30)
+            assert {e.device for e in events} == {"net1"}
+            assert {e.kind for e in events} <= {"kick", "call", "call_suppressed"} <= set(KINDS)
+            assert src.new_messages()[0]["request"] == "GET_FEATURES"
+    finally:
+        demo.send_signal(signal.SIGTERM)
+        out, err = demo.communicate(timeout=30)
+    assert demo.returncode == 0, err
+    assert "introspection on " + sock + ".introspect" in err
+    assert not os.path.exists(sock) and not os.path.exists(sock + ".introspect")
