@@ -76,12 +76,13 @@ def series() -> list[dict]:
 
 def series_events() -> list[list[Event]]:
     """Per snapshot i, the events recorded with it: 5·i kicks of net0 queue 1
-    spread over (t(i−1), t(i)], none for queue 0, no calls."""
+    spread over (t(i−1), t(i)), none for queue 0, no calls."""
     out = [[]]
     for i in range(1, COUNT):
         start = to_ns(T0 + STEP * (i - 1))
         n = TX_KICK_EVENTS * i
-        out.append([Event(start + (k + 1) * to_ns(STEP) // n, "net0", 1, "kick", 1) for k in range(n)])
+        # Strictly inside: snapshot times are floats, good to a few hundred ns only.
+        out.append([Event(start + (k + 1) * to_ns(STEP) // (n + 1), "net0", 1, "kick", 1) for k in range(n)])
     return out
 
 
@@ -111,7 +112,7 @@ def write_recording(path: Path) -> Path:
 @pytest.fixture
 def recording(tmp_path) -> Path:
     # A fixed file name: the replay bar shows it, and screen snapshots must not vary.
-    return write_recording(tmp_path / "demo.vqrec")
+    return write_recording(tmp_path / "demo.vqs")
 
 
 class Clock:
@@ -146,7 +147,7 @@ class FakeRecording:
 
 def fake_source(times=(0.0, 1.0, 2.0, 3.0, 10.0), anomalies=(1, 3)) -> tuple[ReplaySource, Clock]:
     clock = Clock()
-    return ReplaySource("x/fake.vqrec", recording=FakeRecording(list(times), list(anomalies)), clock=clock), clock
+    return ReplaySource("x/fake.vqs", recording=FakeRecording(list(times), list(anomalies)), clock=clock), clock
 
 
 # --- the cursor (pure arithmetic) ------------------------------------------
@@ -156,7 +157,7 @@ def test_cursor_starts_paused_on_the_first_snapshot():
     src, _ = fake_source()
     c = src.cursor()
     assert (c.index, c.count, c.time, c.playing, c.speed) == (0, 5, 0.0, False, 1.0)
-    assert src.file_name == "fake.vqrec" and src.name == "fake"
+    assert src.file_name == "fake.vqs" and src.name == "fake"
 
 
 def test_play_follows_recorded_time_at_the_speed_and_stops_at_the_end():
@@ -247,10 +248,337 @@ def test_seek_spec_refuses_what_is_not_a_position(spec):
 def test_a_recording_without_snapshots_is_refused_and_closed():
     rec = FakeRecording([], [])
     with pytest.raises(SourceError, match="holds no snapshot"):
-        ReplaySource("empty.vqrec", recording=rec)
+        ReplaySource("empty.vqs", recording=rec)
     assert rec.closed
 
 
 def test_a_missing_file_is_a_source_error():
-    with pytest.raises(SourceError, match="no recording at /nonexistent/x.vqrec"):
-        ReplaySource("/nonexistent/x.vqrec")
+    with pytest.raises(SourceError, match="no recording at /nonexistent/x.vqs"):
+        ReplaySource("/nonexistent/x.vqs")
+
+
+# --- the source over a real recording ---------------------------------------
+
+
+def test_snapshots_are_served_exactly_as_recorded(recording):
+    with ReplaySource(str(recording)) as src:
+        assert len(src) == COUNT and src.anomaly_indices() == [2, 5]
+        assert src.name == SAMPLE["source"] and src.file_name == "demo.vqs"
+        for i, want in enumerate(series()):
+            src.seek(i)
+            assert src.snapshot() == want
+        src.seek(1)  # backwards too
+        assert src.snapshot() == series()[1]
+
+
+def test_frame_counts_the_recorded_events_of_the_interval_ending_at_the_cursor(recording):
+    with ReplaySource(str(recording)) as src:
+        first = src.frame()
+        assert first.previous is None and first.event_counts == {}
+        assert first.event_keys == {("net0", 1, "kick")}
+        for i in (3, 1, 5):  # any order: the interval is (t(i−1), t(i)]
+            frame = src.seek(i) and src.frame()
+            assert frame.previous == series()[i - 1] and frame.snapshot == series()[i]
+            assert frame.event_counts == {("net0", 1, "kick"): TX_KICK_EVENTS * i}
+
+
+def test_replay_rates_count_recorded_events_where_there_are_any(recording):
+    with ReplaySource(str(recording)) as src:
+        src.seek(3)
+        rates = replay_rates(src.frame())
+    # net0 queue 1: 15 kick events in 0.5 s (its counters say 100/s: events win);
+    # no call events recorded: calls/s from the counters (+10 per 0.5 s).
+    assert rates[("net0", 1)] == QueueRates(kicks=30.0, calls=20.0, packets=120.0)
+    # net0 queue 0: no events recorded at all: all from the counters.
+    assert rates[("net0", 0)] == QueueRates(kicks=4.0, calls=100.0, packets=200.0)
+
+
+def test_events_and_messages_are_handed_out_once_as_the_cursor_moves_forward(recording):
+    with ReplaySource(str(recording)) as src:
+        assert src.events() == []  # at the first snapshot: nothing recorded before it
+        assert [m["request"] for m in src.new_messages()] == ["GET_FEATURES", "SET_MEM_TABLE"]
+        src.seek(2)
+        evs = src.events()
+        assert len(evs) == TX_KICK_EVENTS * (1 + 2) and evs == sorted(evs)
+        assert evs[0].time_ns > to_ns(T0) and evs[-1].time_ns <= to_ns(T0 + 2 * STEP)
+        assert src.new_messages() == []  # SET_VRING_ENABLE is at +1.2 s, after snapshot 2 (+1.0 s)
+        assert src.events() == [] and src.new_messages() == []  # nothing twice
+        src.seek(3)
+        assert len(src.events()) == TX_KICK_EVENTS * 3  # (t2, t3] only: (t0, t2] was handed out
+        assert [m["request"] for m in src.new_messages()] == ["SET_VRING_ENABLE"]
+        src.seek(0)
+        assert src.events() == [] and src.new_messages() == []  # moving back hands out nothing
+        src.seek(2)  # ... and playing forward again hands out (t0, t2] again, as replayed
+        assert len(src.events()) == TX_KICK_EVENTS * (1 + 2) and src.new_messages() == []
+
+
+# --- the app: keys, bar, screens --------------------------------------------
+
+
+def replay_app(path: Path, interval: float = 0.02) -> ReplayApp:
+    return ReplayApp(ReplaySource(str(path)), interval=interval)
+
+
+def run_app(app, body) -> None:
+    """Run ``body(pilot)`` against ``app`` headless, then close its source."""
+
+    async def main():
+        async with app.run_test(size=SIZE) as pilot:
+            await body(pilot)
+
+    try:
+        asyncio.run(main())
+    finally:
+        app.source.close()
+
+
+async def wait_for(pilot, condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await pilot.pause(0.02)
+
+
+def bar_text(app) -> str:
+    return str(app.screen.query_one(ReplayBar).render())
+
+
+async def shown(pilot, index: int) -> None:
+    """Wait until the screen shows snapshot ``index`` (the bar and the table agree)."""
+    app = pilot.app
+    await wait_for(pilot, lambda: app.cursor is not None and app.cursor.index == index
+                   and app.snapshot is not None and app.snapshot["time"] == T0 + STEP * index)
+    await pilot.pause()
+
+
+def cell(app, row: str, column: str) -> str:
+    return app.screen.query_one(QueueTable).get_cell(row, column).plain
+
+
+def test_replay_screen_shows_the_first_snapshot_paused_with_the_recorded_time(recording):
+    app = replay_app(recording)
+
+    async def body(pilot):
+        await shown(pilot, 0)
+        text = bar_text(app)
+        assert "⏸ paused 1×" in text and "2025-11-21 08:25:01.250 UTC" in text and "+0.000 s" in text
+        assert "snapshot 1/6" in text and "anomalies 0/2" in text and "demo.vqs" in text
+        header = str(app.screen.query_one(StatusHeader).render())
+        assert header.startswith(f"vqscope  {SAMPLE['source']}  2025-11-21 08:25:01.250 UTC  2 queues")
+        assert header.endswith("recorded")
+        assert cell(app, "net0#1", "kicks") == "7390" and cell(app, "net0#1", "kicks_s") == "—"
+
+    run_app(app, body)
+
+
+def test_right_and_left_step_one_snapshot_and_change_the_time(recording):
+    app = replay_app(recording)
+
+    async def body(pilot):
+        await shown(pilot, 0)
+        await pilot.press("right")
+        await shown(pilot, 1)
+        assert "08:25:01.750 UTC" in bar_text(app) and "snapshot 2/6" in bar_text(app)
+        assert cell(app, "net0#1", "kicks") == "7440"
+        assert cell(app, "net0#1", "kicks_s") == "10.0"  # 5 recorded kick events in 0.5 s
+        assert cell(app, "net0#0", "packets_s") == "200"  # from the counters
+        await pilot.press("right", "right")
+        await shown(pilot, 3)
+        await pilot.press("left")
+        await shown(pilot, 2)
+        assert "08:25:02.250 UTC" in bar_text(app) and "+1.000 s" in bar_text(app)
+
+    run_app(app, body)
+
+
+def test_home_and_end_jump_to_the_first_and_last_snapshot(recording):
+    app = replay_app(recording)
+
+    async def body(pilot):
+        await shown(pilot, 0)
+        await pilot.press("end")
+        await shown(pilot, COUNT - 1)
+        assert "snapshot 6/6" in bar_text(app) and "08:25:03.750 UTC" in bar_text(app)
+        assert cell(app, "net0#1", "kicks") == str(7390 + 50 * (COUNT - 1))
+        await pilot.press("home")
+        await shown(pilot, 0)
+        assert "snapshot 1/6" in bar_text(app)
+
+    run_app(app, body)
+
+
+def test_n_and_N_p_jump_between_snapshots_where_an_anomaly_appeared(recording):
+    app = replay_app(recording)
+
+    async def body(pilot):
+        anomalies = app.source.anomaly_indices()
+        await shown(pilot, 0)
+        await pilot.press("n")
+        await shown(pilot, anomalies[0])
+        assert "new anomaly" in bar_text(app) and "anomalies 1/2" in bar_text(app)
+        assert cell(app, "net0#1", "anomalies") == "1"
+        await pilot.press("n")
+        await shown(pilot, anomalies[1])
+        await pilot.press("n")  # none after: stays, says so
+        await wait_for(pilot, lambda: any("no new anomaly after snapshot 6" in str(n.message)
+                                          for n in app._notifications))
+        assert app.source.index == anomalies[1]
+        await pilot.press("N")
+        await shown(pilot, anomalies[0])
+        await pilot.press("end", "p")
+        await shown(pilot, anomalies[1] if anomalies[1] < COUNT - 1 else anomalies[0])
+
+    run_app(app, body)
+
+
+def test_space_plays_to_the_end_and_plus_minus_change_the_speed(recording):
+    app = replay_app(recording)
+
+    async def body(pilot):
+        await shown(pilot, 0)
+        await pilot.press("minus", "minus")
+        await wait_for(pilot, lambda: "⏸ paused 0.25×" in bar_text(app))
+        await pilot.press("plus", "plus", "plus", "plus", "plus", "plus", "plus", "plus")
+        await wait_for(pilot, lambda: "⏸ paused 100×" in bar_text(app))  # 2.5 recorded s in 25 ms
+        await pilot.press("space")
+        await shown(pilot, COUNT - 1)  # plays through, then pauses on the last snapshot
+        await wait_for(pilot, lambda: "⏸ paused 100×" in bar_text(app) and "snapshot 6/6" in bar_text(app))
+        await pilot.press("home", "minus", "minus", "minus", "minus", "minus", "minus")
+        await wait_for(pilot, lambda: "1×" in bar_text(app) and "snapshot 1/6" in bar_text(app))
+        await pilot.press("space")  # 1×: snapshot 2 after 0.5 s
+        await wait_for(pilot, lambda: "▶ playing 1×" in bar_text(app))
+        assert app.screen.query_one(ReplayBar).has_class("-playing")
+        await pilot.press("space")
+        await wait_for(pilot, lambda: "⏸ paused" in bar_text(app))
+        paused_at = app.source.index
+        assert paused_at < COUNT - 1
+        await pilot.pause(0.6)
+        assert app.source.index == paused_at and app.cursor.index == paused_at
+
+    run_app(app, body)
+
+
+def test_queue_screen_follows_the_cursor(recording):
+    app = replay_app(recording)
+
+    async def body(pilot):
+        await shown(pilot, 0)
+        await pilot.press("down", "enter")
+        await pilot.pause()
+        assert isinstance(app.screen, QueueScreen) and app.screen.query(ReplayBar)
+        assert app.screen.query_one(AnomalyTable).row_count == 0
+        await pilot.press("n")
+        await wait_for(pilot, lambda: app.screen.query_one(AnomalyTable).row_count == 1)
+        assert "snapshot 3/6" in bar_text(app)
+        await pilot.press("right", "right")  # snapshot 4: the anomaly is gone
+        await wait_for(pilot, lambda: app.screen.query_one(AnomalyTable).row_count == 0)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert isinstance(app.screen, MainScreen)
+
+    run_app(app, body)
+
+
+def test_help_lists_the_replay_keys_only_in_replay(recording):
+    app = replay_app(recording)
+
+    async def body(pilot):
+        await shown(pilot, 0)
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        text = str(app.screen.query_one("#help").render())
+        assert "play / pause" in text and "next / previous snapshot where a new anomaly" in text
+
+    run_app(app, body)
+    from tui.screens.help import KEYS
+
+    assert not any("play" in what for _, what in KEYS)  # the live help is unchanged
+
+
+async def _on_first_anomaly(pilot) -> None:
+    await shown(pilot, 0)
+    await pilot.press("n")
+    await shown(pilot, 2)
+
+
+def test_snapshot_replay_screen(snap_compare, recording):
+    """Main screen of a replay on snapshot 3/6, where queue 1's anomaly appeared; bar, footer keys."""
+    app = replay_app(recording)
+    try:
+        assert snap_compare(app, terminal_size=SIZE, run_before=_on_first_anomaly)
+    finally:
+        app.source.close()
+
+
+def test_snapshot_replay_queue_screen(snap_compare, recording):
+    """Queue screen of net0 queue 1 in a replay, on the same snapshot."""
+    app = replay_app(recording)
+
+    async def run_before(pilot):
+        await _on_first_anomaly(pilot)
+        await pilot.press("down", "enter")
+        await pilot.pause()
+
+    try:
+        assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+    finally:
+        app.source.close()
+
+
+# --- the command line --------------------------------------------------------
+
+
+def vqscope(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(VQSCOPE + list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_tui_replay_of_a_missing_file_exits_2_with_one_line(tmp_path):
+    missing = tmp_path / "missing.vqs"
+    out = vqscope("tui", "--replay", str(missing))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == [f"vqscope tui: no recording at {missing}: no such file "
+                                       f"(make one with `vqscope record -o FILE`)"]
+
+
+def test_tui_replay_of_a_file_that_is_no_recording_exits_2(tmp_path):
+    bogus = tmp_path / "bogus.vqs"
+    bogus.write_text("not sqlite\n" * 100)
+    out = vqscope("tui", "--replay", str(bogus))
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1
+    assert out.stderr.startswith(f"vqscope tui: {bogus}: not a vqscope recording")
+
+
+def test_replay_goes_with_no_other_source(recording):
+    out = vqscope("tui", "--replay", str(recording), "--connect", "/tmp/vq.sock")
+    assert out.returncode == 2
+    assert out.stderr.strip() == "vqscope tui: --replay FILE plays a recording; it does not go with --connect"
+    out = vqscope("snapshot", "--connect", "/tmp/vq.sock", "--at", "3")
+    assert out.returncode == 2 and "--at goes with --replay FILE" in out.stderr
+
+
+@pytest.mark.parametrize("at, index", [(None, 0), ("3", 2), ("-1", COUNT - 1), ("+1.2", 2),
+                                       ("2025-11-21T08:25:03.3", 4)])
+def test_snapshot_replay_at_prints_that_recorded_snapshot(recording, at, index):
+    out = vqscope("snapshot", "--replay", str(recording), "--json", *(["--at", at] if at else []))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == series()[index]
+
+
+def test_snapshot_replay_at_outside_the_recording_exits_2(recording):
+    out = vqscope("snapshot", "--replay", str(recording), "--at", "7")
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"vqscope snapshot: --at 7: recording {recording} has snapshots 1..6 (or -6..-1)"
+
+
+def test_run_tui_picks_the_replay_app(monkeypatch, recording):
+    seen = {}
+
+    def fake_run(self):
+        seen.update(cls=type(self), index=self.source.index, interval=self.interval)
+
+    monkeypatch.setattr(VqscopeApp, "run", fake_run)
+    args = open_source.__module__ and __import__("argparse").Namespace(
+        replay=str(recording), at="-2", interval=0.1, connect=None, qmp=None, file=None, pid=None)
+    assert run_tui(args) == 0
+    assert seen == {"cls": ReplayApp, "index": COUNT - 2, "interval": 0.1}

@@ -134,7 +134,7 @@ class ReplayApp(VqscopeApp):
     # Priority: the tables' own left/right/home/end would take them first.
     BINDINGS = [
         Binding("space", "toggle", "Play/pause", key_display="space", priority=True),
-        Binding("left", "step(-1)", "Back", key_display="←", priority=True),
+        Binding("left", "step(-1)", "Step back", key_display="←", priority=True),
         Binding("right", "step(1)", "Step", key_display="→", priority=True),
         Binding("n", "anomaly(1)", "Next anomaly", priority=True),
         Binding("N,p", "anomaly(-1)", "Prev anomaly", key_display="N", priority=True),

@@ -124,8 +124,8 @@ class ReplaySource:
         self._speed = 1.0
         self._anchor_wall = 0.0  # while playing: wall time when recorded time was _anchor_time
         self._anchor_time = self._times[0]
-        self._events_mark = self._times[0]  # events()/new_messages() hand out what lies after this
-        self._messages_mark = self._times[0]
+        # events()/new_messages() hand out what lies after these (at first: all up to the cursor).
+        self._events_mark = self._messages_mark = float("-inf")
         self._event_keys: frozenset[EventKey] | None = None
 
     # --- the cursor ---------------------------------------------------------
@@ -340,20 +340,21 @@ class ReplaySource:
             return ReplayFrame(cur, self._snapshot_at(i), previous, counts, self._event_keys)
 
     def events(self) -> list[Event]:
-        """The recorded events after the cursor time of the previous call (or
-        the first snapshot's) up to and including the cursor's time, oldest
-        first: what happened while playback moved forward. Empty when the
-        cursor did not move forward (moving back hands out nothing)."""
+        """The recorded events after the cursor time of the previous call (at
+        the first call: from the beginning) up to and including the cursor's
+        time, oldest first: what happened while playback moved forward. Empty
+        when the cursor did not move forward (moving back hands out nothing)."""
         with self._lock:
             start, end = self._events_mark, self._times[self._index]
             self._events_mark = end
             if end <= start:
                 return []
-            return list(self._rec.events(to_ns(start) + 1, to_ns(end) + 1))
+            return list(self._rec.events(None if start == float("-inf") else to_ns(start) + 1, to_ns(end) + 1))
 
     def new_messages(self) -> list[dict]:
         """The recorded vhost-user messages after the cursor time of the
-        previous call up to the cursor's, oldest first (like events())."""
+        previous call (at the first: from the beginning, the handshake) up to
+        the cursor's, oldest first (like events())."""
         with self._lock:
             start, end = self._messages_mark, self._times[self._index]
             self._messages_mark = end
