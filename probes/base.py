@@ -601,12 +601,12 @@ def print_points(points: list[AttachPoint], file=None) -> None:
     import textwrap
 
     f = file or sys.stdout
-    print(f"{'PROBE':<12}{'KIND':<11}{'POINT':<26}STATUS", file=f)
+    print(f"{'PROBE':<12}{'KIND':<11}{'POINT':<31}STATUS", file=f)
     for ap in points:
         where = ap.wanted if ap.target in ("", ap.wanted) else ap.target
         if ap.kind == "uprobe":
             where = "libc:" + ap.wanted
-        print(f"{ap.probe:<12}{ap.kind:<11}{where[:25]:<26}{ap.status}", file=f)
+        print(f"{ap.probe:<12}{ap.kind:<11}{where[:30]:<31}{ap.status}", file=f)
         if ap.reason:
             for line in textwrap.wrap(ap.reason, 74):
                 print(f"{'':6}{line}", file=f)

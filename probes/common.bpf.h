@@ -68,14 +68,16 @@ static __always_inline void vqs_hist(u64 key, u32 hist, u64 value)
     hists.atomic_increment(hk);
 }
 
-static __always_inline void vqs_emit(void *ctx, u64 key, u16 kind, s16 queue, u64 value)
+/* One stream record; pid: the process it is about (a vhost worker emits
+ * for its owner). */
+static __always_inline void vqs_emit_pid(void *ctx, u64 key, u16 kind, s16 queue, u64 value, u32 pid)
 {
 #if STREAM
     struct vqs_event e = {};
     e.ts = bpf_ktime_get_ns();
     e.key = key;
     e.value = value;
-    e.pid = bpf_get_current_pid_tgid() >> 32;
+    e.pid = pid;
     e.kind = kind;
     e.queue = queue;
 #if USE_RINGBUF
@@ -89,4 +91,9 @@ static __always_inline void vqs_emit(void *ctx, u64 key, u16 kind, s16 queue, u6
     events.perf_submit(ctx, &e, sizeof(e));
 #endif
 #endif
+}
+
+static __always_inline void vqs_emit(void *ctx, u64 key, u16 kind, s16 queue, u64 value)
+{
+    vqs_emit_pid(ctx, key, kind, queue, value, bpf_get_current_pid_tgid() >> 32);
 }
