@@ -72,12 +72,6 @@ def cmd_load(args: argparse.Namespace) -> int:
     return load_main(args)
 
 
-def cmd_load(args: argparse.Namespace) -> int:
-    from .vhost_net_driver import load_main
-
-    return load_main(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
@@ -181,21 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--socket", help="vhost-user socket path (introspection: PATH.introspect); "
                                      "default: in a temporary directory")
     dp.set_defaults(func=cmd_demo)
-
-    ldp = sub.add_parser("load", help="drive a kernel vhost-net device from user space (a load tool)",
-                         formatter_class=fmt, epilog=_examples("""
-                             vqscope load vhost-net --tx 32 --rx 32       # needs root and /dev/vhost-net
-                             vqscope load vhost-net --hold 60 --every 0.5 # stay open for vqscope tui --vhost-net PID
-                         """))
-    ldp.add_argument("kind", choices=["vhost-net"], help="device to drive")
-    ldp.add_argument("--tx", type=int, default=8, help="frames to send through TX (default 8)")
-    ldp.add_argument("--rx", type=int, default=8, help="frames to receive through RX (default 8)")
-    ldp.add_argument("--tap", default="vqs%d", help="tap device name (default vqs%%d: the kernel picks)")
-    ldp.add_argument("--size", type=int, default=256, help="queue size of both vrings (default 256)")
-    ldp.add_argument("--hold", type=float, default=0.0, help="seconds to stay open after the traffic")
-    ldp.add_argument("--every", type=float, default=0.0,
-                     help="while holding, one TX and one RX frame every SECONDS")
-    ldp.set_defaults(func=cmd_load)
 
     ldp = sub.add_parser("load", help="drive a kernel vhost-net device from user space (a load tool)",
                          formatter_class=fmt, epilog=_examples("""
