@@ -18,6 +18,7 @@ import asyncio
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -343,11 +344,12 @@ def bar_text(app) -> str:
     return str(app.screen.query_one(ReplayBar).render())
 
 
-async def shown(pilot, index: int) -> None:
-    """Wait until the screen shows snapshot ``index`` (the bar and the table agree)."""
+async def shown(pilot, index: int, snapshot: dict | None = None) -> None:
+    """Wait until the screen shows snapshot ``index`` (the bar and the table
+    agree), which is ``snapshot`` (default: series()[index])."""
     app = pilot.app
-    await wait_for(pilot, lambda: app.cursor is not None and app.cursor.index == index
-                   and app.snapshot is not None and app.snapshot["time"] == T0 + STEP * index)
+    want = series()[index] if snapshot is None else snapshot
+    await wait_for(pilot, lambda: app.cursor is not None and app.cursor.index == index and app.snapshot == want)
     await pilot.pause()
 
 
@@ -582,3 +584,70 @@ def test_run_tui_picks_the_replay_app(monkeypatch, recording):
         replay=str(recording), at="-2", interval=0.1, connect=None, qmp=None, file=None, pid=None)
     assert run_tui(args) == 0
     assert seen == {"cls": ReplayApp, "index": COUNT - 2, "interval": 0.1}
+
+
+# --- a recording of a real back-end, replayed --------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_a_recording_of_real_traffic_replays_in_the_tui(tmp_path):
+    """`vqscope record` of `vqscope demo --headless` (our back-end and our
+    front-end moving real frames over a real vhost-user socket), then the
+    TUI steps and plays the file: each snapshot shown is the one the
+    recorder took (its --tee-jsonl copy), in order; rates come from the
+    recorded kick/call events; the handshake is in the replayed messages."""
+    from tests.peers import Peer, socket_dir, wait_path
+    from tui.render import rate_text, time_text
+
+    sockets = socket_dir()
+    sock = f"{sockets}/d.sock"
+    out, tee_path = tmp_path / "live.vqs", tmp_path / "live.jsonl"
+    demo = Peer(VQSCOPE + ["demo", "--headless", "--duration", "120", "--socket", sock], "vqscope demo",
+                cwd=str(ROOT), env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        wait_path(sock + ".introspect", 30, demo.alive)
+        rec = vqscope("record", "-o", str(out), "--connect", sock, "--interval", "50", "--duration", "2",
+                      "--tee-jsonl", str(tee_path), timeout=120)
+        assert rec.returncode == 0, rec.stderr
+    finally:
+        demo.close()
+        shutil.rmtree(sockets, ignore_errors=True)
+    tee = [json.loads(line) for line in tee_path.read_text().splitlines()]
+    assert len(tee) >= 10  # 2 s at 50 ms, on a busy 2-core machine
+    app = replay_app(out)
+    seen: list[int] = []
+
+    async def body(pilot):
+        await shown(pilot, 0, tee[0])
+        assert app.cursor.count == len(tee)
+        for i in range(1, 6):  # stepping shows each recorded snapshot, exactly
+            await pilot.press("right")
+            await shown(pilot, i, tee[i])
+            assert time_text(tee[i]["time"]) in bar_text(app)
+            tx = next(q for q in tee[i]["queues"] if q["index"] == 1)
+            assert cell(app, f"{tx['device']}#1", "avail_idx") == str(tx["avail_idx"])
+        await pilot.press("home", *["plus"] * len(SPEEDS), "space")  # the fastest speed, play
+        deadline = time.monotonic() + 60
+        while not (app.cursor.index == len(tee) - 1 and not app.cursor.playing):
+            assert time.monotonic() < deadline, f"playback stuck at {app.cursor}"
+            seen.append(app.cursor.index)
+            await pilot.pause(0.01)
+        await pilot.pause()
+        assert app.snapshot == tee[-1] and f"snapshot {len(tee)}/{len(tee)}" in bar_text(app)
+        frame = app.source.frame()
+        tx = next(q for q in tee[-1]["queues"] if q["index"] == 1)
+        if (tx["device"], 1, "kick") in frame.event_keys:  # the back-end's event stream was recorded
+            rates = replay_rates(frame)
+            assert cell(app, f"{tx['device']}#1", "kicks_s") == rate_text(rates[(tx["device"], 1)].kicks)
+            dt = frame.snapshot["time"] - frame.previous["time"]
+            assert rates[(tx["device"], 1)].kicks == frame.event_counts.get((tx["device"], 1, "kick"), 0) / dt
+
+    run_app(app, body)
+    assert seen == sorted(seen)  # playback only moves forward
+    with ReplaySource(str(out)) as src:
+        src.to_end()
+        requests = {m["request"] for m in src.new_messages()}
+        assert {"SET_MEM_TABLE", "SET_VRING_KICK", "SET_VRING_CALL"} <= requests, requests
+        evs = src.events()
+        assert all(a.time_ns <= b.time_ns for a, b in zip(evs, evs[1:]))
+        assert not evs or evs[-1].time_ns <= to_ns(tee[-1]["time"]) + 1
