@@ -171,7 +171,9 @@ class Recorder:
         return snap, events, msgs, lost
 
     def _size(self) -> int:
-        return sum(file_size(p) for p in self.paths)
+        """Bytes of every part, as committed (RecordingWriter.size)."""
+        done = self.paths[:-1] if self.writer is not None else self.paths
+        return sum(file_size(p) for p in done) + (self.writer.size() if self.writer is not None else 0)
 
     def _progress(self, t0: float, final: bool = False) -> None:
         if self.out is None:
@@ -211,6 +213,15 @@ class Recorder:
         except DiskFullError as e:
             self._say(f"{e}; stopped. {self._where()}")
             status = 1
+        except SourceError:
+            # Not one snapshot: the source never worked (wrong path, not
+            # running). Leave no empty file behind; cli.py reports it.
+            self._close_writer()
+            for p in self.paths + ([self.tee_path] if self.tee_path else []):
+                for f in (p, p + "-wal", p + "-shm"):
+                    if os.path.exists(f):
+                        os.unlink(f)
+            raise
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
@@ -240,6 +251,8 @@ class Recorder:
             try:
                 polled = self._poll()
             except SourceError as e:
+                if self.count("snapshots") == 0:
+                    raise
                 if final:
                     return 0
                 self.stop_reason = "source gone"
@@ -276,7 +289,7 @@ class Recorder:
             self.stop.wait(max(0.0, next_tick - time.monotonic()))
 
     def _size_now(self) -> int:
-        return file_size(self.writer.path)
+        return self.writer.size()
 
 
 def record_main(args) -> int:
