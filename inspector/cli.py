@@ -66,6 +66,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(args)
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from probes.cli import probe_main
+
+    return probe_main(args)
+
+
 def cmd_load(args: argparse.Namespace) -> int:
     from .vhost_net_driver import load_main
 
@@ -190,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     ldp.add_argument("--every", type=float, default=0.0,
                      help="while holding, one TX and one RX frame every SECONDS")
     ldp.set_defaults(func=cmd_load)
+
+    from probes.cli import EXAMPLES as PROBE_EXAMPLES, add_arguments as add_probe_arguments  # issue 4
+
+    prp = sub.add_parser("probe", help="BCC probes: vhost-net handlers, eventfd kicks/calls, vhost ioctls",
+                         formatter_class=fmt, epilog=PROBE_EXAMPLES)
+    add_probe_arguments(prp)
+    prp.set_defaults(func=cmd_probe)
 
     from .record.cli import add_parsers as add_record_parsers  # record, export (issue 5)
 

@@ -166,8 +166,11 @@ TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 def tracefs_events_dir() -> Path | None:
     for d in TRACEFS:
         p = Path(d) / "events"
-        if p.is_dir():
-            return p
+        try:
+            if p.is_dir():
+                return p
+        except OSError:  # not root: tracefs is mode 0700
+            continue
     return None
 
 

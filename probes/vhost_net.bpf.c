@@ -31,9 +31,9 @@ struct vq_state {
     u16 used_flags;
     u16 signalled_used;
     u8 signalled_used_valid;
-    s8 index;      /* position in dev->vqs, -1 unknown */
-    s8 notify_enabled; /* -1 unknown, else the last vhost_{enable,disable}_notify */
-    u8 pad[7];
+    u8 pad;
+    s16 index;     /* position in dev->vqs, -1 unknown */
+    s16 notify_enabled; /* -1 unknown, else the last vhost_{enable,disable}_notify */
 };
 
 struct run {
