@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -246,6 +245,32 @@ def test_seek_spec_refuses_what_is_not_a_position(spec):
         src.seek_spec(spec)
 
 
+def test_moving_the_cursor_never_waits_for_the_file():
+    # Keys move the cursor on the UI thread while the poll worker reads the
+    # file (a long first pass over an hour of events): they must not block.
+    import threading
+
+    src, _ = fake_source()
+    reading, release = threading.Event(), threading.Event()
+
+    def slow_snapshot(i):
+        reading.set()
+        release.wait(10)
+        return {"source": "fake", "time": float(i), "queues": []}
+
+    src._cache.clear()
+    src._rec.snapshot = slow_snapshot
+    worker = threading.Thread(target=src.frame)
+    worker.start()
+    try:
+        assert reading.wait(5)
+        assert src.step(1).index == 1 and src.next_anomaly().index == 3 and src.toggle().playing
+        assert worker.is_alive()  # done while the read is still held up (a blocked step would outwait it)
+    finally:
+        release.set()
+        worker.join(10)
+
+
 def test_a_recording_without_snapshots_is_refused_and_closed():
     rec = FakeRecording([], [])
     with pytest.raises(SourceError, match="holds no snapshot"):
@@ -275,12 +300,13 @@ def test_snapshots_are_served_exactly_as_recorded(recording):
 def test_frame_counts_the_recorded_events_of_the_interval_ending_at_the_cursor(recording):
     with ReplaySource(str(recording)) as src:
         first = src.frame()
-        assert first.previous is None and first.event_counts == {}
-        assert first.event_keys == {("net0", 1, "kick")}
+        assert first.previous is None and first.event_counts == {} and first.snapshot == series()[0]
+        assert src.event_keys() == {("net0", 1, "kick")}
         for i in (3, 1, 5):  # any order: the interval is (t(i−1), t(i)]
             frame = src.seek(i) and src.frame()
             assert frame.previous == series()[i - 1] and frame.snapshot == series()[i]
             assert frame.event_counts == {("net0", 1, "kick"): TX_KICK_EVENTS * i}
+            assert frame.event_keys == {("net0", 1, "kick")}
 
 
 def test_replay_rates_count_recorded_events_where_there_are_any(recording):

@@ -25,7 +25,6 @@ from textual.reactive import var
 from textual.worker import get_current_worker
 
 from inspector.errors import InspectorError, SourceError
-
 from inspector.sources.replay import Cursor, ReplayFrame
 
 from .messages import SnapshotReceived, SourceGone
@@ -162,7 +161,10 @@ class ReplayApp(VqscopeApp):
                     frame = self.source.frame()
                     shown = frame.cursor
                     self.post_message(self.FrameReceived(frame))
-            except SourceError as e:
+                    # While the first frame is looked at: the one pass over
+                    # the event totals that every later frame needs.
+                    self.source.event_keys()
+            except InspectorError as e:  # SourceError, the reader's RecordingError
                 self.post_message(SourceGone(str(e)))
             worker.cancelled_event.wait(min(self.interval, 0.05))
 

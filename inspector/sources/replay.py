@@ -7,8 +7,8 @@ speed), pause, step one snapshot, jump to the previous/next snapshot at
 which a new anomaly appeared, jump to start/end, or seek to an index or a
 time. It reads the file through :class:`inspector.record.reader.Recording`
 and holds no UI code; the TUI (tui/app.py, ``ReplayApp``) polls it from a
-worker thread while key handlers move the cursor from the UI thread, so
-every method takes one lock.
+worker thread while key handlers move the cursor from the UI thread: the
+cursor has its own lock, never held while the file is read.
 
 Indices are 0-based, as the reader's; people see them 1-based ("snapshot
 1/340"), and :meth:`ReplaySource.seek_spec` (``--at``) takes that form.
@@ -21,9 +21,9 @@ import os
 import re
 import threading
 import time as _time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable
 
 from ..errors import InspectorError, SourceError
 from ..events import Event
@@ -105,7 +105,11 @@ class ReplaySource:
         self.file_name = os.path.basename(path)
         self._rec = recording
         self._clock = clock
+        # Two locks: _lock guards the cursor (keys move it from the UI thread
+        # and must never wait for the file), _read_lock the reader (one
+        # SQLite connection, used from the app's poll worker).
         self._lock = threading.RLock()
+        self._read_lock = threading.RLock()
         try:
             self._times = list(recording.snapshot_times())
             if not self._times:
@@ -176,8 +180,7 @@ class ReplaySource:
     def _advance(self) -> None:
         if self._playing:
             i = bisect.bisect_right(self._times, self._position(self._clock())) - 1
-            if i > self._index:
-                self._index = i
+            self._index = max(self._index, i)
             if self._index == len(self._times) - 1:
                 self._playing = False
 
@@ -308,7 +311,7 @@ class ReplaySource:
 
     def _snapshot_at(self, i: int) -> dict:
         """Snapshot ``i`` from a small cache (the cursor's and its previous
-        one are asked for on every frame)."""
+        one are asked for on every frame). Call with ``_read_lock`` held."""
         snap = self._cache.get(i)
         if snap is None:
             snap = self._rec.snapshot(i)
@@ -320,24 +323,30 @@ class ReplaySource:
     def snapshot(self) -> dict:
         """The recorded snapshot at the cursor, exactly as recorded (the same
         dict on every call until the cursor moves: do not modify it)."""
-        with self._lock:
-            return self._snapshot_at(self._index)
+        i = self.index
+        with self._read_lock:
+            return self._snapshot_at(i)
+
+    def event_keys(self) -> frozenset[EventKey]:
+        """Every ``(device, queue, kind)`` the recording holds any event of
+        (one pass over its event totals, on the first call)."""
+        with self._read_lock:
+            if self._event_keys is None:
+                self._event_keys = frozenset(k for k, c in self._rec.event_counts().items() if c)
+            return self._event_keys
 
     def frame(self) -> ReplayFrame:
         """The cursor, its snapshot, the one before it, and the recorded
         event counts of the interval between the two (see ReplayFrame)."""
-        with self._lock:
-            cur = self.cursor()
-            i = cur.index
-            previous = self._snapshot_at(i - 1) if i > 0 else None
-            counts = {}
-            if previous is not None:
-                # Events in (previous time, cursor time]; the reader's bounds
-                # are start <= t < end, so shift both by one ns.
-                counts = dict(self._rec.event_counts(to_ns(self._times[i - 1]) + 1, to_ns(cur.time) + 1))
-            if self._event_keys is None:  # once: one pass over the recording's event totals
-                self._event_keys = frozenset(k for k, c in self._rec.event_counts().items() if c)
-            return ReplayFrame(cur, self._snapshot_at(i), previous, counts, self._event_keys)
+        cur = self.cursor()
+        i = cur.index
+        with self._read_lock:
+            if i == 0:  # no interval, no rates: the event totals are not needed yet
+                return ReplayFrame(cur, self._snapshot_at(0), None, {}, frozenset())
+            # Events in (previous time, cursor time]; the reader's bounds are
+            # start <= t < end, so shift both by one ns.
+            counts = self._rec.event_counts(to_ns(self._times[i - 1]) + 1, to_ns(cur.time) + 1)
+            return ReplayFrame(cur, self._snapshot_at(i), self._snapshot_at(i - 1), dict(counts), self.event_keys())
 
     def events(self) -> list[Event]:
         """The recorded events after the cursor time of the previous call (at
@@ -347,8 +356,9 @@ class ReplaySource:
         with self._lock:
             start, end = self._events_mark, self._times[self._index]
             self._events_mark = end
-            if end <= start:
-                return []
+        if end <= start:
+            return []
+        with self._read_lock:
             return list(self._rec.events(None if start == float("-inf") else to_ns(start) + 1, to_ns(end) + 1))
 
     def new_messages(self) -> list[dict]:
@@ -358,12 +368,13 @@ class ReplaySource:
         with self._lock:
             start, end = self._messages_mark, self._times[self._index]
             self._messages_mark = end
-            if end <= start:
-                return []
+        if end <= start:
+            return []
+        with self._read_lock:
             return [m for m in self._rec.messages(until=end) if m.get("time", end) > start]
 
     def close(self) -> None:
-        with self._lock:
+        with self._read_lock:
             self._rec.close()
 
     def __enter__(self) -> "ReplaySource":
