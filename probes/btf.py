@@ -136,7 +136,8 @@ class Btf:
         off -= self.start_str_off
         end = self._strs.find(b"\0", off)
         if off >= len(self._strs) or end < 0:
-            raise BtfError(f"{self.name}: string offset {off + self.start_str_off} outside the string section")
+            raise BtfError(f"{self.name}: string offset {off + self.start_str_off} outside the string section "
+                           "(module BTF is split BTF: parse it with its vmlinux base)")
         return self._strs[off:end].decode(errors="replace")
 
     def _parse_types(self, sec: bytes) -> None:

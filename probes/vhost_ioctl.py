@@ -18,42 +18,23 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+from inspector import vhost_net_driver as vnd
 from inspector.events import Event, monotonic_to_realtime_ns
 
 from .base import AttachPoint, KernelInfo, Probe, choose_tracepoint, syscall_field_offset
 
-VHOST_VIRTIO = 0xAF
-_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
-
-
-def _ioc(d: int, nr: int, size: int) -> int:
-    return (d << 30) | (size << 16) | (VHOST_VIRTIO << 8) | nr
-
-
-# struct sizes: vhost_vring_state {u32 index, num} 8; vhost_vring_file {u32
-# index; s32 fd} 8; vhost_vring_addr {u32 index, flags; u64 desc, used,
-# avail, log} 40; vhost_memory {u32 nregions, padding; regions[]} 8;
-# vhost_memory_region {u64 guest_phys_addr, memory_size, userspace_addr,
-# flags_padding} 32.
-IOCTLS: dict[int, str] = {
-    _ioc(_IOC_WRITE, 0x00, 8): "VHOST_SET_FEATURES",
-    _ioc(_IOC_READ, 0x00, 8): "VHOST_GET_FEATURES",
-    _ioc(_IOC_NONE, 0x01, 0): "VHOST_SET_OWNER",
-    _ioc(_IOC_NONE, 0x02, 0): "VHOST_RESET_OWNER",
-    _ioc(_IOC_WRITE, 0x03, 8): "VHOST_SET_MEM_TABLE",
-    _ioc(_IOC_WRITE, 0x04, 8): "VHOST_SET_LOG_BASE",
-    _ioc(_IOC_WRITE, 0x10, 8): "VHOST_SET_VRING_NUM",
-    _ioc(_IOC_WRITE, 0x11, 40): "VHOST_SET_VRING_ADDR",
-    _ioc(_IOC_WRITE, 0x12, 8): "VHOST_SET_VRING_BASE",
-    _ioc(_IOC_READ | _IOC_WRITE, 0x12, 8): "VHOST_GET_VRING_BASE",
-    _ioc(_IOC_WRITE, 0x20, 8): "VHOST_SET_VRING_KICK",
-    _ioc(_IOC_WRITE, 0x21, 8): "VHOST_SET_VRING_CALL",
-    _ioc(_IOC_WRITE, 0x22, 8): "VHOST_SET_VRING_ERR",
-    _ioc(_IOC_WRITE, 0x30, 8): "VHOST_NET_SET_BACKEND",
-}
+# The UAPI's numbers and layouts live with the user-space vhost-net driver
+# (inspector/vhost_net_driver.py); the three it never sends are added here.
+IOCTLS: dict[int, str] = dict(vnd.IOCTL_NAMES)
+IOCTLS.update({
+    vnd._IO(vnd.VHOST_VIRTIO, 0x02): "VHOST_RESET_OWNER",
+    vnd._IOW(vnd.VHOST_VIRTIO, 0x04, 8): "VHOST_SET_LOG_BASE",
+    vnd._IOW(vnd.VHOST_VIRTIO, 0x22, vnd.VHOST_VRING_FILE.size): "VHOST_SET_VRING_ERR",
+})
+VHOST_VIRTIO = vnd.VHOST_VIRTIO
 NUMBERS = {v: k for k, v in IOCTLS.items()}
 MAX_REGIONS = 64   # VHOST_MEM_MAX_NREGIONS' default (vhost module parameter max_mem_regions)
-REGION_SIZE = 32
+REGION_SIZE = vnd.VHOST_MEMORY_REGION.size
 ARG_MAX = 8 + MAX_REGIONS * REGION_SIZE
 
 
@@ -138,32 +119,32 @@ def apply_ioctl(dev: VhostDevState, rec: IoctlRecord) -> None:
     elif n in ("VHOST_SET_FEATURES", "VHOST_GET_FEATURES") and len(d) >= 8:
         dev.features = struct.unpack_from("<Q", d)[0]
     elif n == "VHOST_SET_MEM_TABLE" and len(d) >= 8:
-        nreg = struct.unpack_from("<I", d)[0]
+        nreg = vnd.VHOST_MEMORY.unpack_from(d)[0]
         have = (len(d) - 8) // REGION_SIZE
         regs = []
         for i in range(min(nreg, have)):
-            gpa, size, uva, _ = struct.unpack_from("<4Q", d, 8 + i * REGION_SIZE)
+            gpa, size, uva, _ = vnd.VHOST_MEMORY_REGION.unpack_from(d, 8 + i * REGION_SIZE)
             regs.append(MemRegion(gpa, size, uva))
         dev.mem_table = regs
         if nreg > have:
             dev.errors.append(f"VHOST_SET_MEM_TABLE: {nreg} regions, only the first {have} read "
                               f"(MAX_REGIONS {MAX_REGIONS})")
     elif n == "VHOST_SET_VRING_NUM" and len(d) >= 8:
-        idx, num = struct.unpack_from("<II", d)
+        idx, num = vnd.VHOST_VRING_STATE.unpack_from(d)
         dev.vring(idx).num = num
     elif n == "VHOST_SET_VRING_ADDR" and len(d) >= 40:
-        idx, flags, desc, used, avail, log = struct.unpack_from("<IIQQQQ", d)
+        idx, flags, desc, used, avail, log = vnd.VHOST_VRING_ADDR.unpack_from(d)
         v = dev.vring(idx)
         v.flags, v.desc, v.used, v.avail, v.log = flags, desc, used, avail, log
     elif n == "VHOST_SET_VRING_BASE" and len(d) >= 8:
-        idx, num = struct.unpack_from("<II", d)
+        idx, num = vnd.VHOST_VRING_STATE.unpack_from(d)
         dev.vring(idx).base = num
     elif n == "VHOST_GET_VRING_BASE" and len(d) >= 8:
-        idx, num = struct.unpack_from("<II", d)
+        idx, num = vnd.VHOST_VRING_STATE.unpack_from(d)
         dev.vring(idx).last_avail_idx = num
     elif n in ("VHOST_SET_VRING_KICK", "VHOST_SET_VRING_CALL", "VHOST_SET_VRING_ERR",
                "VHOST_NET_SET_BACKEND") and len(d) >= 8:
-        idx, fd = struct.unpack_from("<Ii", d)
+        idx, fd = vnd.VHOST_VRING_FILE.unpack_from(d)
         attr = {"VHOST_SET_VRING_KICK": "kick_fd", "VHOST_SET_VRING_CALL": "call_fd",
                 "VHOST_SET_VRING_ERR": "err_fd", "VHOST_NET_SET_BACKEND": "backend_fd"}[n]
         setattr(dev.vring(idx), attr, None if fd == -1 else fd)
