@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMPS  := .stamps
 CSRC    := $(wildcard inspector/csrc/*.c inspector/csrc/*.h)
 
-.PHONY: all deps venv build test test-unit demo bench-decoder bench-net bench-attach clean
+.PHONY: all deps venv build test test-unit demo bench-decoder bench-net bench-attach bench-record clean
 
 all: build
 
@@ -45,6 +45,9 @@ bench-net: build
 
 bench-attach: build
 	$(PY) tests/bench/bench_attach.py
+
+bench-record: build
+	$(PY) tests/bench/bench_record.py
 
 clean:
 	rm -rf $(STAMPS) build inspector/_vqd*.so inspector/_vqd.c inspector/_vqd.o
