@@ -214,10 +214,27 @@ from .errors import MemoryAccessError as _DpMemoryAccessError, RingError as _DpR
 
 VQD_NET_IOV = _dp_lib.VQD_NET_IOV
 EVENT_LOG_DEFAULT = _dp_lib.VQD_EVLOG_DEFAULT
-#: C event kinds (VQD_EV_*) -> inspector.events.KINDS names.
+#: Event kind codes of the records (VQD_EV_*) -> inspector.events.KINDS names.
 EVENT_KIND_NAMES = {_dp_lib.VQD_EV_KICK: "kick", _dp_lib.VQD_EV_CALL: "call",
                     _dp_lib.VQD_EV_CALL_SUPPRESSED: "call_suppressed"}
-_EVENT_RECORD = _dp_struct.Struct("<QII")  # struct vqd_event: time_ns, kind, value
+EVENT_KIND_CODES = {name: code for code, name in EVENT_KIND_NAMES.items()}
+#: One event record as drained (struct vqd_event, 16 bytes): time_ns (ns since
+#: the epoch), kind code, value.
+EVENT_RECORD = _dp_struct.Struct("<QII")
+
+
+def decode_events(records) -> list[tuple[int, str, int]]:
+    """Packed event records (a bytes-like of whole :data:`EVENT_RECORD` s)
+    as ``(time_ns, kind, value)`` tuples; an unknown kind code reads
+    "unknown"."""
+    names = EVENT_KIND_NAMES
+    return [(t, names.get(k, "unknown"), v) for t, k, v in EVENT_RECORD.iter_unpack(records)]
+
+
+def encode_events(events) -> bytes:
+    """``(time_ns, kind, value)`` tuples as packed records (for devices
+    whose events do not come from a C log; kinds of EVENT_KIND_CODES)."""
+    return b"".join(EVENT_RECORD.pack(t, EVENT_KIND_CODES[k], v) for t, k, v in events)
 NET_HDR_LEN_MRG = 12   # struct virtio_net_hdr with num_buffers (VERSION_1 or MRG_RXBUF)
 NET_HDR_LEN_LEGACY = 10
 
@@ -337,7 +354,6 @@ class DeviceQueue:
             self._evbuf = _dp_ffi.new("struct vqd_event[]", event_capacity)
             if _dp_lib.vqd_evlog_init(self._evlog, self._evbuf, event_capacity) < 0:
                 raise ValueError(f"event_capacity {event_capacity} is invalid: give a power of two")
-            self._evout = _dp_ffi.new("struct vqd_event[]", event_capacity)
             self.vq.evlog = self._evlog
 
     # --- state --------------------------------------------------------------
@@ -406,17 +422,24 @@ class DeviceQueue:
         return _dp_lib.vqd_vq_drain_kick(self.vq)
 
     # --- event log ------------------------------------------------------------
+    def drain_event_records(self) -> bytearray:
+        """Take the logged events out, oldest first, as packed
+        :data:`EVENT_RECORD` s (one copy, no per-event work: the server
+        drains often and decodes only what a client asks for). Safe while
+        the worker runs; one caller at a time."""
+        n = _dp_lib.vqd_vq_events_pending(self.vq)
+        out = bytearray(EVENT_RECORD.size * n)
+        if n:
+            got = _dp_lib.vqd_vq_drain_events(
+                self.vq, _dp_ffi.from_buffer("struct vqd_event[]", out, require_writable=True), n)
+            del out[EVENT_RECORD.size * got:]
+        return out
+
     def drain_events(self) -> list[tuple[int, str, int]]:
         """Take the logged events out, oldest first: ``(time_ns, kind,
         value)`` with ``kind`` "kick" (value: kicks coalesced), "call" or
-        "call_suppressed" (value: used_idx then); see inspector/events.py.
-        Safe while the worker runs; one caller at a time."""
-        if not self.event_capacity:
-            return []
-        n = _dp_lib.vqd_vq_drain_events(self.vq, self._evout, self.event_capacity)
-        names = EVENT_KIND_NAMES
-        return [(t, names.get(k, "unknown"), v)
-                for t, k, v in _EVENT_RECORD.iter_unpack(_dp_ffi.buffer(self._evout, 16 * n))]
+        "call_suppressed" (value: used_idx then); see inspector/events.py."""
+        return decode_events(self.drain_event_records())
 
     @property
     def events_dropped(self) -> int:

@@ -28,7 +28,7 @@ from inspector.snapshot import backend_snapshot
 from inspector.sources.backend import BackendSource
 from inspector.vhost_user.frontend import VhostUserFrontend
 from inspector.vhost_user.server import EventBuffer, VhostUserServer
-from inspector.vqd import DeviceQueue
+from inspector.vqd import DeviceQueue, decode_events, encode_events
 from tests.conftest import ROOT, VQSCOPE, wait_for
 
 FRAME = bytes.fromhex("ffffffffffff525400123456" "88b5") + bytes(50)
@@ -89,18 +89,20 @@ def test_log_wraps_around_its_array_in_order():
     assert device_queue(0)[1].drain_events() == []   # no log at all
 
 
-def test_event_kinds_are_the_shared_ones():
+def test_event_kinds_are_the_shared_ones_and_records_round_trip():
     from inspector.vqd import EVENT_KIND_NAMES
 
     assert set(EVENT_KIND_NAMES.values()) <= set(KINDS)
+    events = [(1 << 62, "kick", 3), (5, "call", 65535), (6, "call_suppressed", 0)]
+    assert len(encode_events(events)) == 48 and decode_events(encode_events(events)) == events
 
 
 # --- the central buffer -------------------------------------------------------------------
 
 def test_event_buffer_cursor_gap_limit_and_eviction():
     buf = EventBuffer(capacity=10)
-    buf.add("net1", 0, [(i, "call", i) for i in range(6)])         # seq 0..5
-    buf.add("net1", 1, [(100 + i, "kick", 1) for i in range(6)])   # seq 6..11: evicts chunk 0
+    buf.add("net1", 0, encode_events([(i, "call", i) for i in range(6)]))         # seq 0..5
+    buf.add("net1", 1, encode_events([(100 + i, "kick", 1) for i in range(6)]))   # 6..11: evicts 0..5
     r = buf.read(0)
     assert r["gap"] == 6 and r["next"] == 12
     assert r["events"][0] == [100, "net1", 1, "kick", 1] and len(r["events"]) == 6

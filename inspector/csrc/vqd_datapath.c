@@ -78,9 +78,19 @@ int vqd_evlog_init(struct vqd_evlog *log, struct vqd_event *buf, uint32_t capaci
     return VQD_OK;
 }
 
-/* Append one event, or count it in dropped when the log is full. Costs a
- * clock_gettime (vDSO) and a 16-byte store; never blocks. */
-static inline void ev_record(struct vqd_vq *vq, uint32_t kind, uint32_t value)
+static inline uint64_t realtime_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Append one event, or count it in dropped when the log is full; never
+ * blocks. *now is the event's time: 0 means "read the clock" (a vDSO
+ * clock_gettime, ~30 ns here, the main cost) and the value read is left
+ * there, so the calls and suppressed calls that end one burst on several
+ * queues share one reading. */
+static inline void ev_record(struct vqd_vq *vq, uint32_t kind, uint32_t value, uint64_t *now)
 {
     struct vqd_evlog *l = vq->evlog;
     if (!l)
@@ -95,14 +105,24 @@ static inline void ev_record(struct vqd_vq *vq, uint32_t kind, uint32_t value)
             return;
         }
     }
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
+    if (!*now)
+        *now = realtime_ns();
     struct vqd_event *e = &l->ev[h & l->mask];
-    e->time_ns = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    e->time_ns = *now;
     e->kind = kind;
     e->value = value;
     /* Release: the entry is written before the consumer can see it. */
     __atomic_store_n(&l->head, h + 1, __ATOMIC_RELEASE);
+}
+
+/* Events logged and not drained yet (the consumer's view: a lower bound
+ * while the producer runs). */
+int vqd_vq_events_pending(struct vqd_vq *vq)
+{
+    struct vqd_evlog *l = vq->evlog;
+    if (!l)
+        return 0;
+    return (int)(__atomic_load_n(&l->head, __ATOMIC_ACQUIRE) - __atomic_load_n(&l->tail, __ATOMIC_RELAXED));
 }
 
 /* Copy up to max logged events, oldest first, into out and free their
@@ -463,7 +483,7 @@ int vqd_vq_should_notify(struct vqd_vq *vq)
     return !valid || vqd_need_event(__atomic_load_n(used_event_ptr(vq), __ATOMIC_RELAXED), new_idx, old);
 }
 
-static inline int write_call(struct vqd_vq *vq)
+static inline int write_call(struct vqd_vq *vq, uint64_t *now)
 {
     uint64_t one = 1;
     if (vq->call_fd >= 0) {
@@ -474,20 +494,28 @@ static inline int write_call(struct vqd_vq *vq)
         /* EAGAIN: the counter is saturated, the driver has a call pending. */
     }
     vq->calls++;
-    ev_record(vq, VQD_EV_CALL, vq->used_idx);
+    ev_record(vq, VQD_EV_CALL, vq->used_idx, now);
     return 1;
 }
 
-int vqd_vq_notify(struct vqd_vq *vq)
+/* Call the driver if it wants it, else count (and log) a suppressed call;
+ * *now as for ev_record. */
+static inline int notify(struct vqd_vq *vq, uint64_t *now)
 {
     if (vq->broken)
         return VQD_E_BROKEN;
     if (!vqd_vq_should_notify(vq)) {
         vq->calls_suppressed++;
-        ev_record(vq, VQD_EV_CALL_SUPPRESSED, vq->used_idx);
+        ev_record(vq, VQD_EV_CALL_SUPPRESSED, vq->used_idx, now);
         return 0;
     }
-    return write_call(vq);
+    return write_call(vq, now);
+}
+
+int vqd_vq_notify(struct vqd_vq *vq)
+{
+    uint64_t now = 0;
+    return notify(vq, &now);
 }
 
 /* Enable or disable available buffer notifications (kicks), §2.7.10.
@@ -534,7 +562,8 @@ int vqd_vq_drain_kick(struct vqd_vq *vq)
         return 0;
     vq->kicks += v;
     /* An eventfd counter above 2^32 - 1 would need 4 billion unread kicks. */
-    ev_record(vq, VQD_EV_KICK, v > UINT32_MAX ? UINT32_MAX : (uint32_t)v);
+    uint64_t now = 0;
+    ev_record(vq, VQD_EV_KICK, v > UINT32_MAX ? UINT32_MAX : (uint32_t)v, &now);
     return v > INT32_MAX ? INT32_MAX : (int)v;
 }
 
@@ -784,11 +813,12 @@ too_big:
     return DELIVER_DROPPED;
 }
 
-static inline void flush_notify(struct vqd_vq *vq, int *dirty)
+/* Publish a queue's pending used elements and notify; *now as for ev_record. */
+static inline void flush_notify(struct vqd_vq *vq, int *dirty, uint64_t *now)
 {
     if (*dirty) {
         flush(vq);
-        vqd_vq_notify(vq);
+        notify(vq, now);
         *dirty = 0;
     }
 }
@@ -853,9 +883,11 @@ int vqd_net_loopback(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, int mrg_
             flush(tx);
         }
     }
-    /* RX first: the frames are there before TX completions tell the driver. */
-    flush_notify(rx, &rx_dirty);
-    flush_notify(tx, &tx_dirty);
+    /* RX first: the frames are there before TX completions tell the driver.
+     * Both events of this burst carry one clock reading. */
+    uint64_t now = 0;
+    flush_notify(rx, &rx_dirty, &now);
+    flush_notify(tx, &tx_dirty, &now);
     if (status < 0)
         return status;
     return done;
@@ -915,7 +947,8 @@ int vqd_net_tap_tx(struct vqd_vq *tx, int tap_fd, int hdr_len, int budget, struc
         if ((done & (VQD_BURST - 1)) == 0)
             flush(tx);
     }
-    flush_notify(tx, &dirty);
+    uint64_t now = 0;
+    flush_notify(tx, &dirty, &now);
     return status < 0 ? status : done;
 }
 
@@ -974,6 +1007,7 @@ int vqd_net_tap_rx(struct vqd_vq *rx, int tap_fd, int hdr_len, int mrg_rxbuf, in
         if ((done & (VQD_BURST - 1)) == 0)
             flush(rx);
     }
-    flush_notify(rx, &dirty);
+    uint64_t now = 0;
+    flush_notify(rx, &dirty, &now);
     return status < 0 ? status : done;
 }

@@ -58,7 +58,7 @@ struct vqd_elem {
 #define VQD_EV_KICK 1             /* value: the kick eventfd's counter read (kicks coalesced) */
 #define VQD_EV_CALL 2             /* value: used_idx when the call eventfd was written */
 #define VQD_EV_CALL_SUPPRESSED 3  /* value: used_idx when the driver did not want a call */
-#define VQD_EVLOG_DEFAULT 4096    /* entries per vring log */
+#define VQD_EVLOG_DEFAULT 8192    /* entries per vring log (128 KiB) */
 
 /* One timed event: 16 bytes, time in ns since the epoch (CLOCK_REALTIME). */
 struct vqd_event {
@@ -139,6 +139,7 @@ int vqd_vq_drain_kick(struct vqd_vq *vq);
 void vqd_vq_set_broken(struct vqd_vq *vq, const char *reason);
 
 int vqd_evlog_init(struct vqd_evlog *log, struct vqd_event *buf, uint32_t capacity);
+int vqd_vq_events_pending(struct vqd_vq *vq);
 int vqd_vq_drain_events(struct vqd_vq *vq, struct vqd_event *out, int max);
 uint64_t vqd_vq_events_dropped(struct vqd_vq *vq);
 

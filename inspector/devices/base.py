@@ -89,13 +89,18 @@ class Device(Protocol):
 
     # Optional:
     #
-    # def drain_events(self, index: int) -> tuple[list[tuple[int, str, int]], int]:
-    #     """Take vring ``index``'s logged events out, oldest first, as
-    #     ``(time_ns, kind, value)`` (time: ns since the epoch, CLOCK_REALTIME;
-    #     kind and value: inspector.events.KINDS), together with the number of
-    #     events lost so far because its log was full (cumulative over the
-    #     device's life, every start of the vring included). Events of a vring
-    #     that stopped are kept until drained. Never the same event twice."""
+    # def drain_events(self, index: int) -> tuple[bytes, int]:
+    #     """Take vring ``index``'s logged events out, oldest first, as packed
+    #     records (inspector.vqd.EVENT_RECORD, 16 bytes each: u64 time_ns since
+    #     the epoch (CLOCK_REALTIME), u32 kind code (inspector.vqd.
+    #     EVENT_KIND_NAMES: kick, call, call_suppressed), u32 value (inspector.
+    #     events.KINDS); vqd.decode_events / encode_events convert from and to
+    #     tuples), together with the number of events lost so far because its
+    #     log was full (cumulative over the device's life, every start of the
+    #     vring included). Events of a vring that stopped are kept until
+    #     drained. Never the same event twice. Records, not tuples: the server
+    #     drains every 50 ms on a thread that may share the data path's CPU,
+    #     and decodes only what a client reads (0.4 vs ~340 ns per event)."""
 
     def close(self) -> None:
         """Stop every queue and release every resource (disconnect)."""

@@ -350,7 +350,7 @@ class NetDevice:
                  mac: str = "52:54:00:12:34:57", *, budget: int = 256, spin: int = 64,
                  busy_poll_us: float = 200.0, idle_timeout_ms: int = 500,
                  cpus: list[int] | None = None, event_capacity: int | None = None):
-        from ..vqd import EVENT_LOG_DEFAULT
+        from ..vqd import EVENT_LOG_DEFAULT, EVENT_RECORD
 
         if mode not in ("loopback", "tap"):
             raise InspectorError(f"net mode {mode!r} is invalid: use \"loopback\" or \"tap\"")
@@ -367,6 +367,7 @@ class NetDevice:
         if self.event_capacity < 0 or self.event_capacity & (self.event_capacity - 1):
             raise InspectorError(f"event_capacity {self.event_capacity} is invalid: give a power of "
                                  f"two, or 0 for no event log")
+        self._record_size = EVENT_RECORD.size
         self.acked = 0
         self.hdr_len = 10
         self.mrg_rxbuf = False
@@ -376,8 +377,8 @@ class NetDevice:
         self._workers: dict[int, _PairWorker] = {}
         self._totals: dict[int, QueueStats] = {}
         self._last_avail: dict[int, int] = {}
-        # Events of retired rings, not drained yet, and their logs' drop counts.
-        self._pending_events: dict[int, list[tuple[int, str, int]]] = {}
+        # Event records of retired rings, not drained yet, and their logs' drop counts.
+        self._pending_events: dict[int, bytearray] = {}
         self._retired_dropped: dict[int, int] = {}
         self._tap_fds: list[int] = []
         self.tap_name: str | None = None
@@ -459,18 +460,18 @@ class NetDevice:
                 st.broken = ring.q.broken or st.broken
             return st
 
-    def drain_events(self, index: int) -> tuple[list[tuple[int, str, int]], int]:
+    def drain_events(self, index: int) -> tuple[bytearray, int]:
         """Vring ``index``'s events since the previous drain, oldest first, as
-        ``(time_ns, kind, value)`` (inspector/devices/base.py), and the events
-        its logs lost so far (cumulative). Safe while the worker runs."""
+        packed records (inspector/devices/base.py), and the events its logs
+        lost so far (cumulative). Safe while the worker runs."""
         with self._lock:
-            events = self._pending_events.pop(index, [])
+            records = self._pending_events.pop(index, bytearray())
             dropped = self._retired_dropped.get(index, 0)
             ring = self._rings.get(index)
             if ring is not None:
-                events += ring.q.drain_events()
+                records += ring.q.drain_event_records()
                 dropped += ring.q.events_dropped
-            return events, dropped
+            return records, dropped
 
     def close(self) -> None:
         with self._lock:
@@ -495,12 +496,12 @@ class NetDevice:
         t.broken = ring.q.broken or t.broken
         # Keep its events for drain_events (bounded: a device nobody drains
         # holds at most a few logs' worth; the excess counts as dropped).
-        pending = self._pending_events.setdefault(ring.index, [])
-        pending += ring.q.drain_events()
+        pending = self._pending_events.setdefault(ring.index, bytearray())
+        pending += ring.q.drain_event_records()
         lost = ring.q.events_dropped
-        limit = 4 * max(self.event_capacity, 1)
+        limit = 4 * max(self.event_capacity, 1) * self._record_size   # 4 logs' worth
         if len(pending) > limit:
-            lost += len(pending) - limit
+            lost += (len(pending) - limit) // self._record_size
             del pending[:len(pending) - limit]
         self._retired_dropped[ring.index] = self._retired_dropped.get(ring.index, 0) + lost
         last = ring.q.last_avail_idx

@@ -41,6 +41,7 @@ from typing import Callable
 
 from ..devices.base import Device
 from ..errors import InspectorError
+from ..vqd import EVENT_KIND_NAMES, EVENT_RECORD
 from .backend import BackendConnection
 
 logger = logging.getLogger("inspector.vhost_user")
@@ -49,16 +50,19 @@ _MAX_REQUEST_LINE = 64 * 1024
 _MAX_PENDING_OUT = 64 * 1024 * 1024
 _CLOSED_LOGS_KEPT = 16
 EVENT_POLL_S = 0.05          # device event logs are drained this often
-EVENT_BUFFER = 131072        # events the central buffer keeps (~16 MiB at most)
+EVENT_BUFFER = 1 << 20       # events the central buffer keeps (16 bytes each: 16 MiB)
 EVENTS_PER_REPLY = 65536     # most events one "events" reply carries
+_RECORD = EVENT_RECORD.size
 
 
 class EventBuffer:
     """The server's central, bounded buffer of timed events.
 
-    Events are appended in chunks (one per drained vring log) and numbered
-    with a global sequence number from 0; once more than ``capacity`` are
-    held the oldest chunks go. Readers keep their own cursor (:meth:`read`).
+    Events are appended in chunks of packed records (one per drained vring
+    log, inspector.vqd.EVENT_RECORD) and numbered with a global sequence
+    number from 0; once more than ``capacity`` are held the oldest chunks
+    go. Records are decoded only when read. Readers keep their own cursor
+    (:meth:`read`).
     Within one queue events are in time order; across queues they are in
     drain order (sort by ``time_ns`` where it matters). ``dropped``: events
     the devices' logs lost (full) since the buffer was made, cumulative.
@@ -67,7 +71,7 @@ class EventBuffer:
 
     def __init__(self, capacity: int = EVENT_BUFFER):
         self.capacity = capacity
-        self.chunks: collections.deque[tuple[int, str, int, list]] = collections.deque()
+        self.chunks: collections.deque[tuple[int, str, int, bytes]] = collections.deque()
         self._firsts: collections.deque[int] = collections.deque()
         self.size = 0
         self.next_seq = 0
@@ -77,16 +81,17 @@ class EventBuffer:
     def oldest_seq(self) -> int:
         return self._firsts[0] if self._firsts else self.next_seq
 
-    def add(self, device: str, queue: int, events: list[tuple[int, str, int]]) -> None:
-        """Append one vring's drained ``(time_ns, kind, value)`` events."""
-        if not events:
+    def add(self, device: str, queue: int, records: bytes) -> None:
+        """Append one vring's drained events (packed records, oldest first)."""
+        n = len(records) // _RECORD
+        if not n:
             return
-        self.chunks.append((self.next_seq, device, queue, events))
+        self.chunks.append((self.next_seq, device, queue, records))
         self._firsts.append(self.next_seq)
-        self.next_seq += len(events)
-        self.size += len(events)
+        self.next_seq += n
+        self.size += n
         while self.size > self.capacity and len(self.chunks) > 1:
-            self.size -= len(self.chunks.popleft()[3])
+            self.size -= len(self.chunks.popleft()[3]) // _RECORD
             self._firsts.popleft()
 
     def read(self, since: int, limit: int = EVENTS_PER_REPLY) -> dict:
@@ -104,12 +109,14 @@ class EventBuffer:
         out: list[list] = []
         # The chunk holding ``start``: the last one whose first seq is <= start.
         i = max(0, bisect.bisect_right(self._firsts, start) - 1)
-        for first, device, queue, events in itertools.islice(self.chunks, i, None):
+        names = EVENT_KIND_NAMES
+        for first, device, queue, records in itertools.islice(self.chunks, i, None):
             if len(out) >= limit:
                 break
             off = max(0, start - first)
-            for t, kind, value in events[off:off + limit - len(out)]:
-                out.append([t, device, queue, kind, value])
+            part = memoryview(records)[off * _RECORD:(off + limit - len(out)) * _RECORD]
+            out += [[t, device, queue, names.get(k, "unknown"), v]
+                    for t, k, v in EVENT_RECORD.iter_unpack(part)]
         return {"next": start + len(out), "dropped": self.dropped, "gap": gap, "events": out}
 
 
@@ -491,17 +498,17 @@ class VhostUserServer:
             ran = self._ev_queues.get(conn.id, set())
             for i in queues:
                 try:
-                    events, dropped = drain(i)
+                    records, dropped = drain(i)
                 except Exception as e:  # a failing device must not stop the loop
                     logger.warning("connection %d: draining events of vring %d failed: %s",
                                    conn.id, i, e)
                     continue
-                self.events.add(name, i, events)
+                self.events.add(name, i, records)
                 seen = self._ev_dropped.get((conn.id, i), 0)
                 if dropped > seen:
                     self.events.dropped += dropped - seen
                     self._ev_dropped[conn.id, i] = dropped
-                if not events and i < len(conn.vrings) and not conn.vrings[i].started:
+                if not records and i < len(conn.vrings) and not conn.vrings[i].started:
                     ran.discard(i)  # stopped and drained: nothing more will come
 
     # --- messages --------------------------------------------------------------------------
