@@ -334,6 +334,13 @@ def start_record(out: Path, connect: str, *extra: str, interval_ms: int = 50) ->
         err.close()
 
 
+def reap(p: subprocess.Popen) -> None:
+    """Kill ``p`` if a failed assertion left it running."""
+    if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
 def tee_lines(out: Path) -> list[dict]:
     p = Path(str(out) + ".tee")
     if not p.exists():
@@ -437,9 +444,7 @@ def test_record_signal_flushes_and_exits_0(tmp_path, sig) -> None:
             p.send_signal(sig)
             assert p.wait(30) == 0, stderr_of(out)
         finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            reap(p)
     err = stderr_of(out)
     assert f"{sig.name} after" in err, err
     assert not os.path.exists(str(out) + "-wal")  # closed: checkpointed
@@ -460,9 +465,7 @@ def test_record_source_gone_exits_1(tmp_path) -> None:
     try:
         assert p.wait(30) == 1, stderr_of(out)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        reap(p)
     err = stderr_of(out)
     assert "source gone" in err, err
     check_recording(out, tee_lines(out)).close()
@@ -634,9 +637,7 @@ def test_record_testpmd(tmp_path) -> None:
                 p.send_signal(signal.SIGINT)
                 assert p.wait(30) == 0, stderr_of(out)
             finally:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+                reap(p)
             be_tail = be.tail()
     finally:
         shutil.rmtree(d, ignore_errors=True)

@@ -117,31 +117,20 @@ class RecordingWriter:
         if events_lost is not None:
             self.events_lost = events_lost
         state = (self._prev, self._prev_samples, self._active, self.snapshots, self.anomalies,
-                 dict(self._kind_ids))
-        counts = (self.events, self.messages)
-        try:
-            self.db.execute("BEGIN")
+                 dict(self._kind_ids), self.events, self.messages)
+
+        def body() -> None:
             if snapshot is not None:
                 self._write_snapshot(snapshot)
             if events:
                 self._write_events(events)
             self._write_messages(messages)
-            self.db.execute("COMMIT")
-        except BaseException as e:
-            # Roll back the file and our state to the last commit.
-            try:
-                self.db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+
+        def restore() -> None:  # our state back to the last commit, like the file
             (self._prev, self._prev_samples, self._active, self.snapshots, self.anomalies,
-             self._kind_ids) = state
-            self.events, self.messages = counts
-            if _is_disk_full(e):
-                raise DiskFullError(f"disk full writing {self.path}: the recording stops; it holds "
-                                    f"{self.snapshots} snapshots and {self.events} events") from e
-            if isinstance(e, sqlite3.Error):
-                raise RecordError(f"cannot write {self.path}: {e}") from e
-            raise
+             self._kind_ids, self.events, self.messages) = state
+
+        self._tx(body, restore)
 
     def _write_snapshot(self, snap: dict) -> None:
         idx = self.snapshots
@@ -241,7 +230,10 @@ class RecordingWriter:
         self.db.executemany("INSERT OR REPLACE INTO header (key, value) VALUES (?, ?)",
                             [("queues", json.dumps(queues)), ("first_snapshot_time", json.dumps(snap.get("time")))])
 
-    def _tx(self, fn) -> None:
+    def _tx(self, fn, on_rollback=None) -> None:
+        """Run ``fn`` in one transaction; on any error roll back, call
+        ``on_rollback`` and raise (DiskFullError on a full disk,
+        RecordError on another SQLite error)."""
         try:
             self.db.execute("BEGIN")
             fn()
@@ -251,8 +243,13 @@ class RecordingWriter:
                 self.db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
+            if on_rollback is not None:
+                on_rollback()
             if _is_disk_full(e):
-                raise DiskFullError(f"disk full writing {self.path}") from e
+                raise DiskFullError(f"disk full writing {self.path}: the recording stops; it holds "
+                                    f"{self.snapshots} snapshots and {self.events} events") from e
+            if isinstance(e, sqlite3.Error):
+                raise RecordError(f"cannot write {self.path}: {e}") from e
             raise
 
     # ---------------------------------------------------------------- closing
