@@ -440,7 +440,7 @@ class Probe:
         planned = self.plan()
         text = self.ebpf_text()
         try:
-            self.bpf = BPF(text=text, cflags=["-Wno-macro-redefined", "-Wno-unused-function"])
+            self.bpf = BPF(text=text, cflags=["-Werror=macro-redefined", "-Wno-unused-function"])
         except Exception as e:  # BCC raises bare Exception on compile/load failure
             raise ProbeError(f"probe {self.name}: BPF program did not load: {e}") from e
         out = []
@@ -452,17 +452,18 @@ class Probe:
                 self._attach_point(self.bpf, ap)
                 out.append(ap)
             except Exception as e:
+                last = (str(e).strip().splitlines() or ["?"])[-1][:160]  # not the whole verifier log
                 out.append(AttachPoint(ap.probe, ap.kind, ap.wanted, ap.target, "unavailable",
-                                       f"attach failed: {e}"))
+                                       f"attach failed: {last}"))
         if self.pids:
-            m = self.bpf["pid_filter"]
+            m = self.bpf[b"pid_filter"]
             for p in self.pids:
                 m[ctypes.c_uint32(p)] = ctypes.c_uint8(1)
         if self.stream:
             if self._use_ringbuf:
-                self.bpf["events"].open_ring_buffer(self._on_event)
+                self.bpf[b"events"].open_ring_buffer(self._on_event)
             else:
-                self.bpf["events"].open_perf_buffer(self._on_event, page_cnt=self.ringbuf_pages,
+                self.bpf[b"events"].open_perf_buffer(self._on_event, page_cnt=self.ringbuf_pages,
                                                     lost_cb=self._on_lost)
         self.points = out
         self._after_attach()
@@ -472,15 +473,16 @@ class Probe:
         """Hook: fill maps after loading."""
 
     def _attach_point(self, bpf, ap: AttachPoint) -> None:
-        fn = _cname(ap.kind, ap.wanted).lower()
+        fn = _cname(ap.kind, ap.wanted).lower().encode()
+        target = ap.target.encode()
         if ap.kind == "kprobe":
-            bpf.attach_kprobe(event=ap.target, fn_name=fn)
+            bpf.attach_kprobe(event=target, fn_name=fn)
         elif ap.kind == "kretprobe":
-            bpf.attach_kretprobe(event=ap.target, fn_name=fn, maxactive=64)
+            bpf.attach_kretprobe(event=target, fn_name=fn, maxactive=64)
         elif ap.kind == "tracepoint":
-            bpf.attach_tracepoint(tp=ap.target, fn_name=fn)
+            bpf.attach_tracepoint(tp=target, fn_name=fn)
         elif ap.kind in ("uprobe", "uretprobe"):
-            lib, sym = ap.target.rsplit(":", 1)
+            lib, sym = target.rsplit(b":", 1)
             if ap.kind == "uprobe":
                 bpf.attach_uprobe(name=lib, sym=sym, fn_name=fn)
             else:
@@ -498,7 +500,7 @@ class Probe:
         cheap enough to read at the refresh rate)."""
         bpf = self._need()
         out = {}
-        for k, v in bpf["counters"].items():
+        for k, v in bpf[b"counters"].items():
             tot = [0] * len(self.COUNTERS)
             for cpu in v:
                 for i in range(len(self.COUNTERS)):
@@ -510,9 +512,7 @@ class Probe:
         """``{key: {hist name: {bucket_low_ns: count}}}``, log2 buckets."""
         bpf = self._need()
         out: dict = {}
-        if "hists" not in bpf:
-            return out
-        for k, v in bpf["hists"].items():
+        for k, v in bpf[b"hists"].items():
             if not v.value:
                 continue
             name = HIST_NAMES[k.hist]
@@ -546,9 +546,8 @@ class Probe:
         cumulative since attach()."""
         bpf = self._need()
         n = self._lost_perf
-        if "lost" in bpf:
-            for v in bpf["lost"].values():
-                n += sum(int(x) for x in v)
+        for v in bpf[b"lost"].values():
+            n += sum(int(x) for x in v)
         return n
 
     def _on_lost(self, n: int) -> None:

@@ -173,7 +173,7 @@ class EventfdProbe(Probe):
         return len(fds)
 
     def _put(self, pid: int, fd: int, val: tuple[int, int, int, int]) -> None:
-        m = self.bpf["watched"]
+        m = self.bpf[b"watched"]
         k = m.Key(pid, fd)
         v = m.Leaf(*val)
         m[k] = v

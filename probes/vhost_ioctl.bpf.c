@@ -10,7 +10,8 @@
  * ring buffers). Records that do not fit count in `lost`.
  *
  * Prelude defines: SYSCALL_ARGS_OFF, SYSCALL_RET_OFF, VHOST_VIRTIO,
- * VHOST_SET_MEM_TABLE, MAX_REGIONS, REGION_SIZE, ARG_MAX, NR_CPUS_MAX.
+ * VHOST_SET_MEM_TABLE, MAX_REGIONS, REGION_SIZE, IOCTL_ARG_MAX, IOCTL_ARG_BUF (a power
+ * of two above IOCTL_ARG_MAX), NR_CPUS_MAX.
  */
 
 struct ioctl_call {
@@ -27,7 +28,7 @@ struct ioctl_rec {
     u32 fd;
     u32 cmd;
     u32 len;          /* bytes of data read */
-    u8 data[ARG_MAX]; /* the argument as the process sees it after the call */
+    u8 data[IOCTL_ARG_BUF]; /* the argument as the process sees it after the call */
 };
 
 BPF_HASH(calls, u64, struct ioctl_call, 1024);
@@ -89,11 +90,17 @@ int tracepoint_sys_exit_ioctl(void *args)
     }
     if ((c->cmd >> 30) == 0)  /* _IOC_NONE: no argument */
         len = 0;
-    if (len > ARG_MAX)
-        len = ARG_MAX;
+    if (len > IOCTL_ARG_MAX)
+        len = IOCTL_ARG_MAX;
     r->len = len;
-    if (len > 0 && c->arg)
-        bpf_probe_read_user(r->data, len, (void *)c->arg);
+    if (len > 0 && c->arg) {
+        /* Hide len's range from clang so that the mask below is kept: the
+         * verifier needs it as the bound of the read into r->data. */
+        u64 n = len;
+        asm volatile("" : "+r"(n));
+        n &= IOCTL_ARG_BUF - 1;
+        bpf_probe_read_user(r->data, n, (void *)c->arg);
+    }
     calls.delete(&id);
 #if USE_RINGBUF
     if (ioctls.ringbuf_output(r, sizeof(*r), 0) != 0) {

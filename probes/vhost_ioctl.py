@@ -35,7 +35,8 @@ VHOST_VIRTIO = vnd.VHOST_VIRTIO
 NUMBERS = {v: k for k, v in IOCTLS.items()}
 MAX_REGIONS = 64   # VHOST_MEM_MAX_NREGIONS' default (vhost module parameter max_mem_regions)
 REGION_SIZE = vnd.VHOST_MEMORY_REGION.size
-ARG_MAX = 8 + MAX_REGIONS * REGION_SIZE
+IOCTL_ARG_MAX = 8 + MAX_REGIONS * REGION_SIZE
+IOCTL_ARG_BUF = 1 << IOCTL_ARG_MAX.bit_length()   # power of two > IOCTL_ARG_MAX: lengths are masked with it - 1
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def apply_ioctl(dev: VhostDevState, rec: IoctlRecord) -> None:
 class _Rec(ctypes.Structure):
     _fields_ = [("ts", ctypes.c_uint64), ("arg", ctypes.c_uint64), ("ret", ctypes.c_int64),
                 ("pid", ctypes.c_uint32), ("fd", ctypes.c_uint32), ("cmd", ctypes.c_uint32),
-                ("len", ctypes.c_uint32), ("data", ctypes.c_uint8 * ARG_MAX)]
+                ("len", ctypes.c_uint32), ("data", ctypes.c_uint8 * IOCTL_ARG_BUF)]
 
 
 def _possible_cpus() -> int:
@@ -192,14 +193,14 @@ class VhostIoctlProbe(Probe):
         return {"SYSCALL_ARGS_OFF": syscall_field_offset("syscalls:sys_enter_ioctl", "fd"),
                 "SYSCALL_RET_OFF": syscall_field_offset("syscalls:sys_exit_ioctl", "ret"),
                 "VHOST_VIRTIO": VHOST_VIRTIO, "VHOST_SET_MEM_TABLE": NUMBERS["VHOST_SET_MEM_TABLE"],
-                "MAX_REGIONS": MAX_REGIONS, "REGION_SIZE": REGION_SIZE, "ARG_MAX": ARG_MAX,
+                "MAX_REGIONS": MAX_REGIONS, "REGION_SIZE": REGION_SIZE, "IOCTL_ARG_MAX": IOCTL_ARG_MAX, "IOCTL_ARG_BUF": IOCTL_ARG_BUF,
                 "NR_CPUS_MAX": _possible_cpus()}
 
     def _after_attach(self) -> None:
         if self._use_ringbuf:
-            self.bpf["ioctls"].open_ring_buffer(self._on_ioctl)
+            self.bpf[b"ioctls"].open_ring_buffer(self._on_ioctl)
         else:
-            self.bpf["ioctls"].open_perf_buffer(self._on_ioctl, page_cnt=self.ringbuf_pages,
+            self.bpf[b"ioctls"].open_perf_buffer(self._on_ioctl, page_cnt=self.ringbuf_pages,
                                                 lost_cb=self._on_lost)
 
     def _on_ioctl(self, ctx, data, size) -> None:

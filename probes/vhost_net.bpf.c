@@ -240,6 +240,18 @@ int kretprobe_handler(struct pt_regs *ctx)
 
 /* ---- used ring, signalling ------------------------------------------------ */
 
+/* A signalling scope: vhost_signal(dev, vq), or
+ * vhost_add_used_and_signal_n(), into which GCC may inline vhost_signal
+ * (Debian 6.1 does: vhost-net's calls never enter the out-of-line copy).
+ * A nested scope on the same vq restarts it; its return concludes it. */
+static __always_inline void signal_enter(u64 vq)
+{
+    u64 tid = bpf_get_current_pid_tgid();
+    struct sig g = {.vq = vq};
+    sigs.update(&tid, &g);
+    vqs_count(vq, C_SIGNALS, 1);
+}
+
 #if HAVE_KPROBE_VHOST_ADD_USED_AND_SIGNAL_N
 /* vhost_add_used_and_signal_n(dev, vq, heads, count) */
 int kprobe_vhost_add_used_and_signal_n(struct pt_regs *ctx)
@@ -253,6 +265,9 @@ int kprobe_vhost_add_used_and_signal_n(struct pt_regs *ctx)
     used_ts.update(&vq, &now);
     vqs_count(vq, C_USED_ADDED, count);
     emit(ctx, vq, s, EV_USED_ADD, count);
+#if HAVE_KRETPROBE_VHOST_ADD_USED_AND_SIGNAL_N
+    signal_enter(vq);
+#endif
     return 0;
 }
 #endif
@@ -262,19 +277,15 @@ int kprobe_vhost_add_used_and_signal_n(struct pt_regs *ctx)
 int kprobe_vhost_signal(struct pt_regs *ctx)
 {
     u64 vq = parm(ctx, ARG_VQ_VHOST_SIGNAL);
-    struct vq_state *s = snap(vq);
-    if (!s)
+    if (!snap(vq))
         return 0;
-    u64 tid = bpf_get_current_pid_tgid();
-    struct sig g = {.vq = vq};
-    sigs.update(&tid, &g);
-    vqs_count(vq, C_SIGNALS, 1);
+    signal_enter(vq);
     return 0;
 }
 #endif
 
-#if HAVE_KRETPROBE_VHOST_SIGNAL
-int kretprobe_vhost_signal(struct pt_regs *ctx)
+#if HAVE_KRETPROBE_VHOST_SIGNAL || HAVE_KRETPROBE_VHOST_ADD_USED_AND_SIGNAL_N
+int kretprobe_signal(struct pt_regs *ctx)
 {
     u64 tid = bpf_get_current_pid_tgid();
     struct sig *g = sigs.lookup(&tid);

@@ -10,7 +10,7 @@ pid (the worker is named ``vhost-<owner pid>``), the vq's index in its
 device and whether kicks were last enabled. Counters: ``kicks``
 (vhost_poll_wakeup on a vq's kick poll), ``handler_runs``, ``used_added``
 (vhost_add_used_and_signal_n's count), ``calls`` (eventfd_signal inside
-vhost_signal), ``calls_suppressed`` (vhost_notify returned false, or
+vhost_signal or vhost_add_used_and_signal_n, into which it may be inlined), ``calls_suppressed`` (vhost_notify returned false, or
 vhost_signal signalled nothing), ``weight_exceeded`` (vhost_exceeds_weight
 returned true: VHOST_NET_WEIGHT / VHOST_NET_PKT_WEIGHT), ``signals``,
 ``notify_enables``, ``notify_disables``, ``works_queued``. Histograms:
@@ -42,7 +42,7 @@ FUNCTIONS: list[tuple[str, int | None, bool]] = [
     ("handle_rx_net", 0, True),
     ("handle_tx", 0, True),
     ("handle_rx", 0, True),
-    ("vhost_add_used_and_signal_n", 1, False),
+    ("vhost_add_used_and_signal_n", 1, True),
     ("vhost_signal", 1, True),
     ("vhost_notify", 1, True),
     ("vhost_enable_notify", 1, False),
@@ -231,7 +231,10 @@ class VhostNetProbe(Probe):
 
     def _attach_point(self, bpf, ap: AttachPoint) -> None:
         if ap.kind == "kretprobe" and ap.wanted in HANDLERS:
-            bpf.attach_kretprobe(event=ap.target, fn_name="kretprobe_handler", maxactive=64)
+            bpf.attach_kretprobe(event=ap.target.encode(), fn_name=b"kretprobe_handler", maxactive=64)
+            return
+        if ap.kind == "kretprobe" and ap.wanted in ("vhost_signal", "vhost_add_used_and_signal_n"):
+            bpf.attach_kretprobe(event=ap.target.encode(), fn_name=b"kretprobe_signal", maxactive=64)
             return
         super()._attach_point(bpf, ap)
 
@@ -240,7 +243,7 @@ class VhostNetProbe(Probe):
         """``{vq address: VhostVqState}`` as last seen by any probe hit."""
         bpf = self._need()
         out = {}
-        for k, s in bpf["vq_state"].items():
+        for k, s in bpf[b"vq_state"].items():
             out[k.value] = VhostVqState(
                 vq=k.value, owner_pid=s.owner, index=s.index, num=s.num, desc=s.desc, avail=s.avail,
                 used=s.used, last_avail_idx=s.last_avail_idx, avail_idx=s.avail_idx,
