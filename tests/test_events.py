@@ -282,6 +282,8 @@ def test_messages_since_cursor(backend):
             second = src.new_messages()
         assert second[0]["request"] == "GET_FEATURES" and {m["connection"] for m in second} == {2}
         assert second[0]["seq"] == seqs[-1] + 1
+        # A cursor from an earlier server (beyond "next") reads from the start.
+        assert len(src.request("messages", since=10**9)["messages"]) == len(first) + len(second)
         with pytest.raises(SourceError, match="since"):
             src.request("messages", since=-1)
         with pytest.raises(SourceError, match="since"):

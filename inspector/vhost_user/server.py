@@ -521,7 +521,8 @@ class VhostUserServer:
 
     def message_log(self, since: int | None = None) -> tuple[list[dict], int]:
         """:meth:`messages` and the ``next`` cursor (the seq the next
-        logged message will get)."""
+        logged message will get). A ``since`` beyond it (a cursor from an
+        earlier server) reads from the start."""
         for _ in range(10):  # the loop thread may append meanwhile
             try:
                 with self._lock:
@@ -532,6 +533,8 @@ class VhostUserServer:
                 continue
         else:
             logs, next_seq = [], self._msg_seq
+        if since is not None and since > next_seq:
+            since = 0
         out = [dict(e, connection=cid) for cid, entries in logs for e in entries
                if "seq" in e and (since is None or e["seq"] >= since)]
         out.sort(key=lambda e: e["seq"])
