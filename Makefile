@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMPS  := .stamps
 CSRC    := $(wildcard inspector/csrc/*.c inspector/csrc/*.h)
 
-.PHONY: all deps venv build test test-unit demo bench-decoder bench-net bench-attach bench-record clean
+.PHONY: all deps venv build test test-unit demo bench-decoder bench-net bench-attach bench-record bench-probes clean
 
 all: build
 
@@ -45,6 +45,9 @@ bench-net: build
 
 bench-attach: build
 	$(PY) tests/bench/bench_attach.py
+
+bench-probes: build
+	$(PY) tests/bench/bench_probes.py
 
 bench-record: build
 	$(PY) tests/bench/bench_record.py

@@ -440,7 +440,7 @@ class Probe:
         planned = self.plan()
         text = self.ebpf_text()
         try:
-            self.bpf = BPF(text=text, cflags=["-Werror=macro-redefined", "-Wno-unused-function"])
+            self.bpf = BPF(text=text.encode(), cflags=["-Werror=macro-redefined", "-Wno-unused-function"])
         except Exception as e:  # BCC raises bare Exception on compile/load failure
             raise ProbeError(f"probe {self.name}: BPF program did not load: {e}") from e
         out = []
