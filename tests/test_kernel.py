@@ -94,7 +94,7 @@ echo "VQS-KERNEL=$(uname -r) build=$(readlink -f /lib/modules/$(uname -r)/build)
 cd {ROOT}
 export VQSCOPE_IN_VM=1 PYTHONDONTWRITEBYTECODE=1 PATH={venv_bin()}:$PATH
 {ci}
-python -m pytest tests/kernel -p no:cacheprovider -ra -q -o junit_family=xunit2 \\
+python -m pytest tests/kernel -p no:cacheprovider -ra -q --durations=8 -o junit_family=xunit2 \\
   --junitxml={results}/junit.xml
 echo "VQS-PYTEST-RC=$?"
 """
@@ -129,7 +129,9 @@ def vm_run() -> VmRun:
             run.cases = parse_junit(junit)
     finally:
         shutil.rmtree(results, ignore_errors=True)
-    print(f"\nkernel tests: guest boot + {len(run.cases)} tests took {run.seconds:.1f} s")
+    durations = re.search(r"=+ slowest \d+ durations =+\n(.*?)\n\n", run.output, re.S)
+    print(f"\nkernel tests: guest boot + {len(run.cases)} tests took {run.seconds:.1f} s; in the guest:\n"
+          + (durations.group(1) if durations else "(no durations)"))
     return run
 
 

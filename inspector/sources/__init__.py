@@ -4,6 +4,8 @@ README.md, "Snapshot JSON"); no UI code lives here.
 - ``backend``: a vqscope back-end, through its introspection socket.
 - ``file``: a snapshot JSON file (one object), for tests and offline looks.
 - ``qemu``: a running QEMU, through QMP and ``/proc/PID/mem``.
+- ``vhost_net``: the kernel vhost-net queues of a process, through BCC
+  probes and ``/proc/PID/mem``.
 - ``replay``: a recording (``vqscope record``), at a movable time cursor.
 """
 
@@ -69,6 +71,13 @@ def open_source(args: argparse.Namespace) -> Source:
         from .qemu import QemuSource
 
         return QemuSource(args.qmp, pid=args.pid)
+    if getattr(args, "vhost_net", None) is not None:
+        from .vhost_net import VhostNetSource
+
+        # One snapshot needs neither per-event records nor the ioctl probe
+        # (it sees set-ups from now on): one BPF compile less.
+        live = getattr(args, "command", None) != "snapshot"
+        return VhostNetSource(args.vhost_net, stream=live, ioctl_probe=live)
     if getattr(args, "connect", None):
         from .backend import BackendSource
 
@@ -78,4 +87,5 @@ def open_source(args: argparse.Namespace) -> Source:
 
         return FileSource(args.file)
     raise SourceError("no source given: use --connect PATH (a vqscope back-end), --qmp SOCK (a running "
-                      "QEMU's monitor) or --file SNAPSHOT.json")
+                      "QEMU's monitor), --vhost-net PID (a process's kernel vhost-net queues) or "
+                      "--file SNAPSHOT.json")

@@ -1,0 +1,321 @@
+"""Kernel vhost-net queues of one process as a source: the guest-visible
+half from ``/proc/PID/mem``, the device-private half from BCC probes.
+
+A process that drives vhost-net (QEMU with ``vhost=on``, or ``vqscope load
+vhost-net``) holds ``/dev/vhost-net`` fds; the kernel keeps, per vring, a
+``struct vhost_virtqueue`` whose ``desc``/``avail``/``used`` are user virtual
+addresses in that process and whose ``last_avail_idx``, ``last_used_idx``,
+``signalled_used``… nobody else can see. What comes from where:
+
+- the process's vhost-net fds: ``/proc/PID/fd`` links to ``/dev/vhost-net``;
+- every vring of the process and its device-private state:
+  :meth:`probes.vhost_net.VhostNetProbe.queue_states` (a vring shows up once
+  one of vhost's handlers or notification functions ran for it after the
+  probes attached: a kick, a packet, a call), kicks/calls/used entries
+  counted in the kernel (``counters()``) and log2 latency histograms;
+- the memory table (guest-physical → user address) and which fd a vring
+  belongs to: the ``vhost_ioctl`` probe, when the process set them up while
+  it was attached. Without it, a process with one vhost-net fd names it
+  anyway; descriptor addresses (guest-physical) cannot be checked, and the
+  queue carries one ``mem_table_unknown`` anomaly instead of an
+  ``addr_out_of_range`` per descriptor;
+- the rings: :func:`inspector.procmem.snapshot_remote_split`, one
+  ``process_vm_readv`` per vring, never a write.
+
+Queue entries are those of README "Snapshot JSON", device
+``vhost-net:PID:FD`` (``vhost-net:PID:?`` when the fd cannot be told),
+index 0 (RX) / 1 (TX) as in drivers/vhost/net.c, ``last_avail_idx``
+vhost's, plus ``device_state`` and ``histograms`` (README "vhost-net").
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from ..errors import InspectorError, RingError, SourceError, SourceGone
+
+DEV_VHOST_NET = "/dev/vhost-net"
+VIRTIO_RING_F_EVENT_IDX = 29
+#: Anomalies that need the memory table: dropped when it is unknown.
+NEEDS_MEM_TABLE = frozenset({"addr_out_of_range", "indirect_out_of_range"})
+
+
+def vhost_net_fds(pid: int) -> list[int]:
+    """The fds of process ``pid`` open on /dev/vhost-net, sorted. Raises
+    SourceError when the process does not exist or its fds cannot be
+    listed."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        raise SourceError(f"no process with pid {pid} (--vhost-net PID)") from None
+    except PermissionError:
+        raise SourceError(f"no permission to list the fds of process {pid}: run as root") from None
+    out = []
+    for n in names:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{n}") == DEV_VHOST_NET:
+                out.append(int(n))
+        except OSError:
+            continue  # closed meanwhile
+    return sorted(out)
+
+
+def check_kernel(plan: list) -> None:
+    """Raise InspectorError when this kernel cannot show vhost-net queues:
+    no /dev/vhost-net, or no handler attach point (the reasons the vhost_net
+    probe's plan gives: no kprobes, no BTF, functions not found)."""
+    if not os.path.exists(DEV_VHOST_NET):
+        raise InspectorError(f"this kernel has no vhost-net ({DEV_VHOST_NET} missing): load it with "
+                             f"`modprobe vhost_net` (CONFIG_VHOST_NET); no process here can have "
+                             f"vhost-net queues")
+    handlers = [ap for ap in plan if ap.wanted.startswith("handle_")]
+    if not any(ap.ok for ap in handlers):
+        reasons = sorted({ap.reason for ap in handlers if ap.reason})
+        raise InspectorError("cannot probe vhost-net on this kernel: " + "; ".join(reasons)
+                             + " (see `vqscope probe --list`)")
+
+
+class VhostNetSource:
+    """Every vhost-net vring of process ``pid`` (see the module docstring).
+
+    ``stream``: also collect per-event records for :meth:`events`;
+    ``wait``: at the first snapshot, how long (seconds) to wait for the
+    probes to see each vhost-net device's vrings; ``ioctl_probe``: attach
+    the vhost_ioctl probe too (memory tables and fds of rings set up from
+    now on). Raises PrivilegeError (an InspectorError) without root/CAP_BPF,
+    InspectorError on a kernel without vhost-net or kprobes, SourceError
+    for a process without vhost-net fds.
+    """
+
+    def __init__(self, pid: int, *, stream: bool = False, wait: float = 3.0, ioctl_probe: bool = True):
+        from probes.base import PrivilegeError, has_bpf_privilege
+        from probes.vhost_net import VhostNetProbe
+
+        self.pid = pid
+        self.name = f"vhost-net pid {pid}"
+        self.wait = wait
+        self._waited = False
+        self.probe = None
+        self.ioctl = None
+        self._pmem = None
+        if not has_bpf_privilege():
+            raise PrivilegeError("reading vhost-net queues needs BCC probes: run as root (or with CAP_BPF "
+                                 "and CAP_PERFMON, plus CAP_SYS_PTRACE to read the process's memory)")
+        probe = VhostNetProbe(pids=[pid], stream=stream)
+        check_kernel(probe.plan())
+        self.fds = vhost_net_fds(pid)
+        if not self.fds:
+            raise SourceError(f"process {pid} ({_comm(pid)}) holds no {DEV_VHOST_NET} fd: give the pid "
+                              f"of a QEMU with vhost=on or of `vqscope load vhost-net`")
+        try:
+            from ..procmem import ProcessMemory
+
+            self._pmem = ProcessMemory(pid)
+            self.probe = probe
+            probe.attach()
+            self._net_offsets = {k: v for k, v in probe.defines().items() if k.startswith("NET_VQ_")}
+            if ioctl_probe:
+                self.ioctl = _ioctl_probe(pid)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- lifetime ---------------------------------------------------------
+    def close(self) -> None:
+        for p in (self.probe, self.ioctl):
+            if p is not None:
+                p.close()
+        self.probe = self.ioctl = None
+        if self._pmem is not None:
+            self._pmem.close()
+            self._pmem = None
+
+    def __enter__(self) -> VhostNetSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- what the probes know ------------------------------------------------
+    def _states(self) -> dict:
+        """``{vq address: VhostVqState}`` of this process's vrings; waits
+        (once, up to ``wait`` s) until each vhost-net fd has its two."""
+        states = {}
+        deadline = time.monotonic() + (0 if self._waited else self.wait)
+        while True:
+            states = {vq: s for vq, s in self.probe.queue_states().items() if s.owner_pid == self.pid}
+            if len(states) >= 2 * len(self.fds) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        self._waited = True
+        return states
+
+    def _device_of(self, st):
+        """``(device name, VhostDevState of its fd or None)`` for vring
+        state ``st``: the fd whose VHOST_SET_VRING_ADDR (seen by the ioctl
+        probe) gave these addresses, else the only vhost-net fd, else ``?``."""
+        devices = self.ioctl.devices() if self.ioctl is not None else {}
+        for (pid, fd), dev in devices.items():
+            if pid != self.pid:
+                continue
+            for vr in dev.vrings.values():
+                if (vr.desc, vr.avail, vr.used) == (st.desc, st.avail, st.used):
+                    return f"vhost-net:{self.pid}:{fd}", dev
+        if len(self.fds) == 1:
+            return f"vhost-net:{self.pid}:{self.fds[0]}", None
+        return f"vhost-net:{self.pid}:?", None
+
+    def _check_alive(self) -> None:
+        if not os.path.exists(f"/proc/{self.pid}"):
+            raise SourceGone(f"process {self.pid} exited: its vhost-net queues are gone")
+
+    # ---- snapshot ---------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """The snapshot JSON of every vring of the process seen so far."""
+        if self.probe is None:
+            raise SourceGone(f"vhost-net source for pid {self.pid} is closed")
+        self._check_alive()
+        try:
+            self.fds = vhost_net_fds(self.pid) or self.fds
+        except SourceError:
+            self._check_alive()
+            raise
+        states = self._states()
+        counters = self.probe.counters()
+        hists = self.probe.histograms()
+        queues, skipped = [], []
+        for vq, st in sorted(states.items(), key=lambda kv: (kv[1].index, kv[0])):
+            device, dev = self._device_of(st)
+            queues.append(self._entry(device, dev, st, counters.get(vq, {}), hists.get(vq, {})))
+        queues.sort(key=lambda q: (q["device"], q["index"]))
+        seen = {q["device"] for q in queues}
+        if len(queues) < 2 * len(self.fds):
+            for fd in self.fds:
+                if f"vhost-net:{self.pid}:{fd}" not in seen:
+                    skipped.append({"device": f"vhost-net:{self.pid}:{fd}", "index": None,
+                                    "reason": "no vring of this device seen yet: the probes see a vring "
+                                              "when vhost works on it (a kick, a packet, a call)"})
+        return {"source": self.name, "time": time.time(), "pid": self.pid, "queues": queues,
+                "skipped": skipped}
+
+    def _entry(self, device: str, dev, st, cnt: dict, hist: dict) -> dict[str, Any]:
+        features = dev.features if dev is not None else None
+        if features is None:
+            features = getattr(st, "acked_features", None)
+        event_idx = bool((features or 0) >> VIRTIO_RING_F_EVENT_IDX & 1)
+        now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        entry: dict[str, Any] = {
+            "device": device, "index": st.index, "layout": "split", "size": st.num,
+            "features": features or 0, "event_idx": event_idx,
+            "avail_idx": 0, "used_idx": 0, "last_avail_idx": st.last_avail_idx, "inflight": 0,
+            "avail_flags": 0, "used_flags": 0, "used_event": None, "avail_event": None,
+            "kicks": cnt.get("kicks", 0), "calls": cnt.get("calls", 0),
+            "calls_suppressed": cnt.get("calls_suppressed", 0),
+            "packets": cnt.get("used_added", 0), "bytes": 0,
+            "chains": [], "anomalies": [],
+            "device_state": {
+                "last_avail_idx": st.last_avail_idx, "avail_idx": st.avail_idx,
+                "last_used_idx": st.last_used_idx, "used_flags": st.used_flags,
+                "signalled_used": st.signalled_used, "signalled_used_valid": st.signalled_used_valid,
+                "notify_enabled": st.notify_enabled, "owner_pid": st.owner_pid, "vq": st.vq,
+                "desc": st.desc, "avail": st.avail, "used": st.used,
+                "age_s": max(0, now_ns - st.time_ns) / 1e9,
+            },
+            "probe_counters": dict(cnt),
+            "histograms": {name: {str(low): n for low, n in sorted(b.items())} for name, b in hist.items()},
+        }
+        if not st.num:
+            entry["anomalies"].append({"kind": "ring_unmapped", "detail": "vring size 0 (not set up)"})
+            return entry
+        mem_table = [(r.guest_phys_addr, r.memory_size, r.userspace_addr)
+                     for r in dev.mem_table] if dev is not None and dev.mem_table else None
+        try:
+            dec = self._read_ring(st, mem_table)
+        except SourceGone:
+            raise
+        except (RingError, SourceError) as e:
+            self._check_alive()
+            entry["anomalies"].append({"kind": "ring_unmapped", "detail": str(e)})
+            return entry
+        entry.update(avail_idx=dec.avail_idx, used_idx=dec.used_idx, inflight=dec.inflight,
+                     avail_flags=dec.avail_flags, used_flags=dec.used_flags, chains=dec.chains)
+        if event_idx:
+            entry["used_event"], entry["avail_event"] = dec.used_event, dec.avail_event
+        anomalies = dec.anomaly_dicts()
+        if mem_table is None:
+            anomalies = [a for a in anomalies if a["kind"] not in NEEDS_MEM_TABLE]
+            anomalies.append({"kind": "mem_table_unknown",
+                              "detail": "the vhost memory table was set before vqscope attached: "
+                                        "descriptor addresses (guest-physical) are not checked"})
+        entry["anomalies"] = anomalies
+        return entry
+
+    def _read_ring(self, st, mem_table):
+        """Decode the vring at ``st``'s user addresses. With the memory
+        table (``[(guest_phys_addr, size, userspace_addr)]``) the areas are
+        translated to guest-physical and buffers are checked against guest
+        memory; without, each area is its own range (gpa = its address)."""
+        from ..layout import avail_ring_size, desc_table_size, used_ring_size
+        from ..procmem import RamRange, snapshot_remote_split
+
+        areas = [(st.desc, desc_table_size(st.num)), (st.avail, avail_ring_size(st.num)),
+                 (st.used, used_ring_size(st.num))]
+        if mem_table:
+            ram = [RamRange(gpa=g, size=n, hva=u) for g, n, u in mem_table]
+            gpas = []
+            for (uva, n), what in zip(areas, ("desc", "avail", "used")):
+                g = next((r.gpa + uva - r.hva for r in ram if r.hva <= uva and uva + n <= r.hva + r.size), None)
+                if g is None:
+                    raise RingError(f"vring {what} at user address {uva:#x} (+{n:#x}) is outside the "
+                                    f"memory table of process {self.pid}")
+                gpas.append(g)
+        else:
+            ram = [RamRange(gpa=uva, size=n, hva=uva) for uva, n in areas]
+            gpas = [uva for uva, _ in areas]
+        return snapshot_remote_split(self._pmem, ram, st.num, *gpas, st.last_avail_idx)
+
+    # ---- events -------------------------------------------------------------------
+    def events(self) -> list:
+        """Probe events since the previous call (``stream=True``), with the
+        device named as in the snapshot when the process has one vhost-net
+        fd."""
+        if self.probe is None or not self.probe.stream:
+            return []
+        evs = self.probe.events()
+        if len(self.fds) == 1:
+            name = f"vhost-net:{self.pid}:{self.fds[0]}"
+            evs = [e._replace(device=name) for e in evs]
+        return evs
+
+    def events_lost(self) -> int:
+        return self.probe.lost() if self.probe is not None and self.probe.stream else 0
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def _ioctl_probe(pid: int):
+    """The attached vhost_ioctl probe for ``pid``, or None when that probe
+    is not available (not built, or its tracepoints are missing)."""
+    try:
+        from probes.vhost_ioctl import VhostIoctlProbe
+    except ImportError:
+        return None
+    p = VhostIoctlProbe(pids=[pid])
+    try:
+        points = p.attach()
+    except InspectorError:
+        p.close()
+        return None
+    if not any(ap.ok for ap in points):
+        p.close()
+        return None
+    return p
+

@@ -1,0 +1,76 @@
+"""The command line on a kernel with vhost-net and kprobes (runs in the VM
+only, see conftest.py): ``vqscope snapshot --vhost-net PID`` against a
+``vqscope load vhost-net --hold`` process, and ``vqscope probe --list``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT, VQSCOPE
+from tests.peers import Peer
+
+TX, RX = 6, 5
+
+
+@pytest.fixture(scope="module")
+def held():
+    """A ``vqscope load vhost-net`` process holding its device open, moving
+    one frame each way every second; yields (process, its first summary)."""
+    with Peer([*VQSCOPE, "load", "vhost-net", "--size", "64", "--tx", str(TX), "--rx", str(RX),
+               "--hold", "600", "--every", "1"], "vqscope load", cwd=ROOT) as load:
+        m = load.wait_for(r"^\{.*\}$", 60)
+        yield load, json.loads(m.group(0))
+
+
+def test_snapshot_vhost_net_pid(held):
+    load, summary = held
+    pid = summary["pid"]
+    r = subprocess.run([*VQSCOPE, "snapshot", "--vhost-net", str(pid), "--json"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr + load.tail()
+    snap = json.loads(r.stdout)
+    assert snap["pid"] == pid
+    device = f"vhost-net:{pid}:{summary['vhost_fd']}"
+    qs = {q["index"]: q for q in snap["queues"]}
+    assert sorted(qs) == [0, 1], snap
+    for vr in summary["vrings"]:
+        q = qs[vr["index"]]
+        ds = q["device_state"]
+        assert q["device"] == device
+        assert q["size"] == vr["num"] == 64
+        # ring addresses the kernel holds are those the driver set
+        assert (ds["desc"], ds["avail"], ds["used"]) == (
+            vr["desc_user_addr"], vr["avail_user_addr"], vr["used_user_addr"])
+        assert ds["owner_pid"] == pid
+        # the top-level last_avail_idx is vhost's own
+        assert q["last_avail_idx"] == ds["last_avail_idx"]
+        # read from the process's memory after the probe's last hit: the
+        # rings are at or (one burst a second) slightly ahead of vhost's view
+        assert (q["avail_idx"] - ds["avail_idx"]) & 0xFFFF <= 2, q
+        assert (q["used_idx"] - ds["last_used_idx"]) & 0xFFFF <= 2, q
+        # the first burst alone put more than that on the rings
+        initial = TX if vr["name"] == "tx" else RX
+        assert q["avail_idx"] >= initial and q["used_idx"] >= initial
+        assert set(ds) >= {"last_avail_idx", "avail_idx", "last_used_idx", "used_flags",
+                           "signalled_used", "signalled_used_valid", "notify_enabled"}
+        assert isinstance(q["histograms"], dict)
+        # set up before vqscope attached: no memory table, said once
+        assert [a["kind"] for a in q["anomalies"]] == ["mem_table_unknown"], q["anomalies"]
+
+
+def test_probe_list_shows_kprobes_attachable():
+    r = subprocess.run([*VQSCOPE, "probe", "--list", "--json"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    points = json.loads(r.stdout)
+    by = {(p["probe"], p["kind"], p["wanted"]): p for p in points}
+    for fn in ("handle_tx_kick", "handle_rx_kick", "handle_tx", "handle_rx", "vhost_add_used_and_signal_n",
+               "vhost_signal", "vhost_poll_wakeup"):
+        assert by[("vhost_net", "kprobe", fn)]["status"] == "attached", by[("vhost_net", "kprobe", fn)]
+    assert by[("vhost_ioctl", "tracepoint", "syscalls:sys_enter_ioctl")]["status"] == "attached"
+    assert by[("eventfd", "tracepoint", "syscalls:sys_enter_write")]["status"] == "attached"
+    # whatever is not attachable says why
+    assert all(p["reason"] for p in points if p["status"] != "attached")
