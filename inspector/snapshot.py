@@ -20,13 +20,34 @@ VIRTIO_RING_F_EVENT_IDX = 29
 
 
 def queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features: int,
-                   stats: QueueStats) -> dict[str, Any]:
+                   stats: QueueStats, restat=None) -> dict[str, Any]:
     """One queue entry of the snapshot JSON for ``vring`` of ``device``.
 
     ``last_avail_idx`` is the device's (its data path) or, for a ring not
     started yet, the base the front-end set. A ring whose areas are not in
     ``mem`` gives an entry with zeros and an anomaly ``ring_unmapped``.
+
+    ``restat``: a callable returning fresh QueueStats. The data path runs
+    while we read: ``last_avail_idx`` taken before the ring read can be
+    stale by more than a ring's worth once the driver has refilled (its
+    bound is ``avail_idx - used_idx <= size``, §2.7.13.3, not relative to
+    our older copy), which would show a false ``avail_idx_jump``. With
+    ``restat`` such a jump is only reported if it survives re-reading the
+    stats and the ring (up to two more times) with ``last_avail_idx`` moving.
     """
+    for _ in range(2):
+        entry = _queue_snapshot(device, vring, mem, features, stats)
+        if restat is None or not any(a["kind"] == "avail_idx_jump" for a in entry["anomalies"]):
+            return entry
+        fresh = restat()
+        if fresh.last_avail_idx == stats.last_avail_idx:
+            return entry  # the device did not move: the jump is the driver's
+        stats = fresh
+    return _queue_snapshot(device, vring, mem, features, stats)
+
+
+def _queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features: int,
+                    stats: QueueStats) -> dict[str, Any]:
     from . import vqd
 
     event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
@@ -81,5 +102,6 @@ def backend_snapshot(server) -> dict[str, Any]:
             if not vring.addr_set or vring.num == 0:
                 continue
             queues.append(queue_snapshot(name, vring, mem, conn.features,
-                                         conn.device.queue_stats(vring.index)))
+                                         conn.device.queue_stats(vring.index),
+                                         restat=lambda i=vring.index, d=conn.device: d.queue_stats(i)))
     return {"source": f"vqscope serve {server.socket_path}", "time": time.time(), "queues": queues}
