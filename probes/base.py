@@ -20,9 +20,9 @@ import ctypes
 import os
 import re
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from inspector.errors import InspectorError
 from inspector.events import Event, monotonic_to_realtime_ns
@@ -230,7 +230,7 @@ class KernelInfo:
 
     @classmethod
     def from_texts(cls, kallsyms: str, *, is_root: bool, btf_dir: str = "/sys/kernel/btf",
-                   tracepoints: set[str] | None = None) -> "KernelInfo":
+                   tracepoints: set[str] | None = None) -> KernelInfo:
         """From a kallsyms text (pure; used by tests with saved texts)."""
         syms = parse_kallsyms(kallsyms)
         # register_kprobe is exported code on every kernel built with kprobes.
@@ -239,7 +239,7 @@ class KernelInfo:
         return cls(syms, has_kp, is_root, btf_dir, tracepoints, has_rb)
 
     @classmethod
-    def from_system(cls) -> "KernelInfo":
+    def from_system(cls) -> KernelInfo:
         """The running kernel (reads /proc/kallsyms; no BPF)."""
         try:
             text = Path("/proc/kallsyms").read_text()
@@ -560,7 +560,7 @@ class Probe:
             with self._lock:
                 self._events.append(ev)
 
-    def _event(self, rec: "StreamRecord") -> Event | None:
+    def _event(self, rec: StreamRecord) -> Event | None:
         kind = self.EVENT_KINDS[rec.kind] if rec.kind < len(self.EVENT_KINDS) else f"kind{rec.kind}"
         return Event(monotonic_to_realtime_ns(rec.ts), self.device_name(rec.key), rec.queue, kind, rec.value)
 

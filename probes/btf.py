@@ -101,7 +101,7 @@ class Btf:
     Raises BtfError on a bad magic, a truncated section or an unknown kind.
     """
 
-    def __init__(self, data: bytes, base: "Btf | None" = None, name: str = "btf"):
+    def __init__(self, data: bytes, base: Btf | None = None, name: str = "btf"):
         self.name = name
         self.base = base
         if len(data) < 24:
@@ -123,7 +123,7 @@ class Btf:
         self._parse_types(data[t0:t0 + type_len])
 
     @classmethod
-    def load(cls, path: str | Path, base: "Btf | None" = None) -> "Btf":
+    def load(cls, path: str | Path, base: Btf | None = None) -> Btf:
         """Parse the BTF file at ``path`` (``/sys/kernel/btf/NAME`` or a saved
         copy, ``.xz`` allowed), split on ``base`` when given."""
         return cls(read_blob(path), base, name=str(path))

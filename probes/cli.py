@@ -15,7 +15,7 @@ import json
 import sys
 import time
 
-from .base import PrivilegeError, Probe, has_bpf_privilege, print_points, NOT_ROOT
+from .base import NOT_ROOT, PrivilegeError, Probe, has_bpf_privilege, print_points
 
 PROBES = ("vhost_net", "eventfd", "vhost_ioctl")
 

@@ -97,3 +97,14 @@ static __always_inline void vqs_emit(void *ctx, u64 key, u16 kind, s16 queue, u6
 {
     vqs_emit_pid(ctx, key, kind, queue, value, bpf_get_current_pid_tgid() >> 32);
 }
+
+#ifdef SYSCALL_ARGS_OFF
+/* Argument i of a syscalls:sys_enter_* tracepoint record (offset from the
+ * tracepoint's format file). */
+static __always_inline u64 sc_arg(void *args, int i)
+{
+    u64 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (char *)args + SYSCALL_ARGS_OFF + 8 * i);
+    return v;
+}
+#endif

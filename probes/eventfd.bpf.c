@@ -34,13 +34,6 @@ struct pending_read {
 BPF_HASH(watched, struct watch_key, struct watch_val, 4096);
 BPF_HASH(reads, u64, struct pending_read, 4096);
 
-static __always_inline u64 sc_arg(void *args, int i)
-{
-    u64 v = 0;
-    bpf_probe_read_kernel(&v, sizeof(v), (char *)args + SYSCALL_ARGS_OFF + 8 * i);
-    return v;
-}
-
 static __always_inline struct watch_val *lookup_fd(u32 fd)
 {
     struct watch_key k = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = fd};

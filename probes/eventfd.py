@@ -25,8 +25,18 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import (AttachPoint, KernelInfo, Probe, ProbeError, choose_kprobe, choose_tracepoint, choose_uprobe,
-                   find_libc, resolve_symbol, syscall_field_offset)
+from .base import (
+    AttachPoint,
+    KernelInfo,
+    Probe,
+    ProbeError,
+    choose_kprobe,
+    choose_tracepoint,
+    choose_uprobe,
+    find_libc,
+    resolve_symbol,
+    syscall_field_offset,
+)
 
 KIND_UNKNOWN, KIND_KICK, KIND_CALL = 0, 1, 2
 SIDE_DEVICE, SIDE_DRIVER = 0, 1
@@ -52,10 +62,10 @@ class EventfdInfo:
 def parse_fdinfo(text: str) -> tuple[int | None, int | None]:
     """``(eventfd-id, eventfd-count)`` of an fdinfo text, ``(None, None)``
     for an fd that is not an eventfd."""
-    m = re.search(r"^eventfd-count:\s*([0-9a-fA-F]+)", text, re.M)
+    m = re.search(r"^eventfd-count:\s*([0-9a-fA-F]+)", text, re.MULTILINE)
     if not m:
         return None, None
-    i = re.search(r"^eventfd-id:\s*(\d+)", text, re.M)
+    i = re.search(r"^eventfd-id:\s*(\d+)", text, re.MULTILINE)
     return (int(i.group(1)) if i else None), int(m.group(1), 16)
 
 

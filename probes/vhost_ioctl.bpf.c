@@ -40,13 +40,6 @@ BPF_RINGBUF_OUTPUT(ioctls, RINGBUF_PAGES);
 BPF_PERF_OUTPUT(ioctls);
 #endif
 
-static __always_inline u64 sc_arg(void *args, int i)
-{
-    u64 v = 0;
-    bpf_probe_read_kernel(&v, sizeof(v), (char *)args + SYSCALL_ARGS_OFF + 8 * i);
-    return v;
-}
-
 int tracepoint_sys_enter_ioctl(void *args)
 {
     u32 cmd = (u32)sc_arg(args, 1);

@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 from inspector import vhost_net_driver as vnd
 from inspector.events import Event, monotonic_to_realtime_ns
 
-from .base import AttachPoint, KernelInfo, Probe, choose_tracepoint, syscall_field_offset
+from .base import (
+    AttachPoint,
+    KernelInfo,
+    Probe,
+    choose_tracepoint,
+    syscall_field_offset,
+)
 
 # The UAPI's numbers and layouts live with the user-space vhost-net driver
 # (inspector/vhost_net_driver.py); the three it never sends are added here.

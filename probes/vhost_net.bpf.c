@@ -369,29 +369,27 @@ int kretprobe_vhost_notify(struct pt_regs *ctx)
 
 /* ---- notifications ------------------------------------------------------ */
 
+/* vhost_{enable,disable}_notify(dev, vq): kicks asked for again / suppressed. */
+static __always_inline void notify_change(struct pt_regs *ctx, u64 vq, int enable)
+{
+    struct vq_state *s = snap(vq);
+    if (!s)
+        return;
+    s->notify_enabled = enable;
+    vqs_count(vq, enable ? C_NOTIFY_ENABLES : C_NOTIFY_DISABLES, 1);
+    emit(ctx, vq, s, enable ? EV_NOTIFY_ENABLE : EV_NOTIFY_DISABLE, 0);
+}
 #if HAVE_KPROBE_VHOST_ENABLE_NOTIFY
 int kprobe_vhost_enable_notify(struct pt_regs *ctx)
 {
-    u64 vq = parm(ctx, ARG_VQ_VHOST_ENABLE_NOTIFY);
-    struct vq_state *s = snap(vq);
-    if (!s)
-        return 0;
-    s->notify_enabled = 1;
-    vqs_count(vq, C_NOTIFY_ENABLES, 1);
-    emit(ctx, vq, s, EV_NOTIFY_ENABLE, 0);
+    notify_change(ctx, parm(ctx, ARG_VQ_VHOST_ENABLE_NOTIFY), 1);
     return 0;
 }
 #endif
 #if HAVE_KPROBE_VHOST_DISABLE_NOTIFY
 int kprobe_vhost_disable_notify(struct pt_regs *ctx)
 {
-    u64 vq = parm(ctx, ARG_VQ_VHOST_DISABLE_NOTIFY);
-    struct vq_state *s = snap(vq);
-    if (!s)
-        return 0;
-    s->notify_enabled = 0;
-    vqs_count(vq, C_NOTIFY_DISABLES, 1);
-    emit(ctx, vq, s, EV_NOTIFY_DISABLE, 0);
+    notify_change(ctx, parm(ctx, ARG_VQ_VHOST_DISABLE_NOTIFY), 0);
     return 0;
 }
 #endif

@@ -30,7 +30,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import (AttachPoint, KernelInfo, Probe, ProbeError, choose_kprobe, no_btf_reason, resolve_symbol)
+from .base import (
+    AttachPoint,
+    KernelInfo,
+    Probe,
+    ProbeError,
+    choose_kprobe,
+    no_btf_reason,
+    resolve_symbol,
+)
 from .btf import Btf, BtfError
 
 # (function, kprobe reads the vq pointer from this source argument (None:
@@ -289,4 +297,4 @@ def _dedupe_alternatives(pts: list[AttachPoint]) -> list[AttachPoint]:
     return out
 
 
-__all__ = ["VhostNetProbe", "VhostVqState", "btf_offsets", "arg_positions", "ProbeError"]
+__all__ = ["ProbeError", "VhostNetProbe", "VhostVqState", "arg_positions", "btf_offsets"]

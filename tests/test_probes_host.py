@@ -25,7 +25,14 @@ from probes.eventfd import EventfdProbe
 from probes.vhost_ioctl import NUMBERS, VhostIoctlProbe
 
 from .conftest import ROOT, VQSCOPE, require, wait_for
-from .peers import DpdkTestpmd, VqscopeNet, find_testpmd, socket_dir, virtio_user_vdev, wait_counters
+from .peers import (
+    DpdkTestpmd,
+    VqscopeNet,
+    find_testpmd,
+    socket_dir,
+    virtio_user_vdev,
+    wait_counters,
+)
 
 
 def _bcc() -> bool:

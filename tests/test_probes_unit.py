@@ -18,13 +18,33 @@ from pathlib import Path
 import pytest
 
 from probes import base
-from probes.base import (CLONE_ARGS, NO_KPROBES, NOT_FOUND, NOT_ROOT, AttachPoint, KernelInfo, ProbeError,
-                         choose_kprobe, clone_args_trusted, define_prelude, parse_format_offset, parse_kallsyms,
-                         resolve_symbol)
+from probes.base import (
+    CLONE_ARGS,
+    NO_KPROBES,
+    NOT_FOUND,
+    NOT_ROOT,
+    AttachPoint,
+    KernelInfo,
+    ProbeError,
+    choose_kprobe,
+    clone_args_trusted,
+    define_prelude,
+    parse_format_offset,
+    parse_kallsyms,
+    resolve_symbol,
+)
 from probes.btf import STRUCT, Btf, BtfError
 from probes.eventfd import EventfdProbe, parse_fdinfo, process_eventfds
-from probes.vhost_ioctl import NUMBERS, IoctlRecord, VhostDevState, VhostIoctlProbe, apply_ioctl
+from probes.vhost_ioctl import (
+    NUMBERS,
+    IoctlRecord,
+    VhostDevState,
+    VhostIoctlProbe,
+    apply_ioctl,
+)
 from probes.vhost_net import VQ_FIELDS, VhostNetProbe, arg_positions, btf_offsets
+
+from .conftest import require
 
 DATA = Path(__file__).parent / "data" / "btf"
 VER = "6.1.0-56-amd64"
@@ -177,7 +197,7 @@ def test_vhost_net_plan_without_module_or_kprobes(btf_dir):
 
 def pahole_offsets(text: str, struct_name: str) -> dict[str, tuple[int, int]]:
     """``{member: (offset, size)}`` of one struct in pahole's output."""
-    m = re.search(r"^struct " + struct_name + r" \{\n(.*?)^\};", text, re.M | re.S)
+    m = re.search(r"^struct " + struct_name + r" \{\n(.*?)^\};", text, re.MULTILINE | re.DOTALL)
     assert m, f"struct {struct_name} not in pahole output"
     out = {}
     for line in m.group(1).splitlines():
@@ -210,9 +230,9 @@ def test_vhost_virtqueue_offsets_equal_pahole_saved(btf61):
     assert net.struct_size("vhost_net") == 38288
 
 
-@pytest.mark.skipif(shutil.which("pahole") is None, reason="pahole (dwarves) not installed: the saved output is checked instead")
 def test_vhost_offsets_equal_pahole_live(btf61, tmp_path):
     """pahole reading the saved blobs now (a second, independent BTF reader)."""
+    require(shutil.which("pahole") is not None, "pahole is not installed (Debian dwarves; make deps)")
     vml = tmp_path / "vmlinux"
     vml.write_bytes(lzma.decompress((DATA / f"vmlinux-{VER}.btf.xz").read_bytes()))
     for mod, structs in (("vhost", ["vhost_virtqueue", "vhost_poll", "vhost_dev", "vhost_work"]),
@@ -258,8 +278,8 @@ def test_btf_errors(btf61):
         btf61["vhost"].field("vhost_virtqueue", "nosuch")
 
 
-@pytest.mark.skipif(not Path("/sys/kernel/btf/vmlinux").exists(), reason="this kernel has no BTF")
 def test_host_kernel_btf_parses():
+    require(Path("/sys/kernel/btf/vmlinux").exists(), "this kernel has no BTF (CONFIG_DEBUG_INFO_BTF)")
     k = Btf.load("/sys/kernel/btf/vmlinux")
     f = k.field("task_struct", "pid")
     assert f.size == 4 and 0 < f.offset < k.struct_size("task_struct")

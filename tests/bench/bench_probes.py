@@ -33,10 +33,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from probes.base import has_bpf_privilege  # noqa: E402
-from probes.eventfd import EventfdProbe  # noqa: E402
-from probes.vhost_ioctl import VhostIoctlProbe  # noqa: E402
-from tests.peers import DpdkTestpmd, VqscopeNet, find_testpmd, socket_dir, virtio_user_vdev  # noqa: E402
+from probes.base import has_bpf_privilege
+from probes.eventfd import EventfdProbe
+from probes.vhost_ioctl import VhostIoctlProbe
+from tests.peers import (
+    DpdkTestpmd,
+    VqscopeNet,
+    find_testpmd,
+    socket_dir,
+    virtio_user_vdev,
+)
 
 
 class Drainer(threading.Thread):
