@@ -82,6 +82,20 @@ def parse_junit(path: Path) -> dict[str, list[tuple[str, str]]]:
     return cases
 
 
+def slowest(output: str) -> list[str]:
+    """The lines of pytest's ``--durations`` table in a console output."""
+    lines = output.replace("\r", "").splitlines()
+    start = next((i for i, ln in enumerate(lines) if "slowest" in ln and "durations" in ln), None)
+    if start is None:
+        return []
+    out = []
+    for ln in lines[start + 1:]:
+        if not ln.strip() or ln.startswith("="):
+            break
+        out.append(ln)
+    return out
+
+
 def guest_script(results: str) -> str:
     """What the guest runs: vhost_net, tracefs/debugfs, then the kernel
     tests with their junit XML in ``results``."""
@@ -129,9 +143,8 @@ def vm_run() -> VmRun:
             run.cases = parse_junit(junit)
     finally:
         shutil.rmtree(results, ignore_errors=True)
-    durations = re.search(r"=+ slowest \d+ durations =+\n(.*?)\n\n", run.output, re.S)
     print(f"\nkernel tests: guest boot + {len(run.cases)} tests took {run.seconds:.1f} s; in the guest:\n"
-          + (durations.group(1) if durations else "(no durations)"))
+          + "\n".join(slowest(run.output)))
     return run
 
 
@@ -228,3 +241,84 @@ def test_parse_junit_outcomes(tmp_path: Path) -> None:
     assert cases == {"test_a::test_ok": [("passed", "")],
                      "test_a::test_p": [("passed", ""), ("failed", "assert 1 == 2\ntrace")],
                      "test_b::test_s": [("skipped", "no probes")]}
+
+
+# ------------------------------------------------------------ the vhost-net source, without a kernel
+
+def _vq_state(ring, uva: int, **kw):
+    from probes.vhost_net import VhostVqState
+
+    base = dict(vq=0xFFFF888000001000, owner_pid=os.getpid(), index=1, num=ring.size,
+                desc=uva + ring.desc_addr, avail=uva + ring.avail_addr, used=uva + ring.used_addr,
+                last_avail_idx=0, avail_idx=0, last_used_idx=0, used_flags=0, signalled_used=0,
+                signalled_used_valid=False, notify_enabled=True,
+                time_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+    base.update(kw)
+    return VhostVqState(**base)
+
+
+def test_source_entry_translates_through_the_mem_table() -> None:
+    """A vring in this process's memory, laid out like the driver's (guest
+    memory at guest-physical 0): with the memory table the chains' buffers
+    are checked against it; without, address anomalies give way to one
+    mem_table_unknown."""
+    import ctypes
+    import mmap
+
+    from inspector.driver import DriverRing
+    from inspector.memory import GuestMemory
+    from inspector.procmem import ProcessMemory
+    from inspector.sources.vhost_net import VhostNetSource
+    from probes.vhost_ioctl import MemRegion, VhostDevState
+
+    size = 1 << 16
+    m = mmap.mmap(-1, size)
+    c = (ctypes.c_char * size).from_buffer(m)
+    uva = ctypes.addressof(c)
+    del c
+    mem = GuestMemory()
+    mem.add(0, m, uva=uva, size=size)
+    ring = DriverRing(mem, 0, 16)
+    ring.add_chain([(0x8000, 100, False)])
+    ring.add_chain([(0x9000, 64, False), (size + 0x1000, 64, True)])  # outside guest memory
+    ring.publish()
+    src = object.__new__(VhostNetSource)
+    src.pid = os.getpid()
+    src._pmem = ProcessMemory(os.getpid())
+    try:
+        st = _vq_state(ring, uva, last_avail_idx=0, avail_idx=2)
+        dev = VhostDevState(pid=os.getpid(), fd=5, features=1 << 32,
+                            mem_table=[MemRegion(0, size, uva)])
+        e = src._entry("vhost-net:1:5", dev, st, {"kicks": 3, "used_added": 0}, {})
+        assert (e["avail_idx"], e["used_idx"], e["inflight"], e["kicks"]) == (2, 0, 2, 3)
+        assert [ch["descs"][0]["addr"] for ch in e["chains"]] == [0x8000, 0x9000]
+        assert [a["kind"] for a in e["anomalies"]] == ["addr_out_of_range"]
+        assert e["device_state"]["last_avail_idx"] == e["last_avail_idx"] == 0
+        e = src._entry("vhost-net:1:5", None, st, {}, {"handler_run_ns": {1024: 2}})
+        assert [a["kind"] for a in e["anomalies"]] == ["mem_table_unknown"]
+        assert len(e["chains"]) == 2 and e["features"] == 0
+        assert e["histograms"] == {"handler_run_ns": {"1024": 2}}
+        # a ring outside the memory table is reported, not read
+        bad = _vq_state(ring, uva + size)
+        e = src._entry("vhost-net:1:5", dev, bad, {}, {})
+        assert e["anomalies"][0]["kind"] == "ring_unmapped" and "memory table" in e["anomalies"][0]["detail"]
+    finally:
+        src._pmem.close()
+        ring._view.release()
+        del ring, mem
+        m.close()
+
+
+def test_source_refuses_without_privilege_and_without_vhost_net() -> None:
+    require(os.geteuid() == 0 and shutil.which("setpriv") is not None,
+            "dropping privileges for the test needs root and setpriv (util-linux)")
+    r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                        "--inh-caps=-all", *VQSCOPE, "snapshot", "--vhost-net", "1", "--json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("vqscope snapshot: reading vhost-net queues needs BCC probes: run as root")
+    if not os.path.exists(vnd.DEV_VHOST_NET):  # this host's kernel
+        r = subprocess.run([*VQSCOPE, "snapshot", "--vhost-net", str(os.getpid()), "--json"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert r.returncode == 2
+        assert "this kernel has no vhost-net" in r.stderr and len(r.stderr.splitlines()) == 1
