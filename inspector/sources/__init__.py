@@ -50,7 +50,8 @@ def open_source(args: argparse.Namespace) -> Source:
     """The source the CLI arguments name (``--connect``, ``--qmp``, ``--file``
     or ``--replay`` with an optional ``--at``)."""
     if getattr(args, "replay", None):
-        others = [f"--{o}" for o in ("connect", "qmp", "file", "pid") if getattr(args, o, None) is not None]
+        others = [f"--{o}".replace("_", "-") for o in ("connect", "qmp", "file", "pid", "vhost_net")
+                  if getattr(args, o, None) is not None]
         if others:
             raise SourceError(f"--replay FILE plays a recording; it does not go with {', '.join(others)}")
         from .replay import ReplaySource
