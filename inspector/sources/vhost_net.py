@@ -115,7 +115,6 @@ class VhostNetSource:
             self._pmem = ProcessMemory(pid)
             self.probe = probe
             probe.attach()
-            self._net_offsets = {k: v for k, v in probe.defines().items() if k.startswith("NET_VQ_")}
             if ioctl_probe:
                 self.ioctl = _ioctl_probe(pid)
         except BaseException:
