@@ -23,6 +23,7 @@ struct vq_state {
     u64 avail;
     u64 used;
     u64 time;      /* bpf_ktime_get_ns() of the last hit */
+    u64 acked_features; /* vq->acked_features: EVENT_IDX decides used_event/avail_event */
     u32 num;
     u32 owner;     /* the owner's pid (vhost worker "vhost-<pid>") */
     u16 last_avail_idx;
@@ -113,6 +114,7 @@ static __always_inline struct vq_state *snap(u64 vq)
     RD(s->used_flags, vq, VQ_USED_FLAGS);
     RD(s->signalled_used, vq, VQ_SIGNALLED_USED);
     RD(s->signalled_used_valid, vq, VQ_SIGNALLED_USED_VALID);
+    RD(s->acked_features, vq, VQ_ACKED_FEATURES);
     if (s->index < 0) {
         u64 dev = 0, vqs = 0;
         int nvqs = 0;

@@ -72,7 +72,7 @@ BTF_MODULES = ("vhost", "vhost_net")
 
 # struct vhost_virtqueue members read at each hit: name -> #define stem.
 VQ_FIELDS = ["num", "desc", "avail", "used", "last_avail_idx", "avail_idx", "last_used_idx", "used_flags",
-             "signalled_used", "signalled_used_valid", "dev"]
+             "signalled_used", "signalled_used_valid", "acked_features", "dev"]
 VHOST_NET_VQ_RX, VHOST_NET_VQ_TX = 0, 1  # drivers/vhost/net.c
 MAX_VQS = 4
 
@@ -81,7 +81,8 @@ MAX_VQS = 4
 class VhostVqState:
     """Last-seen state of one ``struct vhost_virtqueue`` (device-private:
     vhost's own indices). Addresses are user addresses in the owner's mm;
-    ``time_ns`` is CLOCK_MONOTONIC of the hit; ``index`` the vq's position in
+    ``time_ns`` is CLOCK_MONOTONIC of the hit; ``acked_features`` the
+    vq's negotiated feature bits (VIRTIO_RING_F_EVENT_IDX among them); ``index`` the vq's position in
     its device (-1 unknown); ``notify_enabled`` None until vhost enabled or
     disabled kicks."""
 
@@ -100,6 +101,7 @@ class VhostVqState:
     signalled_used_valid: bool
     notify_enabled: bool | None
     time_ns: int
+    acked_features: int = 0
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -257,7 +259,8 @@ class VhostNetProbe(Probe):
                 used=s.used, last_avail_idx=s.last_avail_idx, avail_idx=s.avail_idx,
                 last_used_idx=s.last_used_idx, used_flags=s.used_flags, signalled_used=s.signalled_used,
                 signalled_used_valid=bool(s.signalled_used_valid),
-                notify_enabled=None if s.notify_enabled < 0 else bool(s.notify_enabled), time_ns=s.time)
+                notify_enabled=None if s.notify_enabled < 0 else bool(s.notify_enabled),
+                acked_features=s.acked_features, time_ns=s.time)
         return out
 
     def _event(self, rec):

@@ -220,6 +220,7 @@ class VhostNetSource:
                 "signalled_used": st.signalled_used, "signalled_used_valid": st.signalled_used_valid,
                 "notify_enabled": st.notify_enabled, "owner_pid": st.owner_pid, "vq": st.vq,
                 "desc": st.desc, "avail": st.avail, "used": st.used,
+                "acked_features": st.acked_features,
                 "age_s": max(0, now_ns - st.time_ns) / 1e9,
             },
             "probe_counters": dict(cnt),

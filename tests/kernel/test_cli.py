@@ -45,6 +45,10 @@ def test_snapshot_vhost_net_pid(held):
         assert (ds["desc"], ds["avail"], ds["used"]) == (
             vr["desc_user_addr"], vr["avail_user_addr"], vr["used_user_addr"])
         assert ds["owner_pid"] == pid
+        # set up before vqscope attached: the features are the vq's own
+        # acked_features (read by the probe), equal to VHOST_SET_FEATURES'
+        assert q["features"] == summary["features"], (q["features"], summary["features"])
+        assert q["event_idx"] == bool(summary["features"] >> 29 & 1)
         # the top-level last_avail_idx is vhost's own
         assert q["last_avail_idx"] == ds["last_avail_idx"]
         # read from the process's memory after the probe's last hit: the
