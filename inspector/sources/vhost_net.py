@@ -84,16 +84,20 @@ class VhostNetSource:
     ``wait``: at the first snapshot, how long (seconds) to wait for the
     probes to see each vhost-net device's vrings; ``ioctl_probe``: attach
     the vhost_ioctl probe too (memory tables and fds of rings set up from
-    now on). Raises PrivilegeError (an InspectorError) without root/CAP_BPF,
+    now on). ``probes``: an already attached ``(VhostNetProbe,
+    VhostIoctlProbe or None)`` to use instead of compiling new ones (they
+    stay the caller's: close() leaves them attached). Raises PrivilegeError (an InspectorError) without root/CAP_BPF,
     InspectorError on a kernel without vhost-net or kprobes, SourceError
     for a process without vhost-net fds.
     """
 
-    def __init__(self, pid: int, *, stream: bool = False, wait: float = 3.0, ioctl_probe: bool = True):
+    def __init__(self, pid: int, *, stream: bool = False, wait: float = 3.0, ioctl_probe: bool = True,
+                 probes: tuple | None = None):
         from probes.base import PrivilegeError, has_bpf_privilege
         from probes.vhost_net import VhostNetProbe
 
         self.pid = pid
+        self._borrowed = probes is not None
         self.name = f"vhost-net pid {pid}"
         self.wait = wait
         self._waited = False
@@ -103,7 +107,7 @@ class VhostNetSource:
         if not has_bpf_privilege():
             raise PrivilegeError("reading vhost-net queues needs BCC probes: run as root (or with CAP_BPF "
                                  "and CAP_PERFMON, plus CAP_SYS_PTRACE to read the process's memory)")
-        probe = VhostNetProbe(pids=[pid], stream=stream)
+        probe = probes[0] if probes is not None else VhostNetProbe(pids=[pid], stream=stream)
         check_kernel(probe.plan())
         self.fds = vhost_net_fds(pid)
         if not self.fds:
@@ -114,9 +118,12 @@ class VhostNetSource:
 
             self._pmem = ProcessMemory(pid)
             self.probe = probe
-            probe.attach()
-            if ioctl_probe:
-                self.ioctl = _ioctl_probe(pid)
+            if probes is not None:
+                self.ioctl = probes[1]
+            else:
+                probe.attach()
+                if ioctl_probe:
+                    self.ioctl = _ioctl_probe(pid)
         except BaseException:
             self.close()
             raise
@@ -124,7 +131,7 @@ class VhostNetSource:
     # ---- lifetime ---------------------------------------------------------
     def close(self) -> None:
         for p in (self.probe, self.ioctl):
-            if p is not None:
+            if p is not None and not self._borrowed:
                 p.close()
         self.probe = self.ioctl = None
         if self._pmem is not None:

@@ -129,3 +129,42 @@ def test_ioctl_probe_saw_the_setup(run):
         assert (vr.num, vr.desc, vr.avail, vr.used, vr.base) == (
             s.num, s.desc_user_addr, s.avail_user_addr, s.used_user_addr, s.base)
         assert (vr.kick_fd, vr.call_fd, vr.backend_fd) == (s.kick_fd, s.call_fd, run.driver.tap_fd)
+
+
+def test_tui_vhost_net_shows_both_vrings(run):
+    """`vqscope tui --vhost-net PID` in the guest: the app, fed by the
+    vhost-net source over the probes this module attached (no second
+    compile), lists the driver's two vrings with vhost's indices, and
+    enter opens a vring's screen."""
+    from inspector.sources.vhost_net import VhostNetSource
+    from tests.test_tui import run_app
+    from tests.test_tui import wait_for as pilot_wait_for
+    from tui.app import VqscopeApp
+    from tui.screens.queue import QueueScreen
+    from tui.widgets.queue_table import QueueTable
+
+    pid = os.getpid()
+    device = f"vhost-net:{pid}:{run.driver.vhost_fd}"
+    with VhostNetSource(pid, probes=(run.vhost, run.ioctl)) as source:
+        app = VqscopeApp(source, interval=0.2)
+
+        async def body(pilot):
+            await pilot_wait_for(pilot, lambda: app.snapshot is not None
+                                 and len(app.snapshot["queues"]) == 2, timeout=30)
+            await pilot.pause()
+            qs = {q["index"]: q for q in app.snapshot["queues"]}
+            assert {q["device"] for q in qs.values()} == {device}
+            for index in (VHOST_NET_VQ_RX, VHOST_NET_VQ_TX):
+                ring = run.driver.rings[index]
+                assert qs[index]["used_idx"] == ring.used_idx
+                assert qs[index]["device_state"]["last_used_idx"] == ring.used_idx
+            table = app.screen.query_one(QueueTable)
+            assert table.row_count == 2
+            await pilot.press("enter")
+            await pilot.pause()
+            assert isinstance(app.screen, QueueScreen)
+            assert app.screen.queue == (device, VHOST_NET_VQ_RX)
+
+        run_app(app, body)
+    # the probes were borrowed: still attached for the other tests
+    assert run.vhost.queue_states()
