@@ -309,3 +309,17 @@ def test_demo_socket_is_readable_by_another_process(tmp_path):
     assert demo.returncode == 0, err
     assert "introspection on " + sock + ".introspect" in err
     assert not os.path.exists(sock) and not os.path.exists(sock + ".introspect")
+
+
+def test_event_buffer_bounds_memory_of_many_small_chunks():
+    """A quiet back-end drains one event at a time: the bound counts each
+    chunk's overhead, so a million one-event chunks do not all stay."""
+    from inspector.vhost_user.server import CHUNK_OVERHEAD
+
+    buf = EventBuffer(capacity=1100)
+    one = encode_events([(1, "kick", 1)])
+    for _ in range(1000):
+        buf.add("net1", 0, one)
+    assert len(buf.chunks) == 1100 // (1 + CHUNK_OVERHEAD)
+    r = buf.read(0)
+    assert r["next"] == 1000 and r["gap"] == 1000 - len(buf.chunks)
