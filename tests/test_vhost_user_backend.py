@@ -569,3 +569,111 @@ def test_device_start_failure_breaks_only_that_connection(tmp_path, caplog):
             VhostUserFrontend(srv.socket_path, mem_size=1 << 20, queue_size=64)
         assert any("cannot start" in r.getMessage() for r in caplog.records)
         assert wait_for(lambda: not srv.connections)
+
+
+# --- GET/SET_INFLIGHT_FD (spec "Inflight I/O tracking") ---------------------------------------
+
+class InflightDevice(NullDevice):
+    """A NullDevice that takes an inflight area."""
+
+    supports_inflight = True
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.inflight: list[tuple[object, int, int]] = []
+
+    def set_inflight(self, area, num_queues, queue_size):
+        self.inflight.append((area, num_queues, queue_size))
+
+
+@pytest.fixture
+def inflight_server(tmp_path):
+    devices: list[InflightDevice] = []
+
+    def factory():
+        devices.append(InflightDevice(num_queues=2))
+        return devices[-1]
+
+    srv = VhostUserServer(str(tmp_path / "inflight.sock"), factory)
+    srv.devices = devices
+    with srv:
+        yield srv
+
+
+def _negotiate(sock, protocol_features) -> None:
+    send(sock, Request.GET_PROTOCOL_FEATURES)
+    offered = p.unpack_u64("GET_PROTOCOL_FEATURES", reply(sock).payload)
+    assert offered & protocol_features == protocol_features
+    send(sock, Request.SET_PROTOCOL_FEATURES, U64(protocol_features))
+
+
+def test_inflight_offered_only_when_the_device_supports_it(server, inflight_server):
+    for srv, want in ((server, 0), (inflight_server, int(p.ProtocolFeature.INFLIGHT_SHMFD))):
+        sock = raw_client(srv)
+        send(sock, Request.GET_PROTOCOL_FEATURES)
+        offered = p.unpack_u64("GET_PROTOCOL_FEATURES", reply(sock).payload)
+        assert offered & p.ProtocolFeature.INFLIGHT_SHMFD == want
+        sock.close()
+
+
+def test_get_and_set_inflight_fd_map_the_area_shared_for_the_device(inflight_server):
+    sock = raw_client(inflight_server)
+    try:
+        _negotiate(sock, int(p.ProtocolFeature.INFLIGHT_SHMFD | p.ProtocolFeature.REPLY_ACK))
+        send(sock, Request.GET_INFLIGHT_FD, p.InflightPayload(0, 0, 2, 256).pack())
+        r = reply(sock)
+        got = p.unpack_inflight("GET_INFLIGHT_FD", r.payload)
+        per_queue = p.inflight_queue_size(256)
+        assert per_queue == 4096 + 64 and per_queue >= p.INFLIGHT_HEADER_SIZE + 256 * p.INFLIGHT_DESC_SIZE
+        assert (got.mmap_size, got.mmap_offset, got.num_queues, got.queue_size) == (2 * per_queue, 0, 2, 256)
+        (fd,) = r.fds
+        assert os.fstat(fd).st_size == got.mmap_size
+        with pytest.raises(OSError):  # sealed against resizing, as libvhost-user's
+            os.ftruncate(fd, 1)
+        send(sock, Request.SET_INFLIGHT_FD, got.pack(), [fd], flags=p.VERSION | p.FLAG_NEED_REPLY)
+        assert reply(sock).payload == U64(0)
+        dev = inflight_server.devices[0]
+        (area, nq, qs), = dev.inflight
+        assert (nq, qs, len(area)) == (2, 256, got.mmap_size)
+        area[100] = 0xAB  # MAP_SHARED: the front-end's fd sees the device's write
+        assert os.pread(fd, 1, 100) == b"\xab"
+        os.close(fd)
+    finally:
+        sock.close()
+    assert wait_for(lambda: not inflight_server.connections)
+    assert area.closed
+
+
+INFLIGHT_CASES = {
+    "not_negotiated": (0, p.InflightPayload(0, 0, 1, 256), Request.GET_INFLIGHT_FD, "protocol_features", 0),
+    "num_queues_zero": (1, p.InflightPayload(0, 0, 0, 256), Request.GET_INFLIGHT_FD, "num_queues", 0),
+    "num_queues_over": (1, p.InflightPayload(0, 0, 3, 256), Request.GET_INFLIGHT_FD, "num_queues", 3),
+    "queue_size_odd": (1, p.InflightPayload(0, 0, 1, 100), Request.GET_INFLIGHT_FD, "queue_size", 100),
+    "set_too_small": (1, p.InflightPayload(4096, 0, 2, 256), Request.SET_INFLIGHT_FD, "mmap_size", 4096),
+    "set_beyond_fd": (1, p.InflightPayload(8320, 4096, 1, 256), Request.SET_INFLIGHT_FD, "mmap_offset", 4096),
+    "set_not_negotiated": (0, p.InflightPayload(8192, 0, 1, 256), Request.SET_INFLIGHT_FD,
+                           "protocol_features", 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INFLIGHT_CASES))
+def test_inflight_rejections(inflight_server, caplog, name):
+    negotiate, payload, req, field, value = INFLIGHT_CASES[name]
+    caplog.set_level(logging.INFO, logger="inspector.vhost_user")
+    sock = raw_client(inflight_server)
+    fds = [memfd(8192)] if req == Request.SET_INFLIGHT_FD else []
+    try:
+        if negotiate:
+            _negotiate(sock, int(p.ProtocolFeature.INFLIGHT_SHMFD))
+        send(sock, req, payload.pack(), fds, flags=p.VERSION | p.FLAG_NEED_REPLY)
+        r = reply(sock)
+        assert p.unpack_u64(req.name, r.payload) != 0 and not r.fds
+        assert closed_by_peer(sock)
+        assert marked_fds() == len(fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        sock.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and req.name in errors[0] and f"{field}={_shown(value)}" in errors[0], errors
+    assert not inflight_server.devices[0].inflight

@@ -28,6 +28,7 @@ device never uses an fd or a mapping the core has closed.
 from __future__ import annotations
 
 import collections
+import fcntl
 import logging
 import mmap
 import os
@@ -41,15 +42,27 @@ from ..layout import avail_ring_size, desc_table_size, is_power_of_two, used_rin
 from ..memory import GuestMemory
 from .protocol import (
     FLAG_NEED_REPLY, FLAG_REPLY, MAX_VRING_NUM, VERSION, VHOST_F_LOG_ALL,
-    VHOST_USER_F_PROTOCOL_FEATURES, VRING_IDX_MASK, VRING_NOFD_MASK, ConfigPayload, LogPayload,
-    MemoryTable, Message, ProtocolFeature, ProtocolViolation, Request, VringAddr, VringState,
-    check_header, check_index, pack_u64, payload_fields, recv_message, send_message,
+    VHOST_USER_F_PROTOCOL_FEATURES, VRING_IDX_MASK, VRING_NOFD_MASK, ConfigPayload, InflightPayload,
+    LogPayload, MemoryTable, Message, MessageReader, ProtocolFeature, ProtocolViolation, Request,
+    VringAddr, VringState, check_header, check_index, inflight_queue_size, pack_u64, payload_fields,
+    send_message,
 )
 
 logger = logging.getLogger("inspector.vhost_user")
 
 OFFERED_PROTOCOL_FEATURES = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
                              | ProtocolFeature.LOG_SHMFD | ProtocolFeature.BACKEND_REQ)
+# Offered in addition when the device says ``supports_inflight = True`` (and
+# has ``set_inflight``): GET/SET_INFLIGHT_FD.
+INFLIGHT_PROTOCOL_FEATURES = ProtocolFeature.INFLIGHT_SHMFD
+
+# A front-end has this long to finish a message it began (the server checks;
+# reads never block) and to take a reply off its socket (a reply is sent
+# with this timeout: replies are at most 268 bytes, so only a peer that left
+# ~200 KB of replies unread can make one wait, and that peer holds the
+# server's loop for at most this long once).
+STALL_TIMEOUT_S = 5.0
+REPLY_TIMEOUT_S = 0.5
 
 MESSAGE_LOG_SIZE = 10000
 _PAGE = mmap.ALLOCATIONGRANULARITY
@@ -64,11 +77,11 @@ class _Failed(Exception):
 class _Mapping:
     """One mmap of a front-end memory region; closes robustly."""
 
-    def __init__(self, fd: int, offset: int, size: int):
+    def __init__(self, fd: int, offset: int, size: int, *, writable: bool = True):
         start = offset - offset % _PAGE
         self.buf_offset = offset - start
-        self.map = mmap.mmap(fd, size + self.buf_offset, mmap.MAP_SHARED,
-                             mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        self.map = mmap.mmap(fd, size + self.buf_offset, mmap.MAP_SHARED, prot, offset=start)
 
     def close(self) -> bool:
         """Unmap; False while some buffer still exports it (retry later)."""
@@ -91,14 +104,23 @@ class BackendConnection:
     ``features`` (acked with SET_FEATURES, as sent: may include bit 30),
     ``protocol_features``, ``broken`` / ``broken_reason``, ``log`` (the
     bounded message log: dicts {time, request, flags, size, nfds, fields}),
-    ``id``.
+    ``id``, ``inflight`` (the mapped SET_INFLIGHT_FD area or None).
+
+    The socket is made non-blocking: a message is assembled across readable
+    events (:class:`~.protocol.MessageReader`), so a front-end stalling
+    mid-message holds no one else; :meth:`stalled` tells the owner when it
+    has held a partial message longer than ``stall_timeout`` seconds.
+    Replies are sent with a ``reply_timeout``.
     """
 
     def __init__(self, sock: socket.socket, device: Device, log: logging.Logger | None = None, *,
-                 conn_id: int = 0, log_size: int = MESSAGE_LOG_SIZE, io_timeout: float = 5.0):
+                 conn_id: int = 0, log_size: int = MESSAGE_LOG_SIZE,
+                 stall_timeout: float = STALL_TIMEOUT_S, reply_timeout: float = REPLY_TIMEOUT_S):
         self.sock = sock
-        # A peer that stalls mid-message must not hold the event loop forever.
-        sock.settimeout(io_timeout)
+        sock.setblocking(False)
+        self.stall_timeout = stall_timeout
+        self.reply_timeout = reply_timeout
+        self._reader = MessageReader()
         self.device = device
         self.logger = log or logger
         self.id = conn_id
@@ -116,6 +138,8 @@ class BackendConnection:
         self.log_map: mmap.mmap | None = None
         self.log_call_fd: int | None = None
         self.backend_req_fd: int | None = None
+        self.inflight: mmap.mmap | None = None
+        self._stale_inflight: list[mmap.mmap] = []
         self.broken = False
         self.broken_reason: str | None = None
         self.closed = False
@@ -143,6 +167,8 @@ class BackendConnection:
             Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
             Request.GET_CONFIG: self._get_config,
             Request.SET_CONFIG: self._set_config,
+            Request.GET_INFLIGHT_FD: self._get_inflight_fd,
+            Request.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
 
     # --- entry points ------------------------------------------------------
@@ -150,12 +176,14 @@ class BackendConnection:
         return self.sock.fileno()
 
     def handle_readable(self) -> bool:
-        """Read and handle one message. False when the connection is over
-        (peer closed, I/O error or protocol violation): call close()."""
+        """Read what the socket has and handle the message once complete (at
+        most one per call; a partial message waits for the next readable
+        event). False when the connection is over (peer closed, I/O error or
+        protocol violation): call close()."""
         if self.broken or self.closed:
             return False
         try:
-            msg = recv_message(self.sock)
+            msg = self._reader.feed(self.sock)
         except ProtocolViolation as e:
             self._break(e)
             return False
@@ -163,10 +191,27 @@ class BackendConnection:
             self.logger.info("connection %d: read failed: %s; closing", self.id, e)
             return False
         if msg is None:
-            self.logger.debug("connection %d: front-end closed the connection", self.id)
-            return False
+            if self._reader.eof:
+                self.logger.debug("connection %d: front-end closed the connection", self.id)
+                return False
+            return True
         self.messages += 1
         return self.handle_message(msg)
+
+    def stalled(self, now: float | None = None) -> bool:
+        """True (after breaking the connection with one log line) when the
+        front-end began a message more than ``stall_timeout`` seconds before
+        ``now`` (time.monotonic()) and has not finished it: close() it."""
+        started = self._reader.started
+        if started is None or self.broken or self.closed:
+            return False
+        if (time.monotonic() if now is None else now) - started <= self.stall_timeout:
+            return False
+        e = self._reader.stall_violation()
+        self._reader.close()
+        self._break(ProtocolViolation(e.request, e.field, e.value, f"{e.why} for more than "
+                                      f"{self.stall_timeout:g} s"))
+        return True
 
     def handle_message(self, msg: Message) -> bool:
         """Validate, log and dispatch one message; owns ``msg.fds``."""
@@ -207,6 +252,8 @@ class BackendConnection:
                                           f"{type(e).__name__}: {e}"))
             return False
         msg.close_fds()  # anything a handler did not take
+        if isinstance(reply, tuple):  # (payload, fds to send and close)
+            return self._reply(req, *reply)
         if reply is not None:
             return self._reply(req, reply)
         if need_reply:  # REPLY_ACK (spec "REPLY_ACK"): 0 is success
@@ -232,6 +279,8 @@ class BackendConnection:
             self._drop_vring_fds(i, kick=True, call=True, err=True)
         self._unmap_all()
         self._close_log()
+        self._close_inflight()
+        self._reader.close()
         self.backend_req_fd = _close(self.backend_req_fd)
         try:
             self.sock.close()
@@ -244,18 +293,31 @@ class BackendConnection:
         self.broken_reason = str(e)
         self.logger.error("connection %d: protocol violation: %s; closing the connection", self.id, e)
 
-    def _reply(self, request: int, payload: bytes) -> bool:
+    def _send_reply(self, request: int, payload: bytes, fds=()) -> None:
+        """Send a reply, waiting at most ``reply_timeout`` for room in the
+        socket; the socket stays non-blocking for reads."""
+        self.sock.settimeout(self.reply_timeout)
         try:
-            send_message(self.sock, request, payload, flags=VERSION | FLAG_REPLY)
+            send_message(self.sock, request, payload, fds=fds, flags=VERSION | FLAG_REPLY)
+        finally:
+            self.sock.setblocking(False)
+
+    def _reply(self, request: int, payload: bytes, fds=()) -> bool:
+        """Send a reply; ``fds`` go with it and are closed here, sent or not."""
+        try:
+            self._send_reply(request, payload, fds)
         except OSError as e:
             self.logger.info("connection %d: reply to %s failed: %s; closing", self.id,
                              Request(request).name, e)
             return False
+        finally:
+            for fd in fds:
+                _close(fd)
         return True
 
     def _reply_quietly(self, request: int, payload: bytes) -> None:
         try:
-            send_message(self.sock, request, payload, flags=VERSION | FLAG_REPLY)
+            self._send_reply(request, payload)
         except OSError:
             pass
 
@@ -328,6 +390,17 @@ class BackendConnection:
         self._maps = []
         self.mem = None
 
+    def _close_inflight(self) -> None:
+        maps = self._stale_inflight + ([self.inflight] if self.inflight is not None else [])
+        for m in maps:
+            try:
+                m.close()
+            except BufferError:
+                self.logger.warning("connection %d: the inflight area is still in use; it will be "
+                                    "unmapped when its last user releases it", self.id)
+        self.inflight = None
+        self._stale_inflight = []
+
     def _close_log(self) -> None:
         if self.log_map is not None:
             try:
@@ -359,14 +432,20 @@ class BackendConnection:
                     v.enabled = True
                     self._maybe_start(msg.name, i)
 
+    def _offered_protocol_features(self) -> int:
+        offered = int(OFFERED_PROTOCOL_FEATURES)
+        if getattr(self.device, "supports_inflight", False) and hasattr(self.device, "set_inflight"):
+            offered |= int(INFLIGHT_PROTOCOL_FEATURES)
+        return offered
+
     def _get_protocol_features(self, msg: Message, _: None) -> bytes:
-        return pack_u64(int(OFFERED_PROTOCOL_FEATURES))
+        return pack_u64(self._offered_protocol_features())
 
     def _set_protocol_features(self, msg: Message, features: int) -> None:
-        if features & ~int(OFFERED_PROTOCOL_FEATURES):
+        offered = self._offered_protocol_features()
+        if features & ~offered:
             raise ProtocolViolation(msg.name, "protocol_features", features,
-                                    f"bits {features & ~int(OFFERED_PROTOCOL_FEATURES):#x} were never "
-                                    f"offered (offered {int(OFFERED_PROTOCOL_FEATURES):#x})")
+                                    f"bits {features & ~offered:#x} were never offered (offered {offered:#x})")
         self.protocol_features = features
 
     def _set_owner(self, msg: Message, _: None) -> None:
@@ -442,17 +521,27 @@ class BackendConnection:
             self._maybe_start(name, i)
 
     def _set_log_base(self, msg: Message, log: LogPayload) -> bytes | None:
-        """Dirty logging is never offered (no VHOST_F_LOG_ALL); the log area
-        is mapped as the spec asks and otherwise ignored."""
+        """Dirty logging is never offered (no VHOST_F_LOG_ALL): nothing is
+        ever written to the log area, so it is mapped read-only, as the spec
+        asks it to be mapped, and otherwise ignored."""
+        name = msg.name
         fd = msg.take_fd()
         try:
-            size = os.fstat(fd).st_size
-            if log.mmap_size == 0 or log.mmap_offset + log.mmap_size > size:
-                raise ProtocolViolation(msg.name, "mmap_size", log.mmap_size,
+            if log.mmap_size == 0:
+                raise ProtocolViolation(name, "mmap_size", 0, "the log area cannot be empty")
+            if log.mmap_offset + log.mmap_size - 1 > _U64_MAX:
+                raise ProtocolViolation(name, "mmap_offset", log.mmap_offset,
+                                        f"+ mmap_size {log.mmap_size:#x} overflows 64 bits")
+            try:
+                size = os.fstat(fd).st_size
+            except OSError as e:
+                raise ProtocolViolation(name, "fd", fd, f"fstat failed: {e.strerror}") from None
+            if log.mmap_offset + log.mmap_size > size:
+                raise ProtocolViolation(name, "mmap_size", log.mmap_size,
                                         f"with mmap_offset {log.mmap_offset:#x} does not fit the fd "
                                         f"({size:#x} bytes)")
             try:
-                m = _Mapping(fd, log.mmap_offset, log.mmap_size).map
+                m = _Mapping(fd, log.mmap_offset, log.mmap_size, writable=False).map
             except (OSError, ValueError) as e:
                 raise ProtocolViolation(msg.name, "fd", fd, f"mmap failed: {e}") from None
         finally:
@@ -508,6 +597,14 @@ class BackendConnection:
         self._reconfigure(msg.name, st.index, lambda v: setattr(v, "base", st.num))
 
     def _get_vring_base(self, msg: Message, st: VringState) -> bytes:
+        v = self.vrings[st.index]
+        if v.num == 0 and not v.addr_set and not v.started:
+            # QEMU and DPDK ask only for rings they set up (vhost_virtqueue_stop
+            # skips the others); a base invented for a ring never set up would
+            # be handed to the driver as the device's progress.
+            raise ProtocolViolation(msg.name, "index", st.index,
+                                    "vring was never configured (no SET_VRING_NUM or SET_VRING_ADDR "
+                                    "since the connection or the last reset)")
         base = self._stop(st.index)
         self._drop_vring_fds(st.index, kick=True, call=True)
         return VringState(st.index, base).pack()
@@ -581,6 +678,85 @@ class BackendConnection:
             self.device.set_config(cfg.offset, cfg.payload)
         except Exception as e:
             raise _Failed(f"SET_CONFIG: offset={cfg.offset} size={cfg.size}: the device refused: {e}") from None
+
+    def _check_inflight(self, name: str, inf: InflightPayload) -> None:
+        """Checks common to GET/SET_INFLIGHT_FD (spec "Inflight I/O tracking")."""
+        if not self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD:
+            raise ProtocolViolation(name, "protocol_features", self.protocol_features,
+                                    "INFLIGHT_SHMFD (bit 12) was not negotiated")
+        if inf.num_queues == 0 or inf.num_queues > self.num_queues:
+            raise ProtocolViolation(name, "num_queues", inf.num_queues,
+                                    f"the device has {self.num_queues} vring(s): give 1 to {self.num_queues}")
+        # VIRTIO 1.2 §2.7: Queue Size is a power of 2, at most 32768.
+        q = inf.queue_size
+        if q == 0 or not is_power_of_two(q) or q > MAX_VRING_NUM:
+            raise ProtocolViolation(name, "queue_size", q,
+                                    f"a split ring's size is a power of two, 1 to {MAX_VRING_NUM} "
+                                    f"(VIRTIO 1.2 §2.7)")
+
+    def _get_inflight_fd(self, msg: Message, inf: InflightPayload) -> tuple[bytes, list[int]]:
+        """Allocate a zeroed inflight area for ``num_queues`` queues of
+        ``queue_size`` (a memfd sealed against resizing, as libvhost-user)
+        and answer with its size and fd. The area is used once the front-end
+        passes it back with SET_INFLIGHT_FD."""
+        self._check_inflight(msg.name, inf)
+        size = inf.num_queues * inflight_queue_size(inf.queue_size)
+        fd = os.memfd_create("vqscope-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+        except BaseException:
+            os.close(fd)
+            raise
+        return InflightPayload(size, 0, inf.num_queues, inf.queue_size).pack(), [fd]
+
+    def _set_inflight_fd(self, msg: Message, inf: InflightPayload) -> None:
+        """Map the front-end's inflight area (MAP_SHARED, read-write: the
+        data path records in-flight heads there) and hand it to the device
+        (``device.set_inflight(area, num_queues, queue_size)``: ``area`` is an
+        mmap of exactly ``mmap_size`` bytes, owned by this connection and
+        closed after the device's close() or the next SET_INFLIGHT_FD)."""
+        name = msg.name
+        self._check_inflight(name, inf)
+        need = inf.num_queues * inflight_queue_size(inf.queue_size)
+        if inf.mmap_size < need:
+            raise ProtocolViolation(name, "mmap_size", inf.mmap_size,
+                                    f"{inf.num_queues} queue(s) of {inf.queue_size} need {need} bytes "
+                                    f"({inflight_queue_size(inf.queue_size)} per queue)")
+        if inf.mmap_offset % _PAGE:
+            raise ProtocolViolation(name, "mmap_offset", inf.mmap_offset,
+                                    f"must be a multiple of the page size ({_PAGE}) to be mapped")
+        fd = msg.fds[0]
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            raise ProtocolViolation(name, "fd", fd, f"fstat failed: {e.strerror}") from None
+        if inf.mmap_offset + inf.mmap_size > st.st_size:
+            raise ProtocolViolation(name, "mmap_offset", inf.mmap_offset,
+                                    f"+ mmap_size {inf.mmap_size:#x} runs past the end of the fd "
+                                    f"({st.st_size:#x} bytes)")
+        try:
+            area = _Mapping(fd, inf.mmap_offset, inf.mmap_size).map
+        except (OSError, ValueError) as e:
+            raise ProtocolViolation(name, "fd", fd, f"mmap failed: {e}") from None
+        msg.close_fds()
+        set_inflight = getattr(self.device, "set_inflight", None)
+        try:
+            if set_inflight is not None:
+                set_inflight(area, inf.num_queues, inf.queue_size)
+        except BaseException:
+            area.close()
+            raise
+        if self.inflight is not None:
+            self._stale_inflight.append(self.inflight)
+        self.inflight = area
+        still = []
+        for m in self._stale_inflight:
+            try:
+                m.close()
+            except BufferError:
+                still.append(m)
+        self._stale_inflight = still
 
     # --- back-end → front-end -------------------------------------------------
     def send_config_change(self) -> bool:

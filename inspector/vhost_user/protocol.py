@@ -18,6 +18,7 @@ import errno
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from typing import Any
@@ -312,6 +313,27 @@ def unpack_config(name: str, data: bytes) -> ConfigPayload:
     return ConfigPayload(offset, size, flags, bytes(data[CONFIG_HEADER.size:]))
 
 
+# The inflight area (spec "Inflight I/O tracking"), split-ring layout of
+# libvhost-user: per queue a VuVirtqInflight header (u64 features, u16
+# version, u16 desc_num, u16 last_batch_head, u16 used_idx: 16 bytes) then
+# queue_size VuDescStateSplit entries (u8 inflight, 5 bytes padding, u16 next,
+# u64 counter: 16 bytes), the whole rounded up to 64 bytes. libvhost-user's
+# formula (vu_inflight_queue_size) counts 2 bytes, not 16, for the header;
+# rounding to 64 makes room for it with any power-of-two queue size, and
+# QEMU takes the size the back-end answers GET_INFLIGHT_FD with.
+INFLIGHT_ALIGNMENT = 64
+INFLIGHT_HEADER_SIZE = 16
+INFLIGHT_DESC_SIZE = 16
+INFLIGHT_VERSION = 1
+
+
+def inflight_queue_size(queue_size: int) -> int:
+    """Bytes of one queue's inflight area for a split ring of ``queue_size``
+    (libvhost-user's vu_inflight_queue_size)."""
+    n = INFLIGHT_DESC_SIZE * queue_size + 2
+    return (n + INFLIGHT_ALIGNMENT - 1) // INFLIGHT_ALIGNMENT * INFLIGHT_ALIGNMENT
+
+
 def unpack_inflight(name: str, data: bytes) -> InflightPayload:
     _need(name, data, INFLIGHT.size, "inflight")
     return InflightPayload(*INFLIGHT.unpack(data))
@@ -471,66 +493,156 @@ def _collect_fds(ancdata, fds: list[int]) -> bool:
     return cut
 
 
-def _recv_exact(sock: socket.socket, n: int, fds: list[int], what: str, field_: str) -> tuple[bytes, bool]:
-    """Read exactly ``n`` bytes, collecting fds; returns (data, truncated).
-    Returns fewer bytes only when the peer closed before the first byte. A
-    short read is reported as ``what``: ``field_``=n."""
-    buf = bytearray()
-    truncated = False
-    while len(buf) < n:
-        try:
-            data, anc, mflags, _ = sock.recvmsg(n - len(buf), socket.CMSG_SPACE(_CMSG_FDS * 4))
-        except InterruptedError:
-            continue
-        except (BlockingIOError, socket.timeout):
-            raise ProtocolViolation(what, field_, n, f"peer stalled in the middle of a message "
-                                                     f"(got {len(buf)} of {n} bytes)") from None
-        truncated |= _collect_fds(anc, fds) or bool(mflags & socket.MSG_CTRUNC)
-        if not data:
-            if buf:
-                raise ProtocolViolation(what, field_, n, f"peer closed the connection in the middle "
-                                                         f"of a message (got {len(buf)} of {n} bytes)")
-            return bytes(buf), truncated
-        buf += data
-    return bytes(buf), truncated
+class MessageReader:
+    """Assemble one message at a time from a stream socket, across as many
+    reads as the peer needs, without ever blocking: :meth:`feed` reads what
+    is there (MSG_DONTWAIT) and returns the message once it is complete.
 
+    An event loop keeps one reader per connection, so a front-end that stalls
+    in the middle of a message holds nobody but itself (libvhost-user and
+    DPDK read a whole message with blocking reads; QEMU's vfio-user proxy
+    resumes partial reads the same way as here). ``started``: the
+    time.monotonic() of the current message's first byte (None between
+    messages), for a stall deadline. ``eof``: the peer closed cleanly between
+    messages. The reader owns the fds received so far; :meth:`close` closes
+    them.
 
-def recv_message(sock: socket.socket) -> Message | None:
-    """Read one message (header, payload, fds). Returns None when the peer
-    closed cleanly between messages. Raises ProtocolViolation (closing every
-    fd received) for a header cut short, a payload larger than any request
-    carries, more than 8 fds, or a peer that closes mid-message. Request
-    semantics (known number, flags, size vs type) are checked by the caller."""
-    fds: list[int] = []
-    try:
-        head, truncated = _recv_exact(sock, HEADER_SIZE, fds, "header", "length")
-        if not head:
-            if fds:
-                raise ProtocolViolation("header", "fds", len(fds), "fds without a message")
-            return None
-        request, flags, size = decode_header(head)
-        name = request_name(request)
-        if size > MAX_PAYLOAD:
-            raise ProtocolViolation(name, "size", size,
-                                    f"exceeds the largest request payload ({MAX_PAYLOAD} bytes)")
-        payload = b""
-        if size:
-            payload, t2 = _recv_exact(sock, size, fds, name, "size")
-            truncated |= t2
-            if len(payload) != size:
-                raise ProtocolViolation(name, "size", size,
-                                        f"peer closed the connection after the header "
-                                        f"(got {len(payload)} payload bytes)")
-        if truncated or len(fds) > MAX_FDS:
-            raise ProtocolViolation(name, "fds", len(fds) if not truncated else f">{len(fds)}",
-                                    f"a message carries at most {MAX_FDS} fds")
-        return Message(request, flags, size, payload, fds)
-    except BaseException:
+    Raises ProtocolViolation (after closing every fd received) for a payload
+    larger than any request carries, more than 8 fds (or control data cut
+    short), fds without a message, or a peer that closes mid-message. Other
+    OSErrors propagate (the caller closes the reader).
+    """
+
+    def __init__(self) -> None:
+        self._head = bytearray()
+        self._payload = bytearray()
+        self._size = 0
+        self._fds: list[int] = []
+        self._truncated = False
+        self.started: float | None = None
+        self.eof = False
+
+    @property
+    def partial(self) -> bool:
+        """A message has begun and is not complete."""
+        return self.started is not None
+
+    def progress(self) -> str:
+        """Where the current message stands (for a stall message)."""
+        if len(self._head) < HEADER_SIZE:
+            return f"got {len(self._head)} of {HEADER_SIZE} header bytes"
+        return f"got {len(self._payload)} of {self._size} payload bytes"
+
+    def _name(self) -> str:
+        return request_name(HEADER.unpack(self._head)[0]) if len(self._head) == HEADER_SIZE else "header"
+
+    def stall_violation(self) -> ProtocolViolation:
+        """The violation of a peer that stopped sending mid-message."""
+        if len(self._head) < HEADER_SIZE:
+            return ProtocolViolation("header", "length", HEADER_SIZE,
+                                     f"peer stalled in the middle of a message ({self.progress()})")
+        return ProtocolViolation(self._name(), "size", self._size,
+                                 f"peer stalled in the middle of a message ({self.progress()})")
+
+    def close(self) -> None:
+        """Close every fd received for the message being assembled."""
+        fds, self._fds = self._fds, []
         for fd in fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
+
+    def feed(self, sock: socket.socket, flags: int = socket.MSG_DONTWAIT) -> Message | None:
+        """Read what ``sock`` has of the current message; the Message once
+        complete (its fds then belong to the caller), else None (check
+        :attr:`eof`). With ``flags=0`` on a socket with a timeout, a stall
+        raises socket.timeout."""
+        try:
+            return self._feed(sock, flags)
+        except ProtocolViolation:
+            self.close()
+            raise
+
+    def _feed(self, sock: socket.socket, flags: int) -> Message | None:
+        while True:
+            in_head = len(self._head) < HEADER_SIZE
+            want = HEADER_SIZE - len(self._head) if in_head else self._size - len(self._payload)
+            if want == 0:
+                return self._complete()
+            try:
+                data, anc, mflags, _ = sock.recvmsg(want, socket.CMSG_SPACE(_CMSG_FDS * 4), flags)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                return None
+            self._truncated |= _collect_fds(anc, self._fds) or bool(mflags & socket.MSG_CTRUNC)
+            # Named once the header is complete (the fds come with its first
+            # byte); never more than one control buffer's worth held.
+            if not in_head or self._truncated or len(self._fds) > _CMSG_FDS:
+                self._check_fds()
+            if not data:
+                if self.started is None:
+                    if self._fds:
+                        raise ProtocolViolation("header", "fds", len(self._fds), "fds without a message")
+                    self.eof = True
+                    return None
+                if in_head:
+                    raise ProtocolViolation("header", "length", HEADER_SIZE,
+                                            f"peer closed the connection in the middle of a message "
+                                            f"({self.progress()})")
+                raise ProtocolViolation(self._name(), "size", self._size,
+                                        f"peer closed the connection in the middle of a message "
+                                        f"({self.progress()})")
+            if self.started is None:
+                self.started = time.monotonic()
+            if in_head:
+                self._head += data
+                if len(self._head) == HEADER_SIZE:
+                    request, _flags, size = HEADER.unpack(self._head)
+                    if size > MAX_PAYLOAD:
+                        raise ProtocolViolation(request_name(request), "size", size,
+                                                f"exceeds the largest request payload ({MAX_PAYLOAD} bytes)")
+                    self._size = size
+                    self._check_fds()
+            else:
+                self._payload += data
+
+    def _check_fds(self) -> None:
+        if self._truncated or len(self._fds) > MAX_FDS:
+            shown = f">{len(self._fds)}" if self._truncated else len(self._fds)
+            raise ProtocolViolation(self._name(), "fds", shown, f"a message carries at most {MAX_FDS} fds")
+
+    def _complete(self) -> Message:
+        request, flags, size = HEADER.unpack(self._head)
+        msg = Message(request, flags, size, bytes(self._payload), self._fds)
+        self._head = bytearray()
+        self._payload = bytearray()
+        self._size = 0
+        self._fds = []
+        self.started = None
+        return msg
+
+
+def recv_message(sock: socket.socket) -> Message | None:
+    """Read one whole message (header, payload, fds) with blocking reads (a
+    front-end waiting for a reply; tests). Returns None when the peer closed
+    cleanly between messages. Raises ProtocolViolation (closing every fd
+    received) for what :class:`MessageReader` rejects, and for a peer that
+    stalls mid-message past the socket's timeout (or at all, on a
+    non-blocking socket). Request semantics (known number, flags, size vs
+    type) are checked by the caller (:func:`check_header`)."""
+    reader = MessageReader()
+    try:
+        try:
+            msg = reader.feed(sock, 0)
+        except socket.timeout:
+            msg = None
+        if msg is None and not reader.eof:
+            raise reader.stall_violation()
+        return msg
+    except BaseException:
+        reader.close()
         raise
 
 

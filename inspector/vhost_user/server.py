@@ -12,7 +12,16 @@ buffers, so a slow or silent client never blocks vhost-user traffic, and a
 snapshot never races with a memory table being replaced.
 
 Both sockets are created mode 0600 (chmod between bind and listen: no one
-can connect before listen, so there is no window).
+can connect before listen, so there is no window). The introspection
+endpoint also checks each reader's uid (SO_PEERCRED) on accept: only the
+server's own uid and root are served unless ``introspect_any_uid``; others
+get one log line and a closed socket. It has no operation that changes
+anything (``INTROSPECT_OPS``).
+
+vhost-user reads never block: each connection assembles its message across
+readable events, so a front-end stalling mid-message holds only itself; one
+that stays stalled longer than ``STALL_TIMEOUT_S`` is broken and closed
+(checked every ``STALL_CHECK_S``).
 
 Events: every ``event_poll_s`` (and before answering any introspection
 request) the loop drains each device's per-vring event logs
@@ -35,6 +44,7 @@ import os
 import selectors
 import socket
 import stat
+import struct
 import threading
 import time
 from typing import Callable
@@ -43,6 +53,10 @@ from ..devices.base import Device
 from ..errors import InspectorError
 from ..vqd import EVENT_KIND_NAMES, EVENT_RECORD
 from .backend import BackendConnection
+
+# Every introspection operation; each only reads. Anything else is refused.
+INTROSPECT_OPS = ("snapshot", "messages", "events")
+STALL_CHECK_S = 0.5
 
 logger = logging.getLogger("inspector.vhost_user")
 
@@ -178,6 +192,11 @@ class VhostUserServer:
     only when an introspection request comes (tests use it to let a device
     log fill up).
 
+    ``introspect_any_uid``: serve introspection readers of any uid (by
+    default only this process's uid and root, checked with SO_PEERCRED).
+    ``stall_timeout``: seconds a front-end may take to finish a message it
+    began before its connection is closed.
+
     ``connections`` lists the live BackendConnections (each with .id,
     .device, .vrings, .mem, .features, .broken, .log).
     """
@@ -185,8 +204,13 @@ class VhostUserServer:
     def __init__(self, socket_path: str, device_factory: Callable[[], Device],
                  introspect_path: str | None = None,
                  snapshot_fn: Callable[["VhostUserServer"], dict] | None = None,
-                 event_poll_s: float | None = EVENT_POLL_S, event_buffer: int = EVENT_BUFFER):
+                 event_poll_s: float | None = EVENT_POLL_S, event_buffer: int = EVENT_BUFFER,
+                 introspect_any_uid: bool = False, stall_timeout: float | None = None):
         self.socket_path = socket_path
+        self.introspect_any_uid = introspect_any_uid
+        self.stall_timeout = stall_timeout
+        self.refused_readers = 0
+        self._next_stall_check = 0.0
         self.device_factory = device_factory
         self.introspect_path = introspect_path
         self.snapshot_fn = snapshot_fn
@@ -280,6 +304,11 @@ class VhostUserServer:
                     timeout = max(0.0, self._next_drain - now)
                 else:
                     timeout = 1.0
+                now = time.monotonic()
+                if now >= self._next_stall_check:
+                    self._check_stalls(now)
+                    self._next_stall_check = now + STALL_CHECK_S
+                timeout = min(timeout, max(0.0, self._next_stall_check - now))
                 for key, events in sel.select(timeout=timeout):
                     kind, obj = key.data
                     try:
@@ -339,7 +368,6 @@ class VhostUserServer:
         except OSError as e:  # EMFILE etc.: log, keep serving
             logger.warning("vhost-user server: accept failed: %s", e)
             return
-        sock.setblocking(True)
         try:
             device = self.device_factory()
         except Exception as e:
@@ -347,8 +375,9 @@ class VhostUserServer:
             sock.close()
             return
         self._next_id += 1
+        kw = {} if self.stall_timeout is None else {"stall_timeout": self.stall_timeout}
         try:
-            conn = BackendConnection(sock, device, logger, conn_id=self._next_id)
+            conn = BackendConnection(sock, device, logger, conn_id=self._next_id, **kw)
         except Exception as e:
             logger.error("vhost-user server: cannot set up connection %d: %s", self._next_id, e)
             try:
@@ -361,6 +390,13 @@ class VhostUserServer:
             self.connections.append(conn)
         self._sel.register(sock, selectors.EVENT_READ, ("conn", conn))
         logger.info("front-end connected (connection %d, device %s)", conn.id, device.name)
+
+    def _check_stalls(self, now: float) -> None:
+        """Close the connections whose front-end began a message and has not
+        finished it within their stall timeout."""
+        for conn in list(self.connections):
+            if conn.stalled(now):
+                self._drop(conn)
 
     def _readable(self, conn: BackendConnection) -> bool:
         try:
@@ -408,6 +444,21 @@ class VhostUserServer:
             sock, _ = self._ilistener.accept()
         except OSError:
             return
+        if not self.introspect_any_uid:
+            try:
+                pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                     struct.calcsize("3i")))
+            except OSError as e:
+                logger.warning("introspection: cannot read the reader's credentials: %s; refused", e)
+                sock.close()
+                return
+            if uid not in (os.geteuid(), 0):
+                self.refused_readers += 1
+                logger.warning("introspection: refused reader pid %d uid %d: only uid %d (and root) may "
+                               "read this back-end (serve --introspect-any-uid allows any)",
+                               pid, uid, os.geteuid())
+                sock.close()
+                return
         sock.setblocking(False)
         client = _IntrospectClient(sock)
         self._sel.register(sock, selectors.EVENT_READ, ("iclient", client))
@@ -460,6 +511,9 @@ class VhostUserServer:
             op = req.get("op") if isinstance(req, dict) else None
         except ValueError as e:
             return {"error": f"request is not JSON: {e}"}
+        if op not in INTROSPECT_OPS:
+            return {"error": f"unknown op {op!r}: the ops are \"snapshot\", \"messages\" and \"events\" "
+                             f"(all read-only)"}
         since = req.get("since") if op in ("events", "messages") else None
         if since is not None and (not isinstance(since, int) or isinstance(since, bool) or since < 0):
             return {"error": f"{op}: since {since!r} is invalid: give the \"next\" of the previous "
@@ -482,7 +536,7 @@ class VhostUserServer:
         if op == "messages":
             msgs, next_seq = self.message_log(since)
             return {"messages": msgs, "next": next_seq}
-        return {"error": f"unknown op {op!r}: the ops are \"snapshot\", \"messages\" and \"events\""}
+        raise AssertionError(f"op {op!r} is in INTROSPECT_OPS but not handled")
 
     # --- events ----------------------------------------------------------------------------
     def drain_events(self) -> None:
