@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--tap", metavar="IFNAME", help="attach a Linux tap device")
     sp.add_argument("--queues", type=int, default=1, help="queue pairs offered (default 1)")
     sp.add_argument("--introspect", metavar="PATH", help="introspection socket (default SOCKET.introspect)")
+    sp.add_argument("--introspect-any-uid", action="store_true",
+                    help="serve introspection readers of any uid (default: this uid and root only, "
+                         "checked with SO_PEERCRED)")
     sp.add_argument("--mac", default="52:54:00:12:34:57", help="MAC address in the config space")
     sp.add_argument("-v", "--verbose", action="store_true", help="log every vhost-user message")
     sp.set_defaults(func=cmd_serve)

@@ -24,7 +24,8 @@ def make_server(args: argparse.Namespace):
         return NetDevice(mode=mode, tap_name=args.tap, queue_pairs=args.queues, mac=args.mac)
 
     introspect = args.introspect or args.socket + ".introspect"
-    return VhostUserServer(args.socket, factory, introspect_path=introspect, snapshot_fn=backend_snapshot)
+    return VhostUserServer(args.socket, factory, introspect_path=introspect, snapshot_fn=backend_snapshot,
+                           introspect_any_uid=getattr(args, "introspect_any_uid", False))
 
 
 def serve_main(args: argparse.Namespace) -> int:
