@@ -122,10 +122,14 @@ def _walk(mem: GuestMemory, size: int, desc: int, avail: int, used: int,
     check_args(size, desc, avail, used, last_avail_idx, max_descs)
     regions, nr, valid, nvalid, keep = _regions(mem)
     o = _outputs(size, max_descs)
-    rc = lib.vqd_snapshot(regions, nr, valid, nvalid, desc, avail, used, size,
-                          -1 if last_avail_idx is None else last_avail_idx, max_descs, o.out)
+    # Guarded: a SIGBUS from memory the front-end truncated becomes VQD_E_FAULT
+    # (vqd_datapath.c, "SIGBUS guard"), not the end of the process.
+    rc = lib.vqd_snapshot_guarded(regions, nr, valid, nvalid, desc, avail, used, size,
+                                  -1 if last_avail_idx is None else last_avail_idx, max_descs, o.out)
     del keep  # the from_buffer objects were needed only during the call
     if rc != lib.VQD_SNAP_OK:
+        if rc == lib.VQD_E_FAULT:
+            raise memory_fault_error("decoding the ring", mem, lib.vqd_guard_fault_addr())
         if rc in _AREA_STATUS:
             i = _AREA_STATUS[rc]
             raise area_error(i, (desc, avail, used)[i], area_sizes(size)[i])
@@ -205,6 +209,14 @@ def _result(o: _Out, size: int, last_avail_idx: int | None) -> RingSnapshot:
 # RingError carrying C's reason, a bad argument a ValueError, a tap failure
 # an OSError. Objects here hold raw pointers into guest memory: keep the
 # GuestMemory buffers alive (they do) and call release() before unmapping.
+#
+# SIGBUS: every C entry point that touches guest memory (and the decoder, via
+# vqd_snapshot_guarded) runs under a sigsetjmp guard, so memory a front-end
+# truncates after SET_MEM_TABLE breaks the queue (its reason names the
+# guest-physical address) instead of killing the process. The handler is
+# installed when this module is imported and re-checked whenever a
+# DeviceQueue starts (a handler installed later, e.g. by faulthandler, is
+# chained to for faults outside the guarded sections).
 
 import struct as _dp_struct
 from dataclasses import dataclass as _dp_dataclass
@@ -213,6 +225,41 @@ from ._vqd import ffi as _dp_ffi, lib as _dp_lib  # noqa: E402
 from .errors import MemoryAccessError as _DpMemoryAccessError, RingError as _DpRingError  # noqa: E402
 
 VQD_NET_IOV = _dp_lib.VQD_NET_IOV
+
+
+def install_sigbus_guard() -> None:
+    """Install (or put back on top) the process-wide SIGBUS handler of the
+    guarded C sections; idempotent. Raises OSError if sigaction fails."""
+    rc = _dp_lib.vqd_guard_install()
+    if rc < 0:
+        import os as _os
+        raise OSError(-rc, f"cannot install the SIGBUS guard: {_os.strerror(-rc)}")
+
+
+install_sigbus_guard()
+
+
+def memory_fault_error(what: str, mem, host_addr: int) -> _DpMemoryAccessError:
+    """The error for a SIGBUS at ``host_addr`` while ``what`` (a guarded C
+    call over ``mem``), naming the guest-physical address and its region."""
+    where = f"host address {host_addr:#x}"
+    for r in mem:
+        if r.buf is None:
+            continue
+        try:
+            fb = _dp_ffi.from_buffer(r.buf)
+        except TypeError:
+            continue
+        base = int(_dp_ffi.cast("uintptr_t", fb)) + r.buf_offset
+        _dp_ffi.release(fb)
+        if base <= host_addr < base + r.size:
+            where = f"guest-physical {r.gpa + host_addr - base:#x} (region {r.gpa:#x}+{r.size:#x})"
+            break
+    return _DpMemoryAccessError(
+        f"SIGBUS {what} at {where}: the front-end shrank the memory behind the region after "
+        f"SET_MEM_TABLE (ftruncate of its memfd?); nothing there can be read until it sends a "
+        f"new memory table")
+
 EVENT_LOG_DEFAULT = _dp_lib.VQD_EVLOG_DEFAULT
 #: Event kind codes of the records (VQD_EV_*) -> inspector.events.KINDS names.
 EVENT_KIND_NAMES = {_dp_lib.VQD_EV_KICK: "kick", _dp_lib.VQD_EV_CALL: "call",
@@ -323,29 +370,44 @@ class DeviceQueue:
     ``event_capacity`` > 0 gives the queue an event log of that many entries
     (a power of two): every kick read, call written and call suppressed is
     recorded with its CLOCK_REALTIME time by the thread servicing the queue;
-    :meth:`drain_events` (one thread at a time) takes them out. 0: no log."""
+    :meth:`drain_events` (one thread at a time) takes them out. 0: no log.
+
+    ``reject_zero_len``: a descriptor of length 0 breaks the queue (QEMU's
+    virtqueue_map_desc refuses zero-sized buffers the same way; the spec does
+    not forbid them, so the library default accepts them and maps nothing).
+
+    Raises RingError when the ring cannot be used (its reason: size,
+    alignment, or a SIGBUS reading used->idx), MemoryAccessError when an area
+    is outside ``mem``."""
 
     def __init__(self, mem, num: int, desc: int, avail: int, used: int, *,
                  last_avail_idx: int = 0, event_idx: bool = False,
                  call_fd: int = -1, kick_fd: int = -1, gpa: bool = False,
-                 regions: RegionTable | None = None, event_capacity: int = 0):
+                 regions: RegionTable | None = None, event_capacity: int = 0,
+                 reject_zero_len: bool = False):
         from .layout import avail_ring_size, used_ring_size
 
+        install_sigbus_guard()
         self.num = num
         self.regions = regions if regions is not None else RegionTable(mem)
         self._own_regions = regions is None
-        if not gpa:
-            desc = mem.uva_to_gpa(desc, 16 * num)
-            avail = mem.uva_to_gpa(avail, avail_ring_size(num))
-            used = mem.uva_to_gpa(used, used_ring_size(num))
-        self.vq = _dp_ffi.new("struct vqd_vq *")
-        rc = _dp_lib.vqd_vq_init(
-            self.vq, num, self.regions.host(desc, 16 * num),
-            self.regions.host(avail, avail_ring_size(num)),
-            self.regions.host(used, used_ring_size(num)),
-            self.regions.array, self.regions.count, last_avail_idx & 0xFFFF,
-            1 if event_idx else 0, call_fd, kick_fd)
-        _dp_check(self, rc, "vring init")
+        try:
+            if not gpa:
+                desc = mem.uva_to_gpa(desc, 16 * num)
+                avail = mem.uva_to_gpa(avail, avail_ring_size(num))
+                used = mem.uva_to_gpa(used, used_ring_size(num))
+            self.vq = _dp_ffi.new("struct vqd_vq *")
+            rc = _dp_lib.vqd_vq_init(
+                self.vq, num, self.regions.host(desc, 16 * num),
+                self.regions.host(avail, avail_ring_size(num)),
+                self.regions.host(used, used_ring_size(num)),
+                self.regions.array, self.regions.count, last_avail_idx & 0xFFFF,
+                1 if event_idx else 0, call_fd, kick_fd)
+            _dp_check(self, rc, "vring init")
+        except BaseException:
+            self.release()  # the buffer exports would keep the mappings open
+            raise
+        self.vq.reject_zero_len = 1 if reject_zero_len else 0
         self._elems = None
         self._iov = None
         self.event_capacity = event_capacity

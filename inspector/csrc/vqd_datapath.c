@@ -15,6 +15,9 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -23,6 +26,7 @@
 #include <unistd.h>
 
 #include "vqd_datapath.h"
+#include "vqd_decode.h"
 
 _Static_assert(sizeof(struct vqd_iov) == sizeof(struct iovec), "vqd_iov must match struct iovec");
 _Static_assert(sizeof(struct vqd_desc) == 16, "virtq_desc is 16 bytes (§2.7.5)");
@@ -62,6 +66,132 @@ __attribute__((format(printf, 2, 3))) static int broken(struct vqd_vq *vq, const
         vq->broken = 1;
     }
     return VQD_E_BROKEN;
+}
+
+/* ------------------------------------------------------------------------
+ * SIGBUS guard (see vqd_datapath.h, "Faults").
+ *
+ * guard_env is the innermost armed sigjmp_buf of this thread (NULL: not in a
+ * guarded section); guard_addr the si_addr of its last guarded fault. They
+ * are initial-exec TLS so that the handler reads them without
+ * __tls_get_addr (which may allocate for a dlopen'ed module: not
+ * async-signal-safe). sigsetjmp does not save the signal mask (no syscall per
+ * burst): the handler runs with SA_NODEFER, so SIGBUS is never left blocked
+ * when it jumps out.
+ */
+#define VQD_TLS __attribute__((tls_model("initial-exec")))
+static __thread sigjmp_buf *guard_env VQD_TLS;
+static __thread uintptr_t guard_addr VQD_TLS;
+static struct sigaction guard_prev; /* the SIGBUS action before ours */
+static pthread_mutex_t guard_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void guard_handler(int sig, siginfo_t *si, void *uc)
+{
+    sigjmp_buf *env = guard_env;
+    if (env && si->si_code > 0) {
+        /* A fault of this thread inside a guarded section (si_code > 0: the
+         * kernel's, not a kill(2)): abandon the section. */
+        guard_env = NULL;
+        guard_addr = (uintptr_t)si->si_addr;
+        siglongjmp(*env, 1);
+    }
+    /* Not ours: chain to the previous handler, or take the default action. */
+    if ((guard_prev.sa_flags & SA_SIGINFO) && guard_prev.sa_sigaction) {
+        guard_prev.sa_sigaction(sig, si, uc);
+        return;
+    }
+    if (!(guard_prev.sa_flags & SA_SIGINFO) && guard_prev.sa_handler != SIG_DFL
+        && guard_prev.sa_handler != SIG_IGN) {
+        guard_prev.sa_handler(sig);
+        return;
+    }
+    /* SIG_DFL (SIG_IGN cannot stop a fault): restore it; a faulting access
+     * re-executes and dumps core, a sent signal is raised again. */
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof(dfl));
+    dfl.sa_handler = SIG_DFL;
+    sigaction(sig, &dfl, NULL);
+    if (si->si_code <= 0)
+        raise(sig);
+}
+
+/* Install the SIGBUS handler if it is not the current one (idempotent; call
+ * it before servicing a queue: a handler installed after ours, e.g. Python's
+ * faulthandler, is kept and chained to). 0, or -errno. */
+int vqd_guard_install(void)
+{
+    struct sigaction cur, sa;
+    int rc = 0;
+    pthread_mutex_lock(&guard_lock);
+    if (sigaction(SIGBUS, NULL, &cur) < 0) {
+        rc = -errno;
+    } else if (!((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == guard_handler)) {
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_sigaction = guard_handler;
+        sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+        sigemptyset(&sa.sa_mask);
+        guard_prev = cur;
+        if (sigaction(SIGBUS, &sa, NULL) < 0)
+            rc = -errno;
+    }
+    pthread_mutex_unlock(&guard_lock);
+    return rc;
+}
+
+/* Host address of the calling thread's last guarded fault (0: none). */
+uint64_t vqd_guard_fault_addr(void)
+{
+    return guard_addr;
+}
+
+/* Run `call` (an int expression) into rc with SIGBUS guarded; on a fault run
+ * `on_fault` instead (rc is then whatever on_fault sets). Nests. */
+#define GUARDED(rc, call, on_fault)                                          \
+    do {                                                                     \
+        sigjmp_buf env_;                                                     \
+        sigjmp_buf *const prev_ = guard_env;                                 \
+        if (sigsetjmp(env_, 0)) {                                            \
+            guard_env = prev_;                                               \
+            on_fault;                                                        \
+        } else {                                                             \
+            guard_env = &env_;                                               \
+            __atomic_signal_fence(__ATOMIC_SEQ_CST);                         \
+            (rc) = (call);                                                   \
+            __atomic_signal_fence(__ATOMIC_SEQ_CST);                         \
+            guard_env = prev_;                                               \
+        }                                                                    \
+    } while (0)
+
+/* Mark vq broken after a guarded fault, naming the guest-physical address
+ * and region (vq's region table maps host addresses back). */
+static int fault_broken(struct vqd_vq *vq)
+{
+    uintptr_t a = guard_addr;
+    if (!vq)
+        return VQD_E_BROKEN;
+    for (int i = 0; i < vq->nregions; i++) {
+        const struct vqd_region *r = &vq->regions[i];
+        if (a >= (uintptr_t)r->host && a - (uintptr_t)r->host < r->size)
+            return broken(vq, "SIGBUS at guest-physical %#llx (region %d, %#llx+%#llx): the "
+                          "front-end shrank its memory after SET_MEM_TABLE (memfd truncated?)",
+                          (unsigned long long)(r->gpa + (a - (uintptr_t)r->host)), i,
+                          (unsigned long long)r->gpa, (unsigned long long)r->size);
+    }
+    return broken(vq, "SIGBUS at host address %#llx: the front-end shrank its memory after "
+                  "SET_MEM_TABLE (memfd truncated?)", (unsigned long long)a);
+}
+
+int vqd_snapshot_guarded(const struct vqd_region *regions, int nr_regions,
+                         const struct vqd_region *valid, int nr_valid,
+                         uint64_t desc, uint64_t avail, uint64_t used,
+                         uint32_t size, int32_t last_avail_idx, uint32_t max_descs,
+                         struct vqd_snap_out *out)
+{
+    int rc;
+    GUARDED(rc, vqd_snapshot(regions, nr_regions, valid, nr_valid, desc, avail, used, size,
+                             last_avail_idx, max_descs, out),
+            rc = VQD_E_FAULT);
+    return rc;
 }
 
 /* ------------------------------------------------------------------------
@@ -170,9 +300,9 @@ static inline uint16_t *avail_event_ptr(struct vqd_vq *vq)
     return (uint16_t *)&vq->used->ring[vq->num]; /* §2.7.8: after ring[Queue Size] */
 }
 
-int vqd_vq_init(struct vqd_vq *vq, uint32_t num, void *desc, void *avail, void *used,
-                const struct vqd_region *regions, int nregions, uint16_t last_avail_idx,
-                int event_idx, int call_fd, int kick_fd)
+static int vq_init(struct vqd_vq *vq, uint32_t num, void *desc, void *avail, void *used,
+                   const struct vqd_region *regions, int nregions, uint16_t last_avail_idx,
+                   int event_idx, int call_fd, int kick_fd)
 {
     memset(vq, 0, offsetof(struct vqd_vq, reason) + 1);
     vq->call_fd = call_fd;
@@ -203,6 +333,17 @@ int vqd_vq_init(struct vqd_vq *vq, uint32_t num, void *desc, void *avail, void *
     return VQD_OK;
 }
 
+int vqd_vq_init(struct vqd_vq *vq, uint32_t num, void *desc, void *avail, void *used,
+                const struct vqd_region *regions, int nregions, uint16_t last_avail_idx,
+                int event_idx, int call_fd, int kick_fd)
+{
+    int rc;
+    GUARDED(rc, vq_init(vq, num, desc, avail, used, regions, nregions, last_avail_idx, event_idx,
+                        call_fd, kick_fd),
+            rc = fault_broken(vq));
+    return rc;
+}
+
 /* Entries the driver made available beyond last_avail_idx (refreshing the
  * shadow), or VQD_E_BROKEN when avail->idx moved more than Queue Size ahead
  * (§2.7.6: the driver cannot have more than Queue Size buffers available). */
@@ -219,9 +360,11 @@ static inline int avail_count(struct vqd_vq *vq)
 
 int vqd_vq_avail_count(struct vqd_vq *vq)
 {
+    int rc;
     if (vq->broken)
         return VQD_E_BROKEN;
-    return avail_count(vq);
+    GUARDED(rc, avail_count(vq), rc = fault_broken(vq));
+    return rc;
 }
 
 /* Find the region holding gpa; returns the host pointer and, in *room, the
@@ -312,6 +455,9 @@ static int map_chain(struct vqd_vq *vq, uint16_t head, struct vqd_elem *e,
                             "(VIRTIO 1.2 §2.7.5.3.1: only one table per descriptor)"
                           : "indirect descriptor %u inside the chain of head %u (only a chain's "
                             "head may be indirect here)", i, head);
+        if (UNLIKELY(d.len == 0 && vq->reject_zero_len))
+            return broken(vq, "descriptor %u of head %u has length 0 (zero-sized buffers are "
+                          "refused, as QEMU's virtqueue_map_desc does)", i, head);
         int start = n;
         if (d.flags & VRING_DESC_F_WRITE) {
             in_len += d.len;
@@ -371,8 +517,8 @@ static inline int pop_one(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov 
     return 1;
 }
 
-int vqd_vq_pop(struct vqd_vq *vq, struct vqd_elem *elems, int max_elems,
-               struct vqd_iov *iov, int max_iov)
+static int vq_pop(struct vqd_vq *vq, struct vqd_elem *elems, int max_elems,
+                  struct vqd_iov *iov, int max_iov)
 {
     int got = 0, used_iov = 0;
     if (vq->broken)
@@ -395,6 +541,14 @@ int vqd_vq_pop(struct vqd_vq *vq, struct vqd_elem *elems, int max_elems,
         got++;
     }
     return got;
+}
+
+int vqd_vq_pop(struct vqd_vq *vq, struct vqd_elem *elems, int max_elems,
+               struct vqd_iov *iov, int max_iov)
+{
+    int rc;
+    GUARDED(rc, vq_pop(vq, elems, max_elems, iov, max_iov), rc = fault_broken(vq));
+    return rc;
 }
 
 /* Give back the last n popped (not yet used) chains, like vu_queue_rewind. */
@@ -420,8 +574,9 @@ int vqd_vq_fill(struct vqd_vq *vq, uint32_t head, uint32_t len)
         return VQD_E_BROKEN;
     if (head >= vq->num || vq->used_pending >= vq->num)
         return VQD_E_INVAL;
-    fill(vq, head, len);
-    return VQD_OK;
+    int rc;
+    GUARDED(rc, (fill(vq, head, len), VQD_OK), rc = fault_broken(vq));
+    return rc;
 }
 
 /* Publish the pending used elements with one release store of used->idx. */
@@ -445,7 +600,15 @@ int vqd_vq_flush(struct vqd_vq *vq)
 {
     if (vq->broken)
         return VQD_E_BROKEN;
-    int n = vq->used_pending;
+    int n = vq->used_pending, rc;
+    GUARDED(rc, (flush(vq), n), rc = fault_broken(vq));
+    return rc;
+}
+
+static int push(struct vqd_vq *vq, const uint32_t *heads, const uint32_t *lens, int n)
+{
+    for (int i = 0; i < n; i++)
+        fill(vq, heads[i], lens[i]);
     flush(vq);
     return n;
 }
@@ -459,16 +622,15 @@ int vqd_vq_push(struct vqd_vq *vq, const uint32_t *heads, const uint32_t *lens, 
     for (int i = 0; i < n; i++)
         if (heads[i] >= vq->num)
             return VQD_E_INVAL;
-    for (int i = 0; i < n; i++)
-        fill(vq, heads[i], lens[i]);
-    flush(vq);
-    return n;
+    int rc;
+    GUARDED(rc, push(vq, heads, lens, n), rc = fault_broken(vq));
+    return rc;
 }
 
 /* Does the driver want a used buffer notification now? Updates
  * signalled_used. §2.7.10 (no EVENT_IDX: VRING_AVAIL_F_NO_INTERRUPT) and
  * §2.7.7.2 / §2.7.10 (EVENT_IDX: used_event). */
-int vqd_vq_should_notify(struct vqd_vq *vq)
+static int should_notify(struct vqd_vq *vq)
 {
     uint16_t old, new_idx;
     int valid;
@@ -504,7 +666,7 @@ static inline int notify(struct vqd_vq *vq, uint64_t *now)
 {
     if (vq->broken)
         return VQD_E_BROKEN;
-    if (!vqd_vq_should_notify(vq)) {
+    if (!should_notify(vq)) {
         vq->calls_suppressed++;
         ev_record(vq, VQD_EV_CALL_SUPPRESSED, vq->used_idx, now);
         return 0;
@@ -512,10 +674,19 @@ static inline int notify(struct vqd_vq *vq, uint64_t *now)
     return write_call(vq, now);
 }
 
+int vqd_vq_should_notify(struct vqd_vq *vq)
+{
+    int rc;
+    GUARDED(rc, should_notify(vq), rc = fault_broken(vq));
+    return rc;
+}
+
 int vqd_vq_notify(struct vqd_vq *vq)
 {
     uint64_t now = 0;
-    return notify(vq, &now);
+    int rc;
+    GUARDED(rc, notify(vq, &now), rc = fault_broken(vq));
+    return rc;
 }
 
 /* Enable or disable available buffer notifications (kicks), §2.7.10.
@@ -526,10 +697,8 @@ int vqd_vq_notify(struct vqd_vq *vq)
  * vhost does). After enabling, returns how many entries are already
  * available (the driver may have added them before seeing the change): the
  * caller must service them instead of sleeping. */
-int vqd_vq_set_notification(struct vqd_vq *vq, int enable)
+static int set_notification(struct vqd_vq *vq, int enable)
 {
-    if (vq->broken)
-        return VQD_E_BROKEN;
     vq->notify_enabled = !!enable;
     if (vq->event_idx) {
         if (enable)
@@ -544,6 +713,15 @@ int vqd_vq_set_notification(struct vqd_vq *vq, int enable)
     /* Our write must be visible before we look at avail->idx again. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return avail_count(vq);
+}
+
+int vqd_vq_set_notification(struct vqd_vq *vq, int enable)
+{
+    int rc;
+    if (vq->broken)
+        return VQD_E_BROKEN;
+    GUARDED(rc, set_notification(vq, enable), rc = fault_broken(vq));
+    return rc;
 }
 
 /* Read the kick eventfd without blocking (the fd must be O_NONBLOCK) and
@@ -823,8 +1001,8 @@ static inline void flush_notify(struct vqd_vq *vq, int *dirty, uint64_t *now)
     }
 }
 
-int vqd_net_loopback(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, int mrg_rxbuf,
-                     int budget, int spin, struct vqd_net_scratch *s)
+static int net_loopback(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, int mrg_rxbuf,
+                        int budget, int spin, struct vqd_net_scratch *s)
 {
     int done = 0, idle = 0, tx_dirty = 0, rx_dirty = 0, status = VQD_OK;
     s->rx_starved = 0;
@@ -893,7 +1071,8 @@ int vqd_net_loopback(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, int mrg_
     return done;
 }
 
-int vqd_net_tap_tx(struct vqd_vq *tx, int tap_fd, int hdr_len, int budget, struct vqd_net_scratch *s)
+static int net_tap_tx(struct vqd_vq *tx, int tap_fd, int hdr_len, int budget,
+                      struct vqd_net_scratch *s)
 {
     int done = 0, dirty = 0, status = VQD_OK;
     s->tx_blocked = 0;
@@ -952,8 +1131,8 @@ int vqd_net_tap_tx(struct vqd_vq *tx, int tap_fd, int hdr_len, int budget, struc
     return status < 0 ? status : done;
 }
 
-int vqd_net_tap_rx(struct vqd_vq *rx, int tap_fd, int hdr_len, int mrg_rxbuf, int budget,
-                   struct vqd_net_scratch *s)
+static int net_tap_rx(struct vqd_vq *rx, int tap_fd, int hdr_len, int mrg_rxbuf, int budget,
+                      struct vqd_net_scratch *s)
 {
     int done = 0, dirty = 0, status = VQD_OK;
     s->rx_starved = 0;
@@ -1010,4 +1189,30 @@ int vqd_net_tap_rx(struct vqd_vq *rx, int tap_fd, int hdr_len, int mrg_rxbuf, in
     uint64_t now = 0;
     flush_notify(rx, &dirty, &now);
     return status < 0 ? status : done;
+}
+
+/* The exported net paths: one sigsetjmp per burst. A fault marks every
+ * queue of the call broken (they share the memory that shrank). */
+int vqd_net_loopback(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, int mrg_rxbuf,
+                     int budget, int spin, struct vqd_net_scratch *s)
+{
+    int rc;
+    GUARDED(rc, net_loopback(tx, rx, hdr_len, mrg_rxbuf, budget, spin, s),
+            (fault_broken(tx), rc = fault_broken(rx)));
+    return rc;
+}
+
+int vqd_net_tap_tx(struct vqd_vq *tx, int tap_fd, int hdr_len, int budget, struct vqd_net_scratch *s)
+{
+    int rc;
+    GUARDED(rc, net_tap_tx(tx, tap_fd, hdr_len, budget, s), rc = fault_broken(tx));
+    return rc;
+}
+
+int vqd_net_tap_rx(struct vqd_vq *rx, int tap_fd, int hdr_len, int mrg_rxbuf, int budget,
+                   struct vqd_net_scratch *s)
+{
+    int rc;
+    GUARDED(rc, net_tap_rx(rx, tap_fd, hdr_len, mrg_rxbuf, budget, s), rc = fault_broken(rx));
+    return rc;
 }

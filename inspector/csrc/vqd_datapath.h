@@ -15,6 +15,18 @@
  * Threading: one thread services a vq at a time (the device's worker); the
  * driver runs concurrently on another CPU and only shares ring memory.
  *
+ * Faults: a front-end may shrink the memory behind a region after
+ * SET_MEM_TABLE (ftruncate of its memfd); touching the lost pages raises
+ * SIGBUS. vqd_guard_install() installs a process-wide SIGBUS handler (once;
+ * faults outside our guarded sections go to the handler that was there
+ * before, or the default action). Every exported function that touches guest
+ * memory runs its body under a thread-local sigsetjmp (one per call, i.e. per
+ * burst, not per descriptor): a SIGBUS there jumps back, the queue(s) of the
+ * call are marked broken with the faulting guest-physical address, and the
+ * call returns VQD_E_BROKEN (vqd_snapshot_guarded: VQD_E_FAULT). Nothing in
+ * a guarded section takes a lock or allocates, so abandoning it is safe;
+ * writes it did to the (hostile) ring may be partial.
+ *
  * Event log: a vq may carry a struct vqd_evlog, a single-producer (the
  * worker servicing the vq) / single-consumer (vqd_vq_drain_events, called
  * by one thread at a time) ring of timed events, recorded exactly where the
@@ -27,12 +39,16 @@
 #include <stdint.h>
 #include "vqd_ring.h"
 
+struct vqd_snap_out; /* vqd_decode.h */
+struct vqd_inflight; /* vqd_inflight.h */
+
 /* CDEF BEGIN */
 #define VQD_OK 0
 #define VQD_E_BROKEN -1   /* the queue (or the peer queue) is broken; see reason */
 #define VQD_E_NOSPACE -2  /* the caller's iovec array cannot hold the next chain */
 #define VQD_E_IO -3       /* a tap read/write failed; errno in scratch->err */
 #define VQD_E_INVAL -4    /* bad argument from the caller (not the driver) */
+#define VQD_E_FAULT -5    /* guest memory faulted (SIGBUS): vqd_guard_fault_addr() says where */
 
 #define VQD_NET_IOV 1024     /* iovecs per frame in the net scratch */
 #define VQD_NET_FRAME_MAX 65536
@@ -97,6 +113,7 @@ struct vqd_vq {
     uint8_t event_idx;           /* VIRTIO_RING_F_EVENT_IDX negotiated */
     uint8_t notify_enabled;      /* kicks wanted (NO_NOTIFY clear / avail_event set) */
     uint8_t broken;
+    uint8_t reject_zero_len;     /* a 0-length descriptor breaks the queue (as in QEMU) */
     int call_fd;                 /* -1: none */
     int kick_fd;                 /* -1: none */
     uint64_t kicks;
@@ -106,6 +123,7 @@ struct vqd_vq {
     uint64_t bytes;
     uint64_t drops;
     struct vqd_evlog *evlog;     /* NULL: no event log; set after vqd_vq_init */
+    struct vqd_inflight *inflight; /* NULL: no inflight tracking (vqd_inflight.h) */
     char reason[160];
 };
 
@@ -119,6 +137,14 @@ struct vqd_net_scratch {
     uint32_t pending_len;  /* tap RX: bytes of a frame read but not delivered */
     uint8_t buf[65536];
 };
+
+int vqd_guard_install(void);
+uint64_t vqd_guard_fault_addr(void);
+int vqd_snapshot_guarded(const struct vqd_region *regions, int nr_regions,
+                         const struct vqd_region *valid, int nr_valid,
+                         uint64_t desc, uint64_t avail, uint64_t used,
+                         uint32_t size, int32_t last_avail_idx, uint32_t max_descs,
+                         struct vqd_snap_out *out);
 
 int vqd_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx);
 
