@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "vqd_datapath.h"
+#include "vqd_inflight.h"
 #include "vqd_decode.h"
 
 _Static_assert(sizeof(struct vqd_iov) == sizeof(struct iovec), "vqd_iov must match struct iovec");
@@ -355,6 +356,8 @@ static inline int avail_count(struct vqd_vq *vq)
         return broken(vq, "avail->idx %u is %u entries ahead of last_avail_idx %u, more than "
                       "the queue size %u (VIRTIO 1.2 §2.7.6)", a, n, vq->last_avail_idx, vq->num);
     vq->shadow_avail_idx = a;
+    if (UNLIKELY(vq->inflight != NULL))
+        return n + vqd_inflight_pending(vq); /* heads to hand back after a restart */
     return n;
 }
 
@@ -499,6 +502,17 @@ static inline int pop_one(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov 
 {
     if (UNLIKELY(vq->broken))
         return VQD_E_BROKEN;
+    if (UNLIKELY(vq->inflight != NULL)) {
+        /* After a restart, heads still in flight go first (vqd_inflight.c). */
+        int h = vqd_inflight_next_resubmit(vq);
+        if (h >= 0) {
+            int rc = map_chain(vq, (uint16_t)h, e, iov, max_iov);
+            if (UNLIKELY(rc < 0))
+                return rc;
+            vqd_inflight_popped(vq, (uint16_t)h, 1);
+            return 1;
+        }
+    }
     if (vq->shadow_avail_idx == vq->last_avail_idx) {
         int n = avail_count(vq);
         if (n <= 0)
@@ -513,6 +527,8 @@ static inline int pop_one(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov 
     int rc = map_chain(vq, head, e, iov, max_iov);
     if (UNLIKELY(rc < 0))
         return rc;
+    if (UNLIKELY(vq->inflight != NULL))
+        vqd_inflight_popped(vq, head, 0);
     vq->last_avail_idx++;
     return 1;
 }
@@ -554,6 +570,10 @@ int vqd_vq_pop(struct vqd_vq *vq, struct vqd_elem *elems, int max_elems,
 /* Give back the last n popped (not yet used) chains, like vu_queue_rewind. */
 int vqd_vq_rewind(struct vqd_vq *vq, int n)
 {
+    if (UNLIKELY(vq->inflight != NULL)) {
+        vqd_inflight_rewind(vq, n);
+        return VQD_OK;
+    }
     vq->last_avail_idx -= (uint16_t)n;
     return VQD_OK;
 }
@@ -565,6 +585,8 @@ static inline void fill(struct vqd_vq *vq, uint32_t head, uint32_t len)
     struct vqd_used_elem *u = &vq->used->ring[(uint16_t)(vq->used_idx + vq->used_pending) & (vq->num - 1)];
     u->id = head;   /* §2.7.8: id is the head of the used chain */
     u->len = len;   /* §2.7.8: bytes written into the device-writable part */
+    if (UNLIKELY(vq->inflight != NULL))
+        vqd_inflight_filled(vq, vq->used_pending, head);
     vq->used_pending++;
 }
 
@@ -586,8 +608,12 @@ static inline void flush(struct vqd_vq *vq)
     if (!vq->used_pending)
         return;
     new_idx = (uint16_t)(old + vq->used_pending);
+    if (UNLIKELY(vq->inflight != NULL))
+        vqd_inflight_pre_publish(vq, vq->used_pending);
     /* §2.7.8 / §2.7.13.4 mirror: elements (and buffer data) before idx. */
     __atomic_store_n(&vq->used->idx, new_idx, __ATOMIC_RELEASE);
+    if (UNLIKELY(vq->inflight != NULL))
+        vqd_inflight_post_publish(vq, vq->used_pending, new_idx);
     vq->used_idx = new_idx;
     vq->used_pending = 0;
     /* If the index just ran past signalled_used (16-bit wrap), the stored
@@ -868,7 +894,7 @@ static inline int pop_rx(struct vqd_vq *rx, struct vqd_net_scratch *s, struct vq
         return rc;
     /* §5.1.6.3.1: receive buffers are device-writable and hold at least the header. */
     if (UNLIKELY(e->in_len < (uint64_t)hdr_len || e->in_len == 0)) {
-        rx->last_avail_idx--; /* leave the ring as the driver made it, for inspection */
+        vqd_vq_rewind(rx, 1); /* leave the ring as the driver made it, for inspection */
         return broken(rx, "receive chain of head %u has %llu device-writable bytes, less than the "
                       "%d-byte virtio_net_hdr (VIRTIO 1.2 §5.1.6.3.1)", e->head,
                       (unsigned long long)e->in_len, hdr_len);
