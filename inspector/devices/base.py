@@ -101,6 +101,13 @@ class Device(Protocol):
     #     drained. Never the same event twice. Records, not tuples: the server
     #     drains every 50 ms on a thread that may share the data path's CPU,
     #     and decodes only what a client reads (0.4 vs ~340 ns per event)."""
+    #
+    # on_needs_reset: Callable[[str], None] | None
+    #     An attribute the back-end core sets when the device has it: the
+    #     device calls it (from any thread) with a reason when a queue breaks
+    #     (hostile ring, memory truncated). The core then reports
+    #     VIRTIO_CONFIG_S_NEEDS_RESET in GET_STATUS (VIRTIO 1.2 §2.1.2) and
+    #     sends CONFIG_CHANGE_MSG when BACKEND_REQ and CONFIG were negotiated.
 
     def close(self) -> None:
         """Stop every queue and release every resource (disconnect)."""

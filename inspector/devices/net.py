@@ -140,10 +140,11 @@ class _Ring:
         self.call_fd = _dup(vring.call_fd)
         self.err_fd = _dup(vring.err_fd)
         try:
+            # Zero-sized buffers break the queue, as in QEMU's virtio-net.
             self.q = DeviceQueue(mem, vring.num, vring.desc_uva, vring.avail_uva, vring.used_uva,
                                  last_avail_idx=vring.base, event_idx=event_idx,
                                  call_fd=self.call_fd, kick_fd=self.kick_fd,
-                                 event_capacity=event_capacity)
+                                 event_capacity=event_capacity, reject_zero_len=True)
         except BaseException:
             self._close_fds()
             raise
@@ -202,11 +203,23 @@ class _PairWorker(threading.Thread):
             else:
                 self._run_tap()
         except RingError as e:
-            for r in (self.rx, self.tx):
-                if r is not None and r.q.broken and not r.reported_broken:
+            # One line per broken pair; the snapshot shows each queue's reason
+            # (queue_broken), the front-end gets SET_VRING_ERR and, through the
+            # back-end core, DEVICE_NEEDS_RESET.
+            broken = [r for r in (self.rx, self.tx) if r is not None and r.q.broken]
+            for r in broken:
+                if not r.reported_broken:
                     r.reported_broken = True
                     r.signal_error()
-            logger.error("net pair %d: %s; the queue is no longer serviced", self.pair, e)
+            which = ", ".join(f"vring {r.index}" for r in broken) or "a vring"
+            logger.error("net pair %d: %s broken: %s; the pair is no longer serviced", self.pair,
+                         which, broken[0].q.broken if broken else e)
+            hook = self.dev.on_needs_reset
+            if hook is not None:
+                try:
+                    hook(f"net pair {self.pair}: {broken[0].q.broken if broken else e}")
+                except Exception:
+                    logger.exception("net pair %d: the needs-reset hook failed", self.pair)
         except OSError as e:
             logger.error("net pair %d: tap I/O failed: %s; the pair is no longer serviced", self.pair, e)
         except Exception:
@@ -372,6 +385,9 @@ class NetDevice:
         self.hdr_len = 10
         self.mrg_rxbuf = False
         self.event_idx = False
+        #: Called (from a worker thread) with a reason when a queue breaks;
+        #: the back-end core sets it (DEVICE_NEEDS_RESET, inspector/devices/base.py).
+        self.on_needs_reset = None
         self._lock = threading.Lock()
         self._rings: dict[int, _Ring] = {}
         self._workers: dict[int, _PairWorker] = {}
@@ -509,7 +525,10 @@ class NetDevice:
         if not ring.q.broken:
             # Hand the ring back asking for kicks (NO_NOTIFY clear / avail_event
             # current), as a fresh ring is: whoever services it next gets them.
-            ring.q.set_notification(True)
+            try:
+                ring.q.set_notification(True)
+            except RingError:
+                pass  # the ring broke on the way (e.g. SIGBUS: memory truncated); closed below
         ring.close()
         return last
 

@@ -51,7 +51,9 @@ from .protocol import (
 logger = logging.getLogger("inspector.vhost_user")
 
 OFFERED_PROTOCOL_FEATURES = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
-                             | ProtocolFeature.LOG_SHMFD | ProtocolFeature.BACKEND_REQ)
+                             | ProtocolFeature.LOG_SHMFD | ProtocolFeature.BACKEND_REQ
+                             | ProtocolFeature.STATUS)
+VIRTIO_CONFIG_S_NEEDS_RESET = 0x40  # VIRTIO 1.2 §2.1.2
 # Offered in addition when the device says ``supports_inflight = True`` (and
 # has ``set_inflight``): GET/SET_INFLIGHT_FD.
 INFLIGHT_PROTOCOL_FEATURES = ProtocolFeature.INFLIGHT_SHMFD
@@ -144,6 +146,12 @@ class BackendConnection:
         self.broken_reason: str | None = None
         self.closed = False
         self.messages = 0
+        # SET_STATUS / GET_STATUS (PROTOCOL_F_STATUS): the driver's status byte,
+        # and the reason the device needs a reset (a queue broke), if it does.
+        self.device_status = 0
+        self.needs_reset: str | None = None
+        if hasattr(device, "on_needs_reset"):
+            device.on_needs_reset = self._on_needs_reset
         self._handlers: dict[Request, Callable[[Message, Any], bytes | None]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -169,6 +177,8 @@ class BackendConnection:
             Request.SET_CONFIG: self._set_config,
             Request.GET_INFLIGHT_FD: self._get_inflight_fd,
             Request.SET_INFLIGHT_FD: self._set_inflight_fd,
+            Request.SET_STATUS: self._set_status,
+            Request.GET_STATUS: self._get_status,
         }
 
     # --- entry points ------------------------------------------------------
@@ -458,6 +468,7 @@ class BackendConnection:
             self._stop(i)
             self._drop_vring_fds(i, kick=True, call=True, err=True)
             self.vrings[i] = VringConfig(index=i, enabled=self._initially_enabled())
+        self.device_status, self.needs_reset = 0, None
 
     def _initially_enabled(self) -> bool:
         return self.features_set and not self.features & VHOST_USER_F_PROTOCOL_FEATURES
@@ -757,6 +768,31 @@ class BackendConnection:
             except BufferError:
                 still.append(m)
         self._stale_inflight = still
+
+    def _set_status(self, msg: Message, status: int) -> None:
+        """The driver's device status (VIRTIO 1.2 §2.1); 0 is a reset, which
+        clears NEEDS_RESET (the rings are set up again before they restart)."""
+        if status > 0xFF:
+            raise ProtocolViolation(msg.name, "status", status, "the device status is 8 bits (VIRTIO 1.2 §2.1)")
+        self.device_status = status & ~VIRTIO_CONFIG_S_NEEDS_RESET
+        if status == 0:
+            self.needs_reset = None
+
+    def _get_status(self, msg: Message, _: None) -> bytes:
+        return pack_u64(self.device_status | (VIRTIO_CONFIG_S_NEEDS_RESET if self.needs_reset else 0))
+
+    def _on_needs_reset(self, reason: str) -> None:
+        """The device's hook (any thread): a queue broke. GET_STATUS shows
+        DEVICE_NEEDS_RESET from now on (VIRTIO 1.2 §2.1.2) and, with BACKEND_REQ
+        and CONFIG, the front-end gets a CONFIG_CHANGE_MSG (the spec's
+        configuration change notification that goes with it)."""
+        first = self.needs_reset is None
+        self.needs_reset = reason
+        if first and not self.closed:
+            try:
+                self.send_config_change()
+            except OSError:
+                pass
 
     # --- back-end → front-end -------------------------------------------------
     def send_config_change(self) -> bool:
