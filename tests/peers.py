@@ -533,14 +533,16 @@ def delete_link(ifname: str) -> None:
 # ---------------------------------------------------------------- virtme-ng guest
 
 def vng_argv(sock: str, script: str, *, mac: str = GUEST_MAC, memory: str = "1G", cpus: int = 1,
-             kernel: str | None = None, device_opts: str = "", qemu_extra: str = "") -> list[str]:
+             kernel: str | None = None, device_opts: str = "", qemu_extra: str = "",
+             chardev_opts: str = "") -> list[str]:
     """The vng command line booting Debian's kernel under TCG with one
     vhost-user virtio-net-pci device on ``sock``, running ``script``.
     ``device_opts`` are appended to that device's options (e.g. ``,id=vunet``),
     ``qemu_extra`` to QEMU's command line (no spaces inside an option: vng
-    passes them through a shell)."""
+    passes them through a shell), ``chardev_opts`` to the vhost-user socket's
+    ``-chardev`` (e.g. ``,reconnect=1``: QEMU reconnects to a restarted back-end)."""
     qemu_opts = (f"-object memory-backend-memfd,id=mem0,size={memory},share=on -numa node,memdev=mem0 "
-                 f"-chardev socket,id=c0,path={sock} -netdev vhost-user,id=n0,chardev=c0 "
+                 f"-chardev socket,id=c0,path={sock}{chardev_opts} -netdev vhost-user,id=n0,chardev=c0 "
                  f"-device virtio-net-pci,netdev=n0,mac={mac},vectors=0{device_opts} {qemu_extra}").strip()
     return [vng_path() or "vng", "-r", kernel or guest_kernel() or "", "--disable-kvm", "--disable-microvm",
             "--cpus", str(cpus), "--memory", memory, f"--qemu-opts={qemu_opts}", "--exec", script]
