@@ -9,6 +9,12 @@ back-end that confuses the two fails visibly.
 
 Memory layout: the vrings (legacy contiguous layout, 4096-aligned) from gpa 0,
 then fixed-size frame slots up to ``mem_size``.
+
+Faults on purpose (tests of a back-end's robustness): :meth:`write_hostile`
+puts a ring violation of one of :data:`HOSTILE_KINDS` on a vring while
+traffic runs, :meth:`shrink_memory` truncates the memfd behind the memory
+table (after which this front-end must not touch guest memory past the new
+size itself: its own mapping faults there too).
 """
 
 from __future__ import annotations
@@ -20,14 +26,15 @@ import select
 import socket
 import struct
 
-from ..driver import VRING_USED_F_NO_NOTIFY, DriverRing
+from ..driver import (VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+                      VRING_USED_F_NO_NOTIFY, DriverRing)
 from ..errors import InspectorError, ProtocolError
 from ..layout import split_layout
 from ..memory import GuestMemory
 from .protocol import (
     FLAG_NEED_REPLY, FLAG_REPLY, VERSION, VHOST_USER_F_PROTOCOL_FEATURES,
-    ConfigPayload, MemoryRegionDesc, MemoryTable, Message, ProtocolFeature, Request, VringAddr,
-    VringState, pack_u64, recv_message, send_message,
+    ConfigPayload, InflightPayload, MemoryRegionDesc, MemoryTable, Message, ProtocolFeature, Request,
+    VringAddr, VringState, pack_u64, recv_message, send_message, unpack_inflight,
 )
 
 VIRTIO_NET_F_MRG_RXBUF = 1 << 15
@@ -39,7 +46,28 @@ _NET_HDR_V1 = struct.Struct("<BBHHHHH")  # flags, gso_type, hdr_len, gso_size, c
 
 # Requests whose reply is their own (REPLY_ACK must not be requested for them).
 _HAS_REPLY = {Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_QUEUE_NUM,
-              Request.GET_VRING_BASE, Request.GET_CONFIG, Request.SET_LOG_BASE}
+              Request.GET_VRING_BASE, Request.GET_CONFIG, Request.SET_LOG_BASE,
+              Request.GET_STATUS}
+
+# Device status bits (VIRTIO 1.2 §2.1).
+VIRTIO_CONFIG_S_ACKNOWLEDGE = 1
+VIRTIO_CONFIG_S_DRIVER = 2
+VIRTIO_CONFIG_S_DRIVER_OK = 4
+VIRTIO_CONFIG_S_FEATURES_OK = 8
+VIRTIO_CONFIG_S_NEEDS_RESET = 0x40
+
+#: Ring violations :meth:`VhostUserFrontend.write_hostile` can write, and the
+#: decoder's anomaly kind (inspector/ringref.py ANOMALY_KINDS) each shows as.
+HOSTILE_KINDS = {
+    "loop": "loop",                            # §2.7.5.2: a chain longer than the table
+    "head_out_of_range": "head_out_of_range",  # §2.7.6: avail->ring[] head >= size
+    "next_out_of_range": "next_out_of_range",  # §2.7.5: next >= size
+    "nested_indirect": "nested_indirect",      # §2.7.5.3.1: INDIRECT inside a table
+    "indirect_loop": "loop",                   # a loop inside an indirect table
+    "addr_out_of_range": "addr_out_of_range",  # §2.7.5: a buffer outside guest memory
+    "avail_idx_jump": "avail_idx_jump",        # §2.7.6: avail->idx > size ahead
+    "zero_len": "zero_len",                    # a descriptor of length 0
+}
 
 
 def vring_need_event(event_idx: int, new_idx: int, old: int) -> bool:
@@ -75,12 +103,15 @@ class VhostUserFrontend:
     ``event_idx`` / ``mrg_rxbuf``: ack VIRTIO_RING_F_EVENT_IDX /
     VIRTIO_NET_F_MRG_RXBUF when offered; ``extra_features`` are acked too when
     offered. ``handshake=False`` only connects (for negative tests: use
-    send_raw / recv_reply, then handshake())."""
+    send_raw / recv_reply, then handshake()). ``inflight``: negotiate
+    VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD when offered: the back-end's area
+    (GET_INFLIGHT_FD) is kept in ``inflight_map`` and handed to it, and to
+    every back-end after a :meth:`reconnect`, with SET_INFLIGHT_FD."""
 
     def __init__(self, socket_path: str, queue_pairs: int = 1, queue_size: int = 256,
                  mem_size: int = 64 << 20, *, event_idx: bool = False, mrg_rxbuf: bool = False,
                  extra_features: int = 0, slot_size: int = 4096, handshake: bool = True,
-                 timeout: float = 5.0):
+                 timeout: float = 5.0, inflight: bool = False):
         self.socket_path = socket_path
         self.queue_pairs = queue_pairs
         self.queue_size = queue_size
@@ -98,6 +129,10 @@ class VhostUserFrontend:
         self.queues: list[_Queue] = []
         self._fds: list[int] = []
         self.backend_channel: socket.socket | None = None
+        self.want_inflight = inflight
+        self.inflight_fd = -1
+        self.inflight_map: mmap.mmap | None = None
+        self.inflight: InflightPayload | None = None
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.memfd = -1
@@ -149,14 +184,16 @@ class VhostUserFrontend:
         send_message(self.sock, int(request), payload, fds=fds,
                      flags=VERSION if flags is None else flags, size=size)
 
-    def recv_reply(self) -> Message:
-        """Read one reply; raises ProtocolError when the back-end closed."""
+    def recv_reply(self, keep_fds: bool = False) -> Message:
+        """Read one reply; raises ProtocolError when the back-end closed.
+        Fds that came with it are closed unless ``keep_fds`` (the caller's)."""
         msg = recv_message(self.sock)
         if msg is None:
             raise ProtocolError("back-end closed the connection")
-        for fd in msg.fds:  # no reply we read carries fds
-            os.close(fd)
-        msg.fds = []
+        if not keep_fds:
+            for fd in msg.fds:
+                os.close(fd)
+            msg.fds = []
         if not msg.flags & FLAG_REPLY:
             raise ProtocolError(f"{msg.name}: reply without the REPLY flag (flags {msg.flags:#x})")
         return msg
@@ -208,8 +245,10 @@ class VhostUserFrontend:
         if self.device_features & VHOST_USER_F_PROTOCOL_FEATURES:
             offered = self._get_u64(Request.GET_PROTOCOL_FEATURES)
             want = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
-                    | ProtocolFeature.LOG_SHMFD | ProtocolFeature.BACKEND_REQ)
+                    | ProtocolFeature.LOG_SHMFD | ProtocolFeature.BACKEND_REQ | ProtocolFeature.STATUS)
             acked = offered & int(want)
+            if self.want_inflight:
+                acked |= offered & int(ProtocolFeature.INFLIGHT_SHMFD)
             self._request(Request.SET_PROTOCOL_FEATURES, pack_u64(acked))
             self.protocol_features = acked
             if acked & ProtocolFeature.MQ:
@@ -232,20 +271,101 @@ class VhostUserFrontend:
         self._request(Request.SET_MEM_TABLE,
                       MemoryTable([MemoryRegionDesc(0, self.mem_size, self.uva, 0)]).pack(),
                       fds=[self.memfd])
+        if self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD:
+            self._setup_inflight()
         for i in range(2 * self.queue_pairs):
             self._setup_vring(i)
+        if self.protocol_features & ProtocolFeature.STATUS:
+            # As a virtio driver ends initialisation (§3.1.1), and as QEMU does.
+            self.set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
+                            | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK)
+
+    # --- device status (PROTOCOL_F_STATUS) ------------------------------------------------
+    def get_status(self) -> int:
+        """GET_STATUS: the device status byte (VIRTIO 1.2 §2.1), e.g. with
+        VIRTIO_CONFIG_S_NEEDS_RESET once the device broke. Needs STATUS."""
+        if not self.protocol_features & ProtocolFeature.STATUS:
+            raise ProtocolError("GET_STATUS: VHOST_USER_PROTOCOL_F_STATUS was not negotiated")
+        return self._get_u64(Request.GET_STATUS)
+
+    def set_status(self, status: int) -> None:
+        """SET_STATUS (0 resets the device status). Needs STATUS."""
+        if not self.protocol_features & ProtocolFeature.STATUS:
+            raise ProtocolError("SET_STATUS: VHOST_USER_PROTOCOL_F_STATUS was not negotiated")
+        self._request(Request.SET_STATUS, pack_u64(status))
+
+    def recv_backend_request(self, timeout: float = 1.0) -> Message | None:
+        """One back-end → front-end message from the SET_BACKEND_REQ_FD
+        channel (e.g. CONFIG_CHANGE_MSG), or None after ``timeout`` s."""
+        if self.backend_channel is None:
+            raise ProtocolError("no back-end channel: BACKEND_REQ was not negotiated")
+        if not select.select([self.backend_channel], [], [], timeout)[0]:
+            return None
+        msg = recv_message(self.backend_channel)
+        if msg is not None:
+            msg.close_fds()
+        return msg
 
     def _eventfd(self) -> int:
         fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._fds.append(fd)
         return fd
 
+    def _setup_inflight(self) -> None:
+        """GET_INFLIGHT_FD once (the back-end allocates the area; mapped in
+        ``inflight_map``), then SET_INFLIGHT_FD with it on every connection,
+        as QEMU's vhost_dev_get_inflight / vhost_dev_set_inflight."""
+        nq = 2 * self.queue_pairs
+        if self.inflight_fd < 0:
+            self.send_raw(Request.GET_INFLIGHT_FD, InflightPayload(0, 0, nq, self.queue_size).pack())
+            reply = self.recv_reply(keep_fds=True)
+            fds, reply.fds = reply.fds, []
+            try:
+                if reply.request != Request.GET_INFLIGHT_FD or len(fds) != 1:
+                    raise ProtocolError(f"GET_INFLIGHT_FD: got {reply.name} with {len(fds)} fd(s), "
+                                        f"want its reply with 1")
+                inf = unpack_inflight(reply.name, reply.payload)
+                if inf.mmap_size == 0:
+                    raise ProtocolError("GET_INFLIGHT_FD: the back-end gave an area of 0 bytes")
+                self.inflight_map = mmap.mmap(fds[0], inf.mmap_size, mmap.MAP_SHARED,
+                                              mmap.PROT_READ | mmap.PROT_WRITE, offset=inf.mmap_offset)
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            self.inflight_fd = fds[0]
+            self.inflight = InflightPayload(inf.mmap_size, inf.mmap_offset, nq, self.queue_size)
+        self._request(Request.SET_INFLIGHT_FD, self.inflight.pack(), fds=[self.inflight_fd])
+
+    def reconnect(self, socket_path: str | None = None) -> None:
+        """Connect to the back-end again (a restarted one) and repeat the
+        handshake on the same memory and rings, as QEMU does with a
+        ``reconnect`` chardev: each vring's base is its used index in guest
+        memory (a dead back-end cannot answer GET_VRING_BASE) and the
+        inflight area, if any, goes to the new back-end with
+        SET_INFLIGHT_FD. Buffers in flight stay where they are."""
+        timeout = self.sock.gettimeout()
+        for s in (self.sock, self.backend_channel):
+            if s is not None:
+                s.close()
+        self.backend_channel = None
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(socket_path or self.socket_path)
+        self.handshake()
+
     def _setup_vring(self, i: int) -> None:
-        ring = DriverRing(self.mem, self.ring_base[i], self.queue_size)
-        q = _Queue(i, ring, self._eventfd(), self._eventfd())
-        self.queues.append(q)
+        if i < len(self.queues):  # reconnect(): the same ring, from its used index
+            q = self.queues[i]
+            base = q.ring.used_idx
+        else:
+            q = _Queue(i, DriverRing(self.mem, self.ring_base[i], self.queue_size),
+                       self._eventfd(), self._eventfd())
+            self.queues.append(q)
+            base = 0
+        ring = q.ring
         self._request(Request.SET_VRING_NUM, VringState(i, self.queue_size).pack())
-        self._request(Request.SET_VRING_BASE, VringState(i, 0).pack())
+        self._request(Request.SET_VRING_BASE, VringState(i, base).pack())
         self._request(Request.SET_VRING_ADDR, VringAddr(
             i, 0, self.gpa_to_uva(ring.desc_addr), self.gpa_to_uva(ring.used_addr),
             self.gpa_to_uva(ring.avail_addr), 0).pack())
@@ -306,9 +426,11 @@ class VhostUserFrontend:
             self.kick(q)
         return posted
 
-    def send_frames(self, pair: int, frames: list[bytes]) -> int:
+    def send_frames(self, pair: int, frames: list[bytes], publish: bool = True) -> int:
         """Put ``frames`` on the TX vring of ``pair``, each behind a zeroed
-        virtio-net header, publish and kick if needed; returns how many fit."""
+        virtio-net header, publish and kick if needed; returns how many fit.
+        ``publish=False`` writes them but leaves avail->idx alone (see
+        :meth:`publish`)."""
         q = self.tx(pair)
         hlen = self.net_hdr_len
         sent = 0
@@ -325,10 +447,76 @@ class VhostUserFrontend:
             head = q.ring.add_chain([(gpa, hlen + len(frame), False)])
             q.slots[head] = slot
             sent += 1
-        if sent:
+        if sent and publish:
             q.ring.publish()
             self.kick(q)
         return sent
+
+    def publish(self, index: int, force_kick: bool = False) -> None:
+        """Publish what was added to vring ``index`` (avail->idx) and kick if
+        the device asked for it, or always with ``force_kick``."""
+        q = self.queues[index]
+        q.ring.publish()
+        if not self.kick(q) and force_kick:
+            os.eventfd_write(q.kick_fd, 1)
+            q.kicks += 1
+
+    # --- faults on purpose --------------------------------------------------------------------
+    def write_hostile(self, index: int, kind: str) -> int:
+        """Make one ring violation of ``kind`` (a key of HOSTILE_KINDS)
+        available on vring ``index`` (TX vrings are odd) after what is there,
+        publish it and kick. The chain uses free descriptors and frame slots
+        of this front-end; the device is expected to break the queue, so they
+        are never reclaimed. Returns the head (or the slot for
+        ``avail_idx_jump``)."""
+        if kind not in HOSTILE_KINDS:
+            raise InspectorError(f"hostile ring kind {kind!r} is unknown: use one of {sorted(HOSTILE_KINDS)}")
+        q = self.queues[index]
+        ring = q.ring
+        hlen = self.net_hdr_len
+        slot = self._alloc_slot()
+        gpa = self._slot_gpa(slot)
+        self.mem.view(gpa, 64)[:] = bytes(64)
+        writable = index % 2 == 0
+        n = ring.size
+        if kind == "avail_idx_jump":
+            ring.set_avail_idx(ring.avail_idx + n + 1)  # §2.7.6: at most Queue Size ahead
+            os.eventfd_write(q.kick_fd, 1)
+            return slot
+        if kind in ("nested_indirect", "indirect_loop"):
+            # Two entries: entry 0 chains to entry 1, which is either an
+            # INDIRECT descriptor (§2.7.5.3.1) or chains back to entry 0.
+            table = gpa + 64 if self.slot_size >= 128 else gpa
+            head = ring.add_indirect_chain(table, [(gpa, hlen + 32, writable)] * 2)
+            t = self.mem.view(table + 16, 16)
+            if kind == "nested_indirect":
+                struct.pack_into("<QIHH", t, 0, table, 32, VRING_DESC_F_INDIRECT, 0)
+            else:
+                struct.pack_into("<QIHH", t, 0, gpa, 32,
+                                 VRING_DESC_F_NEXT | (VRING_DESC_F_WRITE if writable else 0), 0)
+        elif kind == "addr_out_of_range":
+            head = ring.add_chain([(self.mem_size + 0x1000, hlen + 32, writable)])
+        elif kind == "zero_len":
+            head = ring.add_chain([(gpa, hlen, writable), (gpa + hlen, 0, writable)])
+        else:
+            head = ring.add_chain([(gpa, hlen, writable), (gpa + hlen, 32, writable)])
+            a, length, flags, nxt = ring.read_desc(head)
+            if kind == "loop":      # the second descriptor chains back to the head
+                a2, l2, f2, _ = ring.read_desc(nxt)
+                ring.write_desc(nxt, a2, l2, f2 | VRING_DESC_F_NEXT, head)
+            elif kind == "next_out_of_range":
+                ring.write_desc(head, a, length, flags, n)
+            elif kind == "head_out_of_range":
+                ring.set_avail_ring((ring.avail_idx - 1) % n, n)
+        q.slots[head] = slot
+        self.publish(index, force_kick=True)
+        return head
+
+    def shrink_memory(self, size: int) -> None:
+        """ftruncate the memfd behind the memory table to ``size`` bytes
+        while the back-end has it mapped: its accesses past ``size`` now
+        fault (SIGBUS). So do this front-end's own: touch nothing there."""
+        os.ftruncate(self.memfd, size)
 
     def _collect(self, q: _Queue) -> list[tuple[int, int, int]]:
         """Used entries as (head, len, slot); frees descriptors, re-arms used_event."""
@@ -408,6 +596,12 @@ class VhostUserFrontend:
             except OSError:
                 pass
         self._fds = []
+        if self.inflight_map is not None:
+            self.inflight_map.close()
+            self.inflight_map = None
+        if self.inflight_fd >= 0:
+            os.close(self.inflight_fd)
+            self.inflight_fd = -1
         if self.memfd >= 0:
             os.close(self.memfd)
             self.memfd = -1
