@@ -31,8 +31,23 @@ import pytest
 from inspector.sources.backend import BackendSource
 
 from .conftest import require
-from .peers import (GUEST_FIND_IF, Guest, PeerError, VqscopeNet, backend_kind, delete_link, host_subnet,
-                    ip, link_exists, require_guest, socket_dir, tap_name, vq_rx, vq_tx, wait_path)
+from .peers import (
+    GUEST_FIND_IF,
+    Guest,
+    PeerError,
+    VqscopeNet,
+    backend_kind,
+    delete_link,
+    host_subnet,
+    ip,
+    link_exists,
+    require_guest,
+    socket_dir,
+    tap_name,
+    vq_rx,
+    vq_tx,
+    wait_path,
+)
 
 pytestmark = pytest.mark.qemu
 
@@ -110,7 +125,7 @@ read x
         os.kill(be1.peer.proc.pid, signal.SIGKILL)
         be1.peer.proc.wait(30)
         be1.close()
-        for deadline in range(300):
+        for _ in range(300):
             if not link_exists(tap):
                 break
             time.sleep(0.1)
@@ -141,7 +156,7 @@ read x
         m = re.search(r"(\d+) packets transmitted, (\d+) received", out[out.index("VQS-PHASE1"):])
         assert m and int(m.group(2)) == 3, f"second ping: {m and m.group(0)}"
         dmesg = out[out.index("VQS-DMESG-BEGIN"):out.index("VQS-DMESG-END")]
-        assert not re.search(r"not a head|unexpected|id \d+ out of range|is broken|bad", dmesg, re.I), dmesg
+        assert not re.search(r"not a head|unexpected|id \d+ out of range|is broken|bad", dmesg, re.IGNORECASE), dmesg
 
         # The new session started where the old one had left the rings:
         # QEMU sent the used index it read in guest memory.

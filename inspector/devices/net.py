@@ -22,6 +22,10 @@ Tap: frames go to and come from a tap interface (IFF_TAP | IFF_NO_PI, one fd
 per pair with IFF_MULTI_QUEUE); the virtio_net_hdr is stripped on transmit
 and synthesised on receive (no offloads are offered).
 
+Inflight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, inspector/inflight.py):
+with an area from SET_INFLIGHT_FD every ring records the heads it holds; a
+ring started on an area a crashed back-end left hands those back first.
+
 Events: each started vring has a C event log (``event_capacity`` entries)
 that the worker fills with every kick read, call written and call
 suppressed; :meth:`NetDevice.drain_events` takes them out. A vring that
@@ -358,6 +362,7 @@ class NetDevice:
     """
 
     name = "net"
+    supports_inflight = True
 
     def __init__(self, mode: str = "loopback", tap_name: str | None = None, queue_pairs: int = 1,
                  mac: str = "52:54:00:12:34:57", *, budget: int = 256, spin: int = 64,
@@ -398,6 +403,8 @@ class NetDevice:
         self._retired_dropped: dict[int, int] = {}
         self._tap_fds: list[int] = []
         self.tap_name: str | None = None
+        from ..inflight import InflightAreas
+        self._inflight = InflightAreas()
         if mode == "tap":
             self.tap_name, self._tap_fds = open_tap(tap_name, queue_pairs)
 
@@ -431,6 +438,12 @@ class NetDevice:
             mac[offset:offset + len(data)] = data
             self.mac = bytes(mac)
 
+    def set_inflight(self, area, num_queues: int, queue_size: int) -> None:
+        """SET_INFLIGHT_FD's area (inspector/inflight.py), used by the rings
+        started from now on."""
+        with self._lock:
+            self._inflight.set(area, num_queues, queue_size)
+
     def start_queue(self, vring: VringConfig, mem: GuestMemory) -> None:
         i = vring.index
         if not 0 <= i < self.num_queues:
@@ -444,6 +457,7 @@ class NetDevice:
                 if old is not None:
                     self._retire(old)
                 self._rings[i] = _Ring(vring, mem, self.event_idx, self.event_capacity)
+                self._inflight.attach(self._rings[i].q, i)
             finally:
                 self._start_worker(pair)
 
@@ -498,6 +512,7 @@ class NetDevice:
             for fd in self._tap_fds:
                 os.close(fd)
             self._tap_fds = []
+            self._inflight.close()
 
     # --- helpers (called with the lock held) ----------------------------------------------
     def _retire(self, ring: _Ring) -> int:
