@@ -1,0 +1,216 @@
+/* libFuzzer harness of the split-ring snapshot decoder
+ * (inspector/csrc/vqd_decode.c, vqd_snapshot) over random ring memory.
+ *
+ * Build (make fuzz does this):
+ *   clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+ *         -Iinspector/csrc fuzz/fuzz_decoder.c inspector/csrc/vqd_decode.c -o build/fuzz/fuzz_decoder
+ *
+ * Input: a fixed header of DEC_HDR_LEN bytes (missing bytes read as 0), then
+ * guest memory bytes. Little-endian fields; fuzz/fuzz_inputs.py
+ * (decoder_case) reads the same format to replay an input through the Python
+ * wrapper inspector.vqd and the reference inspector.ringref.
+ *
+ *   0  u8   size_code   size = 1 << exp, exp = (size_code & 7), plus 8 when
+ *                       (size_code & 0xf8) == 0x88 (big queues are slow to
+ *                       allocate); or the raw u32 at 12 when (size_code & 0x70) == 0x70
+ *   1  u8   counts      readable regions = (counts & 7) % 5 (0..4),
+ *                       validate-only regions = (counts >> 3) & 3 (0..3)
+ *   2  u16  last_avail_idx
+ *   4  u8   lflags      bit 0: last_avail_idx unknown (-1)
+ *   5  u8   max_code    (max_code & 15) == 5: max_descs = the u16 at 6, else (u16 at 6) & 0xff
+ *   6  u16  max_descs
+ *   8  u8   area_mode[3] (desc, avail, used): bit 0 raw gpa = area_val; else
+ *                       gpa = readable[(mode >> 1) % nr].gpa + area_val % (that size + 1)
+ *  12  u32  raw_size
+ *  16  u64  area_val[3]
+ *  40  readable[4]: u64 gpa, u32 size (& 0xfffff when its top byte is 0x5a,
+ *                   & 0xffff when it is 0xa5, else & 0xfff: regions of 64 KiB
+ *                   and more cost ASan an mmap each), u32 mem_off
+ * 104  valid[3]:    u64 gpa, u64 size (host NULL: validate-only)
+ * 152  guest memory bytes (region i is filled from mem_off, repeating)
+ *
+ * Beyond "no sanitizer report", it checks the output contract of
+ * vqd_decode.h: counts within their capacities, chains tiling the listed
+ * descriptors in order, byte totals equal to the listed lengths, anomaly
+ * kinds known and details NUL-terminated printable ASCII, want tables
+ * sorted without duplicates and each one in validate-only memory.
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "vqd_decode.h"
+#include "fuzz_input.h"
+
+#define DEC_HDR_LEN 152
+
+/* A smaller quarantine than ASan's 256 MB: freed buffers are reused sooner,
+ * so each input does not fault in fresh pages (use-after-free is still
+ * caught within an input). */
+const char *__asan_default_options(void)
+{
+    return "quarantine_size_mb=16";
+}
+#define DEC_NR_KINDS 12
+
+static int in_valid(const struct vqd_region *v, int nv, uint64_t gpa, uint64_t len)
+{
+    for (int i = 0; i < nv; i++)
+        if (gpa >= v[i].gpa && gpa - v[i].gpa < v[i].size && len <= v[i].size - (gpa - v[i].gpa))
+            return 1;
+    return 0;
+}
+
+static void check_output(const struct vqd_snap_out *o, uint32_t size, uint32_t max_descs,
+                         const struct vqd_region *valid, int nv)
+{
+    FUZZ_CHECK(o->n_chains <= size);
+    FUZZ_CHECK(o->n_descs <= max_descs);
+    FUZZ_CHECK(o->n_anomalies <= o->anomaly_cap);
+    FUZZ_CHECK(o->n_want <= size);
+    uint32_t next = 0;
+    for (uint32_t k = 0; k < o->n_chains; k++) {
+        FUZZ_CHECK(o->chain_first[k] == next);
+        /* the direct part (< size) plus one indirect table (<= 32768) */
+        FUZZ_CHECK(o->chain_ndescs[k] <= size + 32768);
+        uint64_t out = 0, in = 0;
+        for (uint32_t d = next; d < next + o->chain_ndescs[k]; d++) {
+            FUZZ_CHECK(!(o->desc_flags[d] & VRING_DESC_F_INDIRECT));
+            if (o->desc_flags[d] & VRING_DESC_F_WRITE)
+                in += o->desc_len[d];
+            else
+                out += o->desc_len[d];
+        }
+        FUZZ_CHECK(out == o->chain_out_bytes[k] && in == o->chain_in_bytes[k]);
+        next += o->chain_ndescs[k];
+    }
+    FUZZ_CHECK(next == o->n_descs);
+    for (uint32_t a = 0; a < o->n_anomalies; a++) {
+        const struct vqd_anomaly *an = &o->anomalies[a];
+        FUZZ_CHECK(an->kind < DEC_NR_KINDS);
+        size_t len = strnlen(an->detail, VQD_SNAP_DETAIL_LEN);
+        FUZZ_CHECK(len > 0 && len < VQD_SNAP_DETAIL_LEN);
+        for (size_t c = 0; c < len; c++)
+            FUZZ_CHECK(an->detail[c] >= 0x20 && an->detail[c] < 0x7f);
+    }
+    for (uint32_t w = 0; w < o->n_want; w++) {
+        FUZZ_CHECK(in_valid(valid, nv, o->want_addr[w], o->want_len[w]));
+        if (w)
+            FUZZ_CHECK(o->want_addr[w - 1] < o->want_addr[w]
+                       || (o->want_addr[w - 1] == o->want_addr[w] && o->want_len[w - 1] < o->want_len[w]));
+    }
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
+{
+    struct hdr h;
+    hdr_init(&h, data, n, DEC_HDR_LEN);
+    const uint8_t *mem = n > DEC_HDR_LEN ? data + DEC_HDR_LEN : NULL;
+    size_t mem_len = n > DEC_HDR_LEN ? n - DEC_HDR_LEN : 0;
+
+    uint8_t size_code = HDR_U8(&h, 0);
+    uint32_t size;
+    if ((size_code & 0x70) == 0x70) {
+        size = HDR_U32(&h, 12);
+    } else {
+        /* queues above 128 are slow to allocate: 1 input in 32 */
+        unsigned exp = (size_code & 7) + ((size_code & 0xf8) == 0x88 ? 8 : 0);
+        size = 1u << exp;
+    }
+    uint8_t counts = HDR_U8(&h, 1);
+    int nr = (counts & 7) % 5, nv = (counts >> 3) & 3;
+    int32_t last = (HDR_U8(&h, 4) & 1) ? -1 : (int32_t)HDR_U16(&h, 2);
+    uint32_t max_descs = HDR_U16(&h, 6);
+    if ((HDR_U8(&h, 5) & 15) != 5)
+        max_descs &= 0xff;
+
+    struct vqd_region regions[4], valid[3];
+    memset(regions, 0, sizeof regions);
+    for (int i = 0; i < nr; i++) {
+        uint32_t sz = HDR_U32(&h, 40 + 16 * i + 8);
+        regions[i].gpa = HDR_U64(&h, 40 + 16 * i);
+        regions[i].size = (sz >> 24) == 0x5a ? sz & 0xfffff : (sz >> 24) == 0xa5 ? sz & 0xffff : sz & 0xfff;
+        regions[i].host = fill_region(mem, mem_len, HDR_U32(&h, 40 + 16 * i + 12), regions[i].size);
+        if (!regions[i].host)
+            abort();
+    }
+    for (int i = 0; i < nv; i++) {
+        valid[i].gpa = HDR_U64(&h, 104 + 16 * i);
+        valid[i].size = HDR_U64(&h, 104 + 16 * i + 8);
+        valid[i].host = NULL;
+    }
+    uint64_t area[3];
+    for (int a = 0; a < 3; a++) {
+        uint8_t mode = HDR_U8(&h, 8 + a);
+        uint64_t val = HDR_U64(&h, 16 + 8 * a);
+        if ((mode & 1) || nr == 0) {
+            area[a] = val;
+        } else {
+            const struct vqd_region *r = &regions[(mode >> 1) % nr];
+            area[a] = r->gpa + val % (r->size + 1);
+        }
+    }
+
+    /* Output arrays of exactly the documented capacities (vqd_decode.h),
+     * each its own allocation so that ASan sees any overrun. Sizes the
+     * decoder refuses get small arrays: it must return before using them. */
+    int size_ok = size && size <= VQD_MAX_QUEUE_SIZE && !(size & (size - 1));
+    uint32_t cap_size = size_ok ? size : 1;
+    uint32_t acap = vqd_snapshot_anomaly_cap(cap_size, max_descs);
+    uint32_t dcap = max_descs ? max_descs : 1;
+    struct vqd_snap_out o;
+    memset(&o, 0, sizeof o);
+    o.avail_ring = malloc(2 * (size_t)cap_size);
+    o.used_ring = malloc(8 * (size_t)cap_size);
+    o.chain_head = malloc(4 * (size_t)cap_size);
+    o.chain_first = malloc(4 * (size_t)cap_size);
+    o.chain_ndescs = malloc(4 * (size_t)cap_size);
+    o.chain_out_bytes = malloc(8 * (size_t)cap_size);
+    o.chain_in_bytes = malloc(8 * (size_t)cap_size);
+    o.desc_cap = max_descs;
+    o.desc_addr = malloc(8 * (size_t)dcap);
+    o.desc_len = malloc(4 * (size_t)dcap);
+    o.desc_flags = malloc(2 * (size_t)dcap);
+    o.desc_next = malloc(2 * (size_t)dcap);
+    o.anomaly_cap = acap;
+    o.anomalies = malloc(sizeof(struct vqd_anomaly) * (size_t)acap);
+    o.want_cap = cap_size;
+    o.want_addr = malloc(8 * (size_t)cap_size);
+    o.want_len = malloc(4 * (size_t)cap_size);
+
+    int rc = vqd_snapshot(regions, nr, valid, nv, area[0], area[1], area[2], size, last,
+                          max_descs, &o);
+    if (!size_ok)
+        FUZZ_CHECK(rc == VQD_SNAP_E_SIZE);
+    FUZZ_CHECK(rc >= VQD_SNAP_OK && rc <= VQD_SNAP_E_ARG);
+    if (rc == VQD_SNAP_OK)
+        check_output(&o, size, max_descs, valid, nv);
+    /* FUZZ_PRINT=1: one summary line per input, which
+     * tests/test_fuzz_smoke.py compares with the Python wrapper's result for
+     * the same input (fuzz/fuzz_inputs.py reads the format the same way). */
+    static int print = -1;
+    if (print < 0)
+        print = getenv("FUZZ_PRINT") != NULL;
+    if (print)
+        fprintf(stderr, "vqd_snapshot rc=%d chains=%u descs=%u anomalies=%u want=%u\n", rc,
+               rc ? 0 : o.n_chains, rc ? 0 : o.n_descs, rc ? 0 : o.n_anomalies, rc ? 0 : o.n_want);
+
+    free(o.avail_ring);
+    free(o.used_ring);
+    free(o.chain_head);
+    free(o.chain_first);
+    free(o.chain_ndescs);
+    free(o.chain_out_bytes);
+    free(o.chain_in_bytes);
+    free(o.desc_addr);
+    free(o.desc_len);
+    free(o.desc_flags);
+    free(o.desc_next);
+    free(o.anomalies);
+    free(o.want_addr);
+    free(o.want_len);
+    for (int i = 0; i < nr; i++)
+        free(regions[i].host);
+    return 0;
+}

@@ -1,0 +1,294 @@
+"""The libFuzzer harnesses' input formats, in Python.
+
+:func:`decoder_case` reads an input of ``fuzz/fuzz_decoder.c`` (its header
+comment is the format's definition) into the arguments of
+:func:`inspector.vqd.snapshot_split_pass` / :func:`inspector.ringref.snapshot_split_pass`,
+so that a crash file can be replayed through the Python wrapper and checked
+against the pure-Python reference. :func:`encode_decoder_input` goes the
+other way, from a :class:`~inspector.memory.GuestMemory` of readable
+``bytearray`` regions (e.g. a ``tests/ringbuilder.RingBuilder``'s), to make
+seed inputs. :func:`replay_decoder_dir` runs every input of a directory
+through both decoders and returns the inputs on which they disagree.
+
+Run as ``python -m fuzz.fuzz_inputs seeds DIR`` to (re)write the checked-in
+seed corpus, or ``python -m fuzz.fuzz_inputs replay DIR...`` for the
+differential replay (``make fuzz`` does both).
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from inspector.memory import GuestMemory
+
+DEC_HDR_LEN = 152
+U64_MASK = (1 << 64) - 1
+
+
+def _le(hdr: bytes, off: int, n: int) -> int:
+    return int.from_bytes(hdr[off:off + n], "little")
+
+
+def fill_region(mem: bytes, off: int, size: int) -> bytearray:
+    """``size`` bytes ``mem[(off + k) % len(mem)]`` (zeros for no memory):
+    fuzz_input.h fill_region."""
+    if not mem:
+        return bytearray(size)
+    o = off % len(mem)
+    period = mem[o:] + mem[:o]
+    reps = -(-size // len(period)) if size else 0
+    return bytearray((period * reps)[:size])
+
+
+def region_size(raw: int) -> int:
+    """The readable region size of a raw u32 (fuzz_decoder.c)."""
+    top = raw >> 24
+    if top == 0x5A:
+        return raw & 0xFFFFF
+    if top == 0xA5:
+        return raw & 0xFFFF
+    return raw & 0xFFF
+
+
+@dataclass
+class DecoderCase:
+    """The arguments fuzz_decoder.c passes to vqd_snapshot, as the Python
+    decoders take them (``last_avail_idx`` None for -1)."""
+
+    mem: GuestMemory
+    size: int
+    desc: int
+    avail: int
+    used: int
+    last_avail_idx: int | None
+    max_descs: int
+
+    def run(self, impl):
+        """``impl.snapshot_split_pass(...)`` (impl: inspector.vqd or inspector.ringref)."""
+        return impl.snapshot_split_pass(self.mem, self.size, self.desc, self.avail, self.used,
+                                        self.last_avail_idx, max_descs=self.max_descs)
+
+
+def decoder_case(data: bytes) -> DecoderCase:
+    """Read a fuzz_decoder.c input. Readable regions come first in the
+    GuestMemory (in table order), then the validate-only ones: the decoders
+    look them up as two separate tables, so the order between the two kinds
+    does not matter."""
+    hdr = bytes(data[:DEC_HDR_LEN]).ljust(DEC_HDR_LEN, b"\0")
+    mem = bytes(data[DEC_HDR_LEN:])
+    size_code = hdr[0]
+    if size_code & 0x70 == 0x70:
+        size = _le(hdr, 12, 4)
+    else:
+        size = 1 << ((size_code & 7) + (8 if size_code & 0xF8 == 0x88 else 0))
+    nr, nv = (hdr[1] & 7) % 5, (hdr[1] >> 3) & 3
+    last = None if hdr[4] & 1 else _le(hdr, 2, 2)
+    max_descs = _le(hdr, 6, 2)
+    if hdr[5] & 15 != 5:
+        max_descs &= 0xFF
+    gm = GuestMemory()
+    readable = []
+    for i in range(nr):
+        base = 40 + 16 * i
+        gpa, rsize = _le(hdr, base, 8), region_size(_le(hdr, base + 8, 4))
+        gm.add(gpa, fill_region(mem, _le(hdr, base + 12, 4), rsize), size=rsize)
+        readable.append((gpa, rsize))
+    for i in range(nv):
+        base = 104 + 16 * i
+        gm.add_valid(_le(hdr, base, 8), _le(hdr, base + 8, 8))
+    areas = []
+    for a in range(3):
+        mode, val = hdr[8 + a], _le(hdr, 16 + 8 * a, 8)
+        if mode & 1 or nr == 0:
+            areas.append(val)
+        else:
+            gpa, rsize = readable[(mode >> 1) % nr]
+            areas.append((gpa + val % (rsize + 1)) & U64_MASK)
+    return DecoderCase(gm, size, *areas, last, max_descs)
+
+
+def _size_code(size: int) -> int:
+    exp = size.bit_length() - 1
+    if size != 1 << exp or exp > 15:
+        raise ValueError(f"queue size {size} is not a power of two up to 32768")
+    return exp if exp < 8 else 0x88 | (exp - 8)
+
+
+def _region_raw(size: int) -> int:
+    if size <= 0xFFF:
+        return size
+    if size <= 0xFFFF:
+        return 0xA5 << 24 | size
+    if size <= 0xFFFFF:
+        return 0x5A << 24 | size
+    raise ValueError(f"region of {size} bytes: the format holds at most 0xfffff")
+
+
+def encode_decoder_input(mem: GuestMemory, size: int, desc: int, avail: int, used: int,
+                         last_avail_idx: int | None = None, max_descs: int = 0xFF) -> bytes:
+    """A fuzz_decoder.c input for these decoder arguments: at most 4
+    readable regions (bytes copied into the input's memory) and 3
+    validate-only ones; areas as raw addresses."""
+    readable = [r for r in mem.regions if r.buf is not None]
+    valid = [r for r in mem.regions if r.buf is None]
+    if len(readable) > 4 or len(valid) > 3:
+        raise ValueError("the format holds at most 4 readable and 3 validate-only regions")
+    hdr = bytearray(DEC_HDR_LEN)
+    hdr[0] = _size_code(size)
+    hdr[1] = len(readable) | len(valid) << 3
+    if last_avail_idx is None:
+        hdr[4] = 1
+    else:
+        struct.pack_into("<H", hdr, 2, last_avail_idx)
+    if max_descs > 0xFF:
+        hdr[5] = 5
+    struct.pack_into("<H", hdr, 6, max_descs)
+    hdr[8:11] = b"\1\1\1"
+    struct.pack_into("<QQQ", hdr, 16, desc, avail, used)
+    body = bytearray()
+    for i, r in enumerate(readable):
+        data = bytes(memoryview(r.buf).cast("B")[r.buf_offset:r.buf_offset + r.size])
+        struct.pack_into("<QII", hdr, 40 + 16 * i, r.gpa, _region_raw(r.size), len(body))
+        body += data
+    for i, r in enumerate(valid):
+        struct.pack_into("<QQ", hdr, 104 + 16 * i, r.gpa, r.size)
+    return bytes(hdr + body)
+
+
+def outcome(impl, case: DecoderCase):
+    """("ok", as_dict, unread) or ("error", type name, message): what the
+    differential test compares (tests/test_decoder_diff.py)."""
+    from inspector.errors import InspectorError
+
+    try:
+        snap, unread = case.run(impl)
+    except InspectorError as e:
+        return ("error", type(e).__name__, str(e))
+    return ("ok", snap.as_dict(), unread)
+
+
+def replay_decoder_dir(*dirs: str | Path, limit: int | None = None) -> tuple[int, list[Path]]:
+    """Run each input file of ``dirs`` through inspector.vqd and
+    inspector.ringref; returns (inputs run, inputs whose outcomes differ)."""
+    from inspector import ringref, vqd
+
+    n, bad = 0, []
+    for d in dirs:
+        for f in sorted(Path(d).iterdir()):
+            if not f.is_file():
+                continue
+            if limit is not None and n >= limit:
+                return n, bad
+            case = decoder_case(f.read_bytes())
+            n += 1
+            if outcome(vqd, case) != outcome(ringref, case):
+                bad.append(f)
+    return n, bad
+
+
+def write_seeds(out: str | Path) -> int:
+    """Write seed inputs built with tests/ringbuilder.py: a well-formed ring
+    of each flavour (plain, indirect, wrapped indices, big queue, validate-only
+    buffers) and one per hostile kind the decoder reports; returns how many."""
+    from tests.ringbuilder import RingBuilder
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds: dict[str, bytes] = {}
+
+    def add(name, rb, last=None, max_descs=0xFF):
+        seeds[name] = encode_decoder_input(rb.mem, rb.size, *rb.addrs, last, max_descs)
+
+    def builder(size=8, data=0xF00):
+        return RingBuilder(size, align=16, ring_mem=16 * size + 6 + 2 * size + 16 + 6 + 8 * size + 16,
+                           data_mem=data)
+
+    rb = builder()
+    rb.add_chain(((64, False), (64, True)))
+    rb.add_chain()
+    rb.publish()
+    add("plain", rb)
+    rb = builder()
+    rb.add_indirect_chain(((32, False), (32, True), (32, True)))
+    rb.add_chain(((16, True),))
+    rb.publish()
+    add("indirect", rb, last=0)
+    rb = builder(4)
+    rb.start_at(0xFFFE)
+    for _ in range(3):
+        rb.add_chain(((8, False),))
+    rb.publish()
+    add("wrap", rb, last=0xFFFE)
+    rb = builder(128, data=0x1000)
+    for _ in range(60):
+        rb.add_chain(((4, False), (4, True)))
+    rb.publish()
+    add("size128", rb, max_descs=300)
+    rb = builder(1024, data=0x800)
+    rb.add_chain(((16, False),))
+    rb.publish()
+    add("size1024", rb)
+    hostile = {
+        "loop": lambda rb, h: rb.make_loop(h),
+        "next_out_of_range": lambda rb, h: rb.corrupt_next(rb.chain_ids(h)[-1], 200),
+        "head_out_of_range": lambda rb, h: rb.set_head(0, 77),
+        "zero_len": lambda rb, h: rb.zero_len(h),
+        "addr_out_of_range": lambda rb, h: rb.out_of_memory(h),
+        "avail_idx_jump": lambda rb, h: rb.jump_avail_idx(40),
+    }
+    for name, corrupt in hostile.items():
+        rb = builder()
+        h = rb.add_chain(((16, False), (16, True)))
+        rb.add_chain()
+        rb.publish()
+        corrupt(rb, h)
+        add(name, rb, last=0)
+    rb = builder()
+    h = rb.add_indirect_chain()
+    rb.publish()
+    rb.nest_indirect(h)
+    add("nested_indirect", rb, last=0)
+    rb = builder()
+    h = rb.add_indirect_chain()
+    rb.publish()
+    rb.set_table_entry(h, 0, next=9, flags=1)
+    add("indirect_next_out_of_range", rb, last=0)
+    rb = builder()
+    h = rb.add_indirect_chain()
+    rb.publish()
+    rb.set_desc(h, len=24)
+    add("indirect_len", rb, last=0)
+    # buffers and an indirect table in validate-only memory
+    rb = builder()
+    plain = rb.add_chain(((16, False),))
+    indirect = rb.add_indirect_chain()
+    rb.publish()
+    rb.mem.add_valid(0x200000, 0x1000)
+    rb.set_desc(plain, addr=0x200100)
+    rb.set_desc(indirect, addr=0x200800)
+    add("validate_only", rb, last=0)
+    for name, data in seeds.items():
+        (out / f"seed-{name}").write_bytes(data)
+    return len(seeds)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) >= 2 and argv[0] == "seeds":
+        print(f"wrote {write_seeds(argv[1])} seed inputs to {argv[1]}")
+        return 0
+    if len(argv) >= 2 and argv[0] == "replay":
+        n, bad = replay_decoder_dir(*argv[1:])
+        print(f"decoder replay: {n} inputs through inspector.vqd and inspector.ringref, "
+              f"{len(bad)} differ")
+        for f in bad:
+            print(f"  differs: {f}")
+        return 1 if bad else 0
+    print("usage: python -m fuzz.fuzz_inputs seeds DIR | replay DIR...", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
