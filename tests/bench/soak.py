@@ -38,12 +38,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.peers import (VQSCOPE, DpdkTestpmd, VqscopeNet, find_testpmd,  # noqa: E402
-                         socket_dir, virtio_user_vdev)
+from tests.peers import (
+    VQSCOPE,
+    DpdkTestpmd,
+    VqscopeNet,
+    find_testpmd,
+    socket_dir,
+    virtio_user_vdev,
+)
 
-SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", 600))
-SAMPLE_SECONDS = float(os.environ.get("SOAK_SAMPLE_SECONDS", 10))
-WARMUP_SECONDS = float(os.environ.get("SOAK_WARMUP_SECONDS", 60))
+SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))
+SAMPLE_SECONDS = float(os.environ.get("SOAK_SAMPLE_SECONDS", "10"))
+WARMUP_SECONDS = float(os.environ.get("SOAK_WARMUP_SECONDS", "60"))
 RSS_TOLERANCE = 0.05
 
 
@@ -156,7 +162,7 @@ def main() -> int:
             if p is not None:
                 try:
                     p.close()
-                except Exception as e:  # report, and close the others
+                except (OSError, AssertionError, subprocess.SubprocessError) as e:  # report; close the rest
                     why.append(f"closing {type(p).__name__}: {e}")
         shutil.rmtree(d, ignore_errors=True)
 
