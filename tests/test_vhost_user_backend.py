@@ -677,3 +677,141 @@ def test_inflight_rejections(inflight_server, caplog, name):
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(errors) == 1 and req.name in errors[0] and f"{field}={_shown(value)}" in errors[0], errors
     assert not inflight_server.devices[0].inflight
+
+
+# --- more rejected messages (issue 6 item 1) ----------------------------------------------------
+
+CASES.update({
+    "index_above_0xffff": (case(Request.SET_VRING_NUM, VringState(0x10000, 64).pack()),
+                           "SET_VRING_NUM", "index", 0x10000),   # 0 once narrowed to 16 bits
+    "request_u32_max": (case(0xFFFFFFFF), "UNKNOWN(4294967295)", "request", 0xFFFFFFFF),
+    "log_offset_overflow": (case(Request.SET_LOG_BASE, LogPayload(8192, 2**64 - 4096).pack(), nfds=1),
+                            "SET_LOG_BASE", "mmap_offset", 2**64 - 4096),
+    "log_size_zero": (case(Request.SET_LOG_BASE, LogPayload(0, 0).pack(), nfds=1), "SET_LOG_BASE", "mmap_size", 0),
+    "get_base_unconfigured": (case(Request.GET_VRING_BASE, VringState(1, 0).pack()),
+                              "GET_VRING_BASE", "index", 1),
+    "inflight_not_offered": (case(Request.GET_INFLIGHT_FD, p.InflightPayload(0, 0, 1, 64).pack()),
+                             "GET_INFLIGHT_FD", "protocol_features", 0),
+})
+
+
+# --- the inspector never writes (issue 6 item 5) -------------------------------------------------
+
+def _maps_of(name: str) -> list[str]:
+    """Permissions of this process's mappings of the memfd called ``name``."""
+    with open("/proc/self/maps") as f:
+        return [line.split()[1] for line in f if f"/memfd:{name} " in line + " "]
+
+
+def test_log_area_is_mapped_read_only_and_guest_memory_shared(server):
+    with VhostUserFrontend(server.socket_path, mem_size=1 << 20, queue_size=64) as fe:
+        lfd = os.memfd_create("vqscope-log-area")
+        os.ftruncate(lfd, 8192)
+        try:
+            fe._request(Request.SET_LOG_BASE, LogPayload(8192, 0).pack(), fds=[lfd])
+            # Only the inspector uses the log area (dirty logging is never
+            # offered): read-only. Guest memory is the data path's: shared, writable.
+            assert _maps_of("vqscope-log-area") == ["r--s"]
+            assert "rw-s" in _maps_of("vqscope-guest")
+            with pytest.raises(TypeError):
+                server.connections[0].log_map[0] = 1
+        finally:
+            os.close(lfd)
+    assert wait_for(lambda: not _maps_of("vqscope-log-area"))
+
+
+def test_proc_pid_mem_is_opened_read_only():
+    from inspector.procmem import ProcessMemory
+
+    with ProcessMemory(os.getpid()) as pm:
+        with open(f"/proc/self/fdinfo/{pm.mem_fd}") as f:
+            flags = int(dict(line.split(":", 1) for line in f)["flags"].strip(), 8)
+        assert flags & os.O_ACCMODE == os.O_RDONLY
+        assert os.readlink(f"/proc/self/fd/{pm.mem_fd}") == f"/proc/{os.getpid()}/mem"
+
+
+def _state(srv) -> tuple:
+    return [(c.id, c.broken, len(c.log), [vars(v).copy() for v in c.vrings], c.features, c.protocol_features)
+            for c in srv.connections]
+
+
+def test_introspection_ops_are_all_read_only_and_others_refused(server):
+    from inspector.vhost_user.server import INTROSPECT_OPS
+
+    assert INTROSPECT_OPS == ("snapshot", "messages", "events")
+    with VhostUserFrontend(server.socket_path, mem_size=1 << 20, queue_size=64) as fe:
+        assert wait_for(lambda: len(server.devices[0].started) == 2)
+        fe.queues[0].ring.add_chain([(0x80000, 64, False)])
+        fe.queues[0].ring.publish()
+        memory = bytes(fe.map)
+        state = _state(server)
+        for op in INTROSPECT_OPS:
+            (out,) = introspect(server, op)
+            assert "error" not in out, out
+        for op in ("write", "poke", "set_config", "reset", "stop", "kick", "SNAPSHOT", None, 1, ["snapshot"]):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(5)
+            s.connect(server.introspect_path)
+            s.sendall(json.dumps({"op": op, "addr": 0, "data": "00"}).encode() + b"\n")
+            out = json.loads(s.makefile("rb").readline())
+            s.close()
+            assert "unknown op" in out["error"] and "read-only" in out["error"], out
+        # Nothing the inspector reads changed: guest memory and back-end state.
+        assert bytes(fe.map) == memory and _state(server) == state
+
+
+_READER = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect(sys.argv[1])
+try:
+    s.sendall(b'{"op": "messages"}\\n')
+    line = s.makefile("rb").readline()
+except (ConnectionResetError, BrokenPipeError):
+    line = b""
+print(json.dumps({"reply": line.decode()}))
+"""
+
+
+def _read_as_nobody(path: str) -> str:
+    import subprocess
+
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
+                        "-c", _READER, path], check=False, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["reply"]
+
+
+@pytest.mark.parametrize("any_uid", [False, True])
+def test_introspection_serves_only_the_same_uid(tmp_path, caplog, any_uid):
+    import shutil
+    import tempfile
+
+    from .conftest import require
+
+    require(os.geteuid() == 0 and shutil.which("setpriv") is not None,
+            "needs root and setpriv to connect as another uid")
+    d = tempfile.mkdtemp(prefix="vqs", dir="/tmp")
+    os.chmod(d, 0o711)
+    caplog.set_level(logging.INFO, logger="inspector.vhost_user")
+    try:
+        with VhostUserServer(os.path.join(d, "s"), NullDevice, os.path.join(d, "s.i"),
+                             introspect_any_uid=any_uid) as srv:
+            # 0600 alone keeps uid 65534 out; loosen it to test the second check.
+            assert stat.S_IMODE(os.stat(srv.introspect_path).st_mode) == 0o600
+            os.chmod(srv.introspect_path, 0o666)
+            reply_line = _read_as_nobody(srv.introspect_path)
+            if any_uid:
+                assert "messages" in json.loads(reply_line)
+                assert srv.refused_readers == 0
+            else:
+                assert reply_line == ""
+                assert srv.refused_readers == 1
+                lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+                assert len(lines) == 1 and "uid 65534" in lines[0] and "refused" in lines[0], lines
+            # The server's own uid is still served.
+            (out,) = introspect(srv, "messages")
+            assert "messages" in out
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -557,7 +557,7 @@ class MessageReader:
         """Read what ``sock`` has of the current message; the Message once
         complete (its fds then belong to the caller), else None (check
         :attr:`eof`). With ``flags=0`` on a socket with a timeout, a stall
-        raises socket.timeout."""
+        raises TimeoutError (socket.timeout)."""
         try:
             return self._feed(sock, flags)
         except ProtocolViolation:
@@ -636,7 +636,7 @@ def recv_message(sock: socket.socket) -> Message | None:
     try:
         try:
             msg = reader.feed(sock, 0)
-        except socket.timeout:
+        except TimeoutError:  # socket.timeout
             msg = None
         if msg is None and not reader.eof:
             raise reader.stall_violation()
