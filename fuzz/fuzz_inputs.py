@@ -10,8 +10,8 @@ other way, from a :class:`~inspector.memory.GuestMemory` of readable
 seed inputs. :func:`replay_decoder_dir` runs every input of a directory
 through both decoders and returns the inputs on which they disagree.
 
-Run as ``python -m fuzz.fuzz_inputs seeds DIR`` to (re)write the checked-in
-seed corpus, or ``python -m fuzz.fuzz_inputs replay DIR...`` for the
+Run as ``python -m fuzz.fuzz_inputs seeds DIR`` (or ``datapath-seeds DIR``)
+to (re)write a checked-in seed corpus, or ``python -m fuzz.fuzz_inputs replay DIR...`` for the
 differential replay (``make fuzz`` does both).
 """
 
@@ -275,9 +275,105 @@ def write_seeds(out: str | Path) -> int:
     return len(seeds)
 
 
+DP_HDR_LEN = 128
+DP_RING_GPA = 0x10000
+DP_DATA_GPA = 0x40000
+
+
+def op(code: int, arg: int = 0) -> int:
+    """One script byte of fuzz_datapath.c: op ``code`` (0..15), ``arg`` (0..15)."""
+    return code | arg << 4
+
+
+def encode_datapath_input(ring_buf: bytes, data_buf: bytes, size: int, areas, *, flags: int = 0,
+                          last_avail=(0, 0), ops: bytes = b"") -> bytes:
+    """A fuzz_datapath.c input: region 0 is ``ring_buf`` at DP_RING_GPA,
+    region 1 ``data_buf`` at DP_DATA_GPA; ``areas`` the (desc, avail, used)
+    offsets in region 0 of vq 0 and vq 1; ``ops`` the script (at most 24)."""
+    hdr = bytearray(DP_HDR_LEN)
+    hdr[0] = _size_code(size)
+    hdr[1] = flags
+    hdr[2] = 1  # two regions
+    struct.pack_into("<HH", hdr, 4, *last_avail)
+    struct.pack_into("<QII", hdr, 8, DP_RING_GPA, _region_raw(len(ring_buf)), 0)
+    struct.pack_into("<QII", hdr, 24, DP_DATA_GPA, _region_raw(len(data_buf)), len(ring_buf))
+    for k, off in enumerate(areas):
+        struct.pack_into("<I", hdr, 72 + 4 * k, off << 2)  # region 0 of 2
+    if len(ops) > 24:
+        raise ValueError("at most 24 ops")
+    hdr[96:96 + len(ops)] = ops
+    struct.pack_into("<I", hdr, 120, len(ring_buf) + len(data_buf))  # inflight area: zeros after
+    return bytes(hdr + ring_buf + data_buf + bytes(64 + 16 * size))
+
+
+def write_datapath_seeds(out: str | Path) -> int:
+    """Seed inputs of fuzz_datapath.c: a TX ring with frames and an RX ring
+    with buffers, run through loopback, pop/push and the tap paths, plus the
+    hostile kinds (loop, head and next out of range, nested indirect, buffer
+    outside memory, avail_idx jump, zero length)."""
+    from inspector.driver import DriverRing
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = 8
+    ring_len = 0x800
+    seeds = {}
+    traffic = bytes([op(6, 3), op(0, 2), op(1), op(0, 1), op(2, 1), op(3), op(3, 1), op(4, 2),
+                     op(5), op(8, 3), op(7, 2), op(9, 2), op(0, 0), op(10), op(12), op(13)])
+
+    def build(hostile=None, indirect=False, flags=0):
+        mem = GuestMemory()
+        ring_buf, data_buf = bytearray(ring_len), bytearray(0xF00)
+        mem.add(DP_RING_GPA, ring_buf)
+        mem.add(DP_DATA_GPA, data_buf)
+        tx = DriverRing(mem, DP_RING_GPA, size, align=16)
+        rx = DriverRing(mem, DP_RING_GPA + 0x400, size, align=16)
+        cursor = DP_DATA_GPA
+        heads = []
+        for k in range(3):
+            if indirect and k == 0:
+                table = cursor
+                cursor += 64
+                heads.append(tx.add_indirect_chain(table, [(cursor, 12, False), (cursor + 12, 60, False)]))
+            else:
+                heads.append(tx.add_chain([(cursor, 12, False), (cursor + 12, 60, False)]))
+            cursor += 128
+        for _ in range(4):
+            rx.add_chain([(cursor, 256, True)])
+            cursor += 256
+        tx.publish()
+        rx.publish()
+        if hostile:
+            hostile(tx, heads)
+        areas = [tx.desc_addr, tx.avail_addr, tx.used_addr, rx.desc_addr, rx.avail_addr, rx.used_addr]
+        return encode_datapath_input(bytes(ring_buf), bytes(data_buf), size,
+                                     [a - DP_RING_GPA for a in areas], flags=flags, ops=traffic)
+
+    seeds["traffic"] = build()
+    seeds["traffic-event-idx-mrg-inflight"] = build(flags=1 | 2 | 4 | 8 | 16 | 64)
+    seeds["indirect"] = build(indirect=True)
+    hostile = {
+        "loop": lambda tx, h: tx.write_desc(h[0], DP_DATA_GPA, 12, 1, h[0]),
+        "head_out_of_range": lambda tx, h: tx.set_avail_ring(0, 99),
+        "next_out_of_range": lambda tx, h: tx.write_desc(h[0], DP_DATA_GPA, 12, 1, 50),
+        "outside_memory": lambda tx, h: tx.write_desc(h[1], 0xDEAD0000, 12, 0, 0),
+        "avail_idx_jump": lambda tx, h: tx.set_avail_idx(40),
+        "zero_len": lambda tx, h: tx.write_desc(h[0], DP_DATA_GPA, 0, 0, 0),
+        "indirect_bad_len": lambda tx, h: tx.write_desc(h[0], DP_DATA_GPA, 24, 4, 0),
+    }
+    for name, corrupt in hostile.items():
+        seeds[name] = build(corrupt, flags=32 if name == "zero_len" else 0)
+    for name, data in seeds.items():
+        (out / f"seed-{name}").write_bytes(data)
+    return len(seeds)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) >= 2 and argv[0] == "seeds":
         print(f"wrote {write_seeds(argv[1])} seed inputs to {argv[1]}")
+        return 0
+    if len(argv) >= 2 and argv[0] == "datapath-seeds":
+        print(f"wrote {write_datapath_seeds(argv[1])} seed inputs to {argv[1]}")
         return 0
     if len(argv) >= 2 and argv[0] == "replay":
         n, bad = replay_decoder_dir(*argv[1:])
@@ -286,7 +382,8 @@ def main(argv: list[str]) -> int:
         for f in bad:
             print(f"  differs: {f}")
         return 1 if bad else 0
-    print("usage: python -m fuzz.fuzz_inputs seeds DIR | replay DIR...", file=sys.stderr)
+    print("usage: python -m fuzz.fuzz_inputs seeds DIR | datapath-seeds DIR | replay DIR...",
+          file=sys.stderr)
     return 2
 
 
