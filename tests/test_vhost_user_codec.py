@@ -242,3 +242,36 @@ def test_payload_fields_are_plain_ints():
 ])
 def test_vring_need_event(event, new, old, need):
     assert vring_need_event(event, new, old) is need
+
+
+def test_message_reader_resumes_partial_messages_without_blocking():
+    """A message trickling in one byte per readable event is assembled across
+    calls; each call returns at once (MSG_DONTWAIT) with None until the last
+    byte, and the fds sent with the first byte belong to that message."""
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    fd = _memfd()
+    reader = p.MessageReader()
+    try:
+        data = p.encode_message(Request.SET_VRING_CALL, p.pack_u64(1))
+        assert reader.feed(b) is None and not reader.eof and not reader.partial
+        for i, byte in enumerate(data):
+            if i == 0:
+                a.sendmsg([data[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+            else:
+                a.send(data[i:i + 1])
+            msg = reader.feed(b)
+            if i < len(data) - 1:
+                assert msg is None and reader.partial
+                assert reader.stall_violation().field == ("length" if i < 11 else "size")
+        assert (msg.request, msg.size, p.unpack_u64("x", msg.payload)) == (Request.SET_VRING_CALL, 8, 1)
+        assert len(msg.fds) == 1 and os.fstat(msg.fds[0]).st_ino == os.fstat(fd).st_ino
+        assert not reader.partial
+        msg.close_fds()
+        a.close()
+        assert reader.feed(b) is None and reader.eof
+    finally:
+        reader.close()
+        os.close(fd)
+        a.close()
+        b.close()
