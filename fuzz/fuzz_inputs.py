@@ -202,7 +202,7 @@ def write_seeds(out: str | Path) -> int:
     def add(name, rb, last=None, max_descs=0xFF):
         seeds[name] = encode_decoder_input(rb.mem, rb.size, *rb.addrs, last, max_descs)
 
-    def builder(size=8, data=0xF00):
+    def builder(size=8, data=0x300):
         return RingBuilder(size, align=16, ring_mem=16 * size + 6 + 2 * size + 16 + 6 + 8 * size + 16,
                            data_mem=data)
 
@@ -222,15 +222,15 @@ def write_seeds(out: str | Path) -> int:
         rb.add_chain(((8, False),))
     rb.publish()
     add("wrap", rb, last=0xFFFE)
-    rb = builder(128, data=0x1000)
+    rb = builder(128, data=0x800)
     for _ in range(60):
         rb.add_chain(((4, False), (4, True)))
     rb.publish()
     add("size128", rb, max_descs=300)
-    rb = builder(1024, data=0x800)
+    rb = builder(256, data=0x100)
     rb.add_chain(((16, False),))
     rb.publish()
-    add("size1024", rb)
+    add("size256", rb)
     hostile = {
         "loop": lambda rb, h: rb.make_loop(h),
         "next_out_of_range": lambda rb, h: rb.corrupt_next(rb.chain_ids(h)[-1], 200),
@@ -323,7 +323,7 @@ def write_datapath_seeds(out: str | Path) -> int:
 
     def build(hostile=None, indirect=False, flags=0):
         mem = GuestMemory()
-        ring_buf, data_buf = bytearray(ring_len), bytearray(0xF00)
+        ring_buf, data_buf = bytearray(ring_len), bytearray(0x600)
         mem.add(DP_RING_GPA, ring_buf)
         mem.add(DP_DATA_GPA, data_buf)
         tx = DriverRing(mem, DP_RING_GPA, size, align=16)
