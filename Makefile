@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMPS  := .stamps
 CSRC    := $(wildcard inspector/csrc/*.c inspector/csrc/*.h)
 
-.PHONY: all deps venv build test test-unit demo bench-decoder bench-net bench-attach bench-record bench-probes soak clean
+.PHONY: all deps venv build test test-unit demo bench-decoder bench-net bench-attach bench-record bench-probes soak fuzz fuzz-build clean
 
 all: build
 
@@ -56,6 +56,27 @@ bench-record: build
 # the back-end's RSS within 5% and its fd count flat after a 1-minute warm-up.
 soak: build
 	$(PY) tests/bench/soak.py
+
+# libFuzzer harnesses of the C decoder and data path (fuzz/), built straight
+# from the .c files with ASan+UBSan (clang-14, libclang-rt-14-dev).
+CLANG       ?= clang-14
+FUZZ_CFLAGS := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Iinspector/csrc
+
+build/fuzz/fuzz_decoder: fuzz/fuzz_decoder.c fuzz/fuzz_input.h $(CSRC)
+	@mkdir -p build/fuzz
+	$(CLANG) $(FUZZ_CFLAGS) fuzz/fuzz_decoder.c inspector/csrc/vqd_decode.c -o $@
+
+build/fuzz/fuzz_datapath: fuzz/fuzz_datapath.c fuzz/fuzz_input.h $(CSRC)
+	@mkdir -p build/fuzz
+	$(CLANG) $(FUZZ_CFLAGS) fuzz/fuzz_datapath.c $(filter %.c,$(CSRC)) -o $@ -lpthread
+
+fuzz-build: build/fuzz/fuzz_decoder build/fuzz/fuzz_datapath
+
+# Each harness for FUZZ_SECONDS (decoder, default 600) / FUZZ_DATAPATH_SECONDS,
+# FUZZ_JOBS processes each, then FUZZ_MESSAGES (default 1000000) generated
+# vhost-user messages through the back-end; see fuzz/run_fuzz.sh.
+fuzz: build fuzz-build
+	PY=$(PY) bash fuzz/run_fuzz.sh
 
 clean:
 	rm -rf $(STAMPS) build inspector/_vqd*.so inspector/_vqd.c inspector/_vqd.o

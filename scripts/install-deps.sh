@@ -9,6 +9,7 @@ PKGS=(
   dpdk dpdk-dev librte-net-virtio23 librte-net-vhost23 librte-mempool-ring23
   iproute2 iputils-ping procps
   dwarves
+  clang-14 libclang-rt-14-dev
 )
 missing=()
 for p in "${PKGS[@]}"; do
