@@ -587,15 +587,23 @@ class Fuzzer:
                 self.generated += spec.generated
                 if not s.send(spec):
                     break
+        except BaseException:
+            # The first finding is the one to report: close without checks.
+            s.check_maps = False
+            try:
+                s.close()
+            except Exception:
+                pass
+            raise
         finally:
             self.accepted += s.accepted
             self.rejected += s.rejected
-            try:
-                s.close()
-            except Finding:
-                raise
-            except Exception:
-                raise Finding("close() raised:\n" + traceback.format_exc(), list(s.sent)) from None
+        try:
+            s.close()
+        except Finding:
+            raise
+        except Exception:
+            raise Finding("close() raised:\n" + traceback.format_exc(), list(s.sent)) from None
 
 
 def replay(specs_or_json) -> None:
