@@ -175,6 +175,9 @@ CASES = {
                                    "GET_CONFIG", "config.size", 16),
     "config_size_over_max": (case(Request.SET_CONFIG, struct.pack("<III", 0, 300, 0) + bytes(200)),
                              "SET_CONFIG", "config.size", 300),
+    # device status without VHOST_USER_PROTOCOL_F_STATUS
+    "get_status_not_negotiated": (case(Request.GET_STATUS), "GET_STATUS", "protocol_features", 0),
+    "set_status_not_negotiated": (case(Request.SET_STATUS, U64(0x0F)), "SET_STATUS", "protocol_features", 0),
 }
 
 

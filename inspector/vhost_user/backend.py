@@ -512,6 +512,18 @@ class BackendConnection:
                 except (OSError, ValueError) as e:
                     raise ProtocolViolation(name, f"regions[{n}].fd", msg.fds[n], f"mmap failed: {e}") from None
                 new_maps.append(m)
+                # A memfd sealed against shrinking (F_SEAL_SHRINK) cannot
+                # fault; any other region can be truncated under us: the
+                # data path's accesses are SIGBUS-guarded (vqd_datapath.c).
+                try:
+                    sealed = fcntl.fcntl(msg.fds[n], fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+                except OSError:  # not a memfd: no seals
+                    sealed = 0
+                self.logger.debug("connection %d: region %d (%#x+%#x) %s", self.id, n,
+                                 r.guest_phys_addr, r.memory_size,
+                                 "is sealed against shrinking (F_SEAL_SHRINK): it cannot fault" if sealed
+                                 else "is not sealed against shrinking: data-path accesses are "
+                                      "SIGBUS-guarded")
                 mem.add(r.guest_phys_addr, m.map, uva=r.userspace_addr, size=r.memory_size,
                         buf_offset=m.buf_offset)
             running = [i for i, v in enumerate(self.vrings) if v.started]
@@ -772,13 +784,20 @@ class BackendConnection:
     def _set_status(self, msg: Message, status: int) -> None:
         """The driver's device status (VIRTIO 1.2 §2.1); 0 is a reset, which
         clears NEEDS_RESET (the rings are set up again before they restart)."""
+        self._check_status_negotiated(msg.name)
         if status > 0xFF:
             raise ProtocolViolation(msg.name, "status", status, "the device status is 8 bits (VIRTIO 1.2 §2.1)")
         self.device_status = status & ~VIRTIO_CONFIG_S_NEEDS_RESET
         if status == 0:
             self.needs_reset = None
 
+    def _check_status_negotiated(self, name: str) -> None:
+        if not self.protocol_features & ProtocolFeature.STATUS:
+            raise ProtocolViolation(name, "protocol_features", self.protocol_features,
+                                    "STATUS (bit 16) was not negotiated")
+
     def _get_status(self, msg: Message, _: None) -> bytes:
+        self._check_status_negotiated(msg.name)
         return pack_u64(self.device_status | (VIRTIO_CONFIG_S_NEEDS_RESET if self.needs_reset else 0))
 
     def _on_needs_reset(self, reason: str) -> None:
