@@ -23,8 +23,9 @@
  *                       4-entry event log on each vq
  *   2  u8   nregions    (v % 4) + 1
  *   4  u16  last_avail_idx of vq 0, 6: of vq 1
- *   8  regions[4]: u64 gpa, u32 size (& 0xffff when the top byte is 0xa5,
- *                  else & 0xfff), u32 mem_off
+ *   8  regions[4]: u64 gpa, u32 size (& 0xfff0 when the top byte is 0xa5,
+ *                  else & 0xff0: a multiple of 16, so the buffer, which ends
+ *                  where the region ends, starts 16-aligned), u32 mem_off
  *  72  area[2][3] u32 (desc, avail, used of vq 0 then vq 1): region
  *                  v % nregions, offset (v >> 2) % (room + 1), aligned down
  *  96  ops[24]: op = b & 15, arg = b >> 4 (see run_op)
@@ -53,9 +54,10 @@
 #define DP_OPS 24
 #define DP_IOV 64
 
+/* as in fuzz_decoder.c */
 const char *__asan_default_options(void)
 {
-    return "quarantine_size_mb=16";
+    return "quarantine_size_mb=4:max_malloc_fill_size=0:allocator_release_to_os_interval_ms=-1";
 }
 
 struct side {
@@ -81,6 +83,7 @@ struct ctx {
 
 static struct vqd_net_scratch scratch; /* 96 KiB: one, reused */
 static struct ctx c;
+static struct tailbuf region_buf[4], inflight_buf[4];
 
 static void check_iov(const struct vqd_iov *iov)
 {
@@ -241,9 +244,12 @@ static void *place(uint32_t v, uint64_t len, uint64_t align)
     const struct vqd_region *r = &c.regions[v % c.nregions];
     if (r->size < len)
         return NULL;
-    uint64_t off = (v >> 2) % (r->size - len + 1);
-    off &= ~(align - 1);
-    return r->host + off;
+    uint64_t room = r->size - len, off = (v >> 2) % (room + 1);
+    /* the host address is aligned (a region's buffer need not be) */
+    off -= (uintptr_t)(r->host + off) & (align - 1);
+    if (off > room) /* went below the start: take the next aligned one */
+        off += align;
+    return off <= room ? r->host + off : NULL;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
@@ -271,10 +277,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
     for (int i = 0; i < c.nregions; i++) {
         uint32_t sz = HDR_U32(&h, 8 + 16 * i + 8);
         c.regions[i].gpa = HDR_U64(&h, 8 + 16 * i);
-        c.regions[i].size = (sz >> 24) == 0xa5 ? sz & 0xffff : sz & 0xfff;
-        c.regions[i].host = fill_region(c.mem, c.mem_len, HDR_U32(&h, 8 + 16 * i + 12), c.regions[i].size);
-        if (!c.regions[i].host)
-            abort();
+        c.regions[i].size = (sz >> 24) == 0xa5 ? sz & 0xfff0 : sz & 0xff0;
+        c.regions[i].host = fill_region(&region_buf[i], c.mem, c.mem_len, HDR_U32(&h, 8 + 16 * i + 12),
+                                        c.regions[i].size);
     }
     void *areas[2][3];
     int ok = 1;
@@ -304,12 +309,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
         }
         if (flags & 16) {
             uint64_t size = vqd_inflight_queue_size(num);
-            inflight_area = fill_region(c.mem, c.mem_len, HDR_U32(&h, 120), size);
-            resubmit = malloc(num * sizeof *resubmit);
-            batch = malloc(num * sizeof *batch);
-            pop_log = malloc(num * sizeof *pop_log);
-            if (!inflight_area || !resubmit || !batch || !pop_log)
-                abort();
+            inflight_area = fill_region(&inflight_buf[0], c.mem, c.mem_len, HDR_U32(&h, 120), size);
+            resubmit = tail(&inflight_buf[1], num * sizeof *resubmit);
+            batch = tail(&inflight_buf[2], num * sizeof *batch);
+            pop_log = tail(&inflight_buf[3], num * sizeof *pop_log);
             int rc = vqd_inflight_attach(&c.s[0].vq, &inf, inflight_area, size, resubmit, batch, pop_log);
             FUZZ_CHECK(rc == VQD_E_BROKEN || (rc >= 0 && (uint32_t)rc <= num));
             check_broken(&c.s[0].vq);
@@ -330,11 +333,5 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
             ;
         scratch.pending_len = 0;
     }
-    free(inflight_area);
-    free(resubmit);
-    free(batch);
-    free(pop_log);
-    for (int i = 0; i < c.nregions; i++)
-        free(c.regions[i].host);
     return 0;
 }

@@ -45,12 +45,12 @@
 
 #define DEC_HDR_LEN 152
 
-/* A smaller quarantine than ASan's 256 MB: freed buffers are reused sooner,
- * so each input does not fault in fresh pages (use-after-free is still
- * caught within an input). */
+/* A smaller quarantine than ASan's 256 MB and no fill of new allocations:
+ * each input does not fault in fresh pages (use-after-free is still caught
+ * within an input; ASan never reported uninitialised reads anyway). */
 const char *__asan_default_options(void)
 {
-    return "quarantine_size_mb=16";
+    return "quarantine_size_mb=4:max_malloc_fill_size=0:allocator_release_to_os_interval_ms=-1";
 }
 #define DEC_NR_KINDS 12
 
@@ -102,6 +102,8 @@ static void check_output(const struct vqd_snap_out *o, uint32_t size, uint32_t m
     }
 }
 
+static struct tailbuf region_buf[4], out_buf[14];
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
 {
     struct hdr h;
@@ -131,9 +133,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
         uint32_t sz = HDR_U32(&h, 40 + 16 * i + 8);
         regions[i].gpa = HDR_U64(&h, 40 + 16 * i);
         regions[i].size = (sz >> 24) == 0x5a ? sz & 0xfffff : (sz >> 24) == 0xa5 ? sz & 0xffff : sz & 0xfff;
-        regions[i].host = fill_region(mem, mem_len, HDR_U32(&h, 40 + 16 * i + 12), regions[i].size);
-        if (!regions[i].host)
-            abort();
+        regions[i].host = fill_region(&region_buf[i], mem, mem_len, HDR_U32(&h, 40 + 16 * i + 12),
+                                      regions[i].size);
     }
     for (int i = 0; i < nv; i++) {
         valid[i].gpa = HDR_U64(&h, 104 + 16 * i);
@@ -153,31 +154,32 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
     }
 
     /* Output arrays of exactly the documented capacities (vqd_decode.h),
-     * each its own allocation so that ASan sees any overrun. Sizes the
-     * decoder refuses get small arrays: it must return before using them. */
+     * each ending where its allocation ends so that ASan sees any overrun.
+     * Sizes the decoder refuses get small arrays: it must return before
+     * using them. */
     int size_ok = size && size <= VQD_MAX_QUEUE_SIZE && !(size & (size - 1));
-    uint32_t cap_size = size_ok ? size : 1;
-    uint32_t acap = vqd_snapshot_anomaly_cap(cap_size, max_descs);
-    uint32_t dcap = max_descs ? max_descs : 1;
+    size_t cs = size_ok ? size : 1;
+    uint32_t acap = vqd_snapshot_anomaly_cap((uint32_t)cs, max_descs);
+    size_t dcap = max_descs ? max_descs : 1;
     struct vqd_snap_out o;
     memset(&o, 0, sizeof o);
-    o.avail_ring = malloc(2 * (size_t)cap_size);
-    o.used_ring = malloc(8 * (size_t)cap_size);
-    o.chain_head = malloc(4 * (size_t)cap_size);
-    o.chain_first = malloc(4 * (size_t)cap_size);
-    o.chain_ndescs = malloc(4 * (size_t)cap_size);
-    o.chain_out_bytes = malloc(8 * (size_t)cap_size);
-    o.chain_in_bytes = malloc(8 * (size_t)cap_size);
+    o.avail_ring = tail(&out_buf[0], 2 * cs);
+    o.used_ring = tail(&out_buf[1], 8 * cs);
+    o.chain_head = tail(&out_buf[2], 4 * cs);
+    o.chain_first = tail(&out_buf[3], 4 * cs);
+    o.chain_ndescs = tail(&out_buf[4], 4 * cs);
+    o.chain_out_bytes = tail(&out_buf[5], 8 * cs);
+    o.chain_in_bytes = tail(&out_buf[6], 8 * cs);
     o.desc_cap = max_descs;
-    o.desc_addr = malloc(8 * (size_t)dcap);
-    o.desc_len = malloc(4 * (size_t)dcap);
-    o.desc_flags = malloc(2 * (size_t)dcap);
-    o.desc_next = malloc(2 * (size_t)dcap);
+    o.desc_addr = tail(&out_buf[7], 8 * dcap);
+    o.desc_len = tail(&out_buf[8], 4 * dcap);
+    o.desc_flags = tail(&out_buf[9], 2 * dcap);
+    o.desc_next = tail(&out_buf[10], 2 * dcap);
     o.anomaly_cap = acap;
-    o.anomalies = malloc(sizeof(struct vqd_anomaly) * (size_t)acap);
-    o.want_cap = cap_size;
-    o.want_addr = malloc(8 * (size_t)cap_size);
-    o.want_len = malloc(4 * (size_t)cap_size);
+    o.anomalies = tail(&out_buf[11], sizeof(struct vqd_anomaly) * (size_t)acap);
+    o.want_cap = (uint32_t)cs;
+    o.want_addr = tail(&out_buf[12], 8 * cs);
+    o.want_len = tail(&out_buf[13], 4 * cs);
 
     int rc = vqd_snapshot(regions, nr, valid, nv, area[0], area[1], area[2], size, last,
                           max_descs, &o);
@@ -196,21 +198,5 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
         fprintf(stderr, "vqd_snapshot rc=%d chains=%u descs=%u anomalies=%u want=%u\n", rc,
                rc ? 0 : o.n_chains, rc ? 0 : o.n_descs, rc ? 0 : o.n_anomalies, rc ? 0 : o.n_want);
 
-    free(o.avail_ring);
-    free(o.used_ring);
-    free(o.chain_head);
-    free(o.chain_first);
-    free(o.chain_ndescs);
-    free(o.chain_out_bytes);
-    free(o.chain_in_bytes);
-    free(o.desc_addr);
-    free(o.desc_len);
-    free(o.desc_flags);
-    free(o.desc_next);
-    free(o.anomalies);
-    free(o.want_addr);
-    free(o.want_len);
-    for (int i = 0; i < nr; i++)
-        free(regions[i].host);
     return 0;
 }

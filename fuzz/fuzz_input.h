@@ -3,9 +3,9 @@
  * header (bytes past the input's end read as 0, so every input is a valid
  * header) and the guest memory buffers a region is backed by.
  *
- * Each readable region gets its own malloc of exactly its size, so that
- * AddressSanitizer reports any access past a region's end (the property
- * vqd_gpa_to_host / find_region must hold). The buffer is filled by
+ * Each readable region is its own allocation, ending where the region ends,
+ * so that AddressSanitizer reports any access past a region's end (the
+ * property vqd_gpa_to_host / find_region must hold). The buffer is filled by
  * repeating the input's memory bytes from an offset: a small input can back
  * a large queue, and rings that repeat are a cheap source of loops.
  * fuzz/fuzz_inputs.py reads the same format in Python.
@@ -53,13 +53,37 @@ static inline uint64_t hdr_le(const struct hdr *h, size_t off, int bytes)
 #define HDR_U32(h, off) ((uint32_t)hdr_le((h), (off), 4))
 #define HDR_U64(h, off) (hdr_le((h), (off), 8))
 
-/* A buffer of `size` bytes: mem[(off + k) % len] for k < size (zeros when
- * the input has no memory bytes). NULL only if malloc fails. */
-static inline uint8_t *fill_region(const uint8_t *mem, size_t len, uint64_t off, uint64_t size)
+/* A reusable allocation: tail() hands out `bytes` that end exactly where
+ * the allocation ends, so ASan still reports any access past them, without
+ * a malloc and free per input (large ones cost ASan an mmap, munmap and page
+ * faults each: most of an execution's time). The allocation grows to the
+ * largest size asked for. Accesses before the start are not caught; the
+ * code under test indexes forward from the start of each array. */
+struct tailbuf {
+    uint8_t *p;
+    size_t cap;
+};
+
+static inline void *tail(struct tailbuf *t, size_t bytes)
 {
-    uint8_t *b = malloc(size ? size : 1);
-    if (!b)
-        return NULL;
+    if (bytes > t->cap || !t->p) {
+        /* a multiple of 16, so that `bytes` a multiple of 16 start 16-aligned */
+        size_t cap = (bytes + 15) & ~(size_t)15;
+        free(t->p);
+        t->p = aligned_alloc(16, cap ? cap : 16);
+        if (!t->p)
+            abort();
+        t->cap = cap ? cap : 16;
+    }
+    return t->p + (t->cap - bytes);
+}
+
+/* `size` bytes from t: mem[(off + k) % len] for k < size (zeros when the
+ * input has no memory bytes). */
+static inline uint8_t *fill_region(struct tailbuf *t, const uint8_t *mem, size_t len, uint64_t off,
+                                   uint64_t size)
+{
+    uint8_t *b = tail(t, size);
     if (!len) {
         memset(b, 0, size);
         return b;
