@@ -179,6 +179,27 @@ def handshake(features: int, protocol_features: int) -> list[MsgSpec]:
     return out
 
 
+def extras() -> list[MsgSpec]:
+    """Valid requests beyond the handshake (the "valid" mode picks from
+    these too, so that their handlers run in every state a session reaches)."""
+    inflight = QUEUES * p.inflight_queue_size(RING_NUM)
+    return [msg(Request.GET_INFLIGHT_FD, p.InflightPayload(0, 0, QUEUES, RING_NUM).pack()),
+            msg(Request.SET_INFLIGHT_FD, p.InflightPayload(inflight, 0, QUEUES, RING_NUM).pack(),
+                ["memfd_big"]),
+            msg(Request.SET_STATUS, p.pack_u64(0x0F)), msg(Request.SET_STATUS, p.pack_u64(0)),
+            msg(Request.GET_STATUS),
+            msg(Request.SET_LOG_BASE, p.LogPayload(4096, 0).pack(), ["memfd4k"]),
+            msg(Request.SET_LOG_FD, b"", ["eventfd"]),
+            msg(Request.SET_BACKEND_REQ_FD, b"", ["socket"]),
+            msg(Request.GET_CONFIG, p.ConfigPayload(0, 16, 0, bytes(16)).pack()),
+            msg(Request.SET_CONFIG, p.ConfigPayload(4, 4, 0, b"abcd").pack()),
+            msg(Request.GET_VRING_BASE, p.VringState(0, 0).pack()),
+            msg(Request.SET_VRING_ERR, p.pack_u64(1), ["eventfd"]),
+            msg(Request.SET_VRING_KICK, p.pack_u64(1 | p.VRING_NOFD_MASK)),
+            msg(Request.SET_VRING_ENABLE, p.VringState(1, 0).pack()),
+            msg(Request.RESET_DEVICE), msg(Request.RESET_OWNER)]
+
+
 U32S = (0, 1, 2, 3, 7, 8, 9, 63, 64, 255, 256, 257, 0x8000, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000,
         0xFFFFFFFF)
 U16S = (0, 1, 2, 3, 4, 64, 128, 0x7FFF, 0x8000, 0xFFFF)
@@ -327,8 +348,9 @@ def gen_session(d: RandomDraw, max_random: int = 12) -> list[MsgSpec]:
     valid = handshake(feats, pfeats)
     # mostly short prefixes (each session is one more connection to set up)
     out = valid[:d.choice((0, 0, 0, 0, 1, 3, 7, 8, d.int(0, len(valid)), len(valid)))]
+    pool = valid + _EXTRAS
     for _ in range(d.int(1, max_random)):
-        out.append(gen_message(d, valid))
+        out.append(gen_message(d, pool))
     if d.chance(2):  # a peer that closes mid-message
         out[-1].hangup = True
     return out
@@ -347,6 +369,7 @@ class FuzzDevice(NullDevice):
 
 
 _DEVICE_FEATURES = FuzzDevice(num_queues=QUEUES).features()
+_EXTRAS = extras()
 
 
 class Finding(Exception):
