@@ -577,9 +577,9 @@ def _alarm(signum, frame):
 
 
 class Fuzzer:
-    """Runs sessions and counts messages; installs the SIGALRM hang alarm
-    (main thread only) and a quiet logger that catches unexpected
-    exceptions."""
+    """Runs sessions and counts messages, with a SIGALRM hang alarm (main
+    thread only; the previous handler and timer are restored after each
+    session) and a quiet logger that catches unexpected exceptions."""
 
     def __init__(self):
         self.logger = logging.getLogger("vqscope.fuzz.backend")
@@ -587,7 +587,6 @@ class Fuzzer:
         self.logger.setLevel(logging.DEBUG)
         self.catcher = _Catcher()
         self.logger.handlers[:] = [self.catcher]
-        signal.signal(signal.SIGALRM, _alarm)
         self.messages = self.generated = self.sessions = self.accepted = self.rejected = 0
         self.map_base: int | None = None
 
@@ -599,6 +598,20 @@ class Fuzzer:
     def run(self, specs: list[MsgSpec]) -> None:
         """One session of ``specs`` (stops at the first rejection, as the
         server closes the connection then). Raises Finding."""
+        # The hang alarm is SIGALRM: borrow it (pytest-timeout may own it)
+        # and give it back, with what was left of its timer.
+        prev_handler = signal.signal(signal.SIGALRM, _alarm)
+        prev_timer, t0 = signal.setitimer(signal.ITIMER_REAL, 0), time.monotonic()
+        try:
+            self._run(specs)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, prev_handler)
+            if prev_timer[0] > 0:
+                signal.setitimer(signal.ITIMER_REAL, max(prev_timer[0] - (time.monotonic() - t0), 1e-3),
+                                 prev_timer[1])
+
+    def _run(self, specs: list[MsgSpec]) -> None:
         if self.map_base is None:
             self.map_base = memfd_mappings()
         s = Session(self.logger, self.catcher, self.map_base)
