@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import contextlib
 import json
 import logging
 import os
@@ -53,7 +54,6 @@ import random
 import select
 import signal
 import socket
-import struct
 import sys
 import time
 import traceback
@@ -65,7 +65,6 @@ from inspector.vhost_user import backend as be
 from inspector.vhost_user import protocol as p
 from inspector.vhost_user.backend import BackendConnection
 from inspector.vhost_user.protocol import Request
-
 from tests.nulldevice import NullDevice
 
 HANG_S = 10.0
@@ -546,7 +545,7 @@ class Session:
                     return ok
             except _Hang:
                 raise Finding(f"handling took more than {HANG_S} s", list(self.sent)) from None
-            except Exception:
+            except Exception:  # noqa: BLE001 - any exception out of handle_readable is the finding
                 raise Finding("handle_readable raised:\n" + traceback.format_exc(), list(self.sent)) from None
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
@@ -626,10 +625,8 @@ class Fuzzer:
         except BaseException:
             # The first finding is the one to report: close without checks.
             s.check_maps = False
-            try:
+            with contextlib.suppress(Exception):  # the finding in flight is the one to report
                 s.close()
-            except Exception:
-                pass
             raise
         finally:
             self.accepted += s.accepted
@@ -638,7 +635,7 @@ class Fuzzer:
             s.close()
         except Finding:
             raise
-        except Exception:
+        except Exception:  # noqa: BLE001 - any exception out of close() is the finding
             raise Finding("close() raised:\n" + traceback.format_exc(), list(s.sent)) from None
 
 

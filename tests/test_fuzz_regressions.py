@@ -23,11 +23,11 @@ the replay paths exercised.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from fuzz import fuzz_inputs, fuzz_messages as fm
+from fuzz import fuzz_inputs
+from fuzz import fuzz_messages as fm
 from inspector import ringref, vqd
 from tests.conftest import ROOT
 from tests.test_fuzz_smoke import harnesses, run_harness  # noqa: F401 (fixture)

@@ -25,7 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuzz import fuzz_inputs, fuzz_messages as fm
+from fuzz import fuzz_inputs
+from fuzz import fuzz_messages as fm
 from inspector import vqd
 from inspector.vhost_user import protocol as p
 from inspector.vhost_user.protocol import Request
@@ -39,17 +40,17 @@ CLANG = os.environ.get("CLANG", "clang-14")
 def harnesses():
     """Build both harnesses (make fuzz-build); their paths by name."""
     require(shutil.which(CLANG) is not None, f"{CLANG} is not installed (make deps installs clang-14)")
-    rt = subprocess.run([CLANG, "-print-runtime-dir"], capture_output=True, text=True).stdout.strip()
+    rt = subprocess.run([CLANG, "-print-runtime-dir"], check=False, capture_output=True, text=True).stdout.strip()
     require(any(Path(rt).glob("libclang_rt.fuzzer-*.a")),
             f"no libFuzzer runtime in {rt} (make deps installs libclang-rt-14-dev)")
-    r = subprocess.run(["make", "-s", "fuzz-build", f"CLANG={CLANG}"], cwd=ROOT, capture_output=True,
+    r = subprocess.run(["make", "-s", "fuzz-build", f"CLANG={CLANG}"], check=False, cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return {n: ROOT / "build" / "fuzz" / f"fuzz_{n}" for n in ("decoder", "datapath")}
 
 
 def run_harness(binary, *args, env=None, timeout=120):
-    return subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([str(binary), *map(str, args)], check=False, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -76,7 +77,7 @@ def test_decoder_harness_reads_inputs_like_the_python_wrapper(harnesses):
     got = re.findall(r"Running: (\S+)\nvqd_snapshot (.*)", r.stderr)
     assert len(got) == len(seeds)
     for path, line in got:
-        snap, unread = fuzz_inputs.decoder_case(open(path, "rb").read()).run(vqd)
+        snap, unread = fuzz_inputs.decoder_case(Path(path).read_bytes()).run(vqd)
         want = (f"rc=0 chains={len(snap.chain_head)} descs={len(snap.desc_addr)} "
                 f"anomalies={len(snap.anomalies)} want={len(unread)}")
         assert line == want, path
