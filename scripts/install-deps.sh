@@ -9,7 +9,7 @@ PKGS=(
   dpdk dpdk-dev librte-net-virtio23 librte-net-vhost23 librte-mempool-ring23
   iproute2 iputils-ping procps
   dwarves
-  clang-14 libclang-rt-14-dev
+  clang-14 libclang-rt-14-dev llvm
 )
 missing=()
 for p in "${PKGS[@]}"; do
