@@ -30,7 +30,7 @@ import pytest
 
 from inspector.sources.backend import BackendSource
 
-from .conftest import require
+from .conftest import require, wait_for
 from .peers import (
     GUEST_FIND_IF,
     Guest,
@@ -65,6 +65,11 @@ def _tap_up(tap: str, sub: str) -> None:
 
 def _queues(snap: dict) -> dict[int, dict]:
     return {q["index"]: q for q in snap["queues"]}
+
+
+def _tx_settled(be) -> bool:
+    q = _queues(be.snapshot())[vq_tx(0)]
+    return q["last_avail_idx"] == q["used_idx"]
 
 
 def _vring_bases(sock: str) -> dict[int, list[int]]:
@@ -142,6 +147,9 @@ read x
         guest.expect(r"^VQS-READY", 240)
         t_ping = time.monotonic()
         after = _queues(be2.snapshot())
+        # Every TX buffer the new back-end took it returns (a snapshot can
+        # catch the worker mid-burst: ask again for a few seconds).
+        tx_settled = wait_for(lambda: _tx_settled(be2), 10, 0.2)
         bases = _vring_bases(sock)
         guest.release()
         rc = guest.finish()
@@ -170,8 +178,7 @@ read x
             assert q["packets"] >= 3, f"vring {vq} moved nothing after the restart: {q}"
             assert not q.get("broken"), q
             assert not q.get("anomalies"), q
-        # Every TX buffer the new back-end took it returned (in order, none twice).
-        assert after[vq_tx(0)]["last_avail_idx"] == after[vq_tx(0)]["used_idx"], after[vq_tx(0)]
+        assert tx_settled, f"TX vring: last_avail_idx and used_idx never met: {after[vq_tx(0)]}"
     except PeerError as e:
         tails = "\n".join(p.tail() for p in (guest, be1, be2) if p is not None)
         raise AssertionError(f"{e}\n{tails}") from None

@@ -154,14 +154,14 @@ def main() -> int:
             s["t"] = round(now, 1)
             s["tui_rss_kb"] = proc_sample(tui.proc.pid)["rss_kb"] if tui.alive() else None
             ev = src.request("events", since=0, limit=1)
-            s["events"], s["ev_full"] = ev["next"], ev["gap"] > 0
+            s["evicted"], s["ev_full"] = ev["gap"], ev["gap"] > 0   # events that left the full buffer
             rx, tx = pmd.port_stats()[0]
             if last_pkts is not None:
                 s["mpps"] = round((rx - last_pkts[0]) / (now - last_pkts[2]) / 1e6, 3)
             last_pkts = (rx, tx, now)
             samples.append(s)
             print(f"soak t={now:6.1f}s rss={s['rss_kb']} kB fds={s['fds']} threads={s['threads']} "
-                  f"tui_rss={s['tui_rss_kb']} kB mpps={s.get('mpps')} events={s['events']} "
+                  f"tui_rss={s['tui_rss_kb']} kB mpps={s.get('mpps')} evicted={s['evicted']} "
                   f"buffer_full={s['ev_full']}", file=sys.stderr, flush=True)
             if now >= SOAK_SECONDS:
                 break
@@ -211,7 +211,7 @@ def main() -> int:
     rates = [s["mpps"] for s in samples if s.get("mpps") is not None]
     print(json.dumps({
         "bench": "soak", "seconds": samples[-1]["t"], "samples": len(samples),
-        "warmup_end": steady[0]["t"] if steady else None, "events": samples[-1]["events"],
+        "warmup_end": steady[0]["t"] if steady else None, "events_evicted": samples[-1]["evicted"],
         "rss_kb": summary(rss),
         "rss_dev_pct": round(100 * dev, 2) if dev is not None else None,
         "rss_kb_all": summary([s["rss_kb"] for s in samples]),
