@@ -758,6 +758,18 @@ class BackendConnection:
             raise ProtocolViolation(name, "mmap_offset", inf.mmap_offset,
                                     f"+ mmap_size {inf.mmap_size:#x} runs past the end of the fd "
                                     f"({st.st_size:#x} bytes)")
+        # The area is read when rings start (vqd_inflight_attach), outside the
+        # data path's SIGBUS guard: only an area that cannot shrink is taken.
+        # Every area comes from a back-end's GET_INFLIGHT_FD, and ours (like
+        # libvhost-user's) is a memfd sealed F_SEAL_SHRINK.
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            seals = 0
+        if not seals & fcntl.F_SEAL_SHRINK:
+            raise ProtocolViolation(name, "fd", fd, f"the inflight area is not sealed against shrinking "
+                                                    f"(F_SEAL_SHRINK; seals {seals:#x}): a truncation "
+                                                    f"would fault the back-end")
         try:
             area = _Mapping(fd, inf.mmap_offset, inf.mmap_size).map
         except (OSError, ValueError) as e:
