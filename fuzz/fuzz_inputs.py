@@ -286,10 +286,12 @@ def op(code: int, arg: int = 0) -> int:
 
 
 def encode_datapath_input(ring_buf: bytes, data_buf: bytes, size: int, areas, *, flags: int = 0,
-                          last_avail=(0, 0), ops: bytes = b"") -> bytes:
+                          last_avail=(0, 0), ops: bytes = b"", inflight: bytes = b"") -> bytes:
     """A fuzz_datapath.c input: region 0 is ``ring_buf`` at DP_RING_GPA,
     region 1 ``data_buf`` at DP_DATA_GPA; ``areas`` the (desc, avail, used)
-    offsets in region 0 of vq 0 and vq 1; ``ops`` the script (at most 24)."""
+    offsets in region 0 of vq 0 and vq 1; ``ops`` the script (at most 24);
+    ``inflight`` the start of vq 0's inflight area (zeros after it; used
+    with flags bit 4)."""
     hdr = bytearray(DP_HDR_LEN)
     hdr[0] = _size_code(size)
     hdr[1] = flags
@@ -303,7 +305,7 @@ def encode_datapath_input(ring_buf: bytes, data_buf: bytes, size: int, areas, *,
         raise ValueError("at most 24 ops")
     hdr[96:96 + len(ops)] = ops
     struct.pack_into("<I", hdr, 120, len(ring_buf) + len(data_buf))  # inflight area: zeros after
-    return bytes(hdr + ring_buf + data_buf + bytes(64 + 16 * size))
+    return bytes(hdr + ring_buf + data_buf + inflight + bytes(64 + 16 * size))
 
 
 def write_datapath_seeds(out: str | Path) -> int:
