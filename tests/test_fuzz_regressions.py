@@ -43,12 +43,7 @@ _INFLIGHT = ("vqd_datapath.c avail_count(): with inflight tracking it returns av
              "area (4 heads in flight) with avail->idx 10 ahead of used->idx on a ring of 8 makes "
              "vqd_vq_avail_count/set_notification report 10 > 8 available instead of breaking the queue. "
              "Fix: break the queue when n + vqd_inflight_pending(vq) > vq->num.")
-XFAIL: dict[str, str] = {
-    "crash-memcpy-param-overlap-loopback": _OVERLAP,
-    "finding-loopback-rx-buffer-overlaps-tx-buffer": _OVERLAP,
-    "crash-inflight-avail-count-above-queue-size": _INFLIGHT,
-    "finding-inflight-resubmits-plus-avail-exceed-queue-size": _INFLIGHT,
-}
+XFAIL: dict[str, str] = {}  # all fixed: _OVERLAP (memmove) and _INFLIGHT (bounded), kept as regressions
 
 
 def inputs(kind: str, pattern: str = "*"):

@@ -356,8 +356,15 @@ static inline int avail_count(struct vqd_vq *vq)
         return broken(vq, "avail->idx %u is %u entries ahead of last_avail_idx %u, more than "
                       "the queue size %u (VIRTIO 1.2 §2.7.6)", a, n, vq->last_avail_idx, vq->num);
     vq->shadow_avail_idx = a;
-    if (UNLIKELY(vq->inflight != NULL))
-        return n + vqd_inflight_pending(vq); /* heads to hand back after a restart */
+    if (UNLIKELY(vq->inflight != NULL)) {
+        /* heads to hand back after a restart count too, and together they
+         * still cannot exceed Queue Size (a hostile inflight area could) */
+        uint32_t pending = vqd_inflight_pending(vq);
+        if (UNLIKELY(n + pending > vq->num))
+            return broken(vq, "%u entries available and %u heads in flight (inflight area): more than "
+                          "the queue size %u (VIRTIO 1.2 §2.7.6)", n, pending, vq->num);
+        return (int)(n + pending);
+    }
     return n;
 }
 
@@ -977,7 +984,9 @@ static int deliver(struct vqd_vq *rx, struct cursor *src, uint64_t len, int swap
             k = sk;
         if (k > left)
             k = left;
-        memcpy(d->base + c.off, sv->base + src->off, k);
+        /* memmove: the driver may alias its RX buffer onto its TX buffer
+         * (found by fuzz/fuzz_datapath.c); guest memory is its to alias */
+        memmove(d->base + c.off, sv->base + src->off, k);
         c.off += k;
         if (c.off == d->len) {
             c.i++;
