@@ -445,7 +445,13 @@ class DeviceQueue:
 
     def pop(self, max_chains: int = 64, max_iov: int = 1024) -> list[Chain]:
         """Pop up to ``max_chains`` available chains (raises RingError when
-        the queue is broken and nothing could be popped)."""
+        the queue is broken and nothing could be popped).
+
+        The chains' views map guest memory directly: touching them from
+        Python is not guarded against a front-end that truncates its memory
+        after SET_MEM_TABLE (SIGBUS kills the process). Code serving a
+        front-end it does not trust copies with :meth:`read` and
+        :meth:`write`, which are."""
         if self._elems is None or len(self._elems) < max_chains or len(self._iov) < max_iov:
             self._elems = _dp_ffi.new("struct vqd_elem[]", max_chains)
             self._iov = _dp_ffi.new("struct vqd_iov[]", max_iov)
@@ -458,6 +464,36 @@ class DeviceQueue:
                      for j in range(e.iov_idx, e.iov_idx + e.out_num + e.in_num)]
             out.append(Chain(e.head, views[:e.out_num], views[e.out_num:], e.out_len, e.in_len))
         return out
+
+    def _copy(self, views: list, buf, length: int, to_guest: bool) -> int:
+        if not views:
+            return 0
+        iov = _dp_ffi.new("struct vqd_iov[]", len(views))
+        keep = []
+        for i, v in enumerate(views):
+            p = _dp_ffi.from_buffer("uint8_t[]", v, require_writable=to_guest)
+            keep.append(p)
+            iov[i].base, iov[i].len = p, len(v)
+        return _dp_check(self, _dp_lib.vqd_vq_copy_iov(self.vq, iov, len(views), buf, length,
+                                                       1 if to_guest else 0), "copy")
+
+    def read(self, chain: Chain, max_bytes: int | None = None) -> bytes:
+        """The chain's device-readable bytes (its ``out`` buffers in order,
+        at most ``max_bytes``), copied in C under the SIGBUS guard. Raises
+        RingError, and the queue is broken naming the guest-physical address,
+        when the front-end truncated the memory behind them."""
+        n = chain.out_len if max_bytes is None else min(max_bytes, chain.out_len)
+        buf = _dp_ffi.new("uint8_t[]", max(n, 1))
+        got = self._copy(chain.out, buf, n, False)
+        return bytes(_dp_ffi.buffer(buf, got))
+
+    def write(self, chain: Chain, data: bytes) -> int:
+        """Copy ``data`` into the chain's device-writable buffers (its
+        ``in_`` views in order) under the SIGBUS guard; returns the bytes
+        written (at most the chain's ``in_len``; the caller reports it in
+        :meth:`push`). Errors as :meth:`read`."""
+        src = _dp_ffi.from_buffer("uint8_t[]", data)
+        return self._copy(chain.in_, src, min(len(data), chain.in_len), True)
 
     def rewind(self, n: int) -> None:
         _dp_lib.vqd_vq_rewind(self.vq, n)

@@ -71,6 +71,50 @@ def test_pop_push_round_trip():
     assert rig.dev.pop() == []
 
 
+def test_guarded_read_and_write_copy_across_iovecs():
+    rig = Rig()
+    rig.write(DATA, b"hello ")
+    rig.write(DATA + 0x40, b"device")
+    head = rig.drv.add_chain([(DATA, 6, False), (DATA + 0x40, 6, False),
+                              (DATA + 0x100, 4, True), (DATA + 0x200, 64, True)])
+    rig.drv.publish()
+    (c,) = rig.dev.pop()
+    assert rig.dev.read(c) == b"hello device" and rig.dev.read(c, max_bytes=8) == b"hello de"
+    assert rig.dev.write(c, b"0123456789") == 10
+    assert rig.read(DATA + 0x100, 4) == b"0123" and rig.read(DATA + 0x200, 6) == b"456789"
+    assert rig.dev.write(c, bytes(100)) == 68     # at most in_len
+
+
+def test_guarded_read_of_truncated_memory_breaks_the_queue():
+    """A front-end that shrinks its memfd after the chains were popped: the
+    Python-side copy faults inside the guard, the queue is broken naming
+    the guest-physical address, and this process goes on."""
+    import mmap
+
+    fd = os.memfd_create("vqscope-test")
+    try:
+        os.ftruncate(fd, MEM_SIZE)
+        m = mmap.mmap(fd, MEM_SIZE)
+        mem = GuestMemory()
+        mem.add(GPA, m, uva=UVA)
+        rig = Rig(mem=mem)
+        far = GPA + MEM_SIZE - 0x1000             # in the half about to go
+        rig.write(far, b"x" * 64)
+        head = rig.drv.add_chain([(far, 64, False), (far + 0x100, 64, True)])
+        rig.drv.publish()
+        (c,) = rig.dev.pop()
+        assert c.head == head
+        os.ftruncate(fd, MEM_SIZE // 2)
+        with pytest.raises(RingError, match=r"SIGBUS at guest-physical 0x%x" % far):
+            rig.dev.read(c)
+        assert "memfd truncated" in rig.dev.broken
+        with pytest.raises(RingError, match="broken"):
+            rig.dev.write(c, b"y")
+    finally:
+        rig.dev.release()
+        os.close(fd)
+
+
 def test_pop_burst_and_rewind():
     rig = Rig(size=8)
     heads = [rig.drv.add_chain([(DATA + 0x100 * i, 16, False)]) for i in range(5)]

@@ -574,6 +574,36 @@ int vqd_vq_pop(struct vqd_vq *vq, struct vqd_elem *elems, int max_elems,
     return rc;
 }
 
+/* Copy between iovecs of popped chains and a caller's buffer, under the
+ * SIGBUS guard (the Python side of the data path: the net paths copy inside
+ * their own guarded bursts). to_guest: buf -> iov, else iov -> buf. At most
+ * len bytes; returns the bytes copied, or VQD_E_BROKEN with vq marked broken
+ * when the memory behind an iovec was truncated (the fault's guest-physical
+ * address in the reason). */
+static int64_t iov_copy(const struct vqd_iov *iov, int n, uint8_t *buf, uint64_t len, int to_guest)
+{
+    uint64_t done = 0;
+    for (int i = 0; i < n && done < len; i++) {
+        uint64_t k = iov[i].len < len - done ? iov[i].len : len - done;
+        if (to_guest)
+            memmove(iov[i].base, buf + done, k);
+        else
+            memmove(buf + done, iov[i].base, k);
+        done += k;
+    }
+    return (int64_t)done;
+}
+
+int64_t vqd_vq_copy_iov(struct vqd_vq *vq, const struct vqd_iov *iov, int n, uint8_t *buf,
+                        uint64_t len, int to_guest)
+{
+    int64_t rc;
+    if (n < 0)
+        return VQD_E_INVAL;
+    GUARDED(rc, iov_copy(iov, n, buf, len, to_guest), rc = fault_broken(vq));
+    return rc;
+}
+
 /* Give back the last n popped (not yet used) chains, like vu_queue_rewind. */
 int vqd_vq_rewind(struct vqd_vq *vq, int n)
 {

@@ -155,6 +155,8 @@ int vqd_vq_avail_count(struct vqd_vq *vq);
 int vqd_vq_pop(struct vqd_vq *vq, struct vqd_elem *elems, int max_elems,
                struct vqd_iov *iov, int max_iov);
 int vqd_vq_rewind(struct vqd_vq *vq, int n);
+int64_t vqd_vq_copy_iov(struct vqd_vq *vq, const struct vqd_iov *iov, int n, uint8_t *buf,
+                        uint64_t len, int to_guest);
 int vqd_vq_fill(struct vqd_vq *vq, uint32_t head, uint32_t len);
 int vqd_vq_flush(struct vqd_vq *vq);
 int vqd_vq_push(struct vqd_vq *vq, const uint32_t *heads, const uint32_t *lens, int n);
