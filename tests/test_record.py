@@ -631,7 +631,11 @@ def test_record_testpmd(tmp_path) -> None:
             try:
                 with DpdkTestpmd([virtio_user_vdev(sock)], main_lcore=1, name="testpmd") as fe:
                     fe.start(tx_first=4)
-                    assert wait_for(lambda: len(tee_lines(out)) >= 40 or p.poll() is not None, 120)
+                    def moved() -> bool:  # 40 snapshots, and testpmd's frames in the last
+                        tee = tee_lines(out)   # (a loaded machine can start it late)
+                        return len(tee) >= 40 and len(tee[-1]["queues"]) > 1 and \
+                            tee[-1]["queues"][1]["packets"] > 1000
+                    assert wait_for(lambda: moved() or p.poll() is not None, 120)
                     fe.stop()
                 assert wait_for(lambda: p.poll() is not None or len(tee_lines(out)) >= 45, 30)
                 p.send_signal(signal.SIGINT)
