@@ -15,6 +15,11 @@ client sends ``{"op": "snapshot"}`` and receives one snapshot JSON object, or
   since the back-end started; ``gap`` the events >= N that left the
   back-end's bounded buffer before this call.
 
+Both ``events`` and ``messages`` replies carry ``instance``, a name of the
+serving process that changes when the back-end restarts (its sequence
+numbers start again at 0): a client holding cursors of an earlier instance
+reads the new one from 0.
+
 There is no operation that writes anything.
 """
 
@@ -51,7 +56,10 @@ class BackendSource:
         self._dropped_base: int | None = None
         self._dropped = 0
         self._gaps = 0
+        self._dropped_carry = 0   # losses counted against back-end instances before this one
         self._messages_next = 0
+        self._events_instance: str | None = None
+        self._messages_instance: str | None = None
 
     def _connect(self) -> None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -98,16 +106,34 @@ class BackendSource:
         """vhost-user messages logged since the previous call (the first
         call: all the back-end keeps), oldest first, each with its ``seq``."""
         reply = self.request("messages", since=self._messages_next)
+        instance = reply.get("instance")
+        if self._messages_instance is not None and instance != self._messages_instance:
+            self._messages_next = 0     # a restarted back-end: its log from the start
+            reply = self.request("messages", since=0)
+            instance = reply.get("instance")
+        self._messages_instance = instance
         self._messages_next = reply["next"]
         return reply["messages"]
 
     def events(self) -> list[Event]:
         """Timed events (kicks, calls; inspector/events.py) since the previous
         call, never the same twice; the first call returns what the back-end
-        still buffers. Asks again while a reply comes back full."""
+        still buffers. Asks again while a reply comes back full. A back-end
+        that restarted (another ``instance``) is read from its first event;
+        its losses add to those of the earlier one."""
         out: list[Event] = []
         while True:
             reply = self.request("events", since=self._events_next, limit=EVENTS_PER_REQUEST)
+            instance = reply.get("instance")
+            if self._events_instance is not None and instance != self._events_instance:
+                # Events the old instance had not handed over are gone; this
+                # one's sequence starts at 0 and all its losses happened
+                # while this source watched.
+                self._dropped_carry += self._dropped
+                self._dropped_base, self._dropped, self._events_next = 0, 0, 0
+                self._events_instance = instance
+                continue
+            self._events_instance = instance
             evs = reply["events"]
             out.extend(Event(*e) for e in evs)
             if self._dropped_base is None:
@@ -125,7 +151,7 @@ class BackendSource:
         """Events this source could not deliver since it was opened: dropped
         by the back-end's full device logs plus those that left its buffer
         before :meth:`events` asked (cumulative)."""
-        return self._dropped + self._gaps
+        return self._dropped_carry + self._dropped + self._gaps
 
     def close(self) -> None:
         if self._sock is not None:
