@@ -1066,6 +1066,23 @@ static inline void flush_notify(struct vqd_vq *vq, int *dirty, uint64_t *now)
     }
 }
 
+/* One more element done in a single-queue burst: publish used->idx every
+ * VQD_BURST elements so the driver can reuse buffers before the burst ends. */
+static inline void burst_step(struct vqd_vq *vq, int *done)
+{
+    if ((++*done & (VQD_BURST - 1)) == 0)
+        flush(vq);
+}
+
+/* End of a single-queue burst: publish and call if anything was used; the
+ * burst's status if it failed, else the elements done. */
+static inline int burst_end(struct vqd_vq *vq, int *dirty, int status, int done)
+{
+    uint64_t now = 0;
+    flush_notify(vq, dirty, &now);
+    return status < 0 ? status : done;
+}
+
 static int net_loopback(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, int mrg_rxbuf,
                         int budget, int spin, struct vqd_net_scratch *s)
 {
@@ -1187,13 +1204,9 @@ static int net_tap_tx(struct vqd_vq *tx, int tap_fd, int hdr_len, int budget,
         }
         fill(tx, te.head, 0);
         dirty = 1;
-        done++;
-        if ((done & (VQD_BURST - 1)) == 0)
-            flush(tx);
+        burst_step(tx, &done);
     }
-    uint64_t now = 0;
-    flush_notify(tx, &dirty, &now);
-    return status < 0 ? status : done;
+    return burst_end(tx, &dirty, status, done);
 }
 
 static int net_tap_rx(struct vqd_vq *rx, int tap_fd, int hdr_len, int mrg_rxbuf, int budget,
@@ -1247,13 +1260,9 @@ static int net_tap_rx(struct vqd_vq *rx, int tap_fd, int hdr_len, int mrg_rxbuf,
         s->pending_len = 0;
         if (rc == DELIVER_OK)
             dirty = 1;
-        done++;
-        if ((done & (VQD_BURST - 1)) == 0)
-            flush(rx);
+        burst_step(rx, &done);
     }
-    uint64_t now = 0;
-    flush_notify(rx, &dirty, &now);
-    return status < 0 ? status : done;
+    return burst_end(rx, &dirty, status, done);
 }
 
 /* The exported net paths: one sigsetjmp per burst. A fault marks every
