@@ -8,10 +8,11 @@ client sends ``{"op": "snapshot"}`` and receives one snapshot JSON object, or
   back-end's vhost-user message log, each entry with a server-wide ``seq``;
   ``{"op": "messages", "since": N}`` only the entries with ``seq >= N``.
 - ``{"op": "events", "since": N}`` (optional ``"limit"``, at most 65536)
-  returns ``{"next": M, "dropped": D, "gap": G, "events": [[time_ns, device,
-  queue, kind, value], ...]}``: the timed events (inspector/events.py) with
-  sequence number >= N, oldest first within a queue. ``next`` is the cursor
-  for the next call; ``dropped`` the events the devices' logs lost (full)
+  returns ``{"next": M, "head": H, "dropped": D, "gap": G, "events": [[time_ns,
+  device, queue, kind, value], ...]}``: the timed events (inspector/events.py)
+  with sequence number >= N, oldest first within a queue. ``next`` is the
+  cursor for the next call; ``head`` the number the next event will get;
+  ``dropped`` the events the devices' logs lost (full)
   since the back-end started; ``gap`` the events >= N that left the
   back-end's bounded buffer before this call.
 

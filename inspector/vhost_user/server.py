@@ -171,8 +171,10 @@ class EventBuffer:
 
     def read(self, since: int, limit: int = EVENTS_PER_REPLY) -> dict:
         """Events with sequence number >= ``since``, at most ``limit``:
-        ``{"next": M, "dropped": D, "gap": G, "events": [[time_ns, device,
-        queue, kind, value], ...]}``. ``next``: the cursor for the next call;
+        ``{"next": M, "head": H, "dropped": D, "gap": G, "events": [[time_ns,
+        device, queue, kind, value], ...]}``. ``next``: the cursor for the
+        next call; ``head``: the sequence number the next event will get
+        (``head - next``: events this reader has still to read);
         ``gap``: events >= ``since`` that left the buffer before this read (a
         slow reader's loss). A ``since`` beyond ``next_seq`` (a cursor from an
         earlier server) reads from the oldest event."""
@@ -209,7 +211,8 @@ class EventBuffer:
                 part.release()
         finally:
             ring.release()
-        return {"next": start + len(out), "dropped": self.dropped, "gap": gap, "events": out}
+        return {"next": start + len(out), "head": self.next_seq, "dropped": self.dropped, "gap": gap,
+                "events": out}
 
 
 def _listen_unix(path: str) -> socket.socket:

@@ -10,12 +10,13 @@ endpoint serves snapshots and events the whole time. Every SAMPLE_SECONDS
 TUI's RSS and testpmd's packet counters.
 
 The warm-up lasts WARMUP_SECONDS (60) and, beyond that, until the server's
-central event buffer is full (its oldest events start to leave: the
-``events`` op's ``gap`` from 0 is positive). That buffer is bounded by memory
-(inspector/vhost_user/server.py: 2^20 events' worth, ~17 MB) and fills at the
-rate kicks and calls come, which on a loaded machine can take minutes; until
-it is full the RSS grows by design. The soak keeps one introspection
-connection of its own open from the start (so it does not move the fd count).
+central event buffer has gone round once (the ``events`` op's ``head``, the
+number of events ever buffered, reached its capacity). That buffer is one
+ring of 2^20 events (16 MiB, inspector/vhost_user/server.py) whose pages are
+touched as it fills, at the rate kicks and calls come, which on a loaded
+machine can take minutes; until then the RSS grows by design. The soak keeps
+one introspection connection of its own open from the start (so it does not
+move the fd count).
 
 Pass: after the warm-up, every RSS sample is within ±5 % of the first one
 after the warm-up, the fd count never changes, the back-end, the TUI and
@@ -46,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from inspector.sources.backend import BackendSource
+from inspector.vhost_user.server import EVENT_BUFFER
 from tests.peers import (
     VQSCOPE,
     DpdkTestpmd,
@@ -154,7 +156,7 @@ def main() -> int:
             s["t"] = round(now, 1)
             s["tui_rss_kb"] = proc_sample(tui.proc.pid)["rss_kb"] if tui.alive() else None
             ev = src.request("events", since=0, limit=1)
-            s["evicted"], s["ev_full"] = ev["gap"], ev["gap"] > 0   # events that left the full buffer
+            s["evicted"], s["ev_full"] = ev["gap"], ev["head"] >= EVENT_BUFFER  # the ring went round
             rx, tx = pmd.port_stats()[0]
             if last_pkts is not None:
                 s["mpps"] = round((rx - last_pkts[0]) / (now - last_pkts[2]) / 1e6, 3)
@@ -162,7 +164,7 @@ def main() -> int:
             samples.append(s)
             print(f"soak t={now:6.1f}s rss={s['rss_kb']} kB fds={s['fds']} threads={s['threads']} "
                   f"tui_rss={s['tui_rss_kb']} kB mpps={s.get('mpps')} evicted={s['evicted']} "
-                  f"buffer_full={s['ev_full']}", file=sys.stderr, flush=True)
+                  f"ring_wrapped={s['ev_full']}", file=sys.stderr, flush=True)
             if now >= SOAK_SECONDS:
                 break
             if not (be.peer.alive() and pmd.alive() and tui.alive()):
@@ -181,7 +183,7 @@ def main() -> int:
                     why.append(f"closing {type(p).__name__}: {e}")
         shutil.rmtree(d, ignore_errors=True)
 
-    # Warm-up: at least WARMUP_SECONDS and until the event buffer is full for good.
+    # Warm-up: at least WARMUP_SECONDS and until the event ring went round.
     warm = len(samples)
     for k in range(len(samples) - 1, -1, -1):
         if samples[k]["t"] < WARMUP_SECONDS or not samples[k]["ev_full"]:
@@ -197,7 +199,7 @@ def main() -> int:
     if samples[-1]["t"] < SOAK_SECONDS:
         why.append(f"ended after {samples[-1]['t']} s of {SOAK_SECONDS}")
     if len(steady) < 2:
-        why.append("fewer than 2 samples after the warm-up (the event buffer filled "
+        why.append("fewer than 2 samples after the warm-up (the event ring went round "
                    f"{'at ' + str(steady[0]['t']) + ' s' if steady else 'never'}): run longer")
     if dev is not None and dev > RSS_TOLERANCE:
         why.append(f"RSS moved {dev:.1%} after the warm-up (limit {RSS_TOLERANCE:.0%})")
