@@ -28,6 +28,14 @@ mapped in that process. ``ram`` is the guest-physical → host-virtual map
    regions, and the ring is decoded again from the same ring-area copies. Only this second result is returned: a table that
    could be read leaves no trace; one that could not (over the byte budget,
    or unmapped in the process) keeps ``indirect_not_read`` on its chain.
+   The same read takes the device area again, after the tables: a chain
+   the device returned between the two reads (its head in the used ring
+   between the two ``used->idx``) may have had its table freed and reused
+   by the driver (Linux kfree()s it in detach_buf_split), so the bytes read
+   there are not that chain's. Its tables are left out (it keeps
+   ``indirect_not_read``) instead of being reported as the driver's fault;
+   a chain still in flight owns its table (VIRTIO 1.2 §2.7.5.3.1: the
+   driver does not write it until used), so what is wrong in it is real.
 
 Guest memory is hostile: both passes are the bounded decoder walks, and the
 second pass cannot ask for new tables (its chains are those of the first,
@@ -42,6 +50,7 @@ import os
 import select
 from array import array
 from dataclasses import dataclass
+import struct
 from itertools import chain
 
 from . import vqd
@@ -383,6 +392,38 @@ def table_spans(tables: list[tuple[int, int]], ram: list[RamRange], budget: int,
     return spans
 
 
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_INDIRECT = 4
+
+
+def returned_tables(desc: bytes | memoryview, size: int, used_before: bytes | memoryview,
+                    used_after: bytes | memoryview) -> list[tuple[int, int]] | None:
+    """The indirect tables ``(gpa, len)`` of the chains the device returned
+    between two reads of the device area (``used_before``, ``used_after``:
+    its bytes, §2.7.8), walking each returned head's chain in ``desc`` (the
+    descriptor table as first read; at most ``size`` steps per head). None
+    when ``used->idx`` moved by ``size`` or more: every entry was rewritten,
+    so any chain may have been returned."""
+    u1 = struct.unpack_from("<H", used_before, 2)[0]
+    u2 = struct.unpack_from("<H", used_after, 2)[0]
+    n = (u2 - u1) & 0xFFFF
+    if n >= size:
+        return None
+    heads = {struct.unpack_from("<I", used_after, 4 + 8 * ((u1 + k) % size))[0] for k in range(n)}
+    out = []
+    for h in heads:
+        for _ in range(size):
+            if h >= size:
+                break
+            addr, length, flags, nxt = struct.unpack_from("<QIHH", desc, 16 * h)
+            if flags & VRING_DESC_F_INDIRECT:
+                out.append((addr, length))
+            if not flags & VRING_DESC_F_NEXT:
+                break
+            h = nxt
+    return out
+
+
 def snapshot_remote_split(pmem: ProcessMemory, ram: list[RamRange], size: int, desc_gpa: int,
                           avail_gpa: int, used_gpa: int, last_avail_idx: int | None, *,
                           impl=vqd, max_descs: int = DEFAULT_MAX_DESCS) -> RingSnapshot:
@@ -413,12 +454,29 @@ def snapshot_remote_split(pmem: ProcessMemory, ram: list[RamRange], size: int, d
                                             skip_if_unread=True)
     if not unread:
         return snap
-    # Second pass: the unread indirect tables, coalesced into spans, within budget.
+    # Second pass: the unread indirect tables, coalesced into spans, within
+    # budget; then the device area again (see the module docstring).
     tables = table_spans(unread, ram, 16 * max_descs)
-    tbuf, toffs, failed = pmem.gather_partial([(hva, n) for _, n, hva in tables])
-    for k, ((gpa, n, hva), off) in enumerate(zip(tables, toffs)):
-        if k not in failed:
-            mem.add(gpa, tbuf, uva=hva, size=n, buf_offset=off)
+    used_hva, used_n = ranges[2]
+    tbuf, toffs, failed = pmem.gather_partial([(hva, n) for _, n, hva in tables] + [(used_hva, used_n)])
+    stale: list[tuple[int, int]] | None = None
+    if len(tables) not in failed:
+        view = memoryview(buf)
+        stale = returned_tables(view[offsets[0]:offsets[0] + areas[0][1]], size,
+                                view[offsets[2]:offsets[2] + used_n],
+                                memoryview(tbuf)[toffs[-1]:toffs[-1] + used_n])
+    if stale is not None:   # None: the ring turned over (or vanished) meanwhile; no table is sure
+        for k, ((gpa, n, hva), off) in enumerate(zip(tables, toffs)):
+            if k in failed:
+                continue
+            if not any(a < gpa + n and gpa < a + ln for a, ln in stale):
+                mem.add(gpa, tbuf, uva=hva, size=n, buf_offset=off)
+                continue
+            # The span holds a returned chain's table: add the others one by one.
+            for a, ln in set(unread):
+                if gpa <= a and a + ln <= gpa + n and \
+                        not any(b < a + ln and a < b + m for b, m in stale):
+                    mem.add(a, tbuf, uva=hva + a - gpa, size=ln, buf_offset=off + a - gpa)
     return impl.snapshot_split_pass(mem, size, desc_gpa, avail_gpa, used_gpa, last_avail_idx,
                                     max_descs=max_descs)[0]
 
@@ -433,6 +491,7 @@ __all__ = [
     "RamRange",
     "permission_message",
     "ram_hva",
+    "returned_tables",
     "snapshot_remote_split",
     "table_spans",
 ]
