@@ -346,6 +346,23 @@ def test_fake_vm_every_queue_read_and_no_unsafe_command_on_vhost(fake_vm) -> Non
     assert not any(cmd == "x-query-virtio-queue-element" for cmd, _ in fake_vm.qmp.log)
 
 
+def test_fake_vm_stale_last_avail_is_not_decoded_from(fake_vm) -> None:
+    """QEMU answers a last_avail_idx older than the ring read (behind
+    used_idx: QEMU's own invariant is used <= last_avail <= avail), every
+    time it is asked: the entry says null and the chains are the in-flight
+    ones of the ring read, not the returned chain before them (whose
+    descriptors and indirect table the driver may have reused)."""
+    fake_vm.last_avail = 0
+    with qs.QemuSource(fake_vm.qmp.path) as src:
+        snap = src.snapshot()
+    net = {q["device"]: q for q in snap["queues"]}["fnet"]
+    assert (net["avail_idx"], net["used_idx"], net["last_avail_idx"]) == (3, 1, None)
+    assert [c["head"] for c in net["chains"]] == fake_vm.heads["net"][1:]
+    assert net["anomalies"] == []
+    asked = [a for cmd, a in fake_vm.qmp.log if cmd == "x-query-virtio-queue-status"]
+    assert len(asked) == 2          # once, then once more: the answer stayed behind
+
+
 def test_fake_vm_through_the_cli(fake_vm) -> None:
     r = run_cli("snapshot", "--qmp", fake_vm.qmp.path, "--json")
     assert r.returncode == 0, r.stderr
