@@ -96,6 +96,12 @@ def area_error(area_index: int, addr: int, length: int) -> RingError:
         f"inside one memory region: check the queue addresses and the memory table")
 
 
+def ring_between(lo: int, x: int, hi: int) -> bool:
+    """``lo <= x <= hi`` for free-running 16-bit ring indices (e.g. a
+    device's ``used_idx <= last_avail_idx <= avail_idx``)."""
+    return (x - lo) & 0xFFFF <= (hi - lo) & 0xFFFF
+
+
 def area_sizes(size: int) -> tuple[int, int, int]:
     """Bytes of the descriptor table, driver area and device area (§2.7)."""
     return 16 * size, 6 + 2 * size, 6 + 8 * size

@@ -397,3 +397,38 @@ def test_print_points_under_80_columns(btf_dir, capsys):
     out = capsys.readouterr().out
     assert max(len(line) for line in out.splitlines()) < 80
     assert "vhost_notify.constprop.0" in out and "not root" in out
+
+
+def test_vhost_net_entry_does_not_decode_from_a_stale_last_avail(monkeypatch):
+    """vhost's last_avail_idx comes from the probe's last handler run; the
+    ring read after it may show the device further on (used_idx past it).
+    The entry then decodes the ring's in-flight chains without it (null at
+    the top, the probe's value in device_state), not the returned chain."""
+    from inspector import vqd
+    from inspector.sources.vhost_net import VhostNetSource
+    from probes.vhost_net import VhostVqState
+    from tests.ringbuilder import RingBuilder
+
+    rb = RingBuilder(8)
+    heads = [rb.add_chain(((64, False),)) for _ in range(3)]
+    rb.publish()
+    rb.device_use([(heads[0], 0)])                 # used_idx 1, avail_idx 3
+    asked = []
+
+    def read_ring(st, mem_table, last_avail_idx):
+        asked.append(last_avail_idx)
+        return vqd.snapshot_split(rb.mem, 8, *rb.addrs, last_avail_idx)
+
+    src = VhostNetSource.__new__(VhostNetSource)
+    monkeypatch.setattr(src, "_read_ring", read_ring, raising=False)
+    desc, avail, used = rb.addrs
+    for last, want_top, want_heads in ((0, None, heads[1:]), (2, 2, heads[2:])):
+        asked.clear()
+        st = VhostVqState(vq=1, owner_pid=1, index=1, num=8, desc=desc, avail=avail, used=used,
+                          last_avail_idx=last, avail_idx=3, last_used_idx=1, used_flags=0,
+                          signalled_used=0, signalled_used_valid=False, notify_enabled=True,
+                          time_ns=0)
+        entry = src._entry("vhost-net:1:3", None, st, {}, {})
+        assert entry["last_avail_idx"] == want_top and entry["device_state"]["last_avail_idx"] == last
+        assert [c["head"] for c in entry["chains"]] == want_heads
+        assert asked == ([last, None] if want_top is None else [last])

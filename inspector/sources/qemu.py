@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InspectorError, SourceError, SourceGone
+from ..ringref import ring_between
 
 VIRTIO_RING_F_EVENT_IDX = 29
 VIRTIO_F_RING_PACKED = 34
@@ -473,10 +474,6 @@ def queue_state(dev: DeviceState, index: int, reply: dict) -> QueueState | None:
     return q
 
 
-def _between(lo: int, x: int, hi: int) -> bool:
-    """``lo <= x <= hi`` for free-running 16-bit ring indices."""
-    return (x - lo) & 0xFFFF <= (hi - lo) & 0xFFFF
-
 
 @dataclass
 class _Cached:
@@ -712,7 +709,7 @@ class QemuSource:
                 entry, dec = self._queue_entry(dev, q)
                 if dec is not None:
                     c.avail_idx, c.used_idx = dec.avail_idx, dec.used_idx
-                    if q.last_avail_idx is not None and not _between(dec.used_idx, q.last_avail_idx,
+                    if q.last_avail_idx is not None and not ring_between(dec.used_idx, q.last_avail_idx,
                                                                      dec.avail_idx):
                         again.append((dev, i))
                 entries[(dev.path, i)] = entry
@@ -780,7 +777,7 @@ class QemuSource:
             else:
                 anomalies.append({"kind": "ring_unmapped", "detail": str(e)})
                 return entry, None
-        if q.last_avail_idx is not None and not _between(dec.used_idx, q.last_avail_idx, dec.avail_idx):
+        if q.last_avail_idx is not None and not ring_between(dec.used_idx, q.last_avail_idx, dec.avail_idx):
             # QEMU's last_avail_idx is older than this ring read (in QEMU used
             # <= last_avail <= avail always holds): decoded from it, chains
             # already returned would show as available, read from indirect
