@@ -240,11 +240,17 @@ def test_events_time_order_ranges_and_counts(tmp_path) -> None:
         assert rec.event_counts() == count(evs)
         assert rec.event_counts(lo, hi) == count(inside)
         assert rec.event_counts(start_ns=lo) == count(e for e in evs if e.time_ns >= lo)
+        assert rec.event_counts(end_ns=hi) == count(e for e in evs if e.time_ns < hi)
+        assert rec.event_counts(hi, lo) == {}
         db = sqlite3.connect(path)
         assert db.execute("SELECT sum(count), sum(kicks), sum(calls) FROM event_blocks").fetchone() == (
             len(evs), sum(e.kind == "kick" for e in evs), sum(e.kind == "call" for e in evs))
         assert db.execute("SELECT max(events_lost) FROM snapshots").fetchone() == ((len(evs) - 1) // 1500 * 15,)
+        db.execute("UPDATE event_blocks SET kind_counts = '{\"kick\": 1' WHERE id = 3")   # hostile file
+        db.commit()
         db.close()
+    with Recording(path) as rec, pytest.raises(RecordingError, match="kind_counts"):
+        rec.event_counts()
 
 
 def test_reader_errors(tmp_path) -> None:

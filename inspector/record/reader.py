@@ -235,15 +235,40 @@ class Recording:
 
     def event_counts(self, start_ns: int | None = None, end_ns: int | None = None) -> dict[tuple[str, int, str], int]:
         """``{(device, queue, kind): count}`` of the events in
-        ``[start_ns, end_ns)``; blocks wholly inside the range are counted
-        from their ``kind_counts`` column without decoding."""
+        ``[start_ns, end_ns)``; blocks wholly inside the range are summed by
+        SQLite from their ``kind_counts`` column (no block is read or
+        decoded), only the few that straddle a bound are decoded."""
+        inside, args = ["1"], []
+        if start_ns is not None:
+            inside.append("t_first >= ?")
+            args.append(start_ns)
+        if end_ns is not None:
+            inside.append("t_last < ?")
+            args.append(end_ns)
         out: dict[tuple[str, int, str], int] = {}
-        for device, queue, t_first, t_last, count, kc, data in self._blocks(
-                start_ns, end_ns, "device, queue, t_first, t_last, count, kind_counts, data"):
-            if self._inside(t_first, t_last, start_ns, end_ns):
-                for kind, n in json.loads(kc).items():
-                    out[device, queue, kind] = out.get((device, queue, kind), 0) + n
-            else:
+        try:
+            rows = self._db.execute(
+                "SELECT device, queue, j.key, sum(j.value) FROM event_blocks, json_each(kind_counts) AS j"
+                f" WHERE {' AND '.join(inside)} GROUP BY device, queue, j.key", args).fetchall()
+        except sqlite3.Error as e:   # a kind_counts that is not JSON
+            raise RecordingError(f"{self.path}: event_blocks.kind_counts: {e}") from e
+        for device, queue, kind, n in rows:
+            if not isinstance(n, int):
+                raise RecordingError(f"{self.path}: event_blocks.kind_counts of {device} queue {queue}: "
+                                     f"count {n!r} of {kind!r} is not an integer")
+            if n:
+                out[device, queue, kind] = n
+        if len(inside) > 1:   # the blocks that overlap the range without being inside it
+            overlap, oargs = ["1"], []
+            if start_ns is not None:
+                overlap.append("t_last >= ?")
+                oargs.append(start_ns)
+            if end_ns is not None:
+                overlap.append("t_first < ?")
+                oargs.append(end_ns)
+            for device, queue, count, data in self._db.execute(
+                    f"SELECT device, queue, count, data FROM event_blocks WHERE {' AND '.join(overlap)}"
+                    f" AND NOT ({' AND '.join(inside)})", oargs + args):
                 for e in self._decode_block(device, queue, count, data, start_ns, end_ns, False):
                     k = (device, queue, e[3])
                     out[k] = out.get(k, 0) + 1
