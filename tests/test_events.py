@@ -339,6 +339,10 @@ def test_messages_since_cursor(backend):
             src.request("messages", since=-1)
         with pytest.raises(SourceError, match="since"):
             src.request("events", since="x")
+        with pytest.raises(SourceError, match="binary"):
+            src.request("events", since=0, binary="yes")
+        assert src.request("events", since=0, binary=True)["records"] == b""   # no traffic: no events
+        assert src.new_messages() == []                                        # framing intact
 
 
 @pytest.mark.timeout(120)
@@ -360,6 +364,35 @@ def test_demo_socket_is_readable_by_another_process(tmp_path):
     assert demo.returncode == 0, err
     assert "introspection on " + sock + ".introspect" in err
     assert not os.path.exists(sock) and not os.path.exists(sock + ".introspect")
+
+
+def test_binary_events_reply_equals_the_json_one():
+    buf = EventBuffer(capacity=100, max_chunks=8)
+    for k in range(12):                       # wraps the ring, splits chunks at its end
+        buf.add(f"net{k % 3}", k % 2, encode_events([(1000 * k + i, ("kick", "call")[i % 2], i)
+                                                      for i in range(k + 1)]))
+    for since, limit in ((0, 1000), (40, 7), (77, 1000), (10**6, 5)):
+        js = buf.read(since, limit)
+        header, records = buf.read(since, limit, binary=True)
+        assert {k: v for k, v in header.items() if k not in ("chunks", "binary")} == \
+            {k: v for k, v in js.items() if k != "events"}
+        assert header["binary"] == len(records) == 16 * len(js["events"])
+        src = BackendSource.__new__(BackendSource)
+        got = src._binary_events({"records": records, "chunks": header["chunks"]})
+        assert [list(e) for e in got] == js["events"]
+
+
+@pytest.mark.parametrize("chunks,records,why", [
+    ([["net1", 0, 2]], bytes(16), "chunk of 2 events"),
+    ([["net1", 0, 1]], bytes(32), "16 bytes beyond"),
+    ([["net1", 0, 0]], b"", "chunk of 0"),
+    ([["net1", 0]], bytes(16), "malformed"),
+    (None, bytes(16), "malformed"),
+])
+def test_malformed_binary_events_reply_is_a_source_error(chunks, records, why):
+    src = BackendSource("/nonexistent.introspect")
+    with pytest.raises(SourceError, match=why):
+        src._binary_events({"records": records, "chunks": chunks})
 
 
 def test_event_buffer_bounds_memory_of_many_small_chunks():

@@ -14,7 +14,12 @@ client sends ``{"op": "snapshot"}`` and receives one snapshot JSON object, or
   cursor for the next call; ``head`` the number the next event will get;
   ``dropped`` the events the devices' logs lost (full)
   since the back-end started; ``gap`` the events >= N that left the
-  back-end's bounded buffer before this call.
+  back-end's bounded buffer before this call. With ``"binary": true`` the
+  reply line has ``"chunks": [[device, queue, n], ...]`` and ``"binary": B``
+  instead of ``events``, and B bytes of packed records follow it (16 bytes
+  each: u64 time_ns, u32 kind code, u32 value; inspector.vqd.EVENT_RECORD
+  and EVENT_KIND_NAMES), chunk after chunk: the server copies them instead
+  of encoding each event (what :meth:`BackendSource.events` asks for).
 
 Both ``events`` and ``messages`` replies carry ``instance``, a name of the
 serving process that changes when the back-end restarts (its sequence
@@ -34,6 +39,7 @@ from ..errors import SourceError
 from ..events import Event
 
 EVENTS_PER_REQUEST = 65536
+MAX_BINARY = 16 * EVENTS_PER_REQUEST    # bytes of records one binary reply may carry
 
 
 def introspect_path(path: str) -> str:
@@ -94,6 +100,14 @@ class BackendSource:
             raise SourceError(f"back-end at {self.path} sent a malformed reply: {e}") from e
         if "error" in reply:
             raise SourceError(f"back-end at {self.path}: {reply['error']}")
+        if "binary" in reply:
+            n = reply["binary"]
+            data = self._rfile.read(n) if isinstance(n, int) and 0 <= n <= MAX_BINARY else None
+            if data is None or len(data) != n:
+                self.close()
+                raise SourceError(f"back-end at {self.path} sent a malformed reply: binary {n!r}, "
+                                  f"{'no' if data is None else len(data)} bytes")
+            reply["records"] = data
         return reply
 
     def snapshot(self) -> dict:
@@ -124,7 +138,8 @@ class BackendSource:
         its losses add to those of the earlier one."""
         out: list[Event] = []
         while True:
-            reply = self.request("events", since=self._events_next, limit=EVENTS_PER_REQUEST)
+            reply = self.request("events", since=self._events_next, limit=EVENTS_PER_REQUEST,
+                                 binary=True)
             instance = reply.get("instance")
             if self._events_instance is not None and instance != self._events_instance:
                 # Events the old instance had not handed over are gone; this
@@ -135,8 +150,8 @@ class BackendSource:
                 self._events_instance = instance
                 continue
             self._events_instance = instance
-            evs = reply["events"]
-            out.extend(Event(*e) for e in evs)
+            evs = self._binary_events(reply) if "records" in reply else [Event(*e) for e in reply["events"]]
+            out.extend(evs)
             if self._dropped_base is None:
                 # Losses before this source opened are not ours, nor is the
                 # part of the back-end's history it no longer buffers.
@@ -147,6 +162,29 @@ class BackendSource:
             self._events_next = reply["next"]
             if len(evs) < EVENTS_PER_REQUEST:
                 return out
+
+    def _binary_events(self, reply: dict) -> list[Event]:
+        """The Events of a binary ``events`` reply (its ``chunks`` and
+        ``records``); SourceError when they do not add up."""
+        from ..vqd import EVENT_KIND_NAMES, EVENT_RECORD
+
+        records, chunks = memoryview(reply["records"]), reply.get("chunks")
+        out: list[Event] = []
+        off = 0
+        try:
+            for device, queue, n in chunks:
+                end = off + n * EVENT_RECORD.size
+                if not (isinstance(n, int) and 0 < n and end <= len(records)):
+                    raise ValueError(f"chunk of {n!r} events at byte {off}")
+                out += [Event(t, device, queue, EVENT_KIND_NAMES.get(k, "unknown"), v)
+                        for t, k, v in EVENT_RECORD.iter_unpack(records[off:end])]
+                off = end
+            if off != len(records):
+                raise ValueError(f"{len(records) - off} bytes beyond the chunks")
+        except (TypeError, ValueError) as e:
+            self.close()
+            raise SourceError(f"back-end at {self.path} sent a malformed events reply: {e}") from e
+        return out
 
     def events_lost(self) -> int:
         """Events this source could not deliver since it was opened: dropped

@@ -169,7 +169,7 @@ class EventBuffer:
     def _slot(self, k: int) -> int:
         return (self._tail + k) % self.max_chunks
 
-    def read(self, since: int, limit: int = EVENTS_PER_REPLY) -> dict:
+    def read(self, since: int, limit: int = EVENTS_PER_REPLY, binary: bool = False):
         """Events with sequence number >= ``since``, at most ``limit``:
         ``{"next": M, "head": H, "dropped": D, "gap": G, "events": [[time_ns,
         device, queue, kind, value], ...]}``. ``next``: the cursor for the
@@ -177,13 +177,19 @@ class EventBuffer:
         (``head - next``: events this reader has still to read);
         ``gap``: events >= ``since`` that left the buffer before this read (a
         slow reader's loss). A ``since`` beyond ``next_seq`` (a cursor from an
-        earlier server) reads from the oldest event."""
+        earlier server) reads from the oldest event.
+
+        ``binary``: ``(header, records)`` instead, the header without
+        ``events`` but with ``"chunks": [[device, queue, n], ...]`` and
+        ``"binary": len(records)``; ``records`` the events' packed
+        EVENT_RECORDs (16 bytes: u64 time_ns, u32 kind code, u32 value;
+        EVENT_KIND_NAMES), chunk after chunk: copied, never decoded (make
+        bench-record: ~10 ns per event against ~1.8 us as JSON)."""
         if since > self.next_seq:
             since = 0
         oldest = self.oldest_seq
         gap = max(0, oldest - since)
         start = max(since, oldest)
-        out: list[list] = []
         # The chunk holding ``start``: the last one whose first seq is <= start.
         lo, hi = 0, self.chunks
         while lo < hi:
@@ -193,26 +199,37 @@ class EventBuffer:
             else:
                 hi = mid
         names = EVENT_KIND_NAMES
+        out: list[list] = []
+        chunks: list[list] = []
+        parts: list[bytes] = []
+        n = 0
         ring = memoryview(self._ring)
         try:
             for k in range(max(0, lo - 1), self.chunks):
-                if len(out) >= limit:
+                if n >= limit:
                     break
                 s = self._slot(k)
                 first, pos, count = self._first[s], self._pos[s], self._count[s]
                 off = max(0, start - first)
-                take = min(count - off, limit - len(out))
+                take = min(count - off, limit - n)
                 if take <= 0:
                     continue
+                n += take
                 device, queue = self._device[s], self._queue[s]
-                part = ring[(pos + off) * _RECORD:(pos + off + take) * _RECORD]
-                out += [[t, device, queue, names.get(kd, "unknown"), v]
-                        for t, kd, v in EVENT_RECORD.iter_unpack(part)]
-                part.release()
+                with ring[(pos + off) * _RECORD:(pos + off + take) * _RECORD] as part:
+                    if binary:
+                        chunks.append([device, queue, take])
+                        parts.append(bytes(part))
+                    else:
+                        out += [[t, device, queue, names.get(kd, "unknown"), v]
+                                for t, kd, v in EVENT_RECORD.iter_unpack(part)]
         finally:
             ring.release()
-        return {"next": start + len(out), "head": self.next_seq, "dropped": self.dropped, "gap": gap,
-                "events": out}
+        head = {"next": start + n, "head": self.next_seq, "dropped": self.dropped, "gap": gap}
+        if binary:
+            records = b"".join(parts)
+            return {**head, "chunks": chunks, "binary": len(records)}, records
+        return {**head, "events": out}
 
 
 def _listen_unix(path: str) -> socket.socket:
@@ -568,7 +585,7 @@ class VhostUserServer:
                     line, _, rest = bytes(client.inbuf).partition(b"\n")
                     client.inbuf = bytearray(rest)
                     if line.strip():
-                        client.outbuf += json.dumps(self.introspect(line)).encode() + b"\n"
+                        client.outbuf += self.introspect_reply(line)
                 if len(client.inbuf) > _MAX_REQUEST_LINE or len(client.outbuf) > _MAX_PENDING_OUT:
                     self._iclose(client)
                     return
@@ -584,8 +601,19 @@ class VhostUserServer:
         want = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.outbuf else 0)
         self._sel.modify(client.sock, want, ("iclient", client))
 
-    def introspect(self, line: bytes | str) -> dict:
-        """Answer one introspection request line (read-only ops only)."""
+    def introspect_reply(self, line: bytes | str) -> bytes:
+        """The bytes answering one request line: a JSON line, followed for a
+        binary ``events`` reply by its ``binary`` bytes of records."""
+        reply = self.introspect(line)
+        if isinstance(reply, tuple):
+            header, payload = reply
+            return json.dumps(header).encode() + b"\n" + payload
+        return json.dumps(reply).encode() + b"\n"
+
+    def introspect(self, line: bytes | str) -> dict | tuple[dict, bytes]:
+        """Answer one introspection request line (read-only ops only): the
+        reply object, or for ``events`` with ``"binary": true`` the header
+        and the records (:meth:`EventBuffer.read`)."""
         try:
             req = json.loads(line)
             op = req.get("op") if isinstance(req, dict) else None
@@ -603,9 +631,14 @@ class VhostUserServer:
             limit = req.get("limit", EVENTS_PER_REPLY)
             if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
                 return {"error": f"events: limit {limit!r} is invalid: give a positive integer"}
+            binary = req.get("binary", False)
+            if not isinstance(binary, bool):
+                return {"error": f"events: binary {binary!r} is invalid: give true or false"}
             with self._ev_lock:
-                return {**self.events.read(since or 0, min(limit, EVENTS_PER_REPLY)),
-                        "instance": self.instance}
+                reply = self.events.read(since or 0, min(limit, EVENTS_PER_REPLY), binary=binary)
+            if binary:
+                return {**reply[0], "instance": self.instance}, reply[1]
+            return {**reply, "instance": self.instance}
         if op == "snapshot":
             if self.snapshot_fn is None:
                 return {"source": f"vqscope serve {self.socket_path}", "time": time.time(), "queues": []}

@@ -12,13 +12,19 @@ Snapshots: 64 queues of 256 entries as the back-end reports them (RX queues
 with ~200 posted single-buffer chains whose window moves on each snapshot,
 TX queues a few 2-descriptor chains), each snapshot written alone.
 
+Serving: the back-end's cost per event of the ``events`` op as JSON and as
+binary records, side by side (``serve_ratio``: JSON / binary), and the
+client's cost of turning either into Events.
+
 Prints ONE JSON line:
 {"bench": "record", "events_per_s": events / time in write_interval,
  "events_per_cpu_s": events / CPU time in write_interval (the same, less
  what other processes took of the shared cores), "events": total, "bytes_per_event": (file size after close − size of the
  same file without events) / events, "lost_events": events written − events
  read back, "snapshots_per_s_64q": snapshots / time in write_interval,
- "snapshot_bytes": file bytes per snapshot, "goal_met": events_per_s >=
+ "snapshot_bytes": file bytes per snapshot, "serve_json_ns_per_event",
+ "serve_binary_ns_per_event", "serve_ratio", "client_json_ns_per_event",
+ "client_binary_ns_per_event", "goal_met": events_per_s >=
  500000 and bytes_per_event <= 16 and lost_events == 0}.
 """
 
@@ -127,9 +133,68 @@ def bench_snapshots(d: str) -> dict:
             "snapshot_bytes": round(os.path.getsize(path) / SNAPSHOTS)}
 
 
+def bench_serve() -> dict:
+    """The back-end's side of a recorder: serving the ``events`` op from a
+    full central buffer (64 queues, 2^18 events) in 65536-event replies,
+    as JSON and as binary records, alternated in one run (best of 5 each);
+    and the client's side, turning each reply into Events."""
+    from inspector.sources.backend import BackendSource
+    from inspector.vhost_user.server import EventBuffer
+    from inspector.vqd import encode_events
+
+    rnd = random.Random(7)
+    buf = EventBuffer()
+    t = 1_700_000_000_000_000_000
+    total = 1 << 18
+    for k in range(total // 256):
+        q = rnd.randrange(QUEUES)
+        buf.add("net1", q, encode_events([(t + 64 * k + i, "call" if q % 2 == 0 else "kick", i)
+                                           for i in range(256)]))
+
+    def serve(binary: bool) -> tuple[float, list]:
+        replies, since, t0 = [], 0, time.perf_counter()
+        while since < buf.next_seq:
+            r = buf.read(since, 65536, binary=binary)
+            if binary:
+                header, records = r
+                replies.append(json.dumps(header).encode() + b"\n" + records)
+                since = header["next"]
+            else:
+                replies.append(json.dumps(r).encode() + b"\n")
+                since = r["next"]
+        return time.perf_counter() - t0, replies
+
+    def client(binary: bool, replies: list) -> float:
+        src = BackendSource.__new__(BackendSource)
+        src.path = "bench"
+        n, t0 = 0, time.perf_counter()
+        for raw in replies:
+            line, _, rest = raw.partition(b"\n")
+            reply = json.loads(line)
+            if binary:
+                reply["records"] = rest
+                n += len(src._binary_events(reply))
+            else:
+                n += len([Event(*e) for e in reply["events"]])
+        assert n == total, n
+        return time.perf_counter() - t0
+
+    best = {False: [float("inf"), float("inf")], True: [float("inf"), float("inf")]}
+    for _ in range(5):
+        for binary in (False, True):
+            spent, replies = serve(binary)
+            best[binary][0] = min(best[binary][0], spent)
+            best[binary][1] = min(best[binary][1], client(binary, replies))
+    ns = {b: [1e9 * x / total for x in v] for b, v in best.items()}
+    return {"serve_json_ns_per_event": round(ns[False][0], 1), "serve_binary_ns_per_event": round(ns[True][0], 1),
+            "serve_ratio": round(ns[False][0] / ns[True][0], 1),
+            "client_json_ns_per_event": round(ns[False][1], 1),
+            "client_binary_ns_per_event": round(ns[True][1], 1)}
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-record-", dir=os.environ.get("BENCH_DIR", "/var/tmp")) as d:
-        res = {"bench": "record", **bench_events(d), **bench_snapshots(d)}
+        res = {"bench": "record", **bench_events(d), **bench_snapshots(d), **bench_serve()}
     res["goal_met"] = (res["events_per_s"] >= 500_000 and res["bytes_per_event"] <= 16
                        and res["lost_events"] == 0)
     print(json.dumps(res))
