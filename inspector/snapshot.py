@@ -8,6 +8,7 @@ now (the C decoder over the shared memory). Reading never writes the rings.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -101,7 +102,12 @@ def backend_snapshot(server) -> dict[str, Any]:
         for vring in list(conn.vrings):
             if not vring.addr_set or vring.num == 0:
                 continue
-            queues.append(queue_snapshot(name, vring, mem, conn.features,
-                                         conn.device.queue_stats(vring.index),
-                                         restat=lambda i=vring.index, d=conn.device: d.queue_stats(i)))
-    return {"source": f"vqscope serve {server.socket_path}", "time": time.time(), "queues": queues}
+            entry = queue_snapshot(name, vring, mem, conn.features,
+                                   conn.device.queue_stats(vring.index),
+                                   restat=lambda i=vring.index, d=conn.device: d.queue_stats(i))
+            # The vring's eventfds as this process holds them (what the
+            # eventfd probe watches: vqscope probe --connect).
+            entry["backend"] = {"kick_fd": vring.kick_fd, "call_fd": vring.call_fd}
+            queues.append(entry)
+    return {"source": f"vqscope serve {server.socket_path}", "time": time.time(), "pid": os.getpid(),
+            "queues": queues}

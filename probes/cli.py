@@ -26,6 +26,9 @@ EXAMPLES = """examples:
   vqscope probe -p 1234 --json 1 10 # one JSON object per second
   vqscope probe --stream -p 1234    # every kick, call and handler run as it happens
   vqscope probe --probes eventfd -p 1234 --side driver
+  vqscope probe --probes eventfd --connect /tmp/vu.sock -p 4321
+                                    # our back-end's kicks/calls per queue,
+                                    # and its front-end's (pid 4321)
 """
 
 
@@ -37,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--side", choices=["device", "driver"], default="device",
                    help="the -p process is the device (back-end: reads kicks, writes calls; "
                         "default) or the driver (front-end)")
+    p.add_argument("--connect", metavar="SOCK",
+                   help="a vqscope back-end (its vhost-user or introspection socket): the eventfd "
+                        "probe counts its kicks and calls per queue, and those of every -p process "
+                        "(then its front-end) on the same eventfds")
     p.add_argument("--json", action="store_true", help="one JSON object per interval")
     p.add_argument("--stream", action="store_true", help="print every event as it happens")
     p.add_argument("--list", action="store_true", help="list attach points and exit")
@@ -89,7 +96,12 @@ def probe_main(args: argparse.Namespace) -> int:
                 continue
             pts = p.attach()
             attached.append(p)
-            if p.name == "eventfd" and args.pid:
+            if p.name == "eventfd" and args.connect:
+                n_be, n_fe = watch_backend(p, args.connect, args.pid or [])
+                if not args.json:
+                    print(f"eventfd: {n_be} fds of the back-end, {n_fe} of -p processes, by queue",
+                          file=sys.stderr)
+            elif p.name == "eventfd" and args.pid:
                 for pid in args.pid:
                     p.watch_process(pid, f"pid{pid}", side=args.side)
             if not args.json:
@@ -119,6 +131,30 @@ def probe_main(args: argparse.Namespace) -> int:
         for p in attached:
             p.close()
     return 0
+
+
+def watch_backend(probe, sock: str, driver_pids: list[int]) -> tuple[int, int]:
+    """Watch a vqscope back-end's kick and call eventfds by queue (its
+    snapshot names them; inspector/snapshot.py) in the back-end (side
+    device) and in each of ``driver_pids`` (side driver: the front-end holds
+    the same eventfds). Returns the fds watched in each."""
+    from inspector.errors import SourceError
+    from inspector.sources.backend import BackendSource
+
+    from .base import ProbeError
+    from .eventfd import snapshot_eventfd_ids
+
+    try:
+        with BackendSource(sock) as src:
+            snap = src.snapshot()
+    except SourceError as e:
+        raise ProbeError(str(e)) from e
+    ids = snapshot_eventfd_ids(snap)
+    if not ids:
+        raise ProbeError(f"the back-end at {sock} has no vring with a kick or call eventfd yet")
+    n_be = probe.watch_eventfd_ids(snap["pid"], ids, "device")
+    n_fe = sum(probe.watch_eventfd_ids(pid, ids, "driver") for pid in driver_pids)
+    return n_be, n_fe
 
 
 def _print_event(ev, as_json: bool) -> None:

@@ -90,6 +90,34 @@ def process_eventfds(pid: int) -> dict[int, EventfdInfo]:
     return out
 
 
+def snapshot_eventfd_ids(snapshot: dict) -> dict[int, tuple[str, int, str]]:
+    """``{eventfd_id: (device, queue, kind)}`` of the kick and call fds a
+    vqscope back-end's snapshot names (top-level ``pid``, each queue's
+    ``backend.kick_fd`` / ``call_fd``), their ids read from
+    ``/proc/PID/fdinfo``: the same eventfd is then found under any fd
+    number, in the back-end (dups) and in its front-end
+    (:meth:`EventfdProbe.watch_eventfd_ids`). Raises ProbeError when the
+    snapshot has no pid or the kernel gives no ``eventfd-id`` (before 5.16)."""
+    pid = snapshot.get("pid")
+    if not isinstance(pid, int):
+        raise ProbeError("the snapshot names no back-end pid: is it a vqscope back-end's (--connect)?")
+    out: dict[int, tuple[str, int, str]] = {}
+    for q in snapshot.get("queues", []):
+        for kind in ("kick", "call"):
+            fd = (q.get("backend") or {}).get(f"{kind}_fd")
+            if not isinstance(fd, int):
+                continue
+            try:
+                eid, _ = parse_fdinfo(Path(f"/proc/{pid}/fdinfo/{fd}").read_text())
+            except OSError as e:
+                raise ProbeError(f"cannot read fd {fd} of back-end pid {pid}: {e.strerror}") from e
+            if eid is None:
+                raise ProbeError(f"fd {fd} of pid {pid} ({q['device']} queue {q['index']} {kind}) has no "
+                                 "eventfd-id: not an eventfd, or a kernel before 5.16")
+            out[eid] = (q["device"], q["index"], kind)
+    return out
+
+
 class EventfdProbe(Probe):
     """Counts (and optionally streams) kicks and calls on watched eventfds.
 

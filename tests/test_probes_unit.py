@@ -432,3 +432,28 @@ def test_vhost_net_entry_does_not_decode_from_a_stale_last_avail(monkeypatch):
         assert entry["last_avail_idx"] == want_top and entry["device_state"]["last_avail_idx"] == last
         assert [c["head"] for c in entry["chains"]] == want_heads
         assert asked == ([last, None] if want_top is None else [last])
+
+
+def test_snapshot_eventfd_ids_maps_each_vring_fd_to_its_queue():
+    from probes.base import ProbeError
+    from probes.eventfd import parse_fdinfo, snapshot_eventfd_ids
+
+    kick, call = os.eventfd(0), os.eventfd(0)
+    r, w = os.pipe()
+    try:
+        ids = {fd: parse_fdinfo(open(f"/proc/self/fdinfo/{fd}").read())[0] for fd in (kick, call)}
+        if None in ids.values():
+            pytest.skip("this kernel gives no eventfd-id (before 5.16)")
+        snap = {"pid": os.getpid(), "queues": [
+            {"device": "net1", "index": 1, "backend": {"kick_fd": kick, "call_fd": call}},
+            {"device": "net1", "index": 0, "backend": {"kick_fd": None, "call_fd": None}},
+            {"device": "net1", "index": 2}]}
+        assert snapshot_eventfd_ids(snap) == {ids[kick]: ("net1", 1, "kick"), ids[call]: ("net1", 1, "call")}
+        with pytest.raises(ProbeError, match="no back-end pid"):
+            snapshot_eventfd_ids({"queues": []})
+        snap["queues"][1]["backend"]["call_fd"] = r
+        with pytest.raises(ProbeError, match=f"fd {r} .*net1 queue 0 call.*no eventfd-id"):
+            snapshot_eventfd_ids(snap)
+    finally:
+        for fd in (kick, call, r, w):
+            os.close(fd)
