@@ -10,6 +10,7 @@ this busy machine).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -149,6 +150,23 @@ def test_vhost_ioctl_arguments_read_from_user_memory(ioctl_probe):
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _backend_with_testpmd():
+    """``(sock, be, fe)``: `vqscope serve` (VqscopeNet) at ``sock`` with
+    dpdk-testpmd (virtio-user, one queue pair, not forwarding yet) on it,
+    both vrings set up."""
+    require(find_testpmd() is not None, "dpdk-testpmd is not installed (Debian 'dpdk'; make deps)")
+    d = socket_dir()
+    sock = f"{d}/vu.sock"
+    try:
+        with VqscopeNet(sock) as be, \
+             DpdkTestpmd([virtio_user_vdev(sock, 1)], main_lcore=1, name="testpmd virtio_user") as fe:
+            assert wait_for(lambda: len(be.snapshot()["queues"]) == 2, 30), be.tail()
+            yield sock, be, fe
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def _traffic_then_quiet(be, fe) -> tuple[dict, dict, object]:
     """Per-queue snapshot entries of back-end ``be`` before and after 3 s
     of testpmd ``fe`` forwarding, once the back-end's counters stopped
@@ -178,30 +196,22 @@ def test_kicks_and_calls_equal_backend_counters(efd):
     kicks (the counter values the back-end read from its kick fds) and calls
     (its writes to call fds) equal the back-end's own kicks/calls counters
     over the same period; the front-end's kick writes equal them too."""
-    require(find_testpmd() is not None, "dpdk-testpmd is not installed (Debian 'dpdk'; make deps)")
-    d = socket_dir()
-    sock = f"{d}/vu.sock"
-    try:
-        with VqscopeNet(sock) as be, \
-             DpdkTestpmd([virtio_user_vdev(sock, 1)], main_lcore=1, name="testpmd virtio_user") as fe:
-            be_pid, fe_pid = be.peer.proc.pid, fe.proc.pid
-            assert wait_for(lambda: len(be.snapshot()["queues"]) == 2, 30), be.tail()
-            be_dev, fe_dev = f"backend{be_pid}", f"testpmd{fe_pid}"
-            assert efd.watch_process(be_pid, be_dev, side="device") >= 4   # kick+call per vring, dups
-            assert efd.watch_process(fe_pid, fe_dev, side="driver") >= 2
-            before, after, st = _traffic_then_quiet(be, fe)
-            kicks = sum(after[i]["kicks"] - before[i]["kicks"] for i in after)
-            calls = sum(after[i]["calls"] - before[i]["calls"] for i in after)
-            got = _totals(efd.counters(), be_dev)
-            fe_got = _totals(efd.counters(), fe_dev)
-            print(f"back-end kicks={kicks} calls={calls}; probe back-end {got}; probe testpmd {fe_got}; "
-                  f"testpmd {st}")
-            assert kicks + calls > 0, "no notification at all: the test measured nothing"
-            assert got.get("kicks_read", 0) == kicks
-            assert got.get("calls", 0) == calls
-            assert fe_got.get("kicks", 0) == kicks      # every kick testpmd wrote, the back-end read
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    with _backend_with_testpmd() as (_sock, be, fe):
+        be_pid, fe_pid = be.peer.proc.pid, fe.proc.pid
+        be_dev, fe_dev = f"backend{be_pid}", f"testpmd{fe_pid}"
+        assert efd.watch_process(be_pid, be_dev, side="device") >= 4   # kick+call per vring, dups
+        assert efd.watch_process(fe_pid, fe_dev, side="driver") >= 2
+        before, after, st = _traffic_then_quiet(be, fe)
+        kicks = sum(after[i]["kicks"] - before[i]["kicks"] for i in after)
+        calls = sum(after[i]["calls"] - before[i]["calls"] for i in after)
+        got = _totals(efd.counters(), be_dev)
+        fe_got = _totals(efd.counters(), fe_dev)
+        print(f"back-end kicks={kicks} calls={calls}; probe back-end {got}; probe testpmd {fe_got}; "
+              f"testpmd {st}")
+        assert kicks + calls > 0, "no notification at all: the test measured nothing"
+        assert got.get("kicks_read", 0) == kicks
+        assert got.get("calls", 0) == calls
+        assert fe_got.get("kicks", 0) == kicks      # every kick testpmd wrote, the back-end read
 
 
 @pytest.mark.dpdk
@@ -214,34 +224,26 @@ def test_connect_counts_kicks_and_calls_per_queue(efd):
     writes equal the kicks, and the rows are named as in the snapshot."""
     from probes.cli import watch_backend
 
-    require(find_testpmd() is not None, "dpdk-testpmd is not installed (Debian 'dpdk'; make deps)")
-    d = socket_dir()
-    sock = f"{d}/vu.sock"
-    try:
-        with VqscopeNet(sock) as be, \
-             DpdkTestpmd([virtio_user_vdev(sock, 1)], main_lcore=1, name="testpmd virtio_user") as fe:
-            assert wait_for(lambda: len(be.snapshot()["queues"]) == 2, 30), be.tail()
-            snap = be.snapshot()
-            assert snap["pid"] == be.peer.proc.pid
-            assert all(isinstance(q["backend"]["kick_fd"], int) and isinstance(q["backend"]["call_fd"], int)
-                       for q in snap["queues"])
-            n_be, n_fe = watch_backend(efd, sock, [fe.proc.pid])
-            assert n_be >= 4 and n_fe >= 4            # kick + call of both vrings in each process
-            base = {k: dict(v) for k, v in efd.counters().items()}
-            before, after, st = _traffic_then_quiet(be, fe)
-            counters = efd.counters()
-            dev = snap["queues"][0]["device"]
-            for i, q in after.items():
-                got = {k: v - base.get((dev, i), {}).get(k, 0) for k, v in counters.get((dev, i), {}).items()}
-                kicks, calls = q["kicks"] - before[i]["kicks"], q["calls"] - before[i]["calls"]
-                print(f"{dev} queue {i}: back-end kicks={kicks} calls={calls}; probe {got}")
-                assert got.get("kicks_read", 0) == kicks, (i, got)
-                assert got.get("calls", 0) == calls, (i, got)
-                assert got.get("kicks", 0) == kicks, (i, got)    # testpmd's writes to that kick fd
-            assert sum(q["kicks"] + q["calls"] - before[i]["kicks"] - before[i]["calls"]
-                       for i, q in after.items()) > 0, "no notification at all: the test measured nothing"
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    with _backend_with_testpmd() as (sock, be, fe):
+        snap = be.snapshot()
+        assert snap["pid"] == be.peer.proc.pid
+        assert all(isinstance(q["backend"]["kick_fd"], int) and isinstance(q["backend"]["call_fd"], int)
+                   for q in snap["queues"])
+        n_be, n_fe = watch_backend(efd, sock, [fe.proc.pid])
+        assert n_be >= 4 and n_fe >= 4            # kick + call of both vrings in each process
+        base = {k: dict(v) for k, v in efd.counters().items()}
+        before, after, _st = _traffic_then_quiet(be, fe)
+        counters = efd.counters()
+        dev = snap["queues"][0]["device"]
+        for i, q in after.items():
+            got = {k: v - base.get((dev, i), {}).get(k, 0) for k, v in counters.get((dev, i), {}).items()}
+            kicks, calls = q["kicks"] - before[i]["kicks"], q["calls"] - before[i]["calls"]
+            print(f"{dev} queue {i}: back-end kicks={kicks} calls={calls}; probe {got}")
+            assert got.get("kicks_read", 0) == kicks, (i, got)
+            assert got.get("calls", 0) == calls, (i, got)
+            assert got.get("kicks", 0) == kicks, (i, got)    # testpmd's writes to that kick fd
+        assert sum(q["kicks"] + q["calls"] - before[i]["kicks"] - before[i]["calls"]
+                   for i, q in after.items()) > 0, "no notification at all: the test measured nothing"
 
 
 @pytest.mark.dpdk
@@ -251,18 +253,10 @@ def test_probe_cli_connect_names_rows_by_queue():
     snapshot names the queues (net1:1), the back-end's reads and testpmd's
     writes of the TX kick fd in one row."""
     require_bpf()
-    require(find_testpmd() is not None, "dpdk-testpmd is not installed (Debian 'dpdk'; make deps)")
-    d = socket_dir()
-    sock = f"{d}/vu.sock"
-    try:
-        with VqscopeNet(sock) as be, \
-             DpdkTestpmd([virtio_user_vdev(sock, 1)], main_lcore=1, name="testpmd virtio_user") as fe:
-            assert wait_for(lambda: len(be.snapshot()["queues"]) == 2, 30), be.tail()
-            fe.start(tx_first=4)
-            r = _vqscope("--json", "--probes", "eventfd", "--connect", sock, "-p", str(fe.proc.pid), "1", "3")
-            fe.stop()
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    with _backend_with_testpmd() as (sock, _be, fe):
+        fe.start(tx_first=4)
+        r = _vqscope("--json", "--probes", "eventfd", "--connect", sock, "-p", str(fe.proc.pid), "1", "3")
+        fe.stop()
     assert r.returncode == 0, r.stderr
     last = json.loads(r.stdout.splitlines()[-1])["eventfd"]["counters"]
     assert last["net1:1"]["kicks_read"] > 0 and last["net1:1"]["kicks"] > 0, last

@@ -170,18 +170,23 @@ class Recording:
         return [dict(zip(("index", "time", "device", "queue", "kind", "detail"), r)) for r in cur]
 
     # ------------------------------------------------------------- events
-    def _blocks(self, start_ns: int | None, end_ns: int | None, cols: str):
-        q = f"SELECT {cols} FROM event_blocks"
+    @staticmethod
+    def _range_sql(start_ns: int | None, end_ns: int | None, inside: bool) -> tuple[str, list[int]]:
+        """The condition on event_blocks (and its arguments) that a block
+        overlaps ``[start_ns, end_ns)`` or, ``inside``, lies wholly in it
+        ("1" when both bounds are open)."""
         cond, args = [], []
         if start_ns is not None:
-            cond.append("t_last >= ?")
+            cond.append("t_first >= ?" if inside else "t_last >= ?")
             args.append(start_ns)
         if end_ns is not None:
-            cond.append("t_first < ?")
+            cond.append("t_last < ?" if inside else "t_first < ?")
             args.append(end_ns)
-        if cond:
-            q += " WHERE " + " AND ".join(cond)
-        return self._db.execute(q + " ORDER BY t_first, id", args)
+        return " AND ".join(cond) or "1", args
+
+    def _blocks(self, start_ns: int | None, end_ns: int | None, cols: str):
+        cond, args = self._range_sql(start_ns, end_ns, inside=False)
+        return self._db.execute(f"SELECT {cols} FROM event_blocks WHERE {cond} ORDER BY t_first, id", args)
 
     def _decode_block(self, device: str, queue: int, count: int, data: bytes,
                       start_ns: int | None, end_ns: int | None, inside: bool) -> list[Event]:
@@ -238,18 +243,12 @@ class Recording:
         ``[start_ns, end_ns)``; blocks wholly inside the range are summed by
         SQLite from their ``kind_counts`` column (no block is read or
         decoded), only the few that straddle a bound are decoded."""
-        inside, args = ["1"], []
-        if start_ns is not None:
-            inside.append("t_first >= ?")
-            args.append(start_ns)
-        if end_ns is not None:
-            inside.append("t_last < ?")
-            args.append(end_ns)
+        inside, args = self._range_sql(start_ns, end_ns, inside=True)
         out: dict[tuple[str, int, str], int] = {}
         try:
             rows = self._db.execute(
                 "SELECT device, queue, j.key, sum(j.value) FROM event_blocks, json_each(kind_counts) AS j"
-                f" WHERE {' AND '.join(inside)} GROUP BY device, queue, j.key", args).fetchall()
+                f" WHERE {inside} GROUP BY device, queue, j.key", args).fetchall()
         except sqlite3.Error as e:   # a kind_counts that is not JSON
             raise RecordingError(f"{self.path}: event_blocks.kind_counts: {e}") from e
         for device, queue, kind, n in rows:
@@ -258,17 +257,11 @@ class Recording:
                                      f"count {n!r} of {kind!r} is not an integer")
             if n:
                 out[device, queue, kind] = n
-        if len(inside) > 1:   # the blocks that overlap the range without being inside it
-            overlap, oargs = ["1"], []
-            if start_ns is not None:
-                overlap.append("t_last >= ?")
-                oargs.append(start_ns)
-            if end_ns is not None:
-                overlap.append("t_first < ?")
-                oargs.append(end_ns)
+        if start_ns is not None or end_ns is not None:   # blocks overlapping the range, not inside it
+            overlap, oargs = self._range_sql(start_ns, end_ns, inside=False)
             for device, queue, count, data in self._db.execute(
-                    f"SELECT device, queue, count, data FROM event_blocks WHERE {' AND '.join(overlap)}"
-                    f" AND NOT ({' AND '.join(inside)})", oargs + args):
+                    f"SELECT device, queue, count, data FROM event_blocks WHERE {overlap}"
+                    f" AND NOT ({inside})", oargs + args):
                 for e in self._decode_block(device, queue, count, data, start_ns, end_ns, False):
                     k = (device, queue, e[3])
                     out[k] = out.get(k, 0) + 1
