@@ -12,6 +12,7 @@ All multi-byte fields are little-endian (VIRTIO 1.x).
 from __future__ import annotations
 
 import struct
+import sys
 
 from .errors import InspectorError
 from .layout import split_layout
@@ -24,8 +25,27 @@ VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
 
 _DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
+_SWAP = sys.byteorder != "little"
+
+
+def _store_u16(view: memoryview, off: int, value: int) -> None:
+    """Write the 16-bit field at ``off`` with ONE store. struct.pack_into
+    zeroes its target before writing the bytes, so a device reading the
+    field concurrently (``avail->idx``, ``used_event``) could see 0: our own
+    back-end saw ``avail->idx 0`` mid-traffic and rightly broke the ring."""
+    if _SWAP:
+        value = int.from_bytes(value.to_bytes(2, "little"), "big")
+    view[off:off + 2].cast("H")[0] = value
+
+
+def _load_u16(view: memoryview, off: int) -> int:
+    """Read the 16-bit field at ``off`` with ONE load (struct reads byte by
+    byte: a field the device moves, ``used->idx``, could be read torn)."""
+    value = view[off:off + 2].cast("H")[0]
+    if _SWAP:
+        value = int.from_bytes(value.to_bytes(2, "little"), "big")
+    return value
 
 
 class DriverRing:
@@ -63,39 +83,39 @@ class DriverRing:
 
     @property
     def avail_flags(self) -> int:
-        return _U16.unpack_from(self._view, self._avail_off(0))[0]
+        return _load_u16(self._view, self._avail_off(0))
 
     @avail_flags.setter
     def avail_flags(self, value: int) -> None:
-        _U16.pack_into(self._view, self._avail_off(0), value)
+        _store_u16(self._view, self._avail_off(0), value)
 
     def set_avail_ring(self, slot: int, head: int) -> None:
-        _U16.pack_into(self._view, self._avail_off(2 + slot), head)
+        _store_u16(self._view, self._avail_off(2 + slot), head)
 
     def set_avail_idx(self, value: int) -> None:
         """Publish ``avail->idx`` (also used by tests to jump it)."""
         self.avail_idx = value & 0xFFFF
-        _U16.pack_into(self._view, self._avail_off(1), self.avail_idx)
+        _store_u16(self._view, self._avail_off(1), self.avail_idx)
 
     @property
     def used_event(self) -> int:
-        return _U16.unpack_from(self._view, self._avail_off(2 + self.size))[0]
+        return _load_u16(self._view, self._avail_off(2 + self.size))
 
     @used_event.setter
     def used_event(self, value: int) -> None:
-        _U16.pack_into(self._view, self._avail_off(2 + self.size), value & 0xFFFF)
+        _store_u16(self._view, self._avail_off(2 + self.size), value & 0xFFFF)
 
     @property
     def used_flags(self) -> int:
-        return _U16.unpack_from(self._view, self.layout.used_offset)[0]
+        return _load_u16(self._view, self.layout.used_offset)
 
     @property
     def used_idx(self) -> int:
-        return _U16.unpack_from(self._view, self.layout.used_offset + 2)[0]
+        return _load_u16(self._view, self.layout.used_offset + 2)
 
     @property
     def avail_event(self) -> int:
-        return _U16.unpack_from(self._view, self.layout.used_offset + 4 + 8 * self.size)[0]
+        return _load_u16(self._view, self.layout.used_offset + 4 + 8 * self.size)
 
     # --- driver operations ---------------------------------------------------
     @property
