@@ -184,7 +184,7 @@ class EventBuffer:
         ``"binary": len(records)``; ``records`` the events' packed
         EVENT_RECORDs (16 bytes: u64 time_ns, u32 kind code, u32 value;
         EVENT_KIND_NAMES), chunk after chunk: copied, never decoded (make
-        bench-record: ~10 ns per event against ~1.8 us as JSON)."""
+        bench-record: ~9 ns per event against ~0.64 us as JSON, quiet)."""
         if since > self.next_seq:
             since = 0
         oldest = self.oldest_seq
