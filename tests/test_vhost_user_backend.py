@@ -16,6 +16,8 @@ import struct
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from inspector.errors import InspectorError
 from inspector.vhost_user import protocol as p
@@ -821,3 +823,27 @@ def test_introspection_serves_only_the_same_uid(tmp_path, caplog, any_uid):
             assert "messages" in out
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(line=st.one_of(
+    st.binary(max_size=200),
+    st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+                 lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=4),
+                 max_leaves=20).map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries({"op": st.sampled_from(["snapshot", "messages", "events", "write", 0])},
+                          optional={"since": st.integers(-5, 10**30) | st.floats() | st.text(max_size=3),
+                                    "limit": st.integers(-5, 10**30) | st.floats() | st.none(),
+                                    "binary": st.booleans() | st.integers(0, 2) | st.none()})
+    .map(lambda d: json.dumps(d).encode()),
+    st.integers(1000, 30000).map(lambda n: b"[" * n + b"]" * n)))
+def test_introspection_answers_any_line_without_raising(server, line):
+    """Whatever a reader sends, the introspection op answers with a reply or
+    an error object (both JSON), never an exception (which would close the
+    reader's connection with a traceback in the log)."""
+    reply = server.introspect(line)
+    header, payload = reply if isinstance(reply, tuple) else (reply, b"")
+    assert isinstance(header, dict) and json.loads(json.dumps(header)) is not None
+    if "binary" in header:
+        assert header["binary"] == len(payload)
+    assert server.introspect_reply(line).count(b"\n") >= 1

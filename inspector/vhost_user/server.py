@@ -619,6 +619,8 @@ class VhostUserServer:
             op = req.get("op") if isinstance(req, dict) else None
         except ValueError as e:
             return {"error": f"request is not JSON: {e}"}
+        except RecursionError:
+            return {"error": "request is not a flat JSON object: it nests too deeply"}
         if op not in INTROSPECT_OPS:
             return {"error": f"unknown op {op!r}: the ops are \"snapshot\", \"messages\" and \"events\" "
                              f"(all read-only)"}
