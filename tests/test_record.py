@@ -287,6 +287,43 @@ def test_reader_errors(tmp_path) -> None:
         assert rec.snapshot(-1) == {"time": 1.0, "queues": []}
 
 
+def test_hostile_recording_contents_are_recording_errors(tmp_path) -> None:
+    """A recording is input too: a zlib bomb, JSON nested past the parser's
+    depth, a truncated stream or a message entry that is not JSON each
+    give a RecordingError naming the part, not a traceback or the memory."""
+    import zlib
+
+    from inspector.record import codec
+
+    path = str(tmp_path / "hostile.vqs")
+    with RecordingWriter(path, {}) as w:
+        for k in range(3):
+            w.write_interval({"time": float(k), "queues": []}, [Event(10 + k, "net1", 0, "kick", 1)],
+                             [{"time": float(k), "request": "GET_FEATURES"}])
+    bomb = zlib.compress(b" " * (codec.MAX_INFLATED + 1), 9)
+    assert len(bomb) < 1 << 20
+    cases = [
+        ("UPDATE snapshots SET data = ? WHERE idx = 0", bomb, "inflates beyond", lambda r: r.snapshot(0)),
+        ("UPDATE snapshots SET data = ? WHERE idx = 0", zlib.compress(b"[" * 100000 + b"]" * 100000),
+         "nested too deeply", lambda r: r.snapshot(0)),
+        ("UPDATE snapshots SET data = ? WHERE idx = 0", zlib.compress(b'{"k": {}}')[:-3], "incomplete",
+         lambda r: r.snapshot(0)),
+        ("UPDATE event_blocks SET data = ? WHERE id = 1", bomb, "inflates beyond|holds", lambda r: list(r.events())),
+        ("UPDATE event_blocks SET count = ? WHERE id = 1", -1, "count", lambda r: list(r.events())),
+        ("UPDATE messages SET entry = ? WHERE id = 1", "{not json", "messages entry is not JSON",
+         lambda r: r.messages()),
+    ]
+    for sql, value, why, read in cases:
+        p = str(tmp_path / f"case{cases.index((sql, value, why, read))}.vqs")
+        shutil.copy(path, p)
+        db = sqlite3.connect(p)
+        db.execute(sql, (value,))
+        db.commit()
+        db.close()
+        with Recording(p) as rec, pytest.raises(RecordingError, match=why):
+            read(rec)
+
+
 def test_message_dedup_of_a_whole_log() -> None:
     d = MessageDedup()
     log = [{"time": 1.0, "request": "A"}, {"time": 2.0, "request": "B"}, {"time": 2.0, "request": "C"}]

@@ -188,11 +188,36 @@ def pack_snapshot(obj: dict) -> bytes:
     return zlib.compress(_dumps(obj), _ZLEVEL_SNAPSHOT)
 
 
-def unpack_snapshot(data: bytes) -> dict:
+#: Most bytes one stored snapshot or event block may decompress to (a
+#: recording is input like any other: a small zlib bomb must not take the
+#: reader's memory). A 64-queue snapshot is ~1 MB of JSON, an event block of
+#: an interval's events at 10M events/s ~17 MB.
+MAX_INFLATED = 256 << 20
+
+
+def inflate(data: bytes, what: str, limit: int = MAX_INFLATED) -> bytes:
+    """zlib-decompress ``data``; CodecError naming ``what`` when it is not
+    zlib or would inflate beyond ``limit`` bytes."""
+    d = zlib.decompressobj()
     try:
-        return json.loads(zlib.decompress(data))
-    except (zlib.error, ValueError) as e:
+        raw = d.decompress(data, limit)
+    except (zlib.error, TypeError) as e:
+        raise CodecError(f"{what} does not decode: {e}") from e
+    if d.unconsumed_tail:
+        raise CodecError(f"{what} inflates beyond {limit} bytes")
+    if not d.eof:
+        raise CodecError(f"{what} does not decode: the zlib stream is incomplete")
+    return raw
+
+
+def unpack_snapshot(data: bytes) -> dict:
+    raw = inflate(data, "snapshot data")
+    try:
+        return json.loads(raw)
+    except ValueError as e:
         raise CodecError(f"snapshot data does not decode: {e}") from e
+    except RecursionError:
+        raise CodecError("snapshot data does not decode: JSON nested too deeply") from None
 
 
 # ------------------------------------------------------------------ events
@@ -223,10 +248,9 @@ def encode_events(times: tuple | list, kind_ids: bytes, values: tuple | list) ->
 
 def decode_events(data: bytes, count: int) -> tuple[array, bytes, array]:
     """``(times, kind_ids, values)`` of a block of ``count`` events."""
-    try:
-        raw = zlib.decompress(data)
-    except zlib.error as e:
-        raise CodecError(f"event block does not decode: {e}") from e
+    if not isinstance(count, int) or count < 0 or 17 * count > MAX_INFLATED:
+        raise CodecError(f"event block count {count!r} is not a count of at most {MAX_INFLATED // 17}")
+    raw = inflate(data, "event block", 17 * count + 1)
     n8 = 8 * count
     if len(raw) != 17 * count:
         raise CodecError(f"event block holds {len(raw)} bytes, expected {17 * count} for {count} events")

@@ -83,7 +83,7 @@ class Recording:
         for k, v in rows:
             try:
                 header[k] = json.loads(v)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, RecursionError):
                 header[k] = v
         if header.get("format") != FORMAT:
             raise RecordingError(f"{self.path}: not a vqscope recording (header format is "
@@ -288,7 +288,11 @@ class Recording:
             q += " WHERE time <= ?"
             args = (until,)
         for (entry,) in self._db.execute(q + " ORDER BY time, id", args):
-            yield json.loads(entry)
+            try:
+                yield json.loads(entry)
+            except (TypeError, ValueError, RecursionError) as e:
+                raise RecordingError(f"{self.path}: a messages entry is not JSON: "
+                                     f"{type(e).__name__}: {e}"[:300]) from None
 
     def messages(self, until: float | None = None) -> list[dict]:
         """:meth:`iter_messages` as a list."""
