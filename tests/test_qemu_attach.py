@@ -363,6 +363,26 @@ def test_fake_vm_stale_last_avail_is_not_decoded_from(fake_vm) -> None:
     assert len(asked) == 2          # once, then once more: the answer stayed behind
 
 
+def test_fake_vm_unexpected_reply_shapes_skip_what_they_describe(fake_vm) -> None:
+    """Another QEMU may answer with other fields or types: the queue (or
+    device) whose reply cannot be read is skipped with the reason, the
+    rest of the snapshot is read as usual, nothing raises."""
+    handlers = fake_vm.qmp.handlers
+    queue_ok, status_ok = handlers["x-query-virtio-queue-status"], handlers["x-query-virtio-status"]
+    handlers["x-query-virtio-queue-status"] = lambda a: {**queue_ok(a), "vring-num": "lots"}
+    handlers["x-query-virtio-status"] = lambda a: (status_ok(a) if a["path"] == FakeVm.NET
+                                                   else {**status_ok(a), "num-vqs": [2]})
+    with qs.QemuSource(fake_vm.qmp.path) as src:
+        snap = src.snapshot()
+    assert snap["queues"] == []
+    reasons = {(s["device"], s["index"]): s["reason"] for s in snap["skipped"]}
+    assert "unexpected x-query-virtio-queue-status reply: ValueError" in reasons[("fnet", 0)], reasons
+    assert "unexpected x-query-virtio-status reply: TypeError" in reasons[("fvu", None)], reasons
+    handlers["x-query-virtio-queue-status"] = queue_ok
+    with qs.QemuSource(fake_vm.qmp.path) as src:
+        assert [q["device"] for q in src.snapshot()["queues"]] == ["fnet"]
+
+
 def test_fake_vm_through_the_cli(fake_vm) -> None:
     r = run_cli("snapshot", "--qmp", fake_vm.qmp.path, "--json")
     assert r.returncode == 0, r.stderr

@@ -600,7 +600,11 @@ class QemuSource:
     def _device_list(self) -> list[tuple[str, str]]:
         now = time.monotonic()
         if not self._devices or now - self._devices_checked > self.device_refresh:
-            self._devices = [(d["path"], d["name"]) for d in self.qmp.execute("x-query-virtio")]
+            try:
+                self._devices = [(str(d["path"]), str(d["name"])) for d in self.qmp.execute("x-query-virtio")]
+            except (KeyError, TypeError) as e:
+                raise SourceError(f"QEMU {self.qmp_path}: unexpected x-query-virtio reply "
+                                  f"({type(e).__name__}: {e})") from None
             self._devices_checked = now
         return self._devices
 
@@ -614,7 +618,11 @@ class QemuSource:
                 self._devices = []  # read the list again next time
                 skipped.append({"device": short_name(path, name), "index": None, "reason": st.desc})
                 continue
-            states.append(device_state(path, name, st))
+            try:
+                states.append(device_state(path, name, st))
+            except (AttributeError, KeyError, TypeError, ValueError) as e:  # another QEMU's reply shape
+                skipped.append({"device": short_name(path, name), "index": None,
+                                "reason": f"unexpected x-query-virtio-status reply: {type(e).__name__}: {e}"})
         return states, skipped
 
     def queue_states(self, keys: list[tuple[DeviceState, int]]) -> list[tuple[DeviceState, int, QueueState | str]]:
@@ -631,7 +639,12 @@ class QemuSource:
                 # queue): "Invalid vhost virtqueue number 2".
                 out.append((dev, i, reply.desc))
             else:
-                out.append((dev, i, queue_state(dev, i, reply) or "not set up"))
+                try:
+                    q = queue_state(dev, i, reply) or "not set up"
+                except (AttributeError, KeyError, TypeError, ValueError) as e:  # another QEMU's reply shape
+                    q = (f"unexpected {queue_command(dev.vhost_started)} reply: "
+                         f"{type(e).__name__}: {e}")
+                out.append((dev, i, q))
         return out
 
     # ---- snapshot -------------------------------------------------------------
