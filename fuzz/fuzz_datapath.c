@@ -69,6 +69,7 @@ struct side {
     uint32_t pending[VQD_MAX_QUEUE_SIZE]; /* popped heads not yet used */
     uint32_t pending_len[VQD_MAX_QUEUE_SIZE];
     uint32_t npending;
+    int last_iov;                         /* iovecs of the last pop, for op 13 */
 };
 
 struct ctx {
@@ -132,6 +133,7 @@ static void do_pop(struct side *sd, int max_elems, int max_iov)
         FUZZ_CHECK(out == el->out_len && in == el->in_len);
         used_iov += el->out_num + el->in_num;
         FUZZ_CHECK(used_iov <= max_iov);
+        sd->last_iov = used_iov;
         if (sd->npending < vq->num) {
             sd->pending[sd->npending] = el->head;
             sd->pending_len[sd->npending] = (uint32_t)el->in_len;
@@ -228,7 +230,14 @@ static void run_op(uint8_t b)
         rc = vqd_vq_should_notify(vq);
         FUZZ_CHECK(rc == 0 || rc == 1);
         break;
-    default: /* 13..15: flush */
+    case 13: { /* the last pop's iovecs copied out, then back (DeviceQueue.read/write) */
+        static uint8_t buf[65536];
+        int64_t got = vqd_vq_copy_iov(vq, sd->iov, sd->last_iov, buf, sizeof buf, 0);
+        FUZZ_CHECK(got >= 0 && (uint64_t)got <= sizeof buf);
+        FUZZ_CHECK(vqd_vq_copy_iov(vq, sd->iov, sd->last_iov, buf, (uint64_t)got, 1) == got);
+        break;
+    }
+    default: /* 14, 15: flush */
         rc = vqd_vq_flush(vq);
         EXPECT_BROKEN(was, rc);
         break;
@@ -298,6 +307,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
         for (int q = 0; q < 2; q++) {
             struct side *sd = &c.s[q];
             sd->npending = 0;
+            sd->last_iov = 0;
             int rc = vqd_vq_init(&sd->vq, num, areas[q][0], areas[q][1], areas[q][2], c.regions,
                                  c.nregions, HDR_U16(&h, 4 + 2 * q), (flags >> q) & 1, -1, -1);
             FUZZ_CHECK(rc == VQD_OK);

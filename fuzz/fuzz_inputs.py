@@ -321,7 +321,7 @@ def write_datapath_seeds(out: str | Path) -> int:
     ring_len = 0x800
     seeds = {}
     traffic = bytes([op(6, 3), op(0, 2), op(1), op(0, 1), op(2, 1), op(3), op(3, 1), op(4, 2),
-                     op(5), op(8, 3), op(7, 2), op(9, 2), op(0, 0), op(10), op(12), op(13)])
+                     op(5), op(8, 3), op(7, 2), op(9, 2), op(0, 0), op(10), op(12), op(13), op(14)])
 
     def build(hostile=None, indirect=False, flags=0):
         mem = GuestMemory()
