@@ -14,7 +14,14 @@ mapped in that process. ``ram`` is the guest-physical → host-virtual map
 (a list of :class:`RamRange`, built from QMP elsewhere). One refresh:
 
 1. the three ring areas are translated gpa → hva (each must lie in one RAM
-   range, else RingError) and gathered in ONE ``process_vm_readv``;
+   range, else RingError) and gathered in ONE ``process_vm_readv``, in this
+   order: the driver area (avail), the device area (used), the descriptor
+   table, the device area again. The chains listed are those made
+   available before the avail read, so the driver wrote their descriptors
+   before the table was read; a chain the device returned meanwhile (its
+   head among the used entries between the two used reads) may already
+   hold the driver's next use of those descriptors: its anomalies are
+   dropped (:func:`forget_returned`), never reported as the driver's fault;
 2. a :class:`~inspector.memory.GuestMemory` is built whose readable regions
    are those copies and whose validate-only regions are the RAM ranges: the
    decoder accepts buffers anywhere in guest RAM but reads only the copies;
@@ -47,10 +54,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import select
+import struct
 from array import array
 from dataclasses import dataclass
-import struct
 from itertools import chain
 
 from . import vqd
@@ -396,20 +404,30 @@ VRING_DESC_F_NEXT = 1
 VRING_DESC_F_INDIRECT = 4
 
 
-def returned_tables(desc: bytes | memoryview, size: int, used_before: bytes | memoryview,
-                    used_after: bytes | memoryview) -> list[tuple[int, int]] | None:
-    """The indirect tables ``(gpa, len)`` of the chains the device returned
-    between two reads of the device area (``used_before``, ``used_after``:
-    its bytes, §2.7.8), walking each returned head's chain in ``desc`` (the
-    descriptor table as first read; at most ``size`` steps per head). None
-    when ``used->idx`` moved by ``size`` or more: every entry was rewritten,
-    so any chain may have been returned."""
+def returned_heads(used_before: bytes | memoryview, used_after: bytes | memoryview,
+                   size: int) -> set[int] | None:
+    """Heads the device returned between two reads of the device area
+    (``used_before``, ``used_after``: its bytes, §2.7.8): the ids of the
+    used entries between the two ``used->idx``, as the second read has them.
+    None when ``used->idx`` moved by ``size`` or more: every entry was
+    rewritten, so any chain may have been returned."""
     u1 = struct.unpack_from("<H", used_before, 2)[0]
     u2 = struct.unpack_from("<H", used_after, 2)[0]
     n = (u2 - u1) & 0xFFFF
     if n >= size:
         return None
-    heads = {struct.unpack_from("<I", used_after, 4 + 8 * ((u1 + k) % size))[0] for k in range(n)}
+    return {struct.unpack_from("<I", used_after, 4 + 8 * ((u1 + k) % size))[0] for k in range(n)}
+
+
+def returned_tables(desc: bytes | memoryview, size: int, used_before: bytes | memoryview,
+                    used_after: bytes | memoryview) -> list[tuple[int, int]] | None:
+    """The indirect tables ``(gpa, len)`` of the chains the device returned
+    between two reads of the device area (:func:`returned_heads`), walking
+    each returned head's chain in ``desc`` (the descriptor table as read; at
+    most ``size`` steps per head). None when any chain may have returned."""
+    heads = returned_heads(used_before, used_after, size)
+    if heads is None:
+        return None
     out = []
     for h in heads:
         for _ in range(size):
@@ -422,6 +440,21 @@ def returned_tables(desc: bytes | memoryview, size: int, used_before: bytes | me
                 break
             h = nxt
     return out
+
+
+_OF_HEAD = re.compile(r"\(head (\d+)\)$")
+
+
+def forget_returned(snap: RingSnapshot, heads: set[int] | None) -> RingSnapshot:
+    """Drop from ``snap`` the anomalies of chains whose head is in ``heads``
+    (None: of every chain), ``indirect_not_read`` kept: the device returned
+    them while the ring was being read, so their descriptors or tables may
+    already be the driver's next use of that memory, not a fault."""
+    if heads is None or heads:
+        snap.anomalies = [(kind, detail) for kind, detail in snap.anomalies
+                          if kind == "indirect_not_read" or not (m := _OF_HEAD.search(detail))
+                          or (heads is not None and int(m.group(1)) not in heads)]
+    return snap
 
 
 def snapshot_remote_split(pmem: ProcessMemory, ram: list[RamRange], size: int, desc_gpa: int,
@@ -443,7 +476,14 @@ def snapshot_remote_split(pmem: ProcessMemory, ram: list[RamRange], size: int, d
                             f"inside one guest RAM range of process {pmem.pid}: check the queue "
                             f"addresses and the guest RAM map")
         ranges.append((hva, n))
-    buf, offsets = pmem.gather(ranges)  # the one read of the ring areas
+    # One read: the driver area, the device area, the descriptor table, then
+    # the device area again (see the module docstring).
+    buf, offs = pmem.gather([ranges[1], ranges[2], ranges[0], ranges[2]])
+    view = memoryview(buf)
+    offsets = (offs[2], offs[0], offs[1])          # desc, avail, used, as decoded
+    used_n = areas[2][1]
+    used_first = view[offs[1]:offs[1] + used_n]
+    used_last = view[offs[3]:offs[3] + used_n]
     mem = GuestMemory()
     for (gpa, n), (hva, _), off in zip(areas, ranges, offsets):
         mem.add(gpa, buf, uva=hva, size=n, buf_offset=off)
@@ -453,19 +493,16 @@ def snapshot_remote_split(pmem: ProcessMemory, ram: list[RamRange], size: int, d
                                             last_avail_idx, max_descs=max_descs,
                                             skip_if_unread=True)
     if not unread:
-        return snap
+        return forget_returned(snap, returned_heads(used_first, used_last, size))
     # Second pass: the unread indirect tables, coalesced into spans, within
     # budget; then the device area again (see the module docstring).
     tables = table_spans(unread, ram, 16 * max_descs)
-    used_hva, used_n = ranges[2]
+    used_hva = ranges[2][0]
     tbuf, toffs, failed = pmem.gather_partial([(hva, n) for _, n, hva in tables] + [(used_hva, used_n)])
-    stale: list[tuple[int, int]] | None = None
     if len(tables) not in failed:
-        view = memoryview(buf)
-        stale = returned_tables(view[offsets[0]:offsets[0] + areas[0][1]], size,
-                                view[offsets[2]:offsets[2] + used_n],
-                                memoryview(tbuf)[toffs[-1]:toffs[-1] + used_n])
-    if stale is not None:   # None: the ring turned over (or vanished) meanwhile; no table is sure
+        used_last = memoryview(tbuf)[toffs[-1]:toffs[-1] + used_n]
+    stale = returned_tables(view[offsets[0]:offsets[0] + areas[0][1]], size, used_first, used_last)
+    if stale is not None:   # None: the ring turned over meanwhile; no table is sure
         for k, ((gpa, n, hva), off) in enumerate(zip(tables, toffs)):
             if k in failed:
                 continue
@@ -477,9 +514,9 @@ def snapshot_remote_split(pmem: ProcessMemory, ram: list[RamRange], size: int, d
                 if gpa <= a and a + ln <= gpa + n and \
                         not any(b < a + ln and a < b + m for b, m in stale):
                     mem.add(a, tbuf, uva=hva + a - gpa, size=ln, buf_offset=off + a - gpa)
-    return impl.snapshot_split_pass(mem, size, desc_gpa, avail_gpa, used_gpa, last_avail_idx,
+    snap = impl.snapshot_split_pass(mem, size, desc_gpa, avail_gpa, used_gpa, last_avail_idx,
                                     max_descs=max_descs)[0]
-
+    return forget_returned(snap, returned_heads(used_first, used_last, size))
 
 __all__ = [
     "IOV_MAX",
@@ -490,7 +527,9 @@ __all__ = [
     "ProcessReadError",
     "RamRange",
     "permission_message",
+    "forget_returned",
     "ram_hva",
+    "returned_heads",
     "returned_tables",
     "snapshot_remote_split",
     "table_spans",
