@@ -387,12 +387,12 @@ def table_spans(tables: list[tuple[int, int]], ram: list[RamRange], budget: int,
                 used += grow
                 end += grow
                 continue
-        hva = ram_hva(ram, gpa, n)
-        if hva is None or used + n > budget:
+        r = next((r for r in ram if r.gpa <= gpa and gpa + n <= r.gpa + r.size), None)
+        if r is None or used + n > budget:
             continue
+        hva = r.hva + (gpa - r.gpa)
         if is_open:
             spans.append((start, end - start, hva0))
-        r = next(r for r in ram if r.hva_of(gpa, n) == hva)
         start, end, limit, hva0, is_open = gpa, gpa + n, r.gpa + r.size, hva, True
         used += n
     if is_open:
@@ -506,7 +506,7 @@ def snapshot_remote_split(pmem: ProcessMemory, ram: list[RamRange], size: int, d
         for k, ((gpa, n, hva), off) in enumerate(zip(tables, toffs)):
             if k in failed:
                 continue
-            if not any(a < gpa + n and gpa < a + ln for a, ln in stale):
+            if not stale or not any(a < gpa + n and gpa < a + ln for a, ln in stale):
                 mem.add(gpa, tbuf, uva=hva, size=n, buf_offset=off)
                 continue
             # The span holds a returned chain's table: add the others one by one.
