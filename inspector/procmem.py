@@ -64,7 +64,7 @@ from itertools import chain
 from . import vqd
 from .errors import RingError, SourceError, SourceGone
 from .memory import GuestMemory
-from .ringref import AREAS, DEFAULT_MAX_DESCS, area_sizes, check_args
+from .ringref import AREAS, DEFAULT_MAX_DESCS, area_sizes, check_args, ring_between
 from .ringsnap import RingSnapshot
 
 #: Most iovecs one process_vm_readv takes (UIO_MAXIOV).
@@ -419,15 +419,11 @@ def returned_heads(used_before: bytes | memoryview, used_after: bytes | memoryvi
     return {struct.unpack_from("<I", used_after, 4 + 8 * ((u1 + k) % size))[0] for k in range(n)}
 
 
-def returned_tables(desc: bytes | memoryview, size: int, used_before: bytes | memoryview,
-                    used_after: bytes | memoryview) -> list[tuple[int, int]] | None:
-    """The indirect tables ``(gpa, len)`` of the chains the device returned
-    between two reads of the device area (:func:`returned_heads`), walking
-    each returned head's chain in ``desc`` (the descriptor table as read; at
-    most ``size`` steps per head). None when any chain may have returned."""
-    heads = returned_heads(used_before, used_after, size)
-    if heads is None:
-        return None
+def returned_tables(desc: bytes | memoryview, size: int, heads: set[int]) -> list[tuple[int, int]]:
+    """The indirect tables ``(gpa, len)`` of the chains of ``heads`` (the
+    device returned them: :func:`returned_heads`), walking each head's
+    chain in ``desc`` (the descriptor table as read; at most ``size`` steps
+    per head)."""
     out = []
     for h in heads:
         for _ in range(size):
@@ -463,7 +459,9 @@ def snapshot_remote_split(pmem: ProcessMemory, ram: list[RamRange], size: int, d
     """Snapshot the split ring at ``desc_gpa``/``avail_gpa``/``used_gpa``
     (guest-physical) in the guest RAM ``ram`` of process ``pmem``, with
     decoder ``impl`` (:mod:`inspector.vqd` or :mod:`inspector.ringref`);
-    see the module docstring. Raises RingError when a ring area is not
+    see the module docstring. A ``last_avail_idx`` not between this read's
+    ``used->idx`` and ``avail->idx`` is older than the read and is not used
+    (the result's ``last_avail_idx`` is None). Raises RingError when a ring area is not
     inside one RAM range, ProcessReadError / ProcessExitedError /
     ProcessAccessError when the process cannot be read."""
     check_args(size, desc_gpa, avail_gpa, used_gpa, last_avail_idx, max_descs)
@@ -484,6 +482,14 @@ def snapshot_remote_split(pmem: ProcessMemory, ram: list[RamRange], size: int, d
     used_n = areas[2][1]
     used_first = view[offs[1]:offs[1] + used_n]
     used_last = view[offs[3]:offs[3] + used_n]
+    if last_avail_idx is not None and not ring_between(
+            struct.unpack_from("<H", used_first, 2)[0], last_avail_idx,
+            struct.unpack_from("<H", view, offs[0] + 2)[0]):
+        # The device's last_avail_idx (QMP, a probe) is older than this read:
+        # the device keeps used <= last_avail <= avail, so decoded from it,
+        # returned chains would show as available. Decode without it; the
+        # result's last_avail_idx says None.
+        last_avail_idx = None
     mem = GuestMemory()
     for (gpa, n), (hva, _), off in zip(areas, ranges, offsets):
         mem.add(gpa, buf, uva=hva, size=n, buf_offset=off)
@@ -501,7 +507,9 @@ def snapshot_remote_split(pmem: ProcessMemory, ram: list[RamRange], size: int, d
     tbuf, toffs, failed = pmem.gather_partial([(hva, n) for _, n, hva in tables] + [(used_hva, used_n)])
     if len(tables) not in failed:
         used_last = memoryview(tbuf)[toffs[-1]:toffs[-1] + used_n]
-    stale = returned_tables(view[offsets[0]:offsets[0] + areas[0][1]], size, used_first, used_last)
+    returned = returned_heads(used_first, used_last, size)
+    stale = None if returned is None else returned_tables(view[offsets[0]:offsets[0] + areas[0][1]],
+                                                           size, returned)
     if stale is not None:   # None: the ring turned over meanwhile; no table is sure
         for k, ((gpa, n, hva), off) in enumerate(zip(tables, toffs)):
             if k in failed:
@@ -516,7 +524,7 @@ def snapshot_remote_split(pmem: ProcessMemory, ram: list[RamRange], size: int, d
                     mem.add(a, tbuf, uva=hva + a - gpa, size=ln, buf_offset=off + a - gpa)
     snap = impl.snapshot_split_pass(mem, size, desc_gpa, avail_gpa, used_gpa, last_avail_idx,
                                     max_descs=max_descs)[0]
-    return forget_returned(snap, returned_heads(used_first, used_last, size))
+    return forget_returned(snap, returned)
 
 __all__ = [
     "IOV_MAX",

@@ -507,10 +507,11 @@ def test_returned_tables_turned_over_ring_trusts_no_table():
     used = bytearray(6 + 8 * 4)
     after = bytearray(used)
     after[2:4] = (4).to_bytes(2, "little")          # the whole 4-entry used ring rewritten
-    assert procmem.returned_tables(bytes(64), 4, used, after) is None
+    assert procmem.returned_heads(used, after, 4) is None
     after[2:4] = (1).to_bytes(2, "little")          # head 9 >= size: a hostile id, no chain
     after[4:8] = (9).to_bytes(4, "little")
-    assert procmem.returned_tables(bytes(64), 4, used, after) == []
+    assert procmem.returned_heads(used, after, 4) == {9}
+    assert procmem.returned_tables(bytes(64), 4, {9}) == []
 
 
 class MidReadMemory(ProcessMemory):
@@ -578,3 +579,25 @@ def test_forget_returned_keeps_other_heads_and_global_anomalies():
                               ("truncated", "more than 4096 descriptors")]
     procmem.forget_returned(snap, None)
     assert snap.anomalies == [("indirect_not_read", "t (head 3)"), ("truncated", "more than 4096 descriptors")]
+
+
+def test_last_avail_older_than_the_read_is_not_decoded_from():
+    """A device's last_avail_idx behind this read's used_idx (QMP or a
+    probe answered before the device moved on): decoded without it, the
+    chains are the in-flight ones and the result says None; one between
+    used and avail is kept."""
+    import ctypes
+
+    from tests.ringbuilder import RingBuilder
+
+    rb = RingBuilder(8)
+    heads = [rb.add_chain(((64, False),)) for _ in range(3)]
+    rb.publish()
+    rb.device_use([(heads[0], 0)])                 # used_idx 1, avail_idx 3
+    ram = [RamRange(r.gpa, r.size, ctypes.addressof((ctypes.c_char * len(r.buf)).from_buffer(r.buf)))
+           for r in rb.mem.regions]
+    with ProcessMemory(os.getpid()) as pm:
+        stale = snapshot_remote_split(pm, ram, 8, *rb.addrs, 0)
+        kept = snapshot_remote_split(pm, ram, 8, *rb.addrs, 2)
+    assert stale.last_avail_idx is None and [c["head"] for c in stale.chains] == heads[1:]
+    assert kept.last_avail_idx == 2 and [c["head"] for c in kept.chains] == heads[2:]

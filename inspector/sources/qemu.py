@@ -733,13 +733,11 @@ class QemuSource:
         return {"source": self.name, "time": time.time(), "pid": self.pid,
                 "queues": queues, "skipped": skipped}
 
-    def _read_ring(self, q: QueueState, last_avail_idx: int | None | bool = True):
-        """Decode ``q``'s ring from QEMU's memory, with QEMU's
-        ``last_avail_idx`` (``last_avail_idx=None``: without one)."""
+    def _read_ring(self, q: QueueState):
         from ..procmem import snapshot_remote_split
 
         return snapshot_remote_split(self._pmem, self._ram, q.num, q.desc, q.avail, q.used,
-                                     q.last_avail_idx if last_avail_idx is True else last_avail_idx)
+                                     q.last_avail_idx)
 
     def _queue_entry(self, dev: DeviceState, q: QueueState) -> tuple[dict[str, Any], Any]:
         """The snapshot entry of ``q`` and the RingSnapshot it came from
@@ -790,21 +788,9 @@ class QemuSource:
             else:
                 anomalies.append({"kind": "ring_unmapped", "detail": str(e)})
                 return entry, None
-        if q.last_avail_idx is not None and not ring_between(dec.used_idx, q.last_avail_idx, dec.avail_idx):
-            # QEMU's last_avail_idx is older than this ring read (in QEMU used
-            # <= last_avail <= avail always holds): decoded from it, chains
-            # already returned would show as available, read from indirect
-            # tables the driver may have freed since. Decode without it; the
-            # entry says null (not known at this read). _snapshot asks QMP again.
-            entry["last_avail_idx"] = None
-            try:
-                dec = self._read_ring(q, last_avail_idx=None)
-            except ProcessExitedError as e:
-                raise SourceGone(f"QEMU pid {self.pid} ({self.qmp_path}) exited: {e}") from None
-            except InspectorError as e:
-                self._raise_if_gone()
-                anomalies.append({"kind": "ring_unmapped", "detail": str(e)})
-                return entry, None
+        # None when QEMU's answer is older than the ring read (procmem):
+        # _snapshot asks QMP again.
+        entry["last_avail_idx"] = dec.last_avail_idx
         entry["avail_idx"] = dec.avail_idx
         entry["used_idx"] = dec.used_idx
         entry["inflight"] = dec.inflight

@@ -35,7 +35,6 @@ import time
 from typing import Any
 
 from ..errors import InspectorError, RingError, SourceError, SourceGone
-from ..ringref import ring_between
 
 DEV_VHOST_NET = "/dev/vhost-net"
 VIRTIO_RING_F_EVENT_IDX = 29
@@ -240,23 +239,17 @@ class VhostNetSource:
         mem_table = [(r.guest_phys_addr, r.memory_size, r.userspace_addr)
                      for r in dev.mem_table] if dev is not None and dev.mem_table else None
         try:
-            dec = self._read_ring(st, mem_table, st.last_avail_idx)
-            if st.last_avail_idx is not None and not ring_between(dec.used_idx, st.last_avail_idx,
-                                                                  dec.avail_idx):
-                # The probe's last_avail_idx is from vhost's last handler run,
-                # older than this ring read (vhost keeps used <= last_avail <=
-                # avail): decoded from it, returned chains would show as
-                # available, read from tables the driver may have reused.
-                # Decode without it; device_state keeps the probe's value.
-                entry["last_avail_idx"] = None
-                dec = self._read_ring(st, mem_table, None)
+            dec = self._read_ring(st, mem_table)
         except SourceGone:
             raise
         except (RingError, SourceError) as e:
             self._check_alive()
             entry["anomalies"].append({"kind": "ring_unmapped", "detail": str(e)})
             return entry
-        entry.update(avail_idx=dec.avail_idx, used_idx=dec.used_idx, inflight=dec.inflight,
+        # None when the probe's value (vhost's last handler run) is older than
+        # the ring read (procmem); device_state keeps the probe's value.
+        entry.update(last_avail_idx=dec.last_avail_idx,
+                     avail_idx=dec.avail_idx, used_idx=dec.used_idx, inflight=dec.inflight,
                      avail_flags=dec.avail_flags, used_flags=dec.used_flags, chains=dec.chains)
         if event_idx:
             entry["used_event"], entry["avail_event"] = dec.used_event, dec.avail_event
@@ -269,7 +262,7 @@ class VhostNetSource:
         entry["anomalies"] = anomalies
         return entry
 
-    def _read_ring(self, st, mem_table, last_avail_idx: int | None):
+    def _read_ring(self, st, mem_table):
         """Decode the vring at ``st``'s user addresses. With the memory
         table (``[(guest_phys_addr, size, userspace_addr)]``) the areas are
         translated to guest-physical and buffers are checked against guest
@@ -291,7 +284,7 @@ class VhostNetSource:
         else:
             ram = [RamRange(gpa=uva, size=n, hva=uva) for uva, n in areas]
             gpas = [uva for uva, _ in areas]
-        return snapshot_remote_split(self._pmem, ram, st.num, *gpas, last_avail_idx)
+        return snapshot_remote_split(self._pmem, ram, st.num, *gpas, st.last_avail_idx)
 
     # ---- events -------------------------------------------------------------------
     def events(self) -> list:
