@@ -201,7 +201,8 @@ class EventBuffer:
         names = EVENT_KIND_NAMES
         out: list[list] = []
         chunks: list[list] = []
-        parts: list[bytes] = []
+        parts: list[memoryview] = []
+        records = b""
         n = 0
         ring = memoryview(self._ring)
         try:
@@ -216,18 +217,21 @@ class EventBuffer:
                     continue
                 n += take
                 device, queue = self._device[s], self._queue[s]
-                with ring[(pos + off) * _RECORD:(pos + off + take) * _RECORD] as part:
-                    if binary:
-                        chunks.append([device, queue, take])
-                        parts.append(bytes(part))
-                    else:
-                        out += [[t, device, queue, names.get(kd, "unknown"), v]
-                                for t, kd, v in EVENT_RECORD.iter_unpack(part)]
+                part = ring[(pos + off) * _RECORD:(pos + off + take) * _RECORD]
+                parts.append(part)
+                if binary:
+                    chunks.append([device, queue, take])
+                else:
+                    out += [[t, device, queue, names.get(kd, "unknown"), v]
+                            for t, kd, v in EVENT_RECORD.iter_unpack(part)]
+            if binary:
+                records = b"".join(parts)      # the one copy out of the ring
         finally:
+            for part in parts:
+                part.release()
             ring.release()
         head = {"next": start + n, "head": self.next_seq, "dropped": self.dropped, "gap": gap}
         if binary:
-            records = b"".join(parts)
             return {**head, "chunks": chunks, "binary": len(records)}, records
         return {**head, "events": out}
 
