@@ -560,6 +560,13 @@ st() {{ cat /sys/class/net/$IF/statistics/$1; }}
 """
 
 
+def guest_if_up(sub: str) -> str:
+    """Shell: GUEST_FIND_IF, then $IF up as {sub}.2/24."""
+    return GUEST_FIND_IF + f"""ip link set "$IF" up
+ip addr add {sub}.2/24 dev "$IF"
+"""
+
+
 class Guest(Peer):
     """A virtme-ng guest; the test talks to its script through stdin (the
     script's ``read``) and stdout (markers like ``VQS-READY``)."""

@@ -18,7 +18,7 @@ import shutil
 import pytest
 
 from .conftest import require
-from .peers import (GUEST_FIND_IF, PEER_MAC, Guest, backend_kind, delete_link, find_testpmd, host_subnet,
+from .peers import (PEER_MAC, Guest, backend_kind, delete_link, find_testpmd, guest_if_up, host_subnet,
                     ip, link_stat, require_guest, socket_dir, start_backend, tap_name, vq_rx, vq_tx,
                     wait_path)
 
@@ -47,10 +47,7 @@ def test_guest_frames_echoed_by_loopback() -> None:
     swapped, on RX virtqueue 0, where the guest driver counts it."""
     _requirements()
     sub = host_subnet()
-    script = GUEST_FIND_IF + f"""
-ip link set "$IF" up
-ip addr add {sub}.2/24 dev "$IF"
-ip neigh replace {sub}.1 lladdr {PEER_MAC} dev "$IF" nud permanent
+    script = guest_if_up(sub) + f"""ip neigh replace {sub}.1 lladdr {PEER_MAC} dev "$IF" nud permanent
 tx0=$(st tx_packets); rx0=$(st rx_packets)
 ping -c {PINGS} -i 0.05 -W 1 {sub}.1
 sleep 1
@@ -90,10 +87,7 @@ def test_guest_pings_host_through_tap() -> None:
     require(shutil.which("ip") is not None, "iproute2 is not installed")
     sub = host_subnet()
     tap = tap_name()
-    script = GUEST_FIND_IF + f"""
-ip link set "$IF" up
-ip addr add {sub}.2/24 dev "$IF"
-echo VQS-UP
+    script = guest_if_up(sub) + f"""echo VQS-UP
 read go
 ping -c 5 -i 0.2 -w 60 {sub}.1
 echo "VQS-PING-RC=$?"

@@ -32,12 +32,12 @@ from inspector.sources.backend import BackendSource
 
 from .conftest import require, wait_for
 from .peers import (
-    GUEST_FIND_IF,
     Guest,
     PeerError,
     VqscopeNet,
     backend_kind,
     delete_link,
+    guest_if_up,
     host_subnet,
     ip,
     link_exists,
@@ -89,10 +89,7 @@ def test_sigkill_restart_guest_network_resumes() -> None:
     require(backend_kind() == "vqscope", "this test kills and restarts vqscope serve itself")
     require(shutil.which("ip") is not None, "iproute2 is not installed")
     sub, tap = host_subnet(), tap_name()
-    script = GUEST_FIND_IF + f"""
-ip link set "$IF" up
-ip addr add {sub}.2/24 dev "$IF"
-echo VQS-UP
+    script = guest_if_up(sub) + f"""echo VQS-UP
 read go
 ping -c 3 -i 0.2 -w 60 {sub}.1
 echo "VQS-PING1-RC=$?"
