@@ -2,7 +2,7 @@
 
 :func:`decoder_case` reads an input of ``fuzz/fuzz_decoder.c`` (its header
 comment is the format's definition) into the arguments of
-:func:`inspector.vqd.snapshot_split_pass` / :func:`inspector.ringref.snapshot_split_pass`,
+:func:`inspector.decoder.snapshot_split_pass` / :func:`inspector.reference.snapshot_split_pass`,
 so that a crash file can be replayed through the Python wrapper and checked
 against the pure-Python reference. :func:`encode_decoder_input` goes the
 other way, from a :class:`~inspector.memory.GuestMemory` of readable
@@ -67,7 +67,7 @@ class DecoderCase:
     max_descs: int
 
     def run(self, impl):
-        """``impl.snapshot_split_pass(...)`` (impl: inspector.vqd or inspector.ringref)."""
+        """``impl.snapshot_split_pass(...)`` (impl: inspector.ring.decoder or inspector.ring.reference)."""
         return impl.snapshot_split_pass(self.mem, self.size, self.desc, self.avail, self.used,
                                         self.last_avail_idx, max_descs=self.max_descs)
 
@@ -171,9 +171,9 @@ def outcome(impl, case: DecoderCase):
 
 
 def replay_decoder_dir(*dirs: str | Path, limit: int | None = None) -> tuple[int, list[Path]]:
-    """Run each input file of ``dirs`` through inspector.vqd and
-    inspector.ringref; returns (inputs run, inputs whose outcomes differ)."""
-    from inspector import ringref, vqd
+    """Run each input file of ``dirs`` through inspector.ring.decoder and
+    inspector.ring.reference; returns (inputs run, inputs whose outcomes differ)."""
+    from inspector.ring import decoder, reference
 
     n, bad = 0, []
     for d in dirs:
@@ -184,7 +184,7 @@ def replay_decoder_dir(*dirs: str | Path, limit: int | None = None) -> tuple[int
                 return n, bad
             case = decoder_case(f.read_bytes())
             n += 1
-            if outcome(vqd, case) != outcome(ringref, case):
+            if outcome(decoder, case) != outcome(reference, case):
                 bad.append(f)
     return n, bad
 
@@ -193,7 +193,7 @@ def write_seeds(out: str | Path) -> int:
     """Write seed inputs built with tests/ringbuilder.py: a well-formed ring
     of each flavour (plain, indirect, wrapped indices, big queue, validate-only
     buffers) and one per hostile kind the decoder reports; returns how many."""
-    from tests.ringbuilder import RingBuilder
+    from tests.support.ringbuilder import RingBuilder
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -313,7 +313,7 @@ def write_datapath_seeds(out: str | Path) -> int:
     with buffers, run through loopback, pop/push and the tap paths, plus the
     hostile kinds (loop, head and next out of range, nested indirect, buffer
     outside memory, avail_idx jump, zero length)."""
-    from inspector.driver import DriverRing
+    from inspector.ring.driver import DriverRing
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -379,7 +379,7 @@ def main(argv: list[str]) -> int:
         return 0
     if len(argv) >= 2 and argv[0] == "replay":
         n, bad = replay_decoder_dir(*argv[1:])
-        print(f"decoder replay: {n} inputs through inspector.vqd and inspector.ringref, "
+        print(f"decoder replay: {n} inputs through inspector.ring.decoder and inspector.ring.reference, "
               f"{len(bad)} differ")
         for f in bad:
             print(f"  differs: {f}")

@@ -65,7 +65,7 @@ from inspector.vhost_user import backend as be
 from inspector.vhost_user import protocol as p
 from inspector.vhost_user.backend import BackendConnection
 from inspector.vhost_user.protocol import Request
-from tests.nulldevice import NullDevice
+from tests.support.nulldevice import NullDevice
 
 HANG_S = 10.0
 MEMFD_NAME = "vqscope-fuzz"
@@ -342,7 +342,7 @@ def gen_session(d: RandomDraw, max_random: int = 12) -> list[MsgSpec]:
     """A valid handshake prefix of random length, then random messages
     (valid ones mixed in). Offered features are taken from the back-end's
     own constants so the valid SET_FEATURES stays valid as it evolves."""
-    feats = int(_DEVICE_FEATURES) | p.VHOST_USER_F_PROTOCOL_FEATURES
+    feats = int(_DEVICE_FEATURES) | 1 << p.VHOST_USER_F_PROTOCOL_FEATURES
     pfeats = int(be.OFFERED_PROTOCOL_FEATURES) | int(getattr(be, "INFLIGHT_PROTOCOL_FEATURES", 0))
     valid = handshake(feats, pfeats)
     # mostly short prefixes (each session is one more connection to set up)

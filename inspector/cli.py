@@ -33,7 +33,7 @@ def cmd_layout(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import serve_main
+    from .tools.serve import serve_main
 
     return serve_main(args)
 
@@ -61,7 +61,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import demo_main
+    from .tools.demo import demo_main
 
     return demo_main(args)
 
@@ -73,7 +73,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from .vhost_net_driver import load_main
+    from .tools.vhost_net_load import load_main
 
     return load_main(args)
 

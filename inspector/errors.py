@@ -13,6 +13,12 @@ class LayoutError(InspectorError, ValueError):
     """A queue size or alignment that VIRTIO 1.2 §2.7 does not allow."""
 
 
+class ArgumentError(InspectorError, ValueError):
+    """An argument a vqscope function refuses (a bound out of range, an
+    iovec array too small for the C data path): a caller's mistake, not the
+    peer's."""
+
+
 class MemoryAccessError(InspectorError):
     """An address (guest-physical or front-end virtual) outside every region."""
 

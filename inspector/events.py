@@ -22,6 +22,7 @@ An event is a flat tuple so that a million of them cost little:
 
 from __future__ import annotations
 
+import struct
 import time
 from typing import NamedTuple
 
@@ -62,3 +63,28 @@ def monotonic_to_realtime_ns(mono_ns: int) -> int:
     moves only when the wall clock is stepped)."""
     return mono_ns + (time.clock_gettime_ns(time.CLOCK_REALTIME)
                       - time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+
+
+# --- packed records: the back-end's event logs and the introspection "events" op
+
+#: Kind codes of packed event records (the C log's VQD_EV_*, checked equal
+#: when inspector.datapath.queue is imported) -> :data:`KINDS` names.
+EVENT_KIND_NAMES = {1: "kick", 2: "call", 3: "call_suppressed"}
+EVENT_KIND_CODES = {name: code for code, name in EVENT_KIND_NAMES.items()}
+#: One event record as drained (struct vqd_event, 16 bytes): time_ns (ns since
+#: the epoch), kind code, value.
+EVENT_RECORD = struct.Struct("<QII")
+
+
+def decode_events(records) -> list[tuple[int, str, int]]:
+    """Packed event records (a bytes-like of whole :data:`EVENT_RECORD` s)
+    as ``(time_ns, kind, value)`` tuples; an unknown kind code reads
+    "unknown"."""
+    names = EVENT_KIND_NAMES
+    return [(t, names.get(k, "unknown"), v) for t, k, v in EVENT_RECORD.iter_unpack(records)]
+
+
+def encode_events(events) -> bytes:
+    """``(time_ns, kind, value)`` tuples as packed records (for devices
+    whose events do not come from a C log; kinds of EVENT_KIND_CODES)."""
+    return b"".join(EVENT_RECORD.pack(t, EVENT_KIND_CODES[k], v) for t, k, v in events)

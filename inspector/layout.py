@@ -10,8 +10,7 @@ aligned to ``align``, the device area (used ring).
 
 QEMU's ``virtio_queue_update_rings`` (up to at least 7.2) aligns the used ring
 after ``offsetof(VRingAvail, ring[num])``, i.e. without ``used_event``; where
-that lands elsewhere (align <= 4, or tiny queues) ``mismatch`` is true. See
-shared/seeds/004_*.
+that lands elsewhere (align <= 4, or tiny queues) ``mismatch`` is true.
 """
 
 from __future__ import annotations
@@ -19,8 +18,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .errors import LayoutError
+from .spec.vhost import INFLIGHT_ALIGNMENT, INFLIGHT_DESC_SIZE
+from .spec.virtio import VIRTQ_MAX_SIZE
 
-MAX_QUEUE_SIZE = 32768  # VIRTIO 1.2 §2.7: Queue Size ≤ 32768
 DESC_SIZE = 16
 AVAIL_HEADER = 4  # flags, idx
 USED_HEADER = 4
@@ -37,10 +37,10 @@ def is_power_of_two(x: int) -> bool:
 
 def check_queue_size(size: int) -> None:
     """Raise LayoutError unless 1 <= size <= 32768 and a power of two (§2.7)."""
-    if not is_power_of_two(size) or size > MAX_QUEUE_SIZE:
+    if not is_power_of_two(size) or size > VIRTQ_MAX_SIZE:
         raise LayoutError(
             f"queue size {size} is invalid: a split virtqueue's size must be a "
-            f"power of two between 1 and {MAX_QUEUE_SIZE} (VIRTIO 1.2 §2.7)"
+            f"power of two between 1 and {VIRTQ_MAX_SIZE} (VIRTIO 1.2 §2.7)"
         )
 
 
@@ -97,3 +97,13 @@ def split_layout(size: int, align: int) -> SplitLayout:
         qemu_legacy_used_offset=qemu_used,
         mismatch=qemu_used != used_offset,
     )
+
+
+def inflight_queue_size(queue_size: int) -> int:
+    """Bytes of one queue's inflight area (vhost-user "Inflight I/O
+    tracking", split-ring layout) for a ring of ``queue_size``: libvhost-user's
+    vu_inflight_queue_size, 16 bytes per descriptor state plus the 2 it
+    counts for the header, rounded up to INFLIGHT_ALIGNMENT (64), which
+    makes room for the whole 16-byte header with any power-of-two size."""
+    n = INFLIGHT_DESC_SIZE * queue_size + 2
+    return (n + INFLIGHT_ALIGNMENT - 1) // INFLIGHT_ALIGNMENT * INFLIGHT_ALIGNMENT

@@ -18,7 +18,9 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-from inspector import vhost_net_driver as vnd
+from inspector.spec.vhost import (VHOST_IOCTL_NAMES, VHOST_MEM_MAX_NREGIONS, VHOST_MEMORY,
+                                  VHOST_MEMORY_REGION, VHOST_VIRTIO, VHOST_VRING_ADDR, VHOST_VRING_FILE,
+                                  VHOST_VRING_STATE)
 from inspector.events import Event, monotonic_to_realtime_ns
 
 from .base import (
@@ -29,18 +31,11 @@ from .base import (
     syscall_field_offset,
 )
 
-# The UAPI's numbers and layouts live with the user-space vhost-net driver
-# (inspector/vhost_net_driver.py); the three it never sends are added here.
-IOCTLS: dict[int, str] = dict(vnd.IOCTL_NAMES)
-IOCTLS.update({
-    vnd._IO(vnd.VHOST_VIRTIO, 0x02): "VHOST_RESET_OWNER",
-    vnd._IOW(vnd.VHOST_VIRTIO, 0x04, 8): "VHOST_SET_LOG_BASE",
-    vnd._IOW(vnd.VHOST_VIRTIO, 0x22, vnd.VHOST_VRING_FILE.size): "VHOST_SET_VRING_ERR",
-})
-VHOST_VIRTIO = vnd.VHOST_VIRTIO
+# The UAPI's numbers and layouts: inspector.spec.vhost.
+IOCTLS: dict[int, str] = VHOST_IOCTL_NAMES
 NUMBERS = {v: k for k, v in IOCTLS.items()}
-MAX_REGIONS = 64   # VHOST_MEM_MAX_NREGIONS' default (vhost module parameter max_mem_regions)
-REGION_SIZE = vnd.VHOST_MEMORY_REGION.size
+MAX_REGIONS = VHOST_MEM_MAX_NREGIONS
+REGION_SIZE = VHOST_MEMORY_REGION.size
 IOCTL_ARG_MAX = 8 + MAX_REGIONS * REGION_SIZE
 IOCTL_ARG_BUF = 1 << IOCTL_ARG_MAX.bit_length()   # power of two > IOCTL_ARG_MAX: lengths are masked with it - 1
 
@@ -126,32 +121,32 @@ def apply_ioctl(dev: VhostDevState, rec: IoctlRecord) -> None:
     elif n in ("VHOST_SET_FEATURES", "VHOST_GET_FEATURES") and len(d) >= 8:
         dev.features = struct.unpack_from("<Q", d)[0]
     elif n == "VHOST_SET_MEM_TABLE" and len(d) >= 8:
-        nreg = vnd.VHOST_MEMORY.unpack_from(d)[0]
+        nreg = VHOST_MEMORY.unpack_from(d)[0]
         have = (len(d) - 8) // REGION_SIZE
         regs = []
         for i in range(min(nreg, have)):
-            gpa, size, uva, _ = vnd.VHOST_MEMORY_REGION.unpack_from(d, 8 + i * REGION_SIZE)
+            gpa, size, uva, _ = VHOST_MEMORY_REGION.unpack_from(d, 8 + i * REGION_SIZE)
             regs.append(MemRegion(gpa, size, uva))
         dev.mem_table = regs
         if nreg > have:
             dev.errors.append(f"VHOST_SET_MEM_TABLE: {nreg} regions, only the first {have} read "
                               f"(MAX_REGIONS {MAX_REGIONS})")
     elif n == "VHOST_SET_VRING_NUM" and len(d) >= 8:
-        idx, num = vnd.VHOST_VRING_STATE.unpack_from(d)
+        idx, num = VHOST_VRING_STATE.unpack_from(d)
         dev.vring(idx).num = num
     elif n == "VHOST_SET_VRING_ADDR" and len(d) >= 40:
-        idx, flags, desc, used, avail, log = vnd.VHOST_VRING_ADDR.unpack_from(d)
+        idx, flags, desc, used, avail, log = VHOST_VRING_ADDR.unpack_from(d)
         v = dev.vring(idx)
         v.flags, v.desc, v.used, v.avail, v.log = flags, desc, used, avail, log
     elif n == "VHOST_SET_VRING_BASE" and len(d) >= 8:
-        idx, num = vnd.VHOST_VRING_STATE.unpack_from(d)
+        idx, num = VHOST_VRING_STATE.unpack_from(d)
         dev.vring(idx).base = num
     elif n == "VHOST_GET_VRING_BASE" and len(d) >= 8:
-        idx, num = vnd.VHOST_VRING_STATE.unpack_from(d)
+        idx, num = VHOST_VRING_STATE.unpack_from(d)
         dev.vring(idx).last_avail_idx = num
     elif n in ("VHOST_SET_VRING_KICK", "VHOST_SET_VRING_CALL", "VHOST_SET_VRING_ERR",
                "VHOST_NET_SET_BACKEND") and len(d) >= 8:
-        idx, fd = vnd.VHOST_VRING_FILE.unpack_from(d)
+        idx, fd = VHOST_VRING_FILE.unpack_from(d)
         attr = {"VHOST_SET_VRING_KICK": "kick_fd", "VHOST_SET_VRING_CALL": "call_fd",
                 "VHOST_SET_VRING_ERR": "err_fd", "VHOST_NET_SET_BACKEND": "backend_fd"}[n]
         setattr(dev.vring(idx), attr, None if fd == -1 else fd)

@@ -14,7 +14,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from inspector.driver import (
+from inspector.spec.virtio import (
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,

@@ -4,7 +4,7 @@ Vrings 2k and 2k+1 are receiveq k and transmitq k (§5.1.2). The control
 queue is not ours: vhost-user front-ends (QEMU, DPDK virtio-user) emulate it
 and tell the back-end which pairs to use with SET_VRING_ENABLE.
 
-Per queue pair a worker thread runs the C fast paths of inspector/vqd.py
+Per queue pair a worker thread runs the C fast paths of inspector/datapath/net.py
 (``vqd_net_loopback``, ``vqd_net_tap_tx`` / ``_rx``), which process a burst
 per call and run without the GIL (cffi releases it around C calls). While
 there is work, the worker polls with kicks disabled (VRING_USED_F_NO_NOTIFY,
@@ -22,7 +22,7 @@ Tap: frames go to and come from a tap interface (IFF_TAP | IFF_NO_PI, one fd
 per pair with IFF_MULTI_QUEUE); the virtio_net_hdr is stripped on transmit
 and synthesised on receive (no offloads are offered).
 
-Inflight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, inspector/inflight.py):
+Inflight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, inspector/datapath/inflight.py):
 with an area from SET_INFLIGHT_FD every ring records the heads it holds; a
 ring started on an area a crashed back-end left hands those back first.
 
@@ -35,41 +35,29 @@ lost across a stop or restart.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import select
-import socket
 import struct
 import threading
 import time
 
 from ..errors import InspectorError, RingError
 from ..memory import GuestMemory
+from ..spec.virtio import (VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+                           VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_MRG_RXBUF_SIZE,
+                           VIRTIO_NET_HDR_SIZE, VIRTIO_NET_S_LINK_UP, VIRTIO_RING_F_EVENT_IDX,
+                           VIRTIO_RING_F_INDIRECT_DESC, has_feature)
+from ..datapath.inflight import InflightAreas
+from ..datapath.net import NetScratch, net_loopback, net_tap_rx, net_tap_tx
+from ..datapath.queue import EVENT_LOG_DEFAULT, DeviceQueue
+from ..events import EVENT_RECORD
 from .base import QueueStats, VringConfig
+from .tap import open_tap
 
 logger = logging.getLogger("inspector.devices.net")
 
-# Feature bits (VIRTIO 1.2 §5.1.3, §6).
-VIRTIO_NET_F_MAC = 5
-VIRTIO_NET_F_MRG_RXBUF = 15
-VIRTIO_NET_F_STATUS = 16
-VIRTIO_NET_F_MQ = 22
-VIRTIO_RING_F_INDIRECT_DESC = 28
-VIRTIO_RING_F_EVENT_IDX = 29
-VIRTIO_F_VERSION_1 = 32
-
-VIRTIO_NET_S_LINK_UP = 1
 DEFAULT_MTU = 1500
-
-# Linux tun/tap and interface ioctls.
-_TUNSETIFF = 0x400454CA
-_IFF_TAP = 0x0002
-_IFF_NO_PI = 0x1000
-_IFF_MULTI_QUEUE = 0x0100
-_SIOCGIFFLAGS = 0x8913
-_SIOCSIFFLAGS = 0x8914
-_IFF_UP = 0x1
 
 
 def parse_mac(mac: str) -> bytes:
@@ -86,42 +74,9 @@ def parse_mac(mac: str) -> bytes:
 def net_hdr_len(features: int) -> int:
     """§5.1.6.1: the header has num_buffers (12 bytes) with VIRTIO_F_VERSION_1
     or VIRTIO_NET_F_MRG_RXBUF, else 10 bytes."""
-    if features >> VIRTIO_F_VERSION_1 & 1 or features >> VIRTIO_NET_F_MRG_RXBUF & 1:
-        return 12
-    return 10
-
-
-def open_tap(name: str | None, queues: int = 1) -> tuple[str, list[int]]:
-    """Open (creating if needed) tap ``name`` with ``queues`` non-blocking fds
-    and set it up; returns the kernel's name and the fds."""
-    flags = _IFF_TAP | _IFF_NO_PI | (_IFF_MULTI_QUEUE if queues > 1 else 0)
-    req = (name or "").encode()
-    if len(req) > 15:
-        raise InspectorError(f"tap name {name!r} is longer than 15 bytes (IFNAMSIZ)")
-    fds: list[int] = []
-    try:
-        for _ in range(queues):
-            try:
-                fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError as e:
-                raise InspectorError(f"cannot open /dev/net/tun: {e.strerror} (needs root or "
-                                     f"CAP_NET_ADMIN, and the tun module)") from e
-            fds.append(fd)
-            try:
-                res = fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", req, flags))
-            except OSError as e:
-                raise InspectorError(f"cannot attach tap {name or '(new)'}: {e.strerror}") from e
-            req = res[:16].rstrip(b"\0")
-        ifname = req.decode()
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            cur = fcntl.ioctl(s, _SIOCGIFFLAGS, struct.pack("16sH22x", req, 0))
-            iflags = struct.unpack_from("16sH", cur)[1]
-            fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH22x", req, iflags | _IFF_UP))
-        return ifname, fds
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
+    if has_feature(features, VIRTIO_F_VERSION_1) or has_feature(features, VIRTIO_NET_F_MRG_RXBUF):
+        return VIRTIO_NET_HDR_MRG_RXBUF_SIZE
+    return VIRTIO_NET_HDR_SIZE
 
 
 def _dup(fd: int | None, nonblocking: bool = False) -> int:
@@ -137,8 +92,6 @@ class _Ring:
     """A started vring: the C queue and the fds it keeps (dup'ed: ours)."""
 
     def __init__(self, vring: VringConfig, mem: GuestMemory, event_idx: bool, event_capacity: int):
-        from ..vqd import DeviceQueue
-
         self.index = vring.index
         self.kick_fd = _dup(vring.kick_fd, nonblocking=True)
         self.call_fd = _dup(vring.call_fd)
@@ -262,8 +215,6 @@ class _PairWorker(threading.Thread):
 
     # --- loops -------------------------------------------------------------------------
     def _run_loopback(self) -> None:
-        from ..vqd import NetScratch, net_loopback
-
         dev, txq, rxq = self.dev, self.tx.q, self.rx.q
         s = NetScratch()
         hdr, mrg = dev.hdr_len, dev.mrg_rxbuf
@@ -287,8 +238,6 @@ class _PairWorker(threading.Thread):
                 idle_since = None
 
     def _run_tap(self) -> None:
-        from ..vqd import NetScratch, net_tap_rx, net_tap_tx
-
         dev, tap = self.dev, self.tap_fd
         txq = self.tx.q if self.tx else None
         rxq = self.rx.q if self.rx else None
@@ -368,8 +317,6 @@ class NetDevice:
                  mac: str = "52:54:00:12:34:57", *, budget: int = 256, spin: int = 64,
                  busy_poll_us: float = 200.0, idle_timeout_ms: int = 500,
                  cpus: list[int] | None = None, event_capacity: int | None = None):
-        from ..vqd import EVENT_LOG_DEFAULT, EVENT_RECORD
-
         if mode not in ("loopback", "tap"):
             raise InspectorError(f"net mode {mode!r} is invalid: use \"loopback\" or \"tap\"")
         if not 1 <= queue_pairs <= 0x8000:
@@ -403,7 +350,6 @@ class NetDevice:
         self._retired_dropped: dict[int, int] = {}
         self._tap_fds: list[int] = []
         self.tap_name: str | None = None
-        from ..inflight import InflightAreas
         self._inflight = InflightAreas()
         if mode == "tap":
             self.tap_name, self._tap_fds = open_tap(tap_name, queue_pairs)
@@ -439,7 +385,7 @@ class NetDevice:
             self.mac = bytes(mac)
 
     def set_inflight(self, area, num_queues: int, queue_size: int) -> None:
-        """SET_INFLIGHT_FD's area (inspector/inflight.py), used by the rings
+        """SET_INFLIGHT_FD's area (inspector/datapath/inflight.py), used by the rings
         started from now on."""
         with self._lock:
             self._inflight.set(area, num_queues, queue_size)

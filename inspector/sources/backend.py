@@ -17,7 +17,7 @@ client sends ``{"op": "snapshot"}`` and receives one snapshot JSON object, or
   back-end's bounded buffer before this call. With ``"binary": true`` the
   reply line has ``"chunks": [[device, queue, n], ...]`` and ``"binary": B``
   instead of ``events``, and B bytes of packed records follow it (16 bytes
-  each: u64 time_ns, u32 kind code, u32 value; inspector.vqd.EVENT_RECORD
+  each: u64 time_ns, u32 kind code, u32 value; inspector.events.EVENT_RECORD
   and EVENT_KIND_NAMES), chunk after chunk: the server copies them instead
   of encoding each event (what :meth:`BackendSource.events` asks for).
 
@@ -36,7 +36,7 @@ import os
 import socket
 
 from ..errors import SourceError
-from ..events import Event
+from ..events import EVENT_KIND_NAMES, EVENT_RECORD, Event
 
 EVENTS_PER_REQUEST = 65536
 MAX_BINARY = 16 * EVENTS_PER_REQUEST    # bytes of records one binary reply may carry
@@ -166,8 +166,6 @@ class BackendSource:
     def _binary_events(self, reply: dict) -> list[Event]:
         """The Events of a binary ``events`` reply (its ``chunks`` and
         ``records``); SourceError when they do not add up."""
-        from ..vqd import EVENT_KIND_NAMES, EVENT_RECORD
-
         records, chunks = memoryview(reply["records"]), reply.get("chunks")
         out: list[Event] = []
         off = 0

@@ -19,7 +19,7 @@ addresses in that process and whose ``last_avail_idx``, ``last_used_idx``,
   anyway; descriptor addresses (guest-physical) cannot be checked, and the
   queue carries one ``mem_table_unknown`` anomaly instead of an
   ``addr_out_of_range`` per descriptor;
-- the rings: :func:`inspector.procmem.snapshot_remote_split`, one
+- the rings: :func:`inspector.ring.remote.snapshot_remote_split`, one
   ``process_vm_readv`` per vring, never a write.
 
 Queue entries are those of README "Snapshot JSON", device
@@ -35,9 +35,12 @@ import time
 from typing import Any
 
 from ..errors import InspectorError, RingError, SourceError, SourceGone
+from ..layout import avail_ring_size, desc_table_size, used_ring_size
+from ..memory.process import ProcessMemory, RamRange
+from ..ring.remote import snapshot_remote_split
+from ..spec.vhost import DEV_VHOST_NET
+from ..spec.virtio import VIRTIO_RING_F_EVENT_IDX, has_feature
 
-DEV_VHOST_NET = "/dev/vhost-net"
-VIRTIO_RING_F_EVENT_IDX = 29
 #: Anomalies that need the memory table: dropped when it is unknown.
 NEEDS_MEM_TABLE = frozenset({"addr_out_of_range", "indirect_out_of_range"})
 
@@ -114,8 +117,6 @@ class VhostNetSource:
             raise SourceError(f"process {pid} ({_comm(pid)}) holds no {DEV_VHOST_NET} fd: give the pid "
                               f"of a QEMU with vhost=on or of `vqscope load vhost-net`")
         try:
-            from ..procmem import ProcessMemory
-
             self._pmem = ProcessMemory(pid)
             self.probe = probe
             if probes is not None:
@@ -210,7 +211,7 @@ class VhostNetSource:
         features = dev.features if dev is not None else None
         if features is None:
             features = getattr(st, "acked_features", None)
-        event_idx = bool((features or 0) >> VIRTIO_RING_F_EVENT_IDX & 1)
+        event_idx = has_feature(features or 0, VIRTIO_RING_F_EVENT_IDX)
         now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         entry: dict[str, Any] = {
             "device": device, "index": st.index, "layout": "split", "size": st.num,
@@ -247,7 +248,7 @@ class VhostNetSource:
             entry["anomalies"].append({"kind": "ring_unmapped", "detail": str(e)})
             return entry
         # None when the probe's value (vhost's last handler run) is older than
-        # the ring read (procmem); device_state keeps the probe's value.
+        # the ring read (ring.remote); device_state keeps the probe's value.
         entry.update(last_avail_idx=dec.last_avail_idx,
                      avail_idx=dec.avail_idx, used_idx=dec.used_idx, inflight=dec.inflight,
                      avail_flags=dec.avail_flags, used_flags=dec.used_flags, chains=dec.chains)
@@ -267,9 +268,6 @@ class VhostNetSource:
         table (``[(guest_phys_addr, size, userspace_addr)]``) the areas are
         translated to guest-physical and buffers are checked against guest
         memory; without, each area is its own range (gpa = its address)."""
-        from ..layout import avail_ring_size, desc_table_size, used_ring_size
-        from ..procmem import RamRange, snapshot_remote_split
-
         areas = [(st.desc, desc_table_size(st.num)), (st.avail, avail_ring_size(st.num)),
                  (st.used, used_ring_size(st.num))]
         if mem_table:

@@ -40,12 +40,14 @@ from ..devices.base import Device, VringConfig
 from ..errors import InspectorError, MemoryAccessError
 from ..layout import avail_ring_size, desc_table_size, is_power_of_two, used_ring_size
 from ..memory import GuestMemory
+from ..layout import inflight_queue_size
+from ..spec.vhost import VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES
+from ..spec.virtio import VIRTIO_CONFIG_S_NEEDS_RESET, VIRTQ_MAX_SIZE, has_feature
 from .protocol import (
-    FLAG_NEED_REPLY, FLAG_REPLY, MAX_VRING_NUM, VERSION, VHOST_F_LOG_ALL,
-    VHOST_USER_F_PROTOCOL_FEATURES, VRING_IDX_MASK, VRING_NOFD_MASK, ConfigPayload, InflightPayload,
-    LogPayload, MemoryTable, Message, MessageReader, ProtocolFeature, ProtocolViolation, Request,
-    VringAddr, VringState, check_header, check_index, inflight_queue_size, pack_u64, payload_fields,
-    send_message,
+    FLAG_NEED_REPLY, FLAG_REPLY, VERSION, VRING_IDX_MASK, VRING_NOFD_MASK, ConfigPayload,
+    InflightPayload, LogPayload, MemoryTable, Message, MessageReader, ProtocolFeature,
+    ProtocolViolation, Request, VringAddr, VringState, check_header, check_index, pack_u64,
+    payload_fields, send_message,
 )
 
 logger = logging.getLogger("inspector.vhost_user")
@@ -53,7 +55,6 @@ logger = logging.getLogger("inspector.vhost_user")
 OFFERED_PROTOCOL_FEATURES = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
                              | ProtocolFeature.LOG_SHMFD | ProtocolFeature.BACKEND_REQ
                              | ProtocolFeature.STATUS)
-VIRTIO_CONFIG_S_NEEDS_RESET = 0x40  # VIRTIO 1.2 §2.1.2
 # Offered in addition when the device says ``supports_inflight = True`` (and
 # has ``set_inflight``): GET/SET_INFLIGHT_FD.
 INFLIGHT_PROTOCOL_FEATURES = ProtocolFeature.INFLIGHT_SHMFD
@@ -422,7 +423,7 @@ class BackendConnection:
 
     # --- handlers: each returns the reply payload or None ------------------------
     def _offered_features(self) -> int:
-        return (int(self.device.features()) & ~VHOST_F_LOG_ALL) | VHOST_USER_F_PROTOCOL_FEATURES
+        return (int(self.device.features()) & ~(1 << VHOST_F_LOG_ALL)) | 1 << VHOST_USER_F_PROTOCOL_FEATURES
 
     def _get_features(self, msg: Message, _: None) -> bytes:
         return pack_u64(self._offered_features())
@@ -434,8 +435,8 @@ class BackendConnection:
                                     f"bits {features & ~offered:#x} were never offered (offered {offered:#x})")
         self.features = features
         self.features_set = True
-        self.device.set_features(features & ~VHOST_USER_F_PROTOCOL_FEATURES)
-        if not features & VHOST_USER_F_PROTOCOL_FEATURES:
+        self.device.set_features(features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES))
+        if not has_feature(features, VHOST_USER_F_PROTOCOL_FEATURES):
             # Spec: without protocol features, rings start in the enabled state.
             for i, v in enumerate(self.vrings):
                 if not v.enabled:
@@ -471,7 +472,7 @@ class BackendConnection:
         self.device_status, self.needs_reset = 0, None
 
     def _initially_enabled(self) -> bool:
-        return self.features_set and not self.features & VHOST_USER_F_PROTOCOL_FEATURES
+        return self.features_set and not has_feature(self.features, VHOST_USER_F_PROTOCOL_FEATURES)
 
     def _set_mem_table(self, msg: Message, table: MemoryTable) -> None:
         name = msg.name
@@ -585,9 +586,9 @@ class BackendConnection:
 
     def _set_vring_num(self, msg: Message, st: VringState) -> None:
         # VIRTIO 1.2 §2.7: Queue Size is a power of 2, at most 32768.
-        if st.num == 0 or not is_power_of_two(st.num) or st.num > MAX_VRING_NUM:
+        if st.num == 0 or not is_power_of_two(st.num) or st.num > VIRTQ_MAX_SIZE:
             raise ProtocolViolation(msg.name, "num", st.num,
-                                    f"a split ring's size is a power of two, 1 to {MAX_VRING_NUM} "
+                                    f"a split ring's size is a power of two, 1 to {VIRTQ_MAX_SIZE} "
                                     f"(VIRTIO 1.2 §2.7)")
         self._reconfigure(msg.name, st.index, lambda v: setattr(v, "num", st.num))
 
@@ -712,9 +713,9 @@ class BackendConnection:
                                     f"the device has {self.num_queues} vring(s): give 1 to {self.num_queues}")
         # VIRTIO 1.2 §2.7: Queue Size is a power of 2, at most 32768.
         q = inf.queue_size
-        if q == 0 or not is_power_of_two(q) or q > MAX_VRING_NUM:
+        if q == 0 or not is_power_of_two(q) or q > VIRTQ_MAX_SIZE:
             raise ProtocolViolation(name, "queue_size", q,
-                                    f"a split ring's size is a power of two, 1 to {MAX_VRING_NUM} "
+                                    f"a split ring's size is a power of two, 1 to {VIRTQ_MAX_SIZE} "
                                     f"(VIRTIO 1.2 §2.7)")
 
     def _get_inflight_fd(self, msg: Message, inf: InflightPayload) -> tuple[bytes, list[int]]:

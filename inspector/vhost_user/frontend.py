@@ -1,7 +1,7 @@
 """A vhost-user front-end (the driver side), for ``vqscope demo`` and tests.
 
 It owns guest memory (a memfd it maps), builds split rings in it with
-inspector.driver.DriverRing, does the handshake the way QEMU does, and drives
+inspector.ring.driver.DriverRing, does the handshake the way QEMU does, and drives
 a virtio-net device: RX buffers, TX frames, kicks honouring notification
 suppression, calls on eventfds. Guest-physical addresses start at 0; the
 front-end virtual addresses it sends are the mmap's real address, so a
@@ -26,21 +26,21 @@ import select
 import socket
 import struct
 
-from ..driver import (VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-                      VRING_USED_F_NO_NOTIFY, DriverRing)
 from ..errors import InspectorError, ProtocolError
 from ..layout import split_layout
 from ..memory import GuestMemory
+from ..ring.driver import DriverRing
+from ..spec.vhost import VHOST_USER_F_PROTOCOL_FEATURES
+from ..spec.virtio import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+                           VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_VERSION_1,
+                           VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_HDR_MRG_RXBUF_SIZE, VIRTIO_NET_HDR_SIZE,
+                           VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
+                           VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY, has_feature)
 from .protocol import (
-    FLAG_NEED_REPLY, FLAG_REPLY, VERSION, VHOST_USER_F_PROTOCOL_FEATURES,
+    FLAG_NEED_REPLY, FLAG_REPLY, VERSION,
     ConfigPayload, InflightPayload, MemoryRegionDesc, MemoryTable, Message, ProtocolFeature, Request,
     VringAddr, VringState, pack_u64, recv_message, send_message, unpack_inflight,
 )
-
-VIRTIO_NET_F_MRG_RXBUF = 1 << 15
-VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
-VIRTIO_RING_F_EVENT_IDX = 1 << 29
-VIRTIO_F_VERSION_1 = 1 << 32
 
 _NET_HDR_V1 = struct.Struct("<BBHHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
 
@@ -49,15 +49,8 @@ _HAS_REPLY = {Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_Q
               Request.GET_VRING_BASE, Request.GET_CONFIG, Request.SET_LOG_BASE,
               Request.GET_STATUS}
 
-# Device status bits (VIRTIO 1.2 §2.1).
-VIRTIO_CONFIG_S_ACKNOWLEDGE = 1
-VIRTIO_CONFIG_S_DRIVER = 2
-VIRTIO_CONFIG_S_DRIVER_OK = 4
-VIRTIO_CONFIG_S_FEATURES_OK = 8
-VIRTIO_CONFIG_S_NEEDS_RESET = 0x40
-
 #: Ring violations :meth:`VhostUserFrontend.write_hostile` can write, and the
-#: decoder's anomaly kind (inspector/ringref.py ANOMALY_KINDS) each shows as.
+#: decoder's anomaly kind (inspector.ring.anomalies.ANOMALY_KINDS) each shows as.
 HOSTILE_KINDS = {
     "loop": "loop",                            # §2.7.5.2: a chain longer than the table
     "head_out_of_range": "head_out_of_range",  # §2.7.6: avail->ring[] head >= size
@@ -117,11 +110,11 @@ class VhostUserFrontend:
         self.queue_size = queue_size
         self.mem_size = mem_size
         self.slot_size = slot_size
-        self.want_features = VIRTIO_F_VERSION_1 | extra_features
+        self.want_features = 1 << VIRTIO_F_VERSION_1 | extra_features
         if event_idx:
-            self.want_features |= VIRTIO_RING_F_EVENT_IDX
+            self.want_features |= 1 << VIRTIO_RING_F_EVENT_IDX
         if mrg_rxbuf:
-            self.want_features |= VIRTIO_NET_F_MRG_RXBUF
+            self.want_features |= 1 << VIRTIO_NET_F_MRG_RXBUF
         self.features = 0
         self.device_features = 0
         self.protocol_features = 0
@@ -242,7 +235,7 @@ class VhostUserFrontend:
         kick, call and enable."""
         self.device_features = self.get_features()
         self._request(Request.SET_OWNER)
-        if self.device_features & VHOST_USER_F_PROTOCOL_FEATURES:
+        if has_feature(self.device_features, VHOST_USER_F_PROTOCOL_FEATURES):
             offered = self._get_u64(Request.GET_PROTOCOL_FEATURES)
             want = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
                     | ProtocolFeature.LOG_SHMFD | ProtocolFeature.BACKEND_REQ | ProtocolFeature.STATUS)
@@ -266,7 +259,7 @@ class VhostUserFrontend:
                 finally:
                     theirs.close()
                 self.backend_channel = mine
-        self.features = self.device_features & (self.want_features | VHOST_USER_F_PROTOCOL_FEATURES)
+        self.features = self.device_features & (self.want_features | 1 << VHOST_USER_F_PROTOCOL_FEATURES)
         self._request(Request.SET_FEATURES, pack_u64(self.features))
         self._request(Request.SET_MEM_TABLE,
                       MemoryTable([MemoryRegionDesc(0, self.mem_size, self.uva, 0)]).pack(),
@@ -371,7 +364,7 @@ class VhostUserFrontend:
             self.gpa_to_uva(ring.avail_addr), 0).pack())
         self._request(Request.SET_VRING_KICK, pack_u64(i), fds=[q.kick_fd])
         self._request(Request.SET_VRING_CALL, pack_u64(i), fds=[q.call_fd])
-        if self.features & VHOST_USER_F_PROTOCOL_FEATURES:
+        if has_feature(self.features, VHOST_USER_F_PROTOCOL_FEATURES):
             self._request(Request.SET_VRING_ENABLE, VringState(i, 1).pack())
 
     # --- virtio-net driver ---------------------------------------------------------------------
@@ -379,11 +372,12 @@ class VhostUserFrontend:
     def net_hdr_len(self) -> int:
         """12 with VERSION_1 or MRG_RXBUF (virtio_net_hdr_v1 /
         _mrg_rxbuf), else 10 (VIRTIO 1.2 §5.1.6)."""
-        return 12 if self.features & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF) else 10
+        return (VIRTIO_NET_HDR_MRG_RXBUF_SIZE if has_feature(self.features, VIRTIO_F_VERSION_1)
+                or has_feature(self.features, VIRTIO_NET_F_MRG_RXBUF) else VIRTIO_NET_HDR_SIZE)
 
     @property
     def event_idx(self) -> bool:
-        return bool(self.features & VIRTIO_RING_F_EVENT_IDX)
+        return has_feature(self.features, VIRTIO_RING_F_EVENT_IDX)
 
     def rx(self, pair: int) -> _Queue:
         return self.queues[2 * pair]
@@ -539,7 +533,7 @@ class VhostUserFrontend:
         header. With MRG_RXBUF a frame spans ``num_buffers`` used buffers."""
         done = self._collect(self.rx(pair))
         hlen = self.net_hdr_len
-        mrg = bool(self.features & VIRTIO_NET_F_MRG_RXBUF)
+        mrg = has_feature(self.features, VIRTIO_NET_F_MRG_RXBUF)
         frames = []
         i = 0
         try:

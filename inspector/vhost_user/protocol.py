@@ -20,116 +20,19 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from enum import IntEnum, IntFlag
 from typing import Any
 
 from ..errors import ProtocolError
+from ..layout import inflight_queue_size  # noqa: F401  (re-exported: payload checks and tests)
+# The protocol's numbers live in inspector.spec.vhost; these names are
+# re-exported so that users of this module need one import.
+from ..spec.vhost import (  # noqa: F401
+    FLAG_NEED_REPLY, FLAG_REPLY, INFLIGHT_ALIGNMENT, INFLIGHT_DESC_SIZE, INFLIGHT_HEADER_SIZE,
+    INFLIGHT_VERSION, MAX_CONFIG_SIZE, MAX_FDS, MAX_MEM_REGIONS, VERSION, VERSION_MASK,
+    VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VRING_IDX_MASK, VRING_NOFD_MASK,
+    BackendRequest, ProtocolFeature, Request,
+)
 
-
-class Request(IntEnum):
-    """Front-end → back-end message types (spec "Front-end message types")."""
-
-    GET_FEATURES = 1
-    SET_FEATURES = 2
-    SET_OWNER = 3
-    RESET_OWNER = 4
-    SET_MEM_TABLE = 5
-    SET_LOG_BASE = 6
-    SET_LOG_FD = 7
-    SET_VRING_NUM = 8
-    SET_VRING_ADDR = 9
-    SET_VRING_BASE = 10
-    GET_VRING_BASE = 11
-    SET_VRING_KICK = 12
-    SET_VRING_CALL = 13
-    SET_VRING_ERR = 14
-    GET_PROTOCOL_FEATURES = 15
-    SET_PROTOCOL_FEATURES = 16
-    GET_QUEUE_NUM = 17
-    SET_VRING_ENABLE = 18
-    SEND_RARP = 19
-    NET_SET_MTU = 20
-    SET_BACKEND_REQ_FD = 21
-    IOTLB_MSG = 22
-    SET_VRING_ENDIAN = 23
-    GET_CONFIG = 24
-    SET_CONFIG = 25
-    CREATE_CRYPTO_SESSION = 26
-    CLOSE_CRYPTO_SESSION = 27
-    POSTCOPY_ADVISE = 28
-    POSTCOPY_LISTEN = 29
-    POSTCOPY_END = 30
-    GET_INFLIGHT_FD = 31
-    SET_INFLIGHT_FD = 32
-    GPU_SET_SOCKET = 33
-    RESET_DEVICE = 34
-    VRING_KICK = 35
-    GET_MAX_MEM_SLOTS = 36
-    ADD_MEM_REG = 37
-    REM_MEM_REG = 38
-    SET_STATUS = 39
-    GET_STATUS = 40
-    GET_SHARED_OBJECT = 41
-    SET_DEVICE_STATE_FD = 42
-    CHECK_DEVICE_STATE = 43
-
-
-class BackendRequest(IntEnum):
-    """Back-end → front-end message types (spec "Back-end message types"),
-    sent on the channel given by SET_BACKEND_REQ_FD."""
-
-    IOTLB_MSG = 1
-    CONFIG_CHANGE_MSG = 2
-    VRING_HOST_NOTIFIER_MSG = 3
-    VRING_CALL = 4
-    VRING_ERR = 5
-    SHARED_OBJECT_ADD = 6
-    SHARED_OBJECT_REMOVE = 7
-    SHARED_OBJECT_LOOKUP = 8
-
-
-class ProtocolFeature(IntFlag):
-    """VHOST_USER_PROTOCOL_F_* as bit masks (bit numbers from the spec)."""
-
-    MQ = 1 << 0
-    LOG_SHMFD = 1 << 1
-    RARP = 1 << 2
-    REPLY_ACK = 1 << 3
-    MTU = 1 << 4
-    BACKEND_REQ = 1 << 5
-    CROSS_ENDIAN = 1 << 6
-    CRYPTO_SESSION = 1 << 7
-    PAGEFAULT = 1 << 8
-    CONFIG = 1 << 9
-    BACKEND_SEND_FD = 1 << 10
-    HOST_NOTIFIER = 1 << 11
-    INFLIGHT_SHMFD = 1 << 12
-    RESET_DEVICE = 1 << 13
-    INBAND_NOTIFICATIONS = 1 << 14
-    CONFIGURE_MEM_SLOTS = 1 << 15
-    STATUS = 1 << 16
-    XEN_MMAP = 1 << 17
-    SHARED_OBJECT = 1 << 18
-    DEVICE_STATE = 1 << 19
-
-
-VHOST_USER_F_PROTOCOL_FEATURES = 1 << 30
-VHOST_F_LOG_ALL = 1 << 26  # dirty logging; vqscope never offers it
-
-# Header flags.
-VERSION = 0x1
-VERSION_MASK = 0x3
-FLAG_REPLY = 0x4
-FLAG_NEED_REPLY = 0x8
-
-# SET_VRING_KICK/CALL/ERR u64 payload.
-VRING_IDX_MASK = 0xFF
-VRING_NOFD_MASK = 0x100
-
-MAX_MEM_REGIONS = 8  # VHOST_MEMORY_BASELINE_NREGIONS
-MAX_FDS = 8
-MAX_CONFIG_SIZE = 256  # VHOST_USER_MAX_CONFIG_SIZE
-MAX_VRING_NUM = 32768  # VIRTIO 1.2 §2.7: Queue Size ≤ 32768
 
 HEADER = struct.Struct("<III")
 HEADER_SIZE = HEADER.size
@@ -311,27 +214,6 @@ def unpack_config(name: str, data: bytes) -> ConfigPayload:
                                 f"does not match the {len(data) - CONFIG_HEADER.size} payload bytes "
                                 f"after the config header")
     return ConfigPayload(offset, size, flags, bytes(data[CONFIG_HEADER.size:]))
-
-
-# The inflight area (spec "Inflight I/O tracking"), split-ring layout of
-# libvhost-user: per queue a VuVirtqInflight header (u64 features, u16
-# version, u16 desc_num, u16 last_batch_head, u16 used_idx: 16 bytes) then
-# queue_size VuDescStateSplit entries (u8 inflight, 5 bytes padding, u16 next,
-# u64 counter: 16 bytes), the whole rounded up to 64 bytes. libvhost-user's
-# formula (vu_inflight_queue_size) counts 2 bytes, not 16, for the header;
-# rounding to 64 makes room for it with any power-of-two queue size, and
-# QEMU takes the size the back-end answers GET_INFLIGHT_FD with.
-INFLIGHT_ALIGNMENT = 64
-INFLIGHT_HEADER_SIZE = 16
-INFLIGHT_DESC_SIZE = 16
-INFLIGHT_VERSION = 1
-
-
-def inflight_queue_size(queue_size: int) -> int:
-    """Bytes of one queue's inflight area for a split ring of ``queue_size``
-    (libvhost-user's vu_inflight_queue_size)."""
-    n = INFLIGHT_DESC_SIZE * queue_size + 2
-    return (n + INFLIGHT_ALIGNMENT - 1) // INFLIGHT_ALIGNMENT * INFLIGHT_ALIGNMENT
 
 
 def unpack_inflight(name: str, data: bytes) -> InflightPayload:

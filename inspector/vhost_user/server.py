@@ -52,7 +52,7 @@ from typing import Callable
 
 from ..devices.base import Device
 from ..errors import InspectorError
-from ..vqd import EVENT_KIND_NAMES, EVENT_RECORD
+from ..events import EVENT_KIND_NAMES, EVENT_RECORD
 from .backend import BackendConnection
 
 # Every introspection operation; each only reads. Anything else is refused.
@@ -80,7 +80,7 @@ class EventBuffer:
     """The server's central, bounded buffer of timed events.
 
     Events are appended in chunks of packed records (one per drained vring
-    log, inspector.vqd.EVENT_RECORD, 16 bytes each) and numbered with a
+    log, inspector.events.EVENT_RECORD, 16 bytes each) and numbered with a
     global sequence number from 0. The memory is allocated once and reused:
     records are copied into one ring of ``capacity`` records (an anonymous
     mapping of capacity x 16 bytes, touched as it fills) and each chunk is

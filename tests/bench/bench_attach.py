@@ -33,8 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from inspector.procmem import ProcessMemory, snapshot_remote_split  # noqa: E402
-from tests.test_procmem import RingChild  # noqa: E402
+from inspector.memory.process import ProcessMemory  # noqa: E402
+from inspector.ring.remote import snapshot_remote_split  # noqa: E402
+from tests.unit.test_procmem import RingChild  # noqa: E402
 
 QUEUES = 64
 ROUNDS = 41

@@ -16,7 +16,7 @@ the ring areas and the indirect tables; *_as_dict_us: snapshot_split followed
 by as_dict() (the ~3000 dicts and lists of the old result), so nothing is
 hidden.
 
-A second line on stderr splits c_us into the C walk (vqd._walk: argument
+A second line on stderr splits c_us into the C walk (decoder._walk: argument
 checks, region table, vqd_snapshot) and the wrapping (column copies into bytes
 and the RingSnapshot).
 """
@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from inspector import ringref, vqd  # noqa: E402
-from tests.ringbuilder import RingBuilder  # noqa: E402
+from inspector.ring import decoder, reference  # noqa: E402
+from tests.support.ringbuilder import RingBuilder  # noqa: E402
 
 SIZE = 1024
 ROUNDS = 41
@@ -75,10 +75,10 @@ def main() -> None:
     tables = [(rb.tables[h], 16 * rb.table_entries[h]) for h in heads if h in rb.tables]
 
     def c():
-        return vqd.snapshot_split(mem, SIZE, desc, avail, used, 0)
+        return decoder.snapshot_split(mem, SIZE, desc, avail, used, 0)
 
     def py():
-        return ringref.snapshot_split(mem, SIZE, desc, avail, used, 0)
+        return reference.snapshot_split(mem, SIZE, desc, avail, used, 0)
 
     def c_dict():
         return c().as_dict()
@@ -93,7 +93,7 @@ def main() -> None:
         return out
 
     def walk():
-        return vqd._walk(mem, SIZE, desc, avail, used, 0, vqd.DEFAULT_MAX_DESCS)
+        return decoder._walk(mem, SIZE, desc, avail, used, 0, decoder.DEFAULT_MAX_DESCS)
 
     s = c()
     assert s == py(), "C and Python disagree (columns)"

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from probes.base import has_bpf_privilege
 from probes.eventfd import EventfdProbe
 from probes.vhost_ioctl import VhostIoctlProbe
-from tests.peers import (
+from tests.support.peers import (
     DpdkTestpmd,
     VqscopeNet,
     find_testpmd,

@@ -140,7 +140,7 @@ def bench_serve() -> dict:
     and the client's side, turning each reply into Events."""
     from inspector.sources.backend import BackendSource
     from inspector.vhost_user.server import EventBuffer
-    from inspector.vqd import encode_events
+    from inspector.events import encode_events
 
     rnd = random.Random(7)
     buf = EventBuffer()

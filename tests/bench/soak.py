@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from inspector.sources.backend import BackendSource
 from inspector.vhost_user.server import EVENT_BUFFER
-from tests.peers import (
+from tests.support.peers import (
     VQSCOPE,
     DpdkTestpmd,
     VqscopeNet,

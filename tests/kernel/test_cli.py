@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from tests.conftest import ROOT, VQSCOPE
-from tests.peers import Peer
+from tests.support.peers import Peer
 
 TX, RX = 6, 5
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from inspector.vhost_net_driver import (
+from inspector.tools.vhost_net_load import (
     VHOST_NET_VQ_RX,
     VHOST_NET_VQ_TX,
     VHOST_SET_VRING_NUM,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from inspector.vhost_net_driver import VHOST_NET_VQ_RX, VHOST_NET_VQ_TX, VhostNetDriver
+from inspector.tools.vhost_net_load import VHOST_NET_VQ_RX, VHOST_NET_VQ_TX, VhostNetDriver
 from tests.conftest import require, wait_for
 
 N_TX = 24
@@ -137,8 +137,8 @@ def test_tui_vhost_net_shows_both_vrings(run):
     compile), lists the driver's two vrings with vhost's indices, and
     enter opens a vring's screen."""
     from inspector.sources.vhost_net import VhostNetSource
-    from tests.test_tui import run_app
-    from tests.test_tui import wait_for as pilot_wait_for
+    from tests.unit.test_tui import run_app
+    from tests.unit.test_tui import wait_for as pilot_wait_for
     from tui.app import VqscopeApp
     from tui.screens.queue import QueueScreen
     from tui.widgets.queue_table import QueueTable

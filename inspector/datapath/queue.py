@@ -1,0 +1,279 @@
+"""The device side of a split virtqueue (VIRTIO 1.2 §2.7), C-backed
+(csrc/vqd_vq.c): :class:`DeviceQueue` pops available chains, maps their
+buffers, pushes used entries and decides calls (``vring_need_event``,
+§2.7.10), and logs kicks and calls with their times (csrc/vqd_evlog.c).
+
+Objects here hold raw pointers into guest memory: keep the GuestMemory
+buffers alive (they do) and call ``release()`` before unmapping. Every entry
+point that touches guest memory runs under the SIGBUS guard
+(inspector/_cffi.py). C returns counts or negative ``VQD_E_*`` statuses;
+:func:`inspector._cffi.check` turns them into RingError (a broken queue,
+with C's reason) or ArgumentError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .._cffi import check, ffi, install_sigbus_guard, lib
+from ..errors import ArgumentError, MemoryAccessError
+from ..events import EVENT_KIND_CODES, EVENT_RECORD, decode_events
+from ..layout import avail_ring_size, desc_table_size, used_ring_size
+
+#: Default capacity of a queue's event log (entries, a power of two).
+EVENT_LOG_DEFAULT = lib.VQD_EVLOG_DEFAULT
+
+# The records' kind codes are the C log's (VQD_EV_*); inspector.events
+# decodes them without importing C, so the two must agree.
+if EVENT_KIND_CODES != {"kick": lib.VQD_EV_KICK, "call": lib.VQD_EV_CALL,
+                        "call_suppressed": lib.VQD_EV_CALL_SUPPRESSED}:
+    raise ImportError("inspector.events.EVENT_KIND_CODES differ from the C log's VQD_EV_* codes")
+
+
+def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """``vring_need_event`` (§2.7.10): true when ``event_idx`` lies in
+    ``[old_idx, new_idx)`` modulo 2^16."""
+    return bool(lib.vqd_need_event(event_idx & 0xFFFF, new_idx & 0xFFFF, old_idx & 0xFFFF))
+
+
+class RegionTable:
+    """``struct vqd_region[]`` over a GuestMemory's buffers (zero copy).
+
+    Holds buffer exports (``ffi.from_buffer``) of every region: call
+    :meth:`release` once no C code uses the pointers, or an ``mmap`` cannot be
+    closed."""
+
+    def __init__(self, mem):
+        self.mem = mem
+        regions = list(mem)
+        self._bufs = []
+        self.count = len(regions)
+        self.array = ffi.new("struct vqd_region[]", max(1, self.count))
+        for i, r in enumerate(regions):
+            cbuf = ffi.from_buffer("uint8_t[]", r.buf, require_writable=True)
+            self._bufs.append(cbuf)
+            if r.buf_offset < 0 or r.buf_offset + r.size > len(cbuf):
+                raise MemoryAccessError(
+                    f"region gpa {r.gpa:#x}+{r.size:#x} needs {r.buf_offset + r.size} bytes of "
+                    f"its buffer, which has {len(cbuf)}")
+            self.array[i].gpa = r.gpa
+            self.array[i].size = r.size
+            self.array[i].host = cbuf + r.buf_offset
+
+    def host(self, gpa: int, size: int):
+        """``uint8_t *`` for ``[gpa, gpa+size)``, which must lie in one region."""
+        for i in range(self.count):
+            r = self.array[i]
+            if r.gpa <= gpa < r.gpa + r.size:
+                if gpa + size > r.gpa + r.size:
+                    raise MemoryAccessError(
+                        f"ring area {gpa:#x}+{size:#x} runs past the end of region "
+                        f"{r.gpa:#x}+{r.size:#x}")
+                return r.host + (gpa - r.gpa)
+        raise MemoryAccessError(f"ring area at guest-physical {gpa:#x} is outside every region")
+
+    def release(self) -> None:
+        for b in self._bufs:
+            ffi.release(b)
+        self._bufs = []
+        self.count = 0
+
+
+@dataclass
+class Chain:
+    """A popped chain: ``out`` device-readable and ``in_`` device-writable
+    views into guest memory (one per region piece)."""
+
+    head: int
+    out: list
+    in_: list
+    out_len: int
+    in_len: int
+
+
+class DeviceQueue:
+    """One split ring serviced by the device (``struct vqd_vq``).
+
+    Ring addresses are front-end virtual addresses (vhost-user
+    SET_VRING_ADDR) unless ``gpa=True``; they are translated through ``mem``.
+    Fds are borrowed: the caller keeps them open while the queue is used.
+
+    ``event_capacity`` > 0 gives the queue an event log of that many entries
+    (a power of two): every kick read, call written and call suppressed is
+    recorded with its CLOCK_REALTIME time by the thread servicing the queue;
+    :meth:`drain_events` (one thread at a time) takes them out. 0: no log.
+
+    ``reject_zero_len``: a descriptor of length 0 breaks the queue (QEMU's
+    virtqueue_map_desc refuses zero-sized buffers the same way; the spec does
+    not forbid them, so the library default accepts them and maps nothing).
+
+    Raises RingError when the ring cannot be used (its reason: size,
+    alignment, or a SIGBUS reading used->idx), MemoryAccessError when an area
+    is outside ``mem``."""
+
+    def __init__(self, mem, num: int, desc: int, avail: int, used: int, *,
+                 last_avail_idx: int = 0, event_idx: bool = False,
+                 call_fd: int = -1, kick_fd: int = -1, gpa: bool = False,
+                 regions: RegionTable | None = None, event_capacity: int = 0,
+                 reject_zero_len: bool = False):
+        install_sigbus_guard()
+        self.num = num
+        self.regions = regions if regions is not None else RegionTable(mem)
+        self._own_regions = regions is None
+        try:
+            if not gpa:
+                desc = mem.uva_to_gpa(desc, desc_table_size(num))
+                avail = mem.uva_to_gpa(avail, avail_ring_size(num))
+                used = mem.uva_to_gpa(used, used_ring_size(num))
+            self.vq = ffi.new("struct vqd_vq *")
+            rc = lib.vqd_vq_init(
+                self.vq, num, self.regions.host(desc, 16 * num),
+                self.regions.host(avail, avail_ring_size(num)),
+                self.regions.host(used, used_ring_size(num)),
+                self.regions.array, self.regions.count, last_avail_idx & 0xFFFF,
+                1 if event_idx else 0, call_fd, kick_fd)
+            check(rc, "vring init", self.broken)
+        except BaseException:
+            self.release()  # the buffer exports would keep the mappings open
+            raise
+        self.vq.reject_zero_len = 1 if reject_zero_len else 0
+        self._elems = None
+        self._iov = None
+        self.event_capacity = event_capacity
+        if event_capacity:
+            self._evlog = ffi.new("struct vqd_evlog *")
+            self._evbuf = ffi.new("struct vqd_event[]", event_capacity)
+            if lib.vqd_evlog_init(self._evlog, self._evbuf, event_capacity) < 0:
+                raise ArgumentError(f"event_capacity {event_capacity} is invalid: give a power of two")
+            self.vq.evlog = self._evlog
+
+    # --- state --------------------------------------------------------------
+    @property
+    def broken(self) -> str | None:
+        if not self.vq.broken:
+            return None
+        return ffi.string(self.vq.reason).decode(errors="replace")
+
+    @property
+    def last_avail_idx(self) -> int:
+        return self.vq.last_avail_idx
+
+    @property
+    def used_idx(self) -> int:
+        return self.vq.used_idx
+
+    @property
+    def counters(self) -> dict:
+        v = self.vq
+        return {"kicks": v.kicks, "calls": v.calls, "calls_suppressed": v.calls_suppressed,
+                "packets": v.packets, "bytes": v.bytes, "drops": v.drops}
+
+    # --- operations -----------------------------------------------------------
+    def avail_count(self) -> int:
+        return check(lib.vqd_vq_avail_count(self.vq), "avail", self.broken)
+
+    def pop(self, max_chains: int = 64, max_iov: int = 1024) -> list[Chain]:
+        """Pop up to ``max_chains`` available chains (raises RingError when
+        the queue is broken and nothing could be popped).
+
+        The chains' views map guest memory directly: touching them from
+        Python is not guarded against a front-end that truncates its memory
+        after SET_MEM_TABLE (SIGBUS kills the process). Code serving a
+        front-end it does not trust copies with :meth:`read` and
+        :meth:`write`, which are."""
+        if self._elems is None or len(self._elems) < max_chains or len(self._iov) < max_iov:
+            self._elems = ffi.new("struct vqd_elem[]", max_chains)
+            self._iov = ffi.new("struct vqd_iov[]", max_iov)
+        n = check(lib.vqd_vq_pop(self.vq, self._elems, max_chains, self._iov, max_iov),
+                      "pop")
+        out = []
+        for k in range(n):
+            e = self._elems[k]
+            views = [memoryview(ffi.buffer(self._iov[j].base, self._iov[j].len))
+                     for j in range(e.iov_idx, e.iov_idx + e.out_num + e.in_num)]
+            out.append(Chain(e.head, views[:e.out_num], views[e.out_num:], e.out_len, e.in_len))
+        return out
+
+    def _copy(self, views: list, buf, length: int, to_guest: bool) -> int:
+        if not views:
+            return 0
+        iov = ffi.new("struct vqd_iov[]", len(views))
+        keep = []
+        for i, v in enumerate(views):
+            p = ffi.from_buffer("uint8_t[]", v, require_writable=to_guest)
+            keep.append(p)
+            iov[i].base, iov[i].len = p, len(v)
+        return check(lib.vqd_vq_copy_iov(self.vq, iov, len(views), buf, length,
+                                         1 if to_guest else 0), "copy", self.broken)
+
+    def read(self, chain: Chain, max_bytes: int | None = None) -> bytes:
+        """The chain's device-readable bytes (its ``out`` buffers in order,
+        at most ``max_bytes``), copied in C under the SIGBUS guard. Raises
+        RingError, and the queue is broken naming the guest-physical address,
+        when the front-end truncated the memory behind them."""
+        n = chain.out_len if max_bytes is None else min(max_bytes, chain.out_len)
+        buf = ffi.new("uint8_t[]", max(n, 1))
+        got = self._copy(chain.out, buf, n, False)
+        return bytes(ffi.buffer(buf, got))
+
+    def write(self, chain: Chain, data: bytes) -> int:
+        """Copy ``data`` into the chain's device-writable buffers (its
+        ``in_`` views in order) under the SIGBUS guard; returns the bytes
+        written (at most the chain's ``in_len``; the caller reports it in
+        :meth:`push`). Errors as :meth:`read`."""
+        src = ffi.from_buffer("uint8_t[]", data)
+        return self._copy(chain.in_, src, min(len(data), chain.in_len), True)
+
+    def rewind(self, n: int) -> None:
+        lib.vqd_vq_rewind(self.vq, n)
+
+    def push(self, used: list[tuple[int, int]]) -> int:
+        """Return chains as used ``(head, len)`` and publish used->idx."""
+        heads = ffi.new("uint32_t[]", [h for h, _ in used] or [0])
+        lens = ffi.new("uint32_t[]", [n for _, n in used] or [0])
+        return check(lib.vqd_vq_push(self.vq, heads, lens, len(used)), "push", self.broken)
+
+    def should_notify(self) -> bool:
+        return bool(lib.vqd_vq_should_notify(self.vq))
+
+    def notify(self) -> bool:
+        """Write the call eventfd if the driver wants it; True if called."""
+        return bool(check(lib.vqd_vq_notify(self.vq), "notify", self.broken))
+
+    def set_notification(self, enable: bool) -> int:
+        """Enable/disable kicks; after enabling returns entries already available."""
+        return check(lib.vqd_vq_set_notification(self.vq, 1 if enable else 0),
+                     "set_notification", self.broken)
+
+    def drain_kick(self) -> int:
+        return lib.vqd_vq_drain_kick(self.vq)
+
+    # --- event log ------------------------------------------------------------
+    def drain_event_records(self) -> bytearray:
+        """Take the logged events out, oldest first, as packed
+        :data:`EVENT_RECORD` s (one copy, no per-event work: the server
+        drains often and decodes only what a client asks for). Safe while
+        the worker runs; one caller at a time."""
+        n = lib.vqd_vq_events_pending(self.vq)
+        out = bytearray(EVENT_RECORD.size * n)
+        if n:
+            got = lib.vqd_vq_drain_events(
+                self.vq, ffi.from_buffer("struct vqd_event[]", out, require_writable=True), n)
+            del out[EVENT_RECORD.size * got:]
+        return out
+
+    def drain_events(self) -> list[tuple[int, str, int]]:
+        """Take the logged events out, oldest first: ``(time_ns, kind,
+        value)`` with ``kind`` "kick" (value: kicks coalesced), "call" or
+        "call_suppressed" (value: used_idx then); see inspector/events.py."""
+        return decode_events(self.drain_event_records())
+
+    @property
+    def events_dropped(self) -> int:
+        """Events lost because the log was full (cumulative)."""
+        return lib.vqd_vq_events_dropped(self.vq)
+
+    def release(self) -> None:
+        """Drop the buffer exports (only when no thread is in C with this queue)."""
+        if self._own_regions:
+            self.regions.release()

@@ -1,0 +1,45 @@
+"""``vqscope serve``: run a vhost-user back-end device until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from ..errors import InspectorError
+
+
+def make_server(args: argparse.Namespace):
+    """A VhostUserServer for the ``serve`` arguments (not started)."""
+    from ..devices.net import NetDevice
+    from ..introspect.snapshot import backend_snapshot
+    from ..vhost_user.server import VhostUserServer
+
+    if args.queues < 1 or args.queues > 64:
+        raise InspectorError(f"--queues {args.queues} is invalid: give 1 to 64 queue pairs")
+    mode = "tap" if args.tap else "loopback"
+
+    def factory():
+        return NetDevice(mode=mode, tap_name=args.tap, queue_pairs=args.queues, mac=args.mac)
+
+    introspect = args.introspect or args.socket + ".introspect"
+    return VhostUserServer(args.socket, factory, introspect_path=introspect, snapshot_fn=backend_snapshot,
+                           introspect_any_uid=getattr(args, "introspect_any_uid", False))
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="vqscope serve: %(message)s", stream=sys.stderr)
+    server = make_server(args)
+
+    def on_signal(signum, frame):
+        server.stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    what = f"tap {args.tap}" if args.tap else "loopback"
+    print(f"vqscope serve: virtio-net ({what}, {args.queues} queue pair(s)) on {args.socket}; "
+          f"introspection on {server.introspect_path}; Ctrl-C to end", file=sys.stderr, flush=True)
+    server.serve_forever()
+    return 0
