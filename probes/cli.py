@@ -15,7 +15,8 @@ import json
 import sys
 import time
 
-from .base import NOT_ROOT, PrivilegeError, Probe, has_bpf_privilege, print_points
+from .attach import NOT_ROOT, has_bpf_privilege, print_points
+from .base import PrivilegeError, Probe
 
 PROBES = ("vhost_net", "eventfd", "vhost_ioctl")
 
@@ -53,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def make_probes(names: list[str], pids: list[int] | None, stream: bool) -> list[Probe]:
-    from .base import KernelInfo, ProbeError
+    from .attach import KernelInfo
+    from .base import ProbeError
 
     kinfo = KernelInfo.from_system()
     out: list[Probe] = []

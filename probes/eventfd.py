@@ -25,18 +25,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import (
-    AttachPoint,
-    KernelInfo,
-    Probe,
-    ProbeError,
-    choose_kprobe,
-    choose_tracepoint,
-    choose_uprobe,
-    find_libc,
-    resolve_symbol,
-    syscall_field_offset,
-)
+from .attach import (AttachPoint, KernelInfo, choose_kprobe, choose_tracepoint, choose_uprobe,
+                     find_libc, resolve_symbol, syscall_field_offset)
+from .base import Probe, ProbeError
 
 KIND_UNKNOWN, KIND_KICK, KIND_CALL = 0, 1, 2
 SIDE_DEVICE, SIDE_DRIVER = 0, 1

@@ -23,13 +23,8 @@ from inspector.spec.vhost import (VHOST_IOCTL_NAMES, VHOST_MEM_MAX_NREGIONS, VHO
                                   VHOST_VRING_STATE)
 from inspector.events import Event, monotonic_to_realtime_ns
 
-from .base import (
-    AttachPoint,
-    KernelInfo,
-    Probe,
-    choose_tracepoint,
-    syscall_field_offset,
-)
+from .attach import AttachPoint, KernelInfo, choose_tracepoint, syscall_field_offset
+from .base import Probe
 
 # The UAPI's numbers and layouts: inspector.spec.vhost.
 IOCTLS: dict[int, str] = VHOST_IOCTL_NAMES

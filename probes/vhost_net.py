@@ -30,15 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import (
-    AttachPoint,
-    KernelInfo,
-    Probe,
-    ProbeError,
-    choose_kprobe,
-    no_btf_reason,
-    resolve_symbol,
-)
+from .attach import AttachPoint, KernelInfo, choose_kprobe, no_btf_reason, resolve_symbol
+from .base import Probe, ProbeError
 from .btf import Btf, BtfError
 
 # (function, kprobe reads the vq pointer from this source argument (None:

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from probes.base import has_bpf_privilege
+from probes.attach import has_bpf_privilege
 from probes.eventfd import EventfdProbe
 from probes.vhost_ioctl import VhostIoctlProbe
 from tests.support.peers import (

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from probes.base import NO_KPROBES, NOT_ROOT, KernelInfo, has_bpf_privilege
+from probes.attach import KernelInfo, NOT_ROOT, NO_KPROBES, has_bpf_privilege
 from probes.eventfd import EventfdProbe
 from probes.vhost_ioctl import NUMBERS, VhostIoctlProbe
 

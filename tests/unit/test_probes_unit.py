@@ -17,22 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from probes import base
-from probes.base import (
-    CLONE_ARGS,
-    NO_KPROBES,
-    NOT_FOUND,
-    NOT_ROOT,
-    AttachPoint,
-    KernelInfo,
-    ProbeError,
-    choose_kprobe,
-    clone_args_trusted,
-    define_prelude,
-    parse_format_offset,
-    parse_kallsyms,
-    resolve_symbol,
-)
+from probes import attach
+from probes.attach import (CLONE_ARGS, NOT_FOUND, NOT_ROOT, NO_KPROBES, AttachPoint, KernelInfo,
+                           choose_kprobe, clone_args_trusted, parse_format_offset, parse_kallsyms,
+                           resolve_symbol)
+from probes.base import ProbeError, define_prelude
 from probes.btf import STRUCT, Btf, BtfError
 from probes.eventfd import EventfdProbe, parse_fdinfo, process_eventfds
 from probes.vhost_ioctl import (
@@ -393,7 +382,7 @@ def test_mem_table_longer_than_read_is_reported():
 
 def test_print_points_under_80_columns(btf_dir, capsys):
     p = VhostNetProbe(kernel=kernel(KALLSYMS_61, btf_dir))
-    base.print_points(p.plan() + EventfdProbe(kernel=kernel("", root=False)).plan())
+    attach.print_points(p.plan() + EventfdProbe(kernel=kernel("", root=False)).plan())
     out = capsys.readouterr().out
     assert max(len(line) for line in out.splitlines()) < 80
     assert "vhost_notify.constprop.0" in out and "not root" in out
