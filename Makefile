@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMPS  := .stamps
 CSRC    := $(wildcard inspector/csrc/*.c inspector/csrc/*.h)
 
-.PHONY: all deps venv build test test-unit demo bench-decoder bench-net bench-attach bench-record bench-probes soak fuzz fuzz-build clean
+.PHONY: all deps venv build lint test test-unit demo bench-decoder bench-net bench-attach bench-record bench-probes soak fuzz fuzz-build clean
 
 all: build
 
@@ -28,7 +28,12 @@ $(STAMPS)/build: $(STAMPS)/venv $(CSRC) inspector/_build_vqd.py
 
 build: $(STAMPS)/build
 
-test: build
+# The import direction of README "Architecture" ([tool.importlinter] in
+# pyproject.toml), on this checkout (lint-imports puts the cwd first on sys.path).
+lint: venv
+	.venv/bin/lint-imports --no-cache --no-logo
+
+test: build lint
 	$(PY) -m pytest -ra -p no:cacheprovider $(PYTEST_ARGS)
 
 test-unit: build
