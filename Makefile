@@ -12,13 +12,16 @@ $(STAMPS)/deps: scripts/install-deps.sh
 	@mkdir -p $(STAMPS) && touch $@
 
 # The venv comes from Debian's python3 with system site-packages so that
-# BCC's binding (python3-bpfcc) imports.
-$(STAMPS)/venv: $(STAMPS)/deps pyproject.toml
+# BCC's binding (python3-bpfcc) imports. build/wheelhouse: the wheels of
+# vqscope's dependencies, from which tests/integration/test_wheel.py installs
+# the built wheel into a new venv without the index.
+$(STAMPS)/venv: $(STAMPS)/deps pyproject.toml setup.py
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages .venv
 	$(PY) -m pip install -q --upgrade pip setuptools wheel cffi
 	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
 	$(PY) -m pip install -q virtme-ng
-	@touch $@
+	$(PY) -m pip download -q --no-build-isolation -d build/wheelhouse .
+	@mkdir -p $(STAMPS) && touch $@
 
 venv: $(STAMPS)/venv
 
