@@ -132,8 +132,8 @@ def installed(tmp_path_factory) -> Installed:
 
     venv, cwd = tmp / "venv", tmp / "run"
     cwd.mkdir()
-    check(["/usr/bin/python3", "-m", "venv", "--system-site-packages", venv], 120, cwd=cwd)
     env = outside_env(venv, cwd)
+    check(["/usr/bin/python3", "-m", "venv", "--system-site-packages", venv], 120, cwd=cwd, env=env)
     install = [venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-index", "--find-links", WHEELHOUSE, wheel]
     first = subprocess.run([str(c) for c in install], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
     if first.returncode != 0:  # no wheelhouse yet (pytest run without make), or one from older dependencies
