@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMPS  := .stamps
 CSRC    := $(wildcard inspector/csrc/*.c inspector/csrc/*.h)
 
-.PHONY: all deps venv build test test-unit demo bench-decoder bench-net bench-attach bench-record bench-probes soak fuzz fuzz-build clean
+.PHONY: all deps venv build lint test test-unit demo bench-decoder bench-net bench-attach bench-record bench-probes soak fuzz fuzz-build clean
 
 all: build
 
@@ -12,13 +12,16 @@ $(STAMPS)/deps: scripts/install-deps.sh
 	@mkdir -p $(STAMPS) && touch $@
 
 # The venv comes from Debian's python3 with system site-packages so that
-# BCC's binding (python3-bpfcc) imports.
-$(STAMPS)/venv: $(STAMPS)/deps pyproject.toml
+# BCC's binding (python3-bpfcc) imports. build/wheelhouse: the wheels of
+# vqscope's dependencies, from which tests/integration/test_wheel.py installs
+# the built wheel into a new venv without the index.
+$(STAMPS)/venv: $(STAMPS)/deps pyproject.toml setup.py
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages .venv
 	$(PY) -m pip install -q --upgrade pip setuptools wheel cffi
 	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
 	$(PY) -m pip install -q virtme-ng
-	@touch $@
+	$(PY) -m pip download -q --no-build-isolation -d build/wheelhouse .
+	@mkdir -p $(STAMPS) && touch $@
 
 venv: $(STAMPS)/venv
 
@@ -28,7 +31,12 @@ $(STAMPS)/build: $(STAMPS)/venv $(CSRC) inspector/_build_vqd.py
 
 build: $(STAMPS)/build
 
-test: build
+# The import direction of README "Architecture" ([tool.importlinter] in
+# pyproject.toml), on this checkout (lint-imports puts the cwd first on sys.path).
+lint: venv
+	.venv/bin/lint-imports --no-cache --no-logo
+
+test: build lint
 	$(PY) -m pytest -ra -p no:cacheprovider $(PYTEST_ARGS)
 
 test-unit: build

@@ -3,7 +3,7 @@
 # Idempotent: skips apt when every package is already installed.
 set -euo pipefail
 PKGS=(
-  python3 python3-venv python3-dev python3-pip gcc make libffi-dev pkg-config
+  python3 python3-venv python3-dev python3-pip gcc make libffi-dev pkg-config git
   python3-bpfcc bpfcc-tools
   qemu-system-x86 busybox-static linux-image-amd64 linux-headers-amd64 kmod
   dpdk dpdk-dev librte-net-virtio23 librte-net-vhost23 librte-mempool-ring23
