@@ -45,10 +45,10 @@ from ..spec.vhost import VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES
 from ..spec.virtio import VIRTIO_CONFIG_S_NEEDS_RESET, VIRTQ_MAX_SIZE, has_feature
 from .protocol import (
     FLAG_NEED_REPLY, FLAG_REPLY, VERSION, VRING_IDX_MASK, VRING_NOFD_MASK, ConfigPayload,
-    InflightPayload, LogPayload, MemoryTable, Message, MessageReader, ProtocolFeature,
-    ProtocolViolation, Request, VringAddr, VringState, check_header, check_index, pack_u64,
-    payload_fields, send_message,
+    InflightPayload, LogPayload, MemoryTable, ProtocolFeature, ProtocolViolation, Request,
+    VringAddr, VringState, check_header, check_index, pack_u64, payload_fields,
 )
+from .transport import Message, MessageReader, send_message
 
 logger = logging.getLogger("inspector.vhost_user")
 

@@ -20,7 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inspector.errors import InspectorError
+from inspector.layout import inflight_queue_size
+from inspector.spec.vhost import INFLIGHT_DESC_SIZE, INFLIGHT_HEADER_SIZE
 from inspector.vhost_user import protocol as p
+from inspector.vhost_user import transport as t
 from inspector.vhost_user.frontend import VhostUserFrontend
 from inspector.vhost_user.protocol import (
     ConfigPayload, LogPayload, MemoryRegionDesc, MemoryTable, Request, VringAddr, VringState,
@@ -79,11 +82,11 @@ def raw_client(server) -> socket.socket:
 
 
 def send(sock, req, payload=b"", fds=(), flags=p.VERSION, size=None):
-    p.send_message(sock, int(req), payload, fds=fds, flags=flags, size=size)
+    t.send_message(sock, int(req), payload, fds=fds, flags=flags, size=size)
 
 
-def reply(sock) -> p.Message:
-    msg = p.recv_message(sock)
+def reply(sock) -> t.Message:
+    msg = t.recv_message(sock)
     assert msg is not None, "back-end closed instead of replying"
     assert msg.flags & p.FLAG_REPLY
     return msg
@@ -245,7 +248,7 @@ def test_peer_closing_mid_message_closes_its_fds(server, caplog):
     caplog.set_level(logging.INFO, logger="inspector.vhost_user")
     sock = raw_client(server)
     fd = memfd()
-    data = p.encode_message(Request.SET_VRING_CALL, p.pack_u64(0))
+    data = t.encode_message(Request.SET_VRING_CALL, p.pack_u64(0))
     sock.sendmsg([data[:14]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
     sock.shutdown(socket.SHUT_WR)
     assert closed_by_peer(sock)
@@ -628,8 +631,8 @@ def test_get_and_set_inflight_fd_map_the_area_shared_for_the_device(inflight_ser
         send(sock, Request.GET_INFLIGHT_FD, p.InflightPayload(0, 0, 2, 256).pack())
         r = reply(sock)
         got = p.unpack_inflight("GET_INFLIGHT_FD", r.payload)
-        per_queue = p.inflight_queue_size(256)
-        assert per_queue == 4096 + 64 and per_queue >= p.INFLIGHT_HEADER_SIZE + 256 * p.INFLIGHT_DESC_SIZE
+        per_queue = inflight_queue_size(256)
+        assert per_queue == 4096 + 64 and per_queue >= INFLIGHT_HEADER_SIZE + 256 * INFLIGHT_DESC_SIZE
         assert (got.mmap_size, got.mmap_offset, got.num_queues, got.queue_size) == (2 * per_queue, 0, 2, 256)
         (fd,) = r.fds
         assert os.fstat(fd).st_size == got.mmap_size
