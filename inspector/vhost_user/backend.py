@@ -48,6 +48,7 @@ from .protocol import (
     InflightPayload, LogPayload, MemoryTable, ProtocolFeature, ProtocolViolation, Request,
     VringAddr, VringState, check_header, check_index, pack_u64, payload_fields,
 )
+from .memory_table import PAGE, U64_MAX, MappedMemory, fd_size, map_fd
 from .transport import Message, MessageReader, send_message
 
 logger = logging.getLogger("inspector.vhost_user")
@@ -68,31 +69,11 @@ STALL_TIMEOUT_S = 5.0
 REPLY_TIMEOUT_S = 0.5
 
 MESSAGE_LOG_SIZE = 10000
-_PAGE = mmap.ALLOCATIONGRANULARITY
-_U64_MAX = (1 << 64) - 1
 
 
 class _Failed(Exception):
     """A request that failed without breaking the protocol (a device refused
     a config write): REPLY_ACK answers non-zero, the connection lives on."""
-
-
-class _Mapping:
-    """One mmap of a front-end memory region; closes robustly."""
-
-    def __init__(self, fd: int, offset: int, size: int, *, writable: bool = True):
-        start = offset - offset % _PAGE
-        self.buf_offset = offset - start
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        self.map = mmap.mmap(fd, size + self.buf_offset, mmap.MAP_SHARED, prot, offset=start)
-
-    def close(self) -> bool:
-        """Unmap; False while some buffer still exports it (retry later)."""
-        try:
-            self.map.close()
-            return True
-        except BufferError:
-            return False
 
 
 class BackendConnection:
@@ -131,9 +112,7 @@ class BackendConnection:
         self.num_queues = int(device.num_queues)
         self.vrings = [VringConfig(index=i) for i in range(self.num_queues)]
         self._polling = [False] * self.num_queues  # kick "fd" is the no-fd bit
-        self.mem: GuestMemory | None = None
-        self._maps: list[_Mapping] = []
-        self._stale_maps: list[_Mapping] = []
+        self.memory = MappedMemory(self.logger, conn_id)
         self.features = 0
         self.features_set = False
         self.protocol_features = 0
@@ -181,6 +160,11 @@ class BackendConnection:
             Request.SET_STATUS: self._set_status,
             Request.GET_STATUS: self._get_status,
         }
+
+    @property
+    def mem(self) -> GuestMemory | None:
+        """The front-end's memory (the current SET_MEM_TABLE), or None."""
+        return self.memory.mem
 
     # --- entry points ------------------------------------------------------
     def fileno(self) -> int:
@@ -288,7 +272,7 @@ class BackendConnection:
             self.logger.warning("connection %d: device close failed: %s", self.id, e)
         for i in range(self.num_queues):
             self._drop_vring_fds(i, kick=True, call=True, err=True)
-        self._unmap_all()
+        self.memory.close()
         self._close_log()
         self._close_inflight()
         self._reader.close()
@@ -392,15 +376,6 @@ class BackendConnection:
         if err:
             v.err_fd = _close(v.err_fd)
 
-    def _unmap_all(self) -> None:
-        for m in self._maps + self._stale_maps:
-            if not m.close():
-                self.logger.warning("connection %d: a memory region is still in use; it will be "
-                                    "unmapped when its last user releases it", self.id)
-        self._stale_maps = []
-        self._maps = []
-        self.mem = None
-
     def _close_inflight(self) -> None:
         maps = self._stale_inflight + ([self.inflight] if self.inflight is not None else [])
         for m in maps:
@@ -475,72 +450,23 @@ class BackendConnection:
         return self.features_set and not has_feature(self.features, VHOST_USER_F_PROTOCOL_FEATURES)
 
     def _set_mem_table(self, msg: Message, table: MemoryTable) -> None:
+        """Map the new table (memory_table.py validates it first), check the
+        running rings are still inside it, then stop them, swap the tables
+        and start every ready ring on the new one."""
         name = msg.name
-        regions = table.regions
-        # Validate everything before changing anything.
-        for n, r in enumerate(regions):
-            f = f"regions[{n}]"
-            if r.memory_size == 0:
-                raise ProtocolViolation(name, f"{f}.memory_size", 0, "a region cannot be empty")
-            for fld, start in (("guest_phys_addr", r.guest_phys_addr), ("userspace_addr", r.userspace_addr),
-                               ("mmap_offset", r.mmap_offset)):
-                if start + r.memory_size - 1 > _U64_MAX:
-                    raise ProtocolViolation(name, f"{f}.{fld}", start,
-                                            f"+ memory_size {r.memory_size:#x} overflows 64 bits")
-            try:
-                st = os.fstat(msg.fds[n])
-            except OSError as e:
-                raise ProtocolViolation(name, f"{f}.fd", msg.fds[n], f"fstat failed: {e.strerror}") from None
-            if r.mmap_offset + r.memory_size > st.st_size:
-                raise ProtocolViolation(name, f"{f}.mmap_offset", r.mmap_offset,
-                                        f"+ memory_size {r.memory_size:#x} runs past the end of the "
-                                        f"fd ({st.st_size:#x} bytes)")
-        for a in range(len(regions)):
-            for b in range(a + 1, len(regions)):
-                ra, rb = regions[a], regions[b]
-                for fld, sa, sb in (("guest_phys_addr", ra.guest_phys_addr, rb.guest_phys_addr),
-                                    ("userspace_addr", ra.userspace_addr, rb.userspace_addr)):
-                    if sa < sb + rb.memory_size and sb < sa + ra.memory_size:
-                        raise ProtocolViolation(name, f"regions[{b}].{fld}", sb,
-                                                f"overlaps regions[{a}] ({sa:#x}+{ra.memory_size:#x})")
-        # Map the new table.
-        new_maps: list[_Mapping] = []
-        mem = GuestMemory()
+        new = self.memory.map(name, table.regions, msg.fds)
         try:
-            for n, r in enumerate(regions):
-                try:
-                    m = _Mapping(msg.fds[n], r.mmap_offset, r.memory_size)
-                except (OSError, ValueError) as e:
-                    raise ProtocolViolation(name, f"regions[{n}].fd", msg.fds[n], f"mmap failed: {e}") from None
-                new_maps.append(m)
-                # A memfd sealed against shrinking (F_SEAL_SHRINK) cannot
-                # fault; any other region can be truncated under us: the
-                # data path's accesses are SIGBUS-guarded (vqd_datapath.c).
-                try:
-                    sealed = fcntl.fcntl(msg.fds[n], fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
-                except OSError:  # not a memfd: no seals
-                    sealed = 0
-                self.logger.debug("connection %d: region %d (%#x+%#x) %s", self.id, n,
-                                 r.guest_phys_addr, r.memory_size,
-                                 "is sealed against shrinking (F_SEAL_SHRINK): it cannot fault" if sealed
-                                 else "is not sealed against shrinking: data-path accesses are "
-                                      "SIGBUS-guarded")
-                mem.add(r.guest_phys_addr, m.map, uva=r.userspace_addr, size=r.memory_size,
-                        buf_offset=m.buf_offset)
             running = [i for i, v in enumerate(self.vrings) if v.started]
             for i in running:  # rings that keep running must still be mapped
-                self._check_ring_mapped(name, self.vrings[i], mem)
+                self._check_ring_mapped(name, self.vrings[i], new.mem)
         except BaseException:
-            for m in new_maps:
-                m.close()
+            new.close()
             raise
         msg.close_fds()  # the mappings hold the memory; the fds are not needed
         # Stop the rings that use the old table before unmapping it.
         for i in running:
             self._stop(i)
-        pending = self._maps + self._stale_maps
-        self._maps, self.mem = new_maps, mem
-        self._stale_maps = [m for m in pending if not m.close()]
+        self.memory.install(new)
         for i in range(self.num_queues):
             self._maybe_start(name, i)
 
@@ -553,21 +479,15 @@ class BackendConnection:
         try:
             if log.mmap_size == 0:
                 raise ProtocolViolation(name, "mmap_size", 0, "the log area cannot be empty")
-            if log.mmap_offset + log.mmap_size - 1 > _U64_MAX:
+            if log.mmap_offset + log.mmap_size - 1 > U64_MAX:
                 raise ProtocolViolation(name, "mmap_offset", log.mmap_offset,
                                         f"+ mmap_size {log.mmap_size:#x} overflows 64 bits")
-            try:
-                size = os.fstat(fd).st_size
-            except OSError as e:
-                raise ProtocolViolation(name, "fd", fd, f"fstat failed: {e.strerror}") from None
+            size = fd_size(name, "fd", fd)
             if log.mmap_offset + log.mmap_size > size:
                 raise ProtocolViolation(name, "mmap_size", log.mmap_size,
                                         f"with mmap_offset {log.mmap_offset:#x} does not fit the fd "
                                         f"({size:#x} bytes)")
-            try:
-                m = _Mapping(fd, log.mmap_offset, log.mmap_size, writable=False).map
-            except (OSError, ValueError) as e:
-                raise ProtocolViolation(msg.name, "fd", fd, f"mmap failed: {e}") from None
+            m = map_fd(name, "fd", fd, log.mmap_offset, log.mmap_size, writable=False).map
         finally:
             os.close(fd)
         if self.log_map is not None:
@@ -747,18 +667,15 @@ class BackendConnection:
             raise ProtocolViolation(name, "mmap_size", inf.mmap_size,
                                     f"{inf.num_queues} queue(s) of {inf.queue_size} need {need} bytes "
                                     f"({inflight_queue_size(inf.queue_size)} per queue)")
-        if inf.mmap_offset % _PAGE:
+        if inf.mmap_offset % PAGE:
             raise ProtocolViolation(name, "mmap_offset", inf.mmap_offset,
-                                    f"must be a multiple of the page size ({_PAGE}) to be mapped")
+                                    f"must be a multiple of the page size ({PAGE}) to be mapped")
         fd = msg.fds[0]
-        try:
-            st = os.fstat(fd)
-        except OSError as e:
-            raise ProtocolViolation(name, "fd", fd, f"fstat failed: {e.strerror}") from None
-        if inf.mmap_offset + inf.mmap_size > st.st_size:
+        size = fd_size(name, "fd", fd)
+        if inf.mmap_offset + inf.mmap_size > size:
             raise ProtocolViolation(name, "mmap_offset", inf.mmap_offset,
                                     f"+ mmap_size {inf.mmap_size:#x} runs past the end of the fd "
-                                    f"({st.st_size:#x} bytes)")
+                                    f"({size:#x} bytes)")
         # The area is read when rings start (vqd_inflight_attach), outside the
         # data path's SIGBUS guard: only an area that cannot shrink is taken.
         # Every area comes from a back-end's GET_INFLIGHT_FD, and ours (like
@@ -771,10 +688,7 @@ class BackendConnection:
             raise ProtocolViolation(name, "fd", fd, f"the inflight area is not sealed against shrinking "
                                                     f"(F_SEAL_SHRINK; seals {seals:#x}): a truncation "
                                                     f"would fault the back-end")
-        try:
-            area = _Mapping(fd, inf.mmap_offset, inf.mmap_size).map
-        except (OSError, ValueError) as e:
-            raise ProtocolViolation(name, "fd", fd, f"mmap failed: {e}") from None
+        area = map_fd(name, "fd", fd, inf.mmap_offset, inf.mmap_size).map
         msg.close_fds()
         set_inflight = getattr(self.device, "set_inflight", None)
         try:
