@@ -747,7 +747,7 @@ def _state(srv) -> tuple:
 
 
 def test_introspection_ops_are_all_read_only_and_others_refused(server):
-    from inspector.vhost_user.server import INTROSPECT_OPS
+    from inspector.introspect.server import INTROSPECT_OPS
 
     assert INTROSPECT_OPS == ("snapshot", "messages", "events")
     with VhostUserFrontend(server.socket_path, mem_size=1 << 20, queue_size=64) as fe:
@@ -815,10 +815,10 @@ def test_introspection_serves_only_the_same_uid(tmp_path, caplog, any_uid):
             reply_line = _read_as_nobody(srv.introspect_path)
             if any_uid:
                 assert "messages" in json.loads(reply_line)
-                assert srv.refused_readers == 0
+                assert srv.introspection.refused_readers == 0
             else:
                 assert reply_line == ""
-                assert srv.refused_readers == 1
+                assert srv.introspection.refused_readers == 1
                 lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
                 assert len(lines) == 1 and "uid 65534" in lines[0] and "refused" in lines[0], lines
             # The server's own uid is still served.
@@ -844,9 +844,9 @@ def test_introspection_answers_any_line_without_raising(server, line):
     """Whatever a reader sends, the introspection op answers with a reply or
     an error object (both JSON), never an exception (which would close the
     reader's connection with a traceback in the log)."""
-    reply = server.introspect(line)
+    reply = server.introspection.answer(line)
     header, payload = reply if isinstance(reply, tuple) else (reply, b"")
     assert isinstance(header, dict) and json.loads(json.dumps(header)) is not None
     if "binary" in header:
         assert header["binary"] == len(payload)
-    assert server.introspect_reply(line).count(b"\n") >= 1
+    assert server.introspection.reply(line).count(b"\n") >= 1
