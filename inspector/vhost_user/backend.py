@@ -47,8 +47,8 @@ logger = logging.getLogger("inspector.vhost_user")
 OFFERED_PROTOCOL_FEATURES = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
                              | ProtocolFeature.LOG_SHMFD | ProtocolFeature.BACKEND_REQ
                              | ProtocolFeature.STATUS)
-# Offered in addition when the device says ``supports_inflight = True`` (and
-# has ``set_inflight``): GET/SET_INFLIGHT_FD.
+# Offered in addition when the device says ``supports_inflight = True``:
+# GET/SET_INFLIGHT_FD.
 INFLIGHT_PROTOCOL_FEATURES = ProtocolFeature.INFLIGHT_SHMFD
 
 # A front-end has this long to finish a message it began (the server checks;
@@ -112,8 +112,7 @@ class BackendConnection:
         self.broken_reason: str | None = None
         self.closed = False
         self.messages = 0
-        if hasattr(device, "on_needs_reset"):
-            device.on_needs_reset = self.control.needs_reset_hook
+        device.on_needs_reset = self.control.needs_reset_hook
         rings, inflight, control = self.rings, self.inflight_areas, self.control
         self._handlers: dict[Request, Callable[[Message, Any], Any]] = {
             Request.GET_FEATURES: self._get_features,
@@ -327,7 +326,7 @@ class BackendConnection:
 
     def _offered_protocol_features(self) -> int:
         offered = int(OFFERED_PROTOCOL_FEATURES)
-        if getattr(self.device, "supports_inflight", False) and hasattr(self.device, "set_inflight"):
+        if self.device.supports_inflight:
             offered |= int(INFLIGHT_PROTOCOL_FEATURES)
         return offered
 
@@ -366,14 +365,8 @@ class BackendConnection:
         self.control.reset()
 
     def _get_queue_num(self, msg: Message, _: None) -> bytes:
-        # What the front-end compares its queue count with. For virtio-net,
-        # QEMU and DPDK count queue *pairs*. A device says what to answer with
-        # a ``vhost_queue_num`` attribute; else a ``queue_pairs`` attribute
-        # (virtio-net); else its vring count (vhost-user-blk's convention).
-        n = getattr(self.device, "vhost_queue_num", None)
-        if n is None:
-            n = getattr(self.device, "queue_pairs", None)
-        return pack_u64(int(n if n is not None else self.num_queues))
+        """What the front-end compares its queue count with (Device.queue_num)."""
+        return pack_u64(int(self.device.queue_num()))
 
     def _set_mem_table(self, msg: Message, table: MemoryTable) -> None:
         """Map the new table (memory_table.py validates it first), check the

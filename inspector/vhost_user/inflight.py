@@ -100,10 +100,8 @@ class InflightTracking:
                                                     f"would fault the back-end")
         area = map_fd(name, "fd", fd, inf.mmap_offset, inf.mmap_size).map
         msg.close_fds()
-        set_inflight = getattr(self.device, "set_inflight", None)
         try:
-            if set_inflight is not None:
-                set_inflight(area, inf.num_queues, inf.queue_size)
+            self.device.set_inflight(area, inf.num_queues, inf.queue_size)
         except BaseException:
             area.close()
             raise

@@ -330,9 +330,7 @@ class VhostUserServer:
             self._drain_connection(conn, queues)
 
     def _drain_connection(self, conn: BackendConnection, queues) -> None:
-        drain = getattr(conn.device, "drain_events", None)
-        if drain is None:
-            return
+        drain = conn.device.drain_events
         name = f"{conn.device.name}{conn.id}"
         with self._ev_lock:
             ran = self._ev_queues.get(conn.id, set())

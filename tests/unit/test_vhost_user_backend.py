@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inspector.errors import InspectorError
+from inspector.devices.base import Device, QueueStats, VringConfig
+from inspector.errors import DeviceError, InspectorError
 from inspector.layout import inflight_queue_size
 from inspector.spec.vhost import INFLIGHT_DESC_SIZE, INFLIGHT_HEADER_SIZE
 from inspector.vhost_user import protocol as p
@@ -850,3 +851,26 @@ def test_introspection_answers_any_line_without_raising(server, line):
     if "binary" in header:
         assert header["binary"] == len(payload)
     assert server.introspection.reply(line).count(b"\n") >= 1
+
+
+def test_device_base_class_defaults_describe_a_device_without_capabilities():
+    """inspector.devices.base.Device: the core calls every method without
+    probing; the defaults are no features, no events, no inflight area, no
+    config space, no data path, and GET_QUEUE_NUM answers the vring count."""
+    d = Device()
+    d.num_queues = 4
+    assert d.features() == 0 and d.queue_num() == 4
+    assert d.drain_events(1) == (b"", 0) and d.queue_stats(1) == QueueStats()
+    assert d.supports_inflight is False and d.on_needs_reset is None
+    d.set_features(1)
+    d.close()
+    with pytest.raises(DeviceError, match="inflight"):
+        d.set_inflight(None, 1, 64)
+    with pytest.raises(DeviceError, match="no config space"):
+        d.get_config(0, 4)
+    with pytest.raises(DeviceError, match="no config space"):
+        d.set_config(0, b"x")
+    with pytest.raises(DeviceError, match="vring 2"):
+        d.start_queue(VringConfig(index=2), None)
+    with pytest.raises(DeviceError, match="vring 2"):
+        d.stop_queue(2)
