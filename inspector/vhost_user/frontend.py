@@ -578,21 +578,16 @@ class VhostUserFrontend:
             if s is not None:
                 s.close()
         self.backend_channel = None
-        for fd in self._fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._fds = []
+        for fd in self._fds + [self.inflight_fd, self.memfd]:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._fds, self.inflight_fd, self.memfd = [], -1, -1
         if self.inflight_map is not None:
             self.inflight_map.close()
             self.inflight_map = None
-        if self.inflight_fd >= 0:
-            os.close(self.inflight_fd)
-            self.inflight_fd = -1
-        if self.memfd >= 0:
-            os.close(self.memfd)
-            self.memfd = -1
         if self.map is not None:
             self.queues = []
             self.mem = None

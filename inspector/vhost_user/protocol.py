@@ -70,7 +70,8 @@ def request_name(request: int) -> str:
 
 class _Fixed:
     """A payload that is one fixed-size struct (``STRUCT``), its fields in
-    the struct's order; ``WHAT`` names it in a size violation."""
+    the struct's order; ``WHAT`` names it in a size violation. Made with
+    :func:`_fixed`."""
 
     STRUCT: ClassVar[struct.Struct]
     WHAT: ClassVar[str]
@@ -85,23 +86,27 @@ class _Fixed:
         return cls(*cls.STRUCT.unpack(data))
 
 
-@dataclass
+def _fixed(layout: struct.Struct, what: str):
+    """Class decorator: a :class:`_Fixed` dataclass packed as ``layout``."""
+    def wrap(cls):
+        cls.STRUCT, cls.WHAT = layout, what
+        return dataclass(cls)
+    return wrap
+
+
+@_fixed(VRING_STATE, "vring state")
 class VringState(_Fixed):
     """struct vhost_vring_state: SET/GET_VRING_BASE, SET_VRING_NUM, _ENABLE."""
 
-    STRUCT: ClassVar = VRING_STATE
-    WHAT: ClassVar = "vring state"
     index: int
     num: int
 
 
-@dataclass
+@_fixed(VRING_ADDR, "vring address")
 class VringAddr(_Fixed):
     """struct vhost_vring_addr (SET_VRING_ADDR): front-end virtual addresses
     of the three ring areas, and the log's guest address."""
 
-    STRUCT: ClassVar = VRING_ADDR
-    WHAT: ClassVar = "vring address"
     index: int
     flags: int
     desc_user_addr: int
@@ -110,13 +115,11 @@ class VringAddr(_Fixed):
     log_guest_addr: int
 
 
-@dataclass
+@_fixed(MEM_REGION, "memory region")
 class MemoryRegionDesc(_Fixed):
     """One VhostUserMemoryRegion of a memory table: ``memory_size`` bytes
     at ``guest_phys_addr`` / ``userspace_addr``, ``mmap_offset`` into its fd."""
 
-    STRUCT: ClassVar = MEM_REGION
-    WHAT: ClassVar = "memory region"
     guest_phys_addr: int
     memory_size: int
     userspace_addr: int
@@ -133,12 +136,10 @@ class MemoryTable:
         return MEM_HEADER.pack(len(self.regions), 0) + b"".join(r.pack() for r in self.regions)
 
 
-@dataclass
+@_fixed(LOG, "log")
 class LogPayload(_Fixed):
     """SET_LOG_BASE's VhostUserLog (the dirty log's size and offset in its fd)."""
 
-    STRUCT: ClassVar = LOG
-    WHAT: ClassVar = "log"
     mmap_size: int
     mmap_offset: int
 
@@ -157,12 +158,10 @@ class ConfigPayload:
         return CONFIG_HEADER.pack(self.offset, self.size, self.flags) + self.payload
 
 
-@dataclass
+@_fixed(INFLIGHT, "inflight")
 class InflightPayload(_Fixed):
     """GET/SET_INFLIGHT_FD's VhostUserInflight (spec "Inflight I/O tracking")."""
 
-    STRUCT: ClassVar = INFLIGHT
-    WHAT: ClassVar = "inflight"
     mmap_size: int
     mmap_offset: int
     num_queues: int
