@@ -61,8 +61,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from inspector.errors import InspectorError
+from inspector.layout import inflight_queue_size
 from inspector.vhost_user import backend as be
 from inspector.vhost_user import protocol as p
+from inspector.vhost_user import transport as t
 from inspector.vhost_user.backend import BackendConnection
 from inspector.vhost_user.protocol import Request
 from tests.support.nulldevice import NullDevice
@@ -140,7 +142,7 @@ class MsgSpec:
     generated: bool = True  # False for the valid handshake prefix
 
     def wire(self) -> bytes:
-        return p.HEADER.pack(self.request & 0xFFFFFFFF, self.flags & 0xFFFFFFFF,
+        return t.HEADER.pack(self.request & 0xFFFFFFFF, self.flags & 0xFFFFFFFF,
                              self.size & 0xFFFFFFFF) + self.payload
 
 
@@ -181,7 +183,7 @@ def handshake(features: int, protocol_features: int) -> list[MsgSpec]:
 def extras() -> list[MsgSpec]:
     """Valid requests beyond the handshake (the "valid" mode picks from
     these too, so that their handlers run in every state a session reaches)."""
-    inflight = QUEUES * p.inflight_queue_size(RING_NUM)
+    inflight = QUEUES * inflight_queue_size(RING_NUM)
     return [msg(Request.GET_INFLIGHT_FD, p.InflightPayload(0, 0, QUEUES, RING_NUM).pack()),
             msg(Request.SET_INFLIGHT_FD, p.InflightPayload(inflight, 0, QUEUES, RING_NUM).pack(),
                 ["memfd_big"]),
@@ -228,7 +230,7 @@ def index(d: RandomDraw) -> int:
 
 
 def payload_of(d: RandomDraw, kind: str) -> tuple[bytes, list[str]]:
-    """A payload of ``kind`` (protocol.PAYLOAD_KIND values) with boundary
+    """A payload of ``kind`` (protocol.PAYLOAD_DECODERS keys) with boundary
     values, and the fds such a message would carry."""
     if kind == "u64":
         v = u64(d) if d.chance(50) else index(d) | (p.VRING_NOFD_MASK if d.chance(20) else 0)
@@ -284,7 +286,7 @@ def gen_message(d: RandomDraw, valid: list[MsgSpec]) -> MsgSpec:
             request = d.int(0, 0xFFFFFFFF)
         else:
             request = int(d.choice(list(Request)))
-        kind = p.PAYLOAD_KIND.get(Request(request)) if request in Request._value2member_map_ else None
+        kind = p.payload_kind(Request(request)) if request in Request._value2member_map_ else None
         if kind is None or d.chance(15):
             kind = d.choice(KINDS + ("none",))
         payload, fds = payload_of(d, kind)
@@ -317,14 +319,14 @@ def gen_message(d: RandomDraw, valid: list[MsgSpec]) -> MsgSpec:
                 del w[d.int(0, len(w) - 1):]
             else:
                 w += d.bytes(d.int(1, 16))
-        w = bytes(w).ljust(p.HEADER_SIZE, b"\0")
-        request, flags, size = p.HEADER.unpack_from(w)
+        w = bytes(w).ljust(t.HEADER_SIZE, b"\0")
+        request, flags, size = t.HEADER.unpack_from(w)
         fds = list(s.fds) if d.chance(70) else [d.choice(FD_KINDS) for _ in range(d.int(0, 3))]
-        return _short(d, MsgSpec(request, flags, size, w[p.HEADER_SIZE:], fds))
+        return _short(d, MsgSpec(request, flags, size, w[t.HEADER_SIZE:], fds))
     # random bytes
-    w = d.bytes(d.int(0, 48)).ljust(p.HEADER_SIZE, b"\0")
-    request, flags, size = p.HEADER.unpack_from(w)
-    return _short(d, MsgSpec(request, flags, size, w[p.HEADER_SIZE:],
+    w = d.bytes(d.int(0, 48)).ljust(t.HEADER_SIZE, b"\0")
+    request, flags, size = t.HEADER.unpack_from(w)
+    return _short(d, MsgSpec(request, flags, size, w[t.HEADER_SIZE:],
                              [d.choice(FD_KINDS) for _ in range(d.int(0, 2))]))
 
 
@@ -458,12 +460,12 @@ class Session:
                 break
             self.rx += data
         out = []
-        while len(self.rx) >= p.HEADER_SIZE:
-            req, flags, size = p.HEADER.unpack_from(self.rx)
-            if len(self.rx) < p.HEADER_SIZE + size:
+        while len(self.rx) >= t.HEADER_SIZE:
+            req, flags, size = t.HEADER.unpack_from(self.rx)
+            if len(self.rx) < t.HEADER_SIZE + size:
                 break
-            out.append((req, flags, bytes(self.rx[p.HEADER_SIZE:p.HEADER_SIZE + size])))
-            del self.rx[:p.HEADER_SIZE + size]
+            out.append((req, flags, bytes(self.rx[t.HEADER_SIZE:t.HEADER_SIZE + size])))
+            del self.rx[:t.HEADER_SIZE + size]
         return out
 
     def send(self, spec: MsgSpec) -> bool:

@@ -39,3 +39,15 @@ class SourceGone(SourceError):
     """A source that was attached and went away (QEMU exited, its monitor
     closed, a back-end stopped): ``vqscope snapshot`` exits with status 1 on
     it, not 2, and the TUI shows the source as gone."""
+
+
+class RequestRefused(InspectorError):
+    """A vhost-user request the back-end did not carry out although the
+    front-end broke no rule (the device refused a config write): a
+    REPLY_ACK answers it non-zero and the connection lives on."""
+
+
+class DeviceError(InspectorError):
+    """A device that cannot do what the back-end core asks of it (a config
+    space it does not have, an inflight area it does not take, a queue it
+    cannot service)."""

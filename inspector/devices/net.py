@@ -52,7 +52,7 @@ from ..datapath.inflight import InflightAreas
 from ..datapath.net import NetScratch, net_loopback, net_tap_rx, net_tap_tx
 from ..datapath.queue import EVENT_LOG_DEFAULT, DeviceQueue
 from ..events import EVENT_RECORD
-from .base import QueueStats, VringConfig
+from .base import Device, QueueStats, VringConfig
 from .tap import open_tap
 
 logger = logging.getLogger("inspector.devices.net")
@@ -299,7 +299,7 @@ class _PairWorker(threading.Thread):
                 q.set_notification(False)
 
 
-class NetDevice:
+class NetDevice(Device):
     """A virtio-net device: ``mode`` "loopback" or "tap" (``tap_name``, None:
     the kernel picks tapN), ``queue_pairs`` RX/TX pairs, ``mac`` in its config.
 
@@ -337,9 +337,6 @@ class NetDevice:
         self.hdr_len = 10
         self.mrg_rxbuf = False
         self.event_idx = False
-        #: Called (from a worker thread) with a reason when a queue breaks;
-        #: the back-end core sets it (DEVICE_NEEDS_RESET, inspector/devices/base.py).
-        self.on_needs_reset = None
         self._lock = threading.Lock()
         self._rings: dict[int, _Ring] = {}
         self._workers: dict[int, _PairWorker] = {}
@@ -354,13 +351,17 @@ class NetDevice:
         if mode == "tap":
             self.tap_name, self._tap_fds = open_tap(tap_name, queue_pairs)
 
-    # --- Device protocol -------------------------------------------------------------
+    # --- Device (inspector/devices/base.py) ------------------------------------------
     def features(self) -> int:
         f = (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MRG_RXBUF | 1 << VIRTIO_NET_F_MAC
              | 1 << VIRTIO_NET_F_STATUS | 1 << VIRTIO_RING_F_EVENT_IDX | 1 << VIRTIO_RING_F_INDIRECT_DESC)
         if self.queue_pairs > 1:
             f |= 1 << VIRTIO_NET_F_MQ
         return f
+
+    def queue_num(self) -> int:
+        """Queue pairs: what QEMU and DPDK compare with for virtio-net."""
+        return self.queue_pairs
 
     def set_features(self, features: int) -> None:
         self.acked = features

@@ -37,17 +37,12 @@ from ..spec.virtio import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, 
                            VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
                            VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY, has_feature)
 from .protocol import (
-    FLAG_NEED_REPLY, FLAG_REPLY, VERSION,
-    ConfigPayload, InflightPayload, MemoryRegionDesc, MemoryTable, Message, ProtocolFeature, Request,
-    VringAddr, VringState, pack_u64, recv_message, send_message, unpack_inflight,
+    FLAG_NEED_REPLY, FLAG_REPLY, REQUESTS, VERSION, ConfigPayload, InflightPayload, MemoryRegionDesc,
+    MemoryTable, ProtocolFeature, Request, VringAddr, VringState, has_reply, pack_u64, unpack_inflight,
 )
+from .transport import Message, recv_message, send_message
 
 _NET_HDR_V1 = struct.Struct("<BBHHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
-
-# Requests whose reply is their own (REPLY_ACK must not be requested for them).
-_HAS_REPLY = {Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_QUEUE_NUM,
-              Request.GET_VRING_BASE, Request.GET_CONFIG, Request.SET_LOG_BASE,
-              Request.GET_STATUS}
 
 #: Ring violations :meth:`VhostUserFrontend.write_hostile` can write, and the
 #: decoder's anomaly kind (inspector.ring.anomalies.ANOMALY_KINDS) each shows as.
@@ -192,14 +187,13 @@ class VhostUserFrontend:
         return msg
 
     def _request(self, request: Request, payload: bytes = b"", fds=()) -> Message | None:
-        """Send; read the reply of requests that have one, or the REPLY_ACK
-        when negotiated (raising on a non-zero ack)."""
-        ack = (self.protocol_features & ProtocolFeature.REPLY_ACK) and request not in _HAS_REPLY
+        """Send; read the reply of requests that have one (protocol.REQUESTS),
+        or the REPLY_ACK when negotiated (raising on a non-zero ack). REPLY_ACK
+        is not asked for a request that may have a reply of its own."""
+        ack = (self.protocol_features & ProtocolFeature.REPLY_ACK) and REQUESTS[request].reply is False
         flags = VERSION | (FLAG_NEED_REPLY if ack else 0)
         self.send_raw(request, payload, fds, flags)
-        if request == Request.SET_LOG_BASE and not self.protocol_features & ProtocolFeature.LOG_SHMFD:
-            return None
-        if request in _HAS_REPLY or ack:
+        if has_reply(request, self.protocol_features) or ack:
             reply = self.recv_reply()
             if reply.request != request:
                 raise ProtocolError(f"{request.name}: got a reply to {reply.name}")
@@ -584,21 +578,16 @@ class VhostUserFrontend:
             if s is not None:
                 s.close()
         self.backend_channel = None
-        for fd in self._fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._fds = []
+        for fd in self._fds + [self.inflight_fd, self.memfd]:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._fds, self.inflight_fd, self.memfd = [], -1, -1
         if self.inflight_map is not None:
             self.inflight_map.close()
             self.inflight_map = None
-        if self.inflight_fd >= 0:
-            os.close(self.inflight_fd)
-            self.inflight_fd = -1
-        if self.memfd >= 0:
-            os.close(self.memfd)
-            self.memfd = -1
         if self.map is not None:
             self.queues = []
             self.mem = None

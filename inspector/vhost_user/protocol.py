@@ -1,41 +1,34 @@
-"""vhost-user wire format: requests, flags, payload codecs, message I/O.
+"""vhost-user requests: payload types, their codecs, and one table of what
+each request carries.
 
 Numbers and layouts are the spec's (QEMU docs/interop/vhost-user.rst) and
-match libvhost-user. A message is a 12-byte header (request u32, flags u32,
-size u32, all little-endian on the hosts we run on: the spec says "native
-endian"), ``size`` bytes of payload, and up to 8 file descriptors passed
-with SCM_RIGHTS alongside the header.
+match libvhost-user; the numbers themselves live in inspector.spec.vhost
+(the names used with them are re-exported here). A message is a 12-byte
+header, ``size`` bytes of payload and up to 8 fds (inspector/vhost_user/
+transport.py reads and writes them); this module says what the payload of
+each request is (:data:`REQUESTS`) and decodes it.
 
-Everything here is pure: no state, no policy. Every malformed input raises
-:class:`ProtocolViolation` (a ProtocolError) naming the request, the field
-and the value, so the back-end can log one line and close the connection.
+Everything here is pure: no state, no I/O, no policy. Every malformed input
+raises :class:`ProtocolViolation` (a ProtocolError) naming the request, the
+field and the value, so the back-end can log one line and close the
+connection.
 """
 
 from __future__ import annotations
 
-import array
-import errno
-import os
-import socket
 import struct
-import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
 
 from ..errors import ProtocolError
-from ..layout import inflight_queue_size  # noqa: F401  (re-exported: payload checks and tests)
-# The protocol's numbers live in inspector.spec.vhost; these names are
-# re-exported so that users of this module need one import.
+# The protocol's vocabulary, re-exported so that users of this module need
+# one import; the numbers are defined in inspector.spec.vhost only.
 from ..spec.vhost import (  # noqa: F401
-    FLAG_NEED_REPLY, FLAG_REPLY, INFLIGHT_ALIGNMENT, INFLIGHT_DESC_SIZE, INFLIGHT_HEADER_SIZE,
-    INFLIGHT_VERSION, MAX_CONFIG_SIZE, MAX_FDS, MAX_MEM_REGIONS, VERSION, VERSION_MASK,
+    FLAG_NEED_REPLY, FLAG_REPLY, MAX_CONFIG_SIZE, MAX_MEM_REGIONS, VERSION, VERSION_MASK,
     VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, VRING_IDX_MASK, VRING_NOFD_MASK,
     BackendRequest, ProtocolFeature, Request,
 )
 
-
-HEADER = struct.Struct("<III")
-HEADER_SIZE = HEADER.size
 U64 = struct.Struct("<Q")
 VRING_STATE = struct.Struct("<II")
 VRING_ADDR = struct.Struct("<IIQQQQ")
@@ -44,21 +37,15 @@ MEM_REGION = struct.Struct("<QQQQ")
 LOG = struct.Struct("<QQ")
 CONFIG_HEADER = struct.Struct("<III")
 INFLIGHT = struct.Struct("<QQHH4x")  # C struct VhostUserInflight is padded to 24
-MEM_REG_MSG = struct.Struct("<Q")  # padding u64, then one MEM_REGION
 
 # The largest request payload a front-end sends: VhostUserConfig (12 + 256),
 # the biggest member of libvhost-user's payload union.
 MAX_PAYLOAD = CONFIG_HEADER.size + MAX_CONFIG_SIZE
 
-# Control-message buffer: room for more fds than any request may carry so that
-# a peer sending too many is detected (and every fd it sent is closed) instead
-# of having the kernel silently truncate.
-_CMSG_FDS = 64
-
 
 class ProtocolViolation(ProtocolError):
     """A message that breaks the spec: ``request`` (name), ``field`` and
-    ``value`` say exactly what."""
+    ``value`` say exactly what, ``why`` the rule it breaks."""
 
     def __init__(self, request: str, field_: str, value: Any, why: str):
         self.request = request
@@ -81,17 +68,45 @@ def request_name(request: int) -> str:
 
 # --- payload types --------------------------------------------------------
 
-@dataclass
-class VringState:
+class _Fixed:
+    """A payload that is one fixed-size struct (``STRUCT``), its fields in
+    the struct's order; ``WHAT`` names it in a size violation. Made with
+    :func:`_fixed`."""
+
+    STRUCT: ClassVar[struct.Struct]
+    WHAT: ClassVar[str]
+
+    def pack(self) -> bytes:
+        return self.STRUCT.pack(*vars(self).values())
+
+    @classmethod
+    def unpack(cls, name: str, data: bytes):
+        """Decode ``data`` (exactly ``STRUCT.size`` bytes) of request ``name``."""
+        _need(name, data, cls.STRUCT.size, cls.WHAT)
+        return cls(*cls.STRUCT.unpack(data))
+
+
+def _fixed(layout: struct.Struct, what: str):
+    """Class decorator: a :class:`_Fixed` dataclass packed as ``layout``."""
+    def wrap(cls):
+        cls.STRUCT, cls.WHAT = layout, what
+        return dataclass(cls)
+    return wrap
+
+
+@_fixed(VRING_STATE, "vring state")
+class VringState(_Fixed):
+    """struct vhost_vring_state: SET/GET_VRING_BASE, SET_VRING_NUM, _ENABLE."""
+
     index: int
     num: int
 
-    def pack(self) -> bytes:
-        return VRING_STATE.pack(self.index, self.num)
 
+@_fixed(VRING_ADDR, "vring address")
+class VringAddr(_Fixed):
+    """struct vhost_vring_addr (SET_VRING_ADDR): front-end virtual addresses
+    of the three ring areas, and the log's guest address."""
 
-@dataclass
-class VringAddr:
     index: int
     flags: int
     desc_user_addr: int
@@ -99,42 +114,41 @@ class VringAddr:
     avail_user_addr: int
     log_guest_addr: int
 
-    def pack(self) -> bytes:
-        return VRING_ADDR.pack(self.index, self.flags, self.desc_user_addr, self.used_user_addr,
-                               self.avail_user_addr, self.log_guest_addr)
 
+@_fixed(MEM_REGION, "memory region")
+class MemoryRegionDesc(_Fixed):
+    """One VhostUserMemoryRegion of a memory table: ``memory_size`` bytes
+    at ``guest_phys_addr`` / ``userspace_addr``, ``mmap_offset`` into its fd."""
 
-@dataclass
-class MemoryRegionDesc:
     guest_phys_addr: int
     memory_size: int
     userspace_addr: int
     mmap_offset: int
 
-    def pack(self) -> bytes:
-        return MEM_REGION.pack(self.guest_phys_addr, self.memory_size, self.userspace_addr,
-                               self.mmap_offset)
-
 
 @dataclass
 class MemoryTable:
+    """SET_MEM_TABLE's VhostUserMemory: the regions, one fd each."""
+
     regions: list[MemoryRegionDesc]
 
     def pack(self) -> bytes:
         return MEM_HEADER.pack(len(self.regions), 0) + b"".join(r.pack() for r in self.regions)
 
 
-@dataclass
-class LogPayload:
+@_fixed(LOG, "log")
+class LogPayload(_Fixed):
+    """SET_LOG_BASE's VhostUserLog (the dirty log's size and offset in its fd)."""
+
     mmap_size: int
     mmap_offset: int
-
-    def pack(self) -> bytes:
-        return LOG.pack(self.mmap_size, self.mmap_offset)
 
 
 @dataclass
 class ConfigPayload:
+    """GET/SET_CONFIG's VhostUserConfig: ``size`` bytes at ``offset`` of the
+    device config space, ``payload`` the bytes themselves."""
+
     offset: int
     size: int
     flags: int
@@ -144,15 +158,14 @@ class ConfigPayload:
         return CONFIG_HEADER.pack(self.offset, self.size, self.flags) + self.payload
 
 
-@dataclass
-class InflightPayload:
+@_fixed(INFLIGHT, "inflight")
+class InflightPayload(_Fixed):
+    """GET/SET_INFLIGHT_FD's VhostUserInflight (spec "Inflight I/O tracking")."""
+
     mmap_size: int
     mmap_offset: int
     num_queues: int
     queue_size: int
-
-    def pack(self) -> bytes:
-        return INFLIGHT.pack(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
 
 
 def pack_u64(value: int) -> bytes:
@@ -169,14 +182,10 @@ def unpack_u64(name: str, data: bytes) -> int:
     return U64.unpack(data)[0]
 
 
-def unpack_vring_state(name: str, data: bytes) -> VringState:
-    _need(name, data, VRING_STATE.size, "vring state")
-    return VringState(*VRING_STATE.unpack(data))
-
-
-def unpack_vring_addr(name: str, data: bytes) -> VringAddr:
-    _need(name, data, VRING_ADDR.size, "vring address")
-    return VringAddr(*VRING_ADDR.unpack(data))
+unpack_vring_state = VringState.unpack
+unpack_vring_addr = VringAddr.unpack
+unpack_log = LogPayload.unpack
+unpack_inflight = InflightPayload.unpack
 
 
 def unpack_memory_table(name: str, data: bytes) -> MemoryTable:
@@ -196,11 +205,6 @@ def unpack_memory_table(name: str, data: bytes) -> MemoryTable:
     return MemoryTable(regions)
 
 
-def unpack_log(name: str, data: bytes) -> LogPayload:
-    _need(name, data, LOG.size, "log")
-    return LogPayload(*LOG.unpack(data))
-
-
 def unpack_config(name: str, data: bytes) -> ConfigPayload:
     """Decode GET/SET_CONFIG; ``size`` must be ≤ 256 and match the bytes that
     follow the 12-byte config header."""
@@ -216,50 +220,8 @@ def unpack_config(name: str, data: bytes) -> ConfigPayload:
     return ConfigPayload(offset, size, flags, bytes(data[CONFIG_HEADER.size:]))
 
 
-def unpack_inflight(name: str, data: bytes) -> InflightPayload:
-    _need(name, data, INFLIGHT.size, "inflight")
-    return InflightPayload(*INFLIGHT.unpack(data))
-
-
-# What each request carries: payload kind and how many fds. ``"vring_fd"``
-# means one fd unless bit 8 (VRING_NOFD_MASK) of the u64 is set; ``"regions"``
-# one fd per memory region. Requests not listed have no payload and no fd.
-PAYLOAD_KIND: dict[Request, str] = {
-    Request.SET_FEATURES: "u64",
-    Request.SET_MEM_TABLE: "memory",
-    Request.SET_LOG_BASE: "log",
-    Request.SET_VRING_NUM: "state",
-    Request.SET_VRING_ADDR: "addr",
-    Request.SET_VRING_BASE: "state",
-    Request.GET_VRING_BASE: "state",
-    Request.SET_VRING_KICK: "u64",
-    Request.SET_VRING_CALL: "u64",
-    Request.SET_VRING_ERR: "u64",
-    Request.SET_PROTOCOL_FEATURES: "u64",
-    Request.SET_VRING_ENABLE: "state",
-    Request.SEND_RARP: "u64",
-    Request.NET_SET_MTU: "u64",
-    Request.SET_VRING_ENDIAN: "state",
-    Request.GET_CONFIG: "config",
-    Request.SET_CONFIG: "config",
-    Request.GET_INFLIGHT_FD: "inflight",
-    Request.SET_INFLIGHT_FD: "inflight",
-    Request.VRING_KICK: "state",
-    Request.SET_STATUS: "u64",
-}
-
-FDS: dict[Request, Any] = {
-    Request.SET_MEM_TABLE: "regions",
-    Request.SET_LOG_BASE: 1,
-    Request.SET_LOG_FD: 1,
-    Request.SET_VRING_KICK: "vring_fd",
-    Request.SET_VRING_CALL: "vring_fd",
-    Request.SET_VRING_ERR: "vring_fd",
-    Request.SET_BACKEND_REQ_FD: 1,
-    Request.SET_INFLIGHT_FD: 1,
-}
-
-_UNPACK = {
+#: Payload kinds: name -> decoder ``(request name, bytes) -> payload``.
+PAYLOAD_DECODERS: dict[str, Callable[[str, bytes], Any]] = {
     "u64": unpack_u64,
     "state": unpack_vring_state,
     "addr": unpack_vring_addr,
@@ -270,15 +232,101 @@ _UNPACK = {
 }
 
 
+# --- the request table ----------------------------------------------------
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What one request carries (spec "Front-end message types").
+
+    ``kind``: its payload type, a key of :data:`PAYLOAD_DECODERS`, or None
+    (no payload). ``fds``: how many fds come with it: a number,
+    ``"regions"`` (one per memory region) or ``"vring_fd"`` (one, unless bit
+    8, VRING_NOFD_MASK, of the u64 is set). ``reply``: the back-end answers
+    with a payload of its own: True always, a ProtocolFeature only when that
+    feature was negotiated, False never (then only a REPLY_ACK, when asked
+    for with NEED_REPLY)."""
+
+    kind: str | None = None
+    fds: int | str = 0
+    reply: bool | ProtocolFeature = False
+
+
+_R = Request
+#: Every request, known or not to this back-end (requests it does not serve
+#: are refused after their size and fds were checked against this).
+REQUESTS: dict[Request, RequestInfo] = {
+    _R.GET_FEATURES: RequestInfo(reply=True),
+    _R.SET_FEATURES: RequestInfo("u64"),
+    _R.SET_OWNER: RequestInfo(),
+    _R.RESET_OWNER: RequestInfo(),
+    _R.SET_MEM_TABLE: RequestInfo("memory", "regions"),
+    _R.SET_LOG_BASE: RequestInfo("log", 1, reply=ProtocolFeature.LOG_SHMFD),
+    _R.SET_LOG_FD: RequestInfo(fds=1),
+    _R.SET_VRING_NUM: RequestInfo("state"),
+    _R.SET_VRING_ADDR: RequestInfo("addr"),
+    _R.SET_VRING_BASE: RequestInfo("state"),
+    _R.GET_VRING_BASE: RequestInfo("state", reply=True),
+    _R.SET_VRING_KICK: RequestInfo("u64", "vring_fd"),
+    _R.SET_VRING_CALL: RequestInfo("u64", "vring_fd"),
+    _R.SET_VRING_ERR: RequestInfo("u64", "vring_fd"),
+    _R.GET_PROTOCOL_FEATURES: RequestInfo(reply=True),
+    _R.SET_PROTOCOL_FEATURES: RequestInfo("u64"),
+    _R.GET_QUEUE_NUM: RequestInfo(reply=True),
+    _R.SET_VRING_ENABLE: RequestInfo("state"),
+    _R.SEND_RARP: RequestInfo("u64"),
+    _R.NET_SET_MTU: RequestInfo("u64"),
+    _R.SET_BACKEND_REQ_FD: RequestInfo(fds=1),
+    _R.IOTLB_MSG: RequestInfo(),
+    _R.SET_VRING_ENDIAN: RequestInfo("state"),
+    _R.GET_CONFIG: RequestInfo("config", reply=True),
+    _R.SET_CONFIG: RequestInfo("config"),
+    _R.CREATE_CRYPTO_SESSION: RequestInfo(),
+    _R.CLOSE_CRYPTO_SESSION: RequestInfo(),
+    _R.POSTCOPY_ADVISE: RequestInfo(),
+    _R.POSTCOPY_LISTEN: RequestInfo(),
+    _R.POSTCOPY_END: RequestInfo(),
+    _R.GET_INFLIGHT_FD: RequestInfo("inflight", reply=True),
+    _R.SET_INFLIGHT_FD: RequestInfo("inflight", 1),
+    _R.GPU_SET_SOCKET: RequestInfo(),
+    _R.RESET_DEVICE: RequestInfo(),
+    _R.VRING_KICK: RequestInfo("state"),
+    _R.GET_MAX_MEM_SLOTS: RequestInfo(),
+    _R.ADD_MEM_REG: RequestInfo(),
+    _R.REM_MEM_REG: RequestInfo(),
+    _R.SET_STATUS: RequestInfo("u64"),
+    _R.GET_STATUS: RequestInfo(reply=True),
+    _R.GET_SHARED_OBJECT: RequestInfo(),
+    _R.SET_DEVICE_STATE_FD: RequestInfo(),
+    _R.CHECK_DEVICE_STATE: RequestInfo(),
+}
+del _R
+assert set(REQUESTS) == set(Request), "every Request has its REQUESTS entry"
+
+#: Requests whose u64 payload names a vring and carries an fd unless bit 8 is set.
+VRING_FD_REQUESTS = frozenset(r for r, info in REQUESTS.items() if info.fds == "vring_fd")
+
+
+def payload_kind(request: Request) -> str | None:
+    """The payload kind of ``request`` (REQUESTS), None for no payload."""
+    return REQUESTS[request].kind
+
+
+def has_reply(request: Request, protocol_features: int) -> bool:
+    """Whether the back-end answers ``request`` with a reply of its own
+    (not a REPLY_ACK) once ``protocol_features`` were negotiated."""
+    reply = REQUESTS[request].reply
+    return bool(reply & protocol_features) if isinstance(reply, ProtocolFeature) else reply
+
+
 def decode_payload(request: Request, data: bytes) -> Any:
     """Decode the payload of ``request``, checking its size against the
     request's payload type; ``None`` for requests that carry none."""
-    kind = PAYLOAD_KIND.get(request)
+    kind = REQUESTS[request].kind
     if kind is None:
         if data:
             raise ProtocolViolation(request.name, "size", len(data), "this request carries no payload")
         return None
-    return _UNPACK[kind](request.name, data)
+    return PAYLOAD_DECODERS[kind](request.name, data)
 
 
 def payload_fields(payload: Any) -> dict:
@@ -297,7 +345,7 @@ def payload_fields(payload: Any) -> dict:
 
 def expected_fds(request: Request, payload: Any) -> int:
     """How many fds ``request`` with ``payload`` must carry."""
-    rule = FDS.get(request, 0)
+    rule = REQUESTS[request].fds
     if rule == "regions":
         return len(payload.regions)
     if rule == "vring_fd":
@@ -305,234 +353,12 @@ def expected_fds(request: Request, payload: Any) -> int:
     return rule
 
 
-# --- messages -------------------------------------------------------------
-
-@dataclass
-class Message:
-    """One received message. ``fds`` are owned by whoever holds the message:
-    take the ones you keep out of the list, :meth:`close_fds` the rest."""
-
-    request: int
-    flags: int
-    size: int
-    payload: bytes
-    fds: list[int] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return request_name(self.request)
-
-    def take_fd(self) -> int:
-        return self.fds.pop(0)
-
-    def close_fds(self) -> None:
-        while self.fds:
-            fd = self.fds.pop()
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
-def encode_header(request: int, flags: int, size: int) -> bytes:
-    return HEADER.pack(request, flags, size)
-
-
-def decode_header(data: bytes) -> tuple[int, int, int]:
-    if len(data) != HEADER_SIZE:
-        raise ProtocolViolation("header", "length", len(data), f"a header is {HEADER_SIZE} bytes")
-    return HEADER.unpack(data)
-
-
-def encode_message(request: int, payload: bytes = b"", flags: int = VERSION,
-                   size: int | None = None) -> bytes:
-    return encode_header(request, flags, len(payload) if size is None else size) + payload
-
-
-def send_message(sock: socket.socket, request: int, payload: bytes = b"", fds=(),
-                 flags: int = VERSION, size: int | None = None) -> None:
-    """Send one message; ``fds`` go with the header as SCM_RIGHTS."""
-    data = encode_message(request, payload, flags, size)
-    if fds:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", list(fds)).tobytes())]
-        sent = sock.sendmsg([data], anc)
-    else:
-        sent = sock.send(data)
-    if sent < len(data):
-        sock.sendall(data[sent:])
-
-
-def _collect_fds(ancdata, fds: list[int]) -> bool:
-    """Append SCM_RIGHTS fds from ``ancdata`` to ``fds``; True when the
-    control data was cut short."""
-    cut = False
-    for level, ctype, cdata in ancdata:
-        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
-            usable = len(cdata) - len(cdata) % 4
-            if usable != len(cdata):
-                cut = True
-            fds.extend(array.array("i", cdata[:usable]))
-    return cut
-
-
-class MessageReader:
-    """Assemble one message at a time from a stream socket, across as many
-    reads as the peer needs, without ever blocking: :meth:`feed` reads what
-    is there (MSG_DONTWAIT) and returns the message once it is complete.
-
-    An event loop keeps one reader per connection, so a front-end that stalls
-    in the middle of a message holds nobody but itself (libvhost-user and
-    DPDK read a whole message with blocking reads; QEMU's vfio-user proxy
-    resumes partial reads the same way as here). ``started``: the
-    time.monotonic() of the current message's first byte (None between
-    messages), for a stall deadline. ``eof``: the peer closed cleanly between
-    messages. The reader owns the fds received so far; :meth:`close` closes
-    them.
-
-    Raises ProtocolViolation (after closing every fd received) for a payload
-    larger than any request carries, more than 8 fds (or control data cut
-    short), fds without a message, or a peer that closes mid-message. Other
-    OSErrors propagate (the caller closes the reader).
-    """
-
-    def __init__(self) -> None:
-        self._head = bytearray()
-        self._payload = bytearray()
-        self._size = 0
-        self._fds: list[int] = []
-        self._truncated = False
-        self.started: float | None = None
-        self.eof = False
-
-    @property
-    def partial(self) -> bool:
-        """A message has begun and is not complete."""
-        return self.started is not None
-
-    def progress(self) -> str:
-        """Where the current message stands (for a stall message)."""
-        if len(self._head) < HEADER_SIZE:
-            return f"got {len(self._head)} of {HEADER_SIZE} header bytes"
-        return f"got {len(self._payload)} of {self._size} payload bytes"
-
-    def _name(self) -> str:
-        return request_name(HEADER.unpack(self._head)[0]) if len(self._head) == HEADER_SIZE else "header"
-
-    def stall_violation(self) -> ProtocolViolation:
-        """The violation of a peer that stopped sending mid-message."""
-        if len(self._head) < HEADER_SIZE:
-            return ProtocolViolation("header", "length", HEADER_SIZE,
-                                     f"peer stalled in the middle of a message ({self.progress()})")
-        return ProtocolViolation(self._name(), "size", self._size,
-                                 f"peer stalled in the middle of a message ({self.progress()})")
-
-    def close(self) -> None:
-        """Close every fd received for the message being assembled."""
-        fds, self._fds = self._fds, []
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    def feed(self, sock: socket.socket, flags: int = socket.MSG_DONTWAIT) -> Message | None:
-        """Read what ``sock`` has of the current message; the Message once
-        complete (its fds then belong to the caller), else None (check
-        :attr:`eof`). With ``flags=0`` on a socket with a timeout, a stall
-        raises TimeoutError (socket.timeout)."""
-        try:
-            return self._feed(sock, flags)
-        except ProtocolViolation:
-            self.close()
-            raise
-
-    def _feed(self, sock: socket.socket, flags: int) -> Message | None:
-        while True:
-            in_head = len(self._head) < HEADER_SIZE
-            want = HEADER_SIZE - len(self._head) if in_head else self._size - len(self._payload)
-            if want == 0:
-                return self._complete()
-            try:
-                data, anc, mflags, _ = sock.recvmsg(want, socket.CMSG_SPACE(_CMSG_FDS * 4), flags)
-            except InterruptedError:
-                continue
-            except BlockingIOError:
-                return None
-            self._truncated |= _collect_fds(anc, self._fds) or bool(mflags & socket.MSG_CTRUNC)
-            # Named once the header is complete (the fds come with its first
-            # byte); never more than one control buffer's worth held.
-            if not in_head or self._truncated or len(self._fds) > _CMSG_FDS:
-                self._check_fds()
-            if not data:
-                if self.started is None:
-                    if self._fds:
-                        raise ProtocolViolation("header", "fds", len(self._fds), "fds without a message")
-                    self.eof = True
-                    return None
-                if in_head:
-                    raise ProtocolViolation("header", "length", HEADER_SIZE,
-                                            f"peer closed the connection in the middle of a message "
-                                            f"({self.progress()})")
-                raise ProtocolViolation(self._name(), "size", self._size,
-                                        f"peer closed the connection in the middle of a message "
-                                        f"({self.progress()})")
-            if self.started is None:
-                self.started = time.monotonic()
-            if in_head:
-                self._head += data
-                if len(self._head) == HEADER_SIZE:
-                    request, _flags, size = HEADER.unpack(self._head)
-                    if size > MAX_PAYLOAD:
-                        raise ProtocolViolation(request_name(request), "size", size,
-                                                f"exceeds the largest request payload ({MAX_PAYLOAD} bytes)")
-                    self._size = size
-                    self._check_fds()
-            else:
-                self._payload += data
-
-    def _check_fds(self) -> None:
-        if self._truncated or len(self._fds) > MAX_FDS:
-            shown = f">{len(self._fds)}" if self._truncated else len(self._fds)
-            raise ProtocolViolation(self._name(), "fds", shown, f"a message carries at most {MAX_FDS} fds")
-
-    def _complete(self) -> Message:
-        request, flags, size = HEADER.unpack(self._head)
-        msg = Message(request, flags, size, bytes(self._payload), self._fds)
-        self._head = bytearray()
-        self._payload = bytearray()
-        self._size = 0
-        self._fds = []
-        self.started = None
-        return msg
-
-
-def recv_message(sock: socket.socket) -> Message | None:
-    """Read one whole message (header, payload, fds) with blocking reads (a
-    front-end waiting for a reply; tests). Returns None when the peer closed
-    cleanly between messages. Raises ProtocolViolation (closing every fd
-    received) for what :class:`MessageReader` rejects, and for a peer that
-    stalls mid-message past the socket's timeout (or at all, on a
-    non-blocking socket). Request semantics (known number, flags, size vs
-    type) are checked by the caller (:func:`check_header`)."""
-    reader = MessageReader()
-    try:
-        try:
-            msg = reader.feed(sock, 0)
-        except TimeoutError:  # socket.timeout
-            msg = None
-        if msg is None and not reader.eof:
-            raise reader.stall_violation()
-        return msg
-    except BaseException:
-        reader.close()
-        raise
-
-
-def check_header(msg: Message) -> tuple[Request, Any]:
-    """Validate a request's header (version, REPLY bit, known number),
+def check_header(msg) -> tuple[Request, Any]:
+    """Validate a received request (a transport.Message: ``request``,
+    ``flags``, ``payload``, ``fds``): version, REPLY bit, known number,
     payload size against its type, and fd count; return the Request and the
     decoded payload."""
-    name = msg.name
+    name = request_name(msg.request)
     if msg.flags & VERSION_MASK != VERSION:
         raise ProtocolViolation(name, "flags.version", msg.flags & VERSION_MASK,
                                 f"only version {VERSION} exists")
@@ -543,7 +369,8 @@ def check_header(msg: Message) -> tuple[Request, Any]:
     except ValueError:
         raise ProtocolViolation(name, "request", msg.request, "unknown request number") from None
     payload = decode_payload(req, msg.payload)
-    if req in (Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR):
+    vring_fd = req in VRING_FD_REQUESTS
+    if vring_fd:
         extra = payload & ~(VRING_IDX_MASK | VRING_NOFD_MASK)
         if extra:
             raise ProtocolViolation(name, "u64", payload,
@@ -551,7 +378,7 @@ def check_header(msg: Message) -> tuple[Request, Any]:
     want = expected_fds(req, payload)
     if len(msg.fds) != want:
         why = "this request carries no fd" if want == 0 else f"this request carries {want} fd(s)"
-        if req in (Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR) and want == 0:
+        if vring_fd and want == 0:
             why = "bit 8 (no fd / polling) is set, so no fd may come with it"
         raise ProtocolViolation(name, "fds", len(msg.fds), why)
     return req, payload
@@ -569,10 +396,6 @@ def vring_index(req: Request, payload: Any) -> int | None:
     """The vring a request addresses, or None."""
     if isinstance(payload, (VringState, VringAddr)):
         return payload.index
-    if req in (Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR):
+    if req in VRING_FD_REQUESTS:
         return payload & VRING_IDX_MASK
     return None
-
-
-def is_closed_error(e: OSError) -> bool:
-    return e.errno in (errno.EPIPE, errno.ECONNRESET, errno.EBADF, errno.ENOTCONN)

@@ -12,7 +12,7 @@ TUI's RSS and testpmd's packet counters.
 The warm-up lasts WARMUP_SECONDS (60) and, beyond that, until the server's
 central event buffer has gone round once (the ``events`` op's ``head``, the
 number of events ever buffered, reached its capacity). That buffer is one
-ring of 2^20 events (16 MiB, inspector/vhost_user/server.py) whose pages are
+ring of 2^20 events (16 MiB, inspector/introspect/buffer.py) whose pages are
 touched as it fills, at the rate kicks and calls come, which on a loaded
 machine can take minutes; until then the RSS grows by design. The soak keeps
 one introspection connection of its own open from the start (so it does not
@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from inspector.sources.backend import BackendSource
-from inspector.vhost_user.server import EVENT_BUFFER
+from inspector.introspect.buffer import EVENT_BUFFER
 from tests.support.peers import (
     VQSCOPE,
     DpdkTestpmd,

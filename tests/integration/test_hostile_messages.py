@@ -29,6 +29,7 @@ import pytest
 
 from inspector.devices.net import NetDevice
 from inspector.vhost_user import protocol as p
+from inspector.vhost_user import transport as t
 from inspector.vhost_user.frontend import VhostUserFrontend
 from inspector.vhost_user.server import VhostUserServer
 
@@ -155,7 +156,7 @@ def run_case(socket_path: str, case, *, reply_timeout: float = 10.0) -> Ctx:
                         p.pack_u64(fe.protocol_features | p.ProtocolFeature.INFLIGHT_SHMFD))
         fds = send_case(fe.sock, case, ctx)
         if case.ack:
-            r = p.recv_message(fe.sock)
+            r = t.recv_message(fe.sock)
             assert r is not None, f"{case.name}: closed without the REPLY_ACK"
             assert r.flags & p.FLAG_REPLY and r.request == case.build(ctx).request, r
             assert len(r.payload) == 8 and struct.unpack("<Q", r.payload)[0] != 0, r
@@ -200,7 +201,7 @@ def test_stalled_front_end_holds_only_itself(tmp_path, caplog):
         staller = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         staller.connect(srv.socket_path)
         try:
-            staller.sendall(p.encode_message(p.Request.SET_VRING_NUM, p.VringState(0, 64).pack())[:15])
+            staller.sendall(t.encode_message(p.Request.SET_VRING_NUM, p.VringState(0, 64).pack())[:15])
             assert wait_for(lambda: srv.connections and srv.connections[0].messages == 0
                             and srv.connections[0]._reader.partial)
             stalled_conn = srv.connections[0]
@@ -289,9 +290,9 @@ def _offered_protocol_features(sock: str) -> int:
     s.settimeout(10)
     try:
         s.connect(sock)
-        p.send_message(s, p.Request.GET_FEATURES)
-        p.recv_message(s)
-        p.send_message(s, p.Request.GET_PROTOCOL_FEATURES)
-        return struct.unpack("<Q", p.recv_message(s).payload)[0]
+        t.send_message(s, p.Request.GET_FEATURES)
+        t.recv_message(s)
+        t.send_message(s, p.Request.GET_PROTOCOL_FEATURES)
+        return struct.unpack("<Q", t.recv_message(s).payload)[0]
     finally:
         s.close()

@@ -19,7 +19,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
+from inspector.layout import inflight_queue_size
 from inspector.vhost_user import protocol as p
+from inspector.vhost_user import transport as t
 from inspector.vhost_user.protocol import (
     InflightPayload, LogPayload, MemoryRegionDesc, MemoryTable, Request, VringAddr, VringState,
 )
@@ -248,8 +250,8 @@ CORPUS: list[Case] = [
        lambda c: ("SET_INFLIGHT_FD", "num_queues", c.num_queues + 1), inflight=True),
     _c("inflight_too_small", "SET_INFLIGHT_FD mmap_size < num_queues x per-queue size",
        lambda c: Hostile(Request.SET_INFLIGHT_FD,
-                         InflightPayload(p.inflight_queue_size(256), 0, 2, 256).pack(), nfds=1, flags=NR),
-       ("SET_INFLIGHT_FD", "mmap_size", p.inflight_queue_size(256)), inflight=True),
+                         InflightPayload(inflight_queue_size(256), 0, 2, 256).pack(), nfds=1, flags=NR),
+       ("SET_INFLIGHT_FD", "mmap_size", inflight_queue_size(256)), inflight=True),
 ]
 
 CLASSES = sorted({c.klass for c in CORPUS})
@@ -262,11 +264,11 @@ def send_case(sock, case: Case, ctx: Ctx) -> list[int]:
     fds = [memfd(h.fd_size) for _ in range(h.nfds)]
     try:
         if h.cut is None:
-            p.send_message(sock, h.request, h.payload, fds=fds, flags=h.flags, size=h.size)
+            t.send_message(sock, h.request, h.payload, fds=fds, flags=h.flags, size=h.size)
         else:
             import array
             import socket
-            data = p.encode_message(h.request, h.payload, h.flags, h.size)[:h.cut]
+            data = t.encode_message(h.request, h.payload, h.flags, h.size)[:h.cut]
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
             sock.sendmsg([data], anc)
             sock.shutdown(socket.SHUT_WR)

@@ -15,7 +15,7 @@ import struct
 import threading
 from dataclasses import replace
 
-from inspector.devices.base import QueueStats, VringConfig
+from inspector.devices.base import Device, QueueStats, VringConfig
 from inspector.errors import InspectorError
 from inspector.memory import GuestMemory
 
@@ -27,7 +27,7 @@ F_EVENT_IDX = 1 << VIRTIO_RING_F_EVENT_IDX
 F_MRG_RXBUF = 1 << VIRTIO_NET_F_MRG_RXBUF
 
 
-class NullDevice:
+class NullDevice(Device):
     name = "null"
 
     def __init__(self, num_queues: int = 2, features: int = F_VERSION_1 | F_EVENT_IDX,
@@ -146,7 +146,7 @@ class _Ring:
                 os.close(fd)
 
 
-class LoopbackDevice:
+class LoopbackDevice(Device):
     """virtio-net loopback in Python: what the front-end sends on TX of a
     pair comes back on RX of the same pair (header zeroed, num_buffers 1)."""
 
@@ -155,7 +155,7 @@ class LoopbackDevice:
     def __init__(self, queue_pairs: int = 1,
                  features: int = F_VERSION_1 | F_EVENT_IDX | F_MRG_RXBUF):
         self.num_queues = 2 * queue_pairs
-        self.vhost_queue_num = queue_pairs
+        self.queue_pairs = queue_pairs
         self._features = features
         self.acked = 0
         self.rings: dict[int, _Ring] = {}
@@ -169,6 +169,9 @@ class LoopbackDevice:
 
     def set_features(self, features: int) -> None:
         self.acked = features
+
+    def queue_num(self) -> int:
+        return self.queue_pairs
 
     def get_config(self, offset: int, size: int) -> bytes:
         return bytes(size)

@@ -30,7 +30,9 @@ from inspector.memory import GuestMemory
 from inspector.introspect.snapshot import backend_snapshot
 from inspector.sources.backend import BackendSource
 from inspector.vhost_user.frontend import VhostUserFrontend
-from inspector.vhost_user.server import EventBuffer, VhostUserServer
+from inspector.introspect.buffer import CHUNK_OVERHEAD, EventBuffer
+from inspector.introspect.client import decode_binary_events
+from inspector.vhost_user.server import VhostUserServer
 from inspector.datapath.queue import DeviceQueue
 from inspector.events import decode_events, encode_events
 from tests.conftest import ROOT, VQSCOPE, wait_for
@@ -379,8 +381,7 @@ def test_binary_events_reply_equals_the_json_one():
         assert {k: v for k, v in header.items() if k not in ("chunks", "binary")} == \
             {k: v for k, v in js.items() if k != "events"}
         assert header["binary"] == len(records) == 16 * len(js["events"])
-        src = BackendSource.__new__(BackendSource)
-        got = src._binary_events({"records": records, "chunks": header["chunks"]})
+        got = decode_binary_events(records, header["chunks"], "test")
         assert [list(e) for e in got] == js["events"]
 
 
@@ -392,16 +393,13 @@ def test_binary_events_reply_equals_the_json_one():
     (None, bytes(16), "malformed"),
 ])
 def test_malformed_binary_events_reply_is_a_source_error(chunks, records, why):
-    src = BackendSource("/nonexistent.introspect")
     with pytest.raises(SourceError, match=why):
-        src._binary_events({"records": records, "chunks": chunks})
+        decode_binary_events(records, chunks, "/nonexistent.introspect")
 
 
 def test_event_buffer_bounds_memory_of_many_small_chunks():
     """A quiet back-end drains one event at a time: the chunk index is
     bounded too, so a million one-event chunks do not all stay."""
-    from inspector.vhost_user.server import CHUNK_OVERHEAD
-
     buf = EventBuffer(capacity=1100)
     one = encode_events([(1, "kick", 1)])
     assert buf.max_chunks == 1100 // CHUNK_OVERHEAD

@@ -29,6 +29,7 @@ from fuzz import fuzz_inputs
 from fuzz import fuzz_messages as fm
 from inspector.ring import decoder
 from inspector.vhost_user import protocol as p
+from inspector.vhost_user import transport as t
 from inspector.vhost_user.protocol import Request
 from tests.conftest import ROOT, require
 
@@ -159,7 +160,7 @@ def test_message_fuzzer_reports_a_non_inspector_exception(monkeypatch):
 
 
 def test_message_fuzzer_reports_fds_left_open_on_rejection(monkeypatch):
-    monkeypatch.setattr(p.Message, "close_fds", lambda self: None)
+    monkeypatch.setattr(t.Message, "close_fds", lambda self: None)
     specs = [fm.msg(Request.SET_OWNER, fds=["memfd4k"])]  # SET_OWNER carries no fd
     try:
         with pytest.raises(fm.Finding, match="rejected message left 1 more fd"):

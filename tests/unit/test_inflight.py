@@ -25,6 +25,7 @@ import pytest
 
 from inspector.ring.driver import DriverRing
 from inspector.errors import RingError
+from inspector.devices.base import Device
 from inspector.datapath.inflight import (
     DESC_STATE,
     QUEUE_HEADER,
@@ -334,7 +335,7 @@ HOLDING_BACKEND = textwrap.dedent("""
 """)
 
 
-class HoldingDevice:
+class HoldingDevice(Device):
     """A two-vring device (one virtio-net pair as far as the front-end knows)
     whose workers take every chain of vring 1; with ``hold`` they keep the
     chains of even heads (as a device with requests still running would) and
@@ -345,6 +346,9 @@ class HoldingDevice:
     num_queues = 2
     queue_pairs = 1
     supports_inflight = True
+
+    def queue_num(self) -> int:
+        return self.queue_pairs
 
     def __init__(self, hold: bool):
         self.hold = hold

@@ -19,8 +19,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inspector.errors import InspectorError
+from inspector.devices.base import Device, QueueStats, VringConfig
+from inspector.errors import DeviceError, InspectorError
+from inspector.layout import inflight_queue_size
+from inspector.spec.vhost import INFLIGHT_DESC_SIZE, INFLIGHT_HEADER_SIZE
 from inspector.vhost_user import protocol as p
+from inspector.vhost_user import transport as t
 from inspector.vhost_user.frontend import VhostUserFrontend
 from inspector.vhost_user.protocol import (
     ConfigPayload, LogPayload, MemoryRegionDesc, MemoryTable, Request, VringAddr, VringState,
@@ -79,11 +83,11 @@ def raw_client(server) -> socket.socket:
 
 
 def send(sock, req, payload=b"", fds=(), flags=p.VERSION, size=None):
-    p.send_message(sock, int(req), payload, fds=fds, flags=flags, size=size)
+    t.send_message(sock, int(req), payload, fds=fds, flags=flags, size=size)
 
 
-def reply(sock) -> p.Message:
-    msg = p.recv_message(sock)
+def reply(sock) -> t.Message:
+    msg = t.recv_message(sock)
     assert msg is not None, "back-end closed instead of replying"
     assert msg.flags & p.FLAG_REPLY
     return msg
@@ -245,7 +249,7 @@ def test_peer_closing_mid_message_closes_its_fds(server, caplog):
     caplog.set_level(logging.INFO, logger="inspector.vhost_user")
     sock = raw_client(server)
     fd = memfd()
-    data = p.encode_message(Request.SET_VRING_CALL, p.pack_u64(0))
+    data = t.encode_message(Request.SET_VRING_CALL, p.pack_u64(0))
     sock.sendmsg([data[:14]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
     sock.shutdown(socket.SHUT_WR)
     assert closed_by_peer(sock)
@@ -628,8 +632,8 @@ def test_get_and_set_inflight_fd_map_the_area_shared_for_the_device(inflight_ser
         send(sock, Request.GET_INFLIGHT_FD, p.InflightPayload(0, 0, 2, 256).pack())
         r = reply(sock)
         got = p.unpack_inflight("GET_INFLIGHT_FD", r.payload)
-        per_queue = p.inflight_queue_size(256)
-        assert per_queue == 4096 + 64 and per_queue >= p.INFLIGHT_HEADER_SIZE + 256 * p.INFLIGHT_DESC_SIZE
+        per_queue = inflight_queue_size(256)
+        assert per_queue == 4096 + 64 and per_queue >= INFLIGHT_HEADER_SIZE + 256 * INFLIGHT_DESC_SIZE
         assert (got.mmap_size, got.mmap_offset, got.num_queues, got.queue_size) == (2 * per_queue, 0, 2, 256)
         (fd,) = r.fds
         assert os.fstat(fd).st_size == got.mmap_size
@@ -744,7 +748,7 @@ def _state(srv) -> tuple:
 
 
 def test_introspection_ops_are_all_read_only_and_others_refused(server):
-    from inspector.vhost_user.server import INTROSPECT_OPS
+    from inspector.introspect.server import INTROSPECT_OPS
 
     assert INTROSPECT_OPS == ("snapshot", "messages", "events")
     with VhostUserFrontend(server.socket_path, mem_size=1 << 20, queue_size=64) as fe:
@@ -812,10 +816,10 @@ def test_introspection_serves_only_the_same_uid(tmp_path, caplog, any_uid):
             reply_line = _read_as_nobody(srv.introspect_path)
             if any_uid:
                 assert "messages" in json.loads(reply_line)
-                assert srv.refused_readers == 0
+                assert srv.introspection.refused_readers == 0
             else:
                 assert reply_line == ""
-                assert srv.refused_readers == 1
+                assert srv.introspection.refused_readers == 1
                 lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
                 assert len(lines) == 1 and "uid 65534" in lines[0] and "refused" in lines[0], lines
             # The server's own uid is still served.
@@ -841,9 +845,32 @@ def test_introspection_answers_any_line_without_raising(server, line):
     """Whatever a reader sends, the introspection op answers with a reply or
     an error object (both JSON), never an exception (which would close the
     reader's connection with a traceback in the log)."""
-    reply = server.introspect(line)
+    reply = server.introspection.answer(line)
     header, payload = reply if isinstance(reply, tuple) else (reply, b"")
     assert isinstance(header, dict) and json.loads(json.dumps(header)) is not None
     if "binary" in header:
         assert header["binary"] == len(payload)
-    assert server.introspect_reply(line).count(b"\n") >= 1
+    assert server.introspection.reply(line).count(b"\n") >= 1
+
+
+def test_device_base_class_defaults_describe_a_device_without_capabilities():
+    """inspector.devices.base.Device: the core calls every method without
+    probing; the defaults are no features, no events, no inflight area, no
+    config space, no data path, and GET_QUEUE_NUM answers the vring count."""
+    d = Device()
+    d.num_queues = 4
+    assert d.features() == 0 and d.queue_num() == 4
+    assert d.drain_events(1) == (b"", 0) and d.queue_stats(1) == QueueStats()
+    assert d.supports_inflight is False and d.on_needs_reset is None
+    d.set_features(1)
+    d.close()
+    with pytest.raises(DeviceError, match="inflight"):
+        d.set_inflight(None, 1, 64)
+    with pytest.raises(DeviceError, match="no config space"):
+        d.get_config(0, 4)
+    with pytest.raises(DeviceError, match="no config space"):
+        d.set_config(0, b"x")
+    with pytest.raises(DeviceError, match="vring 2"):
+        d.start_queue(VringConfig(index=2), None)
+    with pytest.raises(DeviceError, match="vring 2"):
+        d.stop_queue(2)

@@ -12,9 +12,10 @@ import pytest
 
 from inspector.errors import ProtocolError
 from inspector.vhost_user import protocol as p
+from inspector.vhost_user import transport as t
 from inspector.vhost_user.frontend import vring_need_event
 from inspector.vhost_user.protocol import (
-    ConfigPayload, InflightPayload, LogPayload, MemoryRegionDesc, MemoryTable, Message,
+    ConfigPayload, InflightPayload, LogPayload, MemoryRegionDesc, MemoryTable,
     ProtocolFeature, ProtocolViolation, Request, VringAddr, VringState,
 )
 
@@ -41,11 +42,11 @@ def test_protocol_feature_bits_are_the_specs():
 
 
 def test_header_round_trip():
-    raw = p.encode_header(Request.SET_VRING_NUM, p.VERSION | p.FLAG_NEED_REPLY, 8)
+    raw = t.encode_header(Request.SET_VRING_NUM, p.VERSION | p.FLAG_NEED_REPLY, 8)
     assert raw == struct.pack("<III", 8, 0x9, 8)
-    assert p.decode_header(raw) == (8, 0x9, 8)
+    assert t.decode_header(raw) == (8, 0x9, 8)
     with pytest.raises(ProtocolViolation):
-        p.decode_header(raw[:11])
+        t.decode_header(raw[:11])
 
 
 @pytest.mark.parametrize("obj, unpack", [
@@ -100,7 +101,7 @@ def test_decode_rejects_wrong_sizes(req, data, field, value):
 
 
 def _msg(req, payload=b"", fds=(), flags=p.VERSION):
-    return Message(int(req), flags, len(payload), payload, list(fds))
+    return t.Message(int(req), flags, len(payload), payload, list(fds))
 
 
 @pytest.mark.parametrize("msg, field, value", [
@@ -154,8 +155,8 @@ def test_message_round_trip_with_fds():
     fds = [_memfd() for _ in range(3)]
     try:
         table = MemoryTable([MemoryRegionDesc(i << 20, 4096, 0x1000 + (i << 20), 0) for i in range(3)])
-        p.send_message(a, Request.SET_MEM_TABLE, table.pack(), fds=fds)
-        msg = p.recv_message(b)
+        t.send_message(a, Request.SET_MEM_TABLE, table.pack(), fds=fds)
+        msg = t.recv_message(b)
         assert (msg.request, msg.flags, msg.size) == (5, 1, 8 + 96)
         assert len(msg.fds) == 3
         assert all(os.fstat(x).st_ino == os.fstat(y).st_ino for x, y in zip(msg.fds, fds))
@@ -173,7 +174,7 @@ def test_message_round_trip_with_fds():
 def test_clean_eof_between_messages_is_none():
     a, b = socket.socketpair()
     a.close()
-    assert p.recv_message(b) is None
+    assert t.recv_message(b) is None
     b.close()
 
 
@@ -181,12 +182,12 @@ def test_clean_eof_between_messages_is_none():
 def test_peer_closing_mid_message_raises_and_closes_fds(cut):
     a, b = socket.socketpair()
     fd = _memfd()
-    data = p.encode_message(Request.SET_VRING_CALL, p.pack_u64(0))
+    data = t.encode_message(Request.SET_VRING_CALL, p.pack_u64(0))
     a.sendmsg([data[:cut]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
     a.close()
     before = set(os.listdir("/proc/self/fd"))
     with pytest.raises(ProtocolViolation) as ei:
-        p.recv_message(b)
+        t.recv_message(b)
     assert "closed" in str(ei.value)
     assert set(os.listdir("/proc/self/fd")) <= before  # the received copy is closed
     os.close(fd)
@@ -195,8 +196,8 @@ def test_peer_closing_mid_message_raises_and_closes_fds(cut):
 
 def test_oversized_payload_rejected_before_reading():
     a, b = socket.socketpair()
-    p.send_message(a, Request.GET_FEATURES, b"", size=4096)
-    e = _violation(p.recv_message, b)
+    t.send_message(a, Request.GET_FEATURES, b"", size=4096)
+    e = _violation(t.recv_message, b)
     assert (e.request, e.field, e.value) == ("GET_FEATURES", "size", 4096)
     a.close()
     b.close()
@@ -206,8 +207,8 @@ def test_too_many_fds_rejected_and_all_closed():
     a, b = socket.socketpair()
     fds = [_memfd() for _ in range(9)]
     before = len(os.listdir("/proc/self/fd"))
-    p.send_message(a, Request.SET_VRING_KICK, p.pack_u64(0), fds=fds)
-    e = _violation(p.recv_message, b)
+    t.send_message(a, Request.SET_VRING_KICK, p.pack_u64(0), fds=fds)
+    e = _violation(t.recv_message, b)
     assert (e.request, e.field, e.value) == ("SET_VRING_KICK", "fds", 9)
     assert len(os.listdir("/proc/self/fd")) == before
     for fd in fds:
@@ -219,8 +220,8 @@ def test_too_many_fds_rejected_and_all_closed():
 def test_stalled_peer_times_out():
     a, b = socket.socketpair()
     b.settimeout(0.2)
-    a.send(p.encode_header(Request.SET_FEATURES, 1, 8))
-    e = _violation(p.recv_message, b)
+    a.send(t.encode_header(Request.SET_FEATURES, 1, 8))
+    e = _violation(t.recv_message, b)
     assert "stalled" in str(e)
     a.close()
     b.close()
@@ -251,9 +252,9 @@ def test_message_reader_resumes_partial_messages_without_blocking():
     a, b = socket.socketpair()
     b.setblocking(False)
     fd = _memfd()
-    reader = p.MessageReader()
+    reader = t.MessageReader()
     try:
-        data = p.encode_message(Request.SET_VRING_CALL, p.pack_u64(1))
+        data = t.encode_message(Request.SET_VRING_CALL, p.pack_u64(1))
         assert reader.feed(b) is None and not reader.eof and not reader.partial
         for i, byte in enumerate(data):
             if i == 0:

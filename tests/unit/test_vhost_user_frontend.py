@@ -13,6 +13,7 @@ import pytest
 from inspector.spec.virtio import VRING_USED_F_NO_NOTIFY
 from inspector.errors import ProtocolError
 from inspector.vhost_user import protocol as p
+from inspector.vhost_user import transport as t
 from inspector.vhost_user.frontend import VhostUserFrontend
 from inspector.vhost_user.protocol import BackendRequest, Request
 from inspector.vhost_user.server import VhostUserServer
@@ -144,7 +145,7 @@ def test_backend_channel_and_config_change(tmp_path):
             assert wait_for(lambda: conn.backend_req_fd is not None)
             assert conn.send_config_change()
             fe.backend_channel.settimeout(5)
-            msg = p.recv_message(fe.backend_channel)
+            msg = t.recv_message(fe.backend_channel)
             assert msg.request == BackendRequest.CONFIG_CHANGE_MSG and msg.size == 12
 
 
