@@ -106,7 +106,9 @@ def test_hostile_ring_breaks_only_its_queue(server, caplog, kind, vring):
             assert HOSTILE_KINDS[kind] in kinds(entry), entry["anomalies"]
             reason = next(a["detail"] for a in entry["anomalies"] if a["kind"] == "queue_broken")
             # DEVICE_NEEDS_RESET (§2.1.2) and the configuration change notification.
-            assert fe.get_status() & VIRTIO_CONFIG_S_NEEDS_RESET
+            # The worker thread sets it right after the data path marks the queue
+            # broken (which the snapshot shows at once): wait for it.
+            assert wait_for(lambda: fe.get_status() & VIRTIO_CONFIG_S_NEEDS_RESET, timeout=5)
             msg = fe.recv_backend_request(timeout=5)
             assert msg is not None and msg.request == BackendRequest.CONFIG_CHANGE_MSG
             assert not other.get_status() & VIRTIO_CONFIG_S_NEEDS_RESET
