@@ -3,7 +3,7 @@
 Every ``inspector/csrc/*.h`` declares its exported ``vqd_`` API between
 ``/* CDEF BEGIN */`` and ``/* CDEF END */``; that text is given to cffi's
 cdef, and every ``*.c`` is compiled into the private module ``inspector._vqd``,
-imported only by ``inspector/vqd.py``.
+imported only by ``inspector/_cffi.py``.
 """
 
 import pathlib
