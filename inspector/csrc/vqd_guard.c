@@ -27,7 +27,8 @@
 
 #include "vqd_guard.h"
 #include "vqd_decode.h"
-#include "vqd_vq.h"
+
+_Static_assert(VQD_SNAP_E_FAULT > VQD_SNAP_E_ARG, "VQD_SNAP_E_FAULT follows the decoder's own statuses");
 
 __thread sigjmp_buf *vqd_guard_env VQD_TLS;
 static __thread uintptr_t guard_addr VQD_TLS;
@@ -93,6 +94,9 @@ uint64_t vqd_guard_fault_addr(void)
     return guard_addr;
 }
 
+/* vqd_snapshot (vqd_decode.h) under the guard: its VQD_SNAP_* status, or
+ * VQD_SNAP_E_FAULT when the memory faulted (vqd_guard_fault_addr() says
+ * where; the output is then partial and must not be used). */
 int vqd_snapshot_guarded(const struct vqd_region *regions, int nr_regions,
                          const struct vqd_region *valid, int nr_valid,
                          uint64_t desc, uint64_t avail, uint64_t used,
@@ -102,6 +106,6 @@ int vqd_snapshot_guarded(const struct vqd_region *regions, int nr_regions,
     int rc;
     VQD_GUARDED(rc, vqd_snapshot(regions, nr_regions, valid, nr_valid, desc, avail, used, size,
                                  last_avail_idx, max_descs, out),
-                rc = VQD_E_FAULT);
+                rc = VQD_SNAP_E_FAULT);
     return rc;
 }

@@ -9,7 +9,8 @@
  * (one per call, i.e. per burst, not per descriptor): a SIGBUS there jumps
  * back, the queue(s) of the call are marked broken with the faulting
  * guest-physical address (vqd_fault_broken, vqd_vq.c), and the call returns
- * VQD_E_BROKEN (vqd_snapshot_guarded: VQD_E_FAULT). Nothing in a guarded section takes a lock or allocates,
+ * VQD_E_BROKEN; vqd_snapshot_guarded returns the decoder family's
+ * VQD_SNAP_E_FAULT. Nothing in a guarded section takes a lock or allocates,
  * so abandoning it is safe; writes it did to the (hostile) ring may be
  * partial.
  */
@@ -23,6 +24,11 @@
 struct vqd_snap_out; /* vqd_decode.h */
 
 /* CDEF BEGIN */
+/* vqd_snapshot_guarded's status when the decoder faulted (SIGBUS; where:
+ * vqd_guard_fault_addr()). A status of the decoder's VQD_SNAP_* family
+ * (vqd_decode.h), after its own ones; never a data-path VQD_E_*. */
+#define VQD_SNAP_E_FAULT 7
+
 int vqd_guard_install(void);
 uint64_t vqd_guard_fault_addr(void);
 int vqd_snapshot_guarded(const struct vqd_region *regions, int nr_regions,

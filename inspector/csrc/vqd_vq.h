@@ -12,7 +12,9 @@
  * reason and the queue does no more work; it never crashes or hangs.
  *
  * Functions return a count (>= 0) or a negative VQD_E_* status; the Python
- * side (inspector/_cffi.py, check) turns those into exceptions.
+ * side (inspector/_cffi.py, check) turns those into exceptions. The
+ * decoder's VQD_SNAP_* statuses (vqd_decode.h, vqd_guard.h) are another
+ * family and never mix with these.
  *
  * Threading: one thread services a vq at a time (the device's worker); the
  * driver runs concurrently on another CPU and only shares ring memory.
@@ -34,7 +36,6 @@ struct vqd_inflight; /* vqd_inflight.h */
 #define VQD_E_NOSPACE -2  /* the caller's iovec array cannot hold the next chain */
 #define VQD_E_IO -3       /* a tap read/write failed; errno in scratch->err */
 #define VQD_E_INVAL -4    /* bad argument from the caller (not the driver) */
-#define VQD_E_FAULT -5    /* guest memory faulted (SIGBUS): vqd_guard_fault_addr() says where */
 
 /* Same layout as struct iovec on LP64 (checked in vqd_vq.c). */
 struct vqd_iov {
