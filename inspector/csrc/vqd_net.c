@@ -170,6 +170,20 @@ static inline int pop_rx(struct vqd_vq *rx, struct vqd_net_scratch *s, struct vq
     return 1;
 }
 
+/* With MRG_RXBUF (§5.1.6.4.2), a frame continues in the next chain: use
+ * the current one (e, `written` bytes; one more of *nbufs) and pop the next
+ * into e / c, without a header (one more of *popped). pop_rx's status. */
+static inline int next_rx_chain(struct vqd_vq *rx, struct vqd_net_scratch *s, struct vqd_elem *e,
+                                struct cursor *c, uint64_t written, uint16_t *nbufs, uint16_t *popped)
+{
+    vqd_fill(rx, e->head, (uint32_t)written);
+    (*nbufs)++;
+    int rc = pop_rx(rx, s, e, c, 0);
+    if (rc > 0)
+        (*popped)++;
+    return rc;
+}
+
 /* Deliver one frame (len bytes from src) to rx (§5.1.6.4). Without
  * MRG_RXBUF the frame must fit one chain (else it is dropped, the chain given
  * back); with it, it spans chains and num_buffers says how many.
@@ -205,12 +219,9 @@ static int deliver(struct vqd_vq *rx, struct cursor *src, uint64_t len, int swap
             uint64_t rest = 12 - k;
             const uint8_t *p = sw + k;
             while (rest) {
-                vqd_fill(rx, e.head, (uint32_t)written);
-                nbufs++;
-                rc = pop_rx(rx, s, &e, &c, 0);
+                rc = next_rx_chain(rx, s, &e, &c, written, &nbufs, &popped);
                 if (rc <= 0)
                     goto undo;
-                popped++;
                 written = cursor_write(&c, p, rest);
                 p += written;
                 rest -= written;
@@ -224,12 +235,9 @@ static int deliver(struct vqd_vq *rx, struct cursor *src, uint64_t len, int swap
                 goto too_big;
             /* §5.1.6.4.2: with MRG_RXBUF, continue in the next chain; only the
              * first one carries the header. */
-            vqd_fill(rx, e.head, (uint32_t)written);
-            nbufs++;
-            rc = pop_rx(rx, s, &e, &c, 0);
+            rc = next_rx_chain(rx, s, &e, &c, written, &nbufs, &popped);
             if (rc <= 0)
                 goto undo;
-            popped++;
             written = 0;
             continue;
         }
@@ -293,21 +301,24 @@ static inline void flush_notify(struct vqd_vq *vq, int *dirty, uint64_t *now)
     }
 }
 
-/* One more element done in a single-queue burst: publish used->idx every
- * VQD_BURST elements so the driver can reuse buffers before the burst ends. */
-static inline void burst_step(struct vqd_vq *vq, int *done)
+/* Pop one transmit chain into s->tx_iov: 1 popped, 0 none available, <0
+ * status (a chain of more than VQD_NET_IOV iovecs breaks the queue). */
+static inline int pop_tx(struct vqd_vq *tx, struct vqd_elem *te, struct vqd_net_scratch *s)
 {
-    if ((++*done & (VQD_BURST - 1)) == 0)
-        vqd_flush(vq);
+    int rc = vqd_pop_one(tx, te, s->tx_iov, VQD_NET_IOV);
+    if (UNLIKELY(rc == VQD_E_NOSPACE))
+        rc = vqd_broken(tx, "transmit chain needs more than %d iovecs", VQD_NET_IOV);
+    return rc;
 }
 
-/* End of a single-queue burst: publish and call if anything was used; the
- * burst's status if it failed, else the elements done. */
-static inline int burst_end(struct vqd_vq *vq, int *dirty, int status, int done)
+/* A cursor at the frame of a transmit chain popped by pop_tx: §5.1.6.2,
+ * each transmit chain is a virtio_net_hdr then the frame, all
+ * device-readable. */
+static inline struct cursor tx_frame(struct vqd_net_scratch *s, const struct vqd_elem *te, int hdr_len)
 {
-    uint64_t now = 0;
-    flush_notify(vq, dirty, &now);
-    return status < 0 ? status : done;
+    struct cursor src = {s->tx_iov, (int)te->out_num, 0, 0};
+    cursor_skip(&src, hdr_len);
+    return src;
 }
 
 static int net_loopback(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, int mrg_rxbuf,
@@ -321,9 +332,7 @@ static int net_loopback(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, int m
         return VQD_E_INVAL;
     while (done < budget) {
         struct vqd_elem te;
-        int rc = vqd_pop_one(tx, &te, s->tx_iov, VQD_NET_IOV);
-        if (UNLIKELY(rc == VQD_E_NOSPACE))
-            rc = vqd_broken(tx, "transmit chain needs more than %d iovecs", VQD_NET_IOV);
+        int rc = pop_tx(tx, &te, s);
         if (UNLIKELY(rc < 0)) {
             status = rc;
             break;
@@ -335,14 +344,11 @@ static int net_loopback(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, int m
             }
             break;
         }
-        /* §5.1.6.2: each transmit chain is a virtio_net_hdr then the frame,
-         * all device-readable. */
         uint64_t frame_len = te.out_len >= (uint64_t)hdr_len ? te.out_len - hdr_len : 0;
         if (UNLIKELY(te.out_len <= (uint64_t)hdr_len)) {
             tx->drops++;
         } else {
-            struct cursor src = {s->tx_iov, (int)te.out_num, 0, 0};
-            cursor_skip(&src, hdr_len);
+            struct cursor src = tx_frame(s, &te, hdr_len);
             rc = deliver(rx, &src, frame_len, 1, hdr_len, mrg_rxbuf, s);
             if (rc == DELIVER_STARVED) {
                 /* Leave the frame on TX until the driver gives RX buffers. */
@@ -380,116 +386,146 @@ static int net_loopback(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, int m
     return done;
 }
 
-static int net_tap_tx(struct vqd_vq *tx, int tap_fd, int hdr_len, int budget,
-                      struct vqd_net_scratch *s)
+/* What one step (one frame) of a single-queue burst did, or a negative
+ * VQD_E_* status that ends the burst. */
+enum {
+    STEP_STOP = 0, /* nothing: end the burst (no buffer, no frame, the tap would block) */
+    STEP_DONE = 1, /* a frame done without a used element (dropped, its chains given back) */
+    STEP_USED = 2, /* a frame done, used element(s) written: publish and call at the end */
+};
+
+typedef int (*burst_step_fn)(struct vqd_vq *vq, int tap_fd, int hdr_len, int mrg_rxbuf,
+                             struct vqd_net_scratch *s);
+
+/* A burst on one queue and the tap (tap TX, tap RX): clear the scratch's
+ * out flag *stopped, then run step until it stops, fails or `budget`
+ * frames are done. used->idx is published every VQD_BURST frames, so that
+ * the driver can reuse buffers before the burst ends, and at the end, with
+ * a call if anything was used. Returns the burst's status if it failed,
+ * else the frames done. step is a constant at both call sites: inlined. */
+static inline __attribute__((always_inline)) int
+single_burst(struct vqd_vq *vq, int *stopped, burst_step_fn step, int tap_fd, int hdr_len,
+             int mrg_rxbuf, int budget, struct vqd_net_scratch *s)
 {
     int done = 0, dirty = 0, status = VQD_OK;
-    s->tx_blocked = 0;
-    if (tx->broken)
+    *stopped = 0;
+    if (vq->broken)
         return VQD_E_BROKEN;
     while (done < budget) {
-        struct vqd_elem te;
-        int rc = vqd_pop_one(tx, &te, s->tx_iov, VQD_NET_IOV);
-        if (UNLIKELY(rc == VQD_E_NOSPACE))
-            rc = vqd_broken(tx, "transmit chain needs more than %d iovecs", VQD_NET_IOV);
+        int rc = step(vq, tap_fd, hdr_len, mrg_rxbuf, s);
         if (rc < 0) {
             status = rc;
             break;
         }
-        if (rc == 0)
+        if (rc == STEP_STOP)
             break;
-        if (te.out_len <= (uint64_t)hdr_len) {
+        if (rc == STEP_USED)
+            dirty = 1;
+        if ((++done & (VQD_BURST - 1)) == 0)
+            vqd_flush(vq);
+    }
+    uint64_t now = 0;
+    flush_notify(vq, &dirty, &now);
+    return status < 0 ? status : done;
+}
+
+/* One frame from tx to the tap, without its virtio_net_hdr (the tap has no
+ * IFF_VNET_HDR). A frame the tap refuses (other than EAGAIN) is dropped and
+ * its chain used all the same. */
+static inline int tap_tx_step(struct vqd_vq *tx, int tap_fd, int hdr_len, int mrg_rxbuf,
+                              struct vqd_net_scratch *s)
+{
+    struct vqd_elem te;
+    int rc = pop_tx(tx, &te, s);
+    if (rc <= 0)
+        return rc; /* 0: STEP_STOP */
+    if (te.out_len <= (uint64_t)hdr_len) {
+        tx->drops++;
+    } else {
+        struct cursor src = tx_frame(s, &te, hdr_len);
+        struct vqd_iov *first = &s->tx_iov[src.i];
+        uint8_t *saved_base = first->base;
+        uint64_t saved_len = first->len;
+        first->base += src.off;
+        first->len -= src.off;
+        ssize_t w;
+        do
+            w = writev(tap_fd, (const struct iovec *)first, (int)te.out_num - src.i);
+        while (w < 0 && errno == EINTR);
+        first->base = saved_base;
+        first->len = saved_len;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            vqd_vq_rewind(tx, 1);
+            s->tx_blocked = 1;
+            return STEP_STOP;
+        }
+        if (w < 0) {
+            /* e.g. EIO while the interface is down: the frame is lost. */
             tx->drops++;
+            s->err = errno;
         } else {
-            /* Skip the virtio_net_hdr: the tap has no IFF_VNET_HDR. */
-            struct cursor src = {s->tx_iov, (int)te.out_num, 0, 0};
-            cursor_skip(&src, hdr_len);
-            struct vqd_iov *first = &s->tx_iov[src.i];
-            uint8_t *saved_base = first->base;
-            uint64_t saved_len = first->len;
-            first->base += src.off;
-            first->len -= src.off;
-            ssize_t w;
-            do
-                w = writev(tap_fd, (const struct iovec *)first, (int)te.out_num - src.i);
-            while (w < 0 && errno == EINTR);
-            first->base = saved_base;
-            first->len = saved_len;
-            if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-                vqd_vq_rewind(tx, 1);
-                s->tx_blocked = 1;
-                break;
-            }
-            if (w < 0) {
-                /* e.g. EIO while the interface is down: the frame is lost. */
-                tx->drops++;
-                s->err = errno;
-            } else {
-                tx->packets++;
-                tx->bytes += te.out_len - hdr_len;
+            tx->packets++;
+            tx->bytes += te.out_len - hdr_len;
+        }
+    }
+    vqd_fill(tx, te.head, 0);
+    return STEP_USED;
+}
+
+/* One frame from the tap into rx (a frame read but not delivered, because
+ * rx ran dry, waits in s->buf for the next burst). */
+static inline int tap_rx_step(struct vqd_vq *rx, int tap_fd, int hdr_len, int mrg_rxbuf,
+                              struct vqd_net_scratch *s)
+{
+    if (s->pending_len == 0) {
+        /* Read from the tap only when RX has a buffer: otherwise the frame
+         * stays queued in the kernel (which drops on its own limits). */
+        if (rx->shadow_avail_idx == rx->last_avail_idx) {
+            int n = vqd_avail_count(rx);
+            if (n < 0)
+                return n;
+            if (n == 0) {
+                s->rx_starved = 1;
+                return STEP_STOP;
             }
         }
-        vqd_fill(tx, te.head, 0);
-        dirty = 1;
-        burst_step(tx, &done);
+        ssize_t r;
+        do
+            r = read(tap_fd, s->buf, sizeof(s->buf));
+        while (r < 0 && errno == EINTR);
+        if (r < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return STEP_STOP;
+            s->err = errno;
+            return VQD_E_IO;
+        }
+        if (r == 0)
+            return STEP_STOP;
+        s->pending_len = (uint32_t)r;
     }
-    return burst_end(tx, &dirty, status, done);
+    struct vqd_iov one = {s->buf, s->pending_len};
+    struct cursor src = {&one, 1, 0, 0};
+    int rc = deliver(rx, &src, s->pending_len, 0, hdr_len, mrg_rxbuf, s);
+    if (rc == DELIVER_STARVED) {
+        s->rx_starved = 1;
+        return STEP_STOP;
+    }
+    if (rc < 0)
+        return rc;
+    s->pending_len = 0;
+    return rc == DELIVER_OK ? STEP_USED : STEP_DONE;
+}
+
+static int net_tap_tx(struct vqd_vq *tx, int tap_fd, int hdr_len, int budget,
+                      struct vqd_net_scratch *s)
+{
+    return single_burst(tx, &s->tx_blocked, tap_tx_step, tap_fd, hdr_len, 0, budget, s);
 }
 
 static int net_tap_rx(struct vqd_vq *rx, int tap_fd, int hdr_len, int mrg_rxbuf, int budget,
                       struct vqd_net_scratch *s)
 {
-    int done = 0, dirty = 0, status = VQD_OK;
-    s->rx_starved = 0;
-    if (rx->broken)
-        return VQD_E_BROKEN;
-    while (done < budget) {
-        if (s->pending_len == 0) {
-            /* Read from the tap only when RX has a buffer: otherwise the frame
-             * stays queued in the kernel (which drops on its own limits). */
-            if (rx->shadow_avail_idx == rx->last_avail_idx) {
-                int n = vqd_avail_count(rx);
-                if (n < 0) {
-                    status = n;
-                    break;
-                }
-                if (n == 0) {
-                    s->rx_starved = 1;
-                    break;
-                }
-            }
-            ssize_t r;
-            do
-                r = read(tap_fd, s->buf, sizeof(s->buf));
-            while (r < 0 && errno == EINTR);
-            if (r < 0) {
-                if (errno == EAGAIN || errno == EWOULDBLOCK)
-                    break;
-                s->err = errno;
-                status = VQD_E_IO;
-                break;
-            }
-            if (r == 0)
-                break;
-            s->pending_len = (uint32_t)r;
-        }
-        struct vqd_iov one = {s->buf, s->pending_len};
-        struct cursor src = {&one, 1, 0, 0};
-        int rc = deliver(rx, &src, s->pending_len, 0, hdr_len, mrg_rxbuf, s);
-        if (rc == DELIVER_STARVED) {
-            s->rx_starved = 1;
-            break;
-        }
-        if (rc < 0) {
-            status = rc;
-            break;
-        }
-        s->pending_len = 0;
-        if (rc == DELIVER_OK)
-            dirty = 1;
-        burst_step(rx, &done);
-    }
-    return burst_end(rx, &dirty, status, done);
+    return single_burst(rx, &s->rx_starved, tap_rx_step, tap_fd, hdr_len, mrg_rxbuf, budget, s);
 }
 
 /* The exported net paths: one sigsetjmp per burst. A fault marks every
