@@ -6,6 +6,11 @@
  * entry point that runs it under the guard. The small per-element steps are
  * static inline (the net paths run them per frame); the rest are
  * VQD_INTERNAL functions of vqd_vq.c.
+ *
+ * Spec: §2.7.6 (avail entries, bounded by Queue Size), §2.7.8 (used
+ * elements, then used->idx), §2.7.10 (used buffer notifications).
+ * Guards: none of its own; whatever touches guest memory here runs inside
+ * its caller's VQD_GUARDED section.
  */
 #ifndef VQD_VQ_IMPL_H
 #define VQD_VQ_IMPL_H
