@@ -1,5 +1,6 @@
-/* libFuzzer harness of the back-end's data path (inspector/csrc/vqd_datapath.c
- * and vqd_inflight.c) over random ring memory: two vqs (a TX/RX pair) whose
+/* libFuzzer harness of the back-end's data path (inspector/csrc/vqd_vq.c,
+ * vqd_net.c, vqd_evlog.c and vqd_inflight.c; vqd_guard.c is linked but no
+ * fault happens) over random ring memory: two vqs (a TX/RX pair) whose
  * rings, descriptors, buffers and inflight area come from the input, driven
  * by a short script of data-path calls (pop, push, fill, flush, notify,
  * notification on/off, rewind, the net loopback and tap paths).
@@ -46,7 +47,9 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "vqd_datapath.h"
+#include "vqd_vq.h"
+#include "vqd_evlog.h"
+#include "vqd_net.h"
 #include "vqd_inflight.h"
 #include "fuzz_input.h"
 

@@ -5,8 +5,12 @@ and the one place where C statuses become exceptions.
 Two status families, never mixed:
 
 - the decoder's ``VQD_SNAP_*`` (``vqd_snapshot``): :func:`snapshot_error`;
-- the data path's negative ``VQD_E_*`` (every ``vqd_vq_*``/``vqd_net_*``
-  entry point): :func:`check`.
+- the data path's negative ``VQD_E_*`` (every ``vqd_vq_*``, ``vqd_net_*``,
+  ``vqd_evlog_*`` and ``vqd_inflight_*`` entry point): :func:`check`.
+
+Every negative status a C entry point returns goes through one of the two
+(inspector/ring/decoder.py maps the three area statuses to the area's own
+error first); no other module imports ``inspector._vqd``.
 
 SIGBUS: every C entry point that touches guest memory runs under a
 sigsetjmp guard (csrc/vqd_guard.c), so memory a front-end truncates after
@@ -61,11 +65,12 @@ def memory_fault_error(what: str, mem, host_addr: int) -> MemoryAccessError:
         f"new memory table")
 
 
-def check(rc: int, what: str, broken: str | None = None) -> int:
+def check(rc: int, what: str, broken: str | None = None, err: int | None = None) -> int:
     """``rc`` if it is a count (>= 0); else the exception of its ``VQD_E_*``
-    status: RingError (queue broken, with ``broken`` as the reason, or an
-    unknown status), ArgumentError (iovec array too small, invalid
-    argument)."""
+    status (csrc/vqd_vq.h): RingError (queue broken, with ``broken`` as the
+    reason, or an unknown status), ArgumentError (iovec array too small,
+    invalid argument), OSError with errno ``err`` (VQD_E_IO: a tap read or
+    write of the net fast paths failed)."""
     if rc >= 0:
         return rc
     if rc == lib.VQD_E_BROKEN:
@@ -74,16 +79,19 @@ def check(rc: int, what: str, broken: str | None = None) -> int:
         raise ArgumentError(f"{what}: the iovec array is too small for the next chain")
     if rc == lib.VQD_E_INVAL:
         raise ArgumentError(f"{what}: invalid argument")
+    if rc == lib.VQD_E_IO and err is not None:
+        raise OSError(err, f"{what}: {os.strerror(err)}")
     raise RingError(f"{what}: status {rc}")
 
 
 def snapshot_error(rc: int, mem, size: int, last_avail_idx: int | None,
                    max_descs: int) -> InspectorError:
-    """The exception of a ``vqd_snapshot_guarded`` status other than
-    VQD_SNAP_OK and the area statuses (the decoder names the area itself):
-    MemoryAccessError for a SIGBUS, LayoutError for a bad size, else
-    InspectorError with the status."""
-    if rc == lib.VQD_E_FAULT:
+    """The exception of a ``vqd_snapshot_guarded`` status (the ``VQD_SNAP_*``
+    family: csrc/vqd_decode.h, and VQD_SNAP_E_FAULT of csrc/vqd_guard.h)
+    other than VQD_SNAP_OK and the area statuses (the decoder names the area
+    itself): MemoryAccessError for a SIGBUS (VQD_SNAP_E_FAULT), LayoutError
+    for a bad size, else InspectorError with the status."""
+    if rc == lib.VQD_SNAP_E_FAULT:
         return memory_fault_error("decoding the ring", mem, lib.vqd_guard_fault_addr())
     if rc == lib.VQD_SNAP_E_SIZE:
         return LayoutError(f"queue size {size} is invalid (VIRTIO 1.2 §2.7)")

@@ -126,33 +126,33 @@ int uprobe_eventfd_read(struct pt_regs *ctx)
 /* In-kernel signalling, keyed by the kernel object's address (>=
  * KERNEL_KEY_MIN): eventfd_signal_mask(ctx, n, mask) / eventfd_signal(ctx,
  * n) — vhost's calls, KVM's irqfd/ioeventfd plumbing; the pid filter
- * applies to the signalling task (vhost's worker, a vCPU thread). */
+ * applies to the signalling task (vhost's worker, a vCPU thread):
+ * count_signal counts one signalling of the object at `key` in counter idx
+ * when that task passes it. */
+static __always_inline int count_signal(u64 key, int idx)
+{
+    if (vqs_pid_ok(bpf_get_current_pid_tgid() >> 32))
+        vqs_count(key, idx, 1);
+    return 0;
+}
+
 #if HAVE_KPROBE_EVENTFD_SIGNAL_MASK
 int kprobe_eventfd_signal_mask(struct pt_regs *ctx)
 {
-    if (!vqs_pid_ok(bpf_get_current_pid_tgid() >> 32))
-        return 0;
-    vqs_count(PT_REGS_PARM1(ctx), C_SIGNALS, 1);
-    return 0;
+    return count_signal(PT_REGS_PARM1(ctx), C_SIGNALS);
 }
 #endif
 #if HAVE_KPROBE_EVENTFD_SIGNAL
 int kprobe_eventfd_signal(struct pt_regs *ctx)
 {
-    if (!vqs_pid_ok(bpf_get_current_pid_tgid() >> 32))
-        return 0;
-    vqs_count(PT_REGS_PARM1(ctx), C_SIGNALS, 1);
-    return 0;
+    return count_signal(PT_REGS_PARM1(ctx), C_SIGNALS);
 }
 #endif
 #if HAVE_KPROBE_IOEVENTFD_WRITE
 /* ioeventfd_write(vcpu, struct kvm_io_device *this, gpa_t addr, int len, const void *val) */
 int kprobe_ioeventfd_write(struct pt_regs *ctx)
 {
-    if (!vqs_pid_ok(bpf_get_current_pid_tgid() >> 32))
-        return 0;
-    vqs_count(PT_REGS_PARM2(ctx), C_KVM_KICKS, 1);
-    return 0;
+    return count_signal(PT_REGS_PARM2(ctx), C_KVM_KICKS);
 }
 #endif
 #if HAVE_KPROBE_IRQFD_WAKEUP

@@ -7,7 +7,7 @@
  *   take a head:   desc[i].counter = counter++; desc[i].inflight = 1
  *   publish a batch of used heads b1..bn (spec steps 1-7):
  *                  desc[bk].next = last_batch_head; last_batch_head = bk (each)
- *                  used->idx += n                       (vqd_datapath.c flush)
+ *                  used->idx += n                       (vqd_vq_impl.h vqd_flush)
  *                  desc[bk].inflight = 0 (each); used_idx = used->idx
  * so at any point either region.used_idx == used->idx and the inflight flags
  * are exact, or the last batch (used->idx - used_idx heads from

@@ -18,13 +18,13 @@
  * field and value when the area is inconsistent.
  *
  * vqd_inflight_attach allocates nothing: the caller gives it three arrays of
- * `num` entries (inspector/inflight.py does) that live as long as the vq.
+ * `num` entries (inspector/datapath/inflight.py does) that live as long as the vq.
  */
 #ifndef VQD_INFLIGHT_H
 #define VQD_INFLIGHT_H
 
 #include <stdint.h>
-#include "vqd_datapath.h"
+#include "vqd_vq.h"
 
 /* CDEF BEGIN */
 #define VQD_INFLIGHT_VERSION 1      /* QueueRegionSplit.version; 0: area never used */
@@ -79,7 +79,7 @@ int vqd_inflight_count(struct vqd_vq *vq);
 
 #define VQD_INFLIGHT_RESUBMITTED 0x10000u
 
-/* Data path hooks (vqd_datapath.c calls them only when vq->inflight is set). */
+/* Data path hooks (vqd_vq.c and vqd_vq_impl.h call them only when vq->inflight is set). */
 int vqd_inflight_next_resubmit(struct vqd_vq *vq);
 int vqd_inflight_pending(struct vqd_vq *vq);
 void vqd_inflight_popped(struct vqd_vq *vq, uint16_t head, int resubmitted);

@@ -1,5 +1,6 @@
 /* Split virtqueue structures (VIRTIO 1.2 §2.7) and the region table shared by
- * the decoder (vqd_decode.c) and the back-end data path (vqd_datapath.c).
+ * the decoder (vqd_decode.c) and the back-end data path (vqd_vq.c, vqd_net.c,
+ * vqd_inflight.c), and the compiler hints every C file uses.
  * All ring fields are little-endian; vqscope runs on little-endian hosts
  * (x86-64, arm64), so fields are read as native integers.
  */
@@ -15,6 +16,12 @@
 #define VRING_AVAIL_F_NO_INTERRUPT 1
 #define VRING_USED_F_NO_NOTIFY 1
 #define VQD_MAX_QUEUE_SIZE 32768
+
+#define LIKELY(x) __builtin_expect(!!(x), 1)
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
+/* A function or variable shared between the C files but not exported from
+ * the module (not in any CDEF block either). */
+#define VQD_INTERNAL __attribute__((visibility("hidden")))
 
 struct vqd_desc {
     uint64_t addr;

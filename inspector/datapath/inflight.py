@@ -32,7 +32,7 @@ import logging
 import struct
 from dataclasses import dataclass
 
-from .._cffi import ffi as _ffi, lib as _lib
+from .._cffi import check, ffi as _ffi, lib as _lib
 from ..errors import InspectorError, RingError
 from ..layout import inflight_queue_size as queue_area_size
 from ..spec.vhost import INFLIGHT_VERSION as VERSION
@@ -136,7 +136,7 @@ class InflightAreas:
         flight are handed back by ``queue``'s next pops, oldest first.
         Returns how many (0 without an area). Raises RingError (the queue is
         then broken, its reason naming the field) when the area does not fit
-        the ring or is inconsistent."""
+        the ring or is inconsistent, or the queue was broken already."""
         if self._buf is None:
             return 0
         if not 0 <= index < self.num_queues:
@@ -146,8 +146,7 @@ class InflightAreas:
         t = _Tracking(queue.num)
         rc = _lib.vqd_inflight_attach(queue.vq, t.state, self._buf + index * size, size,
                                       t.resubmit, t.batch, t.pop_log)
-        if rc < 0:
-            raise RingError(f"vring {index}: inflight tracking: {queue.broken or f'status {rc}'}")
+        check(rc, f"vring {index}: inflight tracking", queue.broken)
         self._tracking[index] = t
         self.resubmitted[index] = rc
         self.recovered[index] = t.state.recovered_batch
@@ -159,7 +158,7 @@ class InflightAreas:
 
     def in_flight(self, queue: DeviceQueue) -> int:
         """Heads flagged in flight in ``queue``'s area now (0 untracked)."""
-        return _lib.vqd_inflight_count(queue.vq)
+        return check(_lib.vqd_inflight_count(queue.vq), "inflight count")
 
     def close(self) -> None:
         """Release the areas (call once no queue uses them)."""

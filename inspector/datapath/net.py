@@ -6,10 +6,7 @@ failure is an OSError with the tap's errno."""
 
 from __future__ import annotations
 
-import os
-
 from .._cffi import check, ffi, lib
-from ..errors import RingError
 from .queue import DeviceQueue
 
 #: The iovecs one scratch holds per chain.
@@ -31,15 +28,14 @@ class NetScratch:
         return bool(self.s.tx_blocked)
 
 
-def _net_check(rc: int, s, what: str, *queues) -> int:
+def _net_check(rc: int, s: NetScratch, what: str, *queues: DeviceQueue) -> int:
+    """``rc`` of a net path, or its exception through :func:`inspector._cffi.check`
+    (the reason of the first broken queue of the call; the tap's errno for
+    VQD_E_IO)."""
     if rc >= 0:
         return rc
-    if rc == lib.VQD_E_IO:
-        raise OSError(s.s.err, f"{what}: {os.strerror(s.s.err)}")
-    for q in queues:
-        if q is not None and q.broken:
-            raise RingError(f"{what}: queue is broken: {q.broken}")
-    return check(rc, what)
+    broken = next((q.broken for q in queues if q.broken), None)
+    return check(rc, what, broken, err=s.s.err)
 
 
 def net_loopback(tx: DeviceQueue, rx: DeviceQueue, scratch: NetScratch, hdr_len: int,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._cffi import check, ffi, install_sigbus_guard, lib
-from ..errors import ArgumentError, MemoryAccessError
+from ..errors import MemoryAccessError
 from ..events import EVENT_KIND_CODES, EVENT_RECORD, decode_events
 from ..layout import avail_ring_size, desc_table_size, used_ring_size
 
@@ -109,7 +109,8 @@ class DeviceQueue:
 
     Raises RingError when the ring cannot be used (its reason: size,
     alignment, or a SIGBUS reading used->idx), MemoryAccessError when an area
-    is outside ``mem``."""
+    is outside ``mem``, ArgumentError when ``event_capacity`` is not a power
+    of two."""
 
     def __init__(self, mem, num: int, desc: int, avail: int, used: int, *,
                  last_avail_idx: int = 0, event_idx: bool = False,
@@ -143,8 +144,8 @@ class DeviceQueue:
         if event_capacity:
             self._evlog = ffi.new("struct vqd_evlog *")
             self._evbuf = ffi.new("struct vqd_event[]", event_capacity)
-            if lib.vqd_evlog_init(self._evlog, self._evbuf, event_capacity) < 0:
-                raise ArgumentError(f"event_capacity {event_capacity} is invalid: give a power of two")
+            check(lib.vqd_evlog_init(self._evlog, self._evbuf, event_capacity),
+                  f"event_capacity {event_capacity} (give a power of two)")
             self.vq.evlog = self._evlog
 
     # --- state --------------------------------------------------------------
@@ -185,7 +186,7 @@ class DeviceQueue:
             self._elems = ffi.new("struct vqd_elem[]", max_chains)
             self._iov = ffi.new("struct vqd_iov[]", max_iov)
         n = check(lib.vqd_vq_pop(self.vq, self._elems, max_chains, self._iov, max_iov),
-                      "pop")
+                  "pop", self.broken)
         out = []
         for k in range(n):
             e = self._elems[k]
@@ -225,7 +226,9 @@ class DeviceQueue:
         return self._copy(chain.in_, src, min(len(data), chain.in_len), True)
 
     def rewind(self, n: int) -> None:
-        lib.vqd_vq_rewind(self.vq, n)
+        """Give back the last ``n`` popped chains not yet pushed (libvhost-user's
+        vu_queue_rewind): the next pops return them again."""
+        check(lib.vqd_vq_rewind(self.vq, n), "rewind", self.broken)
 
     def push(self, used: list[tuple[int, int]]) -> int:
         """Return chains as used ``(head, len)`` and publish used->idx."""
@@ -234,7 +237,10 @@ class DeviceQueue:
         return check(lib.vqd_vq_push(self.vq, heads, lens, len(used)), "push", self.broken)
 
     def should_notify(self) -> bool:
-        return bool(lib.vqd_vq_should_notify(self.vq))
+        """Does the driver want a used buffer notification now (§2.7.10;
+        updates the device's signalled_used)? Raises RingError when reading
+        the ring faulted (the queue is then broken)."""
+        return bool(check(lib.vqd_vq_should_notify(self.vq), "should_notify", self.broken))
 
     def notify(self) -> bool:
         """Write the call eventfd if the driver wants it; True if called."""
@@ -246,7 +252,9 @@ class DeviceQueue:
                      "set_notification", self.broken)
 
     def drain_kick(self) -> int:
-        return lib.vqd_vq_drain_kick(self.vq)
+        """Read the kick eventfd (non-blocking) and count its kicks; returns
+        how many were coalesced in it (0: none)."""
+        return check(lib.vqd_vq_drain_kick(self.vq), "drain_kick", self.broken)
 
     # --- event log ------------------------------------------------------------
     def drain_event_records(self) -> bytearray:
@@ -254,11 +262,12 @@ class DeviceQueue:
         :data:`EVENT_RECORD` s (one copy, no per-event work: the server
         drains often and decodes only what a client asks for). Safe while
         the worker runs; one caller at a time."""
-        n = lib.vqd_vq_events_pending(self.vq)
+        n = check(lib.vqd_vq_events_pending(self.vq), "events_pending")
         out = bytearray(EVENT_RECORD.size * n)
         if n:
-            got = lib.vqd_vq_drain_events(
-                self.vq, ffi.from_buffer("struct vqd_event[]", out, require_writable=True), n)
+            got = check(lib.vqd_vq_drain_events(
+                self.vq, ffi.from_buffer("struct vqd_event[]", out, require_writable=True), n),
+                "drain_events")
             del out[EVENT_RECORD.size * got:]
         return out
 

@@ -120,7 +120,7 @@ def _walk(mem: GuestMemory, size: int, desc: int, avail: int, used: int,
     check_args(size, desc, avail, used, last_avail_idx, max_descs)
     regions, nr, valid, nvalid, keep = _regions(mem)
     o = _outputs(size, max_descs)
-    # Guarded: a SIGBUS from memory the front-end truncated becomes VQD_E_FAULT
+    # Guarded: a SIGBUS from memory the front-end truncated becomes VQD_SNAP_E_FAULT
     # (the SIGBUS guard, inspector/_cffi.py), not the end of the process.
     rc = lib.vqd_snapshot_guarded(regions, nr, valid, nvalid, desc, avail, used, size,
                                   -1 if last_avail_idx is None else last_avail_idx, max_descs, o.out)

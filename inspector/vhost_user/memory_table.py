@@ -136,7 +136,7 @@ class MappedMemory:
                 table.maps.append(m)
                 # A memfd sealed against shrinking (F_SEAL_SHRINK) cannot
                 # fault; any other region can be truncated under us: the
-                # data path's accesses are SIGBUS-guarded (vqd_datapath.c).
+                # data path's accesses are SIGBUS-guarded (csrc/vqd_guard.c).
                 try:
                     sealed = fcntl.fcntl(fds[n], fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
                 except OSError:  # not a memfd: no seals

@@ -1,4 +1,4 @@
-"""The C data path (vqd_datapath.c) driven directly, without vhost-user.
+"""The C data path (csrc/vqd_vq.c, vqd_net.c) driven directly, without vhost-user.
 
 Rings are built with inspector.driver.DriverRing in a GuestMemory over
 bytearrays; the device side is inspector.datapath.queue.DeviceQueue. Hostile rings

@@ -35,10 +35,10 @@ from tests.unit.test_fuzz_smoke import harnesses, run_harness  # noqa: F401 (fix
 REGRESSIONS = ROOT / "fuzz" / "regressions"
 
 #: file name -> why it is expected to fail (the finding, until fixed).
-_OVERLAP = ("vqd_datapath.c deliver(): the loopback copies a TX buffer into an RX buffer with memcpy; "
+_OVERLAP = ("vqd_net.c deliver(): the loopback copies a TX buffer into an RX buffer with memcpy; "
             "a driver whose RX buffer overlaps its TX buffer makes the ranges overlap (undefined "
             "behaviour, ASan memcpy-param-overlap). Fix: memmove there.")
-_INFLIGHT = ("vqd_datapath.c avail_count(): with inflight tracking it returns avail->idx - last_avail_idx "
+_INFLIGHT = ("vqd_vq_impl.h vqd_avail_count(): with inflight tracking it returns avail->idx - last_avail_idx "
              "plus the heads to resubmit without bounding the sum by the queue size, so a hostile inflight "
              "area (4 heads in flight) with avail->idx 10 ahead of used->idx on a ring of 8 makes "
              "vqd_vq_avail_count/set_notification report 10 > 8 available instead of breaking the queue. "

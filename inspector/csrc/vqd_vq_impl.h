@@ -1,0 +1,127 @@
+/* The internals of a device-side vq that vqd_vq.c and the net fast paths
+ * (vqd_net.c) share. No CDEF block: nothing here is part of the Python API.
+ *
+ * Naming: vqd_<op> is the unguarded body (call it only inside a
+ * VQD_GUARDED section, vqd_guard.h), vqd_vq_<op> in vqd_vq.h the exported
+ * entry point that runs it under the guard. The small per-element steps are
+ * static inline (the net paths run them per frame); the rest are
+ * VQD_INTERNAL functions of vqd_vq.c.
+ *
+ * Spec: §2.7.6 (avail entries, bounded by Queue Size), §2.7.8 (used
+ * elements, then used->idx), §2.7.10 (used buffer notifications).
+ * Guards: none of its own; whatever touches guest memory here runs inside
+ * its caller's VQD_GUARDED section.
+ */
+#ifndef VQD_VQ_IMPL_H
+#define VQD_VQ_IMPL_H
+
+#include <errno.h>
+#include <unistd.h>
+
+#include "vqd_vq.h"
+#include "vqd_evlog.h"
+#include "vqd_guard.h"
+#include "vqd_inflight.h"
+
+/* Latch vq broken with a printf-style reason (the first reason is kept:
+ * later ones are consequences); returns VQD_E_BROKEN. */
+VQD_INTERNAL __attribute__((format(printf, 2, 3))) int vqd_broken(struct vqd_vq *vq, const char *fmt, ...);
+
+/* Mark vq broken after a guarded fault (the on_fault of VQD_GUARDED), naming
+ * the guest-physical address and region; returns VQD_E_BROKEN. */
+VQD_INTERNAL int vqd_fault_broken(struct vqd_vq *vq);
+
+/* Pop one chain into iov; 1 popped, 0 none available, <0 error. */
+VQD_INTERNAL int vqd_pop_one(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int max_iov);
+
+/* Does the driver want a used buffer notification now? Updates
+ * signalled_used. §2.7.10 (no EVENT_IDX: VRING_AVAIL_F_NO_INTERRUPT) and
+ * §2.7.7.2 / §2.7.10 (EVENT_IDX: used_event). */
+VQD_INTERNAL int vqd_should_notify(struct vqd_vq *vq);
+
+/* Entries the driver made available beyond last_avail_idx (refreshing the
+ * shadow), or VQD_E_BROKEN when avail->idx moved more than Queue Size ahead
+ * (§2.7.6: the driver cannot have more than Queue Size buffers available). */
+static inline int vqd_avail_count(struct vqd_vq *vq)
+{
+    uint16_t a = __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE);
+    uint16_t n = (uint16_t)(a - vq->last_avail_idx);
+    if (UNLIKELY(n > vq->num))
+        return vqd_broken(vq, "avail->idx %u is %u entries ahead of last_avail_idx %u, more than "
+                          "the queue size %u (VIRTIO 1.2 §2.7.6)", a, n, vq->last_avail_idx, vq->num);
+    vq->shadow_avail_idx = a;
+    if (UNLIKELY(vq->inflight != NULL)) {
+        /* heads to hand back after a restart count too, and together they
+         * still cannot exceed Queue Size (a hostile inflight area could) */
+        uint32_t pending = vqd_inflight_pending(vq);
+        if (UNLIKELY(n + pending > vq->num))
+            return vqd_broken(vq, "%u entries available and %u heads in flight (inflight area): more than "
+                              "the queue size %u (VIRTIO 1.2 §2.7.6)", n, pending, vq->num);
+        return (int)(n + pending);
+    }
+    return n;
+}
+
+/* Write one used element after the pending ones; not visible to the driver
+ * until vqd_vq_flush. */
+static inline void vqd_fill(struct vqd_vq *vq, uint32_t head, uint32_t len)
+{
+    struct vqd_used_elem *u = &vq->used->ring[(uint16_t)(vq->used_idx + vq->used_pending) & (vq->num - 1)];
+    u->id = head;   /* §2.7.8: id is the head of the used chain */
+    u->len = len;   /* §2.7.8: bytes written into the device-writable part */
+    if (UNLIKELY(vq->inflight != NULL))
+        vqd_inflight_filled(vq, vq->used_pending, head);
+    vq->used_pending++;
+}
+
+/* Publish the pending used elements with one release store of used->idx. */
+static inline void vqd_flush(struct vqd_vq *vq)
+{
+    uint16_t old = vq->used_idx, new_idx;
+    if (!vq->used_pending)
+        return;
+    new_idx = (uint16_t)(old + vq->used_pending);
+    if (UNLIKELY(vq->inflight != NULL))
+        vqd_inflight_pre_publish(vq, vq->used_pending);
+    /* §2.7.8 / §2.7.13.4 mirror: elements (and buffer data) before idx. */
+    __atomic_store_n(&vq->used->idx, new_idx, __ATOMIC_RELEASE);
+    if (UNLIKELY(vq->inflight != NULL))
+        vqd_inflight_post_publish(vq, vq->used_pending, new_idx);
+    vq->used_idx = new_idx;
+    vq->used_pending = 0;
+    /* If the index just ran past signalled_used (16-bit wrap), the stored
+     * value no longer says anything about [old, new): forget it. */
+    if (UNLIKELY((int16_t)(new_idx - vq->signalled_used) < (uint16_t)(new_idx - old)))
+        vq->signalled_used_valid = 0;
+}
+
+static inline int vqd_write_call(struct vqd_vq *vq, uint64_t *now)
+{
+    uint64_t one = 1;
+    if (vq->call_fd >= 0) {
+        ssize_t w;
+        do
+            w = write(vq->call_fd, &one, sizeof(one));
+        while (w < 0 && errno == EINTR);
+        /* EAGAIN: the counter is saturated, the driver has a call pending. */
+    }
+    vq->calls++;
+    vqd_ev_record(vq, VQD_EV_CALL, vq->used_idx, now);
+    return 1;
+}
+
+/* Call the driver if it wants it, else count (and log) a suppressed call;
+ * *now as for vqd_ev_record. */
+static inline int vqd_notify(struct vqd_vq *vq, uint64_t *now)
+{
+    if (vq->broken)
+        return VQD_E_BROKEN;
+    if (!vqd_should_notify(vq)) {
+        vq->calls_suppressed++;
+        vqd_ev_record(vq, VQD_EV_CALL_SUPPRESSED, vq->used_idx, now);
+        return 0;
+    }
+    return vqd_write_call(vq, now);
+}
+
+#endif
