@@ -78,11 +78,11 @@ def _queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features:
     entry["inflight"] = dec.inflight
     entry["avail_flags"] = dec.avail_flags
     entry["used_flags"] = dec.used_flags
-    entry["chains"] = dec.chains  # dec is ours alone: its cached view can be handed on
+    entry["chains"] = dec.chain_dicts()
     if event_idx:
         entry["used_event"] = dec.used_event
         entry["avail_event"] = dec.avail_event
-    entry["anomalies"] = dec.anomaly_dicts()
+    entry["anomalies"] = [{"kind": a.kind.value, "detail": a.detail} for a in dec.anomalies]
     if stats.broken:
         entry["anomalies"].append({"kind": "queue_broken", "detail": stats.broken})
     return entry

@@ -251,10 +251,10 @@ class VhostNetSource:
         # the ring read (ring.remote); device_state keeps the probe's value.
         entry.update(last_avail_idx=dec.last_avail_idx,
                      avail_idx=dec.avail_idx, used_idx=dec.used_idx, inflight=dec.inflight,
-                     avail_flags=dec.avail_flags, used_flags=dec.used_flags, chains=dec.chains)
+                     avail_flags=dec.avail_flags, used_flags=dec.used_flags, chains=dec.chain_dicts())
         if event_idx:
             entry["used_event"], entry["avail_event"] = dec.used_event, dec.avail_event
-        anomalies = dec.anomaly_dicts()
+        anomalies = [{"kind": a.kind.value, "detail": a.detail} for a in dec.anomalies]
         if mem_table is None:
             anomalies = [a for a in anomalies if a["kind"] not in NEEDS_MEM_TABLE]
             anomalies.append({"kind": "mem_table_unknown",

@@ -373,11 +373,11 @@ class QemuSource:
         entry["inflight"] = dec.inflight
         entry["avail_flags"] = dec.avail_flags
         entry["used_flags"] = dec.used_flags
-        entry["chains"] = dec.chains
+        entry["chains"] = dec.chain_dicts()
         if event_idx:
             entry["used_event"] = dec.used_event
             entry["avail_event"] = dec.avail_event
-        anomalies += dec.anomaly_dicts()
+        anomalies += [{"kind": a.kind.value, "detail": a.detail} for a in dec.anomalies]
         return entry, dec
 
     # ---- lifetime -------------------------------------------------------------
