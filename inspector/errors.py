@@ -39,3 +39,9 @@ class SourceGone(SourceError):
     """A source that was attached and went away (QEMU exited, its monitor
     closed, a back-end stopped): ``vqscope snapshot`` exits with status 1 on
     it, not 2, and the TUI shows the source as gone."""
+
+
+class SnapshotFormatError(InspectorError):
+    """A Snapshot JSON object (README.md, "Snapshot JSON") that breaks the
+    contract: a member missing or of the wrong type, an unknown anomaly
+    kind. Names the member (``queues[1].chains[0].head``) and its value."""
