@@ -53,6 +53,8 @@ from typing import Callable
 from ..devices.base import Device
 from ..errors import InspectorError
 from ..events import EVENT_KIND_NAMES, EVENT_RECORD
+from ..snapshot.codec import to_json
+from ..snapshot.model import Snapshot
 from .backend import BackendConnection
 
 # Every introspection operation; each only reads. Anything else is refused.
@@ -282,7 +284,8 @@ class VhostUserServer:
 
     ``device_factory()`` makes a Device for each new front-end.
     ``introspect_path``: where to serve introspection (None: not served).
-    ``snapshot_fn(server)`` builds the snapshot JSON (inspector/snapshot.py).
+    ``snapshot_fn(server)`` builds the Snapshot (inspector.snapshot.model;
+    inspector/introspect/snapshot.py), sent as its JSON.
     ``event_poll_s``: period of draining the devices' event logs into
     ``events`` (an :class:`EventBuffer` of ``event_buffer`` events); None:
     only when an introspection request comes (tests use it to let a device
@@ -299,7 +302,7 @@ class VhostUserServer:
 
     def __init__(self, socket_path: str, device_factory: Callable[[], Device],
                  introspect_path: str | None = None,
-                 snapshot_fn: Callable[["VhostUserServer"], dict] | None = None,
+                 snapshot_fn: Callable[["VhostUserServer"], Snapshot] | None = None,
                  event_poll_s: float | None = EVENT_POLL_S, event_buffer: int = EVENT_BUFFER,
                  introspect_any_uid: bool = False, stall_timeout: float | None = None):
         self.socket_path = socket_path
@@ -647,9 +650,9 @@ class VhostUserServer:
             return {**reply, "instance": self.instance}
         if op == "snapshot":
             if self.snapshot_fn is None:
-                return {"source": f"vqscope serve {self.socket_path}", "time": time.time(), "queues": []}
+                return to_json(Snapshot(source=f"vqscope serve {self.socket_path}", time=time.time()))
             try:
-                return self.snapshot_fn(self)
+                return to_json(self.snapshot_fn(self))
             except Exception as e:
                 logger.warning("introspection: snapshot failed: %s", e)
                 return {"error": f"snapshot failed: {type(e).__name__}: {e}"}

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inspector.errors import InspectorError
+from inspector.snapshot.model import Snapshot
 from inspector.vhost_user import protocol as p
 from inspector.vhost_user.frontend import VhostUserFrontend
 from inspector.vhost_user.protocol import (
@@ -526,11 +527,11 @@ def test_snapshot_fn_is_called(tmp_path):
 
     def snap(srv):
         calls.append(srv)
-        return {"source": "x", "time": 0.0, "queues": [{"n": len(srv.connections)}]}
+        return Snapshot(source=f"x{len(srv.connections)}", time=0.0, pid=7)
 
     with VhostUserServer(str(tmp_path / "s"), NullDevice, str(tmp_path / "i"), snap) as srv:
         (out,) = introspect(srv, "snapshot")
-    assert out["queues"] == [{"n": 0}] and calls == [srv]
+    assert out == {"source": "x0", "time": 0.0, "pid": 7, "queues": []} and calls == [srv]
 
 
 def test_silent_introspection_client_does_not_block_vhost_user(server):
