@@ -35,8 +35,11 @@ import json
 import os
 import socket
 
-from ..errors import SourceError
+from ..errors import SnapshotFormatError, SourceError
 from ..events import EVENT_KIND_NAMES, EVENT_RECORD, Event
+from ..snapshot.codec import from_json
+from ..snapshot.model import Snapshot
+from .base import Source
 
 EVENTS_PER_REQUEST = 65536
 MAX_BINARY = 16 * EVENTS_PER_REQUEST    # bytes of records one binary reply may carry
@@ -50,8 +53,11 @@ def introspect_path(path: str) -> str:
     return path + ".introspect"
 
 
-class BackendSource:
+class BackendSource(Source):
     """Client of a back-end's introspection endpoint; reconnects lazily."""
+
+    has_events = True
+    has_messages = True
 
     def __init__(self, path: str, timeout: float = 5.0):
         self.path = introspect_path(path)
@@ -110,8 +116,15 @@ class BackendSource:
             reply["records"] = data
         return reply
 
-    def snapshot(self) -> dict:
-        return self.request("snapshot")
+    def snapshot(self) -> Snapshot:
+        """The back-end's snapshot (its ``snapshot`` reply, parsed);
+        SourceError when it does not answer or breaks the Snapshot JSON
+        contract."""
+        reply = self.request("snapshot")
+        try:
+            return from_json(reply)
+        except SnapshotFormatError as e:
+            raise SourceError(f"back-end at {self.path} sent a malformed snapshot: {e}") from None
 
     def messages(self) -> list[dict]:
         """The whole message log the back-end keeps."""
@@ -195,9 +208,3 @@ class BackendSource:
             self._rfile.close()
             self._sock.close()
             self._sock = None
-
-    def __enter__(self) -> "BackendSource":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -24,7 +24,6 @@ import pytest
 from inspector.devices.net import NetDevice
 from inspector.introspect.snapshot import backend_snapshot
 from inspector.ring.anomalies import AnomalyKind
-from inspector.snapshot.codec import from_json  # the client still returns the JSON
 from inspector.snapshot.model import QueueEntry, Snapshot
 from inspector.sources.backend import BackendSource
 from inspector.spec.virtio import VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_NEEDS_RESET
@@ -185,7 +184,7 @@ def test_shrinking_memfd_breaks_the_queue_not_the_back_end(tmp_path):
         with BackendSource(sock) as src:
             a = frontend(sock)
             try:
-                name_a = {q.device for q in from_json(src.snapshot()).queues}.pop()
+                name_a = {q.device for q in src.snapshot().queues}.pop()
                 with frontend(sock) as b:
                     traffic = Traffic(b)
                     traffic.start()
@@ -200,7 +199,7 @@ def test_shrinking_memfd_breaks_the_queue_not_the_back_end(tmp_path):
                         a.publish(1, force_kick=True)
 
                         def reason():
-                            e = entries(from_json(src.snapshot()), name_a).get(1)
+                            e = entries(src.snapshot(), name_a).get(1)
                             return e and next(iter(details(e, AnomalyKind.QUEUE_BROKEN)), None)
 
                         assert wait_for(reason, timeout=20), "the truncated queue never broke"
@@ -211,7 +210,7 @@ def test_shrinking_memfd_breaks_the_queue_not_the_back_end(tmp_path):
                         assert traffic.moved_since(traffic.echoed)
                         # Now the rings too: the snapshot's decoder faults, guarded.
                         a.shrink_memory(0)
-                        snap = from_json(src.snapshot())
+                        snap = src.snapshot()
                         e = entries(snap, name_a)[1]
                         unmapped = details(e, AnomalyKind.RING_UNMAPPED)
                         assert unmapped and "SIGBUS" in unmapped[0], e.anomalies

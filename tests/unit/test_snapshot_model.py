@@ -188,3 +188,25 @@ def test_snapshot_equality_and_copy():
     assert a == b
     b.queues[0].kicks += 1
     assert a != b
+
+
+def test_anomaly_kinds_are_members_not_strings_in_the_code():
+    """Outside the codec (and the enum itself), code names a kind by its
+    AnomalyKind member: no string token equal to a kind's value. The
+    built-in front-end's names of the hostile rings it writes are its own
+    vocabulary (some coincide), hence excepted."""
+    import io
+    import tokenize
+
+    root = Path(__file__).resolve().parents[2]
+    values = {k.value for k in AnomalyKind}
+    allowed = {"inspector/ring/anomalies.py", "inspector/snapshot/codec.py", "inspector/vhost_user/frontend.py"}
+    found = []
+    for path in sorted([*root.joinpath("inspector").rglob("*.py"), *root.joinpath("tui").rglob("*.py")]):
+        rel = path.relative_to(root).as_posix()
+        if rel in allowed:
+            continue
+        for tok in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+            if tok.type == tokenize.STRING and tok.string.strip("\"'") in values:
+                found.append(f"{rel}:{tok.start[0]}: {tok.string}")
+    assert found == []
