@@ -326,6 +326,17 @@ def test_hostile_recording_contents_are_recording_errors(tmp_path) -> None:
             read(rec)
 
 
+def test_write_and_read_errors_are_two_inspector_errors() -> None:
+    """RecordError: a recording that cannot be made (the recorder stops);
+    RecordingError: a file that cannot be read as one (replay, export)."""
+    from inspector.errors import InspectorError
+    from inspector.record import DiskFullError, RecordError
+
+    assert issubclass(RecordError, InspectorError) and issubclass(RecordingError, InspectorError)
+    assert not issubclass(RecordError, RecordingError) and not issubclass(RecordingError, RecordError)
+    assert issubclass(DiskFullError, RecordError)
+
+
 def test_message_dedup_of_a_whole_log() -> None:
     d = MessageDedup()
     log = [{"time": 1.0, "request": "A"}, {"time": 2.0, "request": "B"}, {"time": 2.0, "request": "C"}]
