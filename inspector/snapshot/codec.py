@@ -246,8 +246,9 @@ def _check_chains(raw: list, where: str) -> list[dict]:
         if type(c["descs"]) is not list:
             raise _bad(f"{where}[{k}].descs", c["descs"], "a list")
         for j, d in enumerate(c["descs"]):
-            if type(d) is not dict or d.keys() != _DESC_KEYS or \
-                    not all(type(v) is int for v in d.values()):
+            if type(d) is not dict or d.keys() != _DESC_KEYS or not (
+                    type(d["addr"]) is int and type(d["len"]) is int and type(d["flags"]) is int
+                    and type(d["next"]) is int):
                 raise _bad(f"{where}[{k}].descs[{j}]", d, "an object of int addr, len, flags, next")
     return raw
 
