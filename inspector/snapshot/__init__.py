@@ -5,6 +5,8 @@ the recorder read them; :func:`to_json` / :func:`from_json` are the only
 way to and from the Snapshot JSON of README.md.
 """
 
-from .codec import dumps, from_json, loads, queue_from_json, queue_to_json, to_json  # noqa: F401
-from .model import (Anomaly, AnomalyKind, BackendFds, Chain, Descriptor, QueueEntry,  # noqa: F401
-                    QueueId, Skipped, Snapshot)
+from .codec import dumps, from_json, loads, queue_from_json, queue_to_json, to_json
+from .model import Anomaly, AnomalyKind, BackendFds, Chain, Descriptor, QueueEntry, QueueId, Skipped, Snapshot
+
+__all__ = ["Anomaly", "AnomalyKind", "BackendFds", "Chain", "Descriptor", "QueueEntry", "QueueId", "Skipped",
+           "Snapshot", "dumps", "from_json", "loads", "queue_from_json", "queue_to_json", "to_json"]
