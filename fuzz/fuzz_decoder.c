@@ -32,7 +32,9 @@
  * Beyond "no sanitizer report", it checks the output contract of
  * vqd_decode.h: counts within their capacities, chains tiling the listed
  * descriptors in order, byte totals equal to the listed lengths, anomaly
- * kinds known and details NUL-terminated printable ASCII, want tables
+ * kinds known and details NUL-terminated printable ASCII, an anomaly's head
+ * VQD_NO_HEAD exactly for the kinds not found inside a chain's walk and
+ * otherwise the head of a walked chain, want tables
  * sorted without duplicates and each one in validate-only memory.
  */
 #include <stdint.h>
@@ -86,9 +88,21 @@ static void check_output(const struct vqd_snap_out *o, uint32_t size, uint32_t m
         next += o->chain_ndescs[k];
     }
     FUZZ_CHECK(next == o->n_descs);
+    static uint8_t walked[VQD_MAX_QUEUE_SIZE / 8];  /* bit h: a chain of head h < size was walked */
+    memset(walked, 0, sizeof walked);
+    for (uint32_t k = 0; k < o->n_chains; k++)
+        if (o->chain_head[k] < size)
+            walked[o->chain_head[k] / 8] |= 1u << (o->chain_head[k] % 8);
     for (uint32_t a = 0; a < o->n_anomalies; a++) {
         const struct vqd_anomaly *an = &o->anomalies[a];
         FUZZ_CHECK(an->kind < DEC_NR_KINDS);
+        int chainless = an->kind == VQD_A_AVAIL_IDX_JUMP || an->kind == VQD_A_HEAD_OUT_OF_RANGE
+                        || an->kind == VQD_A_TRUNCATED;
+        if (chainless)
+            FUZZ_CHECK(an->head == VQD_NO_HEAD);
+        else
+            FUZZ_CHECK(an->head >= 0 && (uint32_t)an->head < size
+                       && (walked[an->head / 8] >> (an->head % 8) & 1));
         size_t len = strnlen(an->detail, VQD_SNAP_DETAIL_LEN);
         FUZZ_CHECK(len > 0 && len < VQD_SNAP_DETAIL_LEN);
         for (size_t c = 0; c < len; c++)

@@ -44,7 +44,9 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     with open_source(args) as src:
         snap = src.snapshot()
     if args.json:
-        print(json.dumps(snap))
+        from .snapshot.codec import dumps
+
+        print(dumps(snap))
     else:
         from rich.console import Console
 

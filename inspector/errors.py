@@ -51,3 +51,9 @@ class DeviceError(InspectorError):
     """A device that cannot do what the back-end core asks of it (a config
     space it does not have, an inflight area it does not take, a queue it
     cannot service)."""
+
+
+class SnapshotFormatError(InspectorError):
+    """A Snapshot JSON object (README.md, "Snapshot JSON") that breaks the
+    contract: a member missing or of the wrong type, an unknown anomaly
+    kind. Names the member (``queues[1].chains[0].head``) and its value."""

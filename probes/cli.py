@@ -141,6 +141,7 @@ def watch_backend(probe, sock: str, driver_pids: list[int]) -> tuple[int, int]:
     device) and in each of ``driver_pids`` (side driver: the front-end holds
     the same eventfds). Returns the fds watched in each."""
     from inspector.errors import SourceError
+    from inspector.snapshot.codec import to_json
     from inspector.sources.backend import BackendSource
 
     from .base import ProbeError
@@ -148,7 +149,7 @@ def watch_backend(probe, sock: str, driver_pids: list[int]) -> tuple[int, int]:
 
     try:
         with BackendSource(sock) as src:
-            snap = src.snapshot()
+            snap = to_json(src.snapshot())   # snapshot_eventfd_ids reads the JSON's pid and backend fds
     except SourceError as e:
         raise ProbeError(str(e)) from e
     ids = snapshot_eventfd_ids(snap)

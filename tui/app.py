@@ -1,6 +1,6 @@
 """The vqscope TUI: a thin App that polls a source and holds the latest data.
 
-The App owns three reactives — ``snapshot`` (the latest snapshot dict),
+The App owns three reactives — ``snapshot`` (the latest Snapshot),
 ``rates`` (per queue, between the last two snapshots) and ``gone`` (None, or
 why the source does not answer) — and the screens watch them. A thread worker
 polls the source, because ``Source.snapshot()`` may block on a socket.
@@ -25,18 +25,20 @@ from textual.reactive import var
 from textual.worker import get_current_worker
 
 from inspector.errors import InspectorError, SourceError
-from inspector.sources.replay import Cursor, ReplayFrame
+from inspector.snapshot.model import QueueId, Snapshot
+from inspector.sources.base import Source
+from inspector.sources.replay import Cursor, ReplayFrame, ReplaySource
 
 from .messages import SnapshotReceived, SourceGone
-from .rates import QueueId, QueueRates, queue_rates
+from .rates import QueueRates, queue_rates
 from .screens.help import HelpScreen
 from .screens.main import MainScreen
 
 
 class VqscopeApp(App):
-    """Live view of every queue of ``source`` (anything with ``.name`` and
-    ``.snapshot()``, see inspector.sources.Source), polled every ``interval``
-    seconds. The caller keeps ownership of the source (and closes it)."""
+    """Live view of every queue of ``source`` (an inspector.sources.Source),
+    polled every ``interval`` seconds. The caller keeps ownership of the
+    source (and closes it)."""
 
     CSS_PATH = "vqscope.tcss"
     TITLE = "vqscope"
@@ -49,11 +51,13 @@ class VqscopeApp(App):
     #: True in ReplayApp: screens add the ReplayBar and say "recorded", not "live".
     replay: ClassVar[bool] = False
 
-    snapshot: var[dict | None] = var(None)
+    # always_update: a new Snapshot is always news (the app sets only new
+    # ones), and comparing two would build every queue's chains.
+    snapshot: var[Snapshot | None] = var(None, always_update=True)
     rates: var[dict] = var(dict)
     gone: var[str | None] = var(None)
 
-    def __init__(self, source, interval: float = 0.25) -> None:
+    def __init__(self, source: Source, interval: float = 0.25) -> None:
         if not interval > 0:
             raise InspectorError(f"refresh interval must be more than 0 seconds, got {interval}")
         super().__init__()
@@ -84,7 +88,7 @@ class VqscopeApp(App):
     def on_snapshot_received(self, message: SnapshotReceived) -> None:
         snap = message.snapshot
         self.gone = None
-        if self.snapshot is not None and snap.get("time") == self.snapshot.get("time"):
+        if self.snapshot is not None and snap.time == self.snapshot.time:
             return  # nothing new (a file source, or a back-end that did not move)
         # rates first: watchers of ``snapshot`` read them.
         self.rates = queue_rates(self.snapshot, snap)
@@ -106,7 +110,7 @@ def replay_rates(frame: ReplayFrame) -> dict[QueueId, QueueRates]:
     rates = queue_rates(frame.previous, frame.snapshot)
     if frame.previous is None:
         return rates
-    dt = frame.snapshot["time"] - frame.previous["time"]
+    dt = frame.snapshot.time - frame.previous.time
     if dt <= 0:
         return rates
 
@@ -205,7 +209,6 @@ def run_tui(args: argparse.Namespace) -> int:
     """``vqscope tui``: open the source the arguments name and run the app
     (ReplayApp for ``--replay FILE``)."""
     from inspector.sources import open_source
-    from inspector.sources.replay import ReplaySource
 
     with open_source(args) as source:
         app_class = ReplayApp if isinstance(source, ReplaySource) else VqscopeApp

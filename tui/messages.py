@@ -6,12 +6,14 @@ from dataclasses import dataclass
 
 from textual.message import Message
 
+from inspector.snapshot.model import Snapshot
+
 
 @dataclass
 class SnapshotReceived(Message):
-    """The source answered with a snapshot dict (README.md, "Snapshot JSON")."""
+    """The source answered with a snapshot."""
 
-    snapshot: dict
+    snapshot: Snapshot
 
 
 @dataclass

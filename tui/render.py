@@ -1,5 +1,5 @@
-"""Formatting of snapshot values, shared by the TUI widgets and by
-``vqscope snapshot`` (without ``--json``).
+"""Formatting of snapshot values (inspector.snapshot.model), shared by the
+TUI widgets and by ``vqscope snapshot`` (without ``--json``).
 
 Every cell of every queue view comes from here, so the terminal table and the
 live screens agree: spec flag names instead of numbers, "—" for null (a field
@@ -14,6 +14,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from inspector.snapshot.model import Chain, QueueEntry, Snapshot
 from inspector.spec.virtio import (
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_INDIRECT,
@@ -80,9 +81,9 @@ def time_text(t: float | None) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
 
 
-def anomaly_count(queue: dict) -> Text:
+def anomaly_count(queue: QueueEntry) -> Text:
     """The number of anomalies, highlighted when not zero."""
-    n = len(queue.get("anomalies") or ())
+    n = len(queue.anomalies)
     return Text(str(n), style=ANOMALY_STYLE if n else "")
 
 
@@ -111,23 +112,23 @@ TEXT_COLUMNS = frozenset({"device", "avail_flags", "used_flags"})
 """Left-aligned columns; every other queue column is a number (right-aligned)."""
 
 
-def queue_cells(queue: dict) -> dict[str, str | Text]:
-    """The QUEUE_COLUMNS and ANOMALY_COLUMN cells of one queue dict."""
+def queue_cells(queue: QueueEntry) -> dict[str, str | Text]:
+    """The QUEUE_COLUMNS and ANOMALY_COLUMN cells of one queue."""
     return {
-        "device": queue["device"],
-        "index": str(queue["index"]),
-        "size": str(queue["size"]),
-        "avail_idx": str(queue["avail_idx"]),
-        "used_idx": str(queue["used_idx"]),
-        "last_avail_idx": dash(queue.get("last_avail_idx")),
-        "inflight": str(queue["inflight"]),
-        "avail_flags": avail_flags_text(queue["avail_flags"]),
-        "used_flags": used_flags_text(queue["used_flags"]),
-        "used_event": dash(queue.get("used_event")),
-        "avail_event": dash(queue.get("avail_event")),
-        "kicks": str(queue["kicks"]),
-        "calls": str(queue["calls"]),
-        "packets": str(queue["packets"]),
+        "device": queue.device,
+        "index": str(queue.index),
+        "size": str(queue.size),
+        "avail_idx": str(queue.avail_idx),
+        "used_idx": str(queue.used_idx),
+        "last_avail_idx": dash(queue.last_avail_idx),
+        "inflight": str(queue.inflight),
+        "avail_flags": avail_flags_text(queue.avail_flags),
+        "used_flags": used_flags_text(queue.used_flags),
+        "used_event": dash(queue.used_event),
+        "avail_event": dash(queue.avail_event),
+        "kicks": str(queue.kicks),
+        "calls": str(queue.calls),
+        "packets": str(queue.packets),
         "anomalies": anomaly_count(queue),
     }
 
@@ -141,31 +142,31 @@ def rate_cells(rates: QueueRates = NO_RATES) -> dict[str, str]:
     }
 
 
-def queue_fields(queue: dict) -> list[tuple[str, str]]:
+def queue_fields(queue: QueueEntry) -> list[tuple[str, str]]:
     """Every scalar field of a queue as (spec name, text), for the queue screen."""
     return [
-        ("device", queue["device"]),
-        ("index", str(queue["index"])),
-        ("layout", queue.get("layout", "split")),
-        ("size", str(queue["size"])),
-        ("features", f"{queue.get('features', 0):#x}"),
-        ("event_idx", "yes" if queue.get("event_idx") else "no"),
-        ("avail_idx", str(queue["avail_idx"])),
-        ("used_idx", str(queue["used_idx"])),
-        ("last_avail_idx", dash(queue.get("last_avail_idx"))),
-        ("inflight", str(queue["inflight"])),
-        ("avail_flags", avail_flags_text(queue["avail_flags"])),
-        ("used_flags", used_flags_text(queue["used_flags"])),
-        ("used_event", dash(queue.get("used_event"))),
-        ("avail_event", dash(queue.get("avail_event"))),
-        ("kicks", str(queue["kicks"])),
-        ("calls", str(queue["calls"])),
-        ("packets", str(queue["packets"])),
-        ("bytes", str(queue.get("bytes", 0))),
+        ("device", queue.device),
+        ("index", str(queue.index)),
+        ("layout", queue.layout),
+        ("size", str(queue.size)),
+        ("features", f"{queue.features:#x}"),
+        ("event_idx", "yes" if queue.event_idx else "no"),
+        ("avail_idx", str(queue.avail_idx)),
+        ("used_idx", str(queue.used_idx)),
+        ("last_avail_idx", dash(queue.last_avail_idx)),
+        ("inflight", str(queue.inflight)),
+        ("avail_flags", avail_flags_text(queue.avail_flags)),
+        ("used_flags", used_flags_text(queue.used_flags)),
+        ("used_event", dash(queue.used_event)),
+        ("avail_event", dash(queue.avail_event)),
+        ("kicks", str(queue.kicks)),
+        ("calls", str(queue.calls)),
+        ("packets", str(queue.packets)),
+        ("bytes", str(queue.bytes)),
     ]
 
 
-def fields_grid(queue: dict, pairs_per_row: int = 4) -> Table:
+def fields_grid(queue: QueueEntry, pairs_per_row: int = 4) -> Table:
     """queue_fields() laid out as a grid of name/value pairs."""
     grid = Table.grid(padding=(0, 2))
     for _ in range(pairs_per_row):
@@ -186,27 +187,27 @@ CHAIN_COLUMNS = (
 )
 
 
-def chain_rows(chain: dict) -> list[list[str]]:
+def chain_rows(chain: Chain) -> list[list[str]]:
     """One row per descriptor of an in-flight chain (CHAIN_COLUMNS); the head
     and the byte totals only on the chain's first row."""
     rows = []
-    descs = chain.get("descs") or [None]
+    descs = chain.descs or (None,)
     for n, d in enumerate(descs):
         first = n == 0
         rows.append([
-            str(chain["head"]) if first else "",
+            str(chain.head) if first else "",
             DASH if d is None else str(n),
-            DASH if d is None else f"{d['addr']:#x}",
-            DASH if d is None else str(d["len"]),
-            DASH if d is None else desc_flags_text(d["flags"]),
-            DASH if d is None else str(d["next"]),
-            str(chain["out_bytes"]) if first else "",
-            str(chain["in_bytes"]) if first else "",
+            DASH if d is None else f"{d.addr:#x}",
+            DASH if d is None else str(d.len),
+            DASH if d is None else desc_flags_text(d.flags),
+            DASH if d is None else str(d.next),
+            str(chain.out_bytes) if first else "",
+            str(chain.in_bytes) if first else "",
         ])
     return rows
 
 
-def snapshot_table(snap: dict) -> Table:
+def snapshot_table(snap: Snapshot) -> Table:
     """Every queue of a snapshot as one rich Table (``vqscope snapshot``)."""
     table = Table(
         box=box.SIMPLE_HEAD,
@@ -214,13 +215,13 @@ def snapshot_table(snap: dict) -> Table:
         show_edge=False,
         collapse_padding=True,
         title_justify="left",
-        title=f"{snap.get('source', DASH)}  {time_text(snap.get('time'))}  "
-              f"{len(snap['queues'])} queue{'' if len(snap['queues']) == 1 else 's'}",
+        title=f"{snap.source}  {time_text(snap.time)}  "
+              f"{len(snap.queues)} queue{'' if len(snap.queues) == 1 else 's'}",
     )
     columns = QUEUE_COLUMNS + (ANOMALY_COLUMN,)
     for key, label in columns:
         table.add_column(label, justify="left" if key in TEXT_COLUMNS else "right", no_wrap=True)
-    for q in snap["queues"]:
+    for q in snap.queues:
         cells = queue_cells(q)
         table.add_row(*(cells[key] for key, _ in columns))
     return table

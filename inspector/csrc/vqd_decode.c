@@ -1,6 +1,6 @@
 /* Split-ring snapshot decoder; see vqd_decode.h. The walk below is mirrored
- * step by step by inspector/ringref.py: change both together (the
- * differential test tests/test_decoder_diff.py holds them equal). */
+ * step by step by inspector/ring/reference.py: change both together (the
+ * differential test tests/unit/test_decoder_diff.py holds them equal). */
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -25,9 +25,11 @@ struct walk {
 };
 
 #if defined(__GNUC__)
-__attribute__((format(printf, 3, 4)))
+__attribute__((format(printf, 4, 5)))
 #endif
-static void anomaly(struct walk *w, uint32_t kind, const char *fmt, ...)
+/* Record an anomaly of `kind` found in the walk of the chain of `head`
+ * (VQD_NO_HEAD: not inside a chain's walk). */
+static void anomaly(struct walk *w, uint32_t kind, int32_t head, const char *fmt, ...)
 {
     struct vqd_snap_out *o = w->out;
     /* Cannot overflow: the caller sized anomaly_cap by vqd_snapshot_anomaly_cap
@@ -36,6 +38,7 @@ static void anomaly(struct walk *w, uint32_t kind, const char *fmt, ...)
         return;
     struct vqd_anomaly *a = &o->anomalies[o->n_anomalies++];
     a->kind = kind;
+    a->head = head;
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(a->detail, sizeof a->detail, fmt, ap);
@@ -92,7 +95,7 @@ static int budget_ok(struct walk *w)
         return 1;
     if (!w->truncated) {
         w->truncated = 1;
-        anomaly(w, VQD_A_TRUNCATED,
+        anomaly(w, VQD_A_TRUNCATED, VQD_NO_HEAD,
                 "snapshot lists at most %u descriptors: chain of avail->ring[%u] "
                 "(head %u) and later chains are cut short",
                 w->max_descs, w->slot, w->head);
@@ -134,14 +137,14 @@ static void emit(struct walk *w, const struct vqd_desc *d, uint32_t i, int64_t j
         /* §2.7.5: a descriptor describes a buffer of len bytes. Zero is not
          * forbidden to the driver, but the descriptor carries no buffer and
          * devices differ in how they treat it: flagged, not fatal. */
-        anomaly(w, VQD_A_ZERO_LEN, "%s.len = 0 (head %u)",
+        anomaly(w, VQD_A_ZERO_LEN, (int32_t)w->head, "%s.len = 0 (head %u)",
                 loc_name(loc, sizeof loc, i, j), w->head);
     } else if (!is_valid(w, d->addr, d->len)) {
         /* §2.7.5: addr is a guest-physical address; the whole buffer must be
          * guest memory the device can map (one region, readable or
          * validate-only; addr + len without 64-bit overflow: find_region
          * never adds). */
-        anomaly(w, VQD_A_ADDR_OUT_OF_RANGE,
+        anomaly(w, VQD_A_ADDR_OUT_OF_RANGE, (int32_t)w->head,
                 "%s.addr 0x%llx len %u is not inside one memory region (head %u)",
                 loc_name(loc, sizeof loc, i, j), (unsigned long long)d->addr, d->len, w->head);
     }
@@ -180,7 +183,7 @@ static void walk_indirect(struct walk *w, uint32_t di, const struct vqd_desc *d)
      * so len is a non-zero multiple of 16; §2.7.5.3.1 (no chain longer than
      * the Queue Size, at most 32768 by §2.7) bounds it to 16 * 32768. */
     if (d->len == 0 || d->len % 16 || d->len > VQD_SNAP_MAX_INDIRECT_LEN) {
-        anomaly(w, VQD_A_INDIRECT_LEN,
+        anomaly(w, VQD_A_INDIRECT_LEN, (int32_t)w->head,
                 "desc[%u].len = %u for an indirect table: not a non-zero multiple "
                 "of 16 up to %u (head %u)", di, d->len, VQD_SNAP_MAX_INDIRECT_LEN, w->head);
         return;
@@ -190,14 +193,14 @@ static void walk_indirect(struct walk *w, uint32_t di, const struct vqd_desc *d)
         /* Guest memory, but not read here: ask the caller for it. At most
          * one per chain, so want_cap >= size always has room. */
         want_table(w->out, d->addr, d->len);
-        anomaly(w, VQD_A_INDIRECT_NOT_READ,
+        anomaly(w, VQD_A_INDIRECT_NOT_READ, (int32_t)w->head,
                 "desc[%u] indirect table 0x%llx len %u is guest memory that was not "
                 "read (head %u)", di, (unsigned long long)d->addr, d->len, w->head);
         return;
     }
     if (!table) {
         /* §2.7.5.3: addr is the guest-physical address of the table. */
-        anomaly(w, VQD_A_INDIRECT_OUT_OF_RANGE,
+        anomaly(w, VQD_A_INDIRECT_OUT_OF_RANGE, (int32_t)w->head,
                 "desc[%u] indirect table 0x%llx len %u is not inside one memory "
                 "region (head %u)", di, (unsigned long long)d->addr, d->len, w->head);
         return;
@@ -207,7 +210,7 @@ static void walk_indirect(struct walk *w, uint32_t di, const struct vqd_desc *d)
         /* §2.7.5.2: no loops ("this implies that loops in the descriptor
          * chain are forbidden"); a walk longer than the table revisits. */
         if (count >= n) {
-            anomaly(w, VQD_A_LOOP,
+            anomaly(w, VQD_A_LOOP, (int32_t)w->head,
                     "desc[%u]->indirect chain is longer than its table of %u "
                     "entries: loop (head %u)", di, n, w->head);
             return;
@@ -221,7 +224,7 @@ static void walk_indirect(struct walk *w, uint32_t di, const struct vqd_desc *d)
             /* §2.7.5.3.1: "The driver MUST NOT set the VIRTQ_DESC_F_INDIRECT
              * flag within an indirect descriptor (ie. only one table per
              * descriptor)." Not followed, not listed. */
-            anomaly(w, VQD_A_NESTED_INDIRECT,
+            anomaly(w, VQD_A_NESTED_INDIRECT, (int32_t)w->head,
                     "desc[%u]->indirect[%u].flags = 0x%x sets VRING_DESC_F_INDIRECT "
                     "(head %u)", di, j, (unsigned)e.flags, w->head);
             return;
@@ -231,7 +234,7 @@ static void walk_indirect(struct walk *w, uint32_t di, const struct vqd_desc *d)
             return;
         /* §2.7.5.3: next indexes the indirect table. */
         if (e.next >= n) {
-            anomaly(w, VQD_A_NEXT_OUT_OF_RANGE,
+            anomaly(w, VQD_A_NEXT_OUT_OF_RANGE, (int32_t)w->head,
                     "desc[%u]->indirect[%u].next = %u >= table entries %u (head %u)",
                     di, j, (unsigned)e.next, n, w->head);
             return;
@@ -248,7 +251,7 @@ static void walk_chain(struct walk *w, uint32_t head)
     /* §2.7.6: avail->ring[] holds heads of descriptor chains, i.e. indices
      * into the descriptor table of Queue Size entries. */
     if (head >= size) {
-        anomaly(w, VQD_A_HEAD_OUT_OF_RANGE, "avail->ring[%u] = head %u >= size %u",
+        anomaly(w, VQD_A_HEAD_OUT_OF_RANGE, VQD_NO_HEAD, "avail->ring[%u] = head %u >= size %u",
                 w->slot, head, size);
         return;
     }
@@ -257,7 +260,7 @@ static void walk_chain(struct walk *w, uint32_t head)
          * bytes in total; this implies that loops in the descriptor chain are
          * forbidden!" A chain longer than the table revisits a descriptor. */
         if (count >= size) {
-            anomaly(w, VQD_A_LOOP,
+            anomaly(w, VQD_A_LOOP, (int32_t)head,
                     "chain from head %u is longer than the descriptor table "
                     "(size %u): loop", head, size);
             return;
@@ -276,7 +279,7 @@ static void walk_chain(struct walk *w, uint32_t head)
              * indirect descriptor itself is not listed (its WRITE flag is
              * ignored, §2.7.5.3.2); the table's descriptors are. */
             if (d.flags & VRING_DESC_F_NEXT)
-                anomaly(w, VQD_A_INDIRECT_WITH_NEXT,
+                anomaly(w, VQD_A_INDIRECT_WITH_NEXT, (int32_t)head,
                         "desc[%u].flags = 0x%x sets both VRING_DESC_F_INDIRECT and "
                         "VRING_DESC_F_NEXT (head %u)", i, (unsigned)d.flags, head);
             walk_indirect(w, i, &d);
@@ -287,7 +290,7 @@ static void walk_chain(struct walk *w, uint32_t head)
             return;
         /* §2.7.5: next indexes the descriptor table of Queue Size entries. */
         if (d.next >= size) {
-            anomaly(w, VQD_A_NEXT_OUT_OF_RANGE, "desc[%u].next = %u >= size %u (head %u)",
+            anomaly(w, VQD_A_NEXT_OUT_OF_RANGE, (int32_t)head, "desc[%u].next = %u >= size %u (head %u)",
                     i, (unsigned)d.next, size, head);
             return;
         }
@@ -345,7 +348,7 @@ int vqd_snapshot(const struct vqd_region *regions, int nr_regions,
      * with `size` descriptors it cannot be more than size ahead of the
      * device's position. Walk only `size` heads. */
     if (pending > size) {
-        anomaly(&w, VQD_A_AVAIL_IDX_JUMP,
+        anomaly(&w, VQD_A_AVAIL_IDX_JUMP, VQD_NO_HEAD,
                 "avail->idx %u is %u ahead of %s %u, more than size %u: walked %u heads",
                 (unsigned)out->avail_idx, pending, known ? "last_avail_idx" : "used->idx",
                 (unsigned)start, size, size);

@@ -11,16 +11,16 @@
  * valid (else addr_out_of_range); an indirect table must be readable: one
  * that is only valid is listed in want_addr/want_len and reported as
  * indirect_not_read, so that the caller can read it and decode again
- * (inspector/procmem.py).
+ * (inspector/ring/remote.py).
  *
  * Guest memory is hostile. Every read goes through vqd_gpa_to_host (whole
  * range inside one region, overflow-checked), every walk is bounded, and every
  * violation becomes an anomaly record, never a crash or a hang. No malloc: the
- * caller (inspector/vqd.py) allocates every output array.
+ * caller (inspector/ring/decoder.py) allocates every output array.
  *
- * The pure-Python reference inspector/ringref.py implements exactly the same
- * walk, in the same order, with the same detail strings;
- * tests/test_decoder_diff.py holds the two equal.
+ * The pure-Python reference inspector/ring/reference.py implements exactly
+ * the same walk, in the same order, with the same detail strings and heads;
+ * tests/unit/test_decoder_diff.py holds the two equal.
  */
 #ifndef VQD_DECODE_H
 #define VQD_DECODE_H
@@ -37,7 +37,8 @@
 #define VQD_SNAP_E_NOSPACE 5     /* output arrays smaller than vqd_snapshot_anomaly_cap() */
 #define VQD_SNAP_E_ARG 6         /* last_avail_idx not -1 and not a 16-bit index */
 
-/* Anomaly kinds; names in inspector/ringref.py ANOMALY_KINDS (same order). */
+/* Anomaly kinds; names in inspector/ring/anomalies.py AnomalyKind (same
+ * order: inspector/ring/decoder.py checks it at import). */
 #define VQD_A_AVAIL_IDX_JUMP 0
 #define VQD_A_HEAD_OUT_OF_RANGE 1
 #define VQD_A_NEXT_OUT_OF_RANGE 2
@@ -54,15 +55,21 @@
 #define VQD_SNAP_DETAIL_LEN 160
 #define VQD_SNAP_MAX_INDIRECT_LEN 524288 /* 16 * 32768 bytes */
 
+#define VQD_NO_HEAD -1
+
 struct vqd_anomaly {
     uint32_t kind;
+    /* the head of the chain whose walk found it, or VQD_NO_HEAD when it is
+     * not inside a chain's walk (avail_idx_jump, head_out_of_range,
+     * truncated) */
+    int32_t head;
     char detail[VQD_SNAP_DETAIL_LEN]; /* NUL-terminated ASCII */
 };
 
 /* Output of one snapshot. The caller fills the array pointers and capacities
  * (vqd_snapshot_anomaly_cap); vqd_snapshot fills the rest. Chains and descriptors
  * are structures of arrays: the wrapper copies the used prefix of each array
- * (one memcpy) into a column of inspector.ringsnap.RingSnapshot, the layout the
+ * (one memcpy) into a column of inspector.ring.snapshot.RingSnapshot, the layout the
  * Python reference fills too. Only those prefixes are written, so the arrays
  * may be allocated uncleared and reused.
  * Chain k lists descriptors [chain_first[k], chain_first[k] + chain_ndescs[k]). */

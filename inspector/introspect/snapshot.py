@@ -1,4 +1,5 @@
-"""Snapshot JSON of a running vqscope back-end (README.md, "Snapshot JSON").
+"""The snapshot of a running vqscope back-end (inspector.snapshot.model;
+README.md, "Snapshot JSON").
 
 Joins three things per vring: what the front-end configured (the back-end
 core's VringConfig: size, addresses), what the device's data path counted
@@ -10,19 +11,20 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 from ..devices.base import QueueStats, VringConfig
 from ..errors import InspectorError
 from ..layout import avail_ring_size, desc_table_size, used_ring_size
 from ..memory import GuestMemory
 from ..ring import decoder
+from ..ring.anomalies import Anomaly, AnomalyKind
+from ..snapshot.model import BackendFds, QueueEntry, Snapshot
 from ..spec.virtio import VIRTIO_RING_F_EVENT_IDX, has_feature
 
 
 def queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features: int,
-                   stats: QueueStats, restat=None) -> dict[str, Any]:
-    """One queue entry of the snapshot JSON for ``vring`` of ``device``.
+                   stats: QueueStats, restat=None) -> QueueEntry:
+    """One queue entry of the snapshot for ``vring`` of ``device``.
 
     ``last_avail_idx`` is the device's (its data path) or, for a ring not
     started yet, the base the front-end set. A ring whose areas are not in
@@ -38,7 +40,7 @@ def queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features: 
     """
     for _ in range(2):
         entry = _queue_snapshot(device, vring, mem, features, stats)
-        if restat is None or not any(a["kind"] == "avail_idx_jump" for a in entry["anomalies"]):
+        if restat is None or not entry.has_anomaly(AnomalyKind.AVAIL_IDX_JUMP):
             return entry
         fresh = restat()
         if fresh.last_avail_idx == stats.last_avail_idx:
@@ -48,49 +50,34 @@ def queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features: 
 
 
 def _queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features: int,
-                    stats: QueueStats) -> dict[str, Any]:
-    event_idx = has_feature(features, VIRTIO_RING_F_EVENT_IDX)
-    last_avail = stats.last_avail_idx if stats.last_avail_idx is not None else vring.base
+                    stats: QueueStats) -> QueueEntry:
     num = vring.num
-    entry: dict[str, Any] = {
-        "device": device, "index": vring.index, "layout": "split", "size": num,
-        "features": features, "event_idx": event_idx,
-        "avail_idx": 0, "used_idx": 0, "last_avail_idx": last_avail, "inflight": 0,
-        "avail_flags": 0, "used_flags": 0, "used_event": None, "avail_event": None,
-        "kicks": stats.kicks, "calls": stats.calls, "calls_suppressed": stats.calls_suppressed,
-        "packets": stats.packets, "bytes": stats.bytes,
-        "chains": [], "anomalies": [],
-    }
+    entry = QueueEntry(
+        device=device, index=vring.index, size=num, features=features,
+        event_idx=has_feature(features, VIRTIO_RING_F_EVENT_IDX),
+        last_avail_idx=stats.last_avail_idx if stats.last_avail_idx is not None else vring.base,
+        kicks=stats.kicks, calls=stats.calls, calls_suppressed=stats.calls_suppressed,
+        packets=stats.packets, bytes=stats.bytes)
     try:
         dec = decoder.snapshot_split(
             mem, num,
             mem.uva_to_gpa(vring.desc_uva, desc_table_size(num)),
             mem.uva_to_gpa(vring.avail_uva, avail_ring_size(num)),
             mem.uva_to_gpa(vring.used_uva, used_ring_size(num)),
-            last_avail)
+            entry.last_avail_idx)
     except InspectorError as e:
-        entry["anomalies"].append({"kind": "ring_unmapped", "detail": str(e)})
+        entry.anomalies.append(Anomaly(AnomalyKind.RING_UNMAPPED, str(e)))
         return entry
-    # Attributes of the RingSnapshot: the rings themselves are not part of
-    # the entry, so as_dict() would build avail_ring/used_ring lists for nothing.
-    entry["avail_idx"] = dec.avail_idx
-    entry["used_idx"] = dec.used_idx
-    entry["inflight"] = dec.inflight
-    entry["avail_flags"] = dec.avail_flags
-    entry["used_flags"] = dec.used_flags
-    entry["chains"] = dec.chains  # dec is ours alone: its cached view can be handed on
-    if event_idx:
-        entry["used_event"] = dec.used_event
-        entry["avail_event"] = dec.avail_event
-    entry["anomalies"] = dec.anomaly_dicts()
+    entry.fill_from_ring(dec)  # the rings themselves are not part of the entry
     if stats.broken:
-        entry["anomalies"].append({"kind": "queue_broken", "detail": stats.broken})
+        entry.anomalies.append(Anomaly(AnomalyKind.QUEUE_BROKEN, stats.broken))
     return entry
 
 
-def backend_snapshot(server) -> dict[str, Any]:
+def backend_snapshot(server) -> Snapshot:
     """Snapshot of every configured vring of every live connection of a
-    VhostUserServer (inspector.vhost_user.server)."""
+    VhostUserServer (inspector.vhost_user.server), with this process's
+    ``pid`` and each queue's ``backend`` eventfds."""
     queues = []
     for n, conn in enumerate(list(server.connections)):
         mem = conn.mem
@@ -105,7 +92,7 @@ def backend_snapshot(server) -> dict[str, Any]:
                                    restat=lambda i=vring.index, d=conn.device: d.queue_stats(i))
             # The vring's eventfds as this process holds them (what the
             # eventfd probe watches: vqscope probe --connect).
-            entry["backend"] = {"kick_fd": vring.kick_fd, "call_fd": vring.call_fd}
+            entry.backend = BackendFds(vring.kick_fd, vring.call_fd)
             queues.append(entry)
-    return {"source": f"vqscope serve {server.socket_path}", "time": time.time(), "pid": os.getpid(),
-            "queues": queues}
+    return Snapshot(source=f"vqscope serve {server.socket_path}", time=time.time(), pid=os.getpid(),
+                    queues=queues)

@@ -30,8 +30,14 @@ _new_event = partial(tuple.__new__, Event)
 
 
 class RecordingError(InspectorError):
-    """A file that is not a readable vqscope recording: names the file and
-    what is wrong with it."""
+    """A file that is not a readable vqscope recording (missing, not SQLite,
+    not ours, another schema version, empty, or damaged data): names the
+    file and what is wrong with it.
+
+    The reading side's error; :class:`inspector.record.writer.RecordError`
+    is the writing side's (a recording that cannot be made). Replay
+    (``vqscope tui|snapshot --replay``), export and scripts reading a file
+    catch this one; nothing that reads raises RecordError."""
 
 
 class Recording:

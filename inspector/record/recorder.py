@@ -1,8 +1,10 @@
 """``vqscope record``: poll a source every interval and store what it saw.
 
-Each interval: one snapshot, the events drained since the previous interval
-(``source.events()``), the new vhost-user messages, the source's lost-event
-count — written in one SQLite transaction (writer.py). So a SIGKILL loses at
+Each interval: one snapshot (stored as its Snapshot JSON, made here by
+inspector.snapshot.codec), the events drained since the previous interval
+(``source.events()``), the new vhost-user messages
+(``source.new_messages()``), the source's lost-event count
+(``source.events_lost()``) — written in one SQLite transaction (writer.py). So a SIGKILL loses at
 most the interval being written; SIGINT/SIGTERM write a last interval and
 close. Progress goes to stderr about once a second.
 
@@ -24,6 +26,9 @@ import time
 from typing import Any, TextIO
 
 from ..errors import SourceError
+from ..events import Event
+from ..snapshot.codec import to_json
+from ..sources.base import Source
 from .writer import DiskFullError, RecordError, RecordingWriter, file_size
 
 MB = 1_000_000
@@ -45,20 +50,17 @@ def _kmg(n: int) -> str:
     return f"{n / 1e6:.0f}M"
 
 
-def source_kind(source: Any) -> str:
-    """``backend``, ``qemu``, ``file`` ... from the source's class (or its
-    ``kind`` attribute)."""
-    kind = getattr(source, "kind", None)
-    if isinstance(kind, str):
-        return kind
+def source_kind(source: Source) -> str:
+    """``backend``, ``qemu``, ``file`` ... from the source's class name."""
     name = type(source).__name__
     return (name[:-len("Source")] if name.endswith("Source") else name).lower() or name
 
 
 class MessageDedup:
-    """New entries of a source that only offers its whole (bounded) message
-    log (``messages()``): entries later than the newest seen, or at that
-    same time and not seen. Keeps only the entries at the newest time."""
+    """New entries of a peer that only offers its whole (bounded) message
+    log: entries later than the newest seen, or at that same time and not
+    seen. Keeps only the entries at the newest time. For the
+    ``new_messages()`` of a Source over such a peer."""
 
     def __init__(self) -> None:
         self.newest = float("-inf")
@@ -91,7 +93,7 @@ class Recorder:
     line (to check a recording against what the source returned).
     """
 
-    def __init__(self, source: Any, path: str, *, interval: float = 0.1, duration: float | None = None,
+    def __init__(self, source: Source, path: str, *, interval: float = 0.1, duration: float | None = None,
                  max_size: int | None = None, rotate: bool = False, tee_jsonl: str | None = None,
                  keyframe_every: int | None = None, progress: TextIO | None = sys.stderr,
                  argv: list[str] | None = None):
@@ -109,12 +111,6 @@ class Recorder:
         self.paths: list[str] = []
         self.stop = threading.Event()
         self.stop_reason = ""
-        self._events = getattr(source, "events", None)
-        self._lost = getattr(source, "events_lost", None)
-        self._new_messages = getattr(source, "new_messages", None)
-        self._dedup = None
-        if self._new_messages is None and callable(getattr(source, "messages", None)):
-            self._dedup = MessageDedup()
         self.totals = {"snapshots": 0, "events": 0, "messages": 0, "anomalies": 0}
         self.lost = 0
         self.writer: RecordingWriter | None = None
@@ -128,15 +124,15 @@ class Recorder:
             "vqscope_version": __version__,
             "kernel": os.uname().release,
             "hostname": socket.gethostname(),
-            "source": getattr(self.source, "name", None),
+            "source": self.source.name,
             "source_kind": source_kind(self.source),
             "interval_ms": self.interval * 1000,
             "start_time": time.time(),
             "part": self.part,
             "previous_part": os.path.basename(self.paths[-1]) if self.paths else None,
             "argv": self.argv,
-            "has_events": self._events is not None,
-            "has_messages": self._new_messages is not None or self._dedup is not None,
+            "has_events": self.source.has_events,
+            "has_messages": self.source.has_messages,
         }
 
     def _open_writer(self) -> None:
@@ -156,19 +152,14 @@ class Recorder:
         """Total ``what`` (snapshots, events, messages, anomalies) over every part."""
         return self.totals[what] + (getattr(self.writer, what) if self.writer is not None else 0)
 
-    def _poll(self) -> tuple[dict, list, list, int | None]:
-        snap = self.source.snapshot()
-        events = self._events() if self._events is not None else ()
-        if self._new_messages is not None:
-            msgs = self._new_messages()
-        elif self._dedup is not None:
-            msgs = self._dedup.new(self.source.messages())
-        else:
-            msgs = ()
-        lost = self._lost() if self._lost is not None else None
-        if lost is not None:
-            self.lost = lost
-        return snap, events, msgs, lost
+    def _poll(self) -> tuple[dict, list[Event], list[dict], int]:
+        """One interval's data: the snapshot as its JSON, the events,
+        messages and lost-event count."""
+        snap = to_json(self.source.snapshot())
+        events = self.source.events()
+        msgs = self.source.new_messages()
+        self.lost = self.source.events_lost()
+        return snap, events, msgs, self.lost
 
     def _size(self) -> int:
         """Bytes of every part, as committed (RecordingWriter.size)."""

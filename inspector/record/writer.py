@@ -25,7 +25,16 @@ _SAMPLE_FIELDS = ("avail_idx", "used_idx", "last_avail_idx", "inflight", "kicks"
 
 
 class RecordError(InspectorError):
-    """The recording cannot be written (file exists, disk full, bad data)."""
+    """Making a recording failed or cannot start: the file exists, SQLite
+    refused a write, an event does not fit the format, the disk is full
+    (:class:`DiskFullError`), or ``vqscope record`` was given arguments that
+    make no recording.
+
+    The writing side's error; :class:`inspector.record.reader.RecordingError`
+    is the reading side's (a file that is not a readable recording). Two
+    names because they reach different callers: the recorder stops on this
+    one and keeps the file readable up to its last interval, while replay,
+    export and scripts get that one about a file someone gave them."""
 
 
 class DiskFullError(RecordError):

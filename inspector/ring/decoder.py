@@ -15,12 +15,30 @@ from array import array
 
 from .._cffi import ffi, lib, snapshot_error
 from ..memory import GuestMemory
-from .anomalies import ANOMALY_KINDS
+from .anomalies import DECODER_KINDS, NO_HEAD, Anomaly, AnomalyKind
 from .checks import DEFAULT_MAX_DESCS, area_error, area_sizes, check_args, region_table, valid_table
 from .snapshot import U16, U32, U64, RingSnapshot
 
-__all__ = ["snapshot_split", "snapshot_split_pass", "RingSnapshot", "DEFAULT_MAX_DESCS",
-           "ANOMALY_KINDS"]
+__all__ = ["snapshot_split", "snapshot_split_pass", "RingSnapshot", "DEFAULT_MAX_DESCS"]
+
+
+def _check_kind_codes() -> None:
+    """Every ``VQD_A_*`` code of the C decoder is the position of the
+    AnomalyKind member of the same name, and the codes are exactly the
+    decoder kinds: the C and the Python names of a kind cannot drift apart."""
+    codes = {n[len("VQD_A_"):]: getattr(lib, n) for n in dir(lib) if n.startswith("VQD_A_")}
+    for name, code in codes.items():
+        if name not in AnomalyKind.__members__ or tuple(AnomalyKind).index(AnomalyKind[name]) != code:
+            raise ImportError(f"VQD_A_{name} = {code} is not AnomalyKind.{name}'s position "
+                              f"(inspector/ring/anomalies.py and csrc/vqd_decode.h disagree)")
+    if sorted(codes.values()) != list(range(len(DECODER_KINDS))):
+        raise ImportError(f"the C decoder's VQD_A_* codes {sorted(codes.values())} are not the "
+                          f"{len(DECODER_KINDS)} decoder kinds of AnomalyKind")
+    if lib.VQD_NO_HEAD != NO_HEAD:
+        raise ImportError(f"VQD_NO_HEAD is {lib.VQD_NO_HEAD}, inspector/ring/anomalies.py says {NO_HEAD}")
+
+
+_check_kind_codes()
 
 # Output arrays are large (max_descs entries) but only their used prefix is
 # touched: allocate them uncleared, and keep the last set per thread. A
@@ -173,10 +191,11 @@ def _result(o: _Out, size: int, last_avail_idx: int | None) -> RingSnapshot:
      desc_addr, desc_len, desc_flags, desc_next) = o.bufs
     anomalies = []
     if out.n_anomalies:
-        kinds = ANOMALY_KINDS
+        kinds = DECODER_KINDS
         string = ffi.string
         for a in o.anomalies[0:out.n_anomalies]:
-            anomalies.append((kinds[a.kind], string(a.detail).decode("ascii")))
+            anomalies.append(Anomaly(kinds[a.kind], string(a.detail).decode("ascii"),
+                                     None if a.head == NO_HEAD else a.head))
     return RingSnapshot(
         size=size, avail_flags=out.avail_flags, avail_idx=out.avail_idx,
         used_event=out.used_event, used_flags=out.used_flags, used_idx=out.used_idx,

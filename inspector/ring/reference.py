@@ -34,6 +34,9 @@ Semantics (both implementations):
   one ``truncated`` anomaly and the remaining chains have no descriptors.
 - ``zero_len`` and ``addr_out_of_range`` do not stop a walk; every other
   anomaly of a chain ends it.
+- An anomaly's ``head`` is the head of the chain whose walk found it; it
+  is None for ``avail_idx_jump``, ``head_out_of_range`` and ``truncated``
+  (not inside a chain's walk).
 - A buffer must be valid (else ``addr_out_of_range``). An indirect table
   must be readable: one that is valid but not readable ends its chain with
   ``indirect_not_read`` and is returned by :func:`snapshot_split_pass` as an
@@ -52,7 +55,7 @@ from typing import Any
 
 from ..memory import GuestMemory
 from ..spec.virtio import VIRTQ_MAX_INDIRECT_LEN, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
-from .anomalies import ANOMALY_KINDS, DETAIL_MAX
+from .anomalies import DETAIL_MAX, Anomaly, AnomalyKind as K
 from .checks import DEFAULT_MAX_DESCS, area_error, area_sizes, check_args, region_table, valid_table
 from .snapshot import U16, U32, U64, RingSnapshot
 
@@ -100,7 +103,7 @@ class _Walk:
         self.max_descs = max_descs
         self.budget = max_descs
         self.truncated = False
-        self.anomalies: list[tuple[str, str]] = []
+        self.anomalies: list[Anomaly] = []
         self.unread: list[tuple[int, int]] = []  # C: out->want_addr / want_len, sorted
         self.desc_table: tuple[memoryview, int] = (memoryview(b""), 0)
         # the listed descriptors of all chains, in order (C: out->desc_*)
@@ -115,17 +118,20 @@ class _Walk:
         self.out_bytes = 0
         self.in_bytes = 0
 
-    def anomaly(self, kind: int, detail: str) -> None:
-        self.anomalies.append((ANOMALY_KINDS[kind], detail[:DETAIL_MAX]))
+    def anomaly(self, kind: K, detail: str, head: int | None) -> None:
+        """Record an anomaly found in the walk of the chain of ``head``
+        (None: not inside a chain's walk), like the C ``anomaly()``."""
+        self.anomalies.append(Anomaly(kind, detail[:DETAIL_MAX], head))
 
     def budget_ok(self) -> bool:
         if self.budget:
             return True
         if not self.truncated:
             self.truncated = True
-            self.anomaly(10, f"snapshot lists at most {self.max_descs} descriptors: chain of "
-                             f"avail->ring[{self.slot}] (head {self.head}) and later chains are "
-                             f"cut short")
+            self.anomaly(K.TRUNCATED,
+                         f"snapshot lists at most {self.max_descs} descriptors: chain of "
+                         f"avail->ring[{self.slot}] (head {self.head}) and later chains are "
+                         f"cut short", None)
         return False
 
     def emit(self, d: tuple[int, int, int, int], loc: str) -> None:
@@ -143,32 +149,36 @@ class _Walk:
             self.out_bytes += length
         if length == 0:
             # §2.7.5: zero length carries no buffer; flagged, not forbidden.
-            self.anomaly(7, f"{loc}.len = 0 (head {self.head})")
+            self.anomaly(K.ZERO_LEN, f"{loc}.len = 0 (head {self.head})", self.head)
         elif not self.mem.is_valid(addr, length):
             # §2.7.5: the buffer is guest memory: inside one region.
-            self.anomaly(8, f"{loc}.addr 0x{addr:x} len {length} is not inside one memory "
-                            f"region (head {self.head})")
+            self.anomaly(K.ADDR_OUT_OF_RANGE,
+                         f"{loc}.addr 0x{addr:x} len {length} is not inside one memory "
+                         f"region (head {self.head})", self.head)
 
     def walk_indirect(self, di: int, d: tuple[int, int, int, int]) -> None:
         addr, length = d[0], d[1]
         head = self.head
         # §2.7.5.3: desc[len / 16]; §2.7.5.3.1 + §2.7: at most 32768 entries.
         if length == 0 or length % 16 or length > VIRTQ_MAX_INDIRECT_LEN:
-            self.anomaly(4, f"desc[{di}].len = {length} for an indirect table: not a non-zero "
-                            f"multiple of 16 up to {VIRTQ_MAX_INDIRECT_LEN} (head {head})")
+            self.anomaly(K.INDIRECT_LEN,
+                         f"desc[{di}].len = {length} for an indirect table: not a non-zero "
+                         f"multiple of 16 up to {VIRTQ_MAX_INDIRECT_LEN} (head {head})", head)
             return
         where = self.mem.find(addr, length)
         if where is None and self.mem.in_valid_only(addr, length):
             # Guest memory, but not read here: the caller reads it and decodes again.
             if (addr, length) not in self.unread:
                 bisect.insort(self.unread, (addr, length))
-            self.anomaly(11, f"desc[{di}] indirect table 0x{addr:x} len {length} is guest memory "
-                             f"that was not read (head {head})")
+            self.anomaly(K.INDIRECT_NOT_READ,
+                         f"desc[{di}] indirect table 0x{addr:x} len {length} is guest memory "
+                         f"that was not read (head {head})", head)
             return
         if where is None:
             # §2.7.5.3: the table is guest memory.
-            self.anomaly(9, f"desc[{di}] indirect table 0x{addr:x} len {length} is not inside "
-                            f"one memory region (head {head})")
+            self.anomaly(K.INDIRECT_OUT_OF_RANGE,
+                         f"desc[{di}] indirect table 0x{addr:x} len {length} is not inside "
+                         f"one memory region (head {head})", head)
             return
         view, off = where
         n = length // 16
@@ -176,8 +186,8 @@ class _Walk:
         while True:
             # §2.7.5.2: loops are forbidden; longer than the table revisits.
             if count >= n:
-                self.anomaly(3, f"desc[{di}]->indirect chain is longer than its table of {n} "
-                                f"entries: loop (head {head})")
+                self.anomaly(K.LOOP, f"desc[{di}]->indirect chain is longer than its table of {n} "
+                             f"entries: loop (head {head})", head)
                 return
             if not self.budget_ok():
                 return
@@ -185,15 +195,17 @@ class _Walk:
             count += 1
             if e[2] & VRING_DESC_F_INDIRECT:
                 # §2.7.5.3.1: no INDIRECT within an indirect table.
-                self.anomaly(5, f"desc[{di}]->indirect[{j}].flags = 0x{e[2]:x} sets "
-                                f"VRING_DESC_F_INDIRECT (head {head})")
+                self.anomaly(K.NESTED_INDIRECT,
+                             f"desc[{di}]->indirect[{j}].flags = 0x{e[2]:x} sets "
+                             f"VRING_DESC_F_INDIRECT (head {head})", head)
                 return
             self.emit(e, f"desc[{di}]->indirect[{j}]")
             if not e[2] & VRING_DESC_F_NEXT:
                 return
             if e[3] >= n:
-                self.anomaly(2, f"desc[{di}]->indirect[{j}].next = {e[3]} >= table entries {n} "
-                                f"(head {head})")
+                self.anomaly(K.NEXT_OUT_OF_RANGE,
+                             f"desc[{di}]->indirect[{j}].next = {e[3]} >= table entries {n} "
+                             f"(head {head})", head)
                 return
             j = e[3]
 
@@ -201,7 +213,8 @@ class _Walk:
         size = self.size
         # §2.7.6: heads index the descriptor table.
         if head >= size:
-            self.anomaly(1, f"avail->ring[{self.slot}] = head {head} >= size {size}")
+            self.anomaly(K.HEAD_OUT_OF_RANGE,
+                         f"avail->ring[{self.slot}] = head {head} >= size {size}", None)
             return
         view, off = self.desc_table
         i = head
@@ -209,8 +222,8 @@ class _Walk:
         while True:
             # §2.7.5.2: loops are forbidden; longer than the table revisits.
             if count >= size:
-                self.anomaly(3, f"chain from head {head} is longer than the descriptor table "
-                                f"(size {size}): loop")
+                self.anomaly(K.LOOP, f"chain from head {head} is longer than the descriptor table "
+                             f"(size {size}): loop", head)
                 return
             if not self.budget_ok():
                 return
@@ -221,15 +234,17 @@ class _Walk:
                 # §2.7.5.3.1: not INDIRECT and NEXT together; §2.7.5.3.2: the
                 # indirect descriptor ends the chain and is not listed.
                 if flags & VRING_DESC_F_NEXT:
-                    self.anomaly(6, f"desc[{i}].flags = 0x{flags:x} sets both "
-                                    f"VRING_DESC_F_INDIRECT and VRING_DESC_F_NEXT (head {head})")
+                    self.anomaly(K.INDIRECT_WITH_NEXT,
+                                 f"desc[{i}].flags = 0x{flags:x} sets both "
+                                 f"VRING_DESC_F_INDIRECT and VRING_DESC_F_NEXT (head {head})", head)
                 self.walk_indirect(i, d)
                 return
             self.emit(d, f"desc[{i}]")
             if not flags & VRING_DESC_F_NEXT:
                 return
             if d[3] >= size:
-                self.anomaly(2, f"desc[{i}].next = {d[3]} >= size {size} (head {head})")
+                self.anomaly(K.NEXT_OUT_OF_RANGE,
+                             f"desc[{i}].next = {d[3]} >= size {size} (head {head})", head)
                 return
             i = d[3]
 
@@ -276,8 +291,9 @@ def snapshot_split_pass(mem: GuestMemory, size: int, desc: int, avail: int, used
     if pending > size:
         # §2.7.6 / §2.7.13.3: at most `size` heads can be available.
         name = "used->idx" if last_avail_idx is None else "last_avail_idx"
-        w.anomaly(0, f"avail->idx {avail_idx} is {pending} ahead of {name} {start}, more than "
-                     f"size {size}: walked {size} heads")
+        w.anomaly(K.AVAIL_IDX_JUMP,
+                  f"avail->idx {avail_idx} is {pending} ahead of {name} {start}, more than "
+                  f"size {size}: walked {size} heads", None)
         n = size
     chain_head, chain_first, chain_ndescs = array(U32), array(U32), array(U32)
     chain_out_bytes, chain_in_bytes = array(U64), array(U64)

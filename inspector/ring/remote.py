@@ -42,7 +42,6 @@ whose direct descriptors come from the same copy).
 
 from __future__ import annotations
 
-import re
 import struct
 
 from ..errors import RingError
@@ -50,6 +49,7 @@ from ..memory import GuestMemory
 from ..memory.process import ProcessMemory, RamRange, ram_hva
 from ..spec.virtio import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT
 from . import decoder
+from .anomalies import AnomalyKind
 from .checks import AREAS, DEFAULT_MAX_DESCS, area_sizes, check_args, ring_between
 from .snapshot import RingSnapshot
 
@@ -124,18 +124,18 @@ def returned_tables(desc: bytes | memoryview, size: int, heads: set[int]) -> lis
     return out
 
 
-_OF_HEAD = re.compile(r"\(head (\d+)\)$")
-
-
 def forget_returned(snap: RingSnapshot, heads: set[int] | None) -> RingSnapshot:
-    """Drop from ``snap`` the anomalies of chains whose head is in ``heads``
-    (None: of every chain), ``indirect_not_read`` kept: the device returned
-    them while the ring was being read, so their descriptors or tables may
-    already be the driver's next use of that memory, not a fault."""
+    """Drop from ``snap`` the anomalies found in the walk of a chain whose
+    head (:attr:`Anomaly.head <inspector.ring.anomalies.Anomaly.head>`) is
+    in ``heads`` (None: of every chain), ``indirect_not_read`` kept: the
+    device returned those chains while the ring was being read, so their
+    descriptors or tables may already be the driver's next use of that
+    memory, not a fault. Anomalies of no chain (head None: the ring's
+    ``avail_idx_jump``, ``head_out_of_range``, ``truncated``) are kept."""
     if heads is None or heads:
-        snap.anomalies = [(kind, detail) for kind, detail in snap.anomalies
-                          if kind == "indirect_not_read" or not (m := _OF_HEAD.search(detail))
-                          or (heads is not None and int(m.group(1)) not in heads)]
+        snap.anomalies = [a for a in snap.anomalies
+                          if a.head is None or a.kind is AnomalyKind.INDIRECT_NOT_READ
+                          or (heads is not None and a.head not in heads)]
     return snap
 
 

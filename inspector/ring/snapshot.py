@@ -1,12 +1,15 @@
 """The result of both split-ring snapshot decoders (VIRTIO 1.2 §2.7).
 
-:func:`inspector.vqd.snapshot_split` (C) and
-:func:`inspector.ringref.snapshot_split` (pure Python) return a
+:func:`inspector.ring.decoder.snapshot_split` (C) and
+:func:`inspector.ring.reference.snapshot_split` (pure Python) return a
 :class:`RingSnapshot`: header fields as ints, rings, descriptors and chains as
-columns of fixed-width integers, anomalies as ``(kind, detail)`` tuples.
-Nothing per descriptor or per chain is a Python object until asked for: the
-dicts of the Snapshot JSON (README.md) are built by :attr:`RingSnapshot.chains`,
-:meth:`RingSnapshot.chain` and :meth:`RingSnapshot.as_dict`.
+columns of fixed-width integers, anomalies as
+:class:`~inspector.ring.anomalies.Anomaly` tuples. Nothing per descriptor or
+per chain is a Python object until asked for: :class:`Chain` and
+:class:`Descriptor` tuples are built by :attr:`RingSnapshot.chains` and
+:meth:`RingSnapshot.chain`; :meth:`RingSnapshot.chain_dicts` turns the columns
+straight into the chain dicts of the Snapshot JSON for
+:mod:`inspector.snapshot.codec` (README.md, "Snapshot JSON"), without them.
 
 A column is any sequence of ints with ``tolist()`` whose items have the
 column's width: the C decoder gives ``memoryview`` casts of ``bytes`` copied
@@ -18,7 +21,10 @@ from __future__ import annotations
 
 import gc
 from array import array
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+from .anomalies import Anomaly
 
 #: ``array``/``memoryview`` format of the unsigned 16, 32 and 64-bit columns.
 U16, U32, U64 = "H", "I", "Q"
@@ -45,6 +51,45 @@ COLUMNS = {
 }
 
 
+@contextmanager
+def _gc_paused():
+    """Pause the cyclic GC while thousands of small objects are built from
+    the columns: it would otherwise scan the young ones several times over.
+    (Columns become lists in one call each, and dicts come from dict
+    displays, CPython's fastest way to build them.)"""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+class Descriptor(NamedTuple):
+    """One listed descriptor, as the driver wrote it (``struct virtq_desc``,
+    VIRTIO 1.2 §2.7.5): guest-physical ``addr``, ``len`` bytes,
+    ``flags`` (VRING_DESC_F_* masks), ``next`` (a descriptor index)."""
+
+    addr: int
+    len: int
+    flags: int
+    next: int
+
+
+class Chain(NamedTuple):
+    """One in-flight descriptor chain: its ``head`` (the avail->ring entry,
+    §2.7.6), its listed descriptors (those of an indirect table instead of
+    the indirect descriptor, §2.7.5.3), and the bytes of its
+    device-readable (``out_bytes``) and device-writable (``in_bytes``)
+    buffers."""
+
+    head: int
+    descs: tuple[Descriptor, ...]
+    out_bytes: int
+    in_bytes: int
+
+
 class RingSnapshot:
     """One split ring as read by a decoder; see the module docstring.
 
@@ -60,7 +105,7 @@ class RingSnapshot:
                  used_flags: int, used_idx: int, avail_event: int, last_avail_idx: int | None,
                  avail_ring, used_ring, desc_addr, desc_len, desc_flags, desc_next,
                  chain_head, chain_first, chain_ndescs, chain_out_bytes, chain_in_bytes,
-                 anomalies: list[tuple[str, str]]):
+                 anomalies: list[Anomaly]):
         self.size = size
         self.avail_flags = avail_flags
         self.avail_idx = avail_idx
@@ -83,7 +128,7 @@ class RingSnapshot:
         self.chain_out_bytes = chain_out_bytes
         self.chain_in_bytes = chain_in_bytes
         self.anomalies = anomalies
-        self._chains: list[dict] | None = None
+        self._chains: list[Chain] | None = None
 
     @property
     def n_chains(self) -> int:
@@ -95,40 +140,36 @@ class RingSnapshot:
 
     # --- lazy views -------------------------------------------------------------
     @property
-    def chains(self) -> list[dict]:
-        """The chain dicts of the Snapshot JSON (``head``, ``descs``,
-        ``out_bytes``, ``in_bytes``), built on first access and cached: do
-        not modify them (``as_dict`` gives fresh ones)."""
+    def chains(self) -> list[Chain]:
+        """Every chain as a :class:`Chain`, built on first access and cached
+        (the list is shared: do not modify it)."""
         if self._chains is None:
             self._chains = self._build_chains()
         return self._chains
 
-    def chain(self, k: int) -> dict:
-        """The dict of chain ``k`` (negative ``k`` counts from the end),
-        without building the others."""
+    def chain(self, k: int) -> Chain:
+        """Chain ``k`` (negative ``k`` counts from the end), without building
+        the others."""
         if self._chains is not None:
             return self._chains[k]
         k = range(self.n_chains)[k]  # IndexError like a list
         s, c = self.chain_first[k], self.chain_ndescs[k]
-        descs = [{"addr": a, "len": ln, "flags": f, "next": nx} for a, ln, f, nx in zip(
-            self.desc_addr[s:s + c], self.desc_len[s:s + c], self.desc_flags[s:s + c],
-            self.desc_next[s:s + c])]
-        return {"head": self.chain_head[k], "descs": descs,
-                "out_bytes": self.chain_out_bytes[k], "in_bytes": self.chain_in_bytes[k]}
+        descs = tuple(map(Descriptor, self.desc_addr[s:s + c], self.desc_len[s:s + c],
+                          self.desc_flags[s:s + c], self.desc_next[s:s + c]))
+        return Chain(self.chain_head[k], descs, self.chain_out_bytes[k], self.chain_in_bytes[k])
 
     def used_elem(self, i: int) -> tuple[int, int]:
         """``(id, len)`` of ``used->ring[i]``."""
         return self.used_ring[2 * i], self.used_ring[2 * i + 1]
 
-    def anomaly_dicts(self) -> list[dict]:
-        """The anomalies as Snapshot JSON dicts (a new list each call)."""
-        return [{"kind": k, "detail": d} for k, d in self.anomalies]
-
     def as_dict(self) -> dict[str, Any]:
-        """The decoder dict of the Snapshot JSON queue entry: header fields,
-        ``avail_ring`` (list of ints), ``used_ring`` (list of ``[id, len]``),
-        ``chains`` and ``anomalies``. New objects each call, sharing nothing
-        with this snapshot."""
+        """A plain-data view of everything the decoder read, for tests and
+        the fuzz harness (not the Snapshot JSON, which
+        :mod:`inspector.snapshot.codec` makes): header fields, ``avail_ring``
+        (list of ints), ``used_ring`` (list of ``[id, len]``), ``chains`` (as
+        :meth:`chain_dicts`) and ``anomalies`` (``{"kind", "detail",
+        "head"}``). New objects each call, sharing nothing with this
+        snapshot."""
         it = iter(self.used_ring.tolist())
         return {
             "avail_flags": self.avail_flags,
@@ -141,29 +182,35 @@ class RingSnapshot:
             "avail_event": self.avail_event,
             "last_avail_idx": self.last_avail_idx,
             "inflight": self.inflight,
-            "chains": self._build_chains(),
-            "anomalies": self.anomaly_dicts(),
+            "chains": self.chain_dicts(),
+            "anomalies": [{"kind": a.kind.value, "detail": a.detail, "head": a.head}
+                          for a in self.anomalies],
         }
 
-    def _build_chains(self) -> list[dict]:
-        # Thousands of small dicts: columns become lists in one call each,
-        # dicts come from dict displays (CPython's fastest way to build them),
-        # and the cyclic GC, which would otherwise scan the young objects
-        # several times over, is paused meanwhile.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
+    def chain_dicts(self) -> list[dict[str, Any]]:
+        """The chains as the dicts of the Snapshot JSON (``head``, ``descs``
+        of ``{addr, len, flags, next}``, ``out_bytes``, ``in_bytes``) straight
+        from the columns, with no :class:`Chain` built: what
+        :func:`inspector.snapshot.codec.to_json` emits for a queue decoded
+        from this ring. New objects each call."""
+        with _gc_paused():
             descs = [{"addr": a, "len": ln, "flags": f, "next": nx} for a, ln, f, nx in zip(
                 self.desc_addr.tolist(), self.desc_len.tolist(), self.desc_flags.tolist(),
                 self.desc_next.tolist())]
             return [{"head": h, "descs": descs[s:s + c], "out_bytes": ob, "in_bytes": ib}
-                    for h, s, c, ob, ib in zip(
-                        self.chain_head.tolist(), self.chain_first.tolist(),
-                        self.chain_ndescs.tolist(), self.chain_out_bytes.tolist(),
-                        self.chain_in_bytes.tolist())]
-        finally:
-            if gc_was_enabled:
-                gc.enable()
+                    for h, s, c, ob, ib in self._chain_rows()]
+
+    def _build_chains(self) -> list[Chain]:
+        with _gc_paused():
+            descs = list(map(Descriptor, self.desc_addr.tolist(), self.desc_len.tolist(),
+                             self.desc_flags.tolist(), self.desc_next.tolist()))
+            return [Chain(h, tuple(descs[s:s + c]), ob, ib) for h, s, c, ob, ib in self._chain_rows()]
+
+    def _chain_rows(self):
+        """``(head, first, ndescs, out_bytes, in_bytes)`` per chain, from the
+        columns as lists (one call each)."""
+        return zip(self.chain_head.tolist(), self.chain_first.tolist(), self.chain_ndescs.tolist(),
+                   self.chain_out_bytes.tolist(), self.chain_in_bytes.tolist())
 
     # --- comparison -----------------------------------------------------------
     def __eq__(self, other: object) -> bool:
@@ -181,4 +228,4 @@ class RingSnapshot:
                 f"anomalies={len(self.anomalies)}>")
 
 
-__all__ = ["RingSnapshot", "HEADER", "COLUMNS", "U16", "U32", "U64"]
+__all__ = ["Chain", "Descriptor", "RingSnapshot", "HEADER", "COLUMNS", "U16", "U32", "U64"]

@@ -1,5 +1,6 @@
-"""Sources of queue state. Each yields snapshot dicts (the snapshot JSON of
-README.md, "Snapshot JSON"); no UI code lives here.
+"""Sources of queue state. Each is a :class:`~.base.Source` whose
+``snapshot()`` returns a :class:`~inspector.snapshot.model.Snapshot`
+(README.md, "Snapshot JSON"); no UI code lives here.
 
 - ``backend``: a vqscope back-end, through its introspection socket.
 - ``file``: a snapshot JSON file (one object), for tests and offline looks.
@@ -12,38 +13,11 @@ README.md, "Snapshot JSON"); no UI code lives here.
 from __future__ import annotations
 
 import argparse
-from typing import Protocol
 
 from ..errors import SourceError, SourceGone  # noqa: F401  (SourceGone re-exported)
+from .base import Source
 
-
-class Source(Protocol):
-    """Something that can be asked for the current snapshot, repeatedly."""
-
-    name: str
-
-    def snapshot(self) -> dict:
-        """One snapshot dict; raises SourceError when the source is gone."""
-
-    # Optional (the recorder and the TUI use them when present):
-    #
-    # def events(self) -> list[inspector.events.Event]:
-    #     """The timed events (kicks, calls, probe hits) seen since the
-    #     previous call, oldest first; never the same event twice."""
-    #
-    # def events_lost(self) -> int:
-    #     """Events the source could not deliver since it was opened (ring
-    #     full, perf buffer overrun), cumulative."""
-    #
-    # def new_messages(self) -> list[dict]:
-    #     """vhost-user messages logged since the previous call (the entries
-    #     of the introspection "messages" op), oldest first."""
-
-    def close(self) -> None: ...
-
-    def __enter__(self) -> "Source": ...
-
-    def __exit__(self, *exc) -> None: ...
+__all__ = ["Source", "SourceError", "SourceGone", "open_source"]
 
 
 def open_source(args: argparse.Namespace) -> Source:

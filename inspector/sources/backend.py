@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import os
 
+from ..errors import SnapshotFormatError, SourceError
 from ..introspect.client import IntrospectionClient
+from ..snapshot.codec import from_json
+from ..snapshot.model import Snapshot
+from .base import Source
 
 
 def introspect_path(path: str) -> str:
@@ -19,14 +23,25 @@ def introspect_path(path: str) -> str:
     return path + ".introspect"
 
 
-class BackendSource(IntrospectionClient):
-    """Client of a back-end's introspection endpoint; reconnects lazily.
-    ``events``, ``events_lost``, ``messages`` and ``new_messages`` are the
-    client's (IntrospectionClient)."""
+class BackendSource(IntrospectionClient, Source):
+    """Client of a back-end's introspection endpoint as a source; reconnects
+    lazily. ``events``, ``events_lost``, ``messages`` and ``new_messages``
+    are the client's (IntrospectionClient)."""
+
+    has_events = True
+    has_messages = True
 
     def __init__(self, path: str, timeout: float = 5.0):
         super().__init__(introspect_path(path), timeout)
         self.name = self.path
 
-    def snapshot(self) -> dict:
-        return self.request("snapshot")
+    def snapshot(self) -> Snapshot:
+        """The back-end's snapshot (its ``snapshot`` reply, parsed);
+        SourceError when it does not answer or breaks the Snapshot JSON
+        contract."""
+        reply = self.request("snapshot")
+        try:
+            return from_json(reply)
+        except SnapshotFormatError as e:
+            raise SourceError(f"back-end at {self.path} sent a malformed snapshot: {e}") from None
+

@@ -2,32 +2,28 @@
 
 from __future__ import annotations
 
-import json
+from ..errors import SnapshotFormatError, SourceError
+from ..snapshot.codec import loads
+from ..snapshot.model import Snapshot
+from .base import Source
 
-from ..errors import SourceError
 
-
-class FileSource:
-    """Serves the snapshot stored in ``path`` (a JSON object) on every call."""
+class FileSource(Source):
+    """Serves the snapshot stored in ``path`` (one Snapshot JSON object,
+    README.md) on every call: the same Snapshot each time. Raises
+    SourceError when the file cannot be read or breaks the contract."""
 
     def __init__(self, path: str):
         self.name = path
         try:
-            with open(path) as f:
-                self._snap = json.load(f)
-        except (OSError, ValueError) as e:
+            with open(path, "rb") as f:
+                text = f.read()
+        except OSError as e:
             raise SourceError(f"cannot read snapshot file {path}: {e}") from e
-        if not isinstance(self._snap, dict) or "queues" not in self._snap:
-            raise SourceError(f"{path} is not a vqscope snapshot (no 'queues' field)")
+        try:
+            self._snap = loads(text)
+        except SnapshotFormatError as e:
+            raise SourceError(f"{path} is not a vqscope snapshot: {e}") from None
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> Snapshot:
         return self._snap
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "FileSource":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

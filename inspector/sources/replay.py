@@ -1,7 +1,8 @@
 """A recording (``vqscope record -o FILE``) as a source, with a time cursor.
 
 :class:`ReplaySource` answers ``snapshot()`` with the recorded snapshot at
-its cursor, exactly as recorded (README.md, "Snapshot JSON"), and moves the
+its cursor, exactly as recorded (README.md, "Snapshot JSON"; parsed by
+inspector.snapshot.codec), and moves the
 cursor on request: play (recorded time advances with wall time, times a
 speed), pause, step one snapshot, jump to the previous/next snapshot at
 which a new anomaly appeared, jump to start/end, or seek to an index or a
@@ -25,8 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from ..errors import InspectorError, SourceError
+from ..errors import InspectorError, SnapshotFormatError, SourceError
 from ..events import Event
+from ..snapshot.codec import from_json
+from ..snapshot.model import Snapshot
+from .base import Source
 
 #: Playback speeds (recorded seconds per wall-clock second) that ``faster()``
 #: and ``slower()`` step through; 1.0 is real time and the default.
@@ -72,8 +76,8 @@ class ReplayFrame:
     """
 
     cursor: Cursor
-    snapshot: dict
-    previous: dict | None
+    snapshot: Snapshot
+    previous: Snapshot | None
     event_counts: dict[EventKey, int]
     event_keys: frozenset[EventKey]
 
@@ -83,16 +87,19 @@ def to_ns(t: float) -> int:
     return round(t * 1e9)
 
 
-class ReplaySource:
+class ReplaySource(Source):
     """The snapshots, events and vhost-user messages of the recording at
     ``path``, served at a movable cursor (initially the first snapshot, paused).
 
     ``recording`` is an open reader to use instead of opening ``path`` (it is
     closed with this source); ``clock`` gives wall time in seconds (default
     ``time.monotonic``) for playback. Raises SourceError when ``path`` does
-    not exist or holds no snapshot, and the reader's RecordingError when it
-    is not a recording.
+    not exist, holds no snapshot, or holds one that is not a Snapshot JSON
+    object, and the reader's RecordingError when it is not a recording.
     """
+
+    has_events = True
+    has_messages = True
 
     def __init__(self, path: str, recording=None, clock: Callable[[], float] = _time.monotonic):
         if recording is None:
@@ -116,13 +123,13 @@ class ReplaySource:
                 raise SourceError(f"recording {path} holds no snapshot yet (the recorder stopped before its "
                                   f"first flush?); nothing to replay")
             self._anomalies = sorted(set(recording.anomaly_indices()))
-            self._cache: dict[int, dict] = {}
+            self._cache: dict[int, Snapshot] = {}
             first = self._snapshot_at(0)
         except BaseException:
             recording.close()
             raise
         #: What the TUI's status line names: the source that was recorded.
-        self.name = str(first.get("source", self.file_name))
+        self.name = first.source
         self._index = 0
         self._playing = False
         self._speed = 1.0
@@ -309,20 +316,23 @@ class ReplaySource:
 
     # --- data at the cursor -------------------------------------------------
 
-    def _snapshot_at(self, i: int) -> dict:
+    def _snapshot_at(self, i: int) -> Snapshot:
         """Snapshot ``i`` from a small cache (the cursor's and its previous
         one are asked for on every frame). Call with ``_read_lock`` held."""
         snap = self._cache.get(i)
         if snap is None:
-            snap = self._rec.snapshot(i)
+            try:
+                snap = from_json(self._rec.snapshot(i))
+            except SnapshotFormatError as e:
+                raise SourceError(f"recording {self.path}: snapshot {i + 1}: {e}") from None
             if len(self._cache) >= 8:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[i] = snap
         return snap
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> Snapshot:
         """The recorded snapshot at the cursor, exactly as recorded (the same
-        dict on every call until the cursor moves: do not modify it)."""
+        Snapshot on every call until the cursor moves: do not modify it)."""
         i = self.index
         with self._read_lock:
             return self._snapshot_at(i)
@@ -376,9 +386,3 @@ class ReplaySource:
     def close(self) -> None:
         with self._read_lock:
             self._rec.close()
-
-    def __enter__(self) -> "ReplaySource":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

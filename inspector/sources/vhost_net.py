@@ -32,17 +32,19 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 from ..errors import InspectorError, RingError, SourceError, SourceGone
 from ..layout import avail_ring_size, desc_table_size, used_ring_size
 from ..memory.process import ProcessMemory, RamRange
+from ..ring.anomalies import Anomaly, AnomalyKind
 from ..ring.remote import snapshot_remote_split
+from ..snapshot.model import QueueEntry, Skipped, Snapshot
 from ..spec.vhost import DEV_VHOST_NET
 from ..spec.virtio import VIRTIO_RING_F_EVENT_IDX, has_feature
+from .base import Source
 
 #: Anomalies that need the memory table: dropped when it is unknown.
-NEEDS_MEM_TABLE = frozenset({"addr_out_of_range", "indirect_out_of_range"})
+NEEDS_MEM_TABLE = frozenset({AnomalyKind.ADDR_OUT_OF_RANGE, AnomalyKind.INDIRECT_OUT_OF_RANGE})
 
 
 def vhost_net_fds(pid: int) -> list[int]:
@@ -80,7 +82,7 @@ def check_kernel(plan: list) -> None:
                              + " (see `vqscope probe --list`)")
 
 
-class VhostNetSource:
+class VhostNetSource(Source):
     """Every vhost-net vring of process ``pid`` (see the module docstring).
 
     ``stream``: also collect per-event records for :meth:`events`;
@@ -100,6 +102,7 @@ class VhostNetSource:
         from probes.vhost_net import VhostNetProbe
 
         self.pid = pid
+        self.has_events = stream
         self._borrowed = probes is not None
         self.name = f"vhost-net pid {pid}"
         self.wait = wait
@@ -139,12 +142,6 @@ class VhostNetSource:
             self._pmem.close()
             self._pmem = None
 
-    def __enter__(self) -> VhostNetSource:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # ---- what the probes know ------------------------------------------------
     def _states(self) -> dict:
         """``{vq address: VhostVqState}`` of this process's vrings; waits
@@ -179,8 +176,8 @@ class VhostNetSource:
             raise SourceGone(f"process {self.pid} exited: its vhost-net queues are gone")
 
     # ---- snapshot ---------------------------------------------------------------
-    def snapshot(self) -> dict:
-        """The snapshot JSON of every vring of the process seen so far."""
+    def snapshot(self) -> Snapshot:
+        """Every vring of the process seen so far."""
         if self.probe is None:
             raise SourceGone(f"vhost-net source for pid {self.pid} is closed")
         self._check_alive()
@@ -196,33 +193,27 @@ class VhostNetSource:
         for vq, st in sorted(states.items(), key=lambda kv: (kv[1].index, kv[0])):
             device, dev = self._device_of(st)
             queues.append(self._entry(device, dev, st, counters.get(vq, {}), hists.get(vq, {})))
-        queues.sort(key=lambda q: (q["device"], q["index"]))
-        seen = {q["device"] for q in queues}
+        queues.sort(key=lambda q: q.id)
+        seen = {q.device for q in queues}
         if len(queues) < 2 * len(self.fds):
             for fd in self.fds:
                 if f"vhost-net:{self.pid}:{fd}" not in seen:
-                    skipped.append({"device": f"vhost-net:{self.pid}:{fd}", "index": None,
-                                    "reason": "no vring of this device seen yet: the probes see a vring "
-                                              "when vhost works on it (a kick, a packet, a call)"})
-        return {"source": self.name, "time": time.time(), "pid": self.pid, "queues": queues,
-                "skipped": skipped}
+                    skipped.append(Skipped(f"vhost-net:{self.pid}:{fd}", None,
+                                           "no vring of this device seen yet: the probes see a vring "
+                                           "when vhost works on it (a kick, a packet, a call)"))
+        return Snapshot(source=self.name, time=time.time(), pid=self.pid, queues=queues, skipped=skipped)
 
-    def _entry(self, device: str, dev, st, cnt: dict, hist: dict) -> dict[str, Any]:
+    def _entry(self, device: str, dev, st, cnt: dict, hist: dict) -> QueueEntry:
         features = dev.features if dev is not None else None
         if features is None:
             features = getattr(st, "acked_features", None)
-        event_idx = has_feature(features or 0, VIRTIO_RING_F_EVENT_IDX)
         now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        entry: dict[str, Any] = {
-            "device": device, "index": st.index, "layout": "split", "size": st.num,
-            "features": features or 0, "event_idx": event_idx,
-            "avail_idx": 0, "used_idx": 0, "last_avail_idx": st.last_avail_idx, "inflight": 0,
-            "avail_flags": 0, "used_flags": 0, "used_event": None, "avail_event": None,
-            "kicks": cnt.get("kicks", 0), "calls": cnt.get("calls", 0),
-            "calls_suppressed": cnt.get("calls_suppressed", 0),
-            "packets": cnt.get("used_added", 0), "bytes": 0,
-            "chains": [], "anomalies": [],
-            "device_state": {
+        entry = QueueEntry(
+            device=device, index=st.index, size=st.num, features=features or 0,
+            event_idx=has_feature(features or 0, VIRTIO_RING_F_EVENT_IDX),
+            last_avail_idx=st.last_avail_idx, kicks=cnt.get("kicks", 0), calls=cnt.get("calls", 0),
+            calls_suppressed=cnt.get("calls_suppressed", 0), packets=cnt.get("used_added", 0),
+            extras={"device_state": {
                 "last_avail_idx": st.last_avail_idx, "avail_idx": st.avail_idx,
                 "last_used_idx": st.last_used_idx, "used_flags": st.used_flags,
                 "signalled_used": st.signalled_used, "signalled_used_valid": st.signalled_used_valid,
@@ -233,9 +224,9 @@ class VhostNetSource:
             },
             "probe_counters": dict(cnt),
             "histograms": {name: {str(low): n for low, n in sorted(b.items())} for name, b in hist.items()},
-        }
+        })
         if not st.num:
-            entry["anomalies"].append({"kind": "ring_unmapped", "detail": "vring size 0 (not set up)"})
+            entry.anomalies.append(Anomaly(AnomalyKind.RING_UNMAPPED, "vring size 0 (not set up)"))
             return entry
         mem_table = [(r.guest_phys_addr, r.memory_size, r.userspace_addr)
                      for r in dev.mem_table] if dev is not None and dev.mem_table else None
@@ -245,22 +236,17 @@ class VhostNetSource:
             raise
         except (RingError, SourceError) as e:
             self._check_alive()
-            entry["anomalies"].append({"kind": "ring_unmapped", "detail": str(e)})
+            entry.anomalies.append(Anomaly(AnomalyKind.RING_UNMAPPED, str(e)))
             return entry
-        # None when the probe's value (vhost's last handler run) is older than
-        # the ring read (ring.remote); device_state keeps the probe's value.
-        entry.update(last_avail_idx=dec.last_avail_idx,
-                     avail_idx=dec.avail_idx, used_idx=dec.used_idx, inflight=dec.inflight,
-                     avail_flags=dec.avail_flags, used_flags=dec.used_flags, chains=dec.chains)
-        if event_idx:
-            entry["used_event"], entry["avail_event"] = dec.used_event, dec.avail_event
-        anomalies = dec.anomaly_dicts()
+        # last_avail_idx None when the probe's value (vhost's last handler
+        # run) is older than the ring read (ring.remote); device_state keeps
+        # the probe's value.
+        entry.fill_from_ring(dec)
         if mem_table is None:
-            anomalies = [a for a in anomalies if a["kind"] not in NEEDS_MEM_TABLE]
-            anomalies.append({"kind": "mem_table_unknown",
-                              "detail": "the vhost memory table was set before vqscope attached: "
-                                        "descriptor addresses (guest-physical) are not checked"})
-        entry["anomalies"] = anomalies
+            entry.anomalies = [a for a in entry.anomalies if a.kind not in NEEDS_MEM_TABLE]
+            entry.anomalies.append(Anomaly(AnomalyKind.MEM_TABLE_UNKNOWN,
+                                           "the vhost memory table was set before vqscope attached: "
+                                           "descriptor addresses (guest-physical) are not checked"))
         return entry
 
     def _read_ring(self, st, mem_table):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -83,6 +82,7 @@ def _sleep_unless_terminated(seconds: float) -> None:
 def demo_main(args: argparse.Namespace) -> int:
     from ..devices.net import NetDevice
     from ..introspect.snapshot import backend_snapshot
+    from ..snapshot.codec import dumps
     from ..sources.backend import BackendSource
     from ..vhost_user.frontend import VhostUserFrontend
     from ..vhost_user.server import VhostUserServer
@@ -120,7 +120,7 @@ def demo_main(args: argparse.Namespace) -> int:
             server.stop()
     if snap is not None:
         if args.json:
-            print(json.dumps(snap))
+            print(dumps(snap))
         else:
             print(f"demo: {traffic.sent} frames sent, {traffic.received} echoed back")
     return 0

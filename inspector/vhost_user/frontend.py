@@ -29,6 +29,7 @@ import struct
 from ..errors import InspectorError, ProtocolError
 from ..layout import split_layout
 from ..memory import GuestMemory
+from ..ring.anomalies import AnomalyKind
 from ..ring.driver import DriverRing
 from ..spec.vhost import VHOST_USER_F_PROTOCOL_FEATURES
 from ..spec.virtio import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -45,16 +46,16 @@ from .transport import Message, recv_message, send_message
 _NET_HDR_V1 = struct.Struct("<BBHHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
 
 #: Ring violations :meth:`VhostUserFrontend.write_hostile` can write, and the
-#: decoder's anomaly kind (inspector.ring.anomalies.ANOMALY_KINDS) each shows as.
+#: decoder's anomaly kind each shows as.
 HOSTILE_KINDS = {
-    "loop": "loop",                            # §2.7.5.2: a chain longer than the table
-    "head_out_of_range": "head_out_of_range",  # §2.7.6: avail->ring[] head >= size
-    "next_out_of_range": "next_out_of_range",  # §2.7.5: next >= size
-    "nested_indirect": "nested_indirect",      # §2.7.5.3.1: INDIRECT inside a table
-    "indirect_loop": "loop",                   # a loop inside an indirect table
-    "addr_out_of_range": "addr_out_of_range",  # §2.7.5: a buffer outside guest memory
-    "avail_idx_jump": "avail_idx_jump",        # §2.7.6: avail->idx > size ahead
-    "zero_len": "zero_len",                    # a descriptor of length 0
+    "loop": AnomalyKind.LOOP,                             # §2.7.5.2: a chain longer than the table
+    "head_out_of_range": AnomalyKind.HEAD_OUT_OF_RANGE,   # §2.7.6: avail->ring[] head >= size
+    "next_out_of_range": AnomalyKind.NEXT_OUT_OF_RANGE,   # §2.7.5: next >= size
+    "nested_indirect": AnomalyKind.NESTED_INDIRECT,       # §2.7.5.3.1: INDIRECT inside a table
+    "indirect_loop": AnomalyKind.LOOP,                    # a loop inside an indirect table
+    "addr_out_of_range": AnomalyKind.ADDR_OUT_OF_RANGE,   # §2.7.5: a buffer outside guest memory
+    "avail_idx_jump": AnomalyKind.AVAIL_IDX_JUMP,         # §2.7.6: avail->idx > size ahead
+    "zero_len": AnomalyKind.ZERO_LEN,                     # a descriptor of length 0
 }
 
 

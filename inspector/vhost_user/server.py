@@ -40,6 +40,8 @@ from typing import Callable
 from ..devices.base import Device
 from ..introspect.buffer import EVENT_BUFFER, EventBuffer
 from ..introspect.server import IntrospectionServer, close_listener, listen_unix
+from ..snapshot.codec import to_json
+from ..snapshot.model import Snapshot
 from .backend import BackendConnection
 
 STALL_CHECK_S = 0.5
@@ -55,7 +57,8 @@ class VhostUserServer:
 
     ``device_factory()`` makes a Device for each new front-end.
     ``introspect_path``: where to serve introspection (None: not served).
-    ``snapshot_fn(server)`` builds the snapshot JSON (inspector/introspect/snapshot.py).
+    ``snapshot_fn(server)`` builds the Snapshot (inspector.snapshot.model;
+    inspector/introspect/snapshot.py), sent as its JSON.
     ``event_poll_s``: period of draining the devices' event logs into
     ``events`` (an :class:`EventBuffer` of ``event_buffer`` events); None:
     only when an introspection request comes (tests use it to let a device
@@ -74,7 +77,7 @@ class VhostUserServer:
 
     def __init__(self, socket_path: str, device_factory: Callable[[], Device],
                  introspect_path: str | None = None,
-                 snapshot_fn: Callable[["VhostUserServer"], dict] | None = None,
+                 snapshot_fn: Callable[["VhostUserServer"], Snapshot] | None = None,
                  event_poll_s: float | None = EVENT_POLL_S, event_buffer: int = EVENT_BUFFER,
                  introspect_any_uid: bool = False, stall_timeout: float | None = None):
         self.socket_path = socket_path
@@ -308,10 +311,11 @@ class VhostUserServer:
 
     # --- what introspection reads (inspector/introspect/server.py) -----------------
     def introspection_snapshot(self) -> dict:
-        """The snapshot: ``snapshot_fn(self)``, or an empty one without it."""
+        """The Snapshot JSON: of ``snapshot_fn(self)``, or of an empty
+        snapshot without it (the codec is the one place JSON is built)."""
         if self.snapshot_fn is None:
-            return {"source": f"vqscope serve {self.socket_path}", "time": time.time(), "queues": []}
-        return self.snapshot_fn(self)
+            return to_json(Snapshot(source=f"vqscope serve {self.socket_path}", time=time.time()))
+        return to_json(self.snapshot_fn(self))
 
     def read_events(self, since: int, limit: int, binary: bool):
         """:meth:`EventBuffer.read` of :attr:`events`, under its lock."""

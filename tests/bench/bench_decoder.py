@@ -4,17 +4,23 @@ Ring of size 1024 with every avail slot in flight (last_avail_idx = used_idx
 = 0, avail_idx = 1024). 1024 distinct 2-descriptor chains do not fit a
 1024-entry table, so n chains fill it (90 % 2-descriptor chains, 10 %
 indirect with a 4-entry table: 1.9·n ≤ 1024) and avail slot i names chain
-i mod n. Both decoders return an inspector.ringsnap.RingSnapshot (header
-ints, rings, descriptors and chains as integer columns, anomalies as tuples);
-the dicts of the Snapshot JSON are built only by its lazy views. Prints ONE
-JSON line:
+i mod n. Both decoders return an inspector.ring.snapshot.RingSnapshot (header
+ints, rings, descriptors and chains as integer columns, anomalies as
+Anomaly tuples); nothing per chain or descriptor is built until asked for.
+Prints ONE JSON line:
 {"bench": "decoder", "c_us", "python_us", "copy_us", "ratio",
- "c_as_dict_us", "python_as_dict_us"} — medians of rounds measured side by
-side (interleaved). c_us / python_us: snapshot_split producing a RingSnapshot;
+ "c_as_dict_us", "python_as_dict_us", "model_us", "model_ratio", "json_us",
+ "json_ratio", "chains_us"} — medians of rounds measured side by side
+(interleaved). c_us / python_us: snapshot_split producing a RingSnapshot;
 ratio = python_us / c_us; copy_us is a plain bytes copy (GuestMemory.read) of
 the ring areas and the indirect tables; *_as_dict_us: snapshot_split followed
-by as_dict() (the ~3000 dicts and lists of the old result), so nothing is
-hidden.
+by as_dict() (the ~3000 dicts and lists of the plain-data view), so nothing
+is hidden. From a RingSnapshot already decoded: model_us builds the queue's
+inspector.snapshot.model.QueueEntry (fill_from_ring: the chains stay
+columns), json_us turns a Snapshot of that queue into the Snapshot JSON
+dicts (codec.to_json: what the introspection reply, --json and the recorder
+do), chains_us builds its typed Chain/Descriptor tuples (what reading
+QueueEntry.chains costs, once); *_ratio is that time over c_us.
 
 A second line on stderr splits c_us into the C walk (decoder._walk: argument
 checks, region table, vqd_snapshot) and the wrapping (column copies into bytes
@@ -32,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from inspector.ring import decoder, reference  # noqa: E402
+from inspector.snapshot import QueueEntry, Snapshot, to_json  # noqa: E402
 from tests.support.ringbuilder import RingBuilder  # noqa: E402
 
 SIZE = 1024
@@ -95,13 +102,29 @@ def main() -> None:
     def walk():
         return decoder._walk(mem, SIZE, desc, avail, used, 0, decoder.DEFAULT_MAX_DESCS)
 
+    ring = c()  # decoded once: the model and the JSON are timed from it
+
+    def model():
+        return QueueEntry(device="net0", index=1, size=SIZE, features=0, event_idx=False).fill_from_ring(ring)
+
+    snap = Snapshot(source="bench", time=0.0, queues=[model()])
+
+    def json_dicts():
+        return to_json(snap)
+
+    def chains():
+        return ring._build_chains()  # what the first read of QueueEntry.chains builds (then cached)
+
     s = c()
     assert s == py(), "C and Python disagree (columns)"
     assert c_dict() == py_dict(), "C and Python disagree (as_dict)"
     assert s.n_chains == SIZE and not s.anomalies
+    assert json_dicts()["queues"][0]["chains"] == s.as_dict()["chains"] and model().n_chains == SIZE
+    assert len(chains()) == SIZE and ring._chains is None  # nothing above built a Chain
     # (function, calls per timing): about 1 ms or more per timing
     runs = {"c": (c, 50), "py": (py, 1), "copy": (copy, 50), "walk": (walk, 50),
-            "c_dict": (c_dict, 2), "py_dict": (py_dict, 1)}
+            "c_dict": (c_dict, 2), "py_dict": (py_dict, 1),
+            "model": (model, 2000), "json": (json_dicts, 2), "chains": (chains, 2)}
     for fn, _ in runs.values():  # warm up
         fn()
     samples: dict[str, list[float]] = {k: [] for k in runs}
@@ -113,7 +136,10 @@ def main() -> None:
                       "python_us": round(med["py"], 1), "copy_us": round(med["copy"], 1),
                       "ratio": round(med["py"] / med["c"], 1),
                       "c_as_dict_us": round(med["c_dict"], 1),
-                      "python_as_dict_us": round(med["py_dict"], 1)}))
+                      "python_as_dict_us": round(med["py_dict"], 1),
+                      "model_us": round(med["model"], 2), "model_ratio": round(med["model"] / med["c"], 3),
+                      "json_us": round(med["json"], 1), "json_ratio": round(med["json"] / med["c"], 1),
+                      "chains_us": round(med["chains"], 1)}))
     print(json.dumps({"c_walk_us": round(med["walk"], 1),
                       "c_wrap_us": round(med["c"] - med["walk"], 1),
                       "as_dict_ratio": round(med["py_dict"] / med["c_dict"], 1)}),

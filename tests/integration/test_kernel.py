@@ -274,6 +274,7 @@ def test_source_entry_translates_through_the_mem_table() -> None:
     from inspector.ring.driver import DriverRing
     from inspector.memory import GuestMemory
     from inspector.memory.process import ProcessMemory
+    from inspector.ring.anomalies import AnomalyKind
     from inspector.sources.vhost_net import VhostNetSource
     from probes.vhost_ioctl import MemRegion, VhostDevState
 
@@ -296,18 +297,18 @@ def test_source_entry_translates_through_the_mem_table() -> None:
         dev = VhostDevState(pid=os.getpid(), fd=5, features=1 << 32,
                             mem_table=[MemRegion(0, size, uva)])
         e = src._entry("vhost-net:1:5", dev, st, {"kicks": 3, "used_added": 0}, {})
-        assert (e["avail_idx"], e["used_idx"], e["inflight"], e["kicks"]) == (2, 0, 2, 3)
-        assert [ch["descs"][0]["addr"] for ch in e["chains"]] == [0x8000, 0x9000]
-        assert [a["kind"] for a in e["anomalies"]] == ["addr_out_of_range"]
-        assert e["device_state"]["last_avail_idx"] == e["last_avail_idx"] == 0
+        assert (e.avail_idx, e.used_idx, e.inflight, e.kicks) == (2, 0, 2, 3)
+        assert [ch.descs[0].addr for ch in e.chains] == [0x8000, 0x9000]
+        assert [a.kind for a in e.anomalies] == [AnomalyKind.ADDR_OUT_OF_RANGE]
+        assert e.extras["device_state"]["last_avail_idx"] == e.last_avail_idx == 0
         e = src._entry("vhost-net:1:5", None, st, {}, {"handler_run_ns": {1024: 2}})
-        assert [a["kind"] for a in e["anomalies"]] == ["mem_table_unknown"]
-        assert len(e["chains"]) == 2 and e["features"] == 0
-        assert e["histograms"] == {"handler_run_ns": {"1024": 2}}
+        assert [a.kind for a in e.anomalies] == [AnomalyKind.MEM_TABLE_UNKNOWN]
+        assert len(e.chains) == 2 and e.features == 0
+        assert e.extras["histograms"] == {"handler_run_ns": {"1024": 2}}
         # a ring outside the memory table is reported, not read
         bad = _vq_state(ring, uva + size)
         e = src._entry("vhost-net:1:5", dev, bad, {}, {})
-        assert e["anomalies"][0]["kind"] == "ring_unmapped" and "memory table" in e["anomalies"][0]["detail"]
+        assert e.anomalies[0].kind is AnomalyKind.RING_UNMAPPED and "memory table" in e.anomalies[0].detail
     finally:
         src._pmem.close()
         ring._view.release()

@@ -45,6 +45,7 @@ import time
 import pytest
 
 from inspector.errors import InspectorError, SourceError, SourceGone
+from inspector.snapshot import to_json
 from inspector.sources import qemu as qs
 
 from tests.conftest import ROOT, VQSCOPE, require, wait_for
@@ -322,7 +323,7 @@ def fake_vm(sockdir):
 def test_fake_vm_every_queue_read_and_no_unsafe_command_on_vhost(fake_vm) -> None:
     with qs.QemuSource(fake_vm.qmp.path) as src:
         assert src.pid == os.getpid()                 # SO_PEERCRED of the QMP socket
-        snaps = [src.snapshot() for _ in range(3)]
+        snaps = [to_json(src.snapshot()) for _ in range(3)]
     snap = snaps[-1]
     assert snap["source"] == f"qemu fakevm pid {os.getpid()} ({fake_vm.qmp.path})"
     by = {(q["device"], q["index"]): q for q in snap["queues"]}
@@ -354,7 +355,7 @@ def test_fake_vm_stale_last_avail_is_not_decoded_from(fake_vm) -> None:
     descriptors and indirect table the driver may have reused)."""
     fake_vm.last_avail = 0
     with qs.QemuSource(fake_vm.qmp.path) as src:
-        snap = src.snapshot()
+        snap = to_json(src.snapshot())
     net = {q["device"]: q for q in snap["queues"]}["fnet"]
     assert (net["avail_idx"], net["used_idx"], net["last_avail_idx"]) == (3, 1, None)
     assert [c["head"] for c in net["chains"]] == fake_vm.heads["net"][1:]
@@ -373,14 +374,14 @@ def test_fake_vm_unexpected_reply_shapes_skip_what_they_describe(fake_vm) -> Non
     handlers["x-query-virtio-status"] = lambda a: (status_ok(a) if a["path"] == FakeVm.NET
                                                    else {**status_ok(a), "num-vqs": [2]})
     with qs.QemuSource(fake_vm.qmp.path) as src:
-        snap = src.snapshot()
+        snap = to_json(src.snapshot())
     assert snap["queues"] == []
     reasons = {(s["device"], s["index"]): s["reason"] for s in snap["skipped"]}
     assert "unexpected x-query-virtio-queue-status reply: ValueError" in reasons[("fnet", 0)], reasons
     assert "unexpected x-query-virtio-status reply: TypeError" in reasons[("fvu", None)], reasons
     handlers["x-query-virtio-queue-status"] = queue_ok
     with qs.QemuSource(fake_vm.qmp.path) as src:
-        assert [q["device"] for q in src.snapshot()["queues"]] == ["fnet"]
+        assert [q["device"] for q in to_json(src.snapshot())["queues"]] == ["fnet"]
 
 
 def test_fake_vm_through_the_cli(fake_vm) -> None:
@@ -435,7 +436,7 @@ def test_tui_polls_the_qemu_source_and_shows_it_gone(fake_vm) -> None:
         async def main():
             async with app.run_test(size=(160, 50)) as pilot:
                 await until(pilot, lambda: app.snapshot is not None)
-                assert {(q["device"], q["index"]) for q in app.snapshot["queues"]} == {("fnet", 0), ("fvu", 0)}
+                assert {(q["device"], q["index"]) for q in to_json(app.snapshot)["queues"]} == {("fnet", 0), ("fvu", 0)}
                 fake_vm.qmp.close()
                 await until(pilot, lambda: app.gone is not None)
                 assert "went away" in app.gone or "closed" in app.gone
@@ -623,7 +624,7 @@ def test_vhost_user_queues_without_get_vring_base(vm, qmp) -> None:
     assert qmp("query-status")["running"]
     with BackendSource(vm.sock) as be:
         before = be.messages()
-        pk0 = {q["index"]: q["packets"] for q in be.snapshot()["queues"]}
+        pk0 = {q["index"]: q["packets"] for q in to_json(be.snapshot())["queues"]}
         snaps = [cli_snapshot(vm) for _ in range(5)]
         with qs.QemuSource(vm.qmp) as src:
             for _ in range(20):
@@ -631,7 +632,7 @@ def test_vhost_user_queues_without_get_vring_base(vm, qmp) -> None:
                 time.sleep(0.05)
         time.sleep(2)
         after = be.messages()
-        pk1 = {q["index"]: q["packets"] for q in be.snapshot()["queues"]}
+        pk1 = {q["index"]: q["packets"] for q in to_json(be.snapshot())["queues"]}
     new = after[len(before):]
     assert not [m for m in new if m["request"] in ("GET_VRING_BASE", "VHOST_USER_GET_VRING_BASE")], new
     assert new == [], f"attaching sent the back-end vhost-user messages: {new}"
@@ -693,7 +694,7 @@ def test_read_only_guest_ram_unchanged_by_a_minute_of_snapshots(vm, qmp) -> None
         n, end = 0, time.monotonic() + 60
         while time.monotonic() < end:
             t = time.monotonic()
-            snap = src.snapshot()
+            snap = to_json(src.snapshot())
             n += 1
             time.sleep(max(0.0, 0.25 - (time.monotonic() - t)))
         h1 = ram_hash()
@@ -721,7 +722,7 @@ def test_qemu_exit_while_attached_is_source_gone(sockdir) -> None:
             time.sleep(0.05)
         with qs.QemuSource(path) as src:
             assert src.pid == p.pid
-            snap = src.snapshot()
+            snap = to_json(src.snapshot())
             assert snap["queues"] == []
             assert {s["reason"] for s in snap["skipped"] if s["device"] == "n0"} == {"not set up"}
             p.kill()

@@ -150,14 +150,14 @@ def test_tui_vhost_net_shows_both_vrings(run):
 
         async def body(pilot):
             await pilot_wait_for(pilot, lambda: app.snapshot is not None
-                                 and len(app.snapshot["queues"]) == 2, timeout=30)
+                                 and len(app.snapshot.queues) == 2, timeout=30)
             await pilot.pause()
-            qs = {q["index"]: q for q in app.snapshot["queues"]}
-            assert {q["device"] for q in qs.values()} == {device}
+            qs = {q.index: q for q in app.snapshot.queues}
+            assert {q.device for q in qs.values()} == {device}
             for index in (VHOST_NET_VQ_RX, VHOST_NET_VQ_TX):
                 ring = run.driver.rings[index]
-                assert qs[index]["used_idx"] == ring.used_idx
-                assert qs[index]["device_state"]["last_used_idx"] == ring.used_idx
+                assert qs[index].used_idx == ring.used_idx
+                assert qs[index].extras["device_state"]["last_used_idx"] == ring.used_idx
             table = app.screen.query_one(QueueTable)
             assert table.row_count == 2
             await pilot.press("enter")

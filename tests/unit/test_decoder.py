@@ -2,8 +2,9 @@
 
 Every test runs against both implementations (``impl`` fixture) and checks
 that the other one returns an equal RingSnapshot (columns and ``as_dict()``).
-Most tests read ``as_dict()``, the dict of the Snapshot JSON. Negative tests
-quote the VIRTIO 1.2 rule the ring breaks.
+Most tests read ``as_dict()``, the decoder's plain-data view (chains as in the
+Snapshot JSON; anomalies with their ``head``). Negative tests quote the
+VIRTIO 1.2 rule the ring breaks.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from inspector.ring import decoder, reference
 from inspector.ring.checks import AREAS
 from inspector.errors import LayoutError, RingError
 from inspector.memory import GuestMemory
+from inspector.ring.anomalies import DECODER_KINDS, Anomaly, AnomalyKind
 from inspector.ring.snapshot import COLUMNS, RingSnapshot
 from tests.support.ringbuilder import (VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
                                RingBuilder)
@@ -38,8 +40,14 @@ def snap(rb: RingBuilder, impl, last_avail_idx=None, **kw) -> dict:
     s = r.as_dict()
     assert r2.as_dict() == s
     assert r2 == r  # column equality
-    json.dumps(s)  # the Snapshot JSON contract: plain JSON types only
+    json.dumps(s)  # plain JSON types only
     return s
+
+
+def chain_dict(chain) -> dict:
+    """A :class:`~inspector.ring.snapshot.Chain` as a dict of ``chain_dicts()``."""
+    return {"head": chain.head, "descs": [d._asdict() for d in chain.descs],
+            "out_bytes": chain.out_bytes, "in_bytes": chain.in_bytes}
 
 
 def kinds(s: dict) -> list[str]:
@@ -207,12 +215,12 @@ def test_chains_view_of_c_equals_reference():
     rb = _mixed_ring()
     c, p = rb.snapshot(decoder), rb.snapshot(reference)
     assert c.chains == p.chains
-    assert c.chains == c.as_dict()["chains"]
+    assert [chain_dict(ch) for ch in c.chains] == c.as_dict()["chains"] == c.chain_dicts()
     assert c.chains is c.chains  # cached
     assert [c.chain(k) for k in range(c.n_chains)] == p.chains
     assert c.chain(-1) == p.chains[-1]
-    assert c.anomalies == p.anomalies == [("head_out_of_range",
-                                           "avail->ring[2] = head 999 >= size 16")]
+    assert c.anomalies == p.anomalies == [Anomaly(AnomalyKind.HEAD_OUT_OF_RANGE,
+                                                  "avail->ring[2] = head 999 >= size 16", None)]
 
 
 def test_ring_snapshot_columns(impl):
@@ -226,15 +234,16 @@ def test_ring_snapshot_columns(impl):
         col = getattr(r, name)
         assert (col.format if isinstance(col, memoryview) else col.typecode) == fmt, name
     assert list(r.chain_ndescs) == [len(c["descs"]) for c in d["chains"]]
+    assert [len(c.descs) for c in r.chains] == list(r.chain_ndescs)
     assert list(r.chain_first) == [0, 3, 3]
     assert r.used_elem(0) == (d["used_ring"][0][0], 300)
     assert r.avail_ring.tolist() == d["avail_ring"]
-    assert r.anomaly_dicts() == d["anomalies"]
+    assert [{"kind": a.kind, "detail": a.detail, "head": a.head} for a in r.anomalies] == d["anomalies"]
     # chain(k) built alone equals the cached view; as_dict shares nothing
     assert r.chain(1) == r.chains[1]
     d["chains"][0]["descs"].clear()
     d["anomalies"].append({"kind": "x", "detail": "y"})
-    assert r.as_dict()["chains"] == r.chains and len(r.anomalies) == 1
+    assert r.as_dict()["chains"] == [chain_dict(c) for c in r.chains] and len(r.anomalies) == 1
     with pytest.raises(IndexError):
         r.chain(3)
 
@@ -341,7 +350,7 @@ def test_head_out_of_range(impl):
     rb.set_head(0, 300)
     s = snap(rb, impl)
     assert s["anomalies"] == [{"kind": "head_out_of_range",
-                               "detail": "avail->ring[0] = head 300 >= size 8"}]
+                               "detail": "avail->ring[0] = head 300 >= size 8", "head": None}]
     assert s["chains"][0] == {"head": 300, "descs": [], "out_bytes": 0, "in_bytes": 0}
     assert len(s["chains"][1]["descs"]) == 1
 
@@ -355,7 +364,8 @@ def test_next_out_of_range(impl):
     rb.corrupt_next(first, 9)
     s = snap(rb, impl)
     assert s["anomalies"] == [{"kind": "next_out_of_range",
-                               "detail": f"desc[{first}].next = 9 >= size 8 (head {head})"}]
+                               "detail": f"desc[{first}].next = 9 >= size 8 (head {head})",
+                               "head": head}]
     assert len(s["chains"][0]["descs"]) == 1  # the descriptors read so far
     assert s["chains"][0]["out_bytes"] == 10
 
@@ -385,7 +395,8 @@ def test_loop(impl, to_head):
     rb.make_loop(head, to=None if to_head else ids[1])
     s = snap(rb, impl)
     assert s["anomalies"] == [{"kind": "loop", "detail": f"chain from head {head} is longer "
-                                                         f"than the descriptor table (size 8): loop"}]
+                                                         f"than the descriptor table (size 8): loop",
+                               "head": head}]
     assert len(s["chains"][0]["descs"]) == 8  # bounded by the queue size
 
 
@@ -399,6 +410,7 @@ def test_self_loop_on_every_slot_is_bounded(impl):
     s = snap(rb, impl)
     assert len(s["chains"]) == 256
     assert kinds(s) == ["loop"] * 256
+    assert {a["head"] for a in s["anomalies"]} == {head}
     assert all(len(c["descs"]) == 256 for c in s["chains"])
 
 
@@ -412,6 +424,7 @@ def test_indirect_loop(impl):
     assert kinds(s) == ["loop"]
     assert s["anomalies"][0]["detail"] == (f"desc[{head}]->indirect chain is longer than its "
                                            f"table of 2 entries: loop (head {head})")
+    assert s["anomalies"][0]["head"] == head
     assert len(s["chains"][0]["descs"]) == 2
 
 
@@ -427,6 +440,7 @@ def test_indirect_len(impl, length):
     s = snap(rb, impl)
     assert kinds(s) == ["indirect_len"]
     assert f"desc[{head}].len = {length} for an indirect table" in s["anomalies"][0]["detail"]
+    assert s["anomalies"][0]["head"] == head
     assert s["chains"][0]["descs"] == []
 
 
@@ -440,7 +454,7 @@ def test_nested_indirect(impl):
     s = snap(rb, impl)
     assert s["anomalies"] == [{"kind": "nested_indirect",
                                "detail": f"desc[{head}]->indirect[1].flags = 0x5 sets "
-                                         f"VRING_DESC_F_INDIRECT (head {head})"}]
+                                         f"VRING_DESC_F_INDIRECT (head {head})", "head": head}]
     assert [d["len"] for d in s["chains"][0]["descs"]] == [10]
 
 
@@ -457,7 +471,7 @@ def test_indirect_with_next(impl):
     assert s["anomalies"] == [{"kind": "indirect_with_next",
                                "detail": f"desc[{head}].flags = 0x5 sets both "
                                          f"VRING_DESC_F_INDIRECT and VRING_DESC_F_NEXT "
-                                         f"(head {head})"}]
+                                         f"(head {head})", "head": head}]
     assert [d["len"] for d in s["chains"][0]["descs"]] == [10, 20]
 
 
@@ -471,7 +485,7 @@ def test_zero_len(impl):
     rb.zero_len(second)
     s = snap(rb, impl)
     assert s["anomalies"] == [{"kind": "zero_len",
-                               "detail": f"desc[{second}].len = 0 (head {head})"}]
+                               "detail": f"desc[{second}].len = 0 (head {head})", "head": head}]
     assert len(s["chains"][0]["descs"]) == 2 and s["chains"][0]["in_bytes"] == 0
 
 
@@ -482,7 +496,8 @@ def test_zero_len_in_indirect_table(impl):
     rb.set_table_entry(head, 1, len=0)
     s = snap(rb, impl)
     assert s["anomalies"] == [{"kind": "zero_len",
-                               "detail": f"desc[{head}]->indirect[1].len = 0 (head {head})"}]
+                               "detail": f"desc[{head}]->indirect[1].len = 0 (head {head})",
+                               "head": head}]
 
 
 @pytest.mark.parametrize("addr,length", [
@@ -502,7 +517,7 @@ def test_addr_out_of_range(impl, addr, length):
     s = snap(rb, impl)
     assert s["anomalies"] == [{"kind": "addr_out_of_range",
                                "detail": f"desc[{first}].addr 0x{addr:x} len {length} is not "
-                                         f"inside one memory region (head {head})"}]
+                                         f"inside one memory region (head {head})", "head": head}]
     assert len(s["chains"][0]["descs"]) == 2  # not fatal: the walk goes on
 
 
@@ -518,7 +533,7 @@ def test_indirect_out_of_range(impl, addr):
     s = snap(rb, impl)
     assert s["anomalies"] == [{"kind": "indirect_out_of_range",
                                "detail": f"desc[{head}] indirect table 0x{addr:x} len 32 is not "
-                                         f"inside one memory region (head {head})"}]
+                                         f"inside one memory region (head {head})", "head": head}]
     assert s["chains"][0]["descs"] == []
 
 
@@ -531,7 +546,7 @@ def test_truncated_by_max_descs(impl):
     assert s["anomalies"] == [{"kind": "truncated",
                                "detail": f"snapshot lists at most 3 descriptors: chain of "
                                          f"avail->ring[1] (head {heads[1]}) and later chains "
-                                         f"are cut short"}]
+                                         f"are cut short", "head": None}]
     assert snap(rb, impl, max_descs=6)["anomalies"] == []
 
 
@@ -551,8 +566,12 @@ def test_several_anomalies_in_order(impl):
 
 def test_anomaly_kinds_match_c_codes():
     from inspector._vqd import lib
-    for i, kind in enumerate(reference.ANOMALY_KINDS):
+    for i, kind in enumerate(DECODER_KINDS):
         assert getattr(lib, "VQD_A_" + kind.upper()) == i
+        assert AnomalyKind.by_code(i) is kind and kind.name == kind.upper()
+    assert not hasattr(lib, f"VQD_A_{AnomalyKind.RING_UNMAPPED.name}")
+    with pytest.raises(IndexError):
+        AnomalyKind.by_code(len(DECODER_KINDS))
 
 
 def test_random_garbage_ring_does_not_crash(impl):
@@ -611,7 +630,7 @@ def test_buffers_in_validate_only_memory_are_valid(impl):
     mem = _remote_view(rb)
     s, unread = impl.snapshot_split_pass(mem, 8, *rb.addrs, None)
     assert s == rb.snapshot(impl) and unread == []
-    assert [a for a, _ in s.anomalies] == ["addr_out_of_range"]
+    assert [a.kind for a in s.anomalies] == [AnomalyKind.ADDR_OUT_OF_RANGE]
 
 
 def test_indirect_table_in_validate_only_memory_is_asked_for(impl):
@@ -628,7 +647,7 @@ def test_indirect_table_in_validate_only_memory_is_asked_for(impl):
     assert unread == [(table, 48)]
     detail = (f"desc[{head}] indirect table 0x{table:x} len 48 is guest memory that was not "
               f"read (head {head})")
-    assert s.anomalies == [("indirect_not_read", detail)]
+    assert s.anomalies == [Anomaly(AnomalyKind.INDIRECT_NOT_READ, detail, head)]
     assert s.chain_head.tolist() == [direct, head, last] and s.chain_ndescs.tolist() == [1, 0, 1]
     s2, unread2 = impl.snapshot_split_pass(_remote_view(rb, [(table, 48)]), 8, *rb.addrs, None)
     assert unread2 == [] and s2 == rb.snapshot(impl)
@@ -662,7 +681,8 @@ def test_indirect_table_outside_every_region_is_not_asked_for(impl):
     rb.publish()
     rb.set_desc(head, addr=0xDEAD_0000_0000)
     s, unread = impl.snapshot_split_pass(_remote_view(rb), 8, *rb.addrs, None)
-    assert unread == [] and [a for a, _ in s.anomalies] == ["indirect_out_of_range"]
+    assert unread == [] and [a.kind for a in s.anomalies] == [AnomalyKind.INDIRECT_OUT_OF_RANGE]
+    assert s.anomalies[0].head == head
 
 
 def test_readable_regions_take_precedence_and_may_overlap(impl):

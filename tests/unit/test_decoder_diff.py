@@ -1,6 +1,6 @@
 """Differential test: the C decoder (inspector.ring.decoder) and the pure-Python
 reference (inspector.ring.reference) return equal RingSnapshots (same ``as_dict()``,
-same columns) and the same unread indirect tables (``snapshot_split_pass``),
+anomaly heads included, same columns) and the same unread indirect tables (``snapshot_split_pass``),
 or raise the same error, for random and hostile rings over random region
 tables, readable and validate-only."""
 
@@ -32,13 +32,16 @@ def outcome(impl, mem, size, addrs, last, max_descs):
 def assert_same(mem, size, addrs, last, max_descs):
     """Same outcome; for a snapshot, same ``as_dict()`` (compared first: its
     diff is readable), same columns, and the C ``.chains`` view equal to the
-    reference's. Returns ("ok", as_dict) or ("error", type, message)."""
+    reference's and to the dicts. Returns ("ok", as_dict) or ("error", type,
+    message)."""
     c, c_snap = outcome(decoder, mem, size, addrs, last, max_descs)
     p, p_snap = outcome(reference, mem, size, addrs, last, max_descs)
     assert c == p
     if c_snap is not None:
         assert c_snap == p_snap
-        assert c_snap.chains == p_snap.chains == c[1]["chains"]
+        assert c_snap.chains == p_snap.chains
+        assert [{**ch._asdict(), "descs": [d._asdict() for d in ch.descs]}
+                for ch in c_snap.chains] == c[1]["chains"]
     return c
 
 

@@ -28,6 +28,7 @@ from inspector.errors import SourceError
 from inspector.events import KINDS, Event
 from inspector.memory import GuestMemory
 from inspector.introspect.snapshot import backend_snapshot
+from inspector.snapshot.model import Snapshot
 from inspector.sources.backend import BackendSource
 from inspector.vhost_user.frontend import VhostUserFrontend
 from inspector.introspect.buffer import CHUNK_OVERHEAD, EventBuffer
@@ -180,9 +181,9 @@ def tally(events: list[Event]) -> dict:
     return t
 
 
-def counters(snap: dict) -> dict:
-    return {(q["device"], q["index"]): Counter({k: q[k] for k in ("kicks", "calls", "calls_suppressed")
-                                                if q[k]}) for q in snap["queues"]}
+def counters(snap: Snapshot) -> dict:
+    return {q.id: Counter({k: getattr(q, k) for k in ("kicks", "calls", "calls_suppressed")
+                           if getattr(q, k)}) for q in snap.queues}
 
 
 @pytest.mark.timeout(120)
@@ -206,7 +207,7 @@ def test_events_match_counters_and_every_client_sees_all(backend, event_idx):
         assert wait_for(consistent, timeout=10, interval=0.05)
         t1 = time.time_ns()
         snap = a.snapshot()
-    kicks = {q["index"]: q["kicks"] for q in snap["queues"]}
+    kicks = {q.index: q.kicks for q in snap.queues}
     assert kicks[1] > 0       # the worker slept on the TX kick fd and was kicked
     assert seen_a == seen_b                   # both clients, every event, same order
     assert {e.device for e in seen_a} == {"net1"}

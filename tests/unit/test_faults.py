@@ -23,6 +23,8 @@ import pytest
 
 from inspector.devices.net import NetDevice
 from inspector.introspect.snapshot import backend_snapshot
+from inspector.ring.anomalies import AnomalyKind
+from inspector.snapshot.model import QueueEntry, Snapshot
 from inspector.sources.backend import BackendSource
 from inspector.spec.virtio import VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_NEEDS_RESET
 from inspector.vhost_user.frontend import HOSTILE_KINDS, VhostUserFrontend
@@ -52,12 +54,16 @@ def frontend(path: str, pairs: int = 1) -> VhostUserFrontend:
                              event_idx=True, mrg_rxbuf=True)
 
 
-def entries(snap: dict, device: str) -> dict[int, dict]:
-    return {q["index"]: q for q in snap["queues"] if q["device"] == device}
+def entries(snap: Snapshot, device: str) -> dict[int, QueueEntry]:
+    return {q.index: q for q in snap.queues if q.device == device}
 
 
-def kinds(entry: dict) -> set[str]:
-    return {a["kind"] for a in entry["anomalies"]}
+def kinds(entry: QueueEntry) -> set[AnomalyKind]:
+    return {a.kind for a in entry.anomalies}
+
+
+def details(entry: QueueEntry, kind: AnomalyKind) -> list[str]:
+    return [a.detail for a in entry.anomalies if a.kind is kind]
 
 
 @pytest.fixture
@@ -98,13 +104,13 @@ def test_hostile_ring_breaks_only_its_queue(server, caplog, kind, vring):
 
             def broken_entry():
                 e = entries(backend_snapshot(server), name)[vring]
-                return e if "queue_broken" in kinds(e) else None
+                return e if AnomalyKind.QUEUE_BROKEN in kinds(e) else None
 
             assert wait_for(broken_entry, timeout=10), f"vring {vring} never broke on {kind}"
             entry = broken_entry()
             # The decoder's anomaly kind for this violation, and the data path's reason.
-            assert HOSTILE_KINDS[kind] in kinds(entry), entry["anomalies"]
-            reason = next(a["detail"] for a in entry["anomalies"] if a["kind"] == "queue_broken")
+            assert HOSTILE_KINDS[kind] in kinds(entry), entry.anomalies
+            reason = details(entry, AnomalyKind.QUEUE_BROKEN)[0]
             # DEVICE_NEEDS_RESET (§2.1.2) and the configuration change notification.
             # The worker thread sets it right after the data path marks the queue
             # broken (which the snapshot shows at once): wait for it.
@@ -116,8 +122,8 @@ def test_hostile_ring_breaks_only_its_queue(server, caplog, kind, vring):
             assert pump(fe, 1) == 16
             assert pump(other, 0) == 16
             snap = backend_snapshot(server)
-            assert all("queue_broken" not in kinds(e) for i, e in entries(snap, name).items() if i >= 2)
-            assert all(not e["anomalies"] for e in entries(snap, other_name).values())
+            assert all(AnomalyKind.QUEUE_BROKEN not in kinds(e) for i, e in entries(snap, name).items() if i >= 2)
+            assert all(not e.anomalies for e in entries(snap, other_name).values())
             # One log line for the broken pair, naming the reason.
             lines = [r.getMessage() for r in caplog.records
                      if r.name == "inspector.devices.net" and "broken" in r.getMessage()]
@@ -137,7 +143,7 @@ def test_loop_walk_is_bounded_by_the_queue_size(server):
         reason = server.connections[-1].device.queue_stats(1).broken
         assert f"more than {SIZE} descriptors" in reason
         entry = entries(backend_snapshot(server), name)[1]
-        assert "loop" in kinds(entry)
+        assert AnomalyKind.LOOP in kinds(entry)
 
 
 def _serve(tmp_path):
@@ -180,7 +186,7 @@ def test_shrinking_memfd_breaks_the_queue_not_the_back_end(tmp_path):
         with BackendSource(sock) as src:
             a = frontend(sock)
             try:
-                name_a = {q["device"] for q in src.snapshot()["queues"]}.pop()
+                name_a = {q.device for q in src.snapshot().queues}.pop()
                 with frontend(sock) as b:
                     traffic = Traffic(b)
                     traffic.start()
@@ -196,8 +202,7 @@ def test_shrinking_memfd_breaks_the_queue_not_the_back_end(tmp_path):
 
                         def reason():
                             e = entries(src.snapshot(), name_a).get(1)
-                            return e and next((x["detail"] for x in e["anomalies"]
-                                               if x["kind"] == "queue_broken"), None)
+                            return e and next(iter(details(e, AnomalyKind.QUEUE_BROKEN)), None)
 
                         assert wait_for(reason, timeout=20), "the truncated queue never broke"
                         assert "SIGBUS at guest-physical" in reason(), reason()
@@ -209,12 +214,12 @@ def test_shrinking_memfd_breaks_the_queue_not_the_back_end(tmp_path):
                         a.shrink_memory(0)
                         snap = src.snapshot()
                         e = entries(snap, name_a)[1]
-                        unmapped = [x["detail"] for x in e["anomalies"] if x["kind"] == "ring_unmapped"]
-                        assert unmapped and "SIGBUS" in unmapped[0], e["anomalies"]
+                        unmapped = details(e, AnomalyKind.RING_UNMAPPED)
+                        assert unmapped and "SIGBUS" in unmapped[0], e.anomalies
                         assert proc.poll() is None
                         assert traffic.moved_since(traffic.echoed)
-                        other = [q for q in snap["queues"] if q["device"] != name_a]
-                        assert other and all(not q["anomalies"] for q in other)
+                        other = [q for q in snap.queues if q.device != name_a]
+                        assert other and all(not q.anomalies for q in other)
                     finally:
                         traffic.stop.set()
                         traffic.join(10)

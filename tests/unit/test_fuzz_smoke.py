@@ -89,7 +89,7 @@ def test_decoder_seeds_cover_each_anomaly_kind():
     kinds = set()
     for f in CORPUS.joinpath("decoder").iterdir():
         snap, _ = fuzz_inputs.decoder_case(f.read_bytes()).run(decoder)
-        kinds |= {k for k, _ in snap.anomalies}
+        kinds |= {a.kind for a in snap.anomalies}
     assert kinds >= {"avail_idx_jump", "head_out_of_range", "next_out_of_range", "loop", "indirect_len",
                      "nested_indirect", "zero_len", "addr_out_of_range", "indirect_not_read"}
 

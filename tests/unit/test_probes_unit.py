@@ -425,8 +425,8 @@ def test_vhost_net_entry_does_not_decode_from_a_stale_last_avail(monkeypatch):
                           signalled_used=0, signalled_used_valid=False, notify_enabled=True,
                           time_ns=0)
         entry = src._entry("vhost-net:1:3", None, st, {}, {})
-        assert entry["last_avail_idx"] == want_top and entry["device_state"]["last_avail_idx"] == last
-        assert [c["head"] for c in entry["chains"]] == want_heads
+        assert entry.last_avail_idx == want_top and entry.extras["device_state"]["last_avail_idx"] == last
+        assert [c.head for c in entry.chains] == want_heads
         assert asked == [last]                  # one read, whichever last_avail_idx it keeps
     pm.close()
 

@@ -40,6 +40,8 @@ from inspector.record import Recording, RecordingError, RecordingWriter
 from inspector.record import codec
 from inspector.record.recorder import MessageDedup, Recorder
 from inspector.record.schema import SCHEMA_VERSION
+from inspector.snapshot.model import QueueEntry, Snapshot
+from inspector.sources.base import Source
 
 from tests.conftest import ROOT, VQSCOPE, require, wait_for
 from tests.support.peers import Peer, is_root, socket_dir, wait_path
@@ -324,6 +326,17 @@ def test_hostile_recording_contents_are_recording_errors(tmp_path) -> None:
             read(rec)
 
 
+def test_write_and_read_errors_are_two_inspector_errors() -> None:
+    """RecordError: a recording that cannot be made (the recorder stops);
+    RecordingError: a file that cannot be read as one (replay, export)."""
+    from inspector.errors import InspectorError
+    from inspector.record import DiskFullError, RecordError
+
+    assert issubclass(RecordError, InspectorError) and issubclass(RecordingError, InspectorError)
+    assert not issubclass(RecordError, RecordingError) and not issubclass(RecordingError, RecordError)
+    assert issubclass(DiskFullError, RecordError)
+
+
 def test_message_dedup_of_a_whole_log() -> None:
     d = MessageDedup()
     log = [{"time": 1.0, "request": "A"}, {"time": 2.0, "request": "B"}, {"time": 2.0, "request": "C"}]
@@ -526,11 +539,12 @@ def test_record_unreachable_source_is_usage_error(tmp_path) -> None:
 
 # ----------------------------------------------------------------- limits
 
-class SyntheticSource:
+class SyntheticSource(Source):
     """A source with a busy event stream (64 queues), for the size limits
     (in-process: the writer and the file system are real)."""
 
     name = "synthetic"
+    has_events = True
 
     def __init__(self, events_per_poll: int = 20_000, queues: int = 64):
         self.n = events_per_poll
@@ -539,12 +553,12 @@ class SyntheticSource:
         self.polls = 0
         self.rnd = random.Random(7)
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> Snapshot:
         self.polls += 1
-        return {"source": self.name, "time": self.t / 1e9,
-                "queues": [{"device": f"net{q // 2}", "index": q % 2, "avail_idx": self.polls * (q + 1) % 65536,
-                            "used_idx": self.polls % 65536, "chains": [], "anomalies": []}
-                           for q in range(self.queues)]}
+        return Snapshot(source=self.name, time=self.t / 1e9, queues=[
+            QueueEntry(device=f"net{q // 2}", index=q % 2, size=256, features=0, event_idx=False,
+                       avail_idx=self.polls * (q + 1) % 65536, used_idx=self.polls % 65536)
+            for q in range(self.queues)])
 
     def events(self) -> list[Event]:
         out = []
@@ -555,18 +569,6 @@ class SyntheticSource:
             out.append(Event(t, f"net{q // 2}", q % 2, "kick" if i & 1 else "call", i))
         self.t = t
         return out
-
-    def events_lost(self) -> int:
-        return 0
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
 
 
 class _Err:

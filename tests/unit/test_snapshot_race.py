@@ -5,6 +5,7 @@ and the ring are read at slightly different times. A stale
 
 from inspector.devices.base import QueueStats, VringConfig
 from inspector.introspect.snapshot import queue_snapshot
+from inspector.ring.anomalies import AnomalyKind
 from tests.support.ringbuilder import RingBuilder
 
 
@@ -25,7 +26,7 @@ def _ring_with_refill():
 
 
 def _kinds(entry):
-    return [a["kind"] for a in entry["anomalies"]]
+    return [a.kind for a in entry.anomalies]
 
 
 def test_stale_last_avail_is_re_read_not_reported():
@@ -39,8 +40,8 @@ def test_stale_last_avail_is_re_read_not_reported():
         return fresh
 
     entry = queue_snapshot("net0", vring, rb.mem, 0, stale, restat=restat)
-    assert "avail_idx_jump" not in _kinds(entry)
-    assert entry["last_avail_idx"] == 8 and entry["avail_idx"] == 16 and len(entry["chains"]) == 8
+    assert AnomalyKind.AVAIL_IDX_JUMP not in _kinds(entry)
+    assert entry.last_avail_idx == 8 and entry.avail_idx == 16 and len(entry.chains) == 8
     assert calls == [1]
 
 
@@ -49,10 +50,10 @@ def test_a_real_jump_survives_the_re_read():
     rb.jump_avail_idx(100)  # the driver's own fault: more than the ring size ahead
     stats = QueueStats(last_avail_idx=8)
     entry = queue_snapshot("net0", vring, rb.mem, 0, stats, restat=lambda: QueueStats(last_avail_idx=8))
-    assert "avail_idx_jump" in _kinds(entry)
+    assert AnomalyKind.AVAIL_IDX_JUMP in _kinds(entry)
 
 
 def test_without_restat_the_stale_value_is_reported_as_read():
     rb, vring = _ring_with_refill()
     entry = queue_snapshot("net0", vring, rb.mem, 0, QueueStats(last_avail_idx=0))
-    assert "avail_idx_jump" in _kinds(entry)
+    assert AnomalyKind.AVAIL_IDX_JUMP in _kinds(entry)

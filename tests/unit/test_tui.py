@@ -20,6 +20,8 @@ import pytest
 from rich.console import Console
 
 from inspector.errors import InspectorError, SourceError
+from inspector.snapshot import Snapshot, from_json
+from inspector.sources.base import Source
 from inspector.sources.file import FileSource
 from tui import render
 from tui.app import VqscopeApp, run_tui
@@ -38,8 +40,8 @@ LATER = DATA / "snapshot_sample_later.json"  # SAMPLE 0.5 s later, counters adva
 SIZE = (200, 30)
 
 
-def load(path: Path = SAMPLE) -> dict:
-    return json.loads(path.read_text())
+def load(path: Path = SAMPLE) -> Snapshot:
+    return from_json(json.loads(path.read_text()))
 
 
 def sample_source() -> FileSource:
@@ -48,7 +50,7 @@ def sample_source() -> FileSource:
     return src
 
 
-class ScriptedSource:
+class ScriptedSource(Source):
     """Answers with the snapshots (or raises the SourceErrors) of ``script``
     in turn, then repeats the last entry; counts the calls."""
 
@@ -59,16 +61,13 @@ class ScriptedSource:
         self.calls = 0
         self.lock = threading.Lock()
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> Snapshot:
         with self.lock:
             item = self.script[min(self.calls, len(self.script) - 1)]
             self.calls += 1
         if isinstance(item, Exception):
             raise item
         return item
-
-    def close(self) -> None:
-        pass
 
 
 async def wait_for(pilot, condition, timeout: float = 5.0) -> None:
@@ -122,8 +121,8 @@ def test_queue_rates_without_history():
     cur = load(SAMPLE)
     assert queue_rates(None, cur) == {("net0", 0): NO_RATES, ("net0", 1): NO_RATES}
     prev = load(SAMPLE)
-    prev["queues"] = prev["queues"][:1]  # queue 1 appeared since
-    cur["time"] += 1
+    prev.queues = prev.queues[:1]  # queue 1 appeared since
+    cur.time += 1
     rates = queue_rates(prev, cur)
     assert rates[("net0", 1)] == NO_RATES
     assert rates[("net0", 0)] == QueueRates(0.0, 0.0, 0.0)
@@ -148,7 +147,8 @@ def test_flag_decoding(fn, flags, text):
 
 
 def test_null_fields_are_dashes():
-    q = load()["queues"][0] | {"last_avail_idx": None, "used_event": None, "avail_event": None}
+    q = load().queues[0]
+    q.last_avail_idx = q.used_event = q.avail_event = None
     cells = render.queue_cells(q)
     assert (cells["last_avail_idx"], cells["used_event"], cells["avail_event"]) == ("—", "—", "—")
     assert render.rate_text(None) == "—"
@@ -160,13 +160,13 @@ def test_time_is_utc_with_milliseconds():
 
 
 def test_anomaly_count_highlighted_only_when_nonzero():
-    rx, tx = load()["queues"]
+    rx, tx = load().queues
     assert render.anomaly_count(rx).plain == "0" and not render.anomaly_count(rx).style
     assert render.anomaly_count(tx).plain == "1" and render.anomaly_count(tx).style == render.ANOMALY_STYLE
 
 
 def test_chain_rows_put_head_and_totals_on_first_descriptor():
-    indirect = load()["queues"][1]["chains"][1]
+    indirect = load().queues[1].chains[1]
     rows = render.chain_rows(indirect)
     assert len(rows) == 4
     assert rows[0][:2] == ["14", "0"] and rows[0][4] == "INDIRECT" and rows[0][6:] == ["1526", "0"]
@@ -175,7 +175,7 @@ def test_chain_rows_put_head_and_totals_on_first_descriptor():
 
 def test_snapshot_table_has_queue_columns_without_rates():
     snap = load()
-    snap["queues"][0]["last_avail_idx"] = None
+    snap.queues[0].last_avail_idx = None
     table = render.snapshot_table(snap)
     headers = [c.header for c in table.columns]
     assert headers[:4] == ["device", "q", "size", "avail_idx"] and headers[-1] == "anom"
@@ -309,7 +309,7 @@ def test_rows_update_in_place_with_rates_and_cursor_kept():
         await _first_snapshot(pilot)
         table = app.screen.query_one(QueueTable)
         table.move_cursor(row=1)
-        await wait_for(pilot, lambda: app.snapshot["time"] == load(LATER)["time"])
+        await wait_for(pilot, lambda: app.snapshot.time == load(LATER).time)
         await pilot.pause()
         assert table.row_count == 2 and table.cursor_row == 1
         assert table.get_cell("net0#1", "kicks").plain == "7440"
@@ -322,8 +322,8 @@ def test_rows_update_in_place_with_rates_and_cursor_kept():
 
 def test_queue_screen_follows_new_snapshots():
     later = load(LATER)
-    later["queues"][1]["chains"] = later["queues"][1]["chains"][:1]
-    later["queues"][1]["anomalies"] = []
+    later.queues[1].chains = later.queues[1].chains[:1]
+    later.queues[1].anomalies = []
     gate = threading.Event()
 
     class GatedSource(ScriptedSource):

@@ -27,6 +27,7 @@ import pytest
 
 from inspector.errors import InspectorError, SourceError
 from inspector.events import Event
+from inspector.snapshot import to_json
 from inspector.sources import open_source
 from inspector.sources.replay import SPEEDS, ReplaySource, to_ns
 from tui.app import ReplayApp, VqscopeApp, replay_rates, run_tui
@@ -292,19 +293,19 @@ def test_snapshots_are_served_exactly_as_recorded(recording):
         assert src.name == SAMPLE["source"] and src.file_name == "demo.vqs"
         for i, want in enumerate(series()):
             src.seek(i)
-            assert src.snapshot() == want
+            assert to_json(src.snapshot()) == want
         src.seek(1)  # backwards too
-        assert src.snapshot() == series()[1]
+        assert to_json(src.snapshot()) == series()[1]
 
 
 def test_frame_counts_the_recorded_events_of_the_interval_ending_at_the_cursor(recording):
     with ReplaySource(str(recording)) as src:
         first = src.frame()
-        assert first.previous is None and first.event_counts == {} and first.snapshot == series()[0]
+        assert first.previous is None and first.event_counts == {} and to_json(first.snapshot) == series()[0]
         assert src.event_keys() == {("net0", 1, "kick")}
         for i in (3, 1, 5):  # any order: the interval is (t(i−1), t(i)]
             frame = src.seek(i) and src.frame()
-            assert frame.previous == series()[i - 1] and frame.snapshot == series()[i]
+            assert to_json(frame.previous) == series()[i - 1] and to_json(frame.snapshot) == series()[i]
             assert frame.event_counts == {("net0", 1, "kick"): TX_KICK_EVENTS * i}
             assert frame.event_keys == {("net0", 1, "kick")}
 
@@ -372,10 +373,11 @@ def bar_text(app) -> str:
 
 async def shown(pilot, index: int, snapshot: dict | None = None) -> None:
     """Wait until the screen shows snapshot ``index`` (the bar and the table
-    agree), which is ``snapshot`` (default: series()[index])."""
+    agree), which is ``snapshot`` (its JSON; default: series()[index])."""
     app = pilot.app
     want = series()[index] if snapshot is None else snapshot
-    await wait_for(pilot, lambda: app.cursor is not None and app.cursor.index == index and app.snapshot == want)
+    await wait_for(pilot, lambda: app.cursor is not None and app.cursor.index == index
+                   and to_json(app.snapshot) == want)
     await pilot.pause()
 
 
@@ -659,13 +661,13 @@ def test_a_recording_of_real_traffic_replays_in_the_tui(tmp_path):
             seen.append(app.cursor.index)
             await pilot.pause(0.01)
         await pilot.pause()
-        assert app.snapshot == tee[-1] and f"snapshot {len(tee)}/{len(tee)}" in bar_text(app)
+        assert to_json(app.snapshot) == tee[-1] and f"snapshot {len(tee)}/{len(tee)}" in bar_text(app)
         frame = app.source.frame()
         tx = next(q for q in tee[-1]["queues"] if q["index"] == 1)
         if (tx["device"], 1, "kick") in frame.event_keys:  # the back-end's event stream was recorded
             rates = replay_rates(frame)
             assert cell(app, f"{tx['device']}#1", "kicks_s") == rate_text(rates[(tx["device"], 1)].kicks)
-            dt = frame.snapshot["time"] - frame.previous["time"]
+            dt = frame.snapshot.time - frame.previous.time
             assert rates[(tx["device"], 1)].kicks == frame.event_counts.get((tx["device"], 1, "kick"), 0) / dt
 
     run_app(app, body)

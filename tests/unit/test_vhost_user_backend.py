@@ -23,6 +23,7 @@ from inspector.devices.base import Device, QueueStats, VringConfig
 from inspector.errors import DeviceError, InspectorError
 from inspector.layout import inflight_queue_size
 from inspector.spec.vhost import INFLIGHT_DESC_SIZE, INFLIGHT_HEADER_SIZE
+from inspector.snapshot.model import Snapshot
 from inspector.vhost_user import protocol as p
 from inspector.vhost_user import transport as t
 from inspector.vhost_user.frontend import VhostUserFrontend
@@ -530,11 +531,11 @@ def test_snapshot_fn_is_called(tmp_path):
 
     def snap(srv):
         calls.append(srv)
-        return {"source": "x", "time": 0.0, "queues": [{"n": len(srv.connections)}]}
+        return Snapshot(source=f"x{len(srv.connections)}", time=0.0, pid=7)
 
     with VhostUserServer(str(tmp_path / "s"), NullDevice, str(tmp_path / "i"), snap) as srv:
         (out,) = introspect(srv, "snapshot")
-    assert out["queues"] == [{"n": 0}] and calls == [srv]
+    assert out == {"source": "x0", "time": 0.0, "pid": 7, "queues": []} and calls == [srv]
 
 
 def test_silent_introspection_client_does_not_block_vhost_user(server):

@@ -200,7 +200,7 @@ def test_full_rate_traffic_never_shows_the_back_end_a_torn_index(tmp_path):
                     break
             snap = src.snapshot()
         assert got == sent >= 70000, (got, sent)       # beyond one wrap of the indices
-        assert all(not q["anomalies"] for q in snap["queues"]), snap["queues"]
+        assert all(not q.anomalies for q in snap.queues), snap.queues
         assert proc.poll() is None
     finally:
         proc.terminate()

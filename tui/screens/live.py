@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from textual.screen import Screen
 
+from inspector.snapshot.model import QueueEntry, Snapshot
+
 from ..widgets.replay_bar import ReplayBar
 from ..widgets.status_header import StatusHeader
 
@@ -22,14 +24,14 @@ class LiveScreen(Screen):
     def _show_gone(self, gone: str | None) -> None:
         self.query_one(StatusHeader).gone = gone
 
-    def _show_snapshot(self, snap: dict | None) -> None:
+    def _show_snapshot(self, snap: Snapshot | None) -> None:
         if snap is None:
             return
         header = self.query_one(StatusHeader)
-        header.snap_time, header.queue_count = snap["time"], len(snap["queues"])
-        self.show_queues(snap["queues"])
+        header.snap_time, header.queue_count = snap.time, len(snap.queues)
+        self.show_queues(snap.queues)
 
-    def show_queues(self, queues: list[dict]) -> None:
+    def show_queues(self, queues: list[QueueEntry]) -> None:
         """Render the queues of a new snapshot (override)."""
 
     def replay_bar(self) -> list[ReplayBar]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Footer
 
+from inspector.snapshot.model import QueueEntry
+
 from ..widgets.queue_table import QueueTable
 from ..widgets.status_header import StatusHeader
 from .live import LiveScreen
@@ -19,7 +21,7 @@ class MainScreen(LiveScreen):
         yield from self.replay_bar()
         yield Footer()
 
-    def show_queues(self, queues: list[dict]) -> None:
+    def show_queues(self, queues: list[QueueEntry]) -> None:
         # The app sets ``rates`` before ``snapshot``: they belong together.
         self.query_one(QueueTable).show(queues, self.app.rates)
 

@@ -6,7 +6,8 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import Footer, Static
 
-from ..rates import queue_id
+from inspector.snapshot.model import QueueEntry
+
 from ..widgets.anomaly_table import AnomalyTable
 from ..widgets.chain_table import ChainTable
 from ..widgets.queue_fields import QueueFields
@@ -35,8 +36,8 @@ class QueueScreen(LiveScreen):
         yield from self.replay_bar()
         yield Footer()
 
-    def show_queues(self, queues: list[dict]) -> None:
-        queue = next((q for q in queues if queue_id(q) == self.queue), None)
+    def show_queues(self, queues: list[QueueEntry]) -> None:
+        queue = next((q for q in queues if q.id == self.queue), None)
         self.query_one(QueueFields).show(queue)
-        self.query_one(ChainTable).show(queue["chains"] if queue else [])
-        self.query_one(AnomalyTable).show(queue["anomalies"] if queue else [])
+        self.query_one(ChainTable).show(queue.chains if queue else [])
+        self.query_one(AnomalyTable).show(queue.anomalies if queue else [])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from textual.widgets import DataTable
 
+from inspector.snapshot.model import Chain
+
 from ..render import CHAIN_COLUMNS, chain_rows
 
 
@@ -12,13 +14,13 @@ class ChainTable(DataTable):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(cursor_type="row", **kwargs)
-        self._chains: list[dict] | None = None
+        self._chains: list[Chain] | None = None
 
     def on_mount(self) -> None:
         for key, label in CHAIN_COLUMNS:
             self.add_column(label, key=key)
 
-    def show(self, chains: list[dict]) -> None:
+    def show(self, chains: list[Chain]) -> None:
         if chains == self._chains:
             return
         self._chains = chains

@@ -5,7 +5,9 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import DataTable
 
-from ..rates import NO_RATES, QueueId, QueueRates, queue_id
+from inspector.snapshot.model import QueueEntry, QueueId
+
+from ..rates import NO_RATES, QueueRates
 from ..render import ANOMALY_COLUMN, QUEUE_COLUMNS, RATE_COLUMNS, TEXT_COLUMNS, queue_cells, rate_cells
 
 COLUMNS = QUEUE_COLUMNS + RATE_COLUMNS + (ANOMALY_COLUMN,)
@@ -27,11 +29,11 @@ class QueueTable(DataTable):
         """The (device, index) of the row with ``row_key``."""
         return self._ids[row_key]
 
-    def show(self, queues: list[dict], rates: dict[QueueId, QueueRates]) -> None:
+    def show(self, queues: list[QueueEntry], rates: dict[QueueId, QueueRates]) -> None:
         """Bring the rows to ``queues``: update cells, add and drop rows."""
         seen = set()
         for q in queues:
-            qid = queue_id(q)
+            qid = q.id
             key = f"{qid[0]}#{qid[1]}"
             seen.add(key)
             cells = queue_cells(q) | rate_cells(rates.get(qid, NO_RATES))

@@ -42,13 +42,16 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from ...errors import InspectorError, SourceError, SourceGone
 from ...memory.process import ProcessExitedError, ProcessMemory, RamRange
+from ...ring.anomalies import Anomaly, AnomalyKind
 from ...ring.checks import ring_between
 from ...ring.remote import snapshot_remote_split
+from ...ring.snapshot import RingSnapshot
+from ...snapshot.model import QueueEntry, Skipped, Snapshot
 from ...spec.virtio import VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX
+from ..base import Source
 from .hmp import FlatRange, Mapping, check_mapped, parse_flatview, parse_gpa2hva, parse_maps
 from .qmp import VHOST_UNSAFE, QmpChannel, QmpCommandError, peer_pid, queue_command
 from .state import (FEATURE_BITS, DeviceState, QueueState, device_state, features_mask, queue_state,
@@ -73,7 +76,7 @@ class _Cached:
 
 # --------------------------------------------------------------- the source
 
-class QemuSource:
+class QemuSource(Source):
     """Every virtqueue of the QEMU whose QMP socket is ``qmp_path``.
 
     ``pid`` defaults to the socket's peer (SO_PEERCRED). ``map_refresh`` is
@@ -189,7 +192,7 @@ class QemuSource:
             self._devices_checked = now
         return self._devices
 
-    def device_states(self, devices: list[tuple[str, str]]) -> tuple[list[DeviceState], list[dict]]:
+    def device_states(self, devices: list[tuple[str, str]]) -> tuple[list[DeviceState], list[Skipped]]:
         """x-query-virtio-status of every ``(path, name)``, pipelined; and
         the devices that vanished meanwhile (hot-unplug)."""
         replies = self.qmp.execute_many([("x-query-virtio-status", {"path": p}, None) for p, _ in devices])
@@ -197,13 +200,13 @@ class QemuSource:
         for (path, name), st in zip(devices, replies):
             if isinstance(st, QmpCommandError):
                 self._devices = []  # read the list again next time
-                skipped.append({"device": short_name(path, name), "index": None, "reason": st.desc})
+                skipped.append(Skipped(short_name(path, name), None, st.desc))
                 continue
             try:
                 states.append(device_state(path, name, st))
             except (AttributeError, KeyError, TypeError, ValueError) as e:  # another QEMU's reply shape
-                skipped.append({"device": short_name(path, name), "index": None,
-                                "reason": f"unexpected x-query-virtio-status reply: {type(e).__name__}: {e}"})
+                skipped.append(Skipped(short_name(path, name), None,
+                                       f"unexpected x-query-virtio-status reply: {type(e).__name__}: {e}"))
         return states, skipped
 
     def queue_states(self, keys: list[tuple[DeviceState, int]]) -> list[tuple[DeviceState, int, QueueState | str]]:
@@ -229,7 +232,9 @@ class QemuSource:
         return out
 
     # ---- snapshot -------------------------------------------------------------
-    def snapshot(self) -> dict:
+    def snapshot(self) -> Snapshot:
+        """Every virtqueue of the VM now (see :meth:`_snapshot`); SourceGone
+        when QEMU exited, SourceError when it cannot be asked."""
         if self._pmem is None:
             raise SourceGone(f"QEMU source {self.qmp_path} is closed")
         try:
@@ -240,7 +245,7 @@ class QemuSource:
             self._raise_if_gone()
             raise
 
-    def _snapshot(self) -> dict:
+    def _snapshot(self) -> Snapshot:
         """One round. QMP is the expensive part (QEMU's monitor answers a few
         thousand commands a second, and a VM has hundreds of queues: virtme's
         six virtio-serial devices alone have 384), so a queue's QMP state is
@@ -259,7 +264,7 @@ class QemuSource:
         if now - self._ram_checked > self.map_refresh:
             self.refresh_map()
         devices, skipped = self.device_states(self._device_list())
-        entries: dict[tuple[str, int], dict] = {}
+        entries: dict[tuple[str, int], QueueEntry] = {}
         ask: list[tuple[DeviceState, int]] = []
         live = set()
         for dev in devices:
@@ -274,7 +279,7 @@ class QemuSource:
                     ask.append((dev, i))
                     continue
                 if isinstance(c.q, str):
-                    skipped.append({"device": dev.device, "index": i, "reason": c.q})
+                    skipped.append(Skipped(dev.device, i, c.q))
                     continue
                 entry, dec = self._queue_entry(dev, c.q)
                 if (not c.q.vhost and dec is not None
@@ -298,7 +303,7 @@ class QemuSource:
                 c = _Cached(q, t + self.queue_refresh * random.uniform(0.5, 1.5))
                 self._queues[(dev.path, i)] = c
                 if isinstance(q, str):
-                    skipped.append({"device": dev.device, "index": i, "reason": q})
+                    skipped.append(Skipped(dev.device, i, q))
                     continue
                 entry, dec = self._queue_entry(dev, q)
                 if dec is not None:
@@ -310,33 +315,27 @@ class QemuSource:
             ask = again
         queues = [entries[k] for d in devices for k in ((d.path, i) for i in range(d.num_vqs))
                   if k in entries]
-        skipped.sort(key=lambda s: (s["device"], s["index"] if s["index"] is not None else -1))
-        return {"source": self.name, "time": time.time(), "pid": self.pid,
-                "queues": queues, "skipped": skipped}
+        skipped.sort(key=lambda s: (s.device, s.index if s.index is not None else -1))
+        return Snapshot(source=self.name, time=time.time(), pid=self.pid, queues=queues, skipped=skipped)
 
     def _read_ring(self, q: QueueState):
         return snapshot_remote_split(self._pmem, self._ram, q.num, q.desc, q.avail, q.used,
                                      q.last_avail_idx)
 
-    def _queue_entry(self, dev: DeviceState, q: QueueState) -> tuple[dict[str, Any], Any]:
+    def _queue_entry(self, dev: DeviceState, q: QueueState) -> tuple[QueueEntry, RingSnapshot | None]:
         """The snapshot entry of ``q`` and the RingSnapshot it came from
         (None when the ring could not be read)."""
-        event_idx = bool(dev.features >> VIRTIO_RING_F_EVENT_IDX & 1)
         packed = bool(dev.features >> VIRTIO_F_RING_PACKED & 1)
-        entry: dict[str, Any] = {
-            "device": dev.device, "index": q.index, "layout": "packed" if packed else "split",
-            "size": q.num, "features": dev.features, "event_idx": event_idx,
-            "avail_idx": 0, "used_idx": 0, "last_avail_idx": q.last_avail_idx, "inflight": 0,
-            "avail_flags": 0, "used_flags": 0, "used_event": None, "avail_event": None,
-            "kicks": 0, "calls": 0, "calls_suppressed": 0, "packets": 0, "bytes": 0,
-            "chains": [], "anomalies": [], "qemu": q.qemu_dict(dev.path),
-        }
-        anomalies = entry["anomalies"]
+        entry = QueueEntry(
+            device=dev.device, index=q.index, layout="packed" if packed else "split", size=q.num,
+            features=dev.features, event_idx=bool(dev.features >> VIRTIO_RING_F_EVENT_IDX & 1),
+            last_avail_idx=q.last_avail_idx, calls_suppressed=0, extras={"qemu": q.qemu_dict(dev.path)})
+        anomalies = entry.anomalies
         if dev.broken:
-            anomalies.append({"kind": "device_broken", "detail": f"QEMU marked {dev.path} broken"})
+            anomalies.append(Anomaly(AnomalyKind.DEVICE_BROKEN, f"QEMU marked {dev.path} broken"))
         if packed:
-            anomalies.append({"kind": "layout_unsupported",
-                              "detail": "VIRTIO_F_RING_PACKED negotiated; only split rings are decoded"})
+            anomalies.append(Anomaly(AnomalyKind.LAYOUT_UNSUPPORTED,
+                                     "VIRTIO_F_RING_PACKED negotiated; only split rings are decoded"))
             return entry, None
         if q.vhost:
             # The device reported QEMU virtual addresses too: they must be
@@ -345,9 +344,9 @@ class QemuSource:
                 gpa, hva = getattr(q, area), getattr(q, area + "_hva")
                 mine = self._gpa_to_hva(gpa)
                 if mine is not None and mine != hva:
-                    anomalies.append({"kind": "address_mismatch",
-                                      "detail": f"{area} at guest-physical {gpa:#x}: vhost has QEMU "
-                                                f"address {hva:#x}, the RAM map gives {mine:#x}"})
+                    anomalies.append(Anomaly(AnomalyKind.ADDRESS_MISMATCH,
+                                             f"{area} at guest-physical {gpa:#x}: vhost has QEMU "
+                                             f"address {hva:#x}, the RAM map gives {mine:#x}"))
         try:
             dec = self._read_ring(q)
         except ProcessExitedError as e:
@@ -360,25 +359,14 @@ class QemuSource:
                     dec = self._read_ring(q)
                 except InspectorError as e2:
                     self._raise_if_gone()
-                    anomalies.append({"kind": "ring_unmapped", "detail": str(e2)})
+                    anomalies.append(Anomaly(AnomalyKind.RING_UNMAPPED, str(e2)))
                     return entry, None
             else:
-                anomalies.append({"kind": "ring_unmapped", "detail": str(e)})
+                anomalies.append(Anomaly(AnomalyKind.RING_UNMAPPED, str(e)))
                 return entry, None
-        # None when QEMU's answer is older than the ring read (ring.remote):
-        # _snapshot asks QMP again.
-        entry["last_avail_idx"] = dec.last_avail_idx
-        entry["avail_idx"] = dec.avail_idx
-        entry["used_idx"] = dec.used_idx
-        entry["inflight"] = dec.inflight
-        entry["avail_flags"] = dec.avail_flags
-        entry["used_flags"] = dec.used_flags
-        entry["chains"] = dec.chains
-        if event_idx:
-            entry["used_event"] = dec.used_event
-            entry["avail_event"] = dec.avail_event
-        anomalies += dec.anomaly_dicts()
-        return entry, dec
+        # last_avail_idx None when QEMU's answer is older than the ring read
+        # (ring.remote): _snapshot asks QMP again.
+        return entry.fill_from_ring(dec), dec
 
     # ---- lifetime -------------------------------------------------------------
     def close(self) -> None:
@@ -388,10 +376,4 @@ class QemuSource:
             if close:
                 close()
         self.qmp.close()
-
-    def __enter__(self) -> "QemuSource":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 

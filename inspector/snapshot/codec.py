@@ -1,0 +1,263 @@
+"""The Snapshot JSON (README.md, "Snapshot JSON"): the only place it is
+built from, or parsed into, the typed model of :mod:`.model`.
+
+JSON is made where a snapshot leaves the process — the introspection
+server's reply, ``vqscope snapshot --json``, the recorder (and its
+``--tee-jsonl``), export — and parsed where one comes in: the back-end,
+file and replay sources.
+
+- :func:`to_json` / :func:`dumps`: a :class:`~.model.Snapshot` as the JSON
+  object (dicts, lists, ints, floats, strings, None). The chains of a queue
+  decoded from a ring come straight from the decoder's columns
+  (:meth:`~inspector.ring.snapshot.RingSnapshot.chain_dicts`), never through
+  Chain tuples.
+- :func:`from_json` / :func:`loads`: the JSON object as a Snapshot, every
+  member checked (the peer or the file is not trusted): SnapshotFormatError
+  names the first member that breaks the contract. Parsed chains are
+  checked and kept as they came; Chain tuples are built only when
+  :attr:`QueueEntry.chains <inspector.snapshot.model.QueueEntry.chains>` is
+  read.
+
+``to_json(from_json(obj)) == obj`` for every object that follows the
+contract. An anomaly's ``head`` is not in the JSON: it is None after a
+round trip.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..errors import SnapshotFormatError
+from ..ring.anomalies import Anomaly, AnomalyKind
+from ..ring.snapshot import Chain, Descriptor, RingSnapshot
+from .model import CORE_FIELDS, BackendFds, QueueEntry, Skipped, Snapshot
+
+__all__ = ["to_json", "queue_to_json", "dumps", "from_json", "queue_from_json", "loads"]
+
+_MISSING = object()
+
+
+# ------------------------------------------------------------------ model -> JSON
+
+def to_json(snap: Snapshot) -> dict[str, Any]:
+    """The Snapshot JSON object of ``snap``: ``source``, ``time``, ``pid``
+    (when not None), ``queues``, ``skipped`` (when not None), then
+    ``snap.extras``. New dicts, except that the chains of a queue parsed
+    from JSON are its (checked) input's: treat the result as read-only."""
+    out: dict[str, Any] = {"source": snap.source, "time": snap.time}
+    if snap.pid is not None:
+        out["pid"] = snap.pid
+    out["queues"] = [queue_to_json(q) for q in snap.queues]
+    if snap.skipped is not None:
+        out["skipped"] = [{"device": s.device, "index": s.index, "reason": s.reason} for s in snap.skipped]
+    out.update(snap.extras)
+    return out
+
+
+def queue_to_json(q: QueueEntry) -> dict[str, Any]:
+    """One queue entry: the core fields in README order (with
+    ``calls_suppressed`` after ``calls`` when not None), ``chains``,
+    ``anomalies`` (``kind``, ``detail``), ``q.extras``, then ``backend``
+    (when not None)."""
+    out: dict[str, Any] = {
+        "device": q.device, "index": q.index, "layout": q.layout, "size": q.size,
+        "features": q.features, "event_idx": q.event_idx,
+        "avail_idx": q.avail_idx, "used_idx": q.used_idx, "last_avail_idx": q.last_avail_idx,
+        "inflight": q.inflight, "avail_flags": q.avail_flags, "used_flags": q.used_flags,
+        "used_event": q.used_event, "avail_event": q.avail_event,
+        "kicks": q.kicks, "calls": q.calls,
+    }
+    if q.calls_suppressed is not None:
+        out["calls_suppressed"] = q.calls_suppressed
+    out["packets"] = q.packets
+    out["bytes"] = q.bytes
+    out["chains"] = _chains_json(q)
+    out["anomalies"] = [{"kind": a.kind.value, "detail": a.detail} for a in q.anomalies]
+    out.update(q.extras)
+    if q.backend is not None:
+        out["backend"] = {"kick_fd": q.backend.kick_fd, "call_fd": q.backend.call_fd}
+    return out
+
+
+def _chains_json(q: QueueEntry) -> list[dict[str, Any]]:
+    src = q.chain_source
+    if isinstance(src, RingSnapshot):
+        return src.chain_dicts()        # from the columns: no Chain tuple is built
+    if isinstance(src, _JsonChains):
+        return src.dicts
+    return [{"head": c.head,
+             "descs": [{"addr": d.addr, "len": d.len, "flags": d.flags, "next": d.next} for d in c.descs],
+             "out_bytes": c.out_bytes, "in_bytes": c.in_bytes} for c in q.chains]
+
+
+def dumps(snap: Snapshot, **kw) -> str:
+    """``json.dumps(to_json(snap), **kw)``."""
+    return json.dumps(to_json(snap), **kw)
+
+
+# ------------------------------------------------------------------ JSON -> model
+
+class _JsonChains:
+    """The chain source of a parsed queue: its checked chain dicts, turned
+    into Chain tuples on first access."""
+
+    __slots__ = ("dicts", "_chains")
+
+    def __init__(self, dicts: list[dict]):
+        self.dicts = dicts
+        self._chains: list[Chain] | None = None
+
+    @property
+    def n_chains(self) -> int:
+        return len(self.dicts)
+
+    @property
+    def chains(self) -> list[Chain]:
+        if self._chains is None:
+            self._chains = [Chain(c["head"], tuple(Descriptor(d["addr"], d["len"], d["flags"], d["next"])
+                                                   for d in c["descs"]), c["out_bytes"], c["in_bytes"])
+                            for c in self.dicts]
+        return self._chains
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def _is_opt_int(v: Any) -> bool:
+    return v is None or type(v) is int
+
+
+def _is_str(v: Any) -> bool:
+    return type(v) is str
+
+
+def _is_bool(v: Any) -> bool:
+    return type(v) is bool
+
+
+def _is_number(v: Any) -> bool:
+    return type(v) in (int, float)
+
+
+def _is_list(v: Any) -> bool:
+    return type(v) is list
+
+
+def _is_dict(v: Any) -> bool:
+    return type(v) is dict
+
+
+_WHAT = {_is_int: "an int", _is_opt_int: "an int or null", _is_str: "a string", _is_bool: "true or false",
+         _is_number: "a number", _is_list: "a list", _is_dict: "an object"}
+
+#: Type check of each core queue field.
+_CORE_CHECK = {f: _is_int for f in CORE_FIELDS} | {
+    "device": _is_str, "layout": _is_str, "event_idx": _is_bool,
+    "last_avail_idx": _is_opt_int, "used_event": _is_opt_int, "avail_event": _is_opt_int}
+_KNOWN_QUEUE = frozenset(CORE_FIELDS) | {"chains", "anomalies", "calls_suppressed", "backend"}
+_KNOWN_TOP = frozenset({"source", "time", "pid", "queues", "skipped"})
+_CHAIN_KEYS = {"head": None, "descs": None, "out_bytes": None, "in_bytes": None}.keys()
+_DESC_KEYS = {"addr": None, "len": None, "flags": None, "next": None}.keys()
+_KINDS = {k.value: k for k in AnomalyKind}
+
+
+def _bad(where: str, value: Any, what: str) -> SnapshotFormatError:
+    v = repr(value)
+    if len(v) > 60:
+        v = v[:57] + "..."
+    return SnapshotFormatError(f"snapshot JSON: {where} is {v} ({type(value).__name__}), not {what}")
+
+
+def _get(d: dict, key: str, check, where: str) -> Any:
+    v = d.get(key, _MISSING)
+    if v is _MISSING:
+        raise SnapshotFormatError(f"snapshot JSON: {where} has no {key!r}")
+    if not check(v):
+        raise _bad(f"{where}.{key}", v, _WHAT[check])
+    return v
+
+
+def _dict(v: Any, where: str) -> dict:
+    if type(v) is not dict:
+        raise _bad(where, v, "an object")
+    return v
+
+
+def from_json(obj: Any) -> Snapshot:
+    """The Snapshot of a Snapshot JSON object (as ``json.loads`` gives it).
+    Raises SnapshotFormatError naming the first member missing or of the
+    wrong type, or an unknown anomaly kind. The result shares the chain
+    dicts of ``obj``: do not modify ``obj`` afterwards."""
+    obj = _dict(obj, "the snapshot")
+    source = _get(obj, "source", _is_str, "the snapshot")
+    t = _get(obj, "time", _is_number, "the snapshot")
+    queues = [queue_from_json(q, f"queues[{i}]")
+              for i, q in enumerate(_get(obj, "queues", _is_list, "the snapshot"))]
+    pid = _get(obj, "pid", _is_int, "the snapshot") if "pid" in obj else None
+    skipped = None
+    if "skipped" in obj:
+        skipped = []
+        for i, s in enumerate(_get(obj, "skipped", _is_list, "the snapshot")):
+            w = f"skipped[{i}]"
+            _dict(s, w)
+            skipped.append(Skipped(_get(s, "device", _is_str, w), _get(s, "index", _is_opt_int, w),
+                                   _get(s, "reason", _is_str, w)))
+    extras = {k: v for k, v in obj.items() if k not in _KNOWN_TOP}
+    return Snapshot(source=source, time=t, queues=queues, pid=pid, skipped=skipped, extras=extras)
+
+
+def queue_from_json(q: Any, where: str = "queue") -> QueueEntry:
+    """One queue entry of the Snapshot JSON (``where`` names it in errors)."""
+    q = _dict(q, where)
+    core = {f: _get(q, f, _CORE_CHECK[f], where) for f in CORE_FIELDS}
+    chains = _JsonChains(_check_chains(_get(q, "chains", _is_list, where), f"{where}.chains"))
+    anomalies = []
+    for i, a in enumerate(_get(q, "anomalies", _is_list, where)):
+        w = f"{where}.anomalies[{i}]"
+        kind = _KINDS.get(_get(_dict(a, w), "kind", _is_str, w))
+        if kind is None:
+            raise _bad(f"{w}.kind", a["kind"], "an anomaly kind (inspector.ring.anomalies.AnomalyKind)")
+        anomalies.append(Anomaly(kind, _get(a, "detail", _is_str, w)))
+    calls_suppressed = None
+    if "calls_suppressed" in q:
+        calls_suppressed = _get(q, "calls_suppressed", _is_int, where)
+    backend = None
+    if "backend" in q:
+        b = _get(q, "backend", _is_dict, where)
+        backend = BackendFds(_get(b, "kick_fd", _is_opt_int, f"{where}.backend"),
+                             _get(b, "call_fd", _is_opt_int, f"{where}.backend"))
+    extras = {k: v for k, v in q.items() if k not in _KNOWN_QUEUE}
+    return QueueEntry(**core, chains=chains, anomalies=anomalies, calls_suppressed=calls_suppressed,
+                      backend=backend, extras=extras)
+
+
+def _check_chains(raw: list, where: str) -> list[dict]:
+    """``raw`` (a list) if its items are chain dicts of exactly the
+    contract's members, every value an int (``descs`` a list of descriptor
+    dicts); else SnapshotFormatError naming the first bad member."""
+    for k, c in enumerate(raw):
+        if type(c) is not dict or c.keys() != _CHAIN_KEYS:
+            raise _bad(f"{where}[{k}]", c, "an object of head, descs, out_bytes, in_bytes")
+        if not (type(c["head"]) is int and type(c["out_bytes"]) is int and type(c["in_bytes"]) is int):
+            bad = next(m for m in ("head", "out_bytes", "in_bytes") if type(c[m]) is not int)
+            raise _bad(f"{where}[{k}].{bad}", c[bad], "an int")
+        if type(c["descs"]) is not list:
+            raise _bad(f"{where}[{k}].descs", c["descs"], "a list")
+        for j, d in enumerate(c["descs"]):
+            if type(d) is not dict or d.keys() != _DESC_KEYS or not (
+                    type(d["addr"]) is int and type(d["len"]) is int and type(d["flags"]) is int
+                    and type(d["next"]) is int):
+                raise _bad(f"{where}[{k}].descs[{j}]", d, "an object of int addr, len, flags, next")
+    return raw
+
+
+def loads(text: str | bytes) -> Snapshot:
+    """:func:`from_json` of a JSON text; SnapshotFormatError when it is not
+    JSON either."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise SnapshotFormatError(f"snapshot JSON does not parse: {e}") from None
+    return from_json(obj)

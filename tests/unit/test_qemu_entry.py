@@ -1,0 +1,114 @@
+"""The QEMU source's queue entry (inspector.sources.qemu), built from a
+QueueState as QMP would report it and a ring read through this process's
+own memory as if it were QEMU's: the model's fields, the anomalies the
+source adds, and the Snapshot JSON of README "Attaching to QEMU" exactly.
+(QMP itself is exercised against a fake QEMU in tests/integration.)"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import pytest
+
+from inspector.memory.process import ProcessMemory, RamRange
+from inspector.ring.anomalies import AnomalyKind
+from inspector.ring.snapshot import RingSnapshot
+from inspector.snapshot import queue_to_json
+from inspector.sources.qemu import DeviceState, QemuSource, QueueState
+from inspector.spec.virtio import VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX
+from tests.support.ringbuilder import RingBuilder
+
+PATH = "/machine/peripheral/fnet/virtio-backend"
+FEATURES = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX
+
+
+def _hva(buf: bytearray) -> int:
+    return ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+
+
+@pytest.fixture
+def ring():
+    rb = RingBuilder(8)
+    rb.heads = [rb.add_chain(((64, False), (128, True))) for _ in range(3)]
+    rb.publish()
+    rb.device_use([(rb.heads[0], 0)])              # used_idx 1, avail_idx 3
+    return rb
+
+
+@pytest.fixture
+def source(ring):
+    src = QemuSource.__new__(QemuSource)           # no QMP: only what _queue_entry needs
+    src.pid, src.qmp_path = os.getpid(), "/fake/qmp.sock"
+    src._pmem = ProcessMemory(os.getpid())
+    src._ram = [RamRange(r.gpa, r.size, _hva(r.buf)) for r in ring.mem.regions]
+    src.refresh_map = lambda force=False: False    # the RAM map did not change
+    yield src
+    src._pmem.close()
+
+
+def _dev(features: int = FEATURES, broken: bool = False, vhost: bool = False) -> DeviceState:
+    return DeviceState(path=PATH, name="virtio-net", device="fnet", vhost_started=vhost, features=features,
+                       num_vqs=3, broken=broken)
+
+
+def _queue(ring: RingBuilder, **kw) -> QueueState:
+    desc, avail, used = ring.addrs
+    args = dict(index=0, num=8, desc=desc, avail=avail, used=used, vhost=False, last_avail_idx=2,
+                qemu_used_idx=1, signalled_used=1)
+    return QueueState(**(args | kw))
+
+
+def test_queue_qemu_services(source, ring):
+    q = _queue(ring)
+    entry, dec = source._queue_entry(_dev(), q)
+    assert isinstance(dec, RingSnapshot) and entry.chain_source is dec
+    assert [c.head for c in entry.chains] == ring.heads[2:]
+    assert queue_to_json(entry) == {
+        "device": "fnet", "index": 0, "layout": "split", "size": 8, "features": FEATURES, "event_idx": True,
+        "avail_idx": 3, "used_idx": 1, "last_avail_idx": 2, "inflight": 2, "avail_flags": 0, "used_flags": 0,
+        "used_event": dec.used_event, "avail_event": dec.avail_event,
+        "kicks": 0, "calls": 0, "calls_suppressed": 0, "packets": 0, "bytes": 0,
+        "chains": dec.chain_dicts(), "anomalies": [],
+        "qemu": {"path": PATH, "vhost": False, "desc": q.desc, "avail": q.avail, "used": q.used,
+                 "used_idx": 1, "signalled_used": 1}}
+    assert list(queue_to_json(entry))[-5:] == ["packets", "bytes", "chains", "anomalies", "qemu"]
+
+
+def test_vhost_queue_with_addresses_that_disagree(source, ring):
+    desc, avail, used = ring.addrs
+    hva = {a: source._gpa_to_hva(a) for a in ring.addrs}
+    q = _queue(ring, vhost=True, last_avail_idx=None, qemu_used_idx=None, signalled_used=None,
+               desc_hva=hva[desc], avail_hva=hva[avail] + 4096, used_hva=hva[used], kick=30, call=31)
+    entry, dec = source._queue_entry(_dev(vhost=True), q)
+    assert entry.last_avail_idx is None and [c.head for c in entry.chains] == ring.heads[1:]
+    assert [a.kind for a in entry.anomalies] == [AnomalyKind.ADDRESS_MISMATCH]
+    assert entry.anomalies[0].detail.startswith(f"avail at guest-physical {avail:#x}: vhost has QEMU address")
+    j = queue_to_json(entry)
+    assert j["qemu"] == {"path": PATH, "vhost": True, "desc": desc, "avail": avail, "used": used,
+                         "desc_hva": hva[desc], "avail_hva": hva[avail] + 4096, "used_hva": hva[used],
+                         "kick": 30, "call": 31}
+    assert j["anomalies"] == [{"kind": "address_mismatch", "detail": entry.anomalies[0].detail}]
+
+
+def test_broken_device_comes_before_the_ring_anomalies(source, ring):
+    ring.zero_len(ring.chain_ids(ring.heads[2])[0])
+    entry, _ = source._queue_entry(_dev(broken=True), _queue(ring))
+    assert [a.kind for a in entry.anomalies] == [AnomalyKind.DEVICE_BROKEN, AnomalyKind.ZERO_LEN]
+    assert entry.anomalies[0].detail == f"QEMU marked {PATH} broken"
+    assert entry.anomalies[1].head == ring.heads[2]
+
+
+def test_packed_ring_is_not_decoded(source, ring):
+    entry, dec = source._queue_entry(_dev(FEATURES | 1 << VIRTIO_F_RING_PACKED), _queue(ring))
+    assert dec is None and entry.layout == "packed" and entry.n_chains == 0
+    assert [a.kind for a in entry.anomalies] == [AnomalyKind.LAYOUT_UNSUPPORTED]
+    j = queue_to_json(entry)
+    assert (j["layout"], j["avail_idx"], j["used_event"], j["chains"], j["last_avail_idx"]) == \
+        ("packed", 0, None, [], 2)
+
+
+def test_ring_outside_guest_ram_is_ring_unmapped(source, ring):
+    entry, dec = source._queue_entry(_dev(), _queue(ring, desc=0xDEAD_0000_0000))
+    assert dec is None and [a.kind for a in entry.anomalies] == [AnomalyKind.RING_UNMAPPED]
+    assert "descriptor table at guest-physical 0xdead00000000" in entry.anomalies[0].detail
