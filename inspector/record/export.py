@@ -32,7 +32,7 @@ import sys
 from typing import Any, Iterator, TextIO
 
 from ..errors import InspectorError
-from .reader import Recording
+from ..recording import Recording
 
 FORMATS = ("chrome-trace", "jsonl")
 

@@ -14,8 +14,8 @@ from collections import defaultdict
 from typing import Any, Iterable, Sequence
 
 from ..errors import InspectorError
-from . import codec
-from .schema import DDL, FORMAT, SCHEMA_VERSION
+from ..recording import codec
+from ..recording.schema import DDL, FORMAT, SCHEMA_VERSION
 
 #: A keyframe (whole snapshot) every this many snapshots: random access
 #: decodes at most this many deltas.
@@ -30,7 +30,7 @@ class RecordError(InspectorError):
     (:class:`DiskFullError`), or ``vqscope record`` was given arguments that
     make no recording.
 
-    The writing side's error; :class:`inspector.record.reader.RecordingError`
+    The writing side's error; :class:`inspector.recording.reader.RecordingError`
     is the reading side's (a file that is not a readable recording). Two
     names because they reach different callers: the recorder stops on this
     one and keeps the file readable up to its last interval, while replay,

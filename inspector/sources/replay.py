@@ -6,7 +6,7 @@ inspector.snapshot.codec), and moves the
 cursor on request: play (recorded time advances with wall time, times a
 speed), pause, step one snapshot, jump to the previous/next snapshot at
 which a new anomaly appeared, jump to start/end, or seek to an index or a
-time. It reads the file through :class:`inspector.record.reader.Recording`
+time. It reads the file through :class:`inspector.recording.Recording`
 and holds no UI code; the TUI (tui/app.py, ``ReplayApp``) polls it from a
 worker thread while key handlers move the cursor from the UI thread: the
 cursor has its own lock, never held while the file is read.
@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 
 from ..errors import InspectorError, SnapshotFormatError, SourceError
 from ..events import Event
+from ..recording import Recording
 from ..snapshot.codec import from_json
 from ..snapshot.model import Snapshot
 from .base import Source
@@ -105,8 +106,6 @@ class ReplaySource(Source):
         if recording is None:
             if not os.path.isfile(path):
                 raise SourceError(f"no recording at {path}: no such file (make one with `vqscope record -o FILE`)")
-            from ..record.reader import Recording
-
             recording = Recording(path)
         self.path = path
         self.file_name = os.path.basename(path)

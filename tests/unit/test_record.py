@@ -37,9 +37,9 @@ from hypothesis import strategies as st
 
 from inspector.events import Event
 from inspector.record import Recording, RecordingError, RecordingWriter
-from inspector.record import codec
+from inspector.recording import codec
 from inspector.record.recorder import MessageDedup, Recorder
-from inspector.record.schema import SCHEMA_VERSION
+from inspector.recording.schema import SCHEMA_VERSION
 from inspector.snapshot.model import QueueEntry, Snapshot
 from inspector.sources.base import Source
 
@@ -295,7 +295,7 @@ def test_hostile_recording_contents_are_recording_errors(tmp_path) -> None:
     give a RecordingError naming the part, not a traceback or the memory."""
     import zlib
 
-    from inspector.record import codec
+    from inspector.recording import codec
 
     path = str(tmp_path / "hostile.vqs")
     with RecordingWriter(path, {}) as w:

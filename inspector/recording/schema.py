@@ -3,7 +3,7 @@
 One file is one recording (or one part of a rotated recording). Every table
 is plain SQL so that ``sqlite3 FILE`` can query it; only two columns hold
 packed data: ``snapshots.data`` (zlib-compressed JSON, a keyframe or the
-changes from the previous snapshot, see :mod:`inspector.record.codec`) and
+changes from the previous snapshot, see :mod:`inspector.recording.codec`) and
 ``event_blocks.data`` (zlib-compressed packed event columns). Their counts,
 times and per-kind totals are plain columns.
 
