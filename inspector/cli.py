@@ -80,6 +80,29 @@ def cmd_load(args: argparse.Namespace) -> int:
     return load_main(args)
 
 
+#: The source options of ``snapshot``, ``tui`` and ``record``: (flags, add_argument keywords).
+SOURCE_ARGS = (
+    (("--connect",), dict(metavar="PATH",
+                          help="a vqscope back-end: its vhost-user socket or introspection socket")),
+    (("--qmp",), dict(metavar="SOCK",
+                      help="a running QEMU (>= 7.2): its QMP socket (-qmp unix:SOCK,server=on,wait=off); "
+                           "rings are read from /proc/PID/mem, never written")),
+    (("--pid",), dict(type=int, metavar="PID",
+                      help="QEMU's pid, with --qmp (default: the socket's peer, SO_PEERCRED)")),
+    (("--file",), dict(metavar="JSON", help="a snapshot JSON file (recorded)")),
+    (("--vhost-net",), dict(type=int, metavar="PID", dest="vhost_net",
+                            help="every kernel vhost-net queue of process PID (root: BCC probes + "
+                                 "/proc/PID/mem)")),
+)
+#: The replay options of ``snapshot`` and ``tui``.
+REPLAY_ARGS = (
+    (("--replay",), dict(metavar="FILE", help="a recording (vqscope record -o FILE) instead of a live source")),
+    (("--at",), dict(metavar="WHERE",
+                     help="with --replay: snapshot N (1 = first, -1 = last), +SECONDS from the start, "
+                          "or a time (epoch seconds or ISO 8601 UTC); default the first")),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
@@ -129,23 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_serve)
 
     def add_source_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--connect", metavar="PATH",
-                       help="a vqscope back-end: its vhost-user socket or introspection socket")
-        q.add_argument("--qmp", metavar="SOCK",
-                       help="a running QEMU (>= 7.2): its QMP socket (-qmp unix:SOCK,server=on,wait=off); "
-                            "rings are read from /proc/PID/mem, never written")
-        q.add_argument("--pid", type=int, metavar="PID",
-                       help="QEMU's pid, with --qmp (default: the socket's peer, SO_PEERCRED)")
-        q.add_argument("--file", metavar="JSON", help="a snapshot JSON file (recorded)")
-        q.add_argument("--vhost-net", type=int, metavar="PID", dest="vhost_net",
-                       help="every kernel vhost-net queue of process PID (root: BCC probes + /proc/PID/mem)")
+        for flags, kw in SOURCE_ARGS:
+            q.add_argument(*flags, **kw)
 
     def add_replay_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--replay", metavar="FILE",
-                       help="a recording (vqscope record -o FILE) instead of a live source")
-        q.add_argument("--at", metavar="WHERE",
-                       help="with --replay: snapshot N (1 = first, -1 = last), +SECONDS from the start, "
-                            "or a time (epoch seconds or ISO 8601 UTC); default the first")
+        for flags, kw in REPLAY_ARGS:
+            q.add_argument(*flags, **kw)
 
     snp = sub.add_parser("snapshot", help="print one snapshot of every queue", formatter_class=fmt,
                          epilog=_examples("""
@@ -202,14 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="while holding, one TX and one RX frame every SECONDS")
     ldp.set_defaults(func=cmd_load)
 
-    from probes.cli import EXAMPLES as PROBE_EXAMPLES, add_arguments as add_probe_arguments  # issue 4
+    from probes.cli import EXAMPLES as PROBE_EXAMPLES, add_arguments as add_probe_arguments  # a subcommand of its own package
 
     prp = sub.add_parser("probe", help="BCC probes: vhost-net handlers, eventfd kicks/calls, vhost ioctls",
                          formatter_class=fmt, epilog=PROBE_EXAMPLES)
     add_probe_arguments(prp)
     prp.set_defaults(func=cmd_probe)
 
-    from .record.cli import add_parsers as add_record_parsers  # record, export (issue 5)
+    from .record.cli import add_parsers as add_record_parsers  # record, export
 
     add_record_parsers(sub, add_source_args)
     return p

@@ -142,28 +142,20 @@ def rate_cells(rates: QueueRates = NO_RATES) -> dict[str, str]:
     }
 
 
+#: The queue screen's scalar fields in order, each with how its value is shown.
+QUEUE_FIELDS = (
+    ("device", str), ("index", str), ("layout", str), ("size", str),
+    ("features", lambda v: f"{v:#x}"), ("event_idx", lambda v: "yes" if v else "no"),
+    ("avail_idx", str), ("used_idx", str), ("last_avail_idx", dash), ("inflight", str),
+    ("avail_flags", avail_flags_text), ("used_flags", used_flags_text),
+    ("used_event", dash), ("avail_event", dash),
+    ("kicks", str), ("calls", str), ("packets", str), ("bytes", str),
+)
+
+
 def queue_fields(queue: QueueEntry) -> list[tuple[str, str]]:
     """Every scalar field of a queue as (spec name, text), for the queue screen."""
-    return [
-        ("device", queue.device),
-        ("index", str(queue.index)),
-        ("layout", queue.layout),
-        ("size", str(queue.size)),
-        ("features", f"{queue.features:#x}"),
-        ("event_idx", "yes" if queue.event_idx else "no"),
-        ("avail_idx", str(queue.avail_idx)),
-        ("used_idx", str(queue.used_idx)),
-        ("last_avail_idx", dash(queue.last_avail_idx)),
-        ("inflight", str(queue.inflight)),
-        ("avail_flags", avail_flags_text(queue.avail_flags)),
-        ("used_flags", used_flags_text(queue.used_flags)),
-        ("used_event", dash(queue.used_event)),
-        ("avail_event", dash(queue.avail_event)),
-        ("kicks", str(queue.kicks)),
-        ("calls", str(queue.calls)),
-        ("packets", str(queue.packets)),
-        ("bytes", str(queue.bytes)),
-    ]
+    return [(name, show(getattr(queue, name))) for name, show in QUEUE_FIELDS]
 
 
 def fields_grid(queue: QueueEntry, pairs_per_row: int = 4) -> Table:

@@ -89,25 +89,34 @@ def _apply_chains(old: Any, op: list | dict) -> list:
     return old[k:k + m] + op["add"]
 
 
-def _diff_queue(base: dict, q: dict) -> dict:
-    out: dict[str, Any] = {}
-    s = {}
-    for k, v in q.items():
-        if k not in base:
-            s[k] = v
-            continue
-        b = base[k]
-        if k == "chains" and isinstance(v, list) and isinstance(b, list):
-            c = _diff_chains(b, v)
-            if c is not None:
-                out["c"] = c
-        elif type(b) is not type(v) or b != v:
-            s[k] = v
-    if s:
-        out["s"] = s
-    gone = [k for k in base if k not in q]
+def _diff_members(old: dict, new: dict, out: dict, changed_key: str, special: str | None = None,
+                  special_diff=None) -> None:
+    """Into ``out``: ``changed_key`` -> the members of ``new`` that ``old``
+    lacks or has with another type or value, ``"x"`` -> the members of
+    ``old`` that ``new`` lacks (each only when not empty). Member
+    ``special`` is left to ``special_diff(old, new)`` when both are lists."""
+    changed = {}
+    for k, v in new.items():
+        if k == special and isinstance(v, list) and isinstance(old.get(k), list):
+            special_diff(old[k], v)
+        elif k not in old or type(old[k]) is not type(v) or old[k] != v:
+            changed[k] = v
+    if changed:
+        out[changed_key] = changed
+    gone = [k for k in old if k not in new]
     if gone:
         out["x"] = gone
+
+
+def _diff_queue(base: dict, q: dict) -> dict:
+    out: dict[str, Any] = {}
+
+    def chains(old: list, new: list) -> None:
+        c = _diff_chains(old, new)
+        if c is not None:
+            out["c"] = c
+
+    _diff_members(base, q, out, "s", "chains", chains)
     return out
 
 
@@ -116,17 +125,8 @@ def encode_delta(prev: dict, cur: dict) -> dict:
     d: dict[str, Any] = {}
     pq, cq = prev.get("queues"), cur.get("queues")
     by_queue = isinstance(pq, list) and isinstance(cq, list)
-    top = {}
-    for k, v in cur.items():
-        if by_queue and k == "queues":
-            continue
-        if k not in prev or type(prev[k]) is not type(v) or prev[k] != v:
-            top[k] = v
-    if top:
-        d["t"] = top
-    gone = [k for k in prev if k not in cur]
-    if gone:
-        d["x"] = gone
+    # "queues" (when a list on both sides) is diffed queue by queue below.
+    _diff_members(prev, cur, d, "t", "queues" if by_queue else None, lambda old, new: None)
     if by_queue:
         pk = [_qkey(q) for q in pq]
         ck = [_qkey(q) for q in cq]

@@ -362,11 +362,10 @@ class ReplaySource(Source):
         the first call: from the beginning) up to and including the cursor's
         time, oldest first: what happened while playback moved forward. Empty
         when the cursor did not move forward (moving back hands out nothing)."""
-        with self._lock:
-            start, end = self._events_mark, self._times[self._index]
-            self._events_mark = end
-        if end <= start:
+        span = self._hand_out_to_cursor("_events_mark")
+        if span is None:
             return []
+        start, end = span
         with self._read_lock:
             return list(self._rec.events(None if start == float("-inf") else to_ns(start) + 1, to_ns(end) + 1))
 
@@ -374,13 +373,21 @@ class ReplaySource(Source):
         """The recorded vhost-user messages after the cursor time of the
         previous call (at the first: from the beginning, the handshake) up to
         the cursor's, oldest first (like events())."""
-        with self._lock:
-            start, end = self._messages_mark, self._times[self._index]
-            self._messages_mark = end
-        if end <= start:
+        span = self._hand_out_to_cursor("_messages_mark")
+        if span is None:
             return []
+        start, end = span
         with self._read_lock:
             return [m for m in self._rec.messages(until=end) if m.get("time", end) > start]
+
+    def _hand_out_to_cursor(self, mark: str) -> tuple[float, float] | None:
+        """Move the mark ``mark`` (an attribute: the recorded time handed
+        out up to) to the cursor's time; the span ``(old mark, cursor time]``
+        to hand out, or None when the cursor did not move forward."""
+        with self._lock:
+            start, end = getattr(self, mark), self._times[self._index]
+            setattr(self, mark, end)
+        return None if end <= start else (start, end)
 
     def close(self) -> None:
         with self._read_lock:
