@@ -26,6 +26,7 @@ round trip.
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from typing import Any
 
 from ..errors import SnapshotFormatError
@@ -102,23 +103,18 @@ class _JsonChains:
     """The chain source of a parsed queue: its checked chain dicts, turned
     into Chain tuples on first access."""
 
-    __slots__ = ("dicts", "_chains")
-
     def __init__(self, dicts: list[dict]):
         self.dicts = dicts
-        self._chains: list[Chain] | None = None
 
     @property
     def n_chains(self) -> int:
         return len(self.dicts)
 
-    @property
+    @cached_property
     def chains(self) -> list[Chain]:
-        if self._chains is None:
-            self._chains = [Chain(c["head"], tuple(Descriptor(d["addr"], d["len"], d["flags"], d["next"])
-                                                   for d in c["descs"]), c["out_bytes"], c["in_bytes"])
-                            for c in self.dicts]
-        return self._chains
+        return [Chain(c["head"], tuple(Descriptor(d["addr"], d["len"], d["flags"], d["next"])
+                                       for d in c["descs"]), c["out_bytes"], c["in_bytes"])
+                for c in self.dicts]
 
 
 def _is_int(v: Any) -> bool:
