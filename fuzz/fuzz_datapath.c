@@ -332,7 +332,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
         }
         for (int k = 0; k < DP_OPS; k++)
             run_op(HDR_U8(&h, 96 + k));
-        /* FUZZ_PRINT=1: each vq's end state (tests/test_fuzz_smoke.py
+        /* FUZZ_PRINT=1: each vq's end state (tests/unit/test_fuzz_smoke.py
          * checks that the seeds move packets and break where they should) */
         static int print = -1;
         if (print < 0)

@@ -8,7 +8,7 @@
  * Input: a fixed header of DEC_HDR_LEN bytes (missing bytes read as 0), then
  * guest memory bytes. Little-endian fields; fuzz/fuzz_inputs.py
  * (decoder_case) reads the same format to replay an input through the Python
- * wrapper inspector.vqd and the reference inspector.ringref.
+ * wrapper inspector.ring.decoder and the reference inspector.ring.reference.
  *
  *   0  u8   size_code   size = 1 << exp, exp = (size_code & 7), plus 8 when
  *                       (size_code & 0xf8) == 0x88 (big queues are slow to
@@ -203,7 +203,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
     if (rc == VQD_SNAP_OK)
         check_output(&o, size, max_descs, valid, nv);
     /* FUZZ_PRINT=1: one summary line per input, which
-     * tests/test_fuzz_smoke.py compares with the Python wrapper's result for
+     * tests/unit/test_fuzz_smoke.py compares with the Python wrapper's result for
      * the same input (fuzz/fuzz_inputs.py reads the format the same way). */
     static int print = -1;
     if (print < 0)

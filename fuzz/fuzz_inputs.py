@@ -6,7 +6,7 @@ comment is the format's definition) into the arguments of
 so that a crash file can be replayed through the Python wrapper and checked
 against the pure-Python reference. :func:`encode_decoder_input` goes the
 other way, from a :class:`~inspector.memory.GuestMemory` of readable
-``bytearray`` regions (e.g. a ``tests/ringbuilder.RingBuilder``'s), to make
+``bytearray`` regions (e.g. a ``tests.support.ringbuilder.RingBuilder``'s), to make
 seed inputs. :func:`replay_decoder_dir` runs every input of a directory
 through both decoders and returns the inputs on which they disagree.
 
@@ -160,7 +160,7 @@ def encode_decoder_input(mem: GuestMemory, size: int, desc: int, avail: int, use
 
 def outcome(impl, case: DecoderCase):
     """("ok", as_dict, unread) or ("error", type name, message): what the
-    differential test compares (tests/test_decoder_diff.py)."""
+    differential test compares (tests/unit/test_decoder_diff.py)."""
     from inspector.errors import InspectorError
 
     try:
@@ -190,7 +190,7 @@ def replay_decoder_dir(*dirs: str | Path, limit: int | None = None) -> tuple[int
 
 
 def write_seeds(out: str | Path) -> int:
-    """Write seed inputs built with tests/ringbuilder.py: a well-formed ring
+    """Write seed inputs built with tests/support/ringbuilder.py: a well-formed ring
     of each flavour (plain, indirect, wrapped indices, big queue, validate-only
     buffers) and one per hostile kind the decoder reports; returns how many."""
     from tests.support.ringbuilder import RingBuilder

@@ -34,7 +34,7 @@ Properties checked for every message (a :class:`Finding` when broken):
 
 Two drivers share the generator through a small ``Draw`` interface:
 :class:`HypothesisDraw` (``hypothesis`` strategies, shrinking; the pytest
-smoke in tests/test_fuzz_smoke.py) and :class:`RandomDraw` (a seeded
+smoke in tests/unit/test_fuzz_smoke.py) and :class:`RandomDraw` (a seeded
 ``random.Random``: the bulk run, ``python -m fuzz.fuzz_messages --messages N``,
 which is what ``make fuzz`` runs; hypothesis is about 10x slower per message).
 A finding is written as a JSON list of the session's messages

@@ -87,9 +87,8 @@ def check(rc: int, what: str, broken: str | None = None, err: int | None = None)
 def snapshot_error(rc: int, mem, size: int, last_avail_idx: int | None,
                    max_descs: int) -> InspectorError:
     """The exception of a ``vqd_snapshot_guarded`` status (the ``VQD_SNAP_*``
-    family: csrc/vqd_decode.h, and VQD_SNAP_E_FAULT of csrc/vqd_guard.h)
-    other than VQD_SNAP_OK and the area statuses (the decoder names the area
-    itself): MemoryAccessError for a SIGBUS (VQD_SNAP_E_FAULT), LayoutError
+    family: csrc/vqd_decode.h) other than VQD_SNAP_OK and the area statuses
+    (the decoder names the area itself): MemoryAccessError for a SIGBUS (VQD_SNAP_E_FAULT), LayoutError
     for a bad size, else InspectorError with the status."""
     if rc == lib.VQD_SNAP_E_FAULT:
         return memory_fault_error("decoding the ring", mem, lib.vqd_guard_fault_addr())

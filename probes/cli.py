@@ -137,7 +137,7 @@ def probe_main(args: argparse.Namespace) -> int:
 
 def watch_backend(probe, sock: str, driver_pids: list[int]) -> tuple[int, int]:
     """Watch a vqscope back-end's kick and call eventfds by queue (its
-    snapshot names them; inspector/snapshot.py) in the back-end (side
+    snapshot names them; inspector/introspect/snapshot.py) in the back-end (side
     device) and in each of ``driver_pids`` (side driver: the front-end holds
     the same eventfds). Returns the fds watched in each."""
     from inspector.errors import SourceError

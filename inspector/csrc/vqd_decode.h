@@ -36,6 +36,8 @@
 #define VQD_SNAP_E_USED_AREA 4   /* device area (used ring) not inside one region */
 #define VQD_SNAP_E_NOSPACE 5     /* output arrays smaller than vqd_snapshot_anomaly_cap() */
 #define VQD_SNAP_E_ARG 6         /* last_avail_idx not -1 and not a 16-bit index */
+#define VQD_SNAP_E_FAULT 7       /* vqd_snapshot_guarded: the ring memory faulted (SIGBUS;
+                                  * where: vqd_guard_fault_addr()); never a data-path VQD_E_* */
 
 /* Anomaly kinds; names in inspector/ring/anomalies.py AnomalyKind (same
  * order: inspector/ring/decoder.py checks it at import). */

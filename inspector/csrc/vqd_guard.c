@@ -104,6 +104,10 @@ int vqd_snapshot_guarded(const struct vqd_region *regions, int nr_regions,
                          struct vqd_snap_out *out)
 {
     int rc;
+    /* A handler installed since (faulthandler, a host program's own) would
+     * take the fault instead of the guard: put ours back on top first (one
+     * sigaction look-up when it still is; chained to for other faults). */
+    vqd_guard_install();
     VQD_GUARDED(rc, vqd_snapshot(regions, nr_regions, valid, nr_valid, desc, avail, used, size,
                                  last_avail_idx, max_descs, out),
                 rc = VQD_SNAP_E_FAULT);

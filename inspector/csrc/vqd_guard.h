@@ -24,11 +24,6 @@
 struct vqd_snap_out; /* vqd_decode.h */
 
 /* CDEF BEGIN */
-/* vqd_snapshot_guarded's status when the decoder faulted (SIGBUS; where:
- * vqd_guard_fault_addr()). A status of the decoder's VQD_SNAP_* family
- * (vqd_decode.h), after its own ones; never a data-path VQD_E_*. */
-#define VQD_SNAP_E_FAULT 7
-
 int vqd_guard_install(void);
 uint64_t vqd_guard_fault_addr(void);
 int vqd_snapshot_guarded(const struct vqd_region *regions, int nr_regions,

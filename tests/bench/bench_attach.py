@@ -1,11 +1,11 @@
-"""Benchmark: refreshing the split rings of another process (issue 3).
+"""Benchmark: refreshing the split rings of another process.
 
-64 queues of 256 entries live in a child process (tests/test_procmem.py
+64 queues of 256 entries live in a child process (tests/unit/test_remote_read.py
 RingChild, scenario "bench": one block of "guest RAM", 32 virtio-net-like
 queue pairs; RX queues one writable buffer per chain, TX queues an indirect
 table of 3 descriptors per chain, packed in a slab as Linux's kmalloc gives
 them; half of each ring in flight, 128 chains). One refresh of a queue is
-inspector.procmem.snapshot_remote_split: one process_vm_readv of its three
+inspector.ring.remote.snapshot_remote_split: one process_vm_readv of its three
 ring areas, the C decoder, and for TX queues one more process_vm_readv of
 its indirect tables and a second decode — up to a RingSnapshot.
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from inspector.memory.process import ProcessMemory  # noqa: E402
 from inspector.ring.remote import snapshot_remote_split  # noqa: E402
-from tests.unit.test_procmem import RingChild  # noqa: E402
+from tests.unit.test_remote_read import RingChild  # noqa: E402
 
 QUEUES = 64
 ROUNDS = 41

@@ -1,4 +1,4 @@
-"""Benchmark: the recorder's sustained write rate (issue 5).
+"""Benchmark: the recorder's sustained write rate.
 
 Events: a synthetic stream like a busy 32-pair virtio-net device — 64
 queues, kicks on TX queues (value 1) and calls on all (value: the queue's

@@ -13,7 +13,7 @@ exactly the frames testpmd sent on queue p, and the receive virtqueue (index
 more (frames testpmd had not polled when it stopped).
 
 ``VQSCOPE_PEER_BACKEND=dpdk`` runs the same tests against DPDK's own vhost
-back-end instead (see tests/peers.py).
+back-end instead (see tests/support/peers.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Malformed vhost-user messages in the middle of a valid session (issue 6).
+"""Malformed vhost-user messages in the middle of a valid session.
 
-Every case of tests/hostile_corpus.py (at least one per class of issue 6 item
+Every case of tests/support/hostile_corpus.py (at least one per class of hostile
 1) goes on a fresh connection whose built-in front-end has just completed a
 full handshake (memory table mapped, vrings started), while another
 connection carries traffic. For each: REPLY_ACK answers non-zero where a
@@ -77,7 +77,7 @@ def closed_by_peer(sock: socket.socket) -> bool:
 
 
 def test_corpus_covers_every_class():
-    """One case at least per class of issue 6 item 1."""
+    """One case at least per class of hostile message."""
     assert len(CLASSES) >= 30 and len({c.name for c in CORPUS}) == len(CORPUS)
     for words in ("header size", "too many fds", "carries none", "missing fds", "0 regions",
                   "overlapping", "zero-size", "overflowing", "beyond the fd", "queue count",

@@ -2,7 +2,7 @@
 
 The host kernel has neither vhost-net nor kprobes, so the tests of
 tests/kernel/ run inside ONE virtme-ng guest booted with Debian's kernel
-under TCG (see shared/ENVIRONMENT.md): a session fixture boots it, the
+under TCG: a session fixture boots it, the
 guest loads vhost_net, mounts tracefs/debugfs and runs
 ``pytest tests/kernel --junitxml`` into a directory shared with the host
 (``--rwdir``); each in-VM test then becomes one host test here,

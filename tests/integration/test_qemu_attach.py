@@ -1,13 +1,13 @@
-"""``vqscope snapshot|tui --qmp SOCK``: attaching to a running QEMU (issue 3).
+"""``vqscope snapshot|tui --qmp SOCK``: attaching to a running QEMU.
 
 Two halves:
 
 - without QEMU: a fake QMP server (a thread speaking QMP on a Unix socket)
   in front of rings that live in this test process's own memory
-  (tests/ringbuilder.py), so the whole source — QMP, `info mtree -f`,
+  (tests/support/ringbuilder.py), so the whole source — QMP, `info mtree -f`,
   `gpa2hva`, /proc/PID/maps, process_vm_readv — runs against known data;
   plus the error paths (missing socket, not QEMU, QEMU < 7.2, QEMU gone).
-- with QEMU (``@pytest.mark.qemu``): ONE virtme-ng guest (tests/peers.py,
+- with QEMU (``@pytest.mark.qemu``): ONE virtme-ng guest (tests/support/peers.py,
   AttachVM) with virtio-net on -netdev user, a virtio-blk disk and a
   vhost-user virtio-net on our back-end, shared by the tests of this module.
 

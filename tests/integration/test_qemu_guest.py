@@ -4,7 +4,7 @@
 The guest script finds the virtio-net interface by its MAC, configures it,
 sends frames, prints markers (``VQS-...``) on stdout and then waits on stdin
 (``read``) so the host can take the back-end's snapshot while the device is
-still running. See tests/peers.py for the vng command line.
+still running. See tests/support/peers.py for the vng command line.
 
 ``VQSCOPE_PEER_BACKEND=dpdk`` runs the same tests against DPDK's own vhost
 back-end (plus DPDK's ``net_tap`` for the tap test).

@@ -1,5 +1,5 @@
 """Tests that run INSIDE a virtme-ng guest booted with Debian's kernel
-(vhost-net, kprobes): tests/test_kernel.py boots the guest once and runs
+(vhost-net, kprobes): tests/integration/test_kernel.py boots the guest once and runs
 this directory there with ``VQSCOPE_IN_VM=1``, then reports each test here
 as a host test of its own.
 

@@ -1,5 +1,6 @@
-"""A corpus of malformed vhost-user messages, one or more per class of issue 6
-item 1 (the CVE classes of other back-ends), for tests/test_hostile_messages.py.
+"""A corpus of malformed vhost-user messages, one or more per class of hostile
+message (the CVE classes of other back-ends), for
+tests/integration/test_hostile_messages.py.
 
 Each case is sent on a fresh connection right after a complete, valid
 handshake of the built-in front-end (inspector/vhost_user/frontend.py: memory

@@ -11,8 +11,7 @@ Set ``VQSCOPE_PEER_BACKEND=dpdk`` to run the same tests against DPDK's own
 vhost back-end (``net_vhost0``, plus ``net_tap`` for the tap tests) instead:
 that proves the harness itself when our back-end is broken or absent.
 
-Recipes (measured on the 2-core Debian 12 CI machine, see
-shared/ENVIRONMENT.md):
+Recipes (measured on the 2-core Debian 12 CI machine):
 
 - testpmd front-end: ``dpdk-testpmd -l 0,1 --main-lcore 1 --no-pci --no-huge
   -m 1024 --file-prefix=UNIQUE --vdev net_virtio_user0,path=SOCK,queues=N
@@ -590,7 +589,7 @@ class Guest(Peer):
             raise PeerError(f"guest did not exit within {timeout:.0f} s\n{self.tail()}") from None
 
 
-# ---------------------------------------------------------------- a VM to attach to (issue 3)
+# ---------------------------------------------------------------- a VM to attach to
 
 USERNET_MAC = "52:54:00:12:34:60"  # the virtio-net-pci on -netdev user
 DISK_SERIAL = "vqsdisk"

@@ -1,7 +1,7 @@
 """Test-side builder of split rings, including hostile ones.
 
 A :class:`RingBuilder` owns a :class:`~inspector.memory.GuestMemory` backed by
-``bytearray`` regions and an :class:`~inspector.driver.DriverRing` in it; it
+``bytearray`` regions and an :class:`~inspector.ring.driver.DriverRing` in it; it
 adds chains (buffers and indirect tables are carved from a data area), plays
 the device's used side, and corrupts the ring on purpose.
 """

@@ -1,5 +1,5 @@
 """1000 connect / handshake / disconnect cycles against ``vqscope serve``
-(issue 6): nothing grows.
+: nothing grows.
 
 Each cycle is the built-in front-end's full handshake, QEMU's sequence
 (features, owner, protocol features, queue count, backend channel, features

@@ -1,6 +1,6 @@
 """The C data path (csrc/vqd_vq.c, vqd_net.c) driven directly, without vhost-user.
 
-Rings are built with inspector.driver.DriverRing in a GuestMemory over
+Rings are built with inspector.ring.driver.DriverRing in a GuestMemory over
 bytearrays; the device side is inspector.datapath.queue.DeviceQueue. Hostile rings
 quote the VIRTIO 1.2 rule they break and must mark the queue broken quickly
 (never hang, never crash).

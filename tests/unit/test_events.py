@@ -1,4 +1,4 @@
-"""The back-end's timed event stream (issue 5): per-vring C event logs
+"""The back-end's timed event stream: per-vring C event logs
 (csrc/vqd_evlog.c), NetDevice.drain_events, the server's central buffer and
 the introspection ops ``events`` / ``messages`` with cursors, and
 BackendSource.events() / events_lost() / new_messages().

@@ -1,4 +1,4 @@
-"""`vqscope export` (issue 5): Chrome Trace Event Format and JSON lines.
+"""`vqscope export`: Chrome Trace Event Format and JSON lines.
 
 The trace is checked against the Trace Event Format's rules (object form;
 every event's phase and the keys that phase requires; metadata naming every

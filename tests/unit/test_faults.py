@@ -1,4 +1,4 @@
-"""Hostile rings and shrinking memory at run time (issue 6, items 2 and 3).
+"""Hostile rings and shrinking memory at run time.
 
 Real sockets, real memfds, the built-in front-end: it writes ring
 violations (inspector.vhost_user.frontend.HOSTILE_KINDS) while traffic runs,

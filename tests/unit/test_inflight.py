@@ -4,7 +4,7 @@ back-end held when it died are returned exactly once by the next one.
 QEMU's virtio-net does not use inflight areas (only vhost-user-blk/-scsi do),
 so the front-end here is our own (inspector/vhost_user/frontend.py). Three
 levels: the C tracking on a ring in a bytearray (driver side:
-inspector.driver.DriverRing, whose get_used raises on a head that is not
+inspector.ring.driver.DriverRing, whose get_used raises on a head that is not
 outstanding, i.e. returned twice or never given); our NetDevice behind a real
 vhost-user server, stopped and restarted; and a back-end process holding
 chains mid-flight, killed with SIGKILL and replaced.

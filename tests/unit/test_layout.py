@@ -19,7 +19,7 @@ def test_pci_layout_256():
 
 
 def test_align_4_seed_004():
-    # shared/seeds/004: QEMU omits used_event when aligning the used ring.
+    # QEMU's virtio_queue_update_rings omits used_event when aligning the used ring.
     # N=8: avail ends at 128 + 4 + 16 = 148 without used_event (aligned: 148),
     # at 150 with it (aligned to 4: 152).
     lay = split_layout(8, 4)

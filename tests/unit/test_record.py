@@ -1,4 +1,4 @@
-"""The recorder (issue 5): file format, writer, reader, and `vqscope record`
+"""The recorder: file format, writer, reader, and `vqscope record`
 against real back-ends.
 
 - codec: snapshot deltas (hypothesis: random snapshot sequences round-trip

@@ -15,6 +15,8 @@ import ast
 import errno
 import mmap
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -109,6 +111,33 @@ def test_snapshot_of_truncated_memory_raises_memory_access_error(memfd_mem):
     # the decoder reads the driver area's header first
     with pytest.raises(MemoryAccessError, match=r"SIGBUS decoding the ring at guest-physical 0x%x" % drv.avail_addr):
         decoder.snapshot_split(mem, 8, drv.desc_addr, drv.avail_addr, drv.used_addr, 0)
+
+
+def test_snapshot_guard_survives_a_handler_installed_after_import(tmp_path):
+    """A SIGBUS handler installed after the module (faulthandler here) does
+    not take the decoder's fault: each snapshot puts the guard back on top.
+    In a child: without that, the fault would kill it."""
+    code = f"""
+import faulthandler, mmap, os
+from inspector.errors import MemoryAccessError
+from inspector.memory import GuestMemory
+from inspector.ring import decoder
+from inspector.ring.driver import DriverRing
+fd = os.memfd_create("vqscope-guard-test")
+os.ftruncate(fd, {MEM_SIZE})
+mem = GuestMemory()
+mem.add({GPA}, mmap.mmap(fd, {MEM_SIZE}))
+drv = DriverRing(mem, {FAR}, 8)
+faulthandler.enable()   # SIGBUS now goes to faulthandler's handler
+os.ftruncate(fd, {MEM_SIZE // 2})
+try:
+    decoder.snapshot_split(mem, 8, drv.desc_addr, drv.avail_addr, drv.used_addr, 0)
+except MemoryAccessError as e:
+    print("guarded:", e)
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert r.returncode == 0 and "guarded: SIGBUS decoding the ring" in r.stdout, (r.returncode, r.stderr)
 
 
 def test_should_notify_on_truncated_ring_raises_and_breaks_the_queue(memfd_mem):

@@ -2,7 +2,7 @@
 tests/data/snapshot_sample.json) and pilot tests of keys and of a source
 that goes away.
 
-Snapshots: `pytest tests/test_tui.py --snapshot-update` after a deliberate
+Snapshots: `pytest tests/unit/test_tui.py --snapshot-update` after a deliberate
 change of the screens, then review the SVGs under tests/__snapshots__/.
 """
 

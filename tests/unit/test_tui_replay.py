@@ -7,7 +7,7 @@ Every test but the pure cursor arithmetic reads a REAL recording file: one
 written by the recorder's RecordingWriter from fixed data (so screens are
 deterministic), or one `vqscope record` made of a running back-end.
 
-Snapshots: `pytest tests/test_tui_replay.py --snapshot-update` after a
+Snapshots: `pytest tests/unit/test_tui_replay.py --snapshot-update` after a
 deliberate change of the screens, then review the SVGs under
 tests/__snapshots__/test_tui_replay/.
 """

@@ -692,7 +692,7 @@ def test_inflight_rejections(inflight_server, caplog, name):
     assert not inflight_server.devices[0].inflight
 
 
-# --- more rejected messages (issue 6 item 1) ----------------------------------------------------
+# --- more rejected messages ----------------------------------------------------------------------
 
 CASES.update({
     "index_above_0xffff": (case(Request.SET_VRING_NUM, VringState(0x10000, 64).pack()),
@@ -708,7 +708,7 @@ CASES.update({
 })
 
 
-# --- the inspector never writes (issue 6 item 5) -------------------------------------------------
+# --- the inspector never writes ------------------------------------------------------------------
 
 def _maps_of(name: str) -> list[str]:
     """Permissions of this process's mappings of the memfd called ``name``."""
