@@ -1,7 +1,34 @@
 """One error hierarchy for vqscope.
 
 Every message says what went wrong, where (device, queue, field, value) and,
-where it helps, what to do.
+where it helps, what to do. Every exception vqscope raises on purpose is an
+:class:`InspectorError`; the classes defined beside the code that raises
+them are listed here too, so that this is the whole tree::
+
+    InspectorError
+    ├── LayoutError (also ValueError)      queue size / alignment (VIRTIO 1.2 §2.7)
+    ├── ArgumentError (also ValueError)    a caller's argument refused (bounds, C iovec space)
+    ├── MemoryAccessError                  an address outside every region; SIGBUS on guest memory
+    ├── RingError                          a ring that cannot be decoded or serviced (queue broken)
+    ├── ProtocolError                      a vhost-user message breaking the spec
+    │   └── vhost_user.protocol.ProtocolViolation   ... naming request, field, value
+    ├── RequestRefused                     a request the back-end did not carry out (REPLY_ACK != 0)
+    ├── DeviceError                        a device asked for what it does not have
+    ├── SnapshotFormatError                a Snapshot JSON object that breaks the contract
+    ├── SourceError                        a source that cannot be read
+    │   ├── SourceGone                     ... that was attached and went away (exit status 1)
+    │   │   └── memory.process.ProcessExitedError
+    │   ├── memory.process.NoSuchProcessError, ProcessAccessError, ProcessReadError
+    │   └── sources.qemu.qmp.QmpCommandError     QEMU answered a QMP command with an error
+    ├── recording.reader.RecordingError    a recording file that cannot be read (a bad part named)
+    ├── recording.codec.CodecError         a snapshot delta or event block that does not decode
+    ├── record.writer.RecordError          a recording that cannot be written
+    │   └── record.writer.DiskFullError
+    ├── record.export.ExportError          an export that cannot be written
+    ├── tools.vhost_net_load.VhostNetError the kernel's vhost-net refused the load tool
+    ├── probes.base.ProbeError             a probe that cannot be built or attached
+    │   └── probes.base.PrivilegeError     ... for want of CAP_BPF / CAP_PERFMON
+    └── probes.btf.BtfError                BTF that cannot be read
 """
 
 

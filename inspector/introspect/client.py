@@ -27,13 +27,15 @@ def decode_binary_events(records: bytes, chunks, where: str) -> list[Event]:
         for device, queue, n in chunks:
             end = off + n * EVENT_RECORD.size
             if not (isinstance(n, int) and 0 < n and end <= len(view)):
-                raise ValueError(f"chunk of {n!r} events at byte {off}")
+                raise SourceError(f"back-end at {where} sent a malformed events reply: chunk of "
+                                  f"{n!r} events at byte {off}")
             out += [Event(t, device, queue, EVENT_KIND_NAMES.get(k, "unknown"), v)
                     for t, k, v in EVENT_RECORD.iter_unpack(view[off:end])]
             off = end
         if off != len(view):
-            raise ValueError(f"{len(view) - off} bytes beyond the chunks")
-    except (TypeError, ValueError) as e:
+            raise SourceError(f"back-end at {where} sent a malformed events reply: "
+                              f"{len(view) - off} bytes beyond the chunks")
+    except (TypeError, ValueError) as e:   # a chunk that is not [device, queue, n]
         raise SourceError(f"back-end at {where} sent a malformed events reply: {e}") from e
     return out
 
