@@ -13,7 +13,21 @@ import json
 import sys
 import textwrap
 
+from rich.console import Console
+
+from probes.cli import EXAMPLES as PROBE_EXAMPLES
+from probes.cli import add_arguments as add_probe_arguments
+from probes.cli import probe_main
+from tui.render import snapshot_table
+
 from .errors import InspectorError, SourceGone
+from .layout import split_layout
+from .record.cli import add_parsers as add_record_parsers
+from .snapshot.codec import dumps
+from .sources import open_source
+from .tools.demo import demo_main
+from .tools.serve import serve_main
+from .tools.vhost_net_load import load_main
 
 
 def _examples(text: str) -> str:
@@ -21,8 +35,6 @@ def _examples(text: str) -> str:
 
 
 def cmd_layout(args: argparse.Namespace) -> int:
-    from .layout import split_layout
-
     lay = split_layout(args.size, args.align)
     if args.json:
         print(json.dumps(lay.as_dict()))
@@ -33,50 +45,34 @@ def cmd_layout(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .tools.serve import serve_main
-
     return serve_main(args)
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from .sources import open_source
-
     with open_source(args) as src:
         snap = src.snapshot()
     if args.json:
-        from .snapshot.codec import dumps
-
         print(dumps(snap))
     else:
-        from rich.console import Console
-
-        from tui.render import snapshot_table
-
         Console(width=max(Console().width, 140)).print(snapshot_table(snap))
     return 0
 
 
 def cmd_tui(args: argparse.Namespace) -> int:
-    from tui.app import run_tui
+    from tui.app import run_tui  # Textual: a fifth of a second of imports, for the TUI only
 
     return run_tui(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .tools.demo import demo_main
-
     return demo_main(args)
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from probes.cli import probe_main
-
     return probe_main(args)
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from .tools.vhost_net_load import load_main
-
     return load_main(args)
 
 
@@ -214,14 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="while holding, one TX and one RX frame every SECONDS")
     ldp.set_defaults(func=cmd_load)
 
-    from probes.cli import EXAMPLES as PROBE_EXAMPLES, add_arguments as add_probe_arguments  # a subcommand of its own package
 
     prp = sub.add_parser("probe", help="BCC probes: vhost-net handlers, eventfd kicks/calls, vhost ioctls",
                          formatter_class=fmt, epilog=PROBE_EXAMPLES)
     add_probe_arguments(prp)
     prp.set_defaults(func=cmd_probe)
 
-    from .record.cli import add_parsers as add_record_parsers  # record, export
 
     add_record_parsers(sub, add_source_args)
     return p

@@ -13,8 +13,11 @@ where the argument keeps its place (:func:`clone_args_trusted`).
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import re
+import sys
+import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,8 +277,6 @@ def choose_tracepoint(probe: str, tp: str, kinfo: KernelInfo) -> AttachPoint:
 
 def find_libc() -> str | None:
     """The C library's path (ld.so cache), e.g. /lib/x86_64-linux-gnu/libc.so.6."""
-    import ctypes.util
-
     name = ctypes.util.find_library("c")
     if not name:
         return None
@@ -303,9 +304,6 @@ def c_name(kind: str, wanted: str) -> str:
 
 def print_points(points: list[AttachPoint], file=None) -> None:
     """The ``probe --list`` table, under 80 columns."""
-    import sys
-    import textwrap
-
     f = file or sys.stdout
     print(f"{'PROBE':<12}{'KIND':<11}{'POINT':<31}STATUS", file=f)
     for ap in points:

@@ -160,7 +160,7 @@ class Probe:
         if not has_bpf_privilege():
             raise PrivilegeError(f"probe {self.name}: {NOT_ROOT}; run as root")
         try:
-            from bcc import BPF
+            from bcc import BPF  # BCC (Debian python3-bpfcc): only to attach, as root
         except ImportError as e:
             raise ProbeError("BCC's Python binding is missing: install python3-bpfcc (make deps) and use a "
                              "venv made with --system-site-packages") from e

@@ -15,8 +15,17 @@ import json
 import sys
 import time
 
-from .attach import NOT_ROOT, has_bpf_privilege, print_points
-from .base import PrivilegeError, Probe
+from dataclasses import asdict
+
+from inspector.errors import SourceError
+from inspector.snapshot.codec import to_json
+from inspector.sources.backend import BackendSource
+
+from .attach import NOT_ROOT, KernelInfo, has_bpf_privilege, print_points
+from .base import PrivilegeError, Probe, ProbeError
+from .eventfd import EventfdProbe, snapshot_eventfd_ids
+from .vhost_ioctl import VhostIoctlProbe
+from .vhost_net import VhostNetProbe
 
 PROBES = ("vhost_net", "eventfd", "vhost_ioctl")
 
@@ -54,18 +63,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def make_probes(names: list[str], pids: list[int] | None, stream: bool) -> list[Probe]:
-    from .attach import KernelInfo
-    from .base import ProbeError
-
     kinfo = KernelInfo.from_system()
     out: list[Probe] = []
     for n in names:
         if n == "vhost_net":
-            from .vhost_net import VhostNetProbe as cls
+            cls = VhostNetProbe
         elif n == "eventfd":
-            from .eventfd import EventfdProbe as cls
+            cls = EventfdProbe
         elif n == "vhost_ioctl":
-            from .vhost_ioctl import VhostIoctlProbe as cls
+            cls = VhostIoctlProbe
         else:
             raise ProbeError(f"unknown probe {n!r}: the probes are {', '.join(PROBES)}")
         out.append(cls(pids=pids, stream=stream, kernel=kinfo))
@@ -140,13 +146,6 @@ def watch_backend(probe, sock: str, driver_pids: list[int]) -> tuple[int, int]:
     snapshot names them; inspector/introspect/snapshot.py) in the back-end (side
     device) and in each of ``driver_pids`` (side driver: the front-end holds
     the same eventfds). Returns the fds watched in each."""
-    from inspector.errors import SourceError
-    from inspector.snapshot.codec import to_json
-    from inspector.sources.backend import BackendSource
-
-    from .base import ProbeError
-    from .eventfd import snapshot_eventfd_ids
-
     try:
         with BackendSource(sock) as src:
             snap = to_json(src.snapshot())   # snapshot_eventfd_ids reads the JSON's pid and backend fds
@@ -179,8 +178,6 @@ def interval_dict(probes: list[Probe]) -> dict:
         if p.name == "vhost_net":
             d["queues"] = {_k(k): s.as_dict() for k, s in p.queue_states().items()}
         if p.name == "vhost_ioctl":
-            from dataclasses import asdict
-
             d["devices"] = {f"{pid}:{fd}": asdict(dev) for (pid, fd), dev in p.devices().items()}
         out[p.name] = d
     return out

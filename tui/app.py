@@ -26,6 +26,7 @@ from textual.worker import get_current_worker
 
 from inspector.errors import InspectorError, SourceError
 from inspector.snapshot.model import QueueId, Snapshot
+from inspector.sources import open_source
 from inspector.sources.base import Source
 from inspector.sources.replay import Cursor, ReplayFrame, ReplaySource
 
@@ -208,8 +209,6 @@ class ReplayApp(VqscopeApp):
 def run_tui(args: argparse.Namespace) -> int:
     """``vqscope tui``: open the source the arguments name and run the app
     (ReplayApp for ``--replay FILE``)."""
-    from inspector.sources import open_source
-
     with open_source(args) as source:
         app_class = ReplayApp if isinstance(source, ReplaySource) else VqscopeApp
         app_class(source, interval=args.interval).run()

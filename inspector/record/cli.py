@@ -5,20 +5,19 @@ from __future__ import annotations
 import argparse
 import textwrap
 
+from .export import export_main
+from .recorder import record_main
+
 
 def _examples(text: str) -> str:
     return "examples:\n" + textwrap.indent(textwrap.dedent(text).strip(), "  ")
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    from .recorder import record_main
-
     return record_main(args)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_main
-
     return export_main(args)
 
 

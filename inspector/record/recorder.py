@@ -25,9 +25,11 @@ import threading
 import time
 from typing import Any, TextIO
 
+from .. import __version__
 from ..errors import SourceError
 from ..events import Event
 from ..snapshot.codec import to_json
+from ..sources import open_source
 from ..sources.base import Source
 from .writer import DiskFullError, RecordError, RecordingWriter, file_size
 
@@ -118,8 +120,6 @@ class Recorder:
 
     # -------------------------------------------------------------- pieces
     def header(self) -> dict[str, Any]:
-        from .. import __version__
-
         return {
             "vqscope_version": __version__,
             "kernel": os.uname().release,
@@ -285,8 +285,6 @@ class Recorder:
 
 def record_main(args) -> int:
     """``vqscope record`` (cli.py parses; see add_parsers in record/cli.py)."""
-    from ..sources import open_source
-
     if args.interval <= 0:
         raise RecordError(f"--interval {args.interval} ms: give a positive number of milliseconds")
     if args.max_size is not None and args.max_size <= 0:

@@ -15,7 +15,12 @@ from __future__ import annotations
 import argparse
 
 from ..errors import SourceError, SourceGone  # noqa: F401  (SourceGone re-exported)
+from .backend import BackendSource
 from .base import Source
+from .file import FileSource
+from .qemu import QemuSource
+from .replay import ReplaySource
+from .vhost_net import VhostNetSource
 
 __all__ = ["Source", "SourceError", "SourceGone", "open_source"]
 
@@ -28,8 +33,6 @@ def open_source(args: argparse.Namespace) -> Source:
                   if getattr(args, o, None) is not None]
         if others:
             raise SourceError(f"--replay FILE plays a recording; it does not go with {', '.join(others)}")
-        from .replay import ReplaySource
-
         replay = ReplaySource(args.replay)
         if getattr(args, "at", None) is not None:
             try:
@@ -43,23 +46,15 @@ def open_source(args: argparse.Namespace) -> Source:
     if getattr(args, "pid", None) is not None and not getattr(args, "qmp", None):
         raise SourceError("--pid goes with --qmp SOCK (QEMU's pid when SO_PEERCRED cannot tell it)")
     if getattr(args, "qmp", None):
-        from .qemu import QemuSource
-
         return QemuSource(args.qmp, pid=args.pid)
     if getattr(args, "vhost_net", None) is not None:
-        from .vhost_net import VhostNetSource
-
         # One snapshot needs neither per-event records nor the ioctl probe
         # (it sees set-ups from now on): one BPF compile less.
         live = getattr(args, "command", None) != "snapshot"
         return VhostNetSource(args.vhost_net, stream=live, ioctl_probe=live)
     if getattr(args, "connect", None):
-        from .backend import BackendSource
-
         return BackendSource(args.connect)
     if getattr(args, "file", None):
-        from .file import FileSource
-
         return FileSource(args.file)
     raise SourceError("no source given: use --connect PATH (a vqscope back-end), --qmp SOCK (a running "
                       "QEMU's monitor), --vhost-net PID (a process's kernel vhost-net queues) or "

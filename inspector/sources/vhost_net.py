@@ -33,6 +33,11 @@ from __future__ import annotations
 import os
 import time
 
+from probes.attach import has_bpf_privilege
+from probes.base import PrivilegeError
+from probes.vhost_ioctl import VhostIoctlProbe
+from probes.vhost_net import VhostNetProbe
+
 from ..errors import InspectorError, RingError, SourceError, SourceGone
 from ..layout import avail_ring_size, desc_table_size, used_ring_size
 from ..memory.process import ProcessMemory, RamRange
@@ -98,9 +103,6 @@ class VhostNetSource(Source):
 
     def __init__(self, pid: int, *, stream: bool = False, wait: float = 3.0, ioctl_probe: bool = True,
                  probes: tuple | None = None):
-        from probes.base import PrivilegeError, has_bpf_privilege
-        from probes.vhost_net import VhostNetProbe
-
         self.pid = pid
         self.has_events = stream
         self._borrowed = probes is not None
@@ -298,10 +300,6 @@ def _comm(pid: int) -> str:
 def _ioctl_probe(pid: int):
     """The attached vhost_ioctl probe for ``pid``, or None when that probe
     is not available (not built, or its tracepoints are missing)."""
-    try:
-        from probes.vhost_ioctl import VhostIoctlProbe
-    except ImportError:
-        return None
     p = VhostIoctlProbe(pids=[pid])
     try:
         points = p.attach()

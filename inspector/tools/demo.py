@@ -22,7 +22,13 @@ import sys
 import tempfile
 import threading
 
+from ..devices.net import NetDevice
 from ..errors import InspectorError
+from ..introspect.snapshot import backend_snapshot
+from ..snapshot.codec import dumps
+from ..sources.backend import BackendSource
+from ..vhost_user.frontend import VhostUserFrontend
+from ..vhost_user.server import VhostUserServer
 
 # An ARP request from the front-end's MAC, broadcast; the loopback device
 # echoes it with source and destination swapped.
@@ -80,13 +86,6 @@ def _sleep_unless_terminated(seconds: float) -> None:
 
 
 def demo_main(args: argparse.Namespace) -> int:
-    from ..devices.net import NetDevice
-    from ..introspect.snapshot import backend_snapshot
-    from ..snapshot.codec import dumps
-    from ..sources.backend import BackendSource
-    from ..vhost_user.frontend import VhostUserFrontend
-    from ..vhost_user.server import VhostUserServer
-
     with contextlib.ExitStack() as stack:
         sock = getattr(args, "socket", None)
         if not sock:
@@ -108,7 +107,7 @@ def demo_main(args: argparse.Namespace) -> int:
                             _sleep_unless_terminated(args.duration)
                             snap = source.snapshot()
                         else:
-                            from tui.app import VqscopeApp
+                            from tui.app import VqscopeApp  # Textual: only for the live TUI
 
                             VqscopeApp(source, interval=args.interval).run()
                             snap = None

@@ -7,15 +7,14 @@ import logging
 import signal
 import sys
 
+from ..devices.net import NetDevice
 from ..errors import InspectorError
+from ..introspect.snapshot import backend_snapshot
+from ..vhost_user.server import VhostUserServer
 
 
 def make_server(args: argparse.Namespace):
     """A VhostUserServer for the ``serve`` arguments (not started)."""
-    from ..devices.net import NetDevice
-    from ..introspect.snapshot import backend_snapshot
-    from ..vhost_user.server import VhostUserServer
-
     if args.queues < 1 or args.queues > 64:
         raise InspectorError(f"--queues {args.queues} is invalid: give 1 to 64 queue pairs")
     mode = "tap" if args.tap else "loopback"

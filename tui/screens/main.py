@@ -10,6 +10,7 @@ from inspector.snapshot.model import QueueEntry
 from ..widgets.queue_table import QueueTable
 from ..widgets.status_header import StatusHeader
 from .live import LiveScreen
+from .queue import QueueScreen
 
 
 class MainScreen(LiveScreen):
@@ -26,7 +27,5 @@ class MainScreen(LiveScreen):
         self.query_one(QueueTable).show(queues, self.app.rates)
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
-        from .queue import QueueScreen
-
         device, index = self.query_one(QueueTable).queue_at(event.row_key.value)
         self.app.push_screen(QueueScreen(device, index))

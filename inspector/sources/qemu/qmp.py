@@ -118,7 +118,7 @@ class QmpChannel:
         replies by id); one result per call, a :class:`QmpCommandError` in
         place of a command QEMU refused. Raises like :meth:`execute` for
         everything else."""
-        from qemu.qmp import ExecuteError, QMPError
+        from qemu.qmp import ExecuteError, QMPError  # as in __init__: only this source needs qemu.qmp
 
         for cmd, args, vhost_started in calls:
             if cmd in VHOST_UNSAFE and vhost_started is not False:
