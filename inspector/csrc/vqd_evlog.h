@@ -61,7 +61,7 @@ static inline uint64_t vqd_realtime_ns(void)
 
 /* Append one event, or count it in dropped when the log is full; never
  * blocks. *now is the event's time: 0 means "read the clock" (a vDSO
- * clock_gettime, ~30 ns here, the main cost) and the value read is left
+ * clock_gettime, the main cost of a record) and the value read is left
  * there, so the calls and suppressed calls that end one burst on several
  * queues share one reading. */
 static inline void vqd_ev_record(struct vqd_vq *vq, uint32_t kind, uint32_t value, uint64_t *now)
