@@ -29,62 +29,24 @@ import struct
 from ..errors import InspectorError, ProtocolError
 from ..layout import split_layout
 from ..memory import GuestMemory
-from ..ring.anomalies import AnomalyKind
 from ..ring.driver import DriverRing
 from ..spec.vhost import VHOST_USER_F_PROTOCOL_FEATURES
 from ..spec.virtio import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
-                           VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_VERSION_1,
-                           VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_HDR_MRG_RXBUF_SIZE, VIRTIO_NET_HDR_SIZE,
-                           VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
-                           VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY, has_feature)
+                           VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF,
+                           VIRTIO_RING_F_EVENT_IDX, has_feature)
 from .protocol import (
     FLAG_NEED_REPLY, FLAG_REPLY, REQUESTS, VERSION, ConfigPayload, InflightPayload, MemoryRegionDesc,
     MemoryTable, ProtocolFeature, Request, VringAddr, VringState, has_reply, pack_u64, unpack_inflight,
 )
+# HOSTILE_KINDS and vring_need_event are re-exported: tests name them from here.
+from .net_driver import HOSTILE_KINDS, VirtioNetDriver, DriverQueue, vring_need_event  # noqa: F401
 from .transport import Message, recv_message, send_message
-
-_NET_HDR_V1 = struct.Struct("<BBHHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
-
-#: Ring violations :meth:`VhostUserFrontend.write_hostile` can write, and the
-#: decoder's anomaly kind each shows as.
-HOSTILE_KINDS = {
-    "loop": AnomalyKind.LOOP,                             # §2.7.5.2: a chain longer than the table
-    "head_out_of_range": AnomalyKind.HEAD_OUT_OF_RANGE,   # §2.7.6: avail->ring[] head >= size
-    "next_out_of_range": AnomalyKind.NEXT_OUT_OF_RANGE,   # §2.7.5: next >= size
-    "nested_indirect": AnomalyKind.NESTED_INDIRECT,       # §2.7.5.3.1: INDIRECT inside a table
-    "indirect_loop": AnomalyKind.LOOP,                    # a loop inside an indirect table
-    "addr_out_of_range": AnomalyKind.ADDR_OUT_OF_RANGE,   # §2.7.5: a buffer outside guest memory
-    "avail_idx_jump": AnomalyKind.AVAIL_IDX_JUMP,         # §2.7.6: avail->idx > size ahead
-    "zero_len": AnomalyKind.ZERO_LEN,                     # a descriptor of length 0
-}
-
-
-def vring_need_event(event_idx: int, new_idx: int, old: int) -> bool:
-    """VIRTIO 1.2 §2.7.10 / Linux vring_need_event: notify when ``event_idx``
-    lies in [old, new), i.e. the other side asked to be told once entry
-    ``event_idx`` is published."""
-    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old) & 0xFFFF)
-
 
 def _align(x: int, a: int) -> int:
     return (x + a - 1) & ~(a - 1)
 
 
-class _Queue:
-    """The front-end's state of one vring."""
-
-    def __init__(self, index: int, ring: DriverRing, kick_fd: int, call_fd: int):
-        self.index = index
-        self.ring = ring
-        self.kick_fd = kick_fd
-        self.call_fd = call_fd
-        self.slots: dict[int, int] = {}  # head -> slot
-        self.kicks = 0
-        self.calls = 0
-        self.last_kick_idx = 0  # avail idx at the last kick decision
-
-
-class VhostUserFrontend:
+class VhostUserFrontend(VirtioNetDriver):
     """Connect to a vhost-user back-end at ``socket_path`` and set up
     ``queue_pairs`` virtio-net queue pairs (vring 2p: RX, 2p+1: TX) of
     ``queue_size`` entries in ``mem_size`` bytes of shared memory.
@@ -115,7 +77,7 @@ class VhostUserFrontend:
         self.device_features = 0
         self.protocol_features = 0
         self.queue_num: int | None = None
-        self.queues: list[_Queue] = []
+        self.queues: list[DriverQueue] = []
         self._fds: list[int] = []
         self.backend_channel: socket.socket | None = None
         self.want_inflight = inflight
@@ -347,7 +309,7 @@ class VhostUserFrontend:
             q = self.queues[i]
             base = q.ring.used_idx
         else:
-            q = _Queue(i, DriverRing(self.mem, self.ring_base[i], self.queue_size),
+            q = DriverQueue(i, DriverRing(self.mem, self.ring_base[i], self.queue_size),
                        self._eventfd(), self._eventfd())
             self.queues.append(q)
             base = 0
@@ -361,216 +323,6 @@ class VhostUserFrontend:
         self._request(Request.SET_VRING_CALL, pack_u64(i), fds=[q.call_fd])
         if has_feature(self.features, VHOST_USER_F_PROTOCOL_FEATURES):
             self._request(Request.SET_VRING_ENABLE, VringState(i, 1).pack())
-
-    # --- virtio-net driver ---------------------------------------------------------------------
-    @property
-    def net_hdr_len(self) -> int:
-        """12 with VERSION_1 or MRG_RXBUF (virtio_net_hdr_v1 /
-        _mrg_rxbuf), else 10 (VIRTIO 1.2 §5.1.6)."""
-        return (VIRTIO_NET_HDR_MRG_RXBUF_SIZE if has_feature(self.features, VIRTIO_F_VERSION_1)
-                or has_feature(self.features, VIRTIO_NET_F_MRG_RXBUF) else VIRTIO_NET_HDR_SIZE)
-
-    @property
-    def event_idx(self) -> bool:
-        return has_feature(self.features, VIRTIO_RING_F_EVENT_IDX)
-
-    def rx(self, pair: int) -> _Queue:
-        return self.queues[2 * pair]
-
-    def tx(self, pair: int) -> _Queue:
-        return self.queues[2 * pair + 1]
-
-    def kick(self, q: _Queue) -> bool:
-        """Notify the device if it asked for it (VIRTIO 1.2 §2.7.13.4):
-        VRING_USED_F_NO_NOTIFY, or with EVENT_IDX the avail_event window.
-        Returns whether a kick was sent."""
-        ring = q.ring
-        old, new = q.last_kick_idx, ring.avail_idx
-        q.last_kick_idx = new
-        if self.event_idx:
-            need = vring_need_event(ring.avail_event, new, old)
-        else:
-            need = not ring.used_flags & VRING_USED_F_NO_NOTIFY
-        if need:
-            os.eventfd_write(q.kick_fd, 1)
-            q.kicks += 1
-        return need
-
-    def post_rx_buffers(self, pair: int, n: int, buf_len: int = 2048) -> int:
-        """Make ``n`` device-writable buffers of ``buf_len`` bytes available on
-        the RX vring of ``pair``; returns how many were posted."""
-        if buf_len > self.slot_size:
-            raise InspectorError(f"buf_len {buf_len} exceeds the slot size {self.slot_size}")
-        q = self.rx(pair)
-        posted = 0
-        for _ in range(n):
-            if q.ring.num_free == 0 or not self.free_slots:
-                break
-            slot = self._alloc_slot()
-            head = q.ring.add_chain([(self._slot_gpa(slot), buf_len, True)])
-            q.slots[head] = slot
-            posted += 1
-        if posted:
-            q.ring.publish()
-            self.kick(q)
-        return posted
-
-    def send_frames(self, pair: int, frames: list[bytes], publish: bool = True) -> int:
-        """Put ``frames`` on the TX vring of ``pair``, each behind a zeroed
-        virtio-net header, publish and kick if needed; returns how many fit.
-        ``publish=False`` writes them but leaves avail->idx alone (see
-        :meth:`publish`)."""
-        q = self.tx(pair)
-        hlen = self.net_hdr_len
-        sent = 0
-        for frame in frames:
-            if hlen + len(frame) > self.slot_size:
-                raise InspectorError(f"frame of {len(frame)} bytes does not fit a {self.slot_size}-byte slot")
-            if q.ring.num_free == 0 or not self.free_slots:
-                break
-            slot = self._alloc_slot()
-            gpa = self._slot_gpa(slot)
-            view = self.mem.view(gpa, hlen + len(frame))
-            view[:hlen] = bytes(hlen)
-            view[hlen:] = frame
-            head = q.ring.add_chain([(gpa, hlen + len(frame), False)])
-            q.slots[head] = slot
-            sent += 1
-        if sent and publish:
-            q.ring.publish()
-            self.kick(q)
-        return sent
-
-    def publish(self, index: int, force_kick: bool = False) -> None:
-        """Publish what was added to vring ``index`` (avail->idx) and kick if
-        the device asked for it, or always with ``force_kick``."""
-        q = self.queues[index]
-        q.ring.publish()
-        if not self.kick(q) and force_kick:
-            os.eventfd_write(q.kick_fd, 1)
-            q.kicks += 1
-
-    # --- faults on purpose --------------------------------------------------------------------
-    def write_hostile(self, index: int, kind: str) -> int:
-        """Make one ring violation of ``kind`` (a key of HOSTILE_KINDS)
-        available on vring ``index`` (TX vrings are odd) after what is there,
-        publish it and kick. The chain uses free descriptors and frame slots
-        of this front-end; the device is expected to break the queue, so they
-        are never reclaimed. Returns the head (or the slot for
-        ``avail_idx_jump``)."""
-        if kind not in HOSTILE_KINDS:
-            raise InspectorError(f"hostile ring kind {kind!r} is unknown: use one of {sorted(HOSTILE_KINDS)}")
-        q = self.queues[index]
-        ring = q.ring
-        hlen = self.net_hdr_len
-        slot = self._alloc_slot()
-        gpa = self._slot_gpa(slot)
-        self.mem.view(gpa, 64)[:] = bytes(64)
-        writable = index % 2 == 0
-        n = ring.size
-        if kind == "avail_idx_jump":
-            ring.set_avail_idx(ring.avail_idx + n + 1)  # §2.7.6: at most Queue Size ahead
-            os.eventfd_write(q.kick_fd, 1)
-            return slot
-        if kind in ("nested_indirect", "indirect_loop"):
-            # Two entries: entry 0 chains to entry 1, which is either an
-            # INDIRECT descriptor (§2.7.5.3.1) or chains back to entry 0.
-            table = gpa + 64 if self.slot_size >= 128 else gpa
-            head = ring.add_indirect_chain(table, [(gpa, hlen + 32, writable)] * 2)
-            t = self.mem.view(table + 16, 16)
-            if kind == "nested_indirect":
-                struct.pack_into("<QIHH", t, 0, table, 32, VRING_DESC_F_INDIRECT, 0)
-            else:
-                struct.pack_into("<QIHH", t, 0, gpa, 32,
-                                 VRING_DESC_F_NEXT | (VRING_DESC_F_WRITE if writable else 0), 0)
-        elif kind == "addr_out_of_range":
-            head = ring.add_chain([(self.mem_size + 0x1000, hlen + 32, writable)])
-        elif kind == "zero_len":
-            head = ring.add_chain([(gpa, hlen, writable), (gpa + hlen, 0, writable)])
-        else:
-            head = ring.add_chain([(gpa, hlen, writable), (gpa + hlen, 32, writable)])
-            a, length, flags, nxt = ring.read_desc(head)
-            if kind == "loop":      # the second descriptor chains back to the head
-                a2, l2, f2, _ = ring.read_desc(nxt)
-                ring.write_desc(nxt, a2, l2, f2 | VRING_DESC_F_NEXT, head)
-            elif kind == "next_out_of_range":
-                ring.write_desc(head, a, length, flags, n)
-            elif kind == "head_out_of_range":
-                ring.set_avail_ring((ring.avail_idx - 1) % n, n)
-        q.slots[head] = slot
-        self.publish(index, force_kick=True)
-        return head
-
-    def shrink_memory(self, size: int) -> None:
-        """ftruncate the memfd behind the memory table to ``size`` bytes
-        while the back-end has it mapped: its accesses past ``size`` now
-        fault (SIGBUS). So do this front-end's own: touch nothing there."""
-        os.ftruncate(self.memfd, size)
-
-    def _collect(self, q: _Queue) -> list[tuple[int, int, int]]:
-        """Used entries as (head, len, slot); frees descriptors, re-arms used_event."""
-        out = []
-        for head, length in q.ring.get_used():
-            out.append((head, length, q.slots.pop(head)))
-        if self.event_idx:
-            q.ring.used_event = q.ring.last_used_idx
-        return out
-
-    def poll_tx_done(self, pair: int) -> int:
-        """Reclaim the TX buffers the device returned; returns how many."""
-        done = self._collect(self.tx(pair))
-        for _, _, slot in done:
-            self.free_slots.append(slot)
-        return len(done)
-
-    def recv_frames(self, pair: int) -> list[bytes]:
-        """Frames the device wrote into RX buffers, without the virtio-net
-        header. With MRG_RXBUF a frame spans ``num_buffers`` used buffers."""
-        done = self._collect(self.rx(pair))
-        hlen = self.net_hdr_len
-        mrg = has_feature(self.features, VIRTIO_NET_F_MRG_RXBUF)
-        frames = []
-        i = 0
-        try:
-            while i < len(done):
-                _, length, slot = done[i]
-                data = self.mem.read(self._slot_gpa(slot), min(length, self.slot_size))
-                if length < hlen:
-                    raise ProtocolError(f"RX used length {length} is shorter than the "
-                                        f"{hlen}-byte virtio-net header")
-                nbufs = _NET_HDR_V1.unpack_from(data)[6] if mrg else 1
-                parts = [data[hlen:]]
-                for k in range(1, max(nbufs, 1)):
-                    if i + k >= len(done):
-                        raise ProtocolError(f"RX frame announces num_buffers={nbufs}, "
-                                            f"only {len(done) - i} used")
-                    _, ln, sl = done[i + k]
-                    parts.append(self.mem.read(self._slot_gpa(sl), min(ln, self.slot_size)))
-                frames.append(b"".join(parts))
-                i += max(nbufs, 1)
-        finally:
-            for _, _, slot in done:
-                self.free_slots.append(slot)
-        return frames
-
-    def wait_call(self, pair: int, timeout: float = 1.0, which: str = "any") -> bool:
-        """Wait up to ``timeout`` s for a call on the pair's RX, TX or either
-        vring; drains the eventfd(s). True when a call came."""
-        qs = {"rx": [self.rx(pair)], "tx": [self.tx(pair)], "any": [self.rx(pair), self.tx(pair)]}[which]
-        poller = select.poll()
-        for q in qs:
-            poller.register(q.call_fd, select.POLLIN)
-        if not poller.poll(max(0, timeout) * 1000):
-            return False
-        got = False
-        for q in qs:
-            try:
-                os.eventfd_read(q.call_fd)
-                q.calls += 1
-                got = True
-            except BlockingIOError:
-                pass
-        return got
 
     # --- teardown ------------------------------------------------------------------------------
     def close(self) -> None:
