@@ -446,7 +446,6 @@ def test_tui_polls_the_qemu_source_and_shows_it_gone(fake_vm) -> None:
 
 def test_source_gone_exits_1(monkeypatch, capsys) -> None:
     from inspector import cli
-    from inspector import sources
 
     class Gone:
         def __enter__(self):
@@ -458,7 +457,7 @@ def test_source_gone_exits_1(monkeypatch, capsys) -> None:
         def snapshot(self):
             raise SourceGone("QEMU pid 42 (/x.sock) exited")
 
-    monkeypatch.setattr(sources, "open_source", lambda args: Gone())
+    monkeypatch.setattr(cli, "open_source", lambda args: Gone())   # the name the CLI calls
     assert cli.main(["snapshot", "--qmp", "/x.sock", "--json"]) == 1
     assert "QEMU pid 42 (/x.sock) exited" in capsys.readouterr().err
 
