@@ -32,7 +32,7 @@ from typing import Any
 from ..errors import SnapshotFormatError
 from ..ring.anomalies import Anomaly, AnomalyKind
 from ..ring.snapshot import Chain, Descriptor, RingSnapshot
-from .model import CORE_FIELDS, BackendFds, QueueEntry, Skipped, Snapshot
+from .model import CORE_FIELDS, OPTIONAL_FIELDS, BackendFds, QueueEntry, Skipped, Snapshot
 
 __all__ = ["to_json", "queue_to_json", "dumps", "from_json", "queue_from_json", "loads"]
 
@@ -57,22 +57,32 @@ def to_json(snap: Snapshot) -> dict[str, Any]:
 
 
 def queue_to_json(q: QueueEntry) -> dict[str, Any]:
-    """One queue entry: the core fields in README order (with
-    ``calls_suppressed`` after ``calls`` when not None), ``chains``,
+    """One queue entry: the core fields in README order (with the optional
+    ``device_type``, ``shadow_avail_idx``, ``calls_suppressed`` and
+    ``dropped`` after ``device``, ``last_avail_idx``, ``calls`` and
+    ``bytes`` when not None), ``chains``,
     ``anomalies`` (``kind``, ``detail``), ``q.extras``, then ``backend``
     (when not None)."""
-    out: dict[str, Any] = {
-        "device": q.device, "index": q.index, "layout": q.layout, "size": q.size,
+    out: dict[str, Any] = {"device": q.device}
+    if q.device_type is not None:
+        out["device_type"] = q.device_type
+    out.update({
+        "index": q.index, "layout": q.layout, "size": q.size,
         "features": q.features, "event_idx": q.event_idx,
-        "avail_idx": q.avail_idx, "used_idx": q.used_idx, "last_avail_idx": q.last_avail_idx,
+        "avail_idx": q.avail_idx, "used_idx": q.used_idx, "last_avail_idx": q.last_avail_idx})
+    if q.shadow_avail_idx is not None:
+        out["shadow_avail_idx"] = q.shadow_avail_idx
+    out.update({
         "inflight": q.inflight, "avail_flags": q.avail_flags, "used_flags": q.used_flags,
         "used_event": q.used_event, "avail_event": q.avail_event,
         "kicks": q.kicks, "calls": q.calls,
-    }
+    })
     if q.calls_suppressed is not None:
         out["calls_suppressed"] = q.calls_suppressed
     out["packets"] = q.packets
     out["bytes"] = q.bytes
+    if q.dropped is not None:
+        out["dropped"] = q.dropped
     out["chains"] = _chains_json(q)
     out["anomalies"] = [{"kind": a.kind.value, "detail": a.detail} for a in q.anomalies]
     out.update(q.extras)
@@ -152,7 +162,9 @@ _WHAT = {_is_int: "an int", _is_opt_int: "an int or null", _is_str: "a string", 
 _CORE_CHECK = {f: _is_int for f in CORE_FIELDS} | {
     "device": _is_str, "layout": _is_str, "event_idx": _is_bool,
     "last_avail_idx": _is_opt_int, "used_event": _is_opt_int, "avail_event": _is_opt_int}
-_KNOWN_QUEUE = frozenset(CORE_FIELDS) | {"chains", "anomalies", "calls_suppressed", "backend"}
+_KNOWN_QUEUE = frozenset(CORE_FIELDS) | frozenset(OPTIONAL_FIELDS) | {"chains", "anomalies", "backend"}
+_OPTIONAL_CHECK = {"device_type": _is_str, "shadow_avail_idx": _is_int, "calls_suppressed": _is_int,
+                   "dropped": _is_int}
 _KNOWN_TOP = frozenset({"source", "time", "pid", "queues", "skipped"})
 _CHAIN_KEYS = {"head": None, "descs": None, "out_bytes": None, "in_bytes": None}.keys()
 _DESC_KEYS = {"addr": None, "len": None, "flags": None, "next": None}.keys()
@@ -216,17 +228,15 @@ def queue_from_json(q: Any, where: str = "queue") -> QueueEntry:
         if kind is None:
             raise _bad(f"{w}.kind", a["kind"], "an anomaly kind (inspector.ring.anomalies.AnomalyKind)")
         anomalies.append(Anomaly(kind, _get(a, "detail", _is_str, w)))
-    calls_suppressed = None
-    if "calls_suppressed" in q:
-        calls_suppressed = _get(q, "calls_suppressed", _is_int, where)
+    optional = {f: _get(q, f, _OPTIONAL_CHECK[f], where) for f in OPTIONAL_FIELDS if f in q}
     backend = None
     if "backend" in q:
         b = _get(q, "backend", _is_dict, where)
         backend = BackendFds(_get(b, "kick_fd", _is_opt_int, f"{where}.backend"),
                              _get(b, "call_fd", _is_opt_int, f"{where}.backend"))
     extras = {k: v for k, v in q.items() if k not in _KNOWN_QUEUE}
-    return QueueEntry(**core, chains=chains, anomalies=anomalies, calls_suppressed=calls_suppressed,
-                      backend=backend, extras=extras)
+    return QueueEntry(**core, **optional, chains=chains, anomalies=anomalies, backend=backend,
+                      extras=extras)
 
 
 def _check_chains(raw: list, where: str) -> list[dict]:

@@ -21,6 +21,17 @@ Per-source additions beyond the README's core fields:
   data path did not send because the driver suppressed them (vqscope's
   back-end, QEMU (0) and vhost-net); None, and absent from the JSON, when the
   source does not count them.
+- ``device_type``: the virtio device type (``net``, ``block``, ``console``,
+  ``scsi``, ``9p``, ``rng``, ``balloon``, ``vsock``, ``fs``, ... : VIRTIO 1.2
+  §5's device names, lower case), which gives each queue its role
+  (inspector.analysis.roles); None when the source does not know it.
+- ``shadow_avail_idx``: ``avail->idx`` as the device last read it (QEMU's
+  and libvhost-user's ``shadow_avail_idx``, the kernel's ``vq->avail_idx``):
+  entries past it were published after the device last looked; None when the
+  source cannot see it.
+- ``dropped``: frames the device had for a queue it fills (net RX) and could
+  not deliver because the driver had posted no buffer, cumulative; None when
+  not counted.
 - ``backend`` (:class:`BackendFds`): a vqscope back-end's kick and call
   eventfds of the vring, as that process holds them.
 - :attr:`QueueEntry.extras`, JSON values by name, kept in order:
@@ -113,6 +124,10 @@ CORE_FIELDS = ("device", "index", "layout", "size", "features", "event_idx", "av
                "kicks", "calls", "packets", "bytes")
 
 
+#: Per-source additions (module docstring): in the JSON only when not None.
+OPTIONAL_FIELDS = ("device_type", "shadow_avail_idx", "calls_suppressed", "dropped")
+
+
 class QueueEntry:
     """One virtqueue of a snapshot (README.md, "Snapshot JSON", ``queues[]``).
 
@@ -134,7 +149,7 @@ class QueueEntry:
     equal when every field, chain and anomaly is.
     """
 
-    __slots__ = CORE_FIELDS + ("anomalies", "calls_suppressed", "backend", "extras", "_chain_source")
+    __slots__ = CORE_FIELDS + OPTIONAL_FIELDS + ("anomalies", "backend", "extras", "_chain_source")
 
     def __init__(self, *, device: str, index: int, size: int, features: int, event_idx: bool,
                  layout: str = "split", avail_idx: int = 0, used_idx: int = 0,
@@ -143,7 +158,8 @@ class QueueEntry:
                  kicks: int = 0, calls: int = 0, packets: int = 0, bytes: int = 0,
                  chains: list[Chain] | ChainSource | None = None, anomalies: list[Anomaly] | None = None,
                  calls_suppressed: int | None = None, backend: BackendFds | None = None,
-                 extras: dict[str, Any] | None = None):
+                 extras: dict[str, Any] | None = None, device_type: str | None = None,
+                 shadow_avail_idx: int | None = None, dropped: int | None = None):
         self.device = device
         self.index = index
         self.layout = layout
@@ -164,6 +180,9 @@ class QueueEntry:
         self.bytes = bytes
         self.anomalies: list[Anomaly] = [] if anomalies is None else anomalies
         self.calls_suppressed = calls_suppressed
+        self.device_type = device_type
+        self.shadow_avail_idx = shadow_avail_idx
+        self.dropped = dropped
         self.backend = backend
         self.extras: dict[str, Any] = {} if extras is None else extras
         self.chains = chains  # the setter
@@ -228,7 +247,7 @@ class QueueEntry:
 
     # --- comparison ---------------------------------------------------------------
     def _values(self) -> tuple:
-        return (tuple(getattr(self, f) for f in CORE_FIELDS), self.anomalies, self.calls_suppressed,
+        return (tuple(getattr(self, f) for f in CORE_FIELDS + OPTIONAL_FIELDS), self.anomalies,
                 self.backend, self.extras)
 
     def __eq__(self, other: object) -> bool:
