@@ -20,7 +20,8 @@ from probes.cli import add_arguments as add_probe_arguments
 from probes.cli import probe_main
 from tui.render import snapshot_table
 
-from .errors import InspectorError, SourceGone
+from .errors import ArgumentError, InspectorError, SourceGone
+from .faults import DEVICE_FAULTS, FAULT_KINDS, SPEC_FORMS, parse_fault
 from .layout import split_layout
 from .record.cli import add_parsers as add_record_parsers
 from .snapshot.codec import dumps
@@ -32,6 +33,35 @@ from .tools.vhost_net_load import load_main
 
 def _examples(text: str) -> str:
     return "examples:\n" + textwrap.indent(textwrap.dedent(text).strip(), "  ")
+
+
+#: The faults of ``--inject`` (inspector/faults.py), for the epilogs of serve and demo.
+INJECT_HELP = """\
+faults on purpose: --inject KIND=VRING[,after=S][,for=S], repeatable. VRING 2k is
+receiveq k, 2k+1 transmitq k; the fault starts `after` seconds after the vring starts
+(default 0) and lasts `for` seconds (default: for ever), then the vring works again.
+  device faults (serve and demo: vqscope's back-end makes them):
+    stall=VRING        the device stops serving the vring: it still counts kicks and
+                       reads avail->idx when kicked (shadow_avail_idx moves) but takes
+                       and returns nothing; frames for a stalled RX vring are dropped
+    drop-calls=VRING   calls that are due are not sent (a lost interrupt); counted only
+                       in the snapshot's extras inject.calls_dropped
+  driver faults (demo only: vqscope's built-in front-end makes them):
+    withhold-kicks=VRING   publish available entries but never kick
+    stop-consuming=VRING   collect no used entries, refill nothing, read no call"""
+
+
+def _fault_type(kinds: tuple[str, ...]):
+    """An argparse type for ``--inject``: a Fault of one of ``kinds``; a bad
+    SPEC is a usage error (exit 2) naming the bad part."""
+
+    def fault(text: str):
+        try:
+            return parse_fault(text, kinds)
+        except ArgumentError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return fault
 
 
 def cmd_layout(args: argparse.Namespace) -> int:
@@ -131,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                             vqscope serve net --socket /tmp/vq.sock --loopback
                             vqscope serve net --socket /tmp/vq.sock --tap vq0 --queues 2
                             vqscope serve net --socket /tmp/vq.sock --loopback --introspect /tmp/vq.i
-                        """))
+                            vqscope serve net --socket /tmp/vq.sock --inject stall=1,after=5,for=10
+                            vqscope serve net --socket /tmp/vq.sock --inject drop-calls=0,after=2
+                        """) + "\n\n" + INJECT_HELP)
     sp.add_argument("kind", choices=["net"], help="device type")
     sp.add_argument("--socket", required=True, help="vhost-user Unix socket path (created mode 0600)")
     mode = sp.add_mutually_exclusive_group()
@@ -144,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="serve introspection readers of any uid (default: this uid and root only, "
                          "checked with SO_PEERCRED)")
     sp.add_argument("--mac", default="52:54:00:12:34:57", help="MAC address in the config space")
+    sp.add_argument("--inject", metavar="SPEC", action="append", default=[],
+                    type=_fault_type(DEVICE_FAULTS),
+                    help=f"a device fault on purpose, {SPEC_FORMS} with KIND stall or drop-calls "
+                         f"(repeatable; see below)")
     sp.add_argument("-v", "--verbose", action="store_true", help="log every vhost-user message")
     sp.set_defaults(func=cmd_serve)
 
@@ -185,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                             vqscope demo --headless --duration 5 --json
                             vqscope demo --headless --duration 60 --socket /tmp/demo.sock &
                             vqscope snapshot --connect /tmp/demo.sock   # another process reads it
-                        """))
+                            vqscope demo --inject withhold-kicks=1,after=2   # TX kicks stop after 2 s
+                            vqscope demo --inject stop-consuming=0 --inject stall=1,after=3,for=5
+                        """) + "\n\n" + INJECT_HELP)
     dp.add_argument("--headless", action="store_true", help="no TUI; run for --duration seconds")
     dp.add_argument("--duration", type=float, default=5.0, help="seconds to run headless (default 5)")
     dp.add_argument("--json", action="store_true", help="print the final snapshot JSON (headless)")
@@ -193,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--interval", type=float, default=0.25, help="TUI refresh period in seconds")
     dp.add_argument("--socket", help="vhost-user socket path (introspection: PATH.introspect); "
                                      "default: in a temporary directory")
+    dp.add_argument("--inject", metavar="SPEC", action="append", default=[],
+                    type=_fault_type(FAULT_KINDS),
+                    help=f"a fault on purpose, {SPEC_FORMS}: a device fault (stall, drop-calls) or a "
+                         f"driver fault (withhold-kicks, stop-consuming); repeatable, see below")
     dp.set_defaults(func=cmd_demo)
 
     ldp = sub.add_parser("load", help="drive a kernel vhost-net device from user space (a load tool)",

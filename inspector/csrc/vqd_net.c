@@ -1,6 +1,7 @@
 /* virtio-net's fast paths (VIRTIO 1.2 §5.1.6) over the device-side vqs of
- * vqd_vq.c: loopback (TX frames delivered to RX with the MACs swapped), tap
- * transmit and tap receive, each a burst per call. Frames are copied between
+ * vqd_vq.c: loopback (TX frames delivered to RX with the MACs swapped; a
+ * frame RX has no buffer for is dropped and counted in the RX vq's drops, as
+ * a NIC does), tap transmit and tap receive, each a burst per call. Frames are copied between
  * iovecs with a cursor; the virtio_net_hdr is skipped on transmit and
  * written (all zero but num_buffers) on receive.
  *
@@ -350,22 +351,23 @@ static int net_loopback(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, int m
         } else {
             struct cursor src = tx_frame(s, &te, hdr_len);
             rc = deliver(rx, &src, frame_len, 1, hdr_len, mrg_rxbuf, s);
-            if (rc == DELIVER_STARVED) {
-                /* Leave the frame on TX until the driver gives RX buffers. */
-                vqd_vq_rewind(tx, 1);
-                s->rx_starved = 1;
-                break;
-            }
             if (UNLIKELY(rc < 0)) {
                 vqd_vq_rewind(tx, 1);
                 status = rc;
                 break;
             }
-            if (rc == DELIVER_OK) {
-                rx_dirty = 1;
-                tx->packets++;
-                tx->bytes += frame_len;
+            if (rc == DELIVER_STARVED) {
+                /* No receive buffer (or too few for the frame, or RX stalled):
+                 * the frame is lost on the receive side, as a NIC (and tun
+                 * under vhost-net) drops it; the TX buffer goes back. */
+                rx->drops++;
+                s->rx_starved = 1;
             }
+            if (rc == DELIVER_OK)
+                rx_dirty = 1;
+            /* transmitted, whatever became of it on the receive side */
+            tx->packets++;
+            tx->bytes += frame_len;
         }
         vqd_fill(tx, te.head, 0); /* §2.7.8: the device wrote nothing into a TX buffer */
         tx_dirty = 1;
@@ -472,11 +474,36 @@ static inline int tap_tx_step(struct vqd_vq *tx, int tap_fd, int hdr_len, int mr
     return STEP_USED;
 }
 
+/* A stalled receive vq (VQD_FAULT_STALL): frames still come from the tap
+ * and are dropped (counted in rx->drops), the pending one first. */
+static int tap_rx_discard(struct vqd_vq *rx, int tap_fd, struct vqd_net_scratch *s)
+{
+    if (s->pending_len == 0) {
+        ssize_t r;
+        do
+            r = read(tap_fd, s->buf, sizeof(s->buf));
+        while (r < 0 && errno == EINTR);
+        if (r < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return STEP_STOP;
+            s->err = errno;
+            return VQD_E_IO;
+        }
+        if (r == 0)
+            return STEP_STOP;
+    }
+    s->pending_len = 0;
+    rx->drops++;
+    return STEP_DONE;
+}
+
 /* One frame from the tap into rx (a frame read but not delivered, because
  * rx ran dry, waits in s->buf for the next burst). */
 static inline int tap_rx_step(struct vqd_vq *rx, int tap_fd, int hdr_len, int mrg_rxbuf,
                               struct vqd_net_scratch *s)
 {
+    if (UNLIKELY(rx->fault & VQD_FAULT_STALL))
+        return tap_rx_discard(rx, tap_fd, s);
     if (s->pending_len == 0) {
         /* Read from the tap only when RX has a buffer: otherwise the frame
          * stays queued in the kernel (which drops on its own limits). */

@@ -18,7 +18,7 @@
 struct vqd_net_scratch {
     struct vqd_iov tx_iov[1024];
     struct vqd_iov rx_iov[1024];
-    int rx_starved;      /* out: stopped because RX had no buffers */
+    int rx_starved;      /* out: RX had no buffers (tap: stopped; loopback: frames dropped) */
     int tx_blocked;      /* out: the tap would block on write */
     int err;             /* out: errno of the failed tap call */
     uint32_t pending_len;  /* tap RX: bytes of a frame read but not delivered */

@@ -282,6 +282,8 @@ int vqd_pop_one(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int 
 {
     if (UNLIKELY(vq->broken))
         return VQD_E_BROKEN;
+    if (UNLIKELY(vq->fault & VQD_FAULT_STALL))
+        return 0; /* a stalled device takes nothing (it notices kicks: vqd_vq_notice) */
     if (UNLIKELY(vq->inflight != NULL)) {
         /* After a restart, heads still in flight go first (vqd_inflight.c). */
         int h = vqd_inflight_next_resubmit(vq);
@@ -514,4 +516,44 @@ int vqd_vq_drain_kick(struct vqd_vq *vq)
     uint64_t now = 0;
     vqd_ev_record(vq, VQD_EV_KICK, v > UINT32_MAX ? UINT32_MAX : (uint32_t)v, &now);
     return v > INT32_MAX ? INT32_MAX : (int)v;
+}
+
+/* What a kicked device that cannot work does (a stalled vq,
+ * VQD_FAULT_STALL): read avail->idx (shadow_avail_idx moves: it noticed
+ * the entries) and ask for a kick at the next entry published after those,
+ * as Linux vhost_enable_notify does (avail_event = the avail_idx it read,
+ * §2.7.10; without EVENT_IDX, VRING_USED_F_NO_NOTIFY clear), re-reading
+ * avail->idx after a full fence until it is stable (at most 4 times) so
+ * that the driver's next publish kicks. Returns the entries available
+ * beyond last_avail_idx. */
+static int notice(struct vqd_vq *vq)
+{
+    int n = 0;
+    vq->notify_enabled = 1;
+    for (int i = 0; i < 4; i++) {
+        uint16_t seen = vq->shadow_avail_idx;
+        n = vqd_avail_count(vq);
+        if (n < 0)
+            return n;
+        if (i > 0 && vq->shadow_avail_idx == seen)
+            break;
+        if (vq->event_idx) {
+            __atomic_store_n(avail_event_ptr(vq), vq->shadow_avail_idx, __ATOMIC_RELAXED);
+        } else {
+            uint16_t f = __atomic_load_n(&vq->used->flags, __ATOMIC_RELAXED);
+            __atomic_store_n(&vq->used->flags, (uint16_t)(f & ~VRING_USED_F_NO_NOTIFY), __ATOMIC_RELAXED);
+        }
+        /* our write must be visible before we look at avail->idx again */
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    }
+    return n;
+}
+
+int vqd_vq_notice(struct vqd_vq *vq)
+{
+    int rc;
+    if (vq->broken)
+        return VQD_E_BROKEN;
+    VQD_GUARDED(rc, notice(vq), rc = vqd_fault_broken(vq));
+    return rc;
 }

@@ -37,6 +37,11 @@ struct vqd_inflight; /* vqd_inflight.h */
 #define VQD_E_IO -3       /* a tap read/write failed; errno in scratch->err */
 #define VQD_E_INVAL -4    /* bad argument from the caller (not the driver) */
 
+/* Faults on purpose (vqd_vq.fault, set by the thread servicing the vq;
+ * inspector/faults.py): */
+#define VQD_FAULT_STALL 1       /* pop nothing (the device stopped serving the vring) */
+#define VQD_FAULT_DROP_CALLS 2  /* a due call is not written: counted in calls_dropped */
+
 /* Same layout as struct iovec on LP64 (checked in vqd_vq.c). */
 struct vqd_iov {
     uint8_t *base;
@@ -71,6 +76,7 @@ struct vqd_vq {
     uint8_t notify_enabled;      /* kicks wanted (NO_NOTIFY clear / avail_event set) */
     uint8_t broken;
     uint8_t reject_zero_len;     /* a 0-length descriptor breaks the queue (as in QEMU) */
+    uint8_t fault;               /* VQD_FAULT_* bits; 0: none */
     int call_fd;                 /* -1: none */
     int kick_fd;                 /* -1: none */
     uint64_t kicks;
@@ -78,7 +84,8 @@ struct vqd_vq {
     uint64_t calls_suppressed;
     uint64_t packets;
     uint64_t bytes;
-    uint64_t drops;
+    uint64_t drops;              /* frames lost (RX: no buffer, too small, stalled) */
+    uint64_t calls_dropped;      /* calls due but not written (VQD_FAULT_DROP_CALLS) */
     struct vqd_evlog *evlog;     /* NULL: no event log; set after vqd_vq_init (vqd_evlog.h) */
     struct vqd_inflight *inflight; /* NULL: no inflight tracking (vqd_inflight.h) */
     char reason[160];
@@ -102,6 +109,7 @@ int vqd_vq_should_notify(struct vqd_vq *vq);
 int vqd_vq_notify(struct vqd_vq *vq);
 int vqd_vq_set_notification(struct vqd_vq *vq, int enable);
 int vqd_vq_drain_kick(struct vqd_vq *vq);
+int vqd_vq_notice(struct vqd_vq *vq);
 void vqd_vq_set_broken(struct vqd_vq *vq, const char *reason);
 /* CDEF END */
 

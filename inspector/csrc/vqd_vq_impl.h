@@ -111,7 +111,9 @@ static inline int vqd_write_call(struct vqd_vq *vq, uint64_t *now)
 }
 
 /* Call the driver if it wants it, else count (and log) a suppressed call;
- * *now as for vqd_ev_record. */
+ * *now as for vqd_ev_record. With VQD_FAULT_DROP_CALLS a due call is lost
+ * after the decision (signalled_used has moved, as for a call written):
+ * neither written, nor counted in calls, nor logged; only calls_dropped. */
 static inline int vqd_notify(struct vqd_vq *vq, uint64_t *now)
 {
     if (vq->broken)
@@ -119,6 +121,10 @@ static inline int vqd_notify(struct vqd_vq *vq, uint64_t *now)
     if (!vqd_should_notify(vq)) {
         vq->calls_suppressed++;
         vqd_ev_record(vq, VQD_EV_CALL_SUPPRESSED, vq->used_idx, now);
+        return 0;
+    }
+    if (UNLIKELY(vq->fault & VQD_FAULT_DROP_CALLS)) {
+        vq->calls_dropped++;
         return 0;
     }
     return vqd_write_call(vq, now);

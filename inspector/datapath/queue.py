@@ -23,6 +23,10 @@ from ..layout import avail_ring_size, desc_table_size, used_ring_size
 #: Default capacity of a queue's event log (entries, a power of two).
 EVENT_LOG_DEFAULT = lib.VQD_EVLOG_DEFAULT
 
+#: :attr:`DeviceQueue.fault` bits (csrc/vqd_vq.h VQD_FAULT_*).
+FAULT_STALL = lib.VQD_FAULT_STALL
+FAULT_DROP_CALLS = lib.VQD_FAULT_DROP_CALLS
+
 # The records' kind codes are the C log's (VQD_EV_*); inspector.events
 # decodes them without importing C, so the two must agree.
 if EVENT_KIND_CODES != {"kick": lib.VQD_EV_KICK, "call": lib.VQD_EV_CALL,
@@ -164,10 +168,33 @@ class DeviceQueue:
         return self.vq.used_idx
 
     @property
+    def shadow_avail_idx(self) -> int:
+        """``avail->idx`` as the device last read it (16 bits)."""
+        return self.vq.shadow_avail_idx
+
+    @property
     def counters(self) -> dict:
+        """Cumulative counts: ``kicks`` read, ``calls`` written,
+        ``calls_suppressed`` by the driver (§2.7.10), ``packets`` and
+        ``bytes`` (frames), ``drops`` (frames lost: on a receive queue for
+        want of a buffer, a buffer too small, or a stall), ``calls_dropped``
+        (due but lost on purpose: :attr:`fault`)."""
         v = self.vq
         return {"kicks": v.kicks, "calls": v.calls, "calls_suppressed": v.calls_suppressed,
-                "packets": v.packets, "bytes": v.bytes, "drops": v.drops}
+                "packets": v.packets, "bytes": v.bytes, "drops": v.drops,
+                "calls_dropped": v.calls_dropped}
+
+    @property
+    def fault(self) -> int:
+        """Faults on purpose now in force (inspector/faults.py): a mask of
+        :data:`FAULT_STALL` (pop nothing: the device stopped serving the
+        vring) and :data:`FAULT_DROP_CALLS` (a due call is lost). Set it only
+        from the thread that services the queue."""
+        return self.vq.fault
+
+    @fault.setter
+    def fault(self, mask: int) -> None:
+        self.vq.fault = mask
 
     # --- operations -----------------------------------------------------------
     def avail_count(self) -> int:
@@ -255,6 +282,16 @@ class DeviceQueue:
         """Read the kick eventfd (non-blocking) and count its kicks; returns
         how many were coalesced in it (0: none)."""
         return check(lib.vqd_vq_drain_kick(self.vq), "drain_kick", self.broken)
+
+    def notice(self) -> int:
+        """What a kicked device that cannot work does (a stalled queue):
+        read ``avail->idx`` (:attr:`shadow_avail_idx` moves) and ask for a
+        kick at the next entry published after it (``avail_event`` = that
+        index with EVENT_IDX, as Linux ``vhost_enable_notify``; else
+        VRING_USED_F_NO_NOTIFY clear; §2.7.10). Returns the entries
+        available beyond ``last_avail_idx``; RingError when avail->idx is
+        more than a queue size ahead (§2.7.6)."""
+        return check(lib.vqd_vq_notice(self.vq), "notice", self.broken)
 
     # --- event log ------------------------------------------------------------
     def drain_event_records(self) -> bytearray:

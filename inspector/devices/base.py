@@ -55,8 +55,13 @@ class QueueStats:
     """Counters a device keeps per queue (its data path counts them):
     notifications (``kicks`` received, ``calls`` sent, ``calls_suppressed``
     by the driver's flags or event index), traffic (``packets``, ``bytes``),
-    the device's ``last_avail_idx`` (None: not running) and why the queue
-    broke (``broken``, None: it did not)."""
+    the device's ``last_avail_idx`` and ``shadow_avail_idx`` (avail->idx as
+    it last read it; both None: not running), ``dropped`` (frames a queue
+    the device fills could not take: no buffer, a buffer too small, or a
+    stall on purpose; None: not a queue the device fills, or not counted),
+    why the queue broke (``broken``, None: it did not) and ``inject``: the
+    state of faults on purpose (inspector/faults.py), for people (snapshot
+    extras ``inject``; None: no fault set on this queue)."""
 
     kicks: int = 0
     calls: int = 0
@@ -65,13 +70,16 @@ class QueueStats:
     bytes: int = 0
     last_avail_idx: int | None = None
     broken: str | None = None
+    shadow_avail_idx: int | None = None
+    dropped: int | None = None
+    inject: dict | None = None
 
 
 class Device:
     """Base class of a virtio device behind the back-end.
 
     ``name``: a short name (the snapshot's device names are ``name`` +
-    connection id); ``num_queues``: the most vrings it has (the core
+    connection id); ``device_type``: its §5 type; ``num_queues``: the most vrings it has (the core
     refuses vring indices beyond it). A subclass implements at least
     :meth:`features`, :meth:`start_queue`, :meth:`stop_queue` and
     :meth:`queue_stats`; every other method has a default that describes a
@@ -84,6 +92,10 @@ class Device:
 
     name: str = "device"
     num_queues: int = 0
+
+    #: The VIRTIO 1.2 §5 device type name (``net``, ``block``...), which
+    #: gives each queue its role (inspector.analysis.roles); None: unknown.
+    device_type: str | None = None
 
     #: Whether the device takes an inflight area (:meth:`set_inflight`): only
     #: then is VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD offered.

@@ -16,8 +16,11 @@ buffers before it saw the change) and blocks in poll() on the kick eventfd
 burst, honouring VRING_AVAIL_F_NO_INTERRUPT / used_event.
 
 Loopback: every frame sent on transmitq k comes back on receiveq k with its
-source and destination MAC swapped. When receiveq k has no buffers, frames
-stay on transmitq k (nothing is dropped) until the driver adds some.
+source and destination MAC swapped. When receiveq k has no buffer for a
+frame, the frame is dropped and counted in receiveq k's ``dropped``, and its
+TX buffer is returned all the same, as a NIC (and tun under vhost-net) does:
+a driver that stops refilling RX shows on RX, not as a TX queue the device
+stopped taking.
 Tap: frames go to and come from a tap interface (IFF_TAP | IFF_NO_PI, one fd
 per pair with IFF_MULTI_QUEUE); the virtio_net_hdr is stripped on transmit
 and synthesised on receive (no offloads are offered).
@@ -25,6 +28,14 @@ and synthesised on receive (no offloads are offered).
 Inflight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, inspector/datapath/inflight.py):
 with an area from SET_INFLIGHT_FD every ring records the heads it holds; a
 ring started on an area a crashed back-end left hands those back first.
+
+Faults on purpose (``faults``, inspector/faults.py: ``vqscope serve
+--inject``): per vring, ``stall`` (the worker stops serving it, but drains
+and counts its kicks and reads avail->idx when kicked: ``notice``) and
+``drop-calls`` (the C data path loses due calls). The worker puts each
+vring in the state its faults give now, and wakes up when that changes, so
+a vring is served again at the end of a stall without a new kick. Without
+faults the loops do one list test per burst more.
 
 Events: each started vring has a C event log (``event_capacity`` entries)
 that the worker fills with every kick read, call written and call
@@ -42,7 +53,7 @@ import struct
 import threading
 import time
 
-from ..errors import InspectorError, RingError
+from ..errors import ArgumentError, InspectorError, RingError
 from ..memory import GuestMemory
 from ..spec.virtio import (VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
                            VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_MRG_RXBUF_SIZE,
@@ -50,14 +61,20 @@ from ..spec.virtio import (VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ
                            VIRTIO_RING_F_INDIRECT_DESC, has_feature)
 from ..datapath.inflight import InflightAreas
 from ..datapath.net import NetScratch, net_loopback, net_tap_rx, net_tap_tx
-from ..datapath.queue import EVENT_LOG_DEFAULT, DeviceQueue
+from ..datapath.queue import EVENT_LOG_DEFAULT, FAULT_DROP_CALLS, FAULT_STALL, DeviceQueue
 from ..events import EVENT_RECORD
+from ..faults import DEVICE_FAULTS, Fault, check_vrings
 from .base import Device, QueueStats, VringConfig
 from .tap import open_tap
 
 logger = logging.getLogger("inspector.devices.net")
 
 DEFAULT_MTU = 1500
+
+#: DeviceQueue.fault bit of each device fault kind.
+_FAULT_BITS = {"stall": FAULT_STALL, "drop-calls": FAULT_DROP_CALLS}
+#: How often a stalled vring without a kick eventfd (a polling front-end) looks at avail->idx.
+_STALLED_POLL_MS = 10
 
 
 def parse_mac(mac: str) -> bytes:
@@ -89,10 +106,15 @@ def _dup(fd: int | None, nonblocking: bool = False) -> int:
 
 
 class _Ring:
-    """A started vring: the C queue and the fds it keeps (dup'ed: ours)."""
+    """A started vring: the C queue and the fds it keeps (dup'ed: ours),
+    its ``faults`` and when it ``started`` (time.monotonic(): faults count
+    from there)."""
 
-    def __init__(self, vring: VringConfig, mem: GuestMemory, event_idx: bool, event_capacity: int):
+    def __init__(self, vring: VringConfig, mem: GuestMemory, event_idx: bool, event_capacity: int,
+                 faults: tuple[Fault, ...] = ()):
         self.index = vring.index
+        self.faults = faults
+        self.started = time.monotonic()
         self.kick_fd = _dup(vring.kick_fd, nonblocking=True)
         self.call_fd = _dup(vring.call_fd)
         self.err_fd = _dup(vring.err_fd)
@@ -106,6 +128,19 @@ class _Ring:
             self._close_fds()
             raise
         self.reported_broken = False
+
+    def fault_mask(self, now: float) -> tuple[int, float | None]:
+        """The DeviceQueue.fault mask the faults give at ``now``
+        (time.monotonic()) and the seconds until it may change (None:
+        never)."""
+        elapsed, mask, wake = now - self.started, 0, None
+        for f in self.faults:
+            if f.active(elapsed):
+                mask |= _FAULT_BITS[f.kind]
+            nxt = f.next_change(elapsed)
+            if nxt is not None and (wake is None or nxt < wake):
+                wake = nxt
+        return mask, wake
 
     def signal_error(self) -> None:
         """vhost-user SET_VRING_ERR: tell the front-end this ring failed."""
@@ -196,22 +231,69 @@ class _PairWorker(threading.Thread):
         except InterruptedError:
             pass
 
-    def _sleep_on(self, q, kick_fd: int, extra: list[tuple[int, int]], starved: bool) -> None:
-        """Enable kicks on ``q``, re-check, block, disable kicks again."""
+    def _sleep_on(self, q, kick_fd: int, extra: list[tuple[int, int]], timeout_ms: int) -> None:
+        """Enable kicks on ``q``, re-check, block (also on ``extra``) at most
+        ``timeout_ms``, disable kicks again."""
         q.drain_kick()
         pending = q.set_notification(True)
         try:
-            if pending and not starved:
+            if pending:
                 return  # the driver added buffers before it saw kicks enabled
             if kick_fd < 0:  # polling front-end (no kick fd): nap
                 self._wait(extra, 1)
-            elif pending:    # starved but some RX buffers: maybe too few for a frame
-                self._wait([(kick_fd, select.POLLIN)] + extra, 1)
             else:
-                self._wait([(kick_fd, select.POLLIN)] + extra, self.dev.idle_timeout_ms)
+                self._wait([(kick_fd, select.POLLIN)] + extra, timeout_ms)
             q.drain_kick()
         finally:
             q.set_notification(False)
+
+    # --- faults on purpose (inspector/faults.py) ------------------------------------------
+    def _apply_faults(self, rings: list[_Ring], now: float) -> float | None:
+        """Put each of ``rings`` in the fault state its faults give at
+        ``now``: a vring that starts stalling notices what is there and asks
+        for kicks (DeviceQueue.notice); one that stops goes back to the
+        worker's polling (kicks disabled), which serves what is pending.
+        Returns the seconds until the next change (None: none)."""
+        wake = None
+        for r in rings:
+            mask, nxt = r.fault_mask(now)
+            if nxt is not None and (wake is None or nxt < wake):
+                wake = nxt
+            old = r.q.fault
+            if mask == old:
+                continue
+            r.q.fault = mask
+            names = [k for k, bit in _FAULT_BITS.items() if mask & bit]
+            logger.info("net pair %d: vring %d: %s", self.pair, r.index,
+                        "faults " + ", ".join(names) + " on" if names else "faults off")
+            if mask & FAULT_STALL and not old & FAULT_STALL:
+                r.q.notice()
+            elif old & FAULT_STALL and not mask & FAULT_STALL:
+                r.q.set_notification(False)
+        return wake
+
+    def _notice_stalled(self, rings: list[_Ring]) -> list[tuple[int, int]]:
+        """A stalled vring that was kicked reads avail->idx and asks for the
+        next kick (its kicks counted and logged as ever); returns the kick
+        fds of the stalled vrings, to wait on."""
+        fds = []
+        for r in rings:
+            if r.q.fault & FAULT_STALL:
+                if r.kick_fd < 0 or r.q.drain_kick():
+                    r.q.notice()
+                fds.append((r.kick_fd, select.POLLIN))
+        return fds
+
+    def _timeout_ms(self, wake: float | None, fds: list[tuple[int, int]] = ()) -> int:
+        """The idle wait for poll(): ``idle_timeout_ms`` (-1: until woken),
+        shortened to wake up when a fault changes (``wake`` seconds) or to
+        poll a stalled vring that has no kick fd."""
+        limits = [t for t in (self.dev.idle_timeout_ms,) if t is not None and t >= 0]
+        if wake is not None:
+            limits.append(int(wake * 1000) + 1)
+        if any(fd < 0 for fd, _ in fds):
+            limits.append(_STALLED_POLL_MS)
+        return min(limits) if limits else -1
 
     # --- loops -------------------------------------------------------------------------
     def _run_loopback(self) -> None:
@@ -219,22 +301,29 @@ class _PairWorker(threading.Thread):
         s = NetScratch()
         hdr, mrg = dev.hdr_len, dev.mrg_rxbuf
         budget, spin, busy = dev.budget, dev.spin, dev.busy_poll_us / 1e6
+        faulty = [r for r in (self.rx, self.tx) if r.faults]
         txq.set_notification(False)
         rxq.set_notification(False)
         idle_since = None
+        wake = None
+        stalled: list[tuple[int, int]] = []
         clock = time.monotonic
         while not self._stopping:
+            if faulty:
+                wake = self._apply_faults(faulty, clock())
+                stalled = self._notice_stalled(faulty)
+                if txq.fault & FAULT_STALL:  # loopback: no TX, no work
+                    self._wait(stalled, self._timeout_ms(wake, stalled))
+                    continue
             if net_loopback(txq, rxq, s, hdr, mrg, budget, spin):
                 idle_since = None
                 continue
+            # Idle. RX without buffers is no reason to wait: such frames are dropped.
             now = clock()
             if idle_since is None:
                 idle_since = now
             elif now - idle_since >= busy:
-                if s.rx_starved:
-                    self._sleep_on(rxq, self.rx.kick_fd, [], True)
-                else:
-                    self._sleep_on(txq, self.tx.kick_fd, [], False)
+                self._sleep_on(txq, self.tx.kick_fd, stalled, self._timeout_ms(wake, stalled))
                 idle_since = None
 
     def _run_tap(self) -> None:
@@ -243,17 +332,25 @@ class _PairWorker(threading.Thread):
         rxq = self.rx.q if self.rx else None
         s = NetScratch()
         hdr, mrg, budget, busy = dev.hdr_len, dev.mrg_rxbuf, dev.budget, dev.busy_poll_us / 1e6
+        faulty = [r for r in (self.rx, self.tx) if r is not None and r.faults]
         for q in (txq, rxq):
             if q is not None:
                 q.set_notification(False)
         idle_since = None
+        wake = None
+        stalled: list[tuple[int, int]] = []
         clock = time.monotonic
         while not self._stopping:
+            tx_on = txq is not None
+            if faulty:
+                wake = self._apply_faults(faulty, clock())
+                stalled = self._notice_stalled(faulty)
+                tx_on = tx_on and not txq.fault & FAULT_STALL
             n = 0
-            if txq is not None:
+            if tx_on:
                 n += net_tap_tx(txq, tap, s, hdr, budget)
             if rxq is not None:
-                n += net_tap_rx(rxq, tap, s, hdr, mrg, budget)
+                n += net_tap_rx(rxq, tap, s, hdr, mrg, budget)   # a stalled RX drops what it reads
             if n:
                 idle_since = None
                 continue
@@ -264,14 +361,14 @@ class _PairWorker(threading.Thread):
             if now - idle_since < busy:
                 continue
             idle_since = None
-            self._tap_sleep(txq, rxq, s)
+            self._tap_sleep(txq if tx_on else None, rxq, s, stalled, self._timeout_ms(wake, stalled))
 
-    def _tap_sleep(self, txq, rxq, s) -> None:
+    def _tap_sleep(self, txq, rxq, s, extra: list[tuple[int, int]], timeout: int) -> None:
         """Enable kicks where we wait for the driver, re-check, block on
-        kicks and the tap, then disable kicks again."""
-        waits: list[tuple[int, int]] = []
+        kicks, the tap and ``extra`` at most ``timeout`` ms, then disable
+        kicks again. ``txq`` None: TX is not served now (absent, or stalled)."""
+        waits: list[tuple[int, int]] = list(extra)
         enabled = []
-        timeout = self.dev.idle_timeout_ms
         try:
             if txq is not None and not s.tx_blocked:
                 txq.drain_kick()
@@ -290,7 +387,7 @@ class _PairWorker(threading.Thread):
                     waits.append((self.rx.kick_fd, select.POLLIN))
                 else:
                     waits.append((self.tap_fd, select.POLLIN))
-            if any(fd < 0 for fd, _ in waits):
+            if any(fd < 0 for fd, _ in waits[len(extra):]):
                 timeout = 1  # a polling front-end without kick fds
             self._wait(waits, timeout)
         finally:
@@ -305,18 +402,26 @@ class NetDevice(Device):
 
     Tuning: ``budget`` frames per C call, ``spin`` empty re-polls inside C
     before returning, ``busy_poll_us`` of empty polls before sleeping on
-    kicks, ``cpus`` to pin pair k's worker to ``cpus[k % len(cpus)]``.
+    kicks, ``idle_timeout_ms``: the longest sleep before the worker looks at
+    the rings without a kick (None, the default: it sleeps until kicked, as
+    a real device does, so a driver's lost kick is not papered over),
+    ``cpus`` to pin pair k's worker to ``cpus[k % len(cpus)]``.
     ``event_capacity``: entries of each vring's event log (a power of two;
-    0: no events are logged).
+    0: no events are logged). ``faults``: device faults on purpose
+    (inspector/faults.py; ``stall`` and ``drop-calls``), each counted from
+    the start of its vring, every time it starts; ArgumentError for a
+    driver fault or a vring this device does not have.
     """
 
     name = "net"
+    device_type = "net"
     supports_inflight = True
 
     def __init__(self, mode: str = "loopback", tap_name: str | None = None, queue_pairs: int = 1,
                  mac: str = "52:54:00:12:34:57", *, budget: int = 256, spin: int = 64,
-                 busy_poll_us: float = 200.0, idle_timeout_ms: int = 500,
-                 cpus: list[int] | None = None, event_capacity: int | None = None):
+                 busy_poll_us: float = 200.0, idle_timeout_ms: int | None = None,
+                 cpus: list[int] | None = None, event_capacity: int | None = None,
+                 faults: list[Fault] | tuple[Fault, ...] = ()):
         if mode not in ("loopback", "tap"):
             raise InspectorError(f"net mode {mode!r} is invalid: use \"loopback\" or \"tap\"")
         if not 1 <= queue_pairs <= 0x8000:
@@ -324,6 +429,12 @@ class NetDevice(Device):
         self.mode = mode
         self.queue_pairs = queue_pairs
         self.num_queues = 2 * queue_pairs
+        for f in faults:
+            if f.kind not in DEVICE_FAULTS:
+                raise ArgumentError(f"fault {str(f)!r}: {f.kind} is not a device fault (use one of "
+                                    f"{', '.join(DEVICE_FAULTS)})")
+        check_vrings(faults, self.num_queues, f"this net device ({queue_pairs} queue pair(s))")
+        self.faults = tuple(faults)
         self.mac = parse_mac(mac)
         self.budget, self.spin = budget, spin
         self.busy_poll_us, self.idle_timeout_ms = busy_poll_us, idle_timeout_ms
@@ -340,7 +451,8 @@ class NetDevice(Device):
         self._lock = threading.Lock()
         self._rings: dict[int, _Ring] = {}
         self._workers: dict[int, _PairWorker] = {}
-        self._totals: dict[int, QueueStats] = {}
+        self._totals: dict[int, dict[str, int]] = {}   # counters of retired rings, by vring
+        self._broken: dict[int, str] = {}
         self._last_avail: dict[int, int] = {}
         # Event records of retired rings, not drained yet, and their logs' drop counts.
         self._pending_events: dict[int, bytearray] = {}
@@ -403,7 +515,8 @@ class NetDevice(Device):
                 old = self._rings.pop(i, None)
                 if old is not None:
                     self._retire(old)
-                self._rings[i] = _Ring(vring, mem, self.event_idx, self.event_capacity)
+                self._rings[i] = _Ring(vring, mem, self.event_idx, self.event_capacity,
+                                       tuple(f for f in self.faults if f.vring == i))
                 self._inflight.attach(self._rings[i].q, i)
             finally:
                 self._start_worker(pair)
@@ -421,20 +534,32 @@ class NetDevice(Device):
             return last
 
     def queue_stats(self, index: int) -> QueueStats:
+        """Counters of vring ``index`` over every start of it; ``dropped``
+        for receive vrings (even indices) only; ``inject`` when faults are
+        set on it: ``faults`` (their specs), ``active`` (those in force
+        now) and ``calls_dropped``."""
         with self._lock:
-            tot = self._totals.get(index, QueueStats())
-            st = QueueStats(tot.kicks, tot.calls, tot.calls_suppressed, tot.packets, tot.bytes,
-                            None, tot.broken)
+            tot = dict(self._totals.get(index) or {})
             ring = self._rings.get(index)
             if ring is not None:
-                c = ring.q.counters
-                st.kicks += c["kicks"]
-                st.calls += c["calls"]
-                st.calls_suppressed += c["calls_suppressed"]
-                st.packets += c["packets"]
-                st.bytes += c["bytes"]
+                for k, v in ring.q.counters.items():
+                    tot[k] = tot.get(k, 0) + v
+            st = QueueStats(kicks=tot.get("kicks", 0), calls=tot.get("calls", 0),
+                            calls_suppressed=tot.get("calls_suppressed", 0),
+                            packets=tot.get("packets", 0), bytes=tot.get("bytes", 0),
+                            broken=self._broken.get(index),
+                            dropped=tot.get("drops", 0) if index % 2 == 0 else None)
+            if ring is not None:
                 st.last_avail_idx = ring.q.last_avail_idx
+                st.shadow_avail_idx = ring.q.shadow_avail_idx
                 st.broken = ring.q.broken or st.broken
+            faults = [f for f in self.faults if f.vring == index]
+            if faults:
+                now = time.monotonic()
+                st.inject = {
+                    "faults": [str(f) for f in faults],
+                    "active": [str(f) for f in faults if ring is not None and f.active(now - ring.started)],
+                    "calls_dropped": tot.get("calls_dropped", 0)}
             return st
 
     def drain_events(self, index: int) -> tuple[bytearray, int]:
@@ -464,14 +589,11 @@ class NetDevice(Device):
     # --- helpers (called with the lock held) ----------------------------------------------
     def _retire(self, ring: _Ring) -> int:
         """Fold a ring's counters into the totals and release it."""
-        c = ring.q.counters
-        t = self._totals.setdefault(ring.index, QueueStats())
-        t.kicks += c["kicks"]
-        t.calls += c["calls"]
-        t.calls_suppressed += c["calls_suppressed"]
-        t.packets += c["packets"]
-        t.bytes += c["bytes"]
-        t.broken = ring.q.broken or t.broken
+        t = self._totals.setdefault(ring.index, {})
+        for k, v in ring.q.counters.items():
+            t[k] = t.get(k, 0) + v
+        if ring.q.broken:
+            self._broken[ring.index] = ring.q.broken
         # Keep its events for drain_events (bounded: a device nobody drains
         # holds at most a few logs' worth; the excess counts as dropped).
         pending = self._pending_events.setdefault(ring.index, bytearray())

@@ -3,8 +3,10 @@ README.md, "Snapshot JSON").
 
 Joins three things per vring: what the front-end configured (the back-end
 core's VringConfig: size, addresses), what the device's data path counted
-(QueueStats: kicks, calls, packets, last_avail_idx) and what the rings say
-now (the C decoder over the shared memory). Reading never writes the rings.
+(QueueStats: kicks, calls, packets, last_avail_idx, shadow_avail_idx,
+dropped; faults on purpose as extras ``inject``) and what the rings say now
+(the C decoder over the shared memory), with the device's type. Reading
+never writes the rings.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from ..spec.virtio import VIRTIO_RING_F_EVENT_IDX, has_feature
 
 
 def queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features: int,
-                   stats: QueueStats, restat=None) -> QueueEntry:
-    """One queue entry of the snapshot for ``vring`` of ``device``.
+                   stats: QueueStats, restat=None, device_type: str | None = None) -> QueueEntry:
+    """One queue entry of the snapshot for ``vring`` of ``device`` (of
+    VIRTIO §5 type ``device_type``, None: unknown).
 
     ``last_avail_idx`` is the device's (its data path) or, for a ring not
     started yet, the base the front-end set. A ring whose areas are not in
@@ -39,25 +42,28 @@ def queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features: 
     stats and the ring (up to two more times) with ``last_avail_idx`` moving.
     """
     for _ in range(2):
-        entry = _queue_snapshot(device, vring, mem, features, stats)
+        entry = _queue_snapshot(device, vring, mem, features, stats, device_type)
         if restat is None or not entry.has_anomaly(AnomalyKind.AVAIL_IDX_JUMP):
             return entry
         fresh = restat()
         if fresh.last_avail_idx == stats.last_avail_idx:
             return entry  # the device did not move: the jump is the driver's
         stats = fresh
-    return _queue_snapshot(device, vring, mem, features, stats)
+    return _queue_snapshot(device, vring, mem, features, stats, device_type)
 
 
 def _queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features: int,
-                    stats: QueueStats) -> QueueEntry:
+                    stats: QueueStats, device_type: str | None) -> QueueEntry:
     num = vring.num
     entry = QueueEntry(
         device=device, index=vring.index, size=num, features=features,
         event_idx=has_feature(features, VIRTIO_RING_F_EVENT_IDX),
         last_avail_idx=stats.last_avail_idx if stats.last_avail_idx is not None else vring.base,
         kicks=stats.kicks, calls=stats.calls, calls_suppressed=stats.calls_suppressed,
-        packets=stats.packets, bytes=stats.bytes)
+        packets=stats.packets, bytes=stats.bytes, device_type=device_type,
+        shadow_avail_idx=stats.shadow_avail_idx, dropped=stats.dropped)
+    if stats.inject is not None:
+        entry.extras["inject"] = stats.inject
     try:
         dec = decoder.snapshot_split(
             mem, num,
@@ -89,7 +95,8 @@ def backend_snapshot(server) -> Snapshot:
                 continue
             entry = queue_snapshot(name, vring, mem, conn.features,
                                    conn.device.queue_stats(vring.index),
-                                   restat=lambda i=vring.index, d=conn.device: d.queue_stats(i))
+                                   restat=lambda i=vring.index, d=conn.device: d.queue_stats(i),
+                                   device_type=conn.device.device_type)
             # The vring's eventfds as this process holds them (what the
             # eventfd probe watches: vqscope probe --connect).
             entry.backend = BackendFds(vring.kick_fd, vring.call_fd)

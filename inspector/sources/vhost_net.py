@@ -215,6 +215,7 @@ class VhostNetSource(Source):
             event_idx=has_feature(features or 0, VIRTIO_RING_F_EVENT_IDX),
             last_avail_idx=st.last_avail_idx, kicks=cnt.get("kicks", 0), calls=cnt.get("calls", 0),
             calls_suppressed=cnt.get("calls_suppressed", 0), packets=cnt.get("used_added", 0),
+            device_type="net", shadow_avail_idx=st.avail_idx,   # vhost's vq->avail_idx: what it last read
             extras={"device_state": {
                 "last_avail_idx": st.last_avail_idx, "avail_idx": st.avail_idx,
                 "last_used_idx": st.last_used_idx, "used_flags": st.used_flags,

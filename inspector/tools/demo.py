@@ -4,7 +4,9 @@ traffic through it, and the live TUI on the back-end's introspection socket.
 Everything is real: a vhost-user Unix socket (in a temporary directory, or
 at ``--socket PATH``), the front-end's rings in a memfd passed with
 SET_MEM_TABLE, eventfd kicks and calls, and the C data path echoing frames.
-Only the driver is ours instead of a guest's.
+Only the driver is ours instead of a guest's. ``--inject`` faults
+(inspector/faults.py) go to the back-end (device faults) or the front-end
+(driver faults).
 
 While it runs, other processes can read the back-end like any `vqscope
 serve`: its introspection socket is ``PATH.introspect`` (headless mode says
@@ -24,6 +26,7 @@ import threading
 
 from ..devices.net import NetDevice
 from ..errors import InspectorError
+from ..faults import check_vrings
 from ..introspect.snapshot import backend_snapshot
 from ..snapshot.codec import dumps
 from ..sources.backend import BackendSource
@@ -91,11 +94,16 @@ def demo_main(args: argparse.Namespace) -> int:
         if not sock:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="vqscope-demo-"))
             sock = os.path.join(tmp, "vhost-user.sock")
-        server = VhostUserServer(sock, lambda: NetDevice(mode="loopback", queue_pairs=args.queues),
+        faults = tuple(getattr(args, "inject", None) or ())
+        check_vrings(faults, 2 * args.queues, f"--queues {args.queues}")
+        device_faults = tuple(f for f in faults if f.side == "device")
+        server = VhostUserServer(sock, lambda: NetDevice(mode="loopback", queue_pairs=args.queues,
+                                                         faults=device_faults),
                                  introspect_path=sock + ".introspect", snapshot_fn=backend_snapshot)
         server.start()
         try:
-            with VhostUserFrontend(sock, queue_pairs=args.queues, event_idx=True, mrg_rxbuf=True) as fe:
+            with VhostUserFrontend(sock, queue_pairs=args.queues, event_idx=True, mrg_rxbuf=True,
+                                   faults=[f for f in faults if f.side == "driver"]) as fe:
                 traffic = Traffic(fe)
                 traffic.start()
                 try:

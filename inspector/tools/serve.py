@@ -9,6 +9,7 @@ import sys
 
 from ..devices.net import NetDevice
 from ..errors import InspectorError
+from ..faults import check_vrings
 from ..introspect.snapshot import backend_snapshot
 from ..vhost_user.server import VhostUserServer
 
@@ -18,9 +19,12 @@ def make_server(args: argparse.Namespace):
     if args.queues < 1 or args.queues > 64:
         raise InspectorError(f"--queues {args.queues} is invalid: give 1 to 64 queue pairs")
     mode = "tap" if args.tap else "loopback"
+    faults = tuple(getattr(args, "inject", None) or ())
+    check_vrings(faults, 2 * args.queues, f"--queues {args.queues}")
 
     def factory():
-        return NetDevice(mode=mode, tap_name=args.tap, queue_pairs=args.queues, mac=args.mac)
+        return NetDevice(mode=mode, tap_name=args.tap, queue_pairs=args.queues, mac=args.mac,
+                         faults=faults)
 
     introspect = args.introspect or args.socket + ".introspect"
     return VhostUserServer(args.socket, factory, introspect_path=introspect, snapshot_fn=backend_snapshot,
@@ -40,5 +44,8 @@ def serve_main(args: argparse.Namespace) -> int:
     what = f"tap {args.tap}" if args.tap else "loopback"
     print(f"vqscope serve: virtio-net ({what}, {args.queues} queue pair(s)) on {args.socket}; "
           f"introspection on {server.introspect_path}; Ctrl-C to end", file=sys.stderr, flush=True)
+    if args.inject:
+        print(f"vqscope serve: faults on purpose: {', '.join(str(f) for f in args.inject)} "
+              f"(each from the start of its vring)", file=sys.stderr, flush=True)
     server.serve_forever()
     return 0

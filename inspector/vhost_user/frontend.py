@@ -14,7 +14,9 @@ Faults on purpose (tests of a back-end's robustness): :meth:`write_hostile`
 puts a ring violation of one of :data:`HOSTILE_KINDS` on a vring while
 traffic runs, :meth:`shrink_memory` truncates the memfd behind the memory
 table (after which this front-end must not touch guest memory past the new
-size itself: its own mapping faults there too).
+size itself: its own mapping faults there too). Driver faults
+(``faults``, inspector/faults.py: ``withhold-kicks``, ``stop-consuming``)
+make it a stuck or buggy driver, for tests of diagnosis tools.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 import select
 import socket
 import struct
+import time
 
 from ..errors import InspectorError, ProtocolError
 from ..layout import split_layout
@@ -57,12 +60,13 @@ class VhostUserFrontend(VirtioNetDriver):
     send_raw / recv_reply, then handshake()). ``inflight``: negotiate
     VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD when offered: the back-end's area
     (GET_INFLIGHT_FD) is kept in ``inflight_map`` and handed to it, and to
-    every back-end after a :meth:`reconnect`, with SET_INFLIGHT_FD."""
+    every back-end after a :meth:`reconnect`, with SET_INFLIGHT_FD.
+    ``faults``: driver faults on purpose (:meth:`set_faults`)."""
 
     def __init__(self, socket_path: str, queue_pairs: int = 1, queue_size: int = 256,
                  mem_size: int = 64 << 20, *, event_idx: bool = False, mrg_rxbuf: bool = False,
                  extra_features: int = 0, slot_size: int = 4096, handshake: bool = True,
-                 timeout: float = 5.0, inflight: bool = False):
+                 timeout: float = 5.0, inflight: bool = False, faults=()):
         self.socket_path = socket_path
         self.queue_pairs = queue_pairs
         self.queue_size = queue_size
@@ -78,6 +82,7 @@ class VhostUserFrontend(VirtioNetDriver):
         self.protocol_features = 0
         self.queue_num: int | None = None
         self.queues: list[DriverQueue] = []
+        self.set_faults(faults)
         self._fds: list[int] = []
         self.backend_channel: socket.socket | None = None
         self.want_inflight = inflight
@@ -323,6 +328,8 @@ class VhostUserFrontend(VirtioNetDriver):
         self._request(Request.SET_VRING_CALL, pack_u64(i), fds=[q.call_fd])
         if has_feature(self.features, VHOST_USER_F_PROTOCOL_FEATURES):
             self._request(Request.SET_VRING_ENABLE, VringState(i, 1).pack())
+        q.faults = tuple(f for f in self.faults if f.vring == i)
+        q.started = time.monotonic()
 
     # --- teardown ------------------------------------------------------------------------------
     def close(self) -> None:

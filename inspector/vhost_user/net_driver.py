@@ -2,9 +2,12 @@
 guest's virtio-net driver does with the rings once the handshake is done
 (VIRTIO 1.2 §5.1.6): post RX buffers, send TX frames with a
 ``virtio_net_hdr``, kick honouring notification suppression (§2.7.10,
-§2.7.7), collect used buffers and calls; and faults on purpose
-(:meth:`VirtioNetDriver.write_hostile`, :meth:`VirtioNetDriver.shrink_memory`)
-to test a back-end's robustness.
+§2.7.7), collect used buffers and calls; and faults on purpose: hostile
+rings and shrinking memory (:meth:`VirtioNetDriver.write_hostile`,
+:meth:`VirtioNetDriver.shrink_memory`) to test a back-end's robustness, and
+the driver faults of inspector/faults.py (``withhold-kicks``,
+``stop-consuming``: :meth:`VirtioNetDriver.set_faults`) that imitate a stuck
+or buggy driver.
 
 :class:`VirtioNetDriver` is a mixin of :class:`~.frontend.VhostUserFrontend`,
 which owns the memory, the vrings (``queues``: one ``DriverQueue`` per vring with
@@ -18,8 +21,10 @@ from __future__ import annotations
 import os
 import select
 import struct
+import time
 
-from ..errors import InspectorError, ProtocolError
+from ..errors import ArgumentError, InspectorError, ProtocolError
+from ..faults import DRIVER_FAULTS, Fault, check_vrings
 from ..ring.driver import DriverRing
 from ..ring.anomalies import AnomalyKind
 from ..spec.virtio import (VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_HDR_MRG_RXBUF_SIZE,
@@ -50,7 +55,10 @@ def vring_need_event(event_idx: int, new_idx: int, old: int) -> bool:
 
 
 class DriverQueue:
-    """The front-end's state of one vring."""
+    """The front-end's state of one vring: ``kicks`` written, ``calls``
+    read, ``kicks_withheld`` (due but not written: ``withhold-kicks``), its
+    driver ``faults`` and when it ``started`` (time.monotonic(), set at each
+    vring set-up: faults count from there)."""
 
     def __init__(self, index: int, ring: DriverRing, kick_fd: int, call_fd: int):
         self.index = index
@@ -60,7 +68,17 @@ class DriverQueue:
         self.slots: dict[int, int] = {}  # head -> slot
         self.kicks = 0
         self.calls = 0
+        self.kicks_withheld = 0
         self.last_kick_idx = 0  # avail idx at the last kick decision
+        self.faults: tuple[Fault, ...] = ()
+        self.started = time.monotonic()
+
+    def fault_on(self, kind: str) -> bool:
+        """Is a fault of ``kind`` in force on this vring now?"""
+        if not self.faults:
+            return False
+        elapsed = time.monotonic() - self.started
+        return any(f.kind == kind and f.active(elapsed) for f in self.faults)
 
 
 class VirtioNetDriver:
@@ -86,17 +104,38 @@ class VirtioNetDriver:
     def tx(self, pair: int) -> DriverQueue:
         return self.queues[2 * pair + 1]
 
+    def set_faults(self, faults) -> None:
+        """Driver faults on purpose (inspector/faults.py: ``withhold-kicks``,
+        ``stop-consuming``), each counted from the set-up of its vring.
+        Replaces those set before. ArgumentError for a device fault or a
+        vring this front-end does not have."""
+        faults = tuple(faults)
+        for f in faults:
+            if f.kind not in DRIVER_FAULTS:
+                raise ArgumentError(f"fault {str(f)!r}: {f.kind} is not a driver fault (use one of "
+                                    f"{', '.join(DRIVER_FAULTS)})")
+        check_vrings(faults, 2 * self.queue_pairs, f"this front-end ({self.queue_pairs} queue pair(s))")
+        self.faults = faults
+        for q in self.queues:
+            q.faults = tuple(f for f in faults if f.vring == q.index)
+
     def kick(self, q: DriverQueue) -> bool:
         """Notify the device if it asked for it (VIRTIO 1.2 §2.7.13.4):
         VRING_USED_F_NO_NOTIFY, or with EVENT_IDX the avail_event window.
-        Returns whether a kick was sent."""
+        Returns whether a kick was sent. Under ``withhold-kicks`` a due kick
+        is not written (counted in ``kicks_withheld``) and the window is kept
+        from the last kick written, so that the first publish after the
+        fault kicks if any kick was due meanwhile."""
         ring = q.ring
         old, new = q.last_kick_idx, ring.avail_idx
-        q.last_kick_idx = new
         if self.event_idx:
             need = vring_need_event(ring.avail_event, new, old)
         else:
             need = not ring.used_flags & VRING_USED_F_NO_NOTIFY
+        if need and q.fault_on("withhold-kicks"):
+            q.kicks_withheld += 1
+            return False
+        q.last_kick_idx = new
         if need:
             os.eventfd_write(q.kick_fd, 1)
             q.kicks += 1
@@ -108,6 +147,8 @@ class VirtioNetDriver:
         if buf_len > self.slot_size:
             raise InspectorError(f"buf_len {buf_len} exceeds the slot size {self.slot_size}")
         q = self.rx(pair)
+        if q.fault_on("stop-consuming"):
+            return 0  # a stuck driver refills nothing
         posted = 0
         for _ in range(n):
             if q.ring.num_free == 0 or not self.free_slots:
@@ -214,7 +255,10 @@ class VirtioNetDriver:
         os.ftruncate(self.memfd, size)
 
     def _collect(self, q: DriverQueue) -> list[tuple[int, int, int]]:
-        """Used entries as (head, len, slot); frees descriptors, re-arms used_event."""
+        """Used entries as (head, len, slot); frees descriptors, re-arms
+        used_event. Nothing under ``stop-consuming`` (used_event stays)."""
+        if q.fault_on("stop-consuming"):
+            return []
         out = []
         for head, length in q.ring.get_used():
             out.append((head, length, q.slots.pop(head)))
@@ -261,8 +305,13 @@ class VirtioNetDriver:
 
     def wait_call(self, pair: int, timeout: float = 1.0, which: str = "any") -> bool:
         """Wait up to ``timeout`` s for a call on the pair's RX, TX or either
-        vring; drains the eventfd(s). True when a call came."""
+        vring; drains the eventfd(s). True when a call came. A vring under
+        ``stop-consuming`` is not listened to (its calls stay unread)."""
         qs = {"rx": [self.rx(pair)], "tx": [self.tx(pair)], "any": [self.rx(pair), self.tx(pair)]}[which]
+        qs = [q for q in qs if not q.fault_on("stop-consuming")]
+        if not qs:
+            time.sleep(max(0, timeout))
+            return False
         poller = select.poll()
         for q in qs:
             poller.register(q.call_fd, select.POLLIN)

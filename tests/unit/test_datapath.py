@@ -19,7 +19,7 @@ from inspector.spec.virtio import (VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDI
 from inspector.errors import RingError
 from inspector.memory import GuestMemory
 from inspector.datapath.net import NetScratch, net_loopback
-from inspector.datapath.queue import DeviceQueue, need_event
+from inspector.datapath.queue import FAULT_DROP_CALLS, FAULT_STALL, DeviceQueue, need_event
 
 GPA = 0x100000          # guest-physical base of the test memory
 UVA = 0x7F0000000000    # the front-end's virtual address of the same memory
@@ -474,6 +474,61 @@ def test_drain_kick_counts_eventfd_value():
         os.close(kick)
 
 
+# --- faults on purpose (inspector/faults.py) -------------------------------------
+
+def test_stalled_queue_pops_nothing_and_notice_reads_avail_idx():
+    """FAULT_STALL: nothing is taken; notice() reads avail->idx (the
+    shadow moves) and asks for the next kick at it, as Linux
+    vhost_enable_notify (avail_event = the avail_idx read, §2.7.10)."""
+    rig = Rig(size=8, event_idx=True)
+    rig.dev.set_notification(False)
+    rig.dev.fault = FAULT_STALL
+    for _ in range(3):
+        rig.drv.add_chain([(DATA, 4, False)])
+    rig.drv.publish()
+    assert rig.dev.pop() == [] and rig.dev.shadow_avail_idx == 0
+    assert rig.dev.notice() == 3
+    assert rig.dev.shadow_avail_idx == 3 and rig.dev.last_avail_idx == 0
+    assert rig.drv.avail_event == 3          # not last_avail_idx: the next publish kicks
+    rig.drv.add_chain([(DATA, 4, False)])
+    rig.drv.publish()
+    assert need_event(rig.drv.avail_event, 4, 3)
+    rig.dev.fault = 0
+    assert len(rig.dev.pop()) == 4
+
+
+def test_notice_without_event_idx_clears_no_notify():
+    rig = Rig()
+    rig.dev.set_notification(False)
+    rig.drv.add_chain([(DATA, 4, False)])
+    rig.drv.publish()
+    assert rig.dev.notice() == 1
+    assert not rig.drv.used_flags & VRING_USED_F_NO_NOTIFY and rig.dev.shadow_avail_idx == 1
+
+
+def test_dropped_call_is_decided_but_not_written(call_fd):
+    """FAULT_DROP_CALLS: the call is decided as ever (§2.7.10, signalled_used
+    moves) but not written, counted or logged as a call: a lost interrupt.
+    The driver, never called, leaves used_event where it was, so later
+    calls are not due at all."""
+    rig = Rig(size=16, event_idx=True, call_fd=call_fd)
+    rig.dev.fault = FAULT_DROP_CALLS
+    rig.drv.used_event = 0
+    _use_one(rig)                           # used 0 -> 1: due (first signal), dropped
+    assert rig.dev.notify() is False and _eventfd_value(call_fd) == 0
+    rig.drv.used_event = 1
+    _use_one(rig)                           # 1 -> 2: passes used_event 1: due, dropped
+    assert rig.dev.notify() is False
+    _use_one(rig)                           # 2 -> 3: used_event 1 already passed
+    assert rig.dev.notify() is False
+    c = rig.dev.counters
+    assert (c["calls"], c["calls_dropped"], c["calls_suppressed"]) == (0, 2, 1)
+    rig.dev.fault = 0
+    rig.drv.used_event = 3
+    _use_one(rig)                           # 3 -> 4 passes 3: called
+    assert rig.dev.notify() is True and _eventfd_value(call_fd) == 1
+
+
 # --- net fast path ---------------------------------------------------------------
 
 HDR12 = 12
@@ -580,29 +635,52 @@ def test_loopback_without_mrg_drops_frame_too_big_for_one_chain():
     assert len(rig.tx.get_used()) == 2
 
 
-def test_loopback_rx_starved_leaves_tx_pending():
+def test_loopback_rx_starved_drops_frame_and_returns_tx():
+    """A NIC (and tun under vhost-net) drops a frame it has no receive
+    buffer for; the TX buffer goes back and RX counts the drop."""
     rig = NetRig()
     rig.send(_eth(64))
     rig.send(_eth(64))
-    assert rig.run() == 0
+    assert rig.run() == 2
     assert rig.s.rx_starved
-    assert rig.txq.last_avail_idx == 0 and rig.tx.get_used() == []
-    rig.give_rx(2048, 1)
-    assert rig.run() == 1 and rig.s.rx_starved
-    rig.give_rx(2048, 1)
-    assert rig.run() == 1 and not rig.s.rx_starved
+    assert rig.txq.last_avail_idx == 2 and len(rig.tx.get_used()) == 2
+    assert rig.rxq.counters["drops"] == 2 and rig.rx.get_used() == []
     assert rig.txq.counters["packets"] == 2 and rig.txq.counters["drops"] == 0
+    rig.give_rx(2048, 1)
+    rig.send(_eth(64))
+    assert rig.run() == 1 and not rig.s.rx_starved
+    assert len(rig.rx.get_used()) == 1 and rig.rxq.counters["drops"] == 2
 
 
-def test_loopback_partial_mergeable_starvation_takes_nothing():
+def test_loopback_partial_mergeable_starvation_drops_and_takes_nothing():
+    """Too few RX buffers for a mergeable frame: the chains taken for it go
+    back, the frame is dropped."""
     rig = NetRig()
     rig.give_rx(256, 2)
     rig.send(_eth(1000))
-    assert rig.run(mrg=True) == 0 and rig.s.rx_starved
+    assert rig.run(mrg=True) == 1 and rig.s.rx_starved
     assert rig.rxq.last_avail_idx == 0 and rig.rx.get_used() == []
+    assert rig.rxq.counters["drops"] == 1 and len(rig.tx.get_used()) == 1
     rig.give_rx(256, 2)
+    rig.send(_eth(1000))
     assert rig.run(mrg=True) == 1
     assert len(rig.rx.get_used()) == 4
+
+
+def test_loopback_stalled_rx_drops_without_reading_avail():
+    """FAULT_STALL on RX: frames for it are dropped; the stalled queue takes
+    no buffer and does not even read avail->idx (only notice() does)."""
+    rig = NetRig()
+    rig.give_rx(2048, 4)
+    rig.rxq.fault = FAULT_STALL
+    rig.send(_eth(64))
+    assert rig.run() == 1
+    assert rig.rxq.counters["drops"] == 1 and rig.rx.get_used() == []
+    assert rig.rxq.last_avail_idx == 0 and rig.rxq.shadow_avail_idx == 0
+    assert rig.rxq.notice() == 4 and rig.rxq.shadow_avail_idx == 4
+    rig.rxq.fault = 0
+    rig.send(_eth(64))
+    assert rig.run() == 1 and len(rig.rx.get_used()) == 1
 
 
 def test_loopback_rx_header_split_across_descriptors():

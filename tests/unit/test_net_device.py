@@ -171,7 +171,8 @@ def test_features_and_config():
         NetDevice(mac="52:54:00")
     with pytest.raises(InspectorError):
         NetDevice(mode="bridge")
-    assert dev.queue_stats(0) == QueueStats()
+    assert dev.queue_stats(0) == QueueStats(dropped=0)   # RX counts drops
+    assert dev.queue_stats(1) == QueueStats()            # TX does not
     dev.close()
 
 
@@ -230,22 +231,23 @@ def test_idle_worker_sleeps_and_is_woken_by_a_kick(memory, event_idx):
 
 
 @pytest.mark.timeout(60)
-def test_rx_starved_frames_wait_on_tx_then_flow(memory):
+def test_rx_starved_frames_are_dropped_tx_returned(memory):
+    """No RX buffer: the frame is dropped and counted on RX, its TX buffer
+    returned (a NIC's backpressure); frames flow again once RX has buffers."""
     dev, (drv,) = start(memory, busy_poll_us=50)
     try:
         drv.send([eth(64, seq=i) for i in range(5)])
-        time.sleep(0.1)
-        assert drv.rx.used_idx == 0 and drv.tx.used_idx == 0   # nothing dropped, nothing done
-        assert dev.queue_stats(1).last_avail_idx == 0
-        drv.give_rx(3)
+        wait_for(lambda: drv.tx.used_idx == 5, what="5 TX buffers returned")
+        assert drv.rx.used_idx == 0
+        wait_for(lambda: dev.queue_stats(0).dropped == 5, what="5 drops on RX")
+        st = dev.queue_stats(1)
+        assert st.last_avail_idx == 5 and st.packets == 5 and st.dropped is None
+        drv.give_rx(8)
+        drv.send([eth(64, seq=i) for i in range(5, 8)])
         got: list[bytes] = []
         wait_for(lambda: got.extend(drv.received()) or len(got) == 3, what="3 frames")
-        time.sleep(0.05)
-        assert dev.queue_stats(1).last_avail_idx == 3
-        drv.give_rx(8)
-        wait_for(lambda: got.extend(drv.received()) or len(got) == 5, what="5 frames")
-        assert [struct.unpack(">I", f[14:18])[0] for f in got] == list(range(5))
-        assert dev.queue_stats(1).packets == 5
+        assert [struct.unpack(">I", f[14:18])[0] for f in got] == [5, 6, 7]
+        assert dev.queue_stats(0).packets == 3 and dev.queue_stats(0).dropped == 5
     finally:
         dev.close()
         drv.close()

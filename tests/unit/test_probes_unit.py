@@ -426,6 +426,8 @@ def test_vhost_net_entry_does_not_decode_from_a_stale_last_avail(monkeypatch):
                           time_ns=0)
         entry = src._entry("vhost-net:1:3", None, st, {}, {})
         assert entry.last_avail_idx == want_top and entry.extras["device_state"]["last_avail_idx"] == last
+        # vhost's vq->avail_idx is what the device last read of avail->idx
+        assert entry.shadow_avail_idx == 3 and entry.device_type == "net"
         assert [c.head for c in entry.chains] == want_heads
         assert asked == [last]                  # one read, whichever last_avail_idx it keeps
     pm.close()

@@ -55,7 +55,7 @@ def _dev(features: int = FEATURES, broken: bool = False, vhost: bool = False) ->
 def _queue(ring: RingBuilder, **kw) -> QueueState:
     desc, avail, used = ring.addrs
     args = dict(index=0, num=8, desc=desc, avail=avail, used=used, vhost=False, last_avail_idx=2,
-                qemu_used_idx=1, signalled_used=1)
+                qemu_used_idx=1, signalled_used=1, shadow_avail_idx=3)
     return QueueState(**(args | kw))
 
 
@@ -65,8 +65,9 @@ def test_queue_qemu_services(source, ring):
     assert isinstance(dec, RingSnapshot) and entry.chain_source is dec
     assert [c.head for c in entry.chains] == ring.heads[2:]
     assert queue_to_json(entry) == {
-        "device": "fnet", "index": 0, "layout": "split", "size": 8, "features": FEATURES, "event_idx": True,
-        "avail_idx": 3, "used_idx": 1, "last_avail_idx": 2, "inflight": 2, "avail_flags": 0, "used_flags": 0,
+        "device": "fnet", "device_type": "net", "index": 0, "layout": "split", "size": 8,
+        "features": FEATURES, "event_idx": True, "avail_idx": 3, "used_idx": 1, "last_avail_idx": 2,
+        "shadow_avail_idx": 3, "inflight": 2, "avail_flags": 0, "used_flags": 0,
         "used_event": dec.used_event, "avail_event": dec.avail_event,
         "kicks": 0, "calls": 0, "calls_suppressed": 0, "packets": 0, "bytes": 0,
         "chains": dec.chain_dicts(), "anomalies": [],
@@ -79,9 +80,12 @@ def test_vhost_queue_with_addresses_that_disagree(source, ring):
     desc, avail, used = ring.addrs
     hva = {a: source._gpa_to_hva(a) for a in ring.addrs}
     q = _queue(ring, vhost=True, last_avail_idx=None, qemu_used_idx=None, signalled_used=None,
-               desc_hva=hva[desc], avail_hva=hva[avail] + 4096, used_hva=hva[used], kick=30, call=31)
+               shadow_avail_idx=None, desc_hva=hva[desc], avail_hva=hva[avail] + 4096,
+               used_hva=hva[used], kick=30, call=31)
     entry, dec = source._queue_entry(_dev(vhost=True), q)
     assert entry.last_avail_idx is None and [c.head for c in entry.chains] == ring.heads[1:]
+    # only the device knows what it read; the type is the device's all the same
+    assert entry.shadow_avail_idx is None and entry.device_type == "net"
     assert [a.kind for a in entry.anomalies] == [AnomalyKind.ADDRESS_MISMATCH]
     assert entry.anomalies[0].detail.startswith(f"avail at guest-physical {avail:#x}: vhost has QEMU address")
     j = queue_to_json(entry)
@@ -112,3 +116,18 @@ def test_ring_outside_guest_ram_is_ring_unmapped(source, ring):
     entry, dec = source._queue_entry(_dev(), _queue(ring, desc=0xDEAD_0000_0000))
     assert dec is None and [a.kind for a in entry.anomalies] == [AnomalyKind.RING_UNMAPPED]
     assert "descriptor table at guest-physical 0xdead00000000" in entry.anomalies[0].detail
+
+
+def test_queue_state_takes_shadow_avail_idx_from_qmp():
+    """x-query-virtio-queue-status (QEMU 7.2 qapi/virtio.json VirtQueueStatus):
+    ``shadow-avail-idx`` is there for a queue QEMU services."""
+    from inspector.sources.qemu import queue_state
+
+    reply = {"name": "virtio-net", "queue-index": 0, "inuse": 0, "vring-num": 256, "vring-num-default": 256,
+             "vring-align": 4096, "vring-desc": 0x1000, "vring-avail": 0x2000, "vring-used": 0x3000,
+             "last-avail-idx": 123, "shadow-avail-idx": 355, "used-idx": 123, "signalled-used": 123,
+             "signalled-used-valid": True}
+    q = queue_state(_dev(), 0, reply)
+    assert (q.last_avail_idx, q.shadow_avail_idx) == (123, 355)
+    del reply["shadow-avail-idx"]
+    assert queue_state(_dev(), 0, reply).shadow_avail_idx is None

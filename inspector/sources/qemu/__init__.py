@@ -12,8 +12,9 @@ uses; their replies are quoted in the QEMU attach tests):
 
   - QEMU services the queue itself: ``x-query-virtio-queue-status`` —
     ``vring-desc/avail/used`` (guest-physical), ``vring-num``,
-    ``last-avail-idx``, ``used-idx``, ``signalled-used``. Side-effect free
-    there: it copies QEMU's own VirtQueue fields.
+    ``last-avail-idx``, ``shadow-avail-idx`` (the snapshot's
+    ``shadow_avail_idx``), ``used-idx``, ``signalled-used``. Side-effect
+    free there: it copies QEMU's own VirtQueue fields.
   - a vhost device (kernel vhost-net, vhost-user) has started:
     ``x-query-virtio-vhost-queue-status`` — ``desc/avail/used`` (QEMU's host
     virtual addresses), ``*-phys``, ``num``, ``kick``/``call`` fds. QEMU's
@@ -30,6 +31,8 @@ uses; their replies are quoted in the QEMU attach tests):
   rebuilt when the flat view changes (looked at every ``map_refresh``
   seconds, and after a failed read).
 - the rings: :mod:`inspector.ring.remote`, one ``process_vm_readv`` per queue.
+- each queue's ``device_type``: the device's virtio name (``virtio-net``...)
+  as VIRTIO §5 names it (:func:`inspector.analysis.roles.device_type_of`).
 
 The QMP connection lives on a private event loop in its own thread, so
 :meth:`QemuSource.snapshot` can be called from any thread (the TUI polls
@@ -43,6 +46,7 @@ import random
 import time
 from dataclasses import dataclass
 
+from ...analysis.roles import device_type_of
 from ...errors import InspectorError, SourceError, SourceGone
 from ...memory.process import ProcessExitedError, ProcessMemory, RamRange
 from ...ring.anomalies import Anomaly, AnomalyKind
@@ -329,7 +333,8 @@ class QemuSource(Source):
         entry = QueueEntry(
             device=dev.device, index=q.index, layout="packed" if packed else "split", size=q.num,
             features=dev.features, event_idx=bool(dev.features >> VIRTIO_RING_F_EVENT_IDX & 1),
-            last_avail_idx=q.last_avail_idx, calls_suppressed=0, extras={"qemu": q.qemu_dict(dev.path)})
+            last_avail_idx=q.last_avail_idx, calls_suppressed=0, extras={"qemu": q.qemu_dict(dev.path)},
+            device_type=device_type_of(dev.name), shadow_avail_idx=q.shadow_avail_idx)
         anomalies = entry.anomalies
         if dev.broken:
             anomalies.append(Anomaly(AnomalyKind.DEVICE_BROKEN, f"QEMU marked {dev.path} broken"))

@@ -83,6 +83,7 @@ class QueueState:
     used: int
     vhost: bool
     last_avail_idx: int | None = None     # QEMU's, for a queue it services
+    shadow_avail_idx: int | None = None   # avail->idx as QEMU last read it, likewise
     qemu_used_idx: int | None = None
     signalled_used: int | None = None
     desc_hva: int | None = None
@@ -114,6 +115,10 @@ def device_state(path: str, name: str, st: dict) -> DeviceState:
                        statuses=tuple((st.get("status") or {}).get("statuses", ())))
 
 
+def _opt_int(v) -> int | None:
+    return None if v is None else int(v)
+
+
 def queue_state(dev: DeviceState, index: int, reply: dict) -> QueueState | None:
     """Plain state from the reply of :func:`queue_command` for ``dev``;
     None when the queue is not set up (size 0 or no addresses)."""
@@ -126,7 +131,8 @@ def queue_state(dev: DeviceState, index: int, reply: dict) -> QueueState | None:
         q = QueueState(index=index, num=int(reply["vring-num"]), desc=int(reply["vring-desc"]),
                        avail=int(reply["vring-avail"]), used=int(reply["vring-used"]), vhost=False,
                        last_avail_idx=int(reply["last-avail-idx"]), qemu_used_idx=int(reply["used-idx"]),
-                       signalled_used=reply.get("signalled-used"))
+                       signalled_used=reply.get("signalled-used"),
+                       shadow_avail_idx=_opt_int(reply.get("shadow-avail-idx")))
     if q.num == 0 or not (q.desc and q.avail and q.used):
         return None
     return q
