@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=fmt, epilog=_examples("""
                              vqscope load vhost-net --tx 32 --rx 32       # needs root and /dev/vhost-net
                              vqscope load vhost-net --hold 60 --every 0.5 # stay open for vqscope tui --vhost-net PID
+                             vqscope load vhost-net --withhold-kicks --hold 60   # TX entries vhost was never kicked for
+                             vqscope load vhost-net --hold 60 --every 1 --withhold-kicks 4 --withhold-after 20
                          """))
     ldp.add_argument("kind", choices=["vhost-net"], help="device to drive")
     ldp.add_argument("--tx", type=int, default=8, help="frames to send through TX (default 8)")
@@ -250,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     ldp.add_argument("--hold", type=float, default=0.0, help="seconds to stay open after the traffic")
     ldp.add_argument("--every", type=float, default=0.0,
                      help="while holding, one TX and one RX frame every SECONDS")
+    ldp.add_argument("--withhold-kicks", type=int, nargs="?", const=8, default=0, metavar="N",
+                     help="a lost kick on purpose: after the traffic, publish N TX frames (default 8) "
+                          "without kicking vhost; from then on --every's TX frames are unkicked too")
+    ldp.add_argument("--withhold-after", type=float, default=0.0, metavar="S",
+                     help="start withholding S seconds into --hold (default 0), after normal "
+                          "--every traffic, so that an observer attached meanwhile sees TX at work")
     ldp.set_defaults(func=cmd_load)
 
 

@@ -264,8 +264,8 @@ class _PairWorker(threading.Thread):
                 continue
             r.q.fault = mask
             names = [k for k, bit in _FAULT_BITS.items() if mask & bit]
-            logger.info("net pair %d: vring %d: %s", self.pair, r.index,
-                        "faults " + ", ".join(names) + " on" if names else "faults off")
+            logger.info("net pair %d: vring %d: faults on purpose in force now: %s", self.pair, r.index,
+                        ", ".join(names) or "none")
             if mask & FAULT_STALL and not old & FAULT_STALL:
                 r.q.notice()
             elif old & FAULT_STALL and not mask & FAULT_STALL:

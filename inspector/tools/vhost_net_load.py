@@ -38,6 +38,13 @@ IPv6 is disabled before it is brought up, so nothing else reaches the rings.
 Counters (:class:`RingCounters`): kicks sent, used entries seen and the used
 ring's ``idx`` as last read, per vring. ``vqscope load vhost-net`` is the
 CLI (see :func:`load_main`).
+
+A fault on purpose: :meth:`VhostNetDriver.publish_tx` with ``kick=False``
+(``--withhold-kicks``) publishes TX entries without the kick vhost asked
+for (without EVENT_IDX, VRING_USED_F_NO_NOTIFY is clear while vhost waits:
+every publish needs a kick, §2.7.10), so the kernel's vhost-net sees
+entries (``avail_idx`` ahead of its ``vq->avail_idx`` and
+``last_avail_idx``) it was never kicked for: a lost kick.
 """
 
 from __future__ import annotations
@@ -89,12 +96,15 @@ class RingCounters:
     """What the driver did on one vring: ``kicks`` written to the kick
     eventfd, ``used`` entries collected from the used ring, ``used_idx`` the
     used ring's ``idx`` as last read, ``calls`` eventfd counts read from the
-    call eventfd (calls coalesce: this is a count of signals, not of reads)."""
+    call eventfd (calls coalesce: this is a count of signals, not of reads),
+    ``withheld``: entries published without a kick on purpose
+    (:meth:`VhostNetDriver.publish_tx`)."""
 
     kicks: int = 0
     used: int = 0
     used_idx: int = 0
     calls: int = 0
+    withheld: int = 0
 
 
 @dataclass(frozen=True)
@@ -348,16 +358,14 @@ class VhostNetDriver:
         return out
 
     # ---- traffic -------------------------------------------------------------------
-    def send(self, n: int, *, length: int = 64, timeout: float = 30.0) -> list[bytes]:
+    def publish_tx(self, n: int, *, length: int = 64, kick: bool = True) -> list[bytes]:
         """Put ``n`` frames of ``length`` bytes on TX (one descriptor each:
-        12-byte zero header + frame), publish them, kick once, wait for
-        their ``n`` used entries and read the ``n`` frames back from the tap
-        (the packet socket). Returns the frames read; raises VhostNetError
-        when fewer arrive within ``timeout`` seconds or they differ."""
-        if not 0 < n <= self.size:
-            raise VhostNetError(f"send: {n} frames do not fit a ring of {self.size}")
+        12-byte zero header + frame) and publish them (avail->idx), then kick
+        once, or with ``kick=False`` not at all (a lost kick on purpose,
+        counted in ``withheld``). Publishes fewer when fewer TX buffers are
+        free; returns the frames published."""
         ring, frames = self.rings[VHOST_NET_VQ_TX], []
-        for _ in range(n):
+        for _ in range(min(n, len(self._free_bufs[VHOST_NET_VQ_TX]))):
             frame = _frame(b"\xff" * 6, _mac(1), self._seq, length)
             self._seq += 1
             gpa = self._take_buf(VHOST_NET_VQ_TX)
@@ -365,8 +373,26 @@ class VhostNetDriver:
             head = ring.add_chain([(gpa, VNET_HDR_LEN + length, False)])
             self._bufs[VHOST_NET_VQ_TX][head] = gpa
             frames.append(frame)
-        ring.publish()
-        self.kick(VHOST_NET_VQ_TX)
+        if frames:
+            ring.publish()
+            if kick:
+                self.kick(VHOST_NET_VQ_TX)
+            else:
+                self.counters[VHOST_NET_VQ_TX].withheld += len(frames)
+        return frames
+
+    def send(self, n: int, *, length: int = 64, timeout: float = 30.0) -> list[bytes]:
+        """Publish ``n`` frames on TX and kick (:meth:`publish_tx`), wait
+        for their ``n`` used entries and read the ``n`` frames back from the
+        tap (the packet socket). Returns the frames read; raises
+        VhostNetError when fewer arrive within ``timeout`` seconds or they
+        differ."""
+        if not 0 < n <= self.size:
+            raise VhostNetError(f"send: {n} frames do not fit a ring of {self.size}")
+        if n > len(self._free_bufs[VHOST_NET_VQ_TX]):
+            raise VhostNetError(f"send: {n} frames, but only {len(self._free_bufs[VHOST_NET_VQ_TX])} "
+                                f"TX buffers are free")
+        frames = self.publish_tx(n, length=length)
         self._release(VHOST_NET_VQ_TX, self._collect(VHOST_NET_VQ_TX, n, timeout))
         got = self._read_packets(set(frames), n, timeout)
         return got
@@ -445,18 +471,49 @@ def load_main(args) -> int:
     send ``--tx`` frames, receive ``--rx`` frames, print one JSON summary
     line (flushed), then keep the device open ``--hold`` seconds (another
     process can attach meanwhile), repeating one TX and one RX frame every
-    ``--every`` seconds if given."""
+    ``--every`` seconds if given.
+
+    ``--withhold-kicks N``: publish N TX frames without kicking (a lost
+    kick), ``--withhold-after`` seconds into the hold (default 0: before the
+    first summary; later, a summary line follows); from then on the TX
+    frames of ``--every`` are published unkicked too, while TX buffers are
+    free. Waiting lets an observer attached meanwhile see the TX vring at
+    work first (the probes learn a vring from vhost's handlers)."""
+    withhold = getattr(args, "withhold_kicks", 0) or 0
+    after = getattr(args, "withhold_after", 0.0) or 0.0
+    if not 0 <= withhold <= args.size:
+        raise VhostNetError(f"--withhold-kicks {withhold} is invalid: give 1 to --size ({args.size}) frames")
+    if after < 0 or (withhold and after and after >= args.hold):
+        raise VhostNetError(f"--withhold-after {after:g} is invalid: give seconds >= 0 and less than "
+                            f"--hold ({args.hold:g})")
     with VhostNetDriver(size=args.size, tap=args.tap) as drv:
         if args.tx:
             drv.send(args.tx)
         if args.rx:
             drv.receive(args.rx)
+        withholding = False
+        if withhold and not after:
+            drv.publish_tx(withhold, kick=False)
+            withholding = True
         print(json.dumps(drv.summary()), flush=True)
-        end = time.monotonic() + args.hold
+        start = time.monotonic()
+        end = start + args.hold
         while (left := end - time.monotonic()) > 0:
-            time.sleep(min(args.every or 1.0, left))
-            if args.every and time.monotonic() < end:
-                drv.send(1)
+            nap = min(args.every or 1.0, left)
+            if withhold and not withholding:
+                nap = min(nap, max(0.0, start + after - time.monotonic()))
+            time.sleep(nap)
+            now = time.monotonic()
+            if withhold and not withholding and now >= start + after:
+                drv.publish_tx(withhold, kick=False)
+                withholding = True
+                print(json.dumps(drv.summary()), flush=True)
+                continue
+            if args.every and now < end:
+                if withholding:
+                    drv.publish_tx(1, kick=False)
+                else:
+                    drv.send(1)
                 drv.receive(1)
         if args.hold and args.every:
             print(json.dumps(drv.summary()), flush=True)

@@ -168,3 +168,33 @@ def test_tui_vhost_net_shows_both_vrings(run):
         run_app(app, body)
     # the probes were borrowed: still attached for the other tests
     assert run.vhost.queue_states()
+
+
+def test_withheld_tx_kicks_leave_vhost_behind(run):
+    """``vqscope load vhost-net --withhold-kicks`` (VhostNetDriver.publish_tx
+    with kick=False): TX entries published without the kick vhost asked for
+    (no EVENT_IDX: VRING_USED_F_NO_NOTIFY is clear while it waits, VIRTIO
+    1.2 §2.7.10). vhost never looks: the vhost-net source shows the ring's
+    avail_idx ahead of shadow_avail_idx (vhost's vq->avail_idx) and
+    last_avail_idx, no new kick and no used entry. Last in this module: the
+    TX vring stays so."""
+    import time
+
+    from inspector.sources.vhost_net import VhostNetSource
+    from inspector.spec.virtio import VRING_USED_F_NO_NOTIFY
+
+    drv = run.driver
+    ring = drv.rings[VHOST_NET_VQ_TX]
+    device = f"vhost-net:{os.getpid()}:{drv.vhost_fd}"
+    st = vq_of(run, VHOST_NET_VQ_TX)
+    kicks = run.vhost.counters()[st.vq]["kicks"]
+    assert not ring.used_flags & VRING_USED_F_NO_NOTIFY      # vhost waits for a kick
+    assert len(drv.publish_tx(4, kick=False)) == 4 and drv.counters[VHOST_NET_VQ_TX].withheld == 4
+    time.sleep(1)
+    with VhostNetSource(os.getpid(), probes=(run.vhost, run.ioctl)) as source:
+        q = source.snapshot().queue(device, VHOST_NET_VQ_TX)
+    assert q is not None and q.device_type == "net"
+    assert q.avail_idx == ring.avail_idx == st.avail_idx + 4
+    assert q.shadow_avail_idx == q.last_avail_idx == ring.avail_idx - 4
+    assert q.used_idx == ring.used_idx == ring.avail_idx - 4
+    assert q.kicks == kicks
