@@ -61,7 +61,8 @@ def watch(source, analyzer: Analyzer, duration: float, interval: float,
     change seen). SourceError from the first snapshot propagates; one later
     ends the watch early (its message printed to stderr)."""
     changes: list[Diagnosis] = []
-    first = last = None
+    first = None
+    last_time = 0.0
     order: list = []
     while True:
         started = time.monotonic()
@@ -71,18 +72,19 @@ def watch(source, analyzer: Analyzer, duration: float, interval: float,
         except SourceError as e:
             if first is None:
                 raise
-            print(f"vqscope doctor: {e}; verdicts as of {clock(last)}", file=sys.stderr)
+            print(f"vqscope doctor: {e}; verdicts as of {clock(last_time)}", file=sys.stderr)
             break
-        changes += analyzer.update(snap, events)
+        if snap.time != last_time:   # a file source, or a back-end that did not move: nothing new
+            changes += analyzer.update(snap, events)
+            last_time = snap.time
         order = [q.id for q in snap.queues]
         if first is None:
-            first = snap.time
-        last = snap.time
-        if last - first >= duration:
+            first = started
+        if time.monotonic() - first >= duration:
             break
         sleep(max(0.0, interval - (time.monotonic() - started)))
     diag = analyzer.diagnoses
-    return [diag[qid] for qid in order if qid in diag], last - first, changes
+    return [diag[qid] for qid in order if qid in diag], time.monotonic() - first, changes
 
 
 def doctor_main(args: argparse.Namespace) -> int:
@@ -99,6 +101,10 @@ def doctor_main(args: argparse.Namespace) -> int:
         analyzer = Analyzer(th, notifications_seen=src.has_events)
         final, watched, changes = watch(src, analyzer, args.duration, args.interval)
         name = src.name
+    if not final:
+        print(f"vqscope doctor: {name} shows no queue to look at (no driver has set one up, or "
+              f"every queue was skipped: see `vqscope snapshot`)", file=sys.stderr)
+        return EXIT_COULD_NOT_LOOK
     return _report(final, watched, changes, name, args.json, now=final[0].time if final else time.time())
 
 
