@@ -24,6 +24,8 @@ import pytest
 from inspector.events import Event
 from inspector.record import Recording, RecordingWriter
 from inspector.record.export import write_chrome_trace, write_jsonl
+from inspector.snapshot.codec import to_json
+from inspector.snapshot.model import Anomaly, AnomalyKind, QueueEntry, Snapshot
 
 from tests.conftest import ROOT, VQSCOPE
 from .test_record import Demo, start_record, stderr_of, tee_lines
@@ -86,10 +88,12 @@ def make_recording(path: str, n_events: int = 3000, seed: int = 3) -> None:
     t_ns = int(T0 * 1e9) + 1000
     with RecordingWriter(path, {"start_time": T0, "source": "synthetic"}) as w:
         for i in range(20):
-            snap = {"source": "synthetic", "time": T0 + 0.1 * (i + 1), "queues": [
-                {"device": "net0", "index": q, "avail_idx": 10 * i + q, "used_idx": 9 * i, "inflight": i + q,
-                 "chains": [], "anomalies": ([{"kind": "used_idx_ahead", "detail": "used 5 > avail 4"}]
-                                             if q == 1 and 5 <= i < 9 else [])} for q in range(2)]}
+            snap = to_json(Snapshot(source="synthetic", time=T0 + 0.1 * (i + 1), queues=[
+                QueueEntry(device="net0", index=q, size=256, features=0, event_idx=False, avail_idx=10 * i + q,
+                           used_idx=9 * i, inflight=i + q,
+                           anomalies=([Anomaly(AnomalyKind.AVAIL_IDX_JUMP, "avail 300 > used 4 + 256")]
+                                      if q == 1 and 5 <= i < 9 else []))
+                for q in range(2)]))
             evs = []
             for _ in range(n_events // 20):
                 t_ns += rnd.randint(1000, 100_000)
@@ -119,11 +123,11 @@ def test_chrome_trace_synthetic(tmp_path) -> None:
     got = instant_counts(evs)
     for kind in ("kick", "call", "call_suppressed"):
         assert {k: v for k, v in got.items() if k[2] == kind} == {k: v for k, v in counts.items() if k[2] == kind}
-    slices = [e for e in evs if e["ph"] == "X"]
+    slices = [e for e in evs if e["ph"] == "X" and e["cat"] == "handler"]
     assert len(slices) == sum(v for k, v in counts.items() if k[2] == "handler_end") > 0
     assert all(e["dur"] == 2.0 and e["name"] == "handler" for e in slices)
     anomalies = [e for e in evs if e.get("cat") == "anomaly"]
-    assert len(anomalies) == n_anomalies == 1 and anomalies[0]["name"] == "anomaly: used_idx_ahead"
+    assert len(anomalies) == n_anomalies == 1 and anomalies[0]["name"] == "anomaly: avail_idx_jump"
     assert [e["name"] for e in evs if e.get("cat") == "vhost-user"] == ["SET_VRING_CALL"] * 4
     counters = [e for e in evs if e["ph"] == "C"]
     assert len(counters) == 2 * 20 and {e["name"] for e in counters} == {"queue 0", "queue 1"}
@@ -140,9 +144,11 @@ def test_jsonl_time_order(tmp_path) -> None:
         write_jsonl(rec, f)
         snaps = list(rec.snapshots())
         n_events = sum(rec.event_counts().values())
+        n_verdicts = len(rec.verdict_changes())
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     types = Counter(o["type"] for o in lines)
-    assert types == {"snapshot": 20, "event": n_events, "message": 4, "anomaly": 1}
+    assert n_verdicts >= 2  # computed (the writer alone stores none): each queue's first verdict at least
+    assert types == {"snapshot": 20, "event": n_events, "message": 4, "anomaly": 1, "verdict": n_verdicts}
 
     def t(o):
         return o["time_ns"] / 1e9 if o["type"] == "event" else (
@@ -164,7 +170,7 @@ def _export_peak(tmp_path, intervals: int) -> tuple[int, int]:
             for _ in range(10_000):
                 t += rnd.randint(100, 2000)
                 evs.append(Event(t, "net0", rnd.randint(0, 63), "kick", 1))
-            w.write_interval({"time": t / 1e9, "queues": []}, evs)
+            w.write_interval({"source": "synthetic", "time": t / 1e9, "queues": []}, evs)
     out = tmp_path / f"big{intervals}.json"
     tracemalloc.start()
     try:
