@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from ..analysis import Diagnosis
+from ..analysis import Diagnosis, Thresholds
 from ..errors import InspectorError, SnapshotFormatError, SourceError
 from ..events import Event
 from ..recording import Recording
@@ -341,15 +341,23 @@ class ReplaySource(Source):
                 self._event_keys = frozenset(k for k, c in self._rec.event_counts().items() if c)
             return self._event_keys
 
-    def verdict_changes(self) -> list[Diagnosis]:
+    @property
+    def recording(self) -> Recording:
+        """The open reader. Its methods are not serialised with this
+        source's (the TUI's poll worker reads through them): use it from
+        the thread that drives this source, or when nothing else does."""
+        return self._rec
+
+    def verdict_changes(self, thresholds: Thresholds | None = None) -> list[Diagnosis]:
         """Every verdict change of the recording, in time order (the first
         diagnosis of each queue included): the recorder's, or for a file
-        without them computed from its snapshots and events
-        (``Recording.verdict_changes``, which keeps them: for such a file the
-        first call runs the Analyzer over the whole recording). Independent of the
-        cursor; seek to a change with :meth:`seek_time` (``Diagnosis.time``)."""
+        without them computed from its snapshots and events; ``thresholds``
+        given: computed with those (``Recording.verdict_changes``, which
+        keeps the first kind: for a file without them the first call runs
+        the Analyzer over the whole recording). Independent of the cursor;
+        seek to a change with :meth:`seek_time` (``Diagnosis.time``)."""
         with self._read_lock:
-            return self._rec.verdict_changes()
+            return self._rec.verdict_changes(thresholds)
 
     def frame(self) -> ReplayFrame:
         """The cursor, its snapshot, the one before it, and the recorded

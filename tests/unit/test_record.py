@@ -817,6 +817,10 @@ def test_record_stores_verdicts(tmp_path, demo_peer) -> None:
         check_timeline(changes, tee)
     with ReplaySource(str(out)) as src:
         assert src.verdict_changes() == changes
+        assert isinstance(src.recording, Recording)
+        recomputed = src.verdict_changes(Thresholds(stall_s=0.5))  # thresholds given: computed from the file
+        check_timeline(recomputed, tee)
+        assert src.verdict_changes() == changes
 
 
 def as_version_1(src: Path, dst: Path) -> None:
