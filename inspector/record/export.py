@@ -37,7 +37,8 @@ ends in (``args.clipped``, ``duration_ns`` still the true one).
 
 Timestamps are µs (floats) from the recording's start (header
 ``start_time``, or the first message when the back-end logged its handshake
-before the recorder attached). Output is streamed: memory does not grow with the file.
+before the recorder attached). Output is streamed: memory does not grow with the file
+(the verdict changes, one per change, are read whole).
 
 JSON lines: one object per line, ``type`` snapshot / event / message /
 anomaly / verdict (``inspector.analysis.diagnosis_to_json``), merged in time order.

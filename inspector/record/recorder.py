@@ -42,6 +42,7 @@ from ..analysis import Analyzer, Diagnosis, Thresholds
 from ..errors import SourceError
 from ..events import Event
 from ..snapshot.codec import to_json
+from ..snapshot.model import Snapshot
 from ..sources import open_source
 from ..sources.base import Source
 from .writer import DiskFullError, RecordError, RecordingWriter, file_size
@@ -184,7 +185,7 @@ class Recorder:
         self.lost = self.source.events_lost()
         return to_json(snapshot), events, msgs, self.lost, self._diagnose(snapshot, events)
 
-    def _diagnose(self, snapshot, events: list[Event]) -> list[Diagnosis]:
+    def _diagnose(self, snapshot: Snapshot, events: list[Event]) -> list[Diagnosis]:
         """The Analyzer's verdict changes at ``snapshot``; at the first
         interval of a part, every queue's current verdict (restated at this
         snapshot's time)."""
