@@ -55,7 +55,7 @@ class _Track:
     """One queue's state between snapshots."""
 
     __slots__ = ("prev", "device_ep", "driver_ep", "starve_ep", "broken_streak", "moved_t",
-                 "last_call_used", "kicks_seen", "calls_seen", "diagnosis")
+                 "last_call_used", "diagnosis")
 
     def __init__(self) -> None:
         self.prev: Observation | None = None
@@ -65,8 +65,6 @@ class _Track:
         self.broken_streak = 0
         self.moved_t: float | None = None      # last time avail_idx or used_idx moved
         self.last_call_used: int | None = None  # used_idx of the last call event seen
-        self.kicks_seen = 0                     # kick / call events seen (sources with events)
-        self.calls_seen = 0
         self.diagnosis: Diagnosis | None = None
 
 
@@ -118,17 +116,15 @@ class Analyzer:
         return changed
 
     def _take_events(self, events: Sequence[Event]) -> None:
+        """Keep, per queue, the ``used_idx`` its last call event carried
+        (inspector.events: a call's value is used_idx, 0 when unknown)."""
+        last = {(ev.device, ev.queue): ev.value for ev in events if ev.kind == "call" and ev.value}
         tracks = self._tracks
-        for ev in events:
-            tr = tracks.get((ev.device, ev.queue))
+        for qid, value in last.items():
+            tr = tracks.get(qid)
             if tr is None:
-                tr = tracks[(ev.device, ev.queue)] = _Track()
-            if ev.kind == "call":
-                tr.calls_seen += 1
-                if ev.value:
-                    tr.last_call_used = ev.value & 0xFFFF
-            elif ev.kind == "kick":
-                tr.kicks_seen += 1
+                tr = tracks[qid] = _Track()
+            tr.last_call_used = value & 0xFFFF
 
     def _judge(self, tr: _Track, q: QueueEntry, role: Role, now: float) -> Diagnosis:
         ob = Observation.of(q, now)

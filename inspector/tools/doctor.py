@@ -43,11 +43,12 @@ def summary_line(diagnoses: list[Diagnosis], watched: float, source: str) -> str
     return f"{head}: {len(diagnoses)} queues of {source} over {watched:.1f} s ({parts or 'none'})"
 
 
-def thresholds(args: argparse.Namespace) -> Thresholds:
-    """The Thresholds of ``--stall-after``; ArgumentError when it is not > 0."""
+def thresholds(args: argparse.Namespace) -> Thresholds | None:
+    """The Thresholds of ``--stall-after`` (None when not given: the
+    defaults, or a recording's own); ArgumentError when it is not > 0."""
     stall = getattr(args, "stall_after", None)
     if stall is None:
-        return Thresholds()
+        return None
     if not stall > 0:
         raise ArgumentError(f"--stall-after {stall} is invalid: give seconds > 0")
     return Thresholds(stall_s=stall)
@@ -89,7 +90,8 @@ def watch(source, analyzer: Analyzer, duration: float, interval: float,
 
 def doctor_main(args: argparse.Namespace) -> int:
     """``vqscope doctor``: see the module docstring."""
-    th = thresholds(args)
+    given = thresholds(args)
+    th = given or Thresholds()
     if not args.duration > 0 or not args.interval > 0:
         raise ArgumentError(f"--duration {args.duration} and --interval {args.interval} must be > 0 seconds")
     if args.duration < th.stall_s:
@@ -97,7 +99,7 @@ def doctor_main(args: argparse.Namespace) -> int:
               f"{th.stall_s} s: only queues already known stuck can be named", file=sys.stderr)
     with open_source(args) as src:
         if isinstance(src, ReplaySource):
-            return _replay(src, args, th)
+            return _replay(src, args, given)
         analyzer = Analyzer(th, notifications_seen=src.has_events)
         final, watched, changes = watch(src, analyzer, args.duration, args.interval)
         name = src.name
@@ -108,11 +110,13 @@ def doctor_main(args: argparse.Namespace) -> int:
     return _report(final, watched, changes, name, args.json, now=final[0].time if final else time.time())
 
 
-def _replay(src: ReplaySource, args: argparse.Namespace, th: Thresholds) -> int:
-    """``doctor --replay FILE``: the verdict timeline of a recording, then
-    the verdicts at its end."""
+def _replay(src: ReplaySource, args: argparse.Namespace, th: Thresholds | None) -> int:
+    """``doctor --replay FILE``: the verdict timeline of a recording (the
+    one the recorder stored, or recomputed with ``th`` when given), then the
+    verdicts at its end."""
     changes = src.verdict_changes(th)
-    t0, t1 = src.recording.time_bounds()
+    times = src.recording.snapshot_times()
+    t0, t1 = (times[0], times[-1]) if times else (0.0, 0.0)
     final: dict = {}
     for d in changes:
         final[d.id] = d
