@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMPS  := .stamps
 CSRC    := $(wildcard inspector/csrc/*.c inspector/csrc/*.h)
 
-.PHONY: all deps venv build lint test test-unit demo bench-decoder bench-net bench-attach bench-record bench-probes soak fuzz fuzz-build clean
+.PHONY: all deps venv build lint test test-unit demo bench-decoder bench-net bench-attach bench-record bench-probes bench-doctor soak fuzz fuzz-build clean
 
 all: build
 
@@ -59,6 +59,11 @@ bench-probes: build
 
 bench-record: build
 	$(PY) tests/bench/bench_record.py
+
+# The analyzer's cost per queue per snapshot (256 queues) beside the snapshot
+# codec's, and the TUI's frame time for 256 queues.
+bench-doctor: build
+	$(PY) tests/bench/bench_doctor.py
 
 # 10 minutes (SOAK_SECONDS) of DPDK load on vqscope serve with the TUI attached:
 # the back-end's RSS within 5% and its fd count flat after a 1-minute warm-up.

@@ -27,6 +27,7 @@ from .record.cli import add_parsers as add_record_parsers
 from .snapshot.codec import dumps
 from .sources import open_source
 from .tools.demo import demo_main
+from .tools.doctor import VERDICT_HELP, doctor_main
 from .tools.serve import serve_main
 from .tools.vhost_net_load import load_main
 
@@ -86,6 +87,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     else:
         Console(width=max(Console().width, 140)).print(snapshot_table(snap))
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    return doctor_main(args)
 
 
 def cmd_tui(args: argparse.Namespace) -> int:
@@ -202,6 +207,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_args(snp)
     snp.add_argument("--json", action="store_true", help="print the snapshot JSON")
     snp.set_defaults(func=cmd_snapshot)
+
+    dr = sub.add_parser("doctor", help="watch a source and say what is wrong with each queue (exit 0/1/2)",
+                        formatter_class=fmt,
+                        description="Watch every queue of a source for --duration seconds and print one line "
+                                    "per queue that is not healthy or idle: verdict, since when, and the "
+                                    "evidence. Exit status: 0 all healthy/idle, 1 a problem, 2 could not look.",
+                        epilog="verdicts:\n" + VERDICT_HELP + "\n\n" + _examples("""
+                            vqscope doctor --connect /tmp/vq.sock               # a vqscope back-end
+                            vqscope doctor --qmp /run/vm1.qmp --duration 10     # a running QEMU (root)
+                            vqscope doctor --vhost-net 4242 --json              # kernel vhost-net queues
+                            vqscope doctor --replay run.vqs                     # the verdict timeline of a recording
+                        """))
+    add_source_args(dr)
+    dr.add_argument("--replay", metavar="FILE", help="diagnose a recording (vqscope record) after the fact")
+    dr.add_argument("--duration", type=float, default=5.0, metavar="S", help="seconds to watch (default 5)")
+    dr.add_argument("--interval", type=float, default=0.25, metavar="S",
+                    help="seconds between snapshots (default 0.25)")
+    dr.add_argument("--stall-after", type=float, metavar="S",
+                    help="seconds a side may owe progress before it counts as stuck (default 2)")
+    dr.add_argument("--json", action="store_true", help="print one JSON object: every queue's diagnosis")
+    dr.set_defaults(func=cmd_doctor)
 
     tp = sub.add_parser("tui", help="interactive live view", formatter_class=fmt,
                         epilog=_examples("""

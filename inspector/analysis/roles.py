@@ -52,7 +52,7 @@ def role_of(device_type: str | None, index: int, num_queues: int | None = None) 
     t = device_type_of(device_type)
     F, C = Role.FILL, Role.CONSUME
     if t == "net":
-        if num_queues is not None and num_queues % 2 == 1 and index == num_queues - 1:
+        if num_queues is not None and num_queues >= 3 and num_queues % 2 == 1 and index == num_queues - 1:
             return C                             # controlq (§5.1.2)
         return F if index % 2 == 0 else C        # receiveqN, transmitqN
     if t == "console":                           # receiveq/transmitq, control receiveq/transmitq, ports

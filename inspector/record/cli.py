@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
+from ..analysis import Thresholds
 from .export import export_main
 from .recorder import record_main
 
@@ -32,6 +33,8 @@ def add_parsers(sub, add_source_args) -> None:
                             vqscope record -o run.vqs --qmp /run/vm1.qmp --interval 50 --duration 3600
                             vqscope record -o run.vqs --connect /tmp/vq.sock --max-size 500 --rotate
                             sqlite3 run.vqs 'SELECT request, count(*) FROM messages GROUP BY request'
+                            sqlite3 run.vqs "SELECT time, device, queue, verdict, evidence FROM verdicts
+                                             WHERE verdict NOT IN ('healthy', 'idle')"
                         """))
     add_source_args(rp)
     rp.add_argument("-o", "--output", required=True, metavar="FILE", help="the recording (a new file)")
@@ -42,6 +45,9 @@ def add_parsers(sub, add_source_args) -> None:
                     help="stop when the file (database + WAL) reaches MB megabytes (10^6 bytes)")
     rp.add_argument("--rotate", action="store_true",
                     help="with --max-size: go on in FILE.1, FILE.2 ... instead of stopping")
+    rp.add_argument("--stall-after", type=float, metavar="S",
+                    help="seconds without progress before waiting buffers count as stuck, for the verdicts "
+                         f"stored with the recording (default {Thresholds().stall_s:g}, the analyzer's)")
     rp.add_argument("--tee-jsonl", metavar="PATH",
                     help="also write each recorded snapshot to PATH as a JSON line (to check a recording)")
     rp.add_argument("--keyframe-every", type=int, default=None, metavar="K", help=argparse.SUPPRESS)

@@ -4,9 +4,20 @@ Each interval: one snapshot (stored as its Snapshot JSON, made here by
 inspector.snapshot.codec), the events drained since the previous interval
 (``source.events()``), the new vhost-user messages
 (``source.new_messages()``), the source's lost-event count
-(``source.events_lost()``) — written in one SQLite transaction (writer.py). So a SIGKILL loses at
+(``source.events_lost()``) and the verdict changes of an
+:class:`inspector.analysis.Analyzer` fed with that snapshot and those events
+— written in one SQLite transaction (writer.py). So a SIGKILL loses at
 most the interval being written; SIGINT/SIGTERM write a last interval and
 close. Progress goes to stderr about once a second.
+
+Verdicts: the Analyzer (``notifications_seen`` = ``source.has_events``, its
+thresholds in ``header.analyzer``) sees every recorded snapshot with the
+events drained in the same interval, and the changes it returns are stored
+(``verdicts`` table). The first interval of each part (``--rotate``) stores
+every queue's current verdict, so that each part's timeline is whole; its
+``since`` keeps when the verdict began, maybe in an earlier part. Should the
+Analyzer raise, the recording goes on without verdicts (said on stderr;
+``header.analyzer`` is cleared, so readers compute them from the file).
 
 Exit status: 0 when stopped by a signal, ``--duration`` or ``--max-size``
 (without ``--rotate``); 1 when the source went away or the disk filled up
@@ -16,6 +27,7 @@ error (through cli.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -26,9 +38,11 @@ import time
 from typing import Any, TextIO
 
 from .. import __version__
+from ..analysis import Analyzer, Diagnosis, Thresholds
 from ..errors import SourceError
 from ..events import Event
 from ..snapshot.codec import to_json
+from ..snapshot.model import Snapshot
 from ..sources import open_source
 from ..sources.base import Source
 from .writer import DiskFullError, RecordError, RecordingWriter, file_size
@@ -92,14 +106,21 @@ class Recorder:
     (None: until a signal); ``max_size``: bytes (database + WAL) at which to
     stop, or with ``rotate`` go on in ``path.1``, ``path.2`` ...;
     ``tee_jsonl``: also append each committed snapshot to this file as a JSON
-    line (to check a recording against what the source returned).
+    line (to check a recording against what the source returned);
+    ``thresholds``: the Analyzer's (``--stall-after``); ``analyzer_class``:
+    the Analyzer to build, ``analyzer_class(thresholds,
+    notifications_seen=source.has_events)`` (tests give a subclass).
     """
 
     def __init__(self, source: Source, path: str, *, interval: float = 0.1, duration: float | None = None,
                  max_size: int | None = None, rotate: bool = False, tee_jsonl: str | None = None,
                  keyframe_every: int | None = None, progress: TextIO | None = sys.stderr,
-                 argv: list[str] | None = None):
+                 argv: list[str] | None = None, thresholds: Thresholds = Thresholds(),
+                 analyzer_class: type[Analyzer] = Analyzer):
         self.source = source
+        self.thresholds = thresholds
+        self.analyzer: Analyzer | None = analyzer_class(thresholds, notifications_seen=source.has_events)
+        self._restate = True  # the next interval opens a part: store every queue's verdict
         self.base_path = path
         self.interval = interval
         self.duration = duration
@@ -113,7 +134,7 @@ class Recorder:
         self.paths: list[str] = []
         self.stop = threading.Event()
         self.stop_reason = ""
-        self.totals = {"snapshots": 0, "events": 0, "messages": 0, "anomalies": 0}
+        self.totals = {"snapshots": 0, "events": 0, "messages": 0, "anomalies": 0, "verdicts": 0}
         self.lost = 0
         self.writer: RecordingWriter | None = None
         self._tee = None
@@ -133,6 +154,8 @@ class Recorder:
             "argv": self.argv,
             "has_events": self.source.has_events,
             "has_messages": self.source.has_messages,
+            "analyzer": None if self.analyzer is None else {**dataclasses.asdict(self.thresholds),
+                                                            "notifications_seen": self.source.has_events},
         }
 
     def _open_writer(self) -> None:
@@ -140,26 +163,47 @@ class Recorder:
         kw = {} if self.keyframe_every is None else {"keyframe_every": self.keyframe_every}
         self.writer = RecordingWriter(path, self.header(), **kw)
         self.paths.append(path)
+        self._restate = True
 
     def _close_writer(self) -> None:
         w, self.writer = self.writer, None
         if w is not None:
-            for k in ("snapshots", "events", "messages", "anomalies"):
+            for k in self.totals:
                 self.totals[k] += getattr(w, k)
             w.close()
 
     def count(self, what: str) -> int:
-        """Total ``what`` (snapshots, events, messages, anomalies) over every part."""
+        """Total ``what`` (snapshots, events, messages, anomalies, verdicts) over every part."""
         return self.totals[what] + (getattr(self.writer, what) if self.writer is not None else 0)
 
-    def _poll(self) -> tuple[dict, list[Event], list[dict], int]:
+    def _poll(self) -> tuple[dict, list[Event], list[dict], int, list[Diagnosis]]:
         """One interval's data: the snapshot as its JSON, the events,
-        messages and lost-event count."""
-        snap = to_json(self.source.snapshot())
+        messages, lost-event count and verdicts to store."""
+        snapshot = self.source.snapshot()
         events = self.source.events()
         msgs = self.source.new_messages()
         self.lost = self.source.events_lost()
-        return snap, events, msgs, self.lost
+        return to_json(snapshot), events, msgs, self.lost, self._diagnose(snapshot, events)
+
+    def _diagnose(self, snapshot: Snapshot, events: list[Event]) -> list[Diagnosis]:
+        """The Analyzer's verdict changes at ``snapshot``; at the first
+        interval of a part, every queue's current verdict (restated at this
+        snapshot's time)."""
+        if self.analyzer is None:
+            return []
+        try:
+            changes = self.analyzer.update(snapshot, events)
+            if not self._restate:
+                return changes
+            t = snapshot.time
+            now = (self.analyzer.diagnosis(q.id) for q in snapshot.queues)
+            return [d if d.time == t else dataclasses.replace(d, time=t) for d in now if d is not None]
+        except Exception as e:  # a bug in a rule must not cost the recording
+            self.analyzer = None
+            self.writer.set_header("analyzer", None)
+            self._say(f"the analyzer failed ({type(e).__name__}: {e}); recording goes on without verdicts "
+                      f"(readers compute them from the file)")
+            return []
 
     def _size(self) -> int:
         """Bytes of every part, as committed (RecordingWriter.size)."""
@@ -226,6 +270,7 @@ class Recorder:
             self._say(f"{self.stop_reason or 'stopped'} after {time.monotonic() - t0:.1f} s: "
                       f"{self.count('snapshots')} snapshots, {self.count('events')} events, "
                       f"{self.count('messages')} messages, {self.count('anomalies')} anomalies, "
+                      f"{self.count('verdicts')} verdict changes, "
                       f"{self.lost} events lost; {', '.join(self.paths)} ({_human(self._size())})")
         return status
 
@@ -249,7 +294,8 @@ class Recorder:
                 self.stop_reason = "source gone"
                 self._say(f"source gone: {e}; {self._where()}")
                 return 1
-            self.writer.write_interval(polled[0], polled[1], polled[2], polled[3])
+            self.writer.write_interval(*polled)
+            self._restate = False
             if self._tee is not None:
                 self._tee.write(json.dumps(polled[0]) + "\n")
                 self._tee.flush()
@@ -291,10 +337,15 @@ def record_main(args) -> int:
         raise RecordError(f"--max-size {args.max_size}: give a positive number of MB")
     if args.rotate and args.max_size is None:
         raise RecordError("--rotate goes with --max-size MB (the size at which to start the next file)")
+    thresholds = Thresholds()
+    if args.stall_after is not None:
+        if not args.stall_after > 0:
+            raise RecordError(f"--stall-after {args.stall_after}: give a positive number of seconds")
+        thresholds = dataclasses.replace(thresholds, stall_s=args.stall_after)
     source = open_source(args)
     with source:
         rec = Recorder(source, args.output, interval=args.interval / 1000, duration=args.duration,
                        max_size=int(args.max_size * MB) if args.max_size is not None else None,
                        rotate=args.rotate, tee_jsonl=args.tee_jsonl,
-                       keyframe_every=args.keyframe_every, argv=sys.argv[1:])
+                       keyframe_every=args.keyframe_every, argv=sys.argv[1:], thresholds=thresholds)
         return rec.run()

@@ -2,7 +2,9 @@
 
 The writer keeps only what the next interval needs — the previous snapshot
 (for its delta), the anomalies active in it, the event-kind ids — so its
-memory stays flat however long it records.
+memory stays flat however long it records. It stores the verdict changes it
+is given (the recorder's Analyzer makes them, recorder.py); it judges
+nothing itself.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sqlite3
 from collections import defaultdict
 from typing import Any, Iterable, Sequence
 
+from ..analysis import Diagnosis
 from ..errors import InspectorError
 from ..recording import codec
 from ..recording.schema import DDL, FORMAT, SCHEMA_VERSION
@@ -89,6 +92,7 @@ class RecordingWriter:
         self.events = 0
         self.messages = 0
         self.anomalies = 0
+        self.verdicts = 0
         self.events_lost = 0
         self._prev: dict | None = None
         self._prev_samples: dict[tuple, tuple] = {}
@@ -117,16 +121,20 @@ class RecordingWriter:
                                          (key, json.dumps(value))))
 
     def write_interval(self, snapshot: dict | None, events: Sequence = (), messages: Iterable[dict] = (),
-                       events_lost: int | None = None) -> None:
+                       events_lost: int | None = None, verdicts: Sequence[Diagnosis] = ()) -> None:
         """Store one interval in one transaction: ``snapshot`` (a snapshot
         JSON dict, or None), ``events`` (inspector.events.Event tuples),
-        ``messages`` (vhost-user message log entries), and the source's
-        cumulative ``events_lost``. Nothing is kept from ``events`` or
-        ``messages`` after it returns."""
+        ``messages`` (vhost-user message log entries), the source's
+        cumulative ``events_lost``, and ``verdicts``: the Diagnoses made at
+        this snapshot (one ``verdicts`` row each; RecordError when there is
+        no snapshot to tie them to). Nothing is kept from ``events``,
+        ``messages`` or ``verdicts`` after it returns."""
+        if verdicts and snapshot is None:
+            raise RecordError("verdicts are made at a snapshot: write_interval was given verdicts without one")
         if events_lost is not None:
             self.events_lost = events_lost
         state = (self._prev, self._prev_samples, self._active, self.snapshots, self.anomalies,
-                 dict(self._kind_ids), self.events, self.messages)
+                 dict(self._kind_ids), self.events, self.messages, self.verdicts)
 
         def body() -> None:
             if snapshot is not None:
@@ -134,10 +142,12 @@ class RecordingWriter:
             if events:
                 self._write_events(events)
             self._write_messages(messages)
+            if verdicts:
+                self._write_verdicts(verdicts)
 
         def restore() -> None:  # our state back to the last commit, like the file
             (self._prev, self._prev_samples, self._active, self.snapshots, self.anomalies,
-             self._kind_ids, self.events, self.messages) = state
+             self._kind_ids, self.events, self.messages, self.verdicts) = state
 
         self._tx(body, restore)
 
@@ -229,6 +239,14 @@ class RecordingWriter:
             self.db.executemany("INSERT INTO messages (time, connection, request, flags, size, nfds, fields, "
                                 "entry) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self.messages += len(rows)
+
+    def _write_verdicts(self, verdicts: Sequence[Diagnosis]) -> None:
+        snap = self.snapshots - 1  # this interval's snapshot, written just before
+        self.db.executemany("INSERT INTO verdicts (snap, time, device, queue, verdict, since, evidence, role) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            [(snap, d.time, d.device, d.index, d.verdict.value, d.since, d.evidence, d.role)
+                             for d in verdicts])
+        self.verdicts += len(verdicts)
 
     def _header_from(self, snap: dict) -> None:
         queues = []

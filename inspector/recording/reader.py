@@ -1,4 +1,5 @@
-"""Read a recording file (schema.py): snapshots, events, messages, anomalies.
+"""Read a recording file (schema.py): snapshots, events, messages, anomalies,
+verdict changes.
 
 The replay source (``vqscope tui --replay``) and the exporter are built on
 :class:`Recording`; so can any script::
@@ -7,6 +8,8 @@ The replay source (``vqscope tui --replay``) and the exporter are built on
         for i in rec.anomaly_indices():
             print(rec.snapshot_times()[i], rec.snapshot(i)["queues"][0]["avail_idx"])
         print(rec.event_counts())
+        for d in rec.verdict_changes():
+            print(d.time, d.device, d.index, d.verdict, d.evidence)
 """
 
 from __future__ import annotations
@@ -21,12 +24,20 @@ from itertools import repeat
 from operator import gt, itemgetter
 from typing import Any, Iterator
 
-from ..errors import InspectorError
+from ..analysis import Diagnosis, Thresholds, diagnosis_from_json, verdict_timeline
+from ..errors import InspectorError, SnapshotFormatError
 from ..events import Event
+from ..snapshot.codec import from_json
+from ..snapshot.model import Snapshot
 from . import codec
-from .schema import FORMAT, SCHEMA_VERSION
+from .schema import FORMAT, READABLE_VERSIONS
 
 _new_event = partial(tuple.__new__, Event)
+
+
+def to_ns(t: float) -> int:
+    """Seconds since the epoch (a snapshot's ``time``) to integer ns (an Event's ``time_ns``)."""
+    return round(t * 1e9)
 
 
 class RecordingError(InspectorError):
@@ -46,7 +57,8 @@ class Recording:
     ``path``: the file; ``header``: the header table, values decoded from
     JSON (``format``, ``schema_version``, ``vqscope_version``, ``kernel``,
     ``hostname``, ``source``, ``source_kind``, ``interval_ms``,
-    ``start_time``, ``queues`` ...). Snapshot indices run from 0 to
+    ``start_time``, ``queues``, ``analyzer`` ...); ``schema_version``: the
+    file's (schema.READABLE_VERSIONS). Snapshot indices run from 0 to
     ``len(rec) - 1``; event times are ns since the epoch; snapshot and
     message times are seconds since the epoch (floats).
 
@@ -79,6 +91,7 @@ class Recording:
             raise RecordingError(f"{path}: empty recording (no snapshot was committed; was the recorder "
                                  f"stopped before its first interval?)")
         self._cache: tuple[int, dict] | None = None
+        self._verdicts: list[Diagnosis] | None = None
 
     def _read_header(self) -> dict[str, Any]:
         try:
@@ -95,9 +108,11 @@ class Recording:
             raise RecordingError(f"{self.path}: not a vqscope recording (header format is "
                                  f"{header.get('format')!r}, expected {FORMAT!r})")
         version = header.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if type(version) is not int or version not in READABLE_VERSIONS:
             raise RecordingError(f"{self.path}: unknown schema version {version!r} (this vqscope reads "
-                                 f"version {SCHEMA_VERSION}); use the vqscope that recorded it")
+                                 f"versions {', '.join(map(str, READABLE_VERSIONS))}); use the vqscope that "
+                                 f"recorded it")
+        self.schema_version = version
         return header
 
     # ------------------------------------------------------------- snapshots
@@ -283,6 +298,74 @@ class Recording:
         lows = [t for t in (lo, elo / 1e9 if elo is not None else None, mlo) if t is not None]
         highs = [t for t in (hi, ehi / 1e9 if ehi is not None else None, mhi) if t is not None]
         return min(lows), max(highs)
+
+    # ------------------------------------------------------------- verdicts
+    def frames(self) -> Iterator[tuple[Snapshot, list[Event]]]:
+        """Every snapshot as a typed Snapshot, in order, with the recorded
+        events since the one before: ``time_ns`` in ``(previous time, this
+        time]`` (ns; the first snapshot gets every event up to its time; events
+        after the last snapshot are in no frame). What an Analyzer is fed
+        (``inspector.analysis.verdict_timeline``). The recorder fed its
+        Analyzer each snapshot with the events drained in the same interval,
+        which may include events of the few ms between reading the snapshot
+        and draining; here every event goes with the first snapshot taken at
+        or after it. RecordingError for a snapshot that is not Snapshot JSON."""
+        events = self.events()
+        pending = next(events, None)
+        for i, snap in enumerate(self.snapshots()):
+            try:
+                typed = from_json(snap)
+            except SnapshotFormatError as e:
+                raise RecordingError(f"{self.path}: snapshot {i}: {e}") from None
+            bound = to_ns(typed.time)
+            batch = []
+            while pending is not None and pending[0] <= bound:
+                batch.append(pending)
+                pending = next(events, None)
+            yield typed, batch
+
+    def verdict_changes(self, thresholds: Thresholds | None = None) -> list[Diagnosis]:
+        """Every change of a queue's verdict over the recording, in time
+        order (equal times: queue order), the first diagnosis of each queue
+        included (inspector.analysis.Diagnosis).
+
+        From the ``verdicts`` table when the recorder's Analyzer wrote it
+        (``header.analyzer`` set: schema version 2); else (a version-1 file,
+        or one written without an Analyzer) computed by
+        ``inspector.analysis.verdict_timeline`` over :meth:`frames` with the
+        default thresholds and ``notifications_seen`` = ``header.has_events``,
+        as the recorder would have done, once per Recording. ``thresholds``
+        given: always computed, with those. RecordingError for a table row
+        that is not a diagnosis (naming its id and the field)."""
+        analyzer = self.header.get("analyzer")
+        if thresholds is None and self._verdicts is not None:
+            return list(self._verdicts)
+        if thresholds is None and isinstance(analyzer, dict):
+            out = self._verdict_rows()
+        else:
+            seen = analyzer.get("notifications_seen") if isinstance(analyzer, dict) else None
+            if not isinstance(seen, bool):
+                seen = self.header.get("has_events") is True
+            out = verdict_timeline(self.frames(), thresholds or Thresholds(), seen)
+        if thresholds is None:
+            self._verdicts = out
+        return list(out)
+
+    def _verdict_rows(self) -> list[Diagnosis]:
+        out = []
+        try:
+            rows = self._db.execute("SELECT id, time, device, queue, verdict, since, evidence, role FROM verdicts "
+                                    "ORDER BY time, id").fetchall()
+        except sqlite3.DatabaseError as e:
+            raise RecordingError(f"{self.path}: verdicts: {e}") from e
+        for id_, time, device, queue, verdict, since, evidence, role in rows:
+            obj = {"time": time, "device": device, "index": queue, "verdict": verdict, "since": since,
+                   "evidence": evidence, "role": role}
+            try:
+                out.append(diagnosis_from_json(obj, f"verdicts row {id_}"))
+            except SnapshotFormatError as e:
+                raise RecordingError(f"{self.path}: {e}") from None
+        return out
 
     # ------------------------------------------------------------- messages
     def iter_messages(self, until: float | None = None) -> Iterator[dict]:

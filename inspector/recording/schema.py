@@ -9,6 +9,16 @@ times and per-kind totals are plain columns.
 
 Bump :data:`SCHEMA_VERSION` on any change a reader of the previous version
 would misread; the reader refuses versions it does not know.
+
+Versions:
+
+1. header, snapshots, queue_samples, event_kinds, event_blocks, messages,
+   anomalies.
+2. adds ``verdicts``: each queue's verdict (inspector.analysis) when it
+   changed, as the recorder's Analyzer gave it, and ``header.analyzer`` (its
+   options) when that table holds them. A reader computes the verdicts of a
+   version-1 file (or of one without ``header.analyzer``) from its snapshots
+   and events (reader.py, ``Recording.verdict_changes``).
 """
 
 from __future__ import annotations
@@ -16,8 +26,11 @@ from __future__ import annotations
 #: ``header.format`` of every vqscope recording.
 FORMAT = "vqscope-recording"
 
-#: ``header.schema_version``; readers refuse any other value.
-SCHEMA_VERSION = 1
+#: ``header.schema_version`` of the files this vqscope writes.
+SCHEMA_VERSION = 2
+
+#: The versions the reader reads; it refuses any other value.
+READABLE_VERSIONS = (1, 2)
 
 DDL = """
 CREATE TABLE header (
@@ -82,4 +95,16 @@ CREATE TABLE anomalies (                 -- each anomaly once, at the snapshot w
     detail TEXT NOT NULL
 );
 CREATE INDEX anomalies_snap ON anomalies (snap);
+CREATE TABLE verdicts (                  -- a queue's verdict each time it changed (version 2)
+    id       INTEGER PRIMARY KEY,
+    snap     INTEGER NOT NULL,          -- snapshots.idx of the snapshot the verdict was made at
+    time     REAL NOT NULL,             -- that snapshot's time (s since the epoch)
+    device   TEXT NOT NULL,
+    queue    INTEGER NOT NULL,          -- vring index
+    verdict  TEXT NOT NULL,             -- healthy, idle, device_stalled ... (inspector.analysis.Verdict)
+    since    REAL NOT NULL,             -- when the verdict began to hold (s since the epoch)
+    evidence TEXT NOT NULL,             -- the numbers and the rule that fired, one sentence ('' when healthy)
+    role     TEXT NOT NULL              -- fill, consume or unknown (inspector.analysis.roles)
+);
+CREATE INDEX verdicts_time ON verdicts (time);
 """

@@ -26,9 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from ..analysis import Diagnosis, Thresholds
 from ..errors import InspectorError, SnapshotFormatError, SourceError
 from ..events import Event
 from ..recording import Recording
+from ..recording.reader import to_ns  # noqa: F401  (re-exported: the TUI's and tests' name for it)
 from ..snapshot.codec import from_json
 from ..snapshot.model import Snapshot
 from .base import Source
@@ -81,11 +83,6 @@ class ReplayFrame:
     previous: Snapshot | None
     event_counts: dict[EventKey, int]
     event_keys: frozenset[EventKey]
-
-
-def to_ns(t: float) -> int:
-    """Seconds since the epoch (a snapshot's ``time``) to integer ns (an Event's ``time_ns``)."""
-    return round(t * 1e9)
 
 
 class ReplaySource(Source):
@@ -343,6 +340,24 @@ class ReplaySource(Source):
             if self._event_keys is None:
                 self._event_keys = frozenset(k for k, c in self._rec.event_counts().items() if c)
             return self._event_keys
+
+    @property
+    def recording(self) -> Recording:
+        """The open reader. Its methods are not serialised with this
+        source's (the TUI's poll worker reads through them): use it from
+        the thread that drives this source, or when nothing else does."""
+        return self._rec
+
+    def verdict_changes(self, thresholds: Thresholds | None = None) -> list[Diagnosis]:
+        """Every verdict change of the recording, in time order (the first
+        diagnosis of each queue included): the recorder's, or for a file
+        without them computed from its snapshots and events; ``thresholds``
+        given: computed with those (``Recording.verdict_changes``, which
+        keeps the first kind: for a file without them the first call runs
+        the Analyzer over the whole recording). Independent of the cursor;
+        seek to a change with :meth:`seek_time` (``Diagnosis.time``)."""
+        with self._read_lock:
+            return self._rec.verdict_changes(thresholds)
 
     def frame(self) -> ReplayFrame:
         """The cursor, its snapshot, the one before it, and the recorded

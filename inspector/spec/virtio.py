@@ -134,6 +134,17 @@ VRING_DESC_F_INDIRECT = 4
 VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
 
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """``vring_need_event`` (VIRTIO 1.2 §2.7.7 and §2.7.10, Linux
+    include/uapi/linux/virtio_ring.h): after moving an index from ``old_idx``
+    to ``new_idx``, notify iff the other side's event index ``event_idx`` lies
+    in ``[old_idx, new_idx)`` modulo 2^16. All three are ring indices (any
+    int, taken mod 2^16)."""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
 # --- queue size and descriptor limits (§2.6, §2.7) ------------------------------
 #: "Queue Size value ... the maximum Queue Size value is 32768" (§2.7).
 VIRTQ_MAX_SIZE = 32768

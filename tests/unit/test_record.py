@@ -16,10 +16,19 @@ against real back-ends.
 - limits: --max-size stop and --rotate; a full disk (a small tmpfs mounted
   here) stops with exit 1 and a readable file.
 - DPDK testpmd (virtio-user) against `vqscope serve net` recorded likewise.
+- verdicts (schema version 2): the recorder's Analyzer changes are stored
+  and read back (recordings of the demo, with the real Analyzer and with a
+  subclass that declares a queue device_stalled for a while, so that a
+  specific unhealthy verdict must go through whatever the real rules say);
+  a version-1 file (the same recording without the table) gets them
+  computed from its snapshots and events; rotated parts each start with
+  every queue's verdict; an Analyzer that raises costs the verdicts, not
+  the recording.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -35,13 +44,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from inspector.analysis import Analyzer, Diagnosis, Severity, Thresholds, Verdict, verdict_timeline
 from inspector.events import Event
 from inspector.record import Recording, RecordingError, RecordingWriter
 from inspector.recording import codec
 from inspector.record.recorder import MessageDedup, Recorder
+from inspector.recording.reader import to_ns
 from inspector.recording.schema import SCHEMA_VERSION
+from inspector.snapshot.codec import to_json
 from inspector.snapshot.model import QueueEntry, Snapshot
+from inspector.sources.backend import BackendSource
 from inspector.sources.base import Source
+from inspector.sources.replay import ReplaySource
 
 from tests.conftest import ROOT, VQSCOPE, require, wait_for
 from tests.support.peers import Peer, is_root, socket_dir, wait_path
@@ -535,6 +549,9 @@ def test_record_unreachable_source_is_usage_error(tmp_path) -> None:
     r = subprocess.run([*VQSCOPE, "record", "-o", str(tmp_path / "x.vqs"), "--connect", "x", "--rotate"],
                        cwd=str(ROOT), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--rotate goes with --max-size" in r.stderr
+    r = subprocess.run([*VQSCOPE, "record", "-o", str(tmp_path / "x.vqs"), "--connect", "x", "--stall-after", "0"],
+                       cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--stall-after 0.0: give a positive number of seconds" in r.stderr, r.stderr
 
 
 # ----------------------------------------------------------------- limits
@@ -699,3 +716,272 @@ def test_record_testpmd(tmp_path) -> None:
         if rec.header["has_events"]:
             counts = rec.event_counts()
             assert sum(n for (d_, q, k), n in counts.items() if k in ("kick", "call")) > 0
+
+
+# ----------------------------------------------------------------- verdicts
+
+@pytest.fixture(scope="module")
+def demo_peer():
+    """One `vqscope demo --headless` for the verdict tests (they only read it)."""
+    with Demo() as d:
+        yield d
+
+
+class StallingAnalyzer(Analyzer):
+    """The Analyzer as it is, except that every queue of index 1 is
+    ``device_stalled`` from the 5th to the 9th snapshot it is given (since
+    one second before the 5th; back to the real verdict at the 10th): a
+    specific unhealthy verdict to store whatever the real rules make of the
+    peer. Keeps every change it returned in ``returned``."""
+
+    STALL = range(5, 10)
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.n = 0
+        self.mine: dict = {}
+        self.returned: list[Diagnosis] = []
+
+    def update(self, snap, events=()):
+        super().update(snap, events)
+        self.n += 1
+        out = []
+        for q in snap.queues:
+            d = super().diagnosis(q.id)
+            old = self.mine.get(q.id)
+            if q.index == 1 and self.n in self.STALL:
+                stalled = old is not None and old.verdict is Verdict.DEVICE_STALLED
+                d = Diagnosis(q.device, q.index, Verdict.DEVICE_STALLED,
+                              since=old.since if stalled else snap.time - 1.0,
+                              evidence=f"fake: avail_idx {q.avail_idx} not taken", role="consume", time=snap.time)
+            if d is not None and (old is None or old.verdict is not d.verdict):
+                d = dataclasses.replace(d, time=snap.time)
+                out.append(d)
+                self.mine[q.id] = d
+        self.returned.extend(out)
+        return out
+
+    def diagnosis(self, qid):
+        return self.mine.get(qid)
+
+
+def record_stalling(path: Path, sock: str, duration: float = 2.0) -> StallingAnalyzer:
+    """`Recorder` in process against the back-end at ``sock`` with a
+    StallingAnalyzer, 50 ms intervals; returns the analyzer."""
+    with BackendSource(sock) as src:
+        rec = Recorder(src, str(path), interval=0.05, duration=duration, progress=None,
+                       analyzer_class=StallingAnalyzer)
+        assert rec.run() == 0
+    assert isinstance(rec.analyzer, StallingAnalyzer)
+    return rec.analyzer
+
+
+def check_timeline(changes: list[Diagnosis], snaps: list[dict]) -> None:
+    """What any verdict timeline of the recording of ``snaps`` is: time
+    ordered; each queue's first diagnosis at the first snapshot (for the
+    queues there), each later one a change of verdict; made at snapshot
+    times, since no later than made."""
+    times = [s["time"] for s in snaps]
+    assert changes and [d.time for d in changes] == sorted(d.time for d in changes)
+    assert {d.time for d in changes} <= set(times)
+    assert all(isinstance(d.verdict, Verdict) and d.since <= d.time for d in changes)
+    last: dict = {}
+    for d in changes:
+        assert d.id not in last or last[d.id].verdict is not d.verdict, d
+        last[d.id] = d
+    firsts = [d.id for d in changes if d.time == times[0]]
+    assert firsts == [(q["device"], q["index"]) for q in snaps[0]["queues"]]
+
+
+@pytest.mark.timeout(120)
+def test_record_stores_verdicts(tmp_path, demo_peer) -> None:
+    """`vqscope record --stall-after` writes the Analyzer's changes to the
+    verdicts table; the reader and replay give them back as Diagnoses."""
+    out = tmp_path / "v.vqs"
+    p = start_record(out, demo_peer.sock, "--duration", "2", "--stall-after", "1.5")
+    assert p.wait(60) == 0, stderr_of(out)
+    assert "verdict changes" in stderr_of(out)
+    tee = tee_lines(out)
+    with check_recording(out, tee) as rec:
+        assert rec.schema_version == SCHEMA_VERSION == 2
+        assert rec.header["analyzer"] == {**dataclasses.asdict(Thresholds(stall_s=1.5)),
+                                          "notifications_seen": rec.header["has_events"]}
+        db = sqlite3.connect(str(out))
+        rows = db.execute("SELECT snap, time, device, queue, verdict, since, evidence, role FROM verdicts "
+                          "ORDER BY time, id").fetchall()
+        db.close()
+        changes = rec.verdict_changes()
+        assert [(d.time, d.device, d.index, d.verdict.value, d.since, d.evidence, d.role) for d in changes] == \
+            [r[1:] for r in rows]
+        assert all(t == tee[snap]["time"] for snap, t, *_ in rows)
+        check_timeline(changes, tee)
+    with ReplaySource(str(out)) as src:
+        assert src.verdict_changes() == changes
+        assert isinstance(src.recording, Recording)
+        recomputed = src.verdict_changes(Thresholds(stall_s=0.5))  # thresholds given: computed from the file
+        check_timeline(recomputed, tee)
+        assert src.verdict_changes() == changes
+
+
+def as_version_1(src: Path, dst: Path) -> None:
+    """A copy of a recording as vqscope wrote it at schema version 1: the
+    same file without what version 2 added (the verdicts table and
+    header.analyzer)."""
+    shutil.copy(src, dst)
+    db = sqlite3.connect(dst)
+    db.execute("DROP TABLE verdicts")
+    db.execute("DELETE FROM header WHERE key = 'analyzer'")
+    db.execute("UPDATE header SET value = '1' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+
+
+@pytest.mark.timeout(120)
+def test_version_1_recording_gets_computed_verdicts(tmp_path, demo_peer) -> None:
+    """A version-1 recording has no verdicts table: the reader feeds its
+    snapshots, each with the events since the one before, to
+    verdict_timeline, as the recorder would have fed its Analyzer."""
+    out = tmp_path / "v2.vqs"
+    p = start_record(out, demo_peer.sock, "--duration", "2")
+    assert p.wait(60) == 0, stderr_of(out)
+    tee = tee_lines(out)
+    v1 = tmp_path / "v1.vqs"
+    as_version_1(out, v1)
+    with Recording(str(v1)) as rec:
+        assert rec.schema_version == 1 and "analyzer" not in rec.header
+        frames = list(rec.frames())
+        assert [to_json(s) for s, _ in frames] == tee
+        bounds = [to_ns(s["time"]) for s in tee]
+        assert [e for _, evs in frames for e in evs] == [e for e in rec.events() if e.time_ns <= bounds[-1]]
+        for i, (_, evs) in enumerate(frames):
+            assert all((i == 0 or bounds[i - 1] < e.time_ns) and e.time_ns <= bounds[i] for e in evs)
+        if rec.header["has_events"]:
+            assert sum(len(evs) for _, evs in frames) > 0
+        changes = rec.verdict_changes()
+        check_timeline(changes, tee)
+        assert changes == verdict_timeline(frames, Thresholds(), notifications_seen=rec.header["has_events"])
+        assert rec.verdict_changes() == changes
+    with ReplaySource(str(v1)) as src:
+        assert src.verdict_changes() == changes
+
+
+@pytest.mark.timeout(120)
+def test_recorder_stores_an_unhealthy_verdict(tmp_path, demo_peer) -> None:
+    """What the recorder's Analyzer returns is what the file gives back,
+    Diagnosis for Diagnosis: here a device_stalled with its evidence and a
+    since earlier than the snapshot, then the way back."""
+    out = tmp_path / "stall.vqs"
+    a = record_stalling(out, demo_peer.sock)
+    with Recording(str(out)) as rec:
+        times = rec.snapshot_times()
+        assert len(times) == a.n >= 12
+        changes = rec.verdict_changes()
+        assert changes == a.returned
+        check_timeline(changes, list(rec.snapshots()))
+        queues1 = [(q["device"], 1) for q in rec.snapshot(4)["queues"] if q["index"] == 1]
+        stalls = [d for d in changes if d.verdict is Verdict.DEVICE_STALLED]
+        assert [(d.id, d.time, d.since) for d in stalls] == [(k, times[4], times[4] - 1.0) for k in queues1]
+        assert all(d.evidence.startswith("fake: avail_idx ") and d.severity is Severity.ERROR and
+                   d.role == "consume" for d in stalls)
+        back = [d for d in changes if d.index == 1 and d.time == times[9]]
+        assert [d.id for d in back] == queues1 and not any(d.verdict is Verdict.DEVICE_STALLED for d in back)
+
+
+def test_rotated_parts_restate_verdicts(tmp_path) -> None:
+    """Each part of a rotated recording starts with every queue's verdict
+    (its since kept); together, less those restatements, the parts hold
+    exactly the Analyzer's changes."""
+    path = str(tmp_path / "rot.vqs")
+    rec = Recorder(SyntheticSource(queues=8), path, interval=0.001, max_size=300_000, rotate=True,
+                   progress=None, analyzer_class=StallingAnalyzer)
+    src = rec.source
+    orig = src.snapshot
+
+    def snapshot():
+        if src.polls >= 30:
+            rec.stop.set()
+        return orig()
+    src.snapshot = snapshot
+    assert rec.run() == 0
+    assert len(rec.paths) >= 3
+    merged, last = [], {}
+    for n, p in enumerate(rec.paths):
+        with Recording(p) as r:
+            t0 = r.snapshot_times()[0]
+            changes = r.verdict_changes()
+            first = [d for d in changes if d.time == t0]
+            assert [d.id for d in first] == [(q["device"], q["index"]) for q in r.snapshot(0)["queues"]]
+            for d in changes:
+                prev = last.get(d.id)
+                if n and d.time == t0 and prev is not None:   # a restatement, or a change at t0
+                    if (prev.verdict, prev.since) == (d.verdict, d.since):
+                        assert d.since <= prev.time < t0
+                        continue
+                merged.append(d)
+                last[d.id] = d
+    assert merged == rec.analyzer.returned
+    assert any(d.verdict is Verdict.DEVICE_STALLED for d in merged)
+
+
+class FailingAnalyzer(Analyzer):
+    """The Analyzer, raising from its 4th snapshot on (a bug in a rule)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.n = 0
+
+    def update(self, snap, events=()):
+        self.n += 1
+        if self.n >= 4:
+            raise ZeroDivisionError("a rule divided by zero")
+        return super().update(snap, events)
+
+
+def test_analyzer_failure_keeps_the_recording(tmp_path) -> None:
+    """An Analyzer that raises stops the verdicts, not the recording; the
+    file then says it holds none (header.analyzer null) and readers compute
+    them."""
+    path = str(tmp_path / "fail.vqs")
+    err = _Err()
+    rec = Recorder(SyntheticSource(events_per_poll=100, queues=4), path, interval=0.001, duration=0.3,
+                   progress=err, analyzer_class=FailingAnalyzer)
+    assert rec.run() == 0
+    assert "the analyzer failed (ZeroDivisionError: a rule divided by zero); recording goes on" in err.text
+    assert rec.analyzer is None
+    with Recording(path) as r:
+        assert len(r) > 4 and r.header["analyzer"] is None
+        db = sqlite3.connect(path)
+        assert db.execute("SELECT count(*) FROM verdicts WHERE snap = 0").fetchone()[0] == 4  # one per queue
+        assert db.execute("SELECT max(snap) FROM verdicts").fetchone()[0] <= 2  # none after the failure
+        db.close()
+        assert r.verdict_changes() == verdict_timeline(r.frames(), Thresholds(), True)
+
+
+def test_verdict_rows_are_checked(tmp_path) -> None:
+    """A verdicts row is input like any other: one that is not a diagnosis
+    is a RecordingError naming the row and the field; the writer ties
+    verdicts to a snapshot."""
+    path = str(tmp_path / "v.vqs")
+    snap = to_json(Snapshot(source="t", time=5.0, queues=[
+        QueueEntry(device="net0", index=0, size=256, features=0, event_idx=False)]))
+    d = Diagnosis("net0", 0, Verdict.KICK_MISSING, since=3.0, evidence="avail_idx 7, no kick", role="consume",
+                  time=5.0)
+    with RecordingWriter(path, {"analyzer": {"stall_s": 2.0}}) as w:
+        with pytest.raises(Exception, match="verdicts without one"):
+            w.write_interval(None, verdicts=[d])
+        w.write_interval(snap, verdicts=[d])
+    with Recording(path) as r:
+        assert r.verdict_changes() == [d]
+        assert r.verdict_changes(Thresholds()) != [d]   # thresholds given: computed, not the table
+    for sql, why in [("UPDATE verdicts SET verdict = 'sick'", r"verdicts row 1.verdict is 'sick'"),
+                     ("UPDATE verdicts SET since = 'soon'", r"verdicts row 1.since is 'soon'"),
+                     ("DROP TABLE verdicts", "verdicts: no such table")]:
+        p = str(tmp_path / "bad.vqs")
+        shutil.copy(path, p)
+        db = sqlite3.connect(p)
+        db.execute(sql)
+        db.commit()
+        db.close()
+        with Recording(p) as r, pytest.raises(RecordingError, match=why):
+            r.verdict_changes()
+        os.unlink(p)

@@ -1,0 +1,300 @@
+"""The doctor's rules: from a queue's observation and its open episodes
+(:mod:`inspector.analysis.analyzer`) to a verdict and one sentence of
+evidence.
+
+Index arithmetic is modulo 2^16 (VIRTIO 1.2 §2.7: the ring indices wrap).
+Notification rules follow §2.7.7 (used buffer notifications, "calls": the
+driver's ``VRING_AVAIL_F_NO_INTERRUPT`` or, with VIRTIO_RING_F_EVENT_IDX, its
+``used_event``) and §2.7.10 (available buffer notifications, "kicks": the
+device's ``VRING_USED_F_NO_NOTIFY`` or its ``avail_event``), with
+``vring_need_event`` (inspector.spec.virtio) as the kernel's
+include/uapi/linux/virtio_ring.h has it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ring.anomalies import AnomalyKind
+from ..snapshot.model import QueueEntry
+from ..spec.virtio import VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY, vring_need_event
+from .roles import Role
+from .verdict import Verdict
+
+M16 = 0xFFFF
+
+#: Anomalies that break the ring the moment they are seen: the device said so.
+HARD_BROKEN = frozenset({AnomalyKind.QUEUE_BROKEN, AnomalyKind.DEVICE_BROKEN})
+#: Anomalies that are not a broken ring: flagged, informational, or a limit of
+#: the reader (a zero-length descriptor is allowed; a truncated walk, an
+#: indirect table not read, a packed ring not decoded, a vhost address that
+#: disagrees with QEMU's RAM map, a memory table set before the probes).
+NOT_BROKEN = frozenset({AnomalyKind.ZERO_LEN, AnomalyKind.TRUNCATED, AnomalyKind.INDIRECT_NOT_READ,
+                        AnomalyKind.LAYOUT_UNSUPPORTED, AnomalyKind.ADDRESS_MISMATCH,
+                        AnomalyKind.MEM_TABLE_UNKNOWN})
+
+
+@dataclass(slots=True)
+class Observation:
+    """The numbers of one queue at one snapshot that the rules read
+    (QueueEntry's fields, same names; ``t`` the snapshot time, s)."""
+
+    t: float
+    size: int
+    avail_idx: int
+    used_idx: int
+    last_avail_idx: int | None
+    shadow_avail_idx: int | None
+    used_event: int | None
+    avail_event: int | None
+    avail_flags: int
+    used_flags: int
+    event_idx: bool
+    kicks: int
+    calls: int
+    dropped: int | None
+    breaking: bool
+
+    @classmethod
+    def of(cls, q: QueueEntry, t: float) -> Observation:
+        breaking = False
+        for a in q.anomalies:
+            if a.kind not in NOT_BROKEN:
+                breaking = True
+                break
+        return cls(t, q.size, q.avail_idx, q.used_idx, q.last_avail_idx, q.shadow_avail_idx,
+                   q.used_event, q.avail_event, q.avail_flags, q.used_flags, q.event_idx,
+                   q.kicks, q.calls, q.dropped, breaking)
+
+    def device_owes(self) -> bool:
+        """Buffers outstanding: ``avail_idx != used_idx`` (the device has
+        buffers to take or to return)."""
+        return self.avail_idx != self.used_idx and self.size > 0
+
+    def device_progress(self, prev: Observation | None) -> bool:
+        """The device returned something since ``prev`` (``used_idx`` moved)."""
+        return prev is not None and self.used_idx != prev.used_idx
+
+    def driver_owes(self) -> bool:
+        """With EVENT_IDX: ``used_idx`` has passed ``used_event`` by 1 ... size
+        entries, so a call was due (§2.7.7: ``vring_need_event(used_event,
+        used_idx, old)`` held when it passed). ``used_event`` 0 is not read as
+        a request: Linux writes 0 there when it disables callbacks
+        (virtqueue_disable_cb_split, "this is a hack"), and polls."""
+        if not self.event_idx or self.used_event is None or self.used_event == 0:
+            return False
+        return 1 <= (self.used_idx - self.used_event) & M16 <= self.size
+
+    def driver_progress(self, prev: Observation | None) -> bool:
+        """The driver did something since ``prev``: moved ``used_event``
+        (it collected used entries) or ``avail_idx`` (it refilled or sent)."""
+        return prev is not None and (self.used_event != prev.used_event or self.avail_idx != prev.avail_idx)
+
+    def no_buffers(self) -> bool:
+        """The device has no available buffer left: ``avail_idx`` equals
+        ``last_avail_idx`` (or ``used_idx`` where the device's position is
+        unknown)."""
+        pos = self.last_avail_idx if self.last_avail_idx is not None else self.used_idx
+        return self.avail_idx == pos and self.size > 0
+
+
+@dataclass(slots=True)
+class Episode:
+    """A stretch during which one side owes progress: since ``t0`` (the
+    snapshot that first showed it; ``at_least``: it was already there at the
+    first snapshot), with the counters of the snapshot before it (``kicks0``,
+    ``calls0``, ``dropped0``, ``shadow0``, ``last_avail0``; the first
+    snapshot's own when ``at_least``) and whether the device had just taken
+    or filled buffers when it began (``filled``)."""
+
+    t0: float
+    at_least: bool
+    kicks0: int
+    calls0: int
+    dropped0: int | None
+    shadow0: int | None
+    last_avail0: int | None
+    filled: bool
+
+    @classmethod
+    def start(cls, prev: Observation | None, ob: Observation, last_call_used: int | None) -> Episode:
+        base = prev if prev is not None else ob
+        filled = prev is not None and (ob.used_idx != prev.used_idx
+                                       or ob.last_avail_idx != prev.last_avail_idx)
+        return cls(ob.t, prev is None, base.kicks, base.calls, base.dropped, base.shadow_avail_idx,
+                   base.last_avail_idx, filled)
+
+
+def _for(ep: Episode, now: float) -> str:
+    return f"{'at least ' if ep.at_least else ''}{now - ep.t0:.1f} s"
+
+
+def judge(q: QueueEntry, ob: Observation, role: Role, device_ep: Episode | None,
+          driver_ep: Episode | None, starve_ep: Episode | None, broken_streak: int,
+          last_call_used: int | None, seen: bool, th) -> tuple[Verdict | None, str, float | None]:
+    """The verdict on one queue: ``(verdict, evidence, since)``, or ``(None,
+    "", None)`` when no rule fires (the caller says healthy or idle).
+    ``since`` None keeps the previous diagnosis's. ``seen``: the source's
+    kick and call counters are real. ``th``: the Analyzer's Thresholds.
+    Order: a broken ring, a misplaced used ring, the driver's side, the
+    device's side, starvation."""
+    # --- ring_broken: the device said so, or the decoder saw it twice
+    for a in q.anomalies:
+        if a.kind in HARD_BROKEN:
+            return Verdict.RING_BROKEN, f"{a.kind.value}: {a.detail}", None
+    if broken_streak >= th.broken_snapshots:
+        a = next(a for a in q.anomalies if a.kind not in NOT_BROKEN)
+        return (Verdict.RING_BROKEN,
+                f"{a.kind.value} in {broken_streak} snapshots in a row: {a.detail}", None)
+    mismatch = layout_mismatch(q)
+    if mismatch:
+        return Verdict.LAYOUT_MISMATCH, mismatch, None
+    if q.layout != "split":
+        return None, "", None
+    now = ob.t
+    stall = th.stall_s
+    if driver_ep is not None and now - driver_ep.t0 >= stall:
+        return _driver_side(ob, driver_ep, starve_ep, last_call_used, seen)
+    if role is Role.CONSUME and device_ep is not None and now - device_ep.t0 >= stall:
+        return _device_side(ob, device_ep, seen)
+    if role is Role.FILL and starve_ep is not None and now - starve_ep.t0 >= stall:
+        return _starved(ob, starve_ep)
+    return None, "", None
+
+
+def _driver_side(ob: Observation, ep: Episode, starve_ep: Episode | None, last_call_used: int | None,
+                 seen: bool) -> tuple[Verdict, str, float]:
+    """call_missing / driver_stalled (§2.7.7): ``used_idx`` passed
+    ``used_event``, so a call was due, and the driver has not moved
+    ``used_event`` nor ``avail_idx`` for the threshold. Whether the call was
+    sent: calls counted during the episode, or the used_idx carried by the
+    last call event (the back-end's log) past ``used_event``."""
+    u, ue = ob.used_idx, ob.used_event
+    behind = (u - ue) & M16
+    head = (f"used_idx {u} passed used_event {ue} by {behind} (EVENT_IDX, §2.7.7: a call was due) "
+            f"and the driver has not moved used_event or avail_idx {ob.avail_idx} for {_for(ep, ob.t)}")
+    extra = ""
+    if starve_ep is not None and ob.dropped is not None and starve_ep.dropped0 is not None \
+            and ob.dropped > starve_ep.dropped0:
+        extra = f"; {ob.dropped - starve_ep.dropped0} frames dropped for want of a buffer"
+    if not seen:
+        return (Verdict.DRIVER_STALLED,
+                f"{head}; this source sees no calls: cannot tell call_missing from driver_stalled{extra}",
+                ep.t0)
+    sent_now = ob.calls - ep.calls0
+    if sent_now > 0:
+        return Verdict.DRIVER_STALLED, f"{head}; {sent_now} calls sent, driver did not respond{extra}", ep.t0
+    if last_call_used is not None and ((last_call_used - ue - 1) & M16) < behind:
+        return (Verdict.DRIVER_STALLED,
+                f"{head}; a call was sent at used_idx {last_call_used}, driver did not respond{extra}", ep.t0)
+    last = f"last call at used_idx {last_call_used}" if last_call_used is not None else "no call seen"
+    if ep.at_least and last_call_used is None:
+        return (Verdict.DRIVER_STALLED,
+                f"{head}; no call sent while watching, and whether one came before cannot be told{extra}",
+                ep.t0)
+    return Verdict.CALL_MISSING, f"{head}; 1 call due, none sent ({last}){extra}", ep.t0
+
+
+def _kick_due(ob: Observation, old: int) -> bool:
+    """Did publishing ``old .. avail_idx`` require a kick under the device's
+    suppression state (§2.7.10)? With EVENT_IDX: ``vring_need_event(
+    avail_event, avail_idx, old)``; without: ``VRING_USED_F_NO_NOTIFY`` clear."""
+    if ob.event_idx and ob.avail_event is not None:
+        return vring_need_event(ob.avail_event, ob.avail_idx, old)
+    return not ob.used_flags & VRING_USED_F_NO_NOTIFY
+
+
+def _suppression(ob: Observation, old: int, what: str) -> str:
+    if ob.event_idx and ob.avail_event is not None:
+        return (f"avail_event {ob.avail_event} is not in [{what} {old}, avail_idx {ob.avail_idx}): "
+                f"the driver owed no kick for these entries (EVENT_IDX, §2.7.10)")
+    return "the device left VRING_USED_F_NO_NOTIFY set: the driver will not kick (§2.7.10)"
+
+
+def _device_side(ob: Observation, ep: Episode, seen: bool) -> tuple[Verdict, str, float]:
+    """device_stalled / kick_missing / suppression_stuck on a queue whose
+    buffers the device must consume: buffers outstanding and ``used_idx``
+    still for the threshold. The device looked (``shadow_avail_idx`` covers
+    the entries, or moved, or ``last_avail_idx`` moved, or kicks arrived):
+    device_stalled. It did not: kick_missing if the device's suppression
+    state required a kick (§2.7.10) and none came; suppression_stuck if it
+    did not."""
+    a, u, la, sh = ob.avail_idx, ob.used_idx, ob.last_avail_idx, ob.shadow_avail_idx
+    pending = (a - u) & M16
+    dur = _for(ep, ob.t)
+    kicks = ob.kicks - ep.kicks0 if seen else None
+    kick_note = (f"; {kicks} kicks received" if kicks else "; no kick received") if seen else ""
+    if la is not None:
+        held, waiting = (la - u) & M16, (a - la) & M16
+        if held and (waiting == 0 or la != ep.last_avail0):
+            return (Verdict.DEVICE_STALLED,
+                    f"the device took {held} buffers (last_avail_idx {la}) and returned none for {dur} "
+                    f"(used_idx {u}, avail_idx {a}){kick_note}", ep.t0)
+    else:
+        waiting = pending
+    old = sh if sh is not None else (la if la is not None else u)
+    looked = sh is not None and (sh == a or sh != ep.shadow0)
+    if looked or (seen and kicks):
+        read = f"the device read avail_idx {sh}" if sh is not None else "the device was kicked"
+        return (Verdict.DEVICE_STALLED,
+                f"{waiting} buffers available and not taken for {dur} (avail_idx {a}, "
+                f"last_avail_idx {la}, used_idx {u}): {read} but took none{kick_note}", ep.t0)
+    what = "shadow_avail_idx" if sh is not None else ("last_avail_idx" if la is not None else "used_idx")
+    unseen = (a - old) & M16
+    if not _kick_due(ob, old):
+        return (Verdict.SUPPRESSION_STUCK,
+                f"{unseen} entries wait past {what} {old} for {dur} and the device does not poll: "
+                f"{_suppression(ob, old, what)}", ep.t0)
+    rule = (f"avail_event {ob.avail_event} (EVENT_IDX, §2.7.10)" if ob.event_idx and ob.avail_event is not None
+            else "VRING_USED_F_NO_NOTIFY clear (§2.7.10)")
+    if not seen:
+        return (Verdict.DEVICE_STALLED,
+                f"{unseen} entries published past {what} {old} under {rule} wait for {dur}; this source "
+                f"sees no kicks: cannot tell kick_missing from device_stalled", ep.t0)
+    if sh is None and ep.at_least:
+        return (Verdict.DEVICE_STALLED,
+                f"{unseen} entries published past {what} {old} under {rule} wait for {dur}; no kick "
+                f"while watching, and whether one came before cannot be told", ep.t0)
+    return (Verdict.KICK_MISSING,
+            f"{unseen} entries published past {what} {old} under {rule} required a kick; none came in "
+            f"{dur} (avail_idx {a})", ep.t0)
+
+
+def _starved(ob: Observation, ep: Episode) -> tuple[Verdict | None, str, float | None]:
+    """starved: a queue the device fills has no buffer for the threshold
+    while the device has data for it: frames dropped for want of a buffer
+    (``dropped``), or the device filled the last buffer when it began."""
+    dur = _for(ep, ob.t)
+    polls = (" (VRING_AVAIL_F_NO_INTERRUPT set: the driver said it polls)"
+             if not ob.event_idx and ob.avail_flags & VRING_AVAIL_F_NO_INTERRUPT else "")
+    if ob.dropped is not None and ep.dropped0 is not None and ob.dropped > ep.dropped0:
+        return (Verdict.STARVED,
+                f"no buffer posted for {dur} (avail_idx {ob.avail_idx}) while {ob.dropped - ep.dropped0} "
+                f"frames were dropped for want of one{polls}", ep.t0)
+    if ep.filled:
+        return (Verdict.STARVED,
+                f"the device filled the last buffer (used_idx {ob.used_idx}) {dur} ago and the driver "
+                f"posted none since (avail_idx {ob.avail_idx}){polls}", ep.t0)
+    return None, "", None
+
+
+def layout_mismatch(q: QueueEntry) -> str:
+    """The evidence when the used ring sits where QEMU's legacy formula puts
+    it instead of where §2.7 does (seeds: QEMU's misplaced used ring at align
+    4): with EVENT_IDX the avail ring is ``4 + 2·size + 2`` bytes (``used_event``
+    at its end), and a used ring at ``avail + 4 + 2·size`` overlaps
+    ``used_event``. Read from the addresses a source gives (``extras``
+    ``qemu`` or ``device_state``: ``avail``, ``used``); "" when they agree
+    or are unknown."""
+    if not q.event_idx:
+        return ""
+    for key in ("qemu", "device_state"):
+        x = q.extras.get(key)
+        if isinstance(x, dict) and isinstance(x.get("avail"), int) and isinstance(x.get("used"), int):
+            gap = x["used"] - x["avail"]
+            if gap == 4 + 2 * q.size:
+                return (f"used ring at avail + {gap} bytes ({x['used']:#x}): QEMU's legacy formula at "
+                        f"align <= 4; §2.7 puts it at avail + {gap + 2} or beyond, and used_event "
+                        f"(avail + {gap}) overlaps used->flags")
+            return ""
+    return ""
