@@ -260,11 +260,17 @@ class VirtioNetDriver:
         if q.fault_on("stop-consuming"):
             return []
         out = []
-        for head, length in q.ring.get_used():
-            out.append((head, length, q.slots.pop(head)))
-        if self.event_idx:
+        while True:
+            for head, length in q.ring.get_used():
+                out.append((head, length, q.slots.pop(head)))
+            if not self.event_idx:
+                return out
+            # Linux virtqueue_enable_cb_prepare + virtqueue_poll: ask for a call
+            # at the next entry, then look again: one used meanwhile may have
+            # been checked against the old used_event (no call for it).
             q.ring.used_event = q.ring.last_used_idx
-        return out
+            if q.ring.used_idx == q.ring.last_used_idx:
+                return out
 
     def poll_tx_done(self, pair: int) -> int:
         """Reclaim the TX buffers the device returned; returns how many."""
