@@ -29,7 +29,8 @@ from ..ring.driver import DriverRing
 from ..ring.anomalies import AnomalyKind
 from ..spec.virtio import (VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_HDR_MRG_RXBUF_SIZE,
                            VIRTIO_NET_HDR_SIZE, VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_INDIRECT,
-                           VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY, has_feature)
+                           VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY, has_feature,
+                           vring_need_event)
 
 _NET_HDR_V1 = struct.Struct("<BBHHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
 
@@ -45,13 +46,6 @@ HOSTILE_KINDS = {
     "avail_idx_jump": AnomalyKind.AVAIL_IDX_JUMP,         # §2.7.6: avail->idx > size ahead
     "zero_len": AnomalyKind.ZERO_LEN,                     # a descriptor of length 0
 }
-
-
-def vring_need_event(event_idx: int, new_idx: int, old: int) -> bool:
-    """VIRTIO 1.2 §2.7.10 / Linux vring_need_event: notify when ``event_idx``
-    lies in [old, new), i.e. the other side asked to be told once entry
-    ``event_idx`` is published."""
-    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old) & 0xFFFF)
 
 
 class DriverQueue:
