@@ -157,9 +157,28 @@ def judge(q: QueueEntry, ob: Observation, role: Role, device_ep: Episode | None,
         return _driver_side(ob, driver_ep, starve_ep, last_call_used, seen)
     if role is Role.CONSUME and device_ep is not None and now - device_ep.t0 >= stall:
         return _device_side(ob, device_ep, seen)
+    if role is Role.FILL and device_ep is not None and now - device_ep.t0 >= stall:
+        filled_none = _fill_stalled(ob, device_ep)
+        if filled_none is not None:
+            return filled_none
     if role is Role.FILL and starve_ep is not None and now - starve_ep.t0 >= stall:
         return _starved(ob, starve_ep)
     return None, "", None
+
+
+def _fill_stalled(ob: Observation, ep: Episode) -> tuple[Verdict, str, float] | None:
+    """device_stalled on a queue the device fills (net RX): buffers are
+    posted, ``used_idx`` is still, and the device counted frames it dropped
+    meanwhile (``dropped``): it had data and buffers and filled none. Without
+    a drop count an RX queue waiting is just idle."""
+    if ob.dropped is None or ep.dropped0 is None or ob.dropped <= ep.dropped0:
+        return None
+    posted = (ob.avail_idx - (ob.last_avail_idx if ob.last_avail_idx is not None else ob.used_idx)) & M16
+    if not posted:
+        return None
+    return (Verdict.DEVICE_STALLED,
+            f"{posted} buffers posted (avail_idx {ob.avail_idx}, used_idx {ob.used_idx}) and none filled for "
+            f"{_for(ep, ob.t)} while {ob.dropped - ep.dropped0} frames for this queue were dropped", ep.t0)
 
 
 def _driver_side(ob: Observation, ep: Episode, starve_ep: Episode | None, last_call_used: int | None,
@@ -223,7 +242,7 @@ def _device_side(ob: Observation, ep: Episode, seen: bool) -> tuple[Verdict, str
     pending = (a - u) & M16
     dur = _for(ep, ob.t)
     kicks = ob.kicks - ep.kicks0 if seen else None
-    kick_note = (f"; {kicks} kicks received" if kicks else "; no kick received") if seen else ""
+    kick_note = f"; {kicks} kicks received" if seen and kicks else ""
     if la is not None:
         held, waiting = (la - u) & M16, (a - la) & M16
         if held and (waiting == 0 or la != ep.last_avail0):

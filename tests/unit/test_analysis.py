@@ -325,3 +325,17 @@ def test_verdict_timeline_and_forgotten_queues():
     a.update(Snapshot("t", T0, [stuck]))
     a.update(Snapshot("t", T0 + 1, []))
     assert a.diagnoses == {}
+
+
+def test_rx_with_buffers_and_drops_but_nothing_filled_is_device_stalled():
+    """The device drops frames for an RX queue that has 200 buffers posted
+    (serve --inject stall=0): the device side, not the driver."""
+    states = [rx(100, 300, 100, calls=9, dropped=0, shadow_avail_idx=300)] + \
+             [rx(100, 300, 100, calls=9, dropped=4 * i, shadow_avail_idx=300) for i in range(1, 8)]
+    a, _ = run(states)
+    d = verdict(a, 0)
+    assert d.verdict is Verdict.DEVICE_STALLED and "200 buffers posted" in d.evidence
+    assert "28 frames for this queue were dropped" in d.evidence
+    quiet = [rx(100, 300, 100, calls=9, dropped=0)] * 8          # no data: idle
+    a, _ = run(quiet)
+    assert verdict(a, 0).verdict is Verdict.IDLE
