@@ -67,8 +67,8 @@ def series() -> list[dict]:
         tx["calls"] += 10 * i
         tx["packets"] += 60 * i
         for q in (rx, tx):
-            q["avail_idx"] = (q["avail_idx"] + 60 * i) % 65536
-            q["used_idx"] = (q["used_idx"] + 60 * i) % 65536
+            for idx in ("avail_idx", "used_idx", "last_avail_idx", "used_event", "avail_event"):
+                q[idx] = (q[idx] + 60 * i) % 65536
         if i not in ANOMALY_AT:
             tx["anomalies"] = []
         out.append(s)
@@ -450,7 +450,7 @@ def test_n_and_N_p_jump_between_snapshots_where_an_anomaly_appeared(recording):
         await pilot.press("n")
         await shown(pilot, anomalies[1])
         await pilot.press("n")  # none after: stays, says so
-        await wait_for(pilot, lambda: any("no new anomaly after snapshot 6" in str(n.message)
+        await wait_for(pilot, lambda: any("no new anomaly or verdict change after snapshot 6" in str(n.message)
                                           for n in app._notifications))
         assert app.source.index == anomalies[1]
         await pilot.press("N")
