@@ -139,7 +139,8 @@ def ring_markers(q: QueueEntry, width: int) -> list[Text]:
     ``used_event``, ``avail_event`` (and ``shadow_avail_idx`` without
     ``last_avail_idx``) that is known; names with the same value share a
     label; a label that would run past the bar ends at its ▲ instead;
-    labels that would overlap go to the next row."""
+    labels that would overlap go to the next row. ``width``: as
+    :func:`ring_bar`'s."""
     n = q.size
     cells, _ = _cells(n, width)
     named = [("used", q.used_idx), ("last_avail", q.last_avail_idx), ("avail", q.avail_idx),
@@ -153,11 +154,11 @@ def ring_markers(q: QueueEntry, width: int) -> list[Text]:
     labels = []
     for value, names in by_value.items():
         col = slot_cell(value % n, n, width)
-        text = f"▲{'/'.join(names)} {value}"
-        start = col if col + len(text) <= cells else max(0, col - len(text) + 1)
-        if start != col:
-            text = f"{'/'.join(names)} {value}▲"
-        labels.append((start, text))
+        text = f"{'/'.join(names)} {value}"
+        if col + len(text) + 1 <= cells or col < len(text):
+            labels.append((col, f"▲{text}"))  # (cropped at the edge when it fits neither way)
+        else:
+            labels.append((col - len(text), f"{text}▲"))
     rows: list[list[tuple[int, str]]] = []
     for start, text in sorted(labels):
         for row in rows:
@@ -326,6 +327,9 @@ def histogram_text(buckets: dict[str, int]) -> str:
     for p in (50, 99):
         b = percentile_bucket(buckets, p)
         if b is not None:
-            parts.append(f"p{p} {ns_text(b[0]) if b[0] else '0'}–{ns_text(b[1])}")
+            lo, hi = ns_text(b[0]), ns_text(b[1])
+            if lo.split()[1] == hi.split()[1]:
+                lo = lo.split()[0]  # one unit for both ends
+            parts.append(f"p{p} {lo}–{hi}")
     parts.append(f"({total:,} sample{'' if total == 1 else 's'})")
     return "  ".join(parts)

@@ -25,17 +25,18 @@ class ProblemList(Static):
 
     def __init__(self, **kwargs) -> None:
         super().__init__("", **kwargs)
-        self._lines: list[str] | None = None
+        # The lines shown; None: "no verdict yet"; False: nothing yet.
+        self._lines: list[str] | None | bool = False
 
     def show(self, diagnoses: dict[QueueId, Diagnosis], order: list[QueueId]) -> None:
         """The problems among ``diagnoses`` (queues of ``order``, the snapshot's)."""
         ids = set(order)
         bad = problems({k: d for k, d in diagnoses.items() if k in ids}, order)
         lines = [problem_line(d) for d in bad]
-        plain = [line.plain for line in lines]
-        if plain == self._lines:
+        shown = [line.plain for line in lines] if diagnoses else None
+        if shown == self._lines:
             return
-        self._lines = plain
+        self._lines = shown
         self.set_class(bool(bad), "-problems")
         if not diagnoses:
             self.update(Text("no verdict yet", style="dim"))
