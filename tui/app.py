@@ -194,7 +194,7 @@ class ReplayApp(VqscopeApp):
         Binding("minus", "slower", "Slower", key_display="-", priority=True),
     ]
 
-    _stops: list[int] = []
+    _stops: tuple[int, ...] = ()
 
     cursor: var[Cursor | None] = var(None)
     #: The recording's verdict changes; None until read.
@@ -263,15 +263,15 @@ class ReplayApp(VqscopeApp):
             return
         self.notifications_seen = timeline.notifications_seen
         self.verdicts = timeline
-        self._stops = sorted(set(timeline.stops) | set(self.source.anomaly_indices()))
+        self._stops = tuple(sorted(set(timeline.stops) | set(self.source.anomaly_indices())))
         if self.snapshot is not None:
             self.diagnoses = timeline.at(self.snapshot.time)
             self.snapshot = self.snapshot  # redraw with them
 
     def stops(self) -> list[int]:
-        """The snapshot indices ``n``/``N`` stop at: new anomalies, and
-        verdict changes once read."""
-        return self._stops if self.verdicts is not None else self.source.anomaly_indices()
+        """The snapshot indices ``n``/``N`` stop at, ascending: new
+        anomalies, and verdict changes once read."""
+        return list(self._stops) if self.verdicts is not None else self.source.anomaly_indices()
 
     def action_toggle(self) -> None:
         self.source.toggle()

@@ -88,9 +88,6 @@ class LineTable(ScrollView, can_focus=True):
         """The row keys in the order shown (do not modify)."""
         return self._order
 
-    def has_row(self, key: str) -> bool:
-        return key in self._rows
-
     def set_row(self, key: str, cells: Sequence[Cell]) -> None:
         """Add the row ``key`` (at the end) or change its cells (one per column)."""
         cells = list(cells)
@@ -119,12 +116,6 @@ class LineTable(ScrollView, can_focus=True):
             self._strips.pop(key, None)
         self._order = [k for k in self._order if k not in keys]
         self.move_cursor(self._cursor)
-
-    def clear(self) -> None:
-        """Drop every row (the cursor stays where it is, clamped later)."""
-        self._rows.clear()
-        self._strips.clear()
-        self._order = []
 
     def set_order(self, order: list[str], keep_cursor: bool = True) -> None:
         """Show the rows in ``order`` (every row key once); with
