@@ -80,6 +80,35 @@ class ScriptedSource(Source):
         return item
 
 
+class FakeAnalyzer(Analyzer):
+    """The Analyzer's API with fixed verdicts (queue -> (verdict, evidence)),
+    since 3.2 s before each snapshot; every queue not listed healthy.
+    Records what it was fed."""
+
+    def __init__(self, verdicts: dict, notifications_seen: bool = True):
+        super().__init__(notifications_seen=notifications_seen)
+        self.verdicts = verdicts
+        self.fed: list[tuple[float, list]] = []
+
+    def update(self, snap, events=()):
+        self.fed.append((snap.time, list(events)))
+        for q in snap.queues:
+            v, evidence = self.verdicts.get(q.id, (Verdict.HEALTHY, ""))
+            self._diagnoses[q.id] = Diagnosis(q.device, q.index, v, since=snap.time - 3.2, evidence=evidence,
+                                              time=snap.time)
+        return []
+
+
+@pytest.fixture(autouse=True)
+def steady_verdicts(monkeypatch):
+    """Every app of these tests gets a FakeAnalyzer that finds every queue
+    healthy (tests that need a verdict set their own): the screens and keys
+    under test do not depend on the analyzer's rules, which have their own
+    tests."""
+    monkeypatch.setattr("tui.app.Analyzer", lambda thresholds, notifications_seen:
+                        FakeAnalyzer({}, notifications_seen))
+
+
 async def wait_for(pilot, condition, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -638,25 +667,6 @@ def test_rate_history_bins_the_last_minute():
 
 
 # --- the analyzer's feed ----------------------------------------------------------
-
-
-class FakeAnalyzer(Analyzer):
-    """The Analyzer's API with fixed verdicts (queue -> (verdict, evidence)),
-    since 3.2 s before each snapshot; every queue not listed healthy.
-    Records what it was fed."""
-
-    def __init__(self, verdicts: dict, notifications_seen: bool = True):
-        super().__init__(notifications_seen=notifications_seen)
-        self.verdicts = verdicts
-        self.fed: list[tuple[float, list]] = []
-
-    def update(self, snap, events=()):
-        self.fed.append((snap.time, list(events)))
-        for q in snap.queues:
-            v, evidence = self.verdicts.get(q.id, (Verdict.HEALTHY, ""))
-            self._diagnoses[q.id] = Diagnosis(q.device, q.index, v, since=snap.time - 3.2, evidence=evidence,
-                                              time=snap.time)
-        return []
 
 
 class EventSource(ScriptedSource):

@@ -350,8 +350,23 @@ def test_events_and_messages_are_handed_out_once_as_the_cursor_moves_forward(rec
 # --- the app: keys, bar, screens --------------------------------------------
 
 
-def replay_app(path: Path, interval: float = 0.02) -> ReplayApp:
-    return ReplayApp(ReplaySource(str(path)), interval=interval)
+def first_sight(path: Path) -> list[Diagnosis]:
+    """Each queue of the recording at ``path`` healthy at its first snapshot, and no change."""
+    with ReplaySource(str(path)) as src:
+        snap = src.snapshot()
+    return [Diagnosis(q.device, q.index, Verdict.HEALTHY, since=snap.time, time=snap.time) for q in snap.queues]
+
+
+def replay_app(path: Path, interval: float = 0.02, steady: bool = True) -> ReplayApp:
+    """A ReplayApp of the recording at ``path``; ``steady``: its verdicts
+    are :func:`first_sight`'s (the source's ``verdict_changes()``), so the
+    screens and keys under test do not depend on the analyzer's rules; else
+    the analyzer's, over the recording."""
+    src = ReplaySource(str(path))
+    if steady:
+        changes = first_sight(path)
+        src.verdict_changes = lambda: changes
+    return ReplayApp(src, interval=interval)
 
 
 def run_app(app, body) -> None:
@@ -778,7 +793,7 @@ def test_a_recording_of_real_traffic_replays_in_the_tui(tmp_path):
         shutil.rmtree(sockets, ignore_errors=True)
     tee = [json.loads(line) for line in tee_path.read_text().splitlines()]
     assert len(tee) >= 10  # 2 s at 50 ms, on a busy 2-core machine
-    app = replay_app(out)
+    app = replay_app(out, steady=False)  # the analyzer over a real recording
     seen: list[int] = []
 
     async def body(pilot):
