@@ -6,14 +6,17 @@ from dataclasses import dataclass
 
 from textual.message import Message
 
-from inspector.snapshot.model import Snapshot
+from inspector.analysis import Diagnosis
+from inspector.snapshot.model import QueueId, Snapshot
 
 
 @dataclass
 class SnapshotReceived(Message):
-    """The source answered with a snapshot."""
+    """The source answered with a snapshot; ``diagnoses``: the analyzer's
+    verdicts after it, or None when the snapshot is not new (same ``time``)."""
 
     snapshot: Snapshot
+    diagnoses: dict[QueueId, Diagnosis] | None = None
 
 
 @dataclass

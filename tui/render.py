@@ -9,18 +9,23 @@ the source cannot know, or one that ``VIRTIO_RING_F_EVENT_IDX`` left out).
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from functools import lru_cache
 
 from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from inspector.analysis import Diagnosis, Role, Severity, Verdict, role_of
+from inspector.analysis.roles import device_type_of
 from inspector.snapshot.model import Chain, QueueEntry, Snapshot
+from inspector.spec import virtio
 from inspector.spec.virtio import (
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
     VRING_USED_F_NO_NOTIFY,
+    feature_names,
 )
 
 from .rates import NO_RATES, QueueRates
@@ -81,6 +86,142 @@ def time_text(t: float | None) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
 
 
+def clock_text(t: float) -> str:
+    """The time of day of ``t`` (s since the epoch), UTC, to a tenth of a
+    second: ``08:25:01.2`` (the date and zone are in the status line)."""
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%H:%M:%S.%f")[:-5]
+
+
+def seconds_text(s: float) -> str:
+    """A duration in seconds for people: ``0.4 s``, ``3.2 s``, ``42 s``,
+    ``12 min``, ``2.1 h``."""
+    if s < 10:
+        return f"{max(s, 0.0):.1f} s"
+    if s < 100:
+        return f"{s:.0f} s"
+    if s < 6000:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def ns_text(ns: float) -> str:
+    """A latency in ns with two significant digits and a unit: ``512 ns``,
+    ``8.2 µs``, ``16 µs``, ``1.0 ms``."""
+    for unit, scale in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):
+        if ns >= scale:
+            v = ns / scale
+            return f"{v:.1f} {unit}" if v < 10 else f"{v:.0f} {unit}"
+    return f"{ns:.0f} ns"
+
+
+# --- features ---------------------------------------------------------------
+
+
+def device_id(device_type: str | None) -> int | None:
+    """The ``VIRTIO_ID_*`` (VIRTIO 1.2 §5) of a device type as a snapshot
+    names it (``net``, ``block``, or an alias of
+    :func:`inspector.analysis.roles.device_type_of`), None when unknown."""
+    t = device_type_of(device_type)
+    return None if t is None else getattr(virtio, f"VIRTIO_ID_{t.upper()}", None)
+
+
+def features_text(features: int, device_type: str | None = None) -> str:
+    """The negotiated feature bits by name, lowest bit first, without the
+    ``VIRTIO_F_`` / ``VIRTIO_RING_F_`` / ``VIRTIO_NET_F_`` ... prefix:
+    ``INDIRECT_DESC EVENT_IDX VERSION_1``; device-specific bits by name when
+    the device type is known, else ``bit N`` (names:
+    :func:`inspector.spec.virtio.feature_names`); "0" when none is set."""
+    names = [n.split("_F_", 1)[-1] for n in feature_names(features, device_id(device_type))]
+    return " ".join(names) if names else "0"
+
+
+# --- roles and health -------------------------------------------------------
+
+
+@lru_cache(maxsize=4096)
+def role_text(device_type: str | None, index: int, num_queues: int | None = None) -> str:
+    """The queue's role in a word: ``RX``/``TX``/``CTRL`` for net (§5.1.2),
+    ``RX``/``TX`` for console (§5.3.2), ``REQ`` for block (§5.2.2), else
+    ``FILL`` (the driver posts buffers for the device to fill) or
+    ``CONSUME`` (the device consumes the driver's buffers), from
+    :func:`inspector.analysis.role_of`; "—" when the device type is unknown."""
+    role = role_of(device_type, index, num_queues)
+    if role is Role.UNKNOWN:
+        return DASH
+    t = device_type_of(device_type)
+    if t == "net":
+        return "RX" if role is Role.FILL else ("TX" if index % 2 else "CTRL")
+    if t == "console":
+        return "RX" if role is Role.FILL else "TX"
+    if t == "block":
+        return "REQ"
+    return role.value.upper()
+
+
+#: The style of each severity: colour helps, the word and the mark carry it.
+SEVERITY_STYLE = {Severity.OK: "green", Severity.WARNING: "bold yellow", Severity.ERROR: "bold red"}
+#: The mark before a verdict word: ● nothing to do, ▲ a problem.
+SEVERITY_MARK = {Severity.OK: "●", Severity.WARNING: "▲", Severity.ERROR: "▲"}
+
+
+def health_text(d: Diagnosis | None, now: float | None = None) -> Text:
+    """A queue's health cell: ``● healthy``, ``● idle``, or for a problem
+    the verdict and how long it has held at snapshot time ``now`` (s since
+    the epoch): ``▲ device_stalled 3.2 s``; "…" before the first diagnosis."""
+    if d is None:
+        return Text("…", style="dim")
+    text = f"{SEVERITY_MARK[d.severity]} {d.verdict.value}"
+    if not d.ok and now is not None:
+        text += f" {seconds_text(now - d.since)}"
+    return Text(text, style="dim green" if d.verdict is Verdict.IDLE else SEVERITY_STYLE[d.severity])
+
+
+def problem_line(d: Diagnosis) -> Text:
+    """One line about a queue that is not healthy: ``▲ net0 q1
+    device_stalled since 08:25:01.2 — evidence``."""
+    line = Text.assemble((f"{SEVERITY_MARK[d.severity]} {d.device} q{d.index} {d.verdict.value}",
+                          SEVERITY_STYLE[d.severity]), f" since {clock_text(d.since)}")
+    if d.evidence:
+        line.append(f" — {d.evidence}")
+    return line
+
+
+# --- labeled panels (the queue screen) --------------------------------------
+
+#: Cells of the label column of the queue screen's panels.
+LABEL_WIDTH = 10
+
+
+def labeled(rows: list[tuple[str, Text | str]]) -> Table:
+    """``(label, content)`` rows as a grid: the label bold in a column of
+    LABEL_WIDTH cells, the content beside it (wrapped lines stay indented)."""
+    grid = Table.grid(padding=0, expand=True)
+    grid.add_column(width=LABEL_WIDTH, no_wrap=True, style="bold")
+    grid.add_column(ratio=1)
+    for label, content in rows:
+        grid.add_row(label, content)
+    return grid
+
+
+# --- occupancy --------------------------------------------------------------
+
+_EIGHTHS = " ▏▎▍▌▋▊▉"
+
+
+def occupancy_bar(inflight: int, size: int, width: int = 12) -> str:
+    """``inflight`` of ``size`` slots as a bar of ``width`` cells in eighths,
+    between brackets: ``[██████▌     ]``; full (and no more) when the
+    indices say more than ``size``."""
+    if size <= 0:
+        return "[" + " " * width + "]"
+    eighths = min(width * 8, round(max(inflight, 0) * width * 8 / size))
+    if inflight > 0 and eighths == 0:
+        eighths = 1  # one buffer is not nothing
+    full, part = divmod(eighths, 8)
+    bar = "█" * full + (_EIGHTHS[part] if part else "")
+    return "[" + bar.ljust(width) + "]"
+
+
 def anomaly_count(queue: QueueEntry) -> Text:
     """The number of anomalies, highlighted when not zero."""
     n = len(queue.anomalies)
@@ -108,7 +249,20 @@ QUEUE_COLUMNS = (
 RATE_COLUMNS = (("kicks_s", "kicks/s"), ("calls_s", "calls/s"), ("packets_s", "pkts/s"))
 ANOMALY_COLUMN = ("anomalies", "anom")
 
-TEXT_COLUMNS = frozenset({"device", "avail_flags", "used_flags"})
+#: The TUI's queue table: who and how it is first (visible in 80 columns),
+#: then the indices, the rates, and the rest of QUEUE_COLUMNS.
+TABLE_COLUMNS = (
+    ("device", "device"), ("index", "q"), ("role", "role"), ("health", "health"),
+    ("size", "size"), ("occupancy", "occupancy"),
+    ("avail_idx", "avail_idx"), ("used_idx", "used_idx"), ("last_avail_idx", "last_avail_idx"),
+    ("inflight", "inflight"),
+) + RATE_COLUMNS + (ANOMALY_COLUMN,) + (
+    ("avail_flags", "avail_flags"), ("used_flags", "used_flags"),
+    ("used_event", "used_event"), ("avail_event", "avail_event"),
+    ("kicks", "kicks"), ("calls", "calls"), ("packets", "pkts"),
+)
+
+TEXT_COLUMNS = frozenset({"device", "role", "health", "occupancy", "avail_flags", "used_flags"})
 """Left-aligned columns; every other queue column is a number (right-aligned)."""
 
 
@@ -133,6 +287,18 @@ def queue_cells(queue: QueueEntry) -> dict[str, str | Text]:
     }
 
 
+def status_cells(queue: QueueEntry, diagnosis: Diagnosis | None, now: float | None,
+                 num_queues: int | None = None) -> dict[str, str | Text]:
+    """The ``role``, ``health`` and ``occupancy`` cells of TABLE_COLUMNS;
+    ``now``: the snapshot's time (how long a problem has held);
+    ``num_queues``: the device's queue count (net's controlq is its last)."""
+    return {
+        "role": role_text(queue.device_type, queue.index, num_queues),
+        "health": health_text(diagnosis, now),
+        "occupancy": occupancy_bar(queue.inflight, queue.size),
+    }
+
+
 def rate_cells(rates: QueueRates = NO_RATES) -> dict[str, str]:
     """The RATE_COLUMNS cells."""
     return {
@@ -142,19 +308,23 @@ def rate_cells(rates: QueueRates = NO_RATES) -> dict[str, str]:
     }
 
 
-#: The queue screen's scalar fields in order, each with how its value is shown.
+#: The queue screen's scalar fields in order, each with how its value is shown
+#: (``features``, by name, is on the screen's title line: the list is long).
 QUEUE_FIELDS = (
     ("device", str), ("index", str), ("layout", str), ("size", str),
-    ("features", lambda v: f"{v:#x}"), ("event_idx", lambda v: "yes" if v else "no"),
+    ("device_type", dash), ("event_idx", lambda v: "yes" if v else "no"),
     ("avail_idx", str), ("used_idx", str), ("last_avail_idx", dash), ("inflight", str),
+    ("shadow_avail_idx", dash),
     ("avail_flags", avail_flags_text), ("used_flags", used_flags_text),
     ("used_event", dash), ("avail_event", dash),
-    ("kicks", str), ("calls", str), ("packets", str), ("bytes", str),
+    ("kicks", str), ("calls", str), ("calls_suppressed", dash), ("packets", str), ("bytes", str),
+    ("dropped", dash),
 )
 
 
 def queue_fields(queue: QueueEntry) -> list[tuple[str, str]]:
-    """Every scalar field of a queue as (spec name, text), for the queue screen."""
+    """Every scalar field of a queue but ``features`` as (spec name, text),
+    for the queue screen."""
     return [(name, show(getattr(queue, name))) for name, show in QUEUE_FIELDS]
 
 

@@ -1,6 +1,8 @@
-"""The TUI: rate arithmetic, shared formatting, screen snapshots (SVG, from
-tests/data/snapshot_sample.json) and pilot tests of keys and of a source
-that goes away.
+"""The TUI: rate arithmetic, shared formatting, the queue screen's pictures
+(ring, notifications, histograms), screen snapshots (SVG, from
+tests/data/snapshot_sample.json, and the same queues with device types, a
+block queue and verdicts), pilot tests of keys and of a source that goes
+away, the analyzer's feed, and the CLI's refusal of a source it cannot read.
 
 Snapshots: `pytest tests/unit/test_tui.py --snapshot-update` after a deliberate
 change of the screens, then review the SVGs under tests/__snapshots__/.
@@ -10,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import io
 import json
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,20 +23,26 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from inspector.analysis import Analyzer, Diagnosis, Verdict
 from inspector.errors import InspectorError, SourceError
+from inspector.events import Event
 from inspector.snapshot import Snapshot, from_json
+from inspector.snapshot.model import QueueEntry
 from inspector.sources.base import Source
 from inspector.sources.file import FileSource
-from tui import render
+from tui import bench, pictures, render
 from tui.app import VqscopeApp, run_tui
-from tui.rates import NO_RATES, QueueRates, per_second, queue_rates
+from tui.rates import NO_RATES, QueueRates, RateHistory, per_second, queue_rates
 from tui.screens.help import HelpScreen
 from tui.screens.main import MainScreen
 from tui.screens.queue import QueueScreen
 from tui.widgets.anomaly_table import AnomalyTable
 from tui.widgets.chain_table import ChainTable
+from tui.widgets.problem_list import ProblemList
 from tui.widgets.queue_table import QueueTable
 from tui.widgets.status_header import StatusHeader
+
+from tests.conftest import ROOT, VQSCOPE
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 SAMPLE = DATA / "snapshot_sample.json"
@@ -68,6 +78,35 @@ class ScriptedSource(Source):
         if isinstance(item, Exception):
             raise item
         return item
+
+
+class FakeAnalyzer(Analyzer):
+    """The Analyzer's API with fixed verdicts (queue -> (verdict, evidence)),
+    since 3.2 s before each snapshot; every queue not listed healthy.
+    Records what it was fed."""
+
+    def __init__(self, verdicts: dict, notifications_seen: bool = True):
+        super().__init__(notifications_seen=notifications_seen)
+        self.verdicts = verdicts
+        self.fed: list[tuple[float, list]] = []
+
+    def update(self, snap, events=()):
+        self.fed.append((snap.time, list(events)))
+        for q in snap.queues:
+            v, evidence = self.verdicts.get(q.id, (Verdict.HEALTHY, ""))
+            self._diagnoses[q.id] = Diagnosis(q.device, q.index, v, since=snap.time - 3.2, evidence=evidence,
+                                              time=snap.time)
+        return []
+
+
+@pytest.fixture(autouse=True)
+def steady_verdicts(monkeypatch):
+    """Every app of these tests gets a FakeAnalyzer that finds every queue
+    healthy (tests that need a verdict set their own): the screens and keys
+    under test do not depend on the analyzer's rules, which have their own
+    tests."""
+    monkeypatch.setattr("tui.app.Analyzer", lambda thresholds, notifications_seen:
+                        FakeAnalyzer({}, notifications_seen))
 
 
 async def wait_for(pilot, condition, timeout: float = 5.0) -> None:
@@ -408,3 +447,356 @@ def test_run_tui_without_source_is_an_inspector_error():
 
 def test_default_interval_is_at_least_four_per_second():
     assert VqscopeApp(sample_source()).interval <= 0.25
+
+
+def test_run_tui_takes_the_first_snapshot_before_the_app(monkeypatch):
+    # A source that cannot be read at all is an error of the command, not a screen.
+    ran = []
+    monkeypatch.setattr(VqscopeApp, "run", lambda self: ran.append(self))
+    args = argparse.Namespace(connect="/nonexistent/vq.sock", file=None, interval=0.25)
+    with pytest.raises(SourceError, match="cannot connect to the introspection socket /nonexistent/vq.sock"):
+        run_tui(args)
+    assert ran == []
+
+
+def test_tui_on_a_missing_socket_exits_2_with_the_snapshot_error():
+    out = subprocess.run(VQSCOPE + ["tui", "--connect", "/missing.sock"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, stdin=subprocess.DEVNULL)
+    snap = subprocess.run(VQSCOPE + ["snapshot", "--connect", "/missing.sock"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == [snap.stderr.strip().replace("vqscope snapshot:", "vqscope tui:", 1)]
+    assert out.stderr.startswith("vqscope tui: cannot connect to the introspection socket /missing.sock")
+
+
+# --- verdicts, roles, features (formatting) ------------------------------------
+
+T0 = load().time
+
+
+def diag(device: str, index: int, verdict: Verdict, since: float = T0 - 3.2, evidence: str = "") -> Diagnosis:
+    return Diagnosis(device, index, verdict, since=since, evidence=evidence, time=T0)
+
+
+@pytest.mark.parametrize("device_type, index, num_queues, text", [
+    ("net", 0, 2, "RX"), ("net", 1, 2, "TX"), ("net", 2, 3, "CTRL"), ("net", 2, 4, "RX"),
+    ("virtio-net", 1, None, "TX"), ("block", 0, 1, "REQ"), ("console", 0, 4, "RX"), ("console", 3, 4, "TX"),
+    ("rng", 0, 1, "FILL"), ("9p", 0, 1, "CONSUME"), (None, 0, 2, "—"), ("net0", 0, 2, "—"),
+])
+def test_role_text(device_type, index, num_queues, text):
+    assert render.role_text(device_type, index, num_queues) == text
+
+
+def test_features_by_name_with_and_without_the_device_type():
+    features = load().queues[0].features  # 0x130018023
+    assert render.features_text(features, "net") == "CSUM GUEST_CSUM MAC MRG_RXBUF STATUS INDIRECT_DESC EVENT_IDX VERSION_1"
+    # Device-specific bits need the device type; the common ones do not.
+    assert render.features_text(features) == "bit 0 bit 1 bit 5 bit 15 bit 16 INDIRECT_DESC EVENT_IDX VERSION_1"
+    assert render.features_text(1 << 12, "block") == "MQ"
+    assert render.features_text(0) == "0"
+
+
+def test_the_queue_screen_shows_features_by_name_not_in_hex():
+    assert not any(name == "features" for name, _ in render.queue_fields(load().queues[0]))
+
+
+def test_health_text_says_the_verdict_and_for_how_long():
+    assert render.health_text(None).plain == "…"
+    assert render.health_text(diag("net0", 1, Verdict.HEALTHY), T0).plain == "● healthy"
+    assert render.health_text(diag("net0", 0, Verdict.IDLE), T0).plain == "● idle"
+    stalled = render.health_text(diag("blk0", 0, Verdict.DEVICE_STALLED), T0)
+    assert stalled.plain == "▲ device_stalled 3.2 s" and "red" in str(stalled.style)
+    assert render.health_text(diag("net0", 0, Verdict.STARVED, since=T0 - 75), T0).plain == "▲ starved 75 s"
+
+
+def test_problem_line():
+    d = diag("blk0", 0, Verdict.DEVICE_STALLED, evidence="41 requests available, none returned for 3.2 s")
+    assert render.problem_line(d).plain == ("▲ blk0 q0 device_stalled since 08:24:58.0 — 41 requests available, "
+                                            "none returned for 3.2 s")
+
+
+@pytest.mark.parametrize("inflight, size, bar", [
+    (0, 256, "[            ]"), (1, 256, "[▏           ]"), (128, 256, "[██████      ]"),
+    (256, 256, "[████████████]"), (41, 128, "[███▉        ]"), (999, 256, "[████████████]"),
+])
+def test_occupancy_bar(inflight, size, bar):
+    assert render.occupancy_bar(inflight, size) == bar
+
+
+def test_durations_and_latencies_for_people():
+    assert [render.seconds_text(s) for s in (0.04, 3.24, 42.4, 750, 7560)] == ["0.0 s", "3.2 s", "42 s",
+                                                                             "12 min", "2.1 h"]
+    assert [render.ns_text(n) for n in (512, 8192, 16384, 1_048_576, 2e9)] == ["512 ns", "8.2 µs", "16 µs",
+                                                                             "1.0 ms", "2.0 s"]
+    assert render.clock_text(T0) == "08:25:01.2"
+
+
+# --- the ring picture ------------------------------------------------------------
+
+
+def queue(**fields) -> QueueEntry:
+    base = dict(device="net0", index=1, size=8, features=0, event_idx=True)
+    return QueueEntry(**(base | fields))
+
+
+def test_ring_regions_from_the_indices():
+    # used 10, last_avail 13, avail 15 in a ring of 8: slots 2,3,4 taken, 5,6 available.
+    r = pictures.ring_regions(queue(used_idx=10, last_avail_idx=13, avail_idx=15))
+    assert (r.start, r.taken, r.unknown, r.available, r.free, r.notes) == (2, 3, 0, 2, 3, ())
+    assert pictures.ring_bar(r, 8).plain == "░░███▓▓░"
+
+
+def test_ring_regions_across_the_16_bit_wrap():
+    # used_idx 65534, last_avail 1, avail 3 (mod 2^16): 3 taken, 2 available, from slot 6 on.
+    r = pictures.ring_regions(queue(used_idx=65534, last_avail_idx=1, avail_idx=3))
+    assert (r.start, r.taken, r.available, r.free) == (6, 3, 2, 3)
+    assert pictures.ring_bar(r, 8).plain == "█▓▓░░░██"
+
+
+def test_ring_regions_without_last_avail_idx_never_guess():
+    # shadow_avail_idx: what the device read, taken or not, cannot tell; after it: available.
+    r = pictures.ring_regions(queue(used_idx=10, avail_idx=15, shadow_avail_idx=12))
+    assert (r.taken, r.unknown, r.available) == (0, 2, 3)
+    assert pictures.ring_bar(r, 8).plain == "░░▒▒▓▓▓░"
+    r = pictures.ring_regions(queue(used_idx=10, avail_idx=15))
+    assert (r.taken, r.unknown, r.available) == (0, 5, 0)
+    assert "cannot tell" in pictures.ring_legend(r, 8).plain
+
+
+def test_ring_regions_that_do_not_add_up_are_clamped_and_said():
+    r = pictures.ring_regions(queue(used_idx=0, avail_idx=20, last_avail_idx=3))
+    assert r.taken + r.unknown + r.available == 8 and "more than the size 8" in r.notes[0]
+    r = pictures.ring_regions(queue(used_idx=10, avail_idx=12, last_avail_idx=9))
+    assert (r.taken, r.unknown) == (0, 2) and "not between used_idx 10 and avail_idx 12" in r.notes[0]
+
+
+def test_ring_bar_scales_slots_into_cells():
+    q = queue(size=256, used_idx=0, last_avail_idx=1, avail_idx=2)
+    r = pictures.ring_regions(q)
+    bar = pictures.ring_bar(r, 100)
+    assert len(bar.plain) == 100 and bar.plain[0] == "█"  # one slot in flight still shows
+    assert bar.plain[1:].count("░") >= 98
+    assert len(pictures.ring_bar(pictures.ring_regions(queue(size=8)), 100).plain) == 96  # 12 cells a slot
+    assert "1 cell = 2.6 slots" in pictures.ring_legend(r, 100).plain
+
+
+def test_ring_markers_share_a_label_and_keep_to_the_bar():
+    q = queue(size=8, used_idx=10, last_avail_idx=13, avail_idx=15, used_event=10, avail_event=13)
+    rows = [t.plain for t in pictures.ring_markers(q, 40)]  # 5 cells a slot
+    # ▲ under slot 2 (used, used_event), 5 (last_avail, avail_event), 7 (avail); labels
+    # that would run past the bar end at their ▲; overlapping ones take the next row.
+    assert rows == ["last_avail/avail_event 13▲ avail 15▲",
+                    " " * 10 + "▲used/used_event 10"]
+    assert (rows[0].index("▲"), rows[0].rindex("▲"), rows[1].index("▲")) == (25, 35, 10)
+
+
+def test_ring_picture_of_a_packed_ring_says_it_is_not_drawn():
+    lines = pictures.ring_picture(queue(layout="packed"), 80)
+    assert len(lines) == 1 and "not drawn" in lines[0].plain
+
+
+# --- notifications in words (VIRTIO 1.2 §2.7.7, §2.7.10) ---------------------------
+
+
+def test_notifications_under_event_idx():
+    q = queue(avail_idx=8453, used_idx=8432, avail_event=8449, used_event=8440, kicks=3, calls=9,
+              calls_suppressed=16)
+    assert pictures.kick_text(q, True) == ("enabled; the device asks for one when avail_idx passes 8449 "
+                                           "(EVENT_IDX), avail_idx is 8453; 3 received")
+    assert pictures.call_text(q, True) == ("the driver asks for one when used_idx passes 8440 (EVENT_IDX), "
+                                           "used_idx is 8432; 9 sent; 16 suppressed so far")
+    # The flags do not count under EVENT_IDX (§2.7.10): said, not obeyed.
+    q.used_flags = q.avail_flags = 1
+    assert "VRING_USED_F_NO_NOTIFY set, ignored under EVENT_IDX" in pictures.kick_text(q, True)
+    assert "VRING_AVAIL_F_NO_INTERRUPT set, ignored under EVENT_IDX" in pictures.call_text(q, True)
+    q.avail_event = None
+    assert pictures.kick_text(q, False).startswith("avail_event not known")
+
+
+def test_notifications_by_flags_without_event_idx():
+    q = queue(event_idx=False, used_flags=1, avail_flags=0)
+    assert pictures.kick_text(q, False).startswith("suppressed: VRING_USED_F_NO_NOTIFY set")
+    assert pictures.kick_text(q, False).endswith("this source does not see kicks")
+    assert pictures.call_text(q, True).startswith("enabled: VRING_AVAIL_F_NO_INTERRUPT clear")
+    q.used_flags, q.avail_flags = 0, 1
+    assert pictures.kick_text(q, True).startswith("enabled: VRING_USED_F_NO_NOTIFY clear")
+    assert pictures.call_text(q, True).startswith("suppressed: VRING_AVAIL_F_NO_INTERRUPT set")
+
+
+def test_verdict_lines_give_the_evidence_and_the_meaning():
+    d = diag("blk0", 0, Verdict.DEVICE_STALLED, evidence="41 requests available, none returned")
+    head, meaning = (t.plain for t in pictures.verdict_lines(d, T0))
+    assert head == "▲ device_stalled  since 08:24:58.0 (3.2 s) — 41 requests available, none returned"
+    assert meaning.startswith("the device holds buffers")
+    assert pictures.verdict_lines(None, T0)[0].plain == "… no verdict yet"
+
+
+# --- latency histograms (vhost-net probes' log2 buckets) --------------------------
+
+HIST = {"1024": 3, "2048": 40, "4096": 120, "8192": 30, "65536": 2}
+
+
+def test_histogram_series_fills_empty_buckets():
+    assert pictures.histogram_series(HIST) == [3, 40, 120, 30, 0, 0, 2]  # 2^10 .. 2^16 ns
+    assert pictures.histogram_series({}) == []
+
+
+def test_histogram_percentiles_are_bucket_ranges():
+    assert pictures.percentile_bucket(HIST, 50) == (4096, 8192)
+    assert pictures.percentile_bucket(HIST, 98) == (8192, 16384)
+    assert pictures.percentile_bucket(HIST, 99) == (65536, 131072)  # 193 of 195 below 65536: not 99 %
+    assert pictures.percentile_bucket({}, 50) is None
+    assert pictures.histogram_text(HIST) == "p50 4.1–8.2 µs  p99 66–131 µs  (195 samples)"
+
+
+# --- rate history ---------------------------------------------------------------
+
+
+def test_rate_history_bins_the_last_minute():
+    h = RateHistory(window_s=60.0)
+    qid = ("net0", 1)
+    for t in range(0, 100):  # one sample a second, kicks/s = t
+        h.record(1000.0 + t, {qid: QueueRates(kicks=float(t), calls=None, packets=1.0)})
+    # 10 s a bin over the last 60 s (t = 39..99), the last bin up to the last sample.
+    assert h.series(qid, "kicks", bins=6) == [43.5, 53.5, 63.5, 73.5, 83.5, 94.0]
+    assert h.series(qid, "calls", bins=6) == [0.0] * 6  # never known
+    h.record(1100.0, {})
+    assert h.series(qid, "kicks") == [0.0] * 60  # the queue left the snapshot
+    with pytest.raises(InspectorError, match="window"):
+        RateHistory(window_s=0)
+
+
+# --- the analyzer's feed ----------------------------------------------------------
+
+
+class EventSource(ScriptedSource):
+    """A ScriptedSource that has events: ``events()`` hands out ``batches`` in turn."""
+
+    has_events = True
+
+    def __init__(self, *script, batches=()):
+        super().__init__(*script)
+        self.batches = list(batches)
+
+    def events(self):
+        return self.batches.pop(0) if self.batches else []
+
+
+def test_the_analyzer_gets_each_new_snapshot_with_the_events_since_the_last():
+    first, later = load(SAMPLE), load(LATER)
+    kicks = [[Event(1, "net0", 1, "kick")], [Event(2, "net0", 1, "kick")], [Event(3, "net0", 0, "call")]]
+    src = EventSource(first, first, later, batches=kicks)
+    app = VqscopeApp(src, interval=0.02)
+    assert app.analyzer.notifications_seen is True
+    fake = app.analyzer = FakeAnalyzer({})
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: len(fake.fed) == 2)
+        await pilot.pause(0.1)
+        # The same snapshot twice is fed once; its events wait for the next new one.
+        assert [t for t, _ in fake.fed] == [first.time, later.time]
+        assert fake.fed[0][1] == kicks[0] and fake.fed[1][1] == kicks[1] + kicks[2]
+        assert set(app.diagnoses) == {("net0", 0), ("net0", 1)}
+
+    run_app(app, body)
+
+
+def test_a_source_without_events_says_so_to_the_analyzer():
+    assert VqscopeApp(sample_source()).analyzer.notifications_seen is False
+
+
+# --- verdicts on screen --------------------------------------------------------------
+
+STALLED_EVIDENCE = "41 requests available, none returned for 3.2 s; 3 kicks received"
+
+
+def doctor_snapshot() -> Snapshot:
+    """The sample with device types, and a block queue: 30 requests taken
+    and not returned, 11 available and not taken."""
+    obj = json.loads(SAMPLE.read_text())
+    rx, tx = obj["queues"]
+    for q in (rx, tx):
+        q["device_type"] = "net"
+    tx["calls_suppressed"] = 16
+    tx["histograms"] = {"kick_to_handler_ns": HIST, "used_to_call_ns": {"512": 10, "1024": 90, "2048": 5}}
+    blk = copy.deepcopy(tx)
+    del blk["histograms"]
+    blk.update(device="blk0", index=0, device_type="block", size=128, features=(1 << 32) | (1 << 29) | (1 << 9),
+               avail_idx=1201, used_idx=1160, last_avail_idx=1190, inflight=41, used_event=1160, avail_event=1191,
+               avail_flags=0, used_flags=0, kicks=3, calls=1160, calls_suppressed=0, anomalies=[],
+               chains=tx["chains"][:1])
+    obj["queues"].append(blk)
+    return from_json(obj)
+
+
+def doctor_app(**kw) -> VqscopeApp:
+    src = ScriptedSource(doctor_snapshot())
+    src.has_events = True
+    app = VqscopeApp(src, **kw)
+    app.analyzer = FakeAnalyzer({("blk0", 0): (Verdict.DEVICE_STALLED, STALLED_EVIDENCE),
+                                 ("net0", 0): (Verdict.IDLE, "")})
+    return app
+
+
+def test_snapshot_queue_table_with_health(snap_compare):
+    """Main screen: blk0 q0 device_stalled first (▲ red, 3.2 s), then net0 RX idle and TX healthy;
+    roles, occupancy bars; under the table the stalled queue's line with its evidence; "1 problem"."""
+    assert snap_compare(doctor_app(), terminal_size=SIZE, run_before=_first_snapshot)
+
+
+def test_snapshot_queue_screen_of_a_stalled_queue(snap_compare):
+    """Queue screen of blk0 q0: REQ, features by name; the ring (30 taken █, 11 available ▓, markers
+    used/used_event 1160, last_avail 1190, avail_event 1191, avail 1201); kicks and calls in words;
+    the verdict device_stalled with its evidence and meaning."""
+    assert snap_compare(doctor_app(), terminal_size=(160, 40), run_before=_first_snapshot, press=["enter"])
+
+
+def test_snapshot_queue_screen_with_latency_histograms(snap_compare):
+    """Queue screen of net0 q1 (TX) with the vhost-net probes' histograms: kick → handler and
+    used → call, each a sparkline of its log2 buckets with p50/p99."""
+    assert snap_compare(doctor_app(), terminal_size=(160, 40), run_before=_first_snapshot,
+                        press=["down", "down", "enter"])
+
+
+def test_problems_first_and_s_toggles_device_order_keeping_the_cursor_on_its_queue():
+    app = doctor_app(interval=0.02)
+
+    async def body(pilot):
+        await _first_snapshot(pilot)
+        table = app.screen.query_one(QueueTable)
+        assert table.order == ["blk0#0", "net0#0", "net0#1"] and table.cursor_row == 0
+        assert "1 problem" in header_text(app)
+        problems = str(app.screen.query_one(ProblemList).render())
+        assert problems == f"▲ blk0 q0 device_stalled since 08:24:58.0 — {STALLED_EVIDENCE}"
+        assert table.get_cell("blk0#0", "health").plain == "▲ device_stalled 3.2 s"
+        assert table.get_cell("net0#0", "role").plain == "RX" and table.get_cell("blk0#0", "role").plain == "REQ"
+        await pilot.press("s")
+        await wait_for(pilot, lambda: table.order == ["net0#0", "net0#1", "blk0#0"])
+        assert table.cursor_row == 2  # still on blk0
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, QueueScreen) and app.screen.queue == ("blk0", 0)
+
+    run_app(app, body)
+
+
+def test_a_verdict_that_clears_leaves_the_problem_lines():
+    app = doctor_app(interval=0.02)
+    later = doctor_snapshot()
+    later.time += 1
+
+    async def body(pilot):
+        await _first_snapshot(pilot)
+        assert "1 problem" in header_text(app)
+        app.analyzer.verdicts = {}
+        app.source.script.append(later)
+        await wait_for(pilot, lambda: "no problems" in header_text(app))
+        assert str(app.screen.query_one(ProblemList).render()).startswith("● no problems")
+        assert app.screen.query_one(QueueTable).order == ["net0#0", "net0#1", "blk0#0"]  # device order again
+
+    run_app(app, body)
+
+
+def test_bench_frame_time_runs_headless():
+    r = bench.frame_time(queues=16, refreshes=3, size=(120, 30))
+    assert r["queues"] == 16 and r["refreshes"] == 3 and r["frame_ms_median"] > 0

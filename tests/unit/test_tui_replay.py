@@ -16,17 +16,22 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import io
 import json
 import os
 import shutil
 import subprocess
 import time
+import types
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
+from inspector.analysis import Diagnosis, Verdict
 from inspector.errors import InspectorError, SourceError
 from inspector.events import Event
+from inspector.recording import Recording
 from inspector.snapshot import to_json
 from inspector.sources import open_source
 from inspector.sources.replay import SPEEDS, ReplaySource, to_ns
@@ -39,6 +44,8 @@ from tui.widgets.anomaly_table import AnomalyTable
 from tui.widgets.queue_table import QueueTable
 from tui.widgets.replay_bar import ReplayBar
 from tui.widgets.status_header import StatusHeader
+from tui.widgets.verdict_timeline import VerdictTimelineBar, track
+from tui.verdicts import VerdictTimeline, read_verdict_timeline, recording_frames
 
 from tests.conftest import ROOT, VQSCOPE
 
@@ -67,8 +74,8 @@ def series() -> list[dict]:
         tx["calls"] += 10 * i
         tx["packets"] += 60 * i
         for q in (rx, tx):
-            q["avail_idx"] = (q["avail_idx"] + 60 * i) % 65536
-            q["used_idx"] = (q["used_idx"] + 60 * i) % 65536
+            for idx in ("avail_idx", "used_idx", "last_avail_idx", "used_event", "avail_event"):
+                q[idx] = (q[idx] + 60 * i) % 65536
         if i not in ANOMALY_AT:
             tx["anomalies"] = []
         out.append(s)
@@ -343,8 +350,23 @@ def test_events_and_messages_are_handed_out_once_as_the_cursor_moves_forward(rec
 # --- the app: keys, bar, screens --------------------------------------------
 
 
-def replay_app(path: Path, interval: float = 0.02) -> ReplayApp:
-    return ReplayApp(ReplaySource(str(path)), interval=interval)
+def first_sight(path: Path) -> list[Diagnosis]:
+    """Each queue of the recording at ``path`` healthy at its first snapshot, and no change."""
+    with ReplaySource(str(path)) as src:
+        snap = src.snapshot()
+    return [Diagnosis(q.device, q.index, Verdict.HEALTHY, since=snap.time, time=snap.time) for q in snap.queues]
+
+
+def replay_app(path: Path, interval: float = 0.02, steady: bool = True) -> ReplayApp:
+    """A ReplayApp of the recording at ``path``; ``steady``: its verdicts
+    are :func:`first_sight`'s (the source's ``verdict_changes()``), so the
+    screens and keys under test do not depend on the analyzer's rules; else
+    the analyzer's, over the recording."""
+    src = ReplaySource(str(path))
+    if steady:
+        changes = first_sight(path)
+        src.verdict_changes = lambda: changes
+    return ReplayApp(src, interval=interval)
 
 
 def run_app(app, body) -> None:
@@ -379,6 +401,13 @@ async def shown(pilot, index: int, snapshot: dict | None = None) -> None:
     await wait_for(pilot, lambda: app.cursor is not None and app.cursor.index == index
                    and to_json(app.snapshot) == want)
     await pilot.pause()
+
+
+def static_text(widget) -> str:
+    """What a Static shows, as plain text."""
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(widget.content)
+    return console.export_text()
 
 
 def cell(app, row: str, column: str) -> str:
@@ -450,7 +479,7 @@ def test_n_and_N_p_jump_between_snapshots_where_an_anomaly_appeared(recording):
         await pilot.press("n")
         await shown(pilot, anomalies[1])
         await pilot.press("n")  # none after: stays, says so
-        await wait_for(pilot, lambda: any("no new anomaly after snapshot 6" in str(n.message)
+        await wait_for(pilot, lambda: any("no new anomaly or verdict change after snapshot 6" in str(n.message)
                                           for n in app._notifications))
         assert app.source.index == anomalies[1]
         await pilot.press("N")
@@ -528,6 +557,7 @@ def test_help_lists_the_replay_keys_only_in_replay(recording):
 
 async def _on_first_anomaly(pilot) -> None:
     await shown(pilot, 0)
+    await wait_for(pilot, lambda: pilot.app.verdicts is not None)  # the timeline says what it read
     await pilot.press("n")
     await shown(pilot, 2)
 
@@ -549,6 +579,127 @@ def test_snapshot_replay_queue_screen(snap_compare, recording):
         await _on_first_anomaly(pilot)
         await pilot.press("down", "enter")
         await pilot.pause()
+
+    try:
+        assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+    finally:
+        app.source.close()
+
+
+# --- verdicts in a replay ----------------------------------------------------
+
+STALL_EVIDENCE = "3 buffers available, none taken for 2.0 s"
+
+
+def verdict_changes() -> list[Diagnosis]:
+    """Each queue healthy at the first snapshot; net0 queue 1 device_stalled
+    at snapshot 2 (index 1), healthy again at snapshot 5 (index 4)."""
+    def d(index: int, verdict: Verdict, i: int, evidence: str = "") -> Diagnosis:
+        t = T0 + STEP * i
+        return Diagnosis("net0", index, verdict, since=t, evidence=evidence, time=t)
+    return [d(0, Verdict.HEALTHY, 0), d(1, Verdict.HEALTHY, 0),
+            d(1, Verdict.DEVICE_STALLED, 1, STALL_EVIDENCE), d(1, Verdict.HEALTHY, 4)]
+
+
+def replay_app_with_verdicts(path: Path, interval: float = 0.02) -> ReplayApp:
+    """A ReplayApp whose source has ``verdict_changes()`` (the replay source's
+    method), answering :func:`verdict_changes`."""
+    src = ReplaySource(str(path))
+    src.verdict_changes = verdict_changes
+    return ReplayApp(src, interval=interval)
+
+
+def test_verdict_timeline_at_a_time_stops_and_news():
+    times = [T0 + STEP * i for i in range(COUNT)]
+    tl = VerdictTimeline(verdict_changes(), times)
+    assert tl.stops == [1, 4]  # a healthy first sight is no news
+    assert tl.at(T0 + 0.7)[("net0", 1)].verdict is Verdict.DEVICE_STALLED
+    assert tl.at(T0 + 2.0)[("net0", 1)].verdict is Verdict.HEALTHY
+    assert tl.at(T0 - 1) == {}
+    last = tl.last_news(T0 + 1.0)
+    assert last.verdict is Verdict.DEVICE_STALLED and tl.previous(last).verdict is Verdict.HEALTHY
+    assert tl.last_news(T0) is None
+    # The track: ▲ where the stall began, ● where it ended, the cursor reversed.
+    line = track(tl, T0, times[-1], 11, cursor_time=T0)
+    assert line.plain == "┃─▲─────●──"
+
+
+def test_verdict_changes_from_the_recording_when_the_source_has_no_method(recording):
+    # A source without verdict_changes(): the analyzer runs over the recording's frames.
+    tl = read_verdict_timeline(types.SimpleNamespace(path=str(recording)))
+    first = tl.changes[:2]
+    assert [(d.device, d.index, d.time) for d in first] == [("net0", 0, T0), ("net0", 1, T0)]
+    assert all(d.time in tl.times for d in tl.changes)
+    assert tl.times == [T0 + STEP * i for i in range(COUNT)] and tl.notifications_seen is False
+
+
+def test_recording_frames_hand_each_snapshot_the_events_since_the_one_before(recording):
+    with Recording(str(recording)) as rec:
+        frames = list(recording_frames(rec))
+    assert [to_json(snap) for snap, _ in frames] == series()
+    assert [len(events) for _, events in frames] == [len(e) for e in series_events()]
+    assert all(e.kind == "kick" and e.queue == 1 for _, events in frames for e in events)
+
+
+def test_n_and_N_also_stop_at_verdict_changes(recording):
+    app = replay_app_with_verdicts(recording)
+
+    async def body(pilot):
+        await shown(pilot, 0)
+        await wait_for(pilot, lambda: app.verdicts is not None)
+        assert app.stops() == [1, 2, 4, 5]  # verdicts at 1 and 4, new anomalies at 2 and 5
+        for index in (1, 2, 4, 5):
+            await pilot.press("n")
+            await shown(pilot, index)
+            if index == 1:
+                assert cell(app, "net0#1", "health") == "▲ device_stalled 0.0 s"
+                assert app.screen.query_one(QueueTable).order[0] == "net0#1"  # problems first
+                assert "1 problem" in str(app.screen.query_one(StatusHeader).render())
+        await pilot.press("n")
+        await wait_for(pilot, lambda: any("no new anomaly or verdict change after snapshot 6" in str(n.message)
+                                          for n in app._notifications))
+        for index in (4, 2, 1):
+            await pilot.press("N")
+            await shown(pilot, index)
+        bar = str(app.screen.query_one(VerdictTimelineBar).render())
+        assert "2 verdict changes" in bar and f"net0 q1 ▲ device_stalled (was healthy) — {STALL_EVIDENCE}" in bar
+        await pilot.press("home")
+        await shown(pilot, 0)
+        assert cell(app, "net0#1", "health") == "● healthy"
+        assert "none at or before the cursor" in str(app.screen.query_one(VerdictTimelineBar).render())
+
+    run_app(app, body)
+
+
+def test_the_queue_screen_of_a_replay_shows_the_verdict_at_the_cursor(recording):
+    app = replay_app_with_verdicts(recording)
+
+    async def body(pilot):
+        await shown(pilot, 0)
+        await wait_for(pilot, lambda: app.verdicts is not None)
+        await pilot.press("down", "enter")
+        await pilot.pause()
+        assert isinstance(app.screen, QueueScreen) and app.screen.queue == ("net0", 1)
+        verdict = lambda: static_text(app.screen.query_one("#verdict"))  # noqa: E731
+        assert "● healthy" in verdict()
+        await pilot.press("right", "right")
+        await wait_for(pilot, lambda: "▲ device_stalled  since 08:25:01.7 (0.5 s)" in verdict())
+        assert STALL_EVIDENCE in verdict()
+
+    run_app(app, body)
+
+
+def test_snapshot_replay_verdict_timeline(snap_compare, recording):
+    """Replay main screen on snapshot 3/6 (new anomaly): under the header the verdict timeline,
+    ▲ at snapshot 2 (net0 q1 device_stalled), ● at snapshot 5 (healthy again), the cursor between;
+    the last change before the cursor with its evidence; net0 q1 first, ▲ device_stalled 0.5 s."""
+    app = replay_app_with_verdicts(recording)
+
+    async def run_before(pilot):
+        await shown(pilot, 0)
+        await wait_for(pilot, lambda: app.verdicts is not None)
+        await pilot.press("n", "n")  # the stall at snapshot 2, the anomaly at 3
+        await shown(pilot, 2)
 
     try:
         assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
@@ -642,7 +793,7 @@ def test_a_recording_of_real_traffic_replays_in_the_tui(tmp_path):
         shutil.rmtree(sockets, ignore_errors=True)
     tee = [json.loads(line) for line in tee_path.read_text().splitlines()]
     assert len(tee) >= 10  # 2 s at 50 ms, on a busy 2-core machine
-    app = replay_app(out)
+    app = replay_app(out, steady=False)  # the analyzer over a real recording
     seen: list[int] = []
 
     async def body(pilot):

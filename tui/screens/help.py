@@ -9,7 +9,8 @@ from textual.widgets import Static
 
 KEYS = (
     ("↑ ↓ PgUp PgDn", "move between queues / descriptors"),
-    ("enter", "open the queue under the cursor (chains, anomalies)"),
+    ("enter", "open the queue under the cursor (ring, notifications, verdict, chains)"),
+    ("s", "queue table: problems first / device order"),
     ("escape", "back to the queue table (or close this help)"),
     ("?", "this help"),
     ("q", "quit"),
@@ -18,12 +19,14 @@ KEYS = (
 REPLAY_KEYS = (
     ("space", "play / pause the recording (1× is recorded time)"),
     ("← →", "one snapshot back / forward (pauses)"),
-    ("n  N or p", "next / previous snapshot where a new anomaly appeared"),
+    ("n  N or p", "next / previous snapshot where a new anomaly appeared or a verdict changed"),
     ("home end", "first / last snapshot"),
     ("+ −", "play faster / slower"),
 )
 
 LEGEND = (
+    "health: ● healthy or idle (buffers move, or nothing to do); ▲ a problem, with\n"
+    "how long it has held (the lines under the table give the evidence).\n"
     "inflight = (avail_idx − used_idx) mod 2^16: buffers the driver made available\n"
     "that the device has not returned. — : not known, or not negotiated\n"
     "(used_event / avail_event without VIRTIO_RING_F_EVENT_IDX).\n"

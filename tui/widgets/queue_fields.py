@@ -6,11 +6,20 @@ from textual.widgets import Static
 
 from inspector.snapshot.model import QueueEntry
 
-from ..render import fields_grid
+from ..render import fields_grid, queue_fields
 
 
 class QueueFields(Static):
-    """The queue screen's top block; ``show(None)`` when the queue is gone."""
+    """The queue screen's grid of fields; ``show(None)`` when the queue is
+    gone. The screen is laid out again only when a value's width changed."""
+
+    _widths: list[int] | None = None
 
     def show(self, queue: QueueEntry | None) -> None:
-        self.update("this queue is not in the latest snapshot" if queue is None else fields_grid(queue))
+        if queue is None:
+            self._widths = None
+            self.update("this queue is not in the latest snapshot")
+            return
+        widths = [len(value) for _, value in queue_fields(queue)]
+        self.update(fields_grid(queue, pairs_per_row=5), layout=widths != self._widths)
+        self._widths = widths

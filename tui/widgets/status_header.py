@@ -15,6 +15,7 @@ class StatusHeader(Widget):
     ``gone`` is None while the source answers, else the reason it does not;
     the last snapshot's time and queue count stay on screen either way.
     ``live`` is False for a replayed recording (the status says "recorded").
+    ``problems``: how many queues are not healthy or idle (None: no verdict yet).
     """
 
     source_name: reactive[str] = reactive("")
@@ -22,6 +23,7 @@ class StatusHeader(Widget):
     queue_count: reactive[int | None] = reactive(None)
     gone: reactive[str | None] = reactive(None)
     live: reactive[bool] = reactive(True)
+    problems: reactive[int | None] = reactive(None)
 
     def watch_gone(self, gone: str | None) -> None:
         self.set_class(gone is not None, "-gone")
@@ -34,8 +36,11 @@ class StatusHeader(Widget):
         return "live" if self.live else "recorded"
 
     def render(self) -> Text:
-        queues = "" if self.queue_count is None else f"{self.queue_count} queue{'' if self.queue_count == 1 else 's'}"
-        return Text.assemble(
-            ("vqscope", "bold"), "  ", self.source_name, "  ", time_text(self.snap_time),
-            "  ", queues, "  ", (self.status_text(), "bold"),
-        )
+        parts = [Text("vqscope", "bold"), Text(self.source_name), Text(time_text(self.snap_time))]
+        if self.queue_count is not None:
+            parts.append(Text(f"{self.queue_count} queue{'' if self.queue_count == 1 else 's'}"))
+        n = self.problems
+        if n is not None:
+            parts.append(Text("no problems") if n == 0 else Text(f"{n} problem{'' if n == 1 else 's'}", "bold reverse"))
+        parts.append(Text(self.status_text(), "bold"))
+        return Text("  ").join(parts)
