@@ -239,7 +239,7 @@ class ReplayApp(VqscopeApp):
     def _read_verdicts(self) -> VerdictsRead:
         """The recording's verdict changes as a message (one pass over the file)."""
         try:
-            return self.VerdictsRead(read_verdict_timeline(self.source, self.analyzer.thresholds))
+            return self.VerdictsRead(read_verdict_timeline(self.source))
         except InspectorError as e:
             return self.VerdictsRead(None, str(e))
 

@@ -2,38 +2,20 @@
 changed, the diagnoses at any cursor time, and the snapshots that ``n``/``N``
 stop at.
 
-:func:`verdict_changes` is the one place the replay gets its verdict
-changes from: ``ReplaySource.verdict_changes()`` where the source has it,
-else :func:`inspector.analysis.verdict_timeline` over the recording's frames.
+:func:`read_verdict_timeline` is the one place the replay gets its verdict
+changes from: ``ReplaySource.verdict_changes()`` (the recorder's, or
+computed over the recording for a file without them).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
-from inspector.analysis import Diagnosis, Thresholds, verdict_timeline
-from inspector.events import Event
+from inspector.analysis import Diagnosis, Thresholds
 from inspector.recording import Recording
-from inspector.snapshot.codec import from_json
-from inspector.snapshot.model import QueueId, Snapshot
-from inspector.sources.replay import ReplaySource, to_ns
-
-
-def recording_frames(rec: Recording) -> Iterator[tuple[Snapshot, list[Event]]]:
-    """Every snapshot of ``rec`` with the events recorded since the one
-    before it (``(t(i−1), t(i)]``; the first: everything up to its time), in
-    order: the frames :func:`verdict_timeline` takes."""
-    events = rec.events()
-    pending = next(events, None)
-    for obj in rec.snapshots():
-        snap = from_json(obj)
-        end = to_ns(snap.time)
-        frame = []
-        while pending is not None and pending.time_ns <= end:
-            frame.append(pending)
-            pending = next(events, None)
-        yield snap, frame
+from inspector.snapshot.model import QueueId
+from inspector.sources.replay import ReplaySource
 
 
 class VerdictTimeline:
@@ -89,24 +71,15 @@ class VerdictTimeline:
         return self.news[k - 1] if k else None
 
 
-def verdict_changes(source: ReplaySource, rec: Recording, thresholds: Thresholds,
-                    notifications_seen: bool) -> list[Diagnosis]:
-    """The verdict changes of the recording ``source`` plays, time-ordered:
-    each queue's first diagnosis, then each change. ``ReplaySource.verdict_changes()``
-    where the source has it; else :func:`inspector.analysis.verdict_timeline`
-    over the frames of ``rec`` (the same file, opened by the caller)."""
-    method = getattr(source, "verdict_changes", None)
-    if method is not None:
-        return list(method())
-    return verdict_timeline(recording_frames(rec), thresholds, notifications_seen)
-
-
-def read_verdict_timeline(source: ReplaySource, thresholds: Thresholds = Thresholds()) -> VerdictTimeline:
-    """The :class:`VerdictTimeline` of the recording ``source`` plays; the
-    recorded source's ``has_events`` (its header) is the analyzer's
-    ``notifications_seen``. Reads the whole recording: call it from a
-    worker. Raises the reader's RecordingError, or SnapshotFormatError on a
-    damaged snapshot."""
+def read_verdict_timeline(source: ReplaySource, thresholds: Thresholds | None = None) -> VerdictTimeline:
+    """The :class:`VerdictTimeline` of the recording ``source`` plays: its
+    ``verdict_changes`` (the recorder's, or computed with ``thresholds`` when
+    given or when the file has none); the recorded source's ``has_events``
+    (its header) says whether kicks and calls were seen. Reads the whole
+    recording: call it from a worker. Raises the reader's RecordingError, or
+    SnapshotFormatError on a damaged snapshot."""
     with Recording(source.path) as rec:
         seen = bool(rec.header.get("has_events", False))
-        return VerdictTimeline(verdict_changes(source, rec, thresholds, seen), rec.snapshot_times(), seen)
+        times = rec.snapshot_times()
+    changes = source.verdict_changes() if thresholds is None else source.verdict_changes(thresholds)
+    return VerdictTimeline(changes, times, seen)

@@ -8,9 +8,9 @@ by side, in the same rounds, the snapshot codec's ``from_json`` of the same
 snapshots (what every live consumer of a back-end already pays): the ratio
 says what the doctor adds to reading a snapshot.
 
-TUI: the frame time of the queue table with 256 queues (the TUI's own
-refresh path, headless), median over refreshes, when the TUI exposes one
-(tui.app.bench_refresh).
+TUI: the CPU time of one refresh with 256 queues (tui.bench.frame_time: a
+headless app, every cell changing each round), of the queue table and of
+the queue screen on top of it, median over 40 refreshes.
 
 Rounds alternate the two sides; the JSON line carries the median of the
 per-round values and their spread (min, max).
@@ -19,8 +19,10 @@ Prints ONE JSON line:
 {"bench": "doctor", "queues": 256, "analyzer_us_per_queue": median µs per
 queue per snapshot, "analyzer_us_spread": [min, max], "codec_us_per_queue":
 the same for from_json, "analyzer_vs_codec": median of per-round ratios,
-"tui_frame_ms_256q": median ms per refresh or null, "tui_refresh_hz": 1000 /
-that, "goal_met": analyzer ≤ 20 µs and the TUI holds 10 refreshes/s}.
+"tui_frame_ms_256q": median ms per refresh of the table,
+"tui_queue_screen_frame_ms": the same with the queue screen, "tui_refresh_hz":
+1000 / the slower, "goal_met": analyzer ≤ 20 µs and a refresh plus the
+analyzer's 256 queues ≤ 100 ms (10 refreshes/s)}.
 """
 
 from __future__ import annotations
@@ -87,26 +89,30 @@ def bench_analyzer() -> tuple[list[float], list[float], list[float]]:
     return an, co, ratio
 
 
-def bench_tui() -> float | None:
-    try:
-        from tui.app import bench_refresh
-    except ImportError:
-        return None
-    return bench_refresh([make_snapshot(k, 1e9 + k * 0.1) for k in range(40)])
+def bench_tui() -> tuple[dict, dict]:
+    """The TUI's refresh of 256 queues: the queue table, and the queue
+    screen of one queue on top (tui.bench.frame_time: CPU time per
+    refresh, this process's one core)."""
+    from tui.bench import frame_time
+
+    return frame_time(queues=QUEUES), frame_time(queues=QUEUES, queue_screen=True)
 
 
 def main() -> None:
     an, co, ratio = bench_analyzer()
-    frame_ms = bench_tui()
+    table, screen = bench_tui()
     med = statistics.median(an)
+    frame = max(table["frame_ms_median"], screen["frame_ms_median"])
     out = {"bench": "doctor", "queues": QUEUES, "analyzer_us_per_queue": round(med, 3),
            "analyzer_us_spread": [round(min(an), 3), round(max(an), 3)],
            "codec_us_per_queue": round(statistics.median(co), 3),
            "analyzer_vs_codec": round(statistics.median(ratio), 3),
            "analyzer_vs_codec_spread": [round(min(ratio), 3), round(max(ratio), 3)],
-           "tui_frame_ms_256q": None if frame_ms is None else round(frame_ms, 2),
-           "tui_refresh_hz": None if not frame_ms else round(1000 / frame_ms, 1)}
-    out["goal_met"] = med <= 20 and (frame_ms is None or frame_ms <= 100)
+           "tui_frame_ms_256q": table["frame_ms_median"], "tui_frame_ms_max_256q": table["frame_ms_max"],
+           "tui_queue_screen_frame_ms": screen["frame_ms_median"],
+           "tui_refresh_hz": round(1000 / frame, 1)}
+    # 10 refreshes/s with the analyzer's share of each (256 queues) added.
+    out["goal_met"] = med <= 20 and frame + med * QUEUES / 1000 <= 100
     print(json.dumps(out))
 
 

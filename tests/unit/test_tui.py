@@ -89,14 +89,22 @@ class FakeAnalyzer(Analyzer):
         super().__init__(notifications_seen=notifications_seen)
         self.verdicts = verdicts
         self.fed: list[tuple[float, list]] = []
+        self._fixed: dict = {}
 
     def update(self, snap, events=()):
         self.fed.append((snap.time, list(events)))
         for q in snap.queues:
             v, evidence = self.verdicts.get(q.id, (Verdict.HEALTHY, ""))
-            self._diagnoses[q.id] = Diagnosis(q.device, q.index, v, since=snap.time - 3.2, evidence=evidence,
-                                              time=snap.time)
+            self._fixed[q.id] = Diagnosis(q.device, q.index, v, since=snap.time - 3.2, evidence=evidence,
+                                          time=snap.time)
         return []
+
+    @property
+    def diagnoses(self):
+        return dict(self._fixed)
+
+    def diagnosis(self, qid):
+        return self._fixed.get(qid)
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,6 @@ import os
 import shutil
 import subprocess
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,6 @@ from rich.console import Console
 from inspector.analysis import Diagnosis, Verdict
 from inspector.errors import InspectorError, SourceError
 from inspector.events import Event
-from inspector.recording import Recording
 from inspector.snapshot import to_json
 from inspector.sources import open_source
 from inspector.sources.replay import SPEEDS, ReplaySource, to_ns
@@ -45,7 +43,7 @@ from tui.widgets.queue_table import QueueTable
 from tui.widgets.replay_bar import ReplayBar
 from tui.widgets.status_header import StatusHeader
 from tui.widgets.verdict_timeline import VerdictTimelineBar, track
-from tui.verdicts import VerdictTimeline, read_verdict_timeline, recording_frames
+from tui.verdicts import VerdictTimeline, read_verdict_timeline
 
 from tests.conftest import ROOT, VQSCOPE
 
@@ -624,21 +622,14 @@ def test_verdict_timeline_at_a_time_stops_and_news():
     assert line.plain == "┃─▲─────●──"
 
 
-def test_verdict_changes_from_the_recording_when_the_source_has_no_method(recording):
-    # A source without verdict_changes(): the analyzer runs over the recording's frames.
-    tl = read_verdict_timeline(types.SimpleNamespace(path=str(recording)))
+def test_verdict_timeline_of_a_real_replay_source(recording):
+    # The replay source's own verdict_changes(): computed over the recording's frames.
+    with ReplaySource(str(recording)) as src:
+        tl = read_verdict_timeline(src)
     first = tl.changes[:2]
     assert [(d.device, d.index, d.time) for d in first] == [("net0", 0, T0), ("net0", 1, T0)]
     assert all(d.time in tl.times for d in tl.changes)
     assert tl.times == [T0 + STEP * i for i in range(COUNT)] and tl.notifications_seen is False
-
-
-def test_recording_frames_hand_each_snapshot_the_events_since_the_one_before(recording):
-    with Recording(str(recording)) as rec:
-        frames = list(recording_frames(rec))
-    assert [to_json(snap) for snap, _ in frames] == series()
-    assert [len(events) for _, events in frames] == [len(e) for e in series_events()]
-    assert all(e.kind == "kick" and e.queue == 1 for _, events in frames for e in events)
 
 
 def test_n_and_N_also_stop_at_verdict_changes(recording):
