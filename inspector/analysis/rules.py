@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ..ring.anomalies import AnomalyKind
 from ..snapshot.model import QueueEntry
 from ..spec.virtio import VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY, vring_need_event
-from .roles import Role
+from .roles import Role, device_type_of
 from .verdict import Verdict
 
 M16 = 0xFFFF
@@ -121,7 +121,11 @@ class Episode:
         base = prev if prev is not None else ob
         filled = prev is not None and (ob.used_idx != prev.used_idx
                                        or ob.last_avail_idx != prev.last_avail_idx)
-        return cls(ob.t, prev is None, base.kicks, base.calls, base.dropped, base.shadow_avail_idx,
+        # Kicks and avail_idx reads between prev and ob that came with progress (the device
+        # took or returned buffers then) were for the entries it consumed, not for those
+        # still waiting at ob: count the device's looking from ob.
+        look = ob if filled else base
+        return cls(ob.t, prev is None, look.kicks, base.calls, base.dropped, look.shadow_avail_idx,
                    base.last_avail_idx, filled)
 
 
@@ -153,7 +157,7 @@ def judge(q: QueueEntry, ob: Observation, role: Role, device_ep: Episode | None,
         return None, "", None
     now = ob.t
     stall = th.stall_s
-    if driver_ep is not None and now - driver_ep.t0 >= stall:
+    if driver_ep is not None and now - driver_ep.t0 >= stall and not reclaims_lazily(q, role, ob):
         return _driver_side(ob, driver_ep, starve_ep, last_call_used, seen)
     if role is Role.CONSUME and device_ep is not None and now - device_ep.t0 >= stall:
         return _device_side(ob, device_ep, seen)
@@ -179,6 +183,18 @@ def _fill_stalled(ob: Observation, ep: Episode) -> tuple[Verdict, str, float] | 
     return (Verdict.DEVICE_STALLED,
             f"{posted} buffers posted (avail_idx {ob.avail_idx}, used_idx {ob.used_idx}) and none filled for "
             f"{_for(ep, ob.t)} while {ob.dropped - ep.dropped0} frames for this queue were dropped", ep.t0)
+
+
+def reclaims_lazily(q: QueueEntry, role: Role, ob: Observation) -> bool:
+    """A transmit queue (net transmitq, console transmitq: odd indices, §5.1.2, §5.3.2)
+    whose used entries only hand buffers back to a driver that takes them at its next
+    send: Linux virtio_console reclaims them in __send_to_port (its out_intr only wakes
+    writers), virtio_net without napi_tx in start_xmit. Left uncollected they stall
+    nothing until the driver runs out of buffers (``avail_idx - used_event`` reaches
+    ``size``)."""
+    if role is not Role.CONSUME or q.index % 2 != 1 or device_type_of(q.device_type) not in ("net", "console"):
+        return False
+    return ob.used_event is not None and (ob.avail_idx - ob.used_event) & M16 < ob.size
 
 
 def _driver_side(ob: Observation, ep: Episode, starve_ep: Episode | None, last_call_used: int | None,
@@ -253,8 +269,16 @@ def _device_side(ob: Observation, ep: Episode, seen: bool) -> tuple[Verdict, str
         waiting = pending
     old = sh if sh is not None else (la if la is not None else u)
     looked = sh is not None and (sh == a or sh != ep.shadow0)
-    if looked or (seen and kicks):
-        read = f"the device read avail_idx {sh}" if sh is not None else "the device was kicked"
+    # Where the device's read position is unknown (QEMU's vhost queues), its avail_event
+    # tells it: a device re-arming kicks writes there the avail_idx it last read (Linux
+    # vhost_enable_notify, QEMU virtio_queue_set_notification; §2.7.10). Past old: it read
+    # these entries.
+    ae = ob.avail_event
+    ae_read = (sh is None and ob.event_idx and ae is not None
+               and 0 < (ae - old) & M16 <= (a - old) & M16)
+    if looked or ae_read or (seen and kicks):
+        read = (f"the device read avail_idx {sh}" if sh is not None else
+                f"the device read avail_idx {ae} (its avail_event)" if ae_read else "the device was kicked")
         return (Verdict.DEVICE_STALLED,
                 f"{waiting} buffers available and not taken for {dur} (avail_idx {a}, "
                 f"last_avail_idx {la}, used_idx {u}): {read} but took none{kick_note}", ep.t0)

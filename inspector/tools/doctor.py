@@ -107,7 +107,7 @@ def doctor_main(args: argparse.Namespace) -> int:
         print(f"vqscope doctor: {name} shows no queue to look at (no driver has set one up, or "
               f"every queue was skipped: see `vqscope snapshot`)", file=sys.stderr)
         return EXIT_COULD_NOT_LOOK
-    return _report(final, watched, changes, name, args.json, now=final[0].time if final else time.time())
+    return _report(final, watched, changes, name, args.json, now=max(d.time for d in final))
 
 
 def _replay(src: ReplaySource, args: argparse.Namespace, th: Thresholds | None) -> int:

@@ -339,3 +339,26 @@ def test_rx_with_buffers_and_drops_but_nothing_filled_is_device_stalled():
     quiet = [rx(100, 300, 100, calls=9, dropped=0)] * 8          # no data: idle
     a, _ = run(quiet)
     assert verdict(a, 0).verdict is Verdict.IDLE
+
+
+def test_tx_used_entries_left_uncollected_stall_nothing_until_the_ring_is_full():
+    """Linux reclaims TX buffers at its next send (virtio_console, virtio_net
+    without napi_tx): used past used_event on a TX queue with free
+    descriptors is no verdict; with all `size` of them out it is."""
+    lazy = [entry(avail_idx=140, used_idx=140, last_avail_idx=140, used_event=100, calls=3)] * 10
+    a, _ = run(lazy)
+    assert verdict(a).ok
+    full = [entry(avail_idx=356, used_idx=356, last_avail_idx=356, used_event=100, calls=3)] * 10
+    a, _ = run(full)
+    d = verdict(a)        # present from the first snapshot, no call events: whether a call came is unknown
+    assert d.verdict is Verdict.DRIVER_STALLED and "cannot be told" in d.evidence
+
+
+def test_avail_event_tells_a_vhost_queue_read_its_entries():
+    """No shadow_avail_idx (QEMU's vhost queues): a device that re-armed
+    kicks at avail_event 23 read up to 23, so 19..22 waiting is the device's."""
+    base = entry(avail_idx=19, used_idx=19, avail_event=19)
+    stuck = entry(avail_idx=23, used_idx=19, avail_event=23)
+    a, _ = run([base] + [stuck] * 6, seen=False)
+    d = verdict(a)
+    assert d.verdict is Verdict.DEVICE_STALLED and "read avail_idx 23 (its avail_event)" in d.evidence
