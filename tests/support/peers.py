@@ -534,9 +534,12 @@ def delete_link(ifname: str) -> None:
 
 def tap_up(tap: str, sub: str, mac: str, neighbour: tuple[str, str] | None = None) -> None:
     """Give a back-end's (new) tap the MAC ``mac`` and the host address
-    ``{sub}.1/24``, bring it up and, with ``neighbour`` (IP, MAC), enter
-    that neighbour permanently (no ARP across the back-end)."""
+    ``{sub}.1/24``, IPv6 off (the host would send router solicitations and
+    MLD reports: frames the test did not make), bring it up and, with
+    ``neighbour`` (IP, MAC), enter that neighbour permanently (no ARP
+    across the back-end)."""
     wait_path(f"/sys/class/net/{tap}", 30)
+    Path(f"/proc/sys/net/ipv6/conf/{tap}/disable_ipv6").write_text("1\n")
     ip("link", "set", "dev", tap, "address", mac)
     ip("addr", "add", f"{sub}.1/24", "dev", tap)
     ip("link", "set", tap, "up")
