@@ -57,7 +57,7 @@ TRANSCRIPTS_ENV = "VQSCOPE_DOCTOR_TRANSCRIPTS"
 PROBLEM_LINE = re.compile(r"^(?P<device>\S+) q(?P<index>\d+) (?P<verdict>[a-z_]+) since \S+ \(-?[\d.]+ s\) — "
                           r"(?P<evidence>.*)$", re.M)
 SUMMARY_LINE = re.compile(r"^(?:no problem|\d+ problems?): (?P<queues>\d+) queues of .* over [\d.]+ s "
-                          r"\((?P<counts>[^)]*)\)$", re.M)
+                          r"\((?P<counts>[^)]*)\)(?:; .*)?$", re.M)
 
 
 # ------------------------------------------------------------------ running the doctor
@@ -205,6 +205,12 @@ def assert_names(run: DoctorRun, faulted: tuple[str, int], verdicts: tuple[str, 
     return text
 
 
+def backend_device(run: DoctorRun) -> str:
+    """The device name vqscope's back-end gives (one device: its first
+    queue's, or its first problem's in a text run)."""
+    return next(iter(run.verdicts()))[0] if run.is_json else next(iter(run.problems()))[0]
+
+
 @pytest.fixture
 def sockdir():
     d = socket_dir()
@@ -274,7 +280,7 @@ def test_demo_withholding_tx_kicks_is_kick_missing_on_tx(sockdir) -> None:
     TALLY.transcript("the same, recorded and replayed: doctor --replay", replay[0])
     for run in runs:
         TALLY.add("demo withhold-kicks=1 --connect", run, fault=True)
-        device = next(k for k in run.verdicts())[0]
+        device = backend_device(run)
         assert_names(run, (device, vq_tx(0)), ("kick_missing",), r"required a kick; none came")
     timeline = replay[1].doc()["timeline"]
     assert replay[1].rc == replay[0].rc == 1
@@ -296,7 +302,7 @@ def test_demo_not_consuming_rx_is_named_on_rx_not_tx(sockdir) -> None:
     TALLY.transcript("demo --inject stop-consuming=0,after=2: doctor --connect", runs[0])
     for run in runs:
         TALLY.add("demo stop-consuming=0 --connect", run, fault=True)
-        device = next(k for k in run.verdicts())[0]
+        device = backend_device(run)
         assert_names(run, (device, vq_rx(0)), ("driver_stalled", "starved", "call_missing"),
                      r"used_event|buffer")
 
@@ -344,7 +350,7 @@ def test_testpmd_stalled_tx_vring_named_not_its_pair(sockdir) -> None:
     TALLY.transcript("serve net --queues 2 --inject stall=1,after=2 under dpdk-testpmd: doctor --connect", runs[0])
     for run in runs:
         TALLY.add("testpmd, serve stall=1 --connect", run, fault=True)
-        device = next(k for k in run.verdicts())[0]
+        device = backend_device(run)
         assert_names(run, (device, vq_tx(0)), ("device_stalled",), r"took none|returned none")
     verdicts = runs[1].verdicts()
     assert {i: verdicts[(device, i)][0] for i in (2, 3)} == {2: "healthy", 3: "healthy"}, verdicts
@@ -368,10 +374,6 @@ def qemu_and_backend(vm, *extra: str) -> list[DoctorRun]:
     (--json), --connect (text), --connect --json."""
     return doctors(["--qmp", vm.qmp, *extra], ["--qmp", vm.qmp_test, *extra, "--json"],
                    ["--connect", vm.sock, *extra], ["--connect", vm.sock, *extra, "--json"])
-
-
-def backend_device(run: DoctorRun) -> str:
-    return next(iter(run.verdicts()))[0] if run.is_json else next(iter(run.problems()))[0]
 
 
 @pytest.mark.qemu
