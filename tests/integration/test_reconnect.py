@@ -39,14 +39,13 @@ from tests.support.peers import (
     delete_link,
     guest_if_up,
     host_subnet,
-    ip,
     link_exists,
     require_guest,
     socket_dir,
     tap_name,
+    tap_up,
     vq_rx,
     vq_tx,
-    wait_path,
 )
 
 pytestmark = pytest.mark.qemu
@@ -57,10 +56,7 @@ HOST_TAP_MAC = "52:54:00:12:34:58"   # the same on both taps: the guest's ARP en
 
 def _tap_up(tap: str, sub: str) -> None:
     """Give the back-end's (new) tap the host address and a fixed MAC."""
-    wait_path(f"/sys/class/net/{tap}", 30)
-    ip("link", "set", "dev", tap, "address", HOST_TAP_MAC)
-    ip("addr", "add", f"{sub}.1/24", "dev", tap)
-    ip("link", "set", tap, "up")
+    tap_up(tap, sub, HOST_TAP_MAC)
 
 
 def _queues(snap: dict) -> dict[int, dict]:

@@ -373,11 +373,14 @@ class VqscopeNet:
 
     kind = "vqscope"
 
-    def __init__(self, sock: str, *, queues: int = 1, tap: str | None = None, startup_timeout: float = 30):
+    def __init__(self, sock: str, *, queues: int = 1, tap: str | None = None, inject: tuple[str, ...] = (),
+                 startup_timeout: float = 30):
         self.sock = sock
         self.tap = tap
         argv = [*VQSCOPE, "serve", "net", "--socket", sock, "--queues", str(queues)]
         argv += ["--tap", tap] if tap else ["--loopback"]
+        for spec in inject:  # faults on purpose (inspector/faults.py): KIND=VRING[,after=S][,for=S]
+            argv += ["--inject", spec]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.peer = Peer(argv, "vqscope serve", env=env, cwd=str(ROOT))
         try:
@@ -529,6 +532,21 @@ def delete_link(ifname: str) -> None:
         ip("link", "del", ifname, check=False)
 
 
+def tap_up(tap: str, sub: str, mac: str, neighbour: tuple[str, str] | None = None) -> None:
+    """Give a back-end's (new) tap the MAC ``mac`` and the host address
+    ``{sub}.1/24``, IPv6 off (the host would send router solicitations and
+    MLD reports: frames the test did not make), bring it up and, with
+    ``neighbour`` (IP, MAC), enter that neighbour permanently (no ARP
+    across the back-end)."""
+    wait_path(f"/sys/class/net/{tap}", 30)
+    Path(f"/proc/sys/net/ipv6/conf/{tap}/disable_ipv6").write_text("1\n")
+    ip("link", "set", "dev", tap, "address", mac)
+    ip("addr", "add", f"{sub}.1/24", "dev", tap)
+    ip("link", "set", tap, "up")
+    if neighbour is not None:
+        ip("neigh", "replace", neighbour[0], "lladdr", neighbour[1], "dev", tap, "nud", "permanent")
+
+
 # ---------------------------------------------------------------- virtme-ng guest
 
 def vng_argv(sock: str, script: str, *, mac: str = GUEST_MAC, memory: str = "1G", cpus: int = 1,
@@ -595,11 +613,21 @@ USERNET_MAC = "52:54:00:12:34:60"  # the virtio-net-pci on -netdev user
 DISK_SERIAL = "vqsdisk"
 
 
-def attach_script(vhost_subnet: str) -> str:
+def attach_script(vhost_subnet: str, traffic: bool = True) -> str:
     """Guest script for the attach tests: configure the user-net NIC
-    (10.0.2.15/24, slirp's gateway 10.0.2.2) and the vhost-user NIC, then
-    keep pinging both and writing the disk (O_DIRECT) in the background, and
-    wait on stdin."""
+    (10.0.2.15/24, slirp's gateway 10.0.2.2) and the vhost-user NIC
+    ({vhost_subnet}.2/24, IPv6 off: it sends only what the test makes it
+    send; the peer {vhost_subnet}.1 is a permanent neighbour at PEER_MAC),
+    start the background traffic (pinging both, writing the disk with
+    O_DIRECT) if ``traffic``, print VQS-READY, then obey one command a line
+    on stdin, each answered with a ``VQS-DONE CMD`` line:
+
+    - ``traffic on`` / ``traffic off``: start / stop the background traffic;
+    - ``ping N``: ping {vhost_subnet}.1 N times, 0.2 s apart, and print
+      ``VQS-PING sent=S received=R`` (``ping``'s own summary);
+    - ``stats``: ``VQS-STATS rx=R tx=T`` of the vhost-user NIC.
+
+    End of input ends the script (and the guest)."""
     return f"""
 UIF=""; VIF=""
 for d in /sys/class/net/*; do
@@ -611,14 +639,31 @@ DISK=""
 for b in /sys/block/vd*; do [ "$(cat $b/serial 2>/dev/null)" = {DISK_SERIAL} ] && DISK=/dev/${{b##*/}}; done
 echo "VQS-IF user=$UIF vhost=$VIF disk=$DISK"
 [ -n "$UIF" ] && [ -n "$VIF" ] && [ -n "$DISK" ] || {{ echo VQS-MISSING; ip -br link; ls /sys/block; exit 3; }}
+sysctl -qw net.ipv6.conf.$VIF.disable_ipv6=1
 ip link set "$UIF" up; ip addr add 10.0.2.15/24 dev "$UIF"
 ip link set "$VIF" up; ip addr add {vhost_subnet}.2/24 dev "$VIF"
 ip neigh replace {vhost_subnet}.1 lladdr {PEER_MAC} dev "$VIF" nud permanent
-(while :; do ping -c 1 -W 1 10.0.2.2 >/dev/null 2>&1; sleep 0.1; done) &
-(while :; do ping -c 1 -W 1 {vhost_subnet}.1 >/dev/null 2>&1; sleep 0.1; done) &
-(while :; do dd if=/dev/zero of="$DISK" bs=4k count=16 oflag=direct 2>/dev/null; sleep 0.1; done) &
+PIDS=""
+traffic_on() {{
+  [ -n "$PIDS" ] && return
+  (while :; do ping -c 1 -W 1 10.0.2.2 >/dev/null 2>&1; sleep 0.1; done) & PIDS="$PIDS $!"
+  (while :; do ping -c 1 -W 1 {vhost_subnet}.1 >/dev/null 2>&1; sleep 0.1; done) & PIDS="$PIDS $!"
+  (while :; do dd if=/dev/zero of="$DISK" bs=4k count=16 oflag=direct 2>/dev/null; sleep 0.1; done) & PIDS="$PIDS $!"
+}}
+traffic_off() {{
+  [ -n "$PIDS" ] && kill $PIDS 2>/dev/null; wait 2>/dev/null; PIDS=""
+}}
+{"traffic_on" if traffic else ""}
 echo VQS-READY
-read x
+while read cmd arg; do
+  case "$cmd" in
+    traffic) [ "$arg" = on ] && traffic_on || traffic_off ;;
+    ping) s=$(ping -c "$arg" -i 0.2 -W 1 {vhost_subnet}.1 | grep "packets transmitted")
+          echo "VQS-PING sent=$(echo "$s" | cut -d' ' -f1) received=$(echo "$s" | cut -d' ' -f4)" ;;
+    stats) echo "VQS-STATS rx=$(cat /sys/class/net/$VIF/statistics/rx_packets) tx=$(cat /sys/class/net/$VIF/statistics/tx_packets)" ;;
+  esac
+  echo "VQS-DONE $cmd $arg"
+done
 """
 
 
@@ -626,33 +671,91 @@ class AttachVM:
     """A guest with three virtio devices to attach to: ``unet``
     (virtio-net-pci on ``-netdev user``), ``vblk`` (virtio-blk-pci on a
     small raw image) and ``vunet`` (vhost-user virtio-net-pci on our
-    back-end, ``self.backend``), and two QMP sockets: ``qmp`` for vqscope,
-    ``qmp_test`` for the test's own commands (QEMU serves one client per
-    monitor). The guest generates traffic and disk writes until closed."""
+    back-end, ``self.backend``), besides virtme-ng's own (9p, virtio-serial),
+    and two QMP sockets: ``qmp`` for vqscope, ``qmp_test`` for the test's
+    own commands (QEMU serves one client per monitor).
 
-    def __init__(self, boot_timeout: float = 240):
+    ``traffic``: the guest generates traffic and disk writes from the start
+    (else at :meth:`command` ``traffic on``). ``tap``: the back-end is on a
+    tap (``self.tap``) holding the host address ``{self.subnet}.1`` at
+    PEER_MAC, so the guest's pings get real replies (otherwise loopback:
+    they come back as the guest's own requests). ``reconnect``: QEMU's
+    vhost-user chardev has ``reconnect=1``, so :meth:`restart_backend` can
+    replace the back-end under the running guest."""
+
+    def __init__(self, boot_timeout: float = 240, *, traffic: bool = True, tap: bool = False,
+                 reconnect: bool = False):
         self.dir = socket_dir()
         self.sock = f"{self.dir}/vu.sock"
         self.qmp = f"{self.dir}/qmp.sock"
         self.qmp_test = f"{self.dir}/qmpt.sock"
         self.disk = f"{self.dir}/disk.img"
+        self.subnet = host_subnet()
+        self.tap = tap_name() if tap else None
         with open(self.disk, "wb") as f:
             f.truncate(16 << 20)
         self.backend = None
         self.guest = None
         try:
-            self.backend = VqscopeNet(self.sock)
+            self.backend = VqscopeNet(self.sock, tap=self.tap)
             extra = (f"-netdev user,id=u0 -device virtio-net-pci,netdev=u0,mac={USERNET_MAC},id=unet "
                      f"-drive file={self.disk},if=none,format=raw,id=d0 "
                      f"-device virtio-blk-pci,drive=d0,serial={DISK_SERIAL},id=vblk "
                      f"-qmp unix:{self.qmp},server=on,wait=off -qmp unix:{self.qmp_test},server=on,wait=off")
-            self.guest = Guest(self.sock, attach_script(host_subnet()), device_opts=",id=vunet",
-                               qemu_extra=extra)
+            # The script is a file the guest reads from the host's /tmp: virtme-ng passes --exec on
+            # the kernel command line, which holds 2048 bytes (a longer script hangs the boot).
+            script = f"{self.dir}/guest.sh"
+            with open(script, "w") as f:
+                f.write(attach_script(self.subnet, traffic))
+            self.guest = Guest(self.sock, f"sh {script}", device_opts=",id=vunet",
+                               qemu_extra=extra, chardev_opts=",reconnect=1" if reconnect else "")
             self.guest.expect(r"^VQS-READY", boot_timeout)
+            self._tap_up()
             wait_path(self.qmp, 10)
         except BaseException:
             self.close()
             raise
+
+    def _tap_up(self) -> None:
+        """The host end of the back-end's tap (created when QEMU starts the
+        device): {subnet}.1 at PEER_MAC, the guest a permanent neighbour."""
+        if self.tap:
+            tap_up(self.tap, self.subnet, PEER_MAC, (f"{self.subnet}.2", GUEST_MAC))
+
+    def restart_backend(self, inject: tuple[str, ...] = (), timeout: float = 60) -> None:
+        """End the back-end (SIGTERM) and start a new one with ``inject``
+        (``--inject`` specs) on the same socket (and tap); return when QEMU
+        has connected to it and both vrings run (the RX vring holds the
+        guest's buffers). Needs ``reconnect``."""
+        self.backend.close()
+        self.backend = None
+        for p in (self.sock, self.sock + ".introspect"):  # stale files: wait_path must see the new ones
+            if os.path.exists(p):
+                os.unlink(p)
+        if self.tap:
+            deadline = time.monotonic() + 30
+            while link_exists(self.tap) and time.monotonic() < deadline:  # the old tap goes with its process
+                time.sleep(0.1)
+        self.backend = VqscopeNet(self.sock, tap=self.tap, inject=inject)
+        self.backend.peer.wait_for(r"front-end connected", timeout)
+        self._tap_up()
+        deadline = time.monotonic() + timeout
+        while True:
+            qs = {q["index"]: q for q in self.backend.snapshot()["queues"]}
+            if 0 in qs and 1 in qs and qs[0]["avail_idx"] != qs[0]["used_idx"]:
+                return
+            if time.monotonic() > deadline:
+                raise PeerError(f"the new back-end's vrings did not start within {timeout:.0f} s: "
+                                f"{sorted(qs)}\n{self.tail()}")
+            time.sleep(0.2)
+
+    def command(self, line: str, timeout: float = 60) -> str:
+        """Send the guest script one command (:func:`attach_script`); return
+        what it printed up to its ``VQS-DONE`` line."""
+        start = len(self.guest.output)
+        self.guest.release(line)
+        m = self.guest.wait_for(rf"^VQS-DONE {re.escape(line)}\s*$", timeout, start=start)
+        return self.guest.output[start:m.start()]
 
     def qemu_pid(self) -> int:
         """QEMU's pid: the peer of its QMP socket."""
@@ -676,6 +779,8 @@ class AttachVM:
         finally:
             if self.backend is not None:
                 self.backend.close()
+            if self.tap:
+                delete_link(self.tap)
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self):
