@@ -281,7 +281,8 @@ def _device_side(ob: Observation, ep: Episode, seen: bool) -> tuple[Verdict, str
                 f"the device read avail_idx {ae} (its avail_event)" if ae_read else "the device was kicked")
         return (Verdict.DEVICE_STALLED,
                 f"{waiting} buffers available and not taken for {dur} (avail_idx {a}, "
-                f"last_avail_idx {la}, used_idx {u}): {read} but took none{kick_note}", ep.t0)
+                f"{'' if la is None else f'last_avail_idx {la}, '}used_idx {u}): {read} but took none"
+                f"{kick_note}", ep.t0)
     what = "shadow_avail_idx" if sh is not None else ("last_avail_idx" if la is not None else "used_idx")
     unseen = (a - old) & M16
     if not _kick_due(ob, old):
