@@ -474,23 +474,31 @@ static inline int tap_tx_step(struct vqd_vq *tx, int tap_fd, int hdr_len, int mr
     return STEP_USED;
 }
 
+/* One frame from the tap into s->buf: its length (> 0), STEP_STOP when
+ * there is none (EAGAIN, or end of file), VQD_E_IO (errno in s->err). */
+static ssize_t tap_read(int tap_fd, struct vqd_net_scratch *s)
+{
+    ssize_t r;
+    do
+        r = read(tap_fd, s->buf, sizeof(s->buf));
+    while (r < 0 && errno == EINTR);
+    if (r < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return STEP_STOP;
+        s->err = errno;
+        return VQD_E_IO;
+    }
+    return r == 0 ? STEP_STOP : r;
+}
+
 /* A stalled receive vq (VQD_FAULT_STALL): frames still come from the tap
  * and are dropped (counted in rx->drops), the pending one first. */
 static int tap_rx_discard(struct vqd_vq *rx, int tap_fd, struct vqd_net_scratch *s)
 {
     if (s->pending_len == 0) {
-        ssize_t r;
-        do
-            r = read(tap_fd, s->buf, sizeof(s->buf));
-        while (r < 0 && errno == EINTR);
-        if (r < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                return STEP_STOP;
-            s->err = errno;
-            return VQD_E_IO;
-        }
-        if (r == 0)
-            return STEP_STOP;
+        ssize_t r = tap_read(tap_fd, s);
+        if (r <= 0)
+            return (int)r;
     }
     s->pending_len = 0;
     rx->drops++;
@@ -516,18 +524,9 @@ static inline int tap_rx_step(struct vqd_vq *rx, int tap_fd, int hdr_len, int mr
                 return STEP_STOP;
             }
         }
-        ssize_t r;
-        do
-            r = read(tap_fd, s->buf, sizeof(s->buf));
-        while (r < 0 && errno == EINTR);
-        if (r < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                return STEP_STOP;
-            s->err = errno;
-            return VQD_E_IO;
-        }
-        if (r == 0)
-            return STEP_STOP;
+        ssize_t r = tap_read(tap_fd, s);
+        if (r <= 0)
+            return (int)r;
         s->pending_len = (uint32_t)r;
     }
     struct vqd_iov one = {s->buf, s->pending_len};
