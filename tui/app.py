@@ -97,11 +97,14 @@ class VqscopeApp(App):
         """Ask the source every ``interval`` seconds until the app ends,
         drain its events, and feed each new snapshot (a new ``time``) with
         the events seen since the previous one to the analyzer; a
-        SourceError is reported and the next round tries again."""
+        SourceError is reported and the next round tries again; an analyzer
+        that raises is reported once and the snapshots go on without new
+        verdicts."""
         worker = get_current_worker()
         first, self._first = self._first, None
         last_time: float | None = None
         events: list[Event] = []
+        analyzer_failed = False
         while not worker.is_cancelled:
             started = time.monotonic()
             try:
@@ -113,9 +116,15 @@ class VqscopeApp(App):
             else:
                 diagnoses = None
                 if snap.time != last_time:
-                    self.analyzer.update(snap, events)
+                    try:
+                        self.analyzer.update(snap, events)
+                        diagnoses = self.analyzer.diagnoses
+                    except Exception as e:  # a bug in a rule must not stop the live view
+                        if not analyzer_failed:
+                            analyzer_failed = True
+                            self.call_from_thread(self.notify, f"analyzer error, verdicts not updated: {e!r}",
+                                                  severity="error", timeout=30)
                     events, last_time = [], snap.time
-                    diagnoses = self.analyzer.diagnoses
                 self.post_message(SnapshotReceived(snap, diagnoses))
             worker.cancelled_event.wait(max(0.0, self.interval - (time.monotonic() - started)))
 

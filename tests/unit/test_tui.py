@@ -709,6 +709,28 @@ def test_the_analyzer_gets_each_new_snapshot_with_the_events_since_the_last():
     run_app(app, body)
 
 
+class BrokenAnalyzer(FakeAnalyzer):
+    """An analyzer whose rules raise (a bug): the live view must go on."""
+
+    def update(self, snap, events=()):
+        self.fed.append((snap.time, list(events)))
+        raise ZeroDivisionError("a rule divided by zero")
+
+
+def test_an_analyzer_that_raises_is_reported_once_and_snapshots_go_on():
+    first, later = load(SAMPLE), load(LATER)
+    app = VqscopeApp(EventSource(first, later, batches=[]), interval=0.02)
+    broken = app.analyzer = BrokenAnalyzer({})
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: app.snapshot is not None and app.snapshot.time == later.time)
+        assert len(broken.fed) == 2
+        notes = [n.message for n in app._notifications]
+        assert len(notes) == 1 and "analyzer error" in notes[0] and "divided by zero" in notes[0]
+
+    run_app(app, body)
+
+
 def test_a_source_without_events_says_so_to_the_analyzer():
     assert VqscopeApp(sample_source()).analyzer.notifications_seen is False
 
