@@ -25,6 +25,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from inspector.events import Event
+
 from .attach import (AttachPoint, KernelInfo, choose_kprobe, choose_tracepoint, choose_uprobe,
                      find_libc, resolve_symbol, syscall_field_offset)
 from .base import Probe, ProbeError
@@ -114,7 +116,11 @@ class EventfdProbe(Probe):
 
     ``counters()`` → ``{(device, queue): {counter: n}}`` (kernel objects:
     ``("kernel", address)``); ``events()`` → ``Event(t, device, queue,
-    "kick"|"call", value)``, value the counter written or read.
+    "kick"|"call", value)``: a kick's value the counter written or read
+    (kicks coalesced), a call's 0 — inspector.events gives a call's value as
+    the ``used_idx`` it covered (what the doctor reads), which an eventfd
+    does not carry; the counter a call wrote or read is in ``counters()``
+    (``calls``, ``calls_read``).
     """
 
     name = "eventfd"
@@ -130,6 +136,14 @@ class EventfdProbe(Probe):
         self._watch: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 
     # ---- pure ------------------------------------------------------------
+
+    def _event(self, rec) -> Event | None:
+        """The base class's Event, with a call's value 0 (its used_idx is
+        not known here; see the class docstring)."""
+        ev = super()._event(rec)
+        if ev is not None and ev.kind == "call":
+            ev = ev._replace(value=0)
+        return ev
     def plan(self) -> list[AttachPoint]:
         k = self.kernel
         pts = [choose_tracepoint(self.name, tp, k) for tp in TRACEPOINTS]
