@@ -41,8 +41,8 @@ from .protocol import (
     FLAG_NEED_REPLY, FLAG_REPLY, REQUESTS, VERSION, ConfigPayload, InflightPayload, MemoryRegionDesc,
     MemoryTable, ProtocolFeature, Request, VringAddr, VringState, has_reply, pack_u64, unpack_inflight,
 )
-# HOSTILE_KINDS and vring_need_event are re-exported: tests name them from here.
-from .net_driver import HOSTILE_KINDS, VirtioNetDriver, DriverQueue, vring_need_event  # noqa: F401
+# HOSTILE_KINDS is re-exported: tests name it from here.
+from .net_driver import HOSTILE_KINDS, VirtioNetDriver, DriverQueue  # noqa: F401
 from .transport import Message, recv_message, send_message
 
 def _align(x: int, a: int) -> int:

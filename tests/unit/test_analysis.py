@@ -17,7 +17,7 @@ from inspector.errors import SnapshotFormatError
 from inspector.events import Event
 from inspector.ring.anomalies import Anomaly, AnomalyKind
 from inspector.snapshot.model import QueueEntry, Snapshot
-from inspector.spec.virtio import VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY, vring_need_event
+from inspector.spec.virtio import VRING_USED_F_NO_NOTIFY, vring_need_event
 
 T0 = 1_700_000_000.0
 TH = Thresholds(stall_s=2.0)

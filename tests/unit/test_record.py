@@ -36,8 +36,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -615,20 +613,24 @@ def test_max_size_stops(tmp_path) -> None:
         assert sum(rec.event_counts().values()) == 20_000 * len(rec)
 
 
+def stop_after_polls(rec: Recorder, polls: int) -> None:
+    """Make ``rec`` stop once its SyntheticSource was polled ``polls`` times."""
+    src = rec.source
+    orig = src.snapshot
+
+    def snapshot():
+        if src.polls >= polls:
+            rec.stop.set()
+        return orig()
+    src.snapshot = snapshot
+
+
 def test_max_size_rotates(tmp_path) -> None:
     path = str(tmp_path / "rot.vqs")
     err = _Err()
     rec = Recorder(SyntheticSource(), path, interval=0.001, max_size=400_000, rotate=True, progress=err,
                    duration=None)
-    src = rec.source
-    # Stop after enough polls for three parts.
-    orig = src.snapshot
-
-    def snapshot():
-        if src.polls >= 30:
-            rec.stop.set()
-        return orig()
-    src.snapshot = snapshot
+    stop_after_polls(rec, 30)   # enough for three parts
     assert rec.run() == 0
     assert "continuing in " + path + ".1" in err.text
     parts = [path]
@@ -644,7 +646,7 @@ def test_max_size_rotates(tmp_path) -> None:
             first = r.snapshot(0)["time"]
             assert prev_end is None or first > prev_end  # parts follow each other
             prev_end = r.snapshot(-1)["time"]
-    assert total == src.polls
+    assert total == rec.source.polls
 
 
 TMPFS_KB = 1536
@@ -894,14 +896,7 @@ def test_rotated_parts_restate_verdicts(tmp_path) -> None:
     path = str(tmp_path / "rot.vqs")
     rec = Recorder(SyntheticSource(queues=8), path, interval=0.001, max_size=300_000, rotate=True,
                    progress=None, analyzer_class=StallingAnalyzer)
-    src = rec.source
-    orig = src.snapshot
-
-    def snapshot():
-        if src.polls >= 30:
-            rec.stop.set()
-        return orig()
-    src.snapshot = snapshot
+    stop_after_polls(rec, 30)
     assert rec.run() == 0
     assert len(rec.paths) >= 3
     merged, last = [], {}

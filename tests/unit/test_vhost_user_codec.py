@@ -13,7 +13,7 @@ import pytest
 from inspector.errors import ProtocolError
 from inspector.vhost_user import protocol as p
 from inspector.vhost_user import transport as t
-from inspector.vhost_user.frontend import vring_need_event
+from inspector.spec.virtio import vring_need_event
 from inspector.vhost_user.protocol import (
     ConfigPayload, InflightPayload, LogPayload, MemoryRegionDesc, MemoryTable,
     ProtocolFeature, ProtocolViolation, Request, VringAddr, VringState,
