@@ -134,6 +134,24 @@ VRING_DESC_F_INDIRECT = 4
 VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
 
+# --- packed virtqueue (§2.8), masks and values ---------------------------------
+#: ``struct pvirtq_desc`` flags (§2.8.13): NEXT, WRITE and INDIRECT keep the
+#: split values above; AVAIL and USED carry the wrap counters (§2.8.1).
+VIRTQ_DESC_F_AVAIL = 1 << 7
+VIRTQ_DESC_F_USED = 1 << 15
+#: ``struct pvirtq_event_suppr`` (§2.8.10, §2.8.13): ``desc`` is
+#: ``desc_event_off:15, desc_event_wrap:1``; ``flags`` is ``desc_event_flags:2``
+#: with these values.
+RING_EVENT_FLAGS_ENABLE = 0x0
+RING_EVENT_FLAGS_DISABLE = 0x1
+RING_EVENT_FLAGS_DESC = 0x2   # only with VIRTIO_RING_F_EVENT_IDX
+#: ``desc_event_wrap`` is bit 15 of ``desc``; ``desc_event_off`` bits 0..14.
+RING_EVENT_WRAP_SHIFT = 15
+RING_EVENT_OFF_MASK = 0x7FFF
+#: Sizes (§2.8.13): a descriptor is 16 bytes, each event suppression area 4.
+PVIRTQ_DESC_SIZE = 16
+PVIRTQ_EVENT_SUPPR_SIZE = 4
+
 
 
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
