@@ -79,15 +79,17 @@ class Descriptor(NamedTuple):
 
 class Chain(NamedTuple):
     """One in-flight descriptor chain: its ``head`` (the avail->ring entry,
-    §2.7.6), its listed descriptors (those of an indirect table instead of
-    the indirect descriptor, §2.7.5.3), and the bytes of its
-    device-readable (``out_bytes``) and device-writable (``in_bytes``)
-    buffers."""
+    §2.7.6; for a packed ring the buffer id, §2.8.6), its listed descriptors
+    (those of an indirect table instead of the indirect descriptor,
+    §2.7.5.3, §2.8.7), and the bytes of its device-readable (``out_bytes``)
+    and device-writable (``in_bytes``) buffers. ``slot``: for a packed ring
+    the slot of the chain's first descriptor, None for a split ring."""
 
     head: int
     descs: tuple[Descriptor, ...]
     out_bytes: int
     in_bytes: int
+    slot: int | None = None
 
 
 class RingSnapshot:
