@@ -82,12 +82,16 @@ class Chain(NamedTuple):
     §2.7.6), its listed descriptors (those of an indirect table instead of
     the indirect descriptor, §2.7.5.3), and the bytes of its
     device-readable (``out_bytes``) and device-writable (``in_bytes``)
-    buffers."""
+    buffers. In a packed ring (§2.8) ``head`` is the buffer id (§2.8.6: the
+    chain's last descriptor carries it), ``slot`` the ring slot of its
+    first descriptor, and each Descriptor's ``next`` holds its ``id``
+    field; ``slot`` is None for a split ring."""
 
     head: int
     descs: tuple[Descriptor, ...]
     out_bytes: int
     in_bytes: int
+    slot: int | None = None
 
 
 class RingSnapshot:
