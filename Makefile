@@ -75,9 +75,11 @@ soak: build
 CLANG       ?= clang-14
 FUZZ_CFLAGS := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Iinspector/csrc
 
+DECODER_C   := inspector/csrc/vqd_decode.c inspector/csrc/vqd_decode_walk.c
+
 build/fuzz/fuzz_decoder: fuzz/fuzz_decoder.c fuzz/fuzz_input.h $(CSRC)
 	@mkdir -p build/fuzz
-	$(CLANG) $(FUZZ_CFLAGS) fuzz/fuzz_decoder.c inspector/csrc/vqd_decode.c -o $@
+	$(CLANG) $(FUZZ_CFLAGS) fuzz/fuzz_decoder.c $(DECODER_C) -o $@
 
 build/fuzz/fuzz_datapath: fuzz/fuzz_datapath.c fuzz/fuzz_input.h $(CSRC)
 	@mkdir -p build/fuzz

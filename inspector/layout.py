@@ -1,4 +1,5 @@
-"""Split-virtqueue memory layout (VIRTIO 1.2 §2.7, legacy alignment §2.7.2).
+"""Virtqueue memory layouts: split (VIRTIO 1.2 §2.7, legacy alignment
+§2.7.2) and packed (§2.8, :func:`packed_layout`).
 
 Offsets are bytes from the start of the descriptor table for the legacy
 contiguous layout: descriptor table, then driver area (avail ring), then,
@@ -19,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 from .errors import LayoutError
 from .spec.vhost import INFLIGHT_ALIGNMENT, INFLIGHT_DESC_SIZE
-from .spec.virtio import VIRTQ_MAX_SIZE
+from .spec.virtio import PVIRTQ_DESC_SIZE, PVIRTQ_EVENT_SUPPR_SIZE, VIRTQ_MAX_SIZE
 
 DESC_SIZE = 16
 AVAIL_HEADER = 4  # flags, idx
@@ -42,6 +43,50 @@ def check_queue_size(size: int) -> None:
             f"queue size {size} is invalid: a split virtqueue's size must be a "
             f"power of two between 1 and {VIRTQ_MAX_SIZE} (VIRTIO 1.2 §2.7)"
         )
+
+
+def check_packed_queue_size(size: int) -> None:
+    """Raise LayoutError unless ``size`` is an integer in 1..32768: a packed
+    ring's size need not be a power of two (VIRTIO 1.2 §2.8, §4.1.4.3.2)."""
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= VIRTQ_MAX_SIZE:
+        raise LayoutError(
+            f"queue size {size!r} is invalid: a packed virtqueue's size must be an integer "
+            f"between 1 and {VIRTQ_MAX_SIZE} (VIRTIO 1.2 §2.8)")
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """The three areas of a packed ring (VIRTIO 1.2 §2.8.10, §2.8.13), in
+    bytes: the descriptor ring (``struct pvirtq_desc`` × size), the driver
+    event suppression area (written by the driver: used buffer
+    notifications) and the device event suppression area (written by the
+    device: available buffer notifications), ``struct pvirtq_event_suppr``
+    each. The areas are placed independently (§2.8.10.1 alignments 16, 4,
+    4); the offsets below are one contiguous arrangement."""
+
+    size: int
+    desc_size: int
+    driver_event_offset: int
+    driver_event_size: int
+    device_event_offset: int
+    device_event_size: int
+    total_size: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def packed_layout(size: int) -> PackedLayout:
+    """The packed-ring layout of ``size`` descriptors (any integer
+    1..32768; LayoutError otherwise): descriptor ring 16·size bytes, then
+    the driver and the device event suppression areas, 4 bytes each."""
+    check_packed_queue_size(size)
+    desc = PVIRTQ_DESC_SIZE * size
+    return PackedLayout(size=size, desc_size=desc,
+                        driver_event_offset=desc, driver_event_size=PVIRTQ_EVENT_SUPPR_SIZE,
+                        device_event_offset=desc + PVIRTQ_EVENT_SUPPR_SIZE,
+                        device_event_size=PVIRTQ_EVENT_SUPPR_SIZE,
+                        total_size=desc + 2 * PVIRTQ_EVENT_SUPPR_SIZE)
 
 
 def desc_table_size(size: int) -> int:

@@ -2,8 +2,9 @@
 kind with the spec rule it breaks.
 
 :class:`AnomalyKind` names every kind vqscope reports. Its first
-:data:`N_DECODER_KINDS` members are the split-ring decoders' kinds, in the
-order of the C decoder's ``VQD_A_*`` codes (csrc/vqd_decode.h):
+:data:`N_DECODER_KINDS` members are the ring decoders' kinds (split and
+packed), in the order of the C decoders' ``VQD_A_*`` codes
+(csrc/vqd_decode.h, csrc/vqd_decode_packed.h):
 ``AnomalyKind.by_code(code)`` is the kind of a code, and
 :mod:`inspector.ring.decoder` checks at import that every ``VQD_A_*`` equals
 its member's position. The others are reported by the sources and the
@@ -23,8 +24,9 @@ from typing import NamedTuple
 
 class AnomalyKind(StrEnum):
     """Every anomaly kind; the value is the ``kind`` of the Snapshot JSON
-    (README.md, "Snapshot JSON"). Members up to ``INDIRECT_NOT_READ`` are the
-    decoders' (same order as the C ``VQD_A_*`` codes); do not reorder them."""
+    (README.md, "Snapshot JSON"). Members up to ``USED_NOT_AVAILABLE`` are the
+    decoders' (same order as the C ``VQD_A_*`` codes of csrc/vqd_decode.h and
+    csrc/vqd_decode_packed.h); do not reorder them."""
 
     # --- the split-ring decoders (csrc/vqd_decode.c, ring/reference.py)
     AVAIL_IDX_JUMP = "avail_idx_jump"            # avail->idx more than size ahead (§2.7.6, §2.7.13.3)
@@ -40,6 +42,15 @@ class AnomalyKind(StrEnum):
     TRUNCATED = "truncated"                      # snapshot descriptor budget max_descs exhausted
     INDIRECT_NOT_READ = "indirect_not_read"      # indirect table in validate-only memory (a remote read
                                                  # could not, or would not, read it: ring/remote.py)
+    # --- the packed-ring decoders only (csrc/vqd_decode_packed.c, ring/reference_packed.py);
+    # they also report the kinds above whose rule is the same in §2.8 (indirect_len,
+    # nested_indirect, indirect_with_next, zero_len, addr_out_of_range,
+    # indirect_out_of_range, truncated, indirect_not_read)
+    ID_OUT_OF_RANGE = "id_out_of_range"          # buffer id >= size (§2.8.6: ids identify descriptors of the ring)
+    CHAIN_TOO_LONG = "chain_too_long"            # NEXT chains past the descriptors the ring can hold (§2.8.6, §2.8.17)
+    AVAIL_USED_PATTERN = "avail_used_pattern"    # AVAIL/USED flags impossible for the wrap state (§2.8.1, §2.8.6)
+    USED_NOT_AVAILABLE = "used_not_available"    # a used descriptor where the driver's available one is
+                                                 # outstanding: an id never made available there (§2.8.6, §2.8.9)
     # --- the sources and the back-end
     RING_UNMAPPED = "ring_unmapped"              # the ring areas are not in the memory known (all sources)
     QUEUE_BROKEN = "queue_broken"                # the back-end's data path broke the queue (its reason)
@@ -76,7 +87,10 @@ class Anomaly(NamedTuple):
     ring), ``head_out_of_range`` (the slot holds no valid head),
     ``truncated`` (the snapshot's descriptor budget), and every kind the
     sources report. :func:`inspector.ring.remote.forget_returned` drops by
-    ``head``. The Snapshot JSON carries ``kind`` and ``detail`` only.
+    ``head``. For a packed ring ``head`` is the slot of the chain's first
+    descriptor (the buffer id is known only at its last), None for
+    ``avail_used_pattern`` and ``used_not_available`` found outside a
+    chain's walk. The Snapshot JSON carries ``kind`` and ``detail`` only.
     """
 
     kind: AnomalyKind
