@@ -131,6 +131,14 @@ int vqd_ppop_one(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int
     uint16_t flags = __atomic_load_n(&ring[slot].flags, __ATOMIC_ACQUIRE);
     if (!vqd_pdesc_avail(flags, wrap))
         return 0;
+    /* Every chain popped and used but not yet written holds at least one
+     * slot: with num of them pending the ring is all the device's, and a
+     * descriptor available now was made available again before it was used
+     * (§2.8.16: the driver MUST NOT change a descriptor until it sees it
+     * used). pused has room for num. */
+    if (UNLIKELY(vq->used_pending >= num))
+        return vqd_broken(vq, "descriptor at slot %u (flags %#x) is available again while the device "
+                          "holds all %u slots unused (VIRTIO 1.2 §2.8.16)", head, flags, num);
     uint64_t out_len = 0, in_len = 0;
     uint32_t out_num = 0, in_num = 0;
     int n = 0, rc;

@@ -442,3 +442,16 @@ def test_loopback_refuses_mixed_layouts():
     q = DeviceQueue(rig.mem, 16, split.desc_addr, split.avail_addr, split.used_addr, gpa=True)
     with pytest.raises(ArgumentError):
         net_loopback(rig.txq, q, rig.s, HDR12, True, 8)
+
+
+def test_slots_made_available_again_before_they_were_used_break_the_queue():
+    from inspector._cffi import lib
+    rig = Rig(size=2)
+    for _ in range(2):
+        rig.drv.add_chain([(rig.data, 8, True)])
+    chains = rig.dev.pop()
+    for c in chains:                    # used, not yet written: the device holds both slots
+        assert lib.vqd_pvq_fill(rig.dev.vq, c.head, 0, c.ndescs) == 0
+    rig.drv.add_chain([(rig.data, 8, True)])   # slot 0 again, wrap 0: the driver did not wait
+    with pytest.raises(RingError, match="available again .* §2.8.16"):
+        rig.dev.pop()
