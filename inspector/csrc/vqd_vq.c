@@ -102,17 +102,10 @@ static int vq_init(struct vqd_vq *vq, uint32_t num, void *desc, void *avail, voi
                    const struct vqd_region *regions, int nregions, uint16_t last_avail_idx,
                    int event_idx, int call_fd, int kick_fd)
 {
-    memset(vq, 0, offsetof(struct vqd_vq, reason) + 1);
-    vq->call_fd = call_fd;
-    vq->kick_fd = kick_fd;
-    vq->num = num;
+    vqd_init_common(vq, num, regions, nregions, last_avail_idx, event_idx, call_fd, kick_fd);
     vq->desc = desc;
     vq->avail = avail;
     vq->used = used;
-    vq->regions = regions;
-    vq->nregions = nregions;
-    vq->event_idx = !!event_idx;
-    vq->last_avail_idx = vq->shadow_avail_idx = last_avail_idx;
     /* §2.7: Queue Size is a power of two, at most 32768 (we mask indices). */
     if (num == 0 || (num & (num - 1)) || num > VQD_MAX_QUEUE_SIZE)
         return vqd_broken(vq, "queue size %u is not a power of two in 1..32768 (VIRTIO 1.2 §2.7)", num);
@@ -275,37 +268,12 @@ int vqd_pop_one(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int 
     return 1;
 }
 
-static int vq_pop(struct vqd_vq *vq, struct vqd_elem *elems, int max_elems,
-                  struct vqd_iov *iov, int max_iov)
-{
-    int got = 0, used_iov = 0;
-    if (vq->broken)
-        return VQD_E_BROKEN;
-    if (max_elems < 0 || max_iov < 0)
-        return VQD_E_INVAL;
-    while (got < max_elems) {
-        int rc = vqd_pop_one(vq, &elems[got], iov + used_iov, max_iov - used_iov);
-        if (rc == VQD_E_NOSPACE) {
-            if (got == 0)
-                return VQD_E_NOSPACE; /* this chain alone does not fit */
-            break;                    /* leave it for the next call */
-        }
-        if (rc < 0)
-            return got ? got : rc; /* hand back what was popped; broken is latched */
-        if (rc == 0)
-            break;
-        elems[got].iov_idx = used_iov;
-        used_iov += elems[got].out_num + elems[got].in_num;
-        got++;
-    }
-    return got;
-}
-
 int vqd_vq_pop(struct vqd_vq *vq, struct vqd_elem *elems, int max_elems,
                struct vqd_iov *iov, int max_iov)
 {
     int rc;
-    VQD_GUARDED(rc, vq_pop(vq, elems, max_elems, iov, max_iov), rc = vqd_fault_broken(vq));
+    VQD_GUARDED(rc, vqd_pop_batch(vq, elems, max_elems, iov, max_iov, vqd_pop_one),
+                rc = vqd_fault_broken(vq));
     return rc;
 }
 
