@@ -1,19 +1,24 @@
-"""Packet rate of vqscope's virtio-net loopback vs DPDK's own vhost back-end.
+"""Packet rate of vqscope's virtio-net loopback vs DPDK's own vhost back-end,
+on split and on packed rings (VIRTIO 1.2 §2.7 / §2.8).
 
 The same front-end, dpdk-testpmd with a virtio-user port in io forwarding
 (--tx-first: it keeps a burst of 64-byte frames circulating), runs against
 (a) ``vqscope serve net --loopback`` and (b) ``dpdk-testpmd`` with
-``net_vhost0`` in io forwarding, one after the other in the same run (the
-machine is shared and noisy: only the ratio means something). The rate of
-each is the median of testpmd's per-second ``Rx-pps`` after a warm-up,
-cross-checked against its final packet totals.
+``net_vhost0`` in io forwarding, with split rings and then with packed ones
+(virtio-user ``packed_vq=1``: both back-ends negotiate the layout it asks
+for), interleaved round after round in the same run (the machine is shared
+and noisy: only the ratios mean something). The rate of each run is the
+median of testpmd's per-second ``Rx-pps`` after a warm-up, cross-checked
+against its final packet totals; a layout's rate is the median over rounds,
+its spread the lowest and highest run.
 
 The front-end forwards on CPU 0 (``-l 0,1 --main-lcore 1``); each back-end
 runs on CPU 1 (DPDK: ``--main-lcore 0``; vqscope: ``taskset -c 1``).
 
-Prints ONE JSON line: {"bench": "net", "vqscope_mpps", "dpdk_mpps", "ratio", ...}.
+Prints ONE JSON line: {"bench": "net", "split": {"vqscope_mpps", "dpdk_mpps",
+"ratio", "vqscope_spread", "dpdk_spread", ...}, "packed": {...}, ...}.
 
-  python tests/bench/bench_net.py [--seconds 20] [--rounds 1]
+  python tests/bench/bench_net.py [--seconds 10] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -94,10 +99,15 @@ def testpmd() -> str:
     return exe
 
 
-def run_frontend(sock: str, prefix: str, seconds: float) -> dict:
-    """testpmd virtio-user front-end against ``sock`` for ``seconds``; its rates."""
+#: virtio-user devargs of each ring layout.
+LAYOUTS = {"split": "", "packed": ",packed_vq=1"}
+
+
+def run_frontend(sock: str, prefix: str, seconds: float, layout: str) -> dict:
+    """testpmd virtio-user front-end against ``sock`` for ``seconds`` with
+    ``layout`` rings; its rates."""
     argv = [testpmd(), "-l", "0,1", "--main-lcore", "1", "--no-pci", "--no-huge", "-m", "1024",
-            f"--file-prefix={prefix}", "--vdev", f"net_virtio_user0,path={sock},queues=1",
+            f"--file-prefix={prefix}", "--vdev", f"net_virtio_user0,path={sock},queues=1{LAYOUTS[layout]}",
             "--", "--nb-cores=1", "--forward-mode=io", "--tx-first", "--stats-period", "1"]
     fe = Proc(argv, "testpmd front-end")
     try:
@@ -121,20 +131,20 @@ def run_frontend(sock: str, prefix: str, seconds: float) -> dict:
             "min_mpps": min(samples) / 1e6, "max_mpps": max(samples) / 1e6}
 
 
-def bench_vqscope(tmp: str, seconds: float, tag: str) -> dict:
+def bench_vqscope(tmp: str, seconds: float, tag: str, layout: str) -> dict:
     sock = os.path.join(tmp, f"vq-{tag}.sock")
     argv = ["taskset", "-c", "1", sys.executable, "-m", "inspector", "serve", "net", "--socket", sock,
             "--loopback"]
     be = Proc(argv, "vqscope serve")
     try:
         wait_path(sock, be)
-        res = run_frontend(sock, f"vqbench-fe-{tag}-{os.getpid()}", seconds)
+        res = run_frontend(sock, f"vqbench-fe-{tag}-{os.getpid()}", seconds, layout)
     finally:
         be.close(signal.SIGINT)
     return res
 
 
-def bench_dpdk(tmp: str, seconds: float, tag: str) -> dict:
+def bench_dpdk(tmp: str, seconds: float, tag: str, layout: str) -> dict:
     sock = os.path.join(tmp, f"dpdk-{tag}.sock")
     argv = [testpmd(), "-l", "0,1", "--main-lcore", "0", "--no-pci", "--no-huge", "-m", "1024",
             f"--file-prefix=vqbench-be-{tag}-{os.getpid()}", "--vdev",
@@ -143,7 +153,7 @@ def bench_dpdk(tmp: str, seconds: float, tag: str) -> dict:
     be = Proc(argv, "testpmd vhost back-end", stdin=subprocess.PIPE)
     try:
         wait_path(sock, be)
-        res = run_frontend(sock, f"vqbench-fe-{tag}-{os.getpid()}", seconds)
+        res = run_frontend(sock, f"vqbench-fe-{tag}-{os.getpid()}", seconds, layout)
     finally:
         try:
             be.p.stdin.write(b"\n")
@@ -158,23 +168,37 @@ def bench_dpdk(tmp: str, seconds: float, tag: str) -> dict:
     return res
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=20, help="measured seconds per back-end and round")
-    ap.add_argument("--rounds", type=int, default=1, help="alternate vqscope/DPDK this many times")
-    args = ap.parse_args()
-    testpmd()
-    vq, dp = [], []
-    with tempfile.TemporaryDirectory(prefix="vqbench-") as tmp:
-        for r in range(args.rounds):
-            vq.append(bench_vqscope(tmp, args.seconds, f"v{r}"))
-            dp.append(bench_dpdk(tmp, args.seconds, f"d{r}"))
+def summary(vq: list[dict], dp: list[dict]) -> dict:
+    """One layout's figures over its rounds."""
     vq_mpps = statistics.median(x["mpps"] for x in vq)
     dp_mpps = statistics.median(x["mpps"] for x in dp)
-    print(json.dumps({"bench": "net", "vqscope_mpps": round(vq_mpps, 3), "dpdk_mpps": round(dp_mpps, 3),
-                      "ratio": round(vq_mpps / dp_mpps, 3) if dp_mpps else None,
-                      "frame_bytes": 64, "seconds": args.seconds, "rounds": args.rounds,
-                      "vqscope_runs": vq, "dpdk_runs": dp}), flush=True)
+    return {"vqscope_mpps": round(vq_mpps, 3), "dpdk_mpps": round(dp_mpps, 3),
+            "ratio": round(vq_mpps / dp_mpps, 3) if dp_mpps else None,
+            "vqscope_spread": [round(min(x["mpps"] for x in vq), 3), round(max(x["mpps"] for x in vq), 3)],
+            "dpdk_spread": [round(min(x["mpps"] for x in dp), 3), round(max(x["mpps"] for x in dp), 3)],
+            "vqscope_runs": vq, "dpdk_runs": dp}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10, help="measured seconds per back-end, layout and round")
+    ap.add_argument("--rounds", type=int, default=2, help="alternate vqscope/DPDK and split/packed this many times")
+    ap.add_argument("--layouts", default="split,packed", help="comma-separated ring layouts (default both)")
+    args = ap.parse_args()
+    testpmd()
+    layouts = [x for x in args.layouts.split(",") if x]
+    for x in layouts:
+        if x not in LAYOUTS:
+            raise SystemExit(f"bench_net: layout {x!r} is not one of {', '.join(LAYOUTS)}")
+    runs: dict[str, tuple[list, list]] = {x: ([], []) for x in layouts}
+    with tempfile.TemporaryDirectory(prefix="vqbench-") as tmp:
+        for r in range(args.rounds):
+            for x in layouts:
+                runs[x][0].append(bench_vqscope(tmp, args.seconds, f"v{x[0]}{r}", x))
+                runs[x][1].append(bench_dpdk(tmp, args.seconds, f"d{x[0]}{r}", x))
+    out = {"bench": "net", **{x: summary(*runs[x]) for x in layouts},
+           "frame_bytes": 64, "seconds": args.seconds, "rounds": args.rounds}
+    print(json.dumps(out), flush=True)
     return 0
 
 
