@@ -88,7 +88,7 @@ def _marks(dec: RingSnapshot | PackedRingSnapshot) -> tuple[int, int]:
     """Where the driver and the device are in a decoded ring: split
     ``(avail_idx, used_idx)``, packed the counters of next_avail and
     next_used (:func:`inspector.ring.packed.packed_counter`)."""
-    if dec.layout == "packed":
+    if isinstance(dec, PackedRingSnapshot):
         return (packed_counter(dec.next_avail, dec.avail_wrap_counter, dec.size),
                 packed_counter(dec.next_used, dec.used_wrap_counter, dec.size))
     return dec.avail_idx, dec.used_idx
@@ -98,7 +98,7 @@ def _caught_up(q: QueueState, dec: RingSnapshot | PackedRingSnapshot) -> bool:
     """Had QEMU taken everything available when it answered? Then its
     last_avail_idx cannot change until the ring moves (QEMU only pops what
     is available)."""
-    if dec.layout == "packed":
+    if isinstance(dec, PackedRingSnapshot):
         return (dec.positions == "derived" and dec.last_avail_idx is not None
                 and (dec.last_avail_idx, dec.last_avail_wrap_counter)
                 == (dec.next_avail, dec.avail_wrap_counter))
@@ -113,7 +113,7 @@ def _older_than_ring(q: QueueState, dec: RingSnapshot | PackedRingSnapshot) -> b
     fell back to the flags)."""
     if q.last_avail_idx is None:
         return False
-    if dec.layout == "packed":
+    if isinstance(dec, PackedRingSnapshot):
         return dec.positions != "derived"
     return not ring_between(dec.used_idx, q.last_avail_idx, dec.avail_idx)
 
