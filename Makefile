@@ -77,11 +77,11 @@ FUZZ_CFLAGS := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=
 
 DECODER_C   := inspector/csrc/vqd_decode.c inspector/csrc/vqd_decode_walk.c
 
-build/fuzz/fuzz_decoder: fuzz/fuzz_decoder.c fuzz/fuzz_input.h $(CSRC)
+build/fuzz/fuzz_decoder: fuzz/fuzz_decoder.c fuzz/fuzz_input.h fuzz/fuzz_decoder_input.h $(CSRC)
 	@mkdir -p build/fuzz
 	$(CLANG) $(FUZZ_CFLAGS) fuzz/fuzz_decoder.c $(DECODER_C) -o $@
 
-build/fuzz/fuzz_decoder_packed: fuzz/fuzz_decoder_packed.c fuzz/fuzz_input.h $(CSRC)
+build/fuzz/fuzz_decoder_packed: fuzz/fuzz_decoder_packed.c fuzz/fuzz_input.h fuzz/fuzz_decoder_input.h $(CSRC)
 	@mkdir -p build/fuzz
 	$(CLANG) $(FUZZ_CFLAGS) fuzz/fuzz_decoder_packed.c $(DECODER_C) inspector/csrc/vqd_decode_packed.c \
 		inspector/csrc/vqd_guard.c -o $@ -lpthread

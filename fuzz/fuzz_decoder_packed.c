@@ -34,9 +34,7 @@
 #include <string.h>
 
 #include "vqd_decode_packed.h"
-#include "fuzz_input.h"
-
-#define DEC_HDR_LEN 152
+#include "fuzz_decoder_input.h"
 #define NR_KINDS 16
 
 const char *__asan_default_options(void)
@@ -44,21 +42,10 @@ const char *__asan_default_options(void)
     return "quarantine_size_mb=4:max_malloc_fill_size=0:allocator_release_to_os_interval_ms=-1";
 }
 
-static int in_valid(const struct vqd_region *v, int nv, uint64_t gpa, uint64_t len)
-{
-    for (int i = 0; i < nv; i++)
-        if (gpa >= v[i].gpa && gpa - v[i].gpa < v[i].size && len <= v[i].size - (gpa - v[i].gpa))
-            return 1;
-    return 0;
-}
-
 static void check_output(const struct vqd_snap_out *o, const struct vqd_packed_out *p, uint32_t size,
-                         uint32_t max_descs, const struct vqd_region *valid, int nv)
+                         uint32_t max_descs, const struct dec_input *in)
 {
-    FUZZ_CHECK(o->n_chains <= size);
-    FUZZ_CHECK(o->n_descs <= max_descs);
-    FUZZ_CHECK(o->n_anomalies <= o->anomaly_cap);
-    FUZZ_CHECK(o->n_want <= size);
+    dec_check_chains(o, size, max_descs);
     FUZZ_CHECK(p->positions <= VQD_POS_FLAGS);
     FUZZ_CHECK(p->next_avail < size && p->next_used < size);
     FUZZ_CHECK(p->avail_wrap_counter <= 1 && p->used_wrap_counter <= 1);
@@ -68,25 +55,11 @@ static void check_output(const struct vqd_snap_out *o, const struct vqd_packed_o
         FUZZ_CHECK(p->last_avail_idx == -1);
     static uint8_t seen[VQD_MAX_QUEUE_SIZE / 8];  /* bit s: a chain starts at slot s */
     memset(seen, 0, (size + 7) / 8);
-    uint32_t next = 0;
     for (uint32_t k = 0; k < o->n_chains; k++) {
         uint32_t s = p->chain_slot[k];
         FUZZ_CHECK(s < size && !(seen[s / 8] >> (s % 8) & 1));
         seen[s / 8] |= 1u << (s % 8);
-        FUZZ_CHECK(o->chain_first[k] == next);
-        FUZZ_CHECK(o->chain_ndescs[k] <= size + 32768);
-        uint64_t out = 0, in = 0;
-        for (uint32_t d = next; d < next + o->chain_ndescs[k]; d++) {
-            FUZZ_CHECK(!(o->desc_flags[d] & VRING_DESC_F_INDIRECT));
-            if (o->desc_flags[d] & VRING_DESC_F_WRITE)
-                in += o->desc_len[d];
-            else
-                out += o->desc_len[d];
-        }
-        FUZZ_CHECK(out == o->chain_out_bytes[k] && in == o->chain_in_bytes[k]);
-        next += o->chain_ndescs[k];
     }
-    FUZZ_CHECK(next == o->n_descs);
     for (uint32_t a = 0; a < o->n_anomalies; a++) {
         const struct vqd_anomaly *an = &o->anomalies[a];
         FUZZ_CHECK(an->kind < NR_KINDS);
@@ -98,20 +71,12 @@ static void check_output(const struct vqd_snap_out *o, const struct vqd_packed_o
         else if (an->head != VQD_NO_HEAD || an->kind != VQD_A_AVAIL_USED_PATTERN)
             FUZZ_CHECK(an->head >= 0 && (uint32_t)an->head < size
                        && (seen[an->head / 8] >> (an->head % 8) & 1));
-        size_t len = strnlen(an->detail, VQD_SNAP_DETAIL_LEN);
-        FUZZ_CHECK(len > 0 && len < VQD_SNAP_DETAIL_LEN);
-        for (size_t c = 0; c < len; c++)
-            FUZZ_CHECK(an->detail[c] >= 0x20 && an->detail[c] < 0x7f);
+        dec_check_detail(an);
     }
-    for (uint32_t w = 0; w < o->n_want; w++) {
-        FUZZ_CHECK(in_valid(valid, nv, o->want_addr[w], o->want_len[w]));
-        if (w)
-            FUZZ_CHECK(o->want_addr[w - 1] < o->want_addr[w]
-                       || (o->want_addr[w - 1] == o->want_addr[w] && o->want_len[w - 1] < o->want_len[w]));
-    }
+    dec_check_want(o, in);
 }
 
-static struct tailbuf region_buf[4], out_buf[17];
+static struct tailbuf region_buf[4], out_buf[15];
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
 {
@@ -128,8 +93,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
         size = (HDR_U16(&h, 12) & 0x7fff) + 1u;
     else
         size = (size_code & 0x3f) + 1u;
-    uint8_t counts = HDR_U8(&h, 1);
-    int nr = (counts & 7) % 5, nv = (counts >> 3) & 3;
+    struct dec_input in;
+    dec_input_read(&in, &h, mem, mem_len, region_buf);
     uint8_t pf = HDR_U8(&h, 4);
     int size_ok = size && size <= VQD_MAX_QUEUE_SIZE;
     uint32_t msize = size_ok ? size : 1;
@@ -140,69 +105,27 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
     }
     int32_t next_used = (pf & 1) ? nu : -1, uw = (pf & 2) ? (pf >> 4 & 1) : -1;
     int32_t last = (pf & 4) ? la : -1, law = (pf & 8) ? (pf >> 5 & 1) : -1;
-    uint32_t max_descs = HDR_U16(&h, 6);
-    if ((HDR_U8(&h, 5) & 15) != 5)
-        max_descs &= 0xff;
-
-    struct vqd_region regions[4], valid[3];
-    memset(regions, 0, sizeof regions);
-    for (int i = 0; i < nr; i++) {
-        uint32_t sz = HDR_U32(&h, 40 + 16 * i + 8);
-        regions[i].gpa = HDR_U64(&h, 40 + 16 * i);
-        regions[i].size = (sz >> 24) == 0x5a ? sz & 0xfffff : (sz >> 24) == 0xa5 ? sz & 0xffff : sz & 0xfff;
-        regions[i].host = fill_region(&region_buf[i], mem, mem_len, HDR_U32(&h, 40 + 16 * i + 12),
-                                      regions[i].size);
-    }
-    for (int i = 0; i < nv; i++) {
-        valid[i].gpa = HDR_U64(&h, 104 + 16 * i);
-        valid[i].size = HDR_U64(&h, 104 + 16 * i + 8);
-        valid[i].host = NULL;
-    }
-    uint64_t area[3];
-    for (int a = 0; a < 3; a++) {
-        uint8_t mode = HDR_U8(&h, 8 + a);
-        uint64_t val = HDR_U64(&h, 16 + 8 * a);
-        if ((mode & 1) || nr == 0) {
-            area[a] = val;
-        } else {
-            const struct vqd_region *r = &regions[(mode >> 1) % nr];
-            area[a] = r->gpa + val % (r->size + 1);
-        }
-    }
+    uint32_t max_descs = in.max_descs;
 
     size_t cs = msize;
     uint32_t acap = vqd_snapshot_packed_anomaly_cap((uint32_t)cs, max_descs);
-    size_t dcap = max_descs ? max_descs : 1;
     struct vqd_snap_out o;
     struct vqd_packed_out p;
     memset(&o, 0, sizeof o);
     memset(&p, 0, sizeof p);
-    o.chain_head = tail(&out_buf[2], 4 * cs);
-    o.chain_first = tail(&out_buf[3], 4 * cs);
-    o.chain_ndescs = tail(&out_buf[4], 4 * cs);
-    o.chain_out_bytes = tail(&out_buf[5], 8 * cs);
-    o.chain_in_bytes = tail(&out_buf[6], 8 * cs);
-    o.desc_cap = max_descs;
-    o.desc_addr = tail(&out_buf[7], 8 * dcap);
-    o.desc_len = tail(&out_buf[8], 4 * dcap);
-    o.desc_flags = tail(&out_buf[9], 2 * dcap);
-    o.desc_next = tail(&out_buf[10], 2 * dcap);
-    o.anomaly_cap = acap;
-    o.anomalies = tail(&out_buf[11], sizeof(struct vqd_anomaly) * (size_t)acap);
-    o.want_cap = (uint32_t)cs;
-    o.want_addr = tail(&out_buf[12], 8 * cs);
-    o.want_len = tail(&out_buf[13], 4 * cs);
-    p.ring_flags = tail(&out_buf[14], 2 * cs);
-    p.ring_id = tail(&out_buf[15], 2 * cs);
-    p.chain_slot = tail(&out_buf[16], 4 * cs);
+    dec_out_arrays(&o, out_buf, cs, max_descs, acap);
+    p.ring_flags = tail(&out_buf[12], 2 * cs);
+    p.ring_id = tail(&out_buf[13], 2 * cs);
+    p.chain_slot = tail(&out_buf[14], 4 * cs);
 
-    int rc = vqd_snapshot_packed(regions, nr, valid, nv, area[0], area[1], area[2], size, next_used,
+    int rc = vqd_snapshot_packed(in.regions, in.nr, in.valid, in.nv, in.area[0], in.area[1], in.area[2],
+                                 size, next_used,
                                  uw, last, law, max_descs, &o, &p);
     if (!size_ok)
         FUZZ_CHECK(rc == VQD_SNAP_E_SIZE);
     FUZZ_CHECK(rc >= VQD_SNAP_OK && rc <= VQD_SNAP_E_ARG && rc != VQD_SNAP_E_NOSPACE);
     if (rc == VQD_SNAP_OK)
-        check_output(&o, &p, size, max_descs, valid, nv);
+        check_output(&o, &p, size, max_descs, &in);
     static int print = -1;
     if (print < 0)
         print = getenv("FUZZ_PRINT") != NULL;

@@ -69,20 +69,22 @@ def test_harness_runs_clean_over_the_seed_corpus(harnesses, name, tmp_path):
     assert not list(tmp_path.glob("crash-*"))
 
 
-def test_decoder_harness_reads_inputs_like_the_python_wrapper(harnesses):
+@pytest.mark.parametrize("name,read,line", [("decoder", fuzz_inputs.decoder_case, "vqd_snapshot"),
+                                             ("decoder_packed", fuzz_inputs.packed_case, "vqd_snapshot_packed")])
+def test_decoder_harness_reads_inputs_like_the_python_wrapper(harnesses, name, read, line):
     """FUZZ_PRINT's summary of each seed equals inspector.ring.decoder's result for
-    the same input read by fuzz_inputs.decoder_case, so a crash file replays
-    through Python as the harness ran it."""
-    seeds = sorted(CORPUS.joinpath("decoder").iterdir())
-    r = run_harness(harnesses["decoder"], *seeds, env={"FUZZ_PRINT": "1"})
+    the same input read by fuzz_inputs.decoder_case (packed_case), so a crash
+    file replays through Python as the harness ran it."""
+    seeds = sorted(CORPUS.joinpath(name).iterdir())
+    r = run_harness(harnesses[name], *seeds, env={"FUZZ_PRINT": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    got = re.findall(r"Running: (\S+)\nvqd_snapshot (.*)", r.stderr)
+    got = re.findall(rf"Running: (\S+)\n{line} (.*)", r.stderr)
     assert len(got) == len(seeds)
-    for path, line in got:
-        snap, unread = fuzz_inputs.decoder_case(Path(path).read_bytes()).run(decoder)
+    for path, summary in got:
+        snap, unread = read(Path(path).read_bytes()).run(decoder)
         want = (f"rc=0 chains={len(snap.chain_head)} descs={len(snap.desc_addr)} "
                 f"anomalies={len(snap.anomalies)} want={len(unread)}")
-        assert line == want, path
+        assert summary == want, path
 
 
 def test_decoder_seeds_cover_each_anomaly_kind():
@@ -92,20 +94,6 @@ def test_decoder_seeds_cover_each_anomaly_kind():
         kinds |= {a.kind for a in snap.anomalies}
     assert kinds >= {"avail_idx_jump", "head_out_of_range", "next_out_of_range", "loop", "indirect_len",
                      "nested_indirect", "zero_len", "addr_out_of_range", "indirect_not_read"}
-
-
-def test_packed_harness_reads_inputs_like_the_python_wrapper(harnesses):
-    """As above for fuzz_decoder_packed.c and fuzz_inputs.packed_case."""
-    seeds = sorted(CORPUS.joinpath("decoder_packed").iterdir())
-    r = run_harness(harnesses["decoder_packed"], *seeds, env={"FUZZ_PRINT": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    got = re.findall(r"Running: (\S+)\nvqd_snapshot_packed (.*)", r.stderr)
-    assert len(got) == len(seeds)
-    for path, line in got:
-        snap, unread = fuzz_inputs.packed_case(Path(path).read_bytes()).run(decoder)
-        want = (f"rc=0 chains={len(snap.chain_head)} descs={len(snap.desc_addr)} "
-                f"anomalies={len(snap.anomalies)} want={len(unread)}")
-        assert line == want, path
 
 
 def test_packed_seeds_cover_each_packed_anomaly_kind():
