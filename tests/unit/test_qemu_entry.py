@@ -166,6 +166,22 @@ def test_packed_vhost_queue_is_read_from_the_flags(source, packed):
     assert (entry.next_avail, entry.next_used) == (4, 1)   # next_used estimated (skipped slot 1 looks available)
 
 
+@pytest.mark.parametrize("inuse", [0, 4])
+def test_packed_full_ring_taken_or_not_is_told_by_inuse(source, inuse):
+    """Every descriptor outstanding with last-avail-idx == used-idx: the
+    ring says nothing taken; QEMU's inuse > 0 says everything taken."""
+    rb = PackedRingBuilder(4)
+    for _ in range(4):
+        rb.add_chain()
+    if inuse:
+        rb.device_take(4)
+    source._ram = [RamRange(r.gpa, r.size, _hva(r.buf)) for r in rb.mem.regions]
+    entry, dec = source._queue_entry(_dev(FEATURES | 1 << VIRTIO_F_RING_PACKED), _packed_queue(rb, inuse=inuse))
+    assert dec.positions == "derived" and entry.anomalies == [] and entry.inflight == 4
+    assert (entry.last_avail_idx, entry.last_avail_wrap_counter) == (rb.last_avail, rb.last_avail_wrap)
+    assert entry.n_chains == (0 if inuse else 4)
+
+
 def test_packed_queue_slot_out_of_range_is_not_used(source, packed):
     entry, dec = source._queue_entry(_dev(FEATURES | 1 << VIRTIO_F_RING_PACKED),
                                      _packed_queue(packed, qemu_used_idx=40000, last_avail_idx=3))

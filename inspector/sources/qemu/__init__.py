@@ -372,8 +372,19 @@ class QemuSource(Source):
         def slot(v):
             return v if v is not None and 0 <= v < q.num else None
         nu, la = slot(q.qemu_used_idx), slot(q.last_avail_idx)
-        return snapshot_remote_packed(self._pmem, self._ram, q.num, q.desc, q.avail, q.used,
-                                      next_used=nu, last_avail_idx=la if nu is not None else None)
+        dec = snapshot_remote_packed(self._pmem, self._ram, q.num, q.desc, q.avail, q.used,
+                                     next_used=nu, last_avail_idx=la if nu is not None else None)
+        if (dec.positions == "derived" and q.inuse and dec.inflight == q.num
+                and (dec.last_avail_idx, dec.last_avail_wrap_counter) == (dec.next_used, dec.used_wrap_counter)):
+            # Every descriptor outstanding and last-avail-idx == used-idx: the
+            # ring cannot tell "QEMU took all" from "took none"
+            # (reference_packed); QEMU's inuse (popped, not returned) can.
+            uw = dec.used_wrap_counter
+            dec = snapshot_remote_packed(self._pmem, self._ram, q.num, q.desc, q.avail, q.used,
+                                         next_used=nu, used_wrap_counter=uw, last_avail_idx=la,
+                                         last_avail_wrap_counter=1 - uw)
+            dec.positions = "derived"   # the wrap counters still come from the ring (and inuse)
+        return dec
 
     def _queue_entry(self, dev: DeviceState, q: QueueState,
                      ) -> tuple[QueueEntry, RingSnapshot | PackedRingSnapshot | None]:
