@@ -3,7 +3,9 @@ drawn as its slots, the notification-suppression state in words, and the
 vhost-net probes' latency histograms.
 
 Index arithmetic is modulo 2^16 (VIRTIO 1.2 §2.7: ``idx`` fields are
-free-running 16-bit counters); a slot is an index modulo the queue size.
+free-running 16-bit counters); a slot is an index modulo the queue size. A
+packed ring (§2.8) is drawn the same way from its positions (slot, wrap
+counter), with distances from inspector.ring.packed.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from dataclasses import dataclass
 from rich.text import Text
 
 from inspector.analysis import MEANING, Diagnosis
+from inspector.ring.packed import packed_counter, packed_distance
 from inspector.snapshot.model import QueueEntry
-from inspector.spec.virtio import VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY
+from inspector.spec.virtio import (RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE,
+                                   VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY)
 
-from .render import SEVERITY_MARK, SEVERITY_STYLE, clock_text, ns_text, seconds_text
+from .render import SEVERITY_MARK, SEVERITY_STYLE, clock_text, event_flags_text, ns_text, position_text, seconds_text
 
 U16 = 0xFFFF
 
@@ -31,6 +35,14 @@ LEGEND = {
     TAKEN: "taken by the device, not returned",
     AVAILABLE: "available, not yet taken",
     UNKNOWN: "available or taken: this source cannot tell (no last_avail_idx)",
+}
+#: A packed ring's words where they differ (§2.8): slots past next_avail up
+#: to next_used hold used descriptors the driver may not have collected yet,
+#: or slots it has reused; the ring does not tell which.
+PACKED_LEGEND = LEGEND | {
+    FREE: "used (returned to the driver) or free",
+    TAKEN: "held by the device, not returned",
+    UNKNOWN: "available or held: this source cannot tell (no last_avail_idx with its wrap counter)",
 }
 #: When two states share a cell, the one drawn (a single slot in flight shows).
 PRIORITY = (TAKEN, AVAILABLE, UNKNOWN, FREE)
@@ -48,6 +60,7 @@ class RingRegions:
     unknown: int
     available: int
     notes: tuple[str, ...] = ()
+    packed: bool = False
 
     @property
     def free(self) -> int:
@@ -87,6 +100,35 @@ def ring_regions(q: QueueEntry) -> RingRegions:
     else:
         unknown = pending
     return RingRegions(n, q.used_idx % n if n else 0, taken, unknown, pending - taken - unknown, tuple(notes))
+
+
+def packed_regions(q: QueueEntry) -> RingRegions:
+    """A packed ring's slots by state (§2.8): from the device's
+    ``next_used`` to its read position (``last_avail_idx`` with its wrap
+    counter) held by the device, from there to the driver's ``next_avail``
+    available and not yet taken, the rest used or free; without the read
+    position, everything up to ``next_avail`` "cannot tell". Positions
+    not read: the whole ring "used or free", with a note."""
+    n = q.size
+    if None in (q.next_avail, q.avail_wrap_counter, q.next_used, q.used_wrap_counter):
+        return RingRegions(n, 0, 0, 0, 0, ("the ring's positions were not read",), True)
+    used = packed_counter(q.next_used, q.used_wrap_counter, n)
+    pending = packed_distance(used, packed_counter(q.next_avail, q.avail_wrap_counter, n), n)
+    notes = []
+    if pending > n:
+        notes.append(f"next_avail {q.next_avail}/{q.avail_wrap_counter} is {pending} slots past next_used "
+                     f"{q.next_used}/{q.used_wrap_counter}: more than the size {n}")
+        pending = n
+    taken, unknown = 0, pending
+    if q.last_avail_idx is not None and q.last_avail_wrap_counter is not None:
+        taken = packed_distance(used, packed_counter(q.last_avail_idx, q.last_avail_wrap_counter, n), n)
+        if taken > pending:
+            notes.append(f"last_avail_idx {q.last_avail_idx}/{q.last_avail_wrap_counter} is not between "
+                         f"next_used and next_avail")
+            taken = 0
+        else:
+            unknown = 0
+    return RingRegions(n, q.next_used % n, taken, unknown, pending - taken - unknown, tuple(notes), True)
 
 
 def _cells(n: int, width: int) -> tuple[int, int]:
@@ -143,17 +185,12 @@ def ring_markers(q: QueueEntry, width: int) -> list[Text]:
     :func:`ring_bar`'s."""
     n = q.size
     cells, _ = _cells(n, width)
-    named = [("used", q.used_idx), ("last_avail", q.last_avail_idx), ("avail", q.avail_idx),
-             ("used_event", q.used_event), ("avail_event", q.avail_event)]
-    if q.last_avail_idx is None:
-        named.insert(2, ("shadow_avail", q.shadow_avail_idx))
-    by_value: dict[int, list[str]] = {}
-    for name, value in named:
-        if value is not None:
-            by_value.setdefault(value, []).append(name)
+    by_value: dict[tuple[int, str], list[str]] = {}
+    for name, slot, value in _marks(q):
+        by_value.setdefault((slot, value), []).append(name)
     labels = []
-    for value, names in by_value.items():
-        col = slot_cell(value % n, n, width)
+    for (slot, value), names in by_value.items():
+        col = slot_cell(slot, n, width)
         text = f"{'/'.join(names)} {value}"
         if col + len(text) + 1 <= cells or col < len(text):
             labels.append((col, f"▲{text}"))  # (cropped at the edge when it fits neither way)
@@ -177,6 +214,28 @@ def ring_markers(q: QueueEntry, width: int) -> list[Text]:
     return out
 
 
+def _marks(q: QueueEntry) -> list[tuple[str, int, str]]:
+    """``(name, slot, value text)`` of each known index :func:`ring_markers`
+    marks. Packed (§2.8): ``next_used``, ``last_avail``, ``next_avail`` and
+    the event offsets in force (flags DESC: ``call_at`` the driver's,
+    ``kick_at`` the device's), each ``slot/wrap``."""
+    n = q.size
+    if q.layout == "packed":
+        named = [("next_used", q.next_used, q.used_wrap_counter),
+                 ("last_avail", q.last_avail_idx, q.last_avail_wrap_counter),
+                 ("next_avail", q.next_avail, q.avail_wrap_counter)]
+        if q.driver_event_flags == RING_EVENT_FLAGS_DESC:
+            named.append(("call_at", q.driver_event_off, q.driver_event_wrap))
+        if q.device_event_flags == RING_EVENT_FLAGS_DESC:
+            named.append(("kick_at", q.device_event_off, q.device_event_wrap))
+        return [(name, slot % n, position_text(slot, wrap)) for name, slot, wrap in named if slot is not None]
+    split = [("used", q.used_idx), ("last_avail", q.last_avail_idx), ("avail", q.avail_idx),
+             ("used_event", q.used_event), ("avail_event", q.avail_event)]
+    if q.last_avail_idx is None:
+        split.insert(2, ("shadow_avail", q.shadow_avail_idx))
+    return [(name, value % n, str(value)) for name, value in split if value is not None]
+
+
 def ring_legend(r: RingRegions, width: int) -> Text:
     """The glyphs in words with each state's slot count, and the scale."""
     out = Text()
@@ -187,7 +246,7 @@ def ring_legend(r: RingRegions, width: int) -> Text:
         if len(out):
             out.append("   ")
         out.append(GLYPH[state], STYLE[state])
-        out.append(f" {LEGEND[state]} ({counts[state]})")
+        out.append(f" {(PACKED_LEGEND if r.packed else LEGEND)[state]} ({counts[state]})")
     cells, k = _cells(r.size, width)
     if k != 1:
         scale = f"1 slot = {k} cells" if k else f"1 cell = {r.size / cells:.1f} slots"
@@ -198,13 +257,12 @@ def ring_legend(r: RingRegions, width: int) -> Text:
 def ring_picture(q: QueueEntry, width: int) -> list[Text]:
     """The ring of ``q`` in ``width`` columns: ``slot 0 … slot N−1``, the
     bar, the marker rows, the legend, and notes on indices that do not add
-    up. A packed ring (§2.8) is not decoded: one line says so."""
-    if q.layout != "split":
-        return [Text(f"{q.layout} ring: not drawn (vqscope decodes split rings only)", "dim")]
+    up. A packed ring (§2.8) is its descriptor ring, drawn from its
+    positions (:func:`packed_regions`)."""
     if q.size <= 0:
         return [Text(f"size {q.size}: the ring is not set up", "dim")]
     width = max(width, 16)
-    r = ring_regions(q)
+    r = packed_regions(q) if q.layout == "packed" else ring_regions(q)
     cells, _ = _cells(q.size, width)
     left, right = "slot 0", f"slot {q.size - 1}"
     head = Text(left + right.rjust(max(cells - len(left), len(right) + 1)), "dim")
@@ -221,7 +279,12 @@ def kick_text(q: QueueEntry, notifications_seen: bool) -> str:
     in words: under EVENT_IDX the driver kicks when ``avail_idx`` passes
     the device's ``avail_event`` (and ignores VRING_USED_F_NO_NOTIFY);
     else VRING_USED_F_NO_NOTIFY suppresses them. With the count when the
-    source sees kicks."""
+    source sees kicks. Packed (§2.8.10): the device's event suppression."""
+    if q.layout == "packed":
+        text = _packed_notify(q.device_event_flags, q.device_event_off, q.device_event_wrap, "device",
+                              "the driver passes it", f"next_avail is {position_text(q.next_avail, q.avail_wrap_counter)}",
+                              "the driver kicks after each publication", "the device polls, or is busy")
+        return text + (f"; {q.kicks:,} received" if notifications_seen else "; this source does not see kicks")
     no_notify = bool(q.used_flags & VRING_USED_F_NO_NOTIFY)
     if q.event_idx:
         if q.avail_event is None:
@@ -244,7 +307,17 @@ def call_text(q: QueueEntry, notifications_seen: bool) -> str:
     under EVENT_IDX the device calls when ``used_idx`` passes the driver's
     ``used_event`` (and ignores VRING_AVAIL_F_NO_INTERRUPT); else
     VRING_AVAIL_F_NO_INTERRUPT suppresses them. With the counts sent and
-    suppressed when the source knows them."""
+    suppressed when the source knows them. Packed (§2.8.10): the driver's
+    event suppression."""
+    if q.layout == "packed":
+        text = _packed_notify(q.driver_event_flags, q.driver_event_off, q.driver_event_wrap, "driver",
+                              "the device's next_used passes it",
+                              f"next_used is {position_text(q.next_used, q.used_wrap_counter)}",
+                              "the device calls after each used descriptor", "the driver polls, or is busy")
+        text += f"; {q.calls:,} sent" if notifications_seen else "; this source does not see calls"
+        if q.calls_suppressed is not None:
+            text += f"; {q.calls_suppressed:,} suppressed so far"
+        return text
     no_interrupt = bool(q.avail_flags & VRING_AVAIL_F_NO_INTERRUPT)
     if q.event_idx:
         if q.used_event is None:
@@ -262,6 +335,22 @@ def call_text(q: QueueEntry, notifications_seen: bool) -> str:
     if q.calls_suppressed is not None:
         text += f"; {q.calls_suppressed:,} suppressed so far"
     return text
+
+
+def _packed_notify(flags: int | None, off: int | None, wrap: int | None, side: str, passes: str, now: str,
+                   enabled: str, disabled: str) -> str:
+    """One side's ``struct pvirtq_event_suppr`` (§2.8.10) in words:
+    ``enabled`` / ``disabled`` / ``at slot N wrap W``."""
+    if flags == RING_EVENT_FLAGS_ENABLE:
+        return f"enabled: {side} event flags ENABLE, {enabled}"
+    if flags == RING_EVENT_FLAGS_DISABLE:
+        return f"disabled: {side} event flags DISABLE ({disabled})"
+    if flags == RING_EVENT_FLAGS_DESC:
+        return (f"at slot {off} wrap {wrap}: {side} event flags DESC, one is due when {passes} (EVENT_IDX), "
+                f"{now}")
+    if flags is None:
+        return f"{side} event suppression not read: cannot tell"
+    return f"{side} event flags {event_flags_text(flags)} (reserved, §2.8.10): cannot tell"
 
 
 # --- the verdict ------------------------------------------------------------

@@ -20,6 +20,11 @@ from inspector.analysis.roles import device_type_of
 from inspector.snapshot.model import Chain, QueueEntry, Snapshot
 from inspector.spec import virtio
 from inspector.spec.virtio import (
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE,
+    VIRTQ_DESC_F_AVAIL,
+    VIRTQ_DESC_F_USED,
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
@@ -36,6 +41,10 @@ DASH = "—"
 AVAIL_FLAGS = ((VRING_AVAIL_F_NO_INTERRUPT, "NO_INTERRUPT"),)
 USED_FLAGS = ((VRING_USED_F_NO_NOTIFY, "NO_NOTIFY"),)
 DESC_FLAGS = ((VRING_DESC_F_NEXT, "NEXT"), (VRING_DESC_F_WRITE, "WRITE"), (VRING_DESC_F_INDIRECT, "INDIRECT"))
+# A packed descriptor's flags (§2.8.13): the split ones and the wrap-counter bits.
+PACKED_DESC_FLAGS = DESC_FLAGS + ((VIRTQ_DESC_F_AVAIL, "AVAIL"), (VIRTQ_DESC_F_USED, "USED"))
+# ``struct pvirtq_event_suppr.flags`` values (§2.8.10): a value, not a mask.
+EVENT_FLAGS = {RING_EVENT_FLAGS_ENABLE: "ENABLE", RING_EVENT_FLAGS_DISABLE: "DISABLE", RING_EVENT_FLAGS_DESC: "DESC"}
 
 ANOMALY_STYLE = "bold white on red"
 
@@ -69,6 +78,34 @@ def used_flags_text(flags: int) -> str:
 
 def desc_flags_text(flags: int) -> str:
     return decode_flags(flags, DESC_FLAGS)
+
+
+def packed_desc_flags_text(flags: int) -> str:
+    return decode_flags(flags, PACKED_DESC_FLAGS)
+
+
+def position_text(slot: int | None, wrap: int | None) -> str:
+    """A packed ring position (§2.8.1) as ``slot/wrap``: ``12/1``; the slot
+    alone when its wrap counter is unknown, "—" when the slot is."""
+    if slot is None:
+        return DASH
+    return str(slot) if wrap is None else f"{slot}/{wrap}"
+
+
+def event_flags_text(flags: int | None) -> str:
+    """An event suppression structure's ``flags`` (§2.8.10) by name:
+    ``ENABLE``, ``DISABLE``, ``DESC``; another value in hex (reserved: a
+    hostile side may write it); "—" for None."""
+    if flags is None:
+        return DASH
+    return EVENT_FLAGS.get(flags, f"{flags:#x}")
+
+
+def event_off_text(flags: int | None, off: int | None, wrap: int | None) -> str:
+    """The ``desc_event_off``/``desc_event_wrap`` of an event suppression
+    structure as a position (``12/1``) when its flags are DESC, where they
+    mean something (§2.8.10); "—" otherwise."""
+    return position_text(off, wrap) if flags == RING_EVENT_FLAGS_DESC else DASH
 
 
 def rate_text(rate: float | None) -> str:
@@ -267,7 +304,15 @@ TEXT_COLUMNS = frozenset({"device", "role", "health", "occupancy", "avail_flags"
 
 
 def queue_cells(queue: QueueEntry) -> dict[str, str | Text]:
-    """The QUEUE_COLUMNS and ANOMALY_COLUMN cells of one queue."""
+    """The QUEUE_COLUMNS and ANOMALY_COLUMN cells of one queue. A packed
+    queue (§2.8) shows in the split columns what plays their part: its
+    driver's position ``next_avail/avail_wrap_counter`` under avail_idx,
+    the device's ``next_used/used_wrap_counter`` under used_idx,
+    ``last_avail_idx/last_avail_wrap_counter``, the driver's event
+    suppression (governs calls) under avail_flags and used_event, the
+    device's (governs kicks) under used_flags and avail_event."""
+    if queue.layout == "packed":
+        return _packed_cells(queue)
     return {
         "device": queue.device,
         "index": str(queue.index),
@@ -284,6 +329,26 @@ def queue_cells(queue: QueueEntry) -> dict[str, str | Text]:
         "calls": str(queue.calls),
         "packets": str(queue.packets),
         "anomalies": anomaly_count(queue),
+    }
+
+
+def _packed_cells(q: QueueEntry) -> dict[str, str | Text]:
+    return {
+        "device": q.device,
+        "index": str(q.index),
+        "size": str(q.size),
+        "avail_idx": position_text(q.next_avail, q.avail_wrap_counter),
+        "used_idx": position_text(q.next_used, q.used_wrap_counter),
+        "last_avail_idx": position_text(q.last_avail_idx, q.last_avail_wrap_counter),
+        "inflight": str(q.inflight),
+        "avail_flags": event_flags_text(q.driver_event_flags),
+        "used_flags": event_flags_text(q.device_event_flags),
+        "used_event": event_off_text(q.driver_event_flags, q.driver_event_off, q.driver_event_wrap),
+        "avail_event": event_off_text(q.device_event_flags, q.device_event_off, q.device_event_wrap),
+        "kicks": str(q.kicks),
+        "calls": str(q.calls),
+        "packets": str(q.packets),
+        "anomalies": anomaly_count(q),
     }
 
 
@@ -322,9 +387,38 @@ QUEUE_FIELDS = (
 )
 
 
+def _field(name: str, show) -> tuple:
+    """A QUEUE_FIELDS entry as a PACKED_QUEUE_FIELDS one (shown from the queue)."""
+    return (name, lambda q: show(getattr(q, name)))
+
+
+_SHOW = dict(QUEUE_FIELDS)
+#: A packed queue's fields for the queue screen (§2.8), each shown from the
+#: queue: its positions as ``slot/wrap`` and its event suppression
+#: structures in place of the split ring's fields.
+PACKED_QUEUE_FIELDS = tuple(_field(n, _SHOW[n]) for n in ("device", "index", "layout", "size", "device_type",
+                                                          "event_idx")) + (
+    ("next_avail", lambda q: position_text(q.next_avail, q.avail_wrap_counter)),
+    ("next_used", lambda q: position_text(q.next_used, q.used_wrap_counter)),
+    ("last_avail_idx", lambda q: position_text(q.last_avail_idx, q.last_avail_wrap_counter)),
+    ("inflight", lambda q: str(q.inflight)), ("positions", lambda q: dash(q.positions)),
+    ("driver_event", lambda q: _event_text(q.driver_event_flags, q.driver_event_off, q.driver_event_wrap)),
+    ("device_event", lambda q: _event_text(q.device_event_flags, q.device_event_off, q.device_event_wrap)),
+) + tuple(_field(n, _SHOW[n]) for n in ("kicks", "calls", "calls_suppressed", "packets", "bytes", "dropped"))
+
+
+def _event_text(flags: int | None, off: int | None, wrap: int | None) -> str:
+    """``DESC 12/1``, ``ENABLE``, ``DISABLE``."""
+    text = event_flags_text(flags)
+    return f"{text} {position_text(off, wrap)}" if flags == RING_EVENT_FLAGS_DESC else text
+
+
 def queue_fields(queue: QueueEntry) -> list[tuple[str, str]]:
     """Every scalar field of a queue but ``features`` as (spec name, text),
-    for the queue screen."""
+    for the queue screen; a packed queue's positions ``slot/wrap`` and
+    event suppression (PACKED_QUEUE_FIELDS) instead of the split fields."""
+    if queue.layout == "packed":
+        return [(name, show(queue)) for name, show in PACKED_QUEUE_FIELDS]
     return [(name, show(getattr(queue, name))) for name, show in QUEUE_FIELDS]
 
 
@@ -351,18 +445,23 @@ CHAIN_COLUMNS = (
 
 def chain_rows(chain: Chain) -> list[list[str]]:
     """One row per descriptor of an in-flight chain (CHAIN_COLUMNS); the head
-    and the byte totals only on the chain's first row."""
+    and the byte totals only on the chain's first row. A packed chain
+    (``slot`` set, §2.8.6): head ``id 3 @ slot 12`` (its buffer id and first
+    slot), each descriptor's ``id`` under next, AVAIL/USED flags named."""
     rows = []
     descs = chain.descs or (None,)
+    packed = chain.slot is not None
+    head = f"id {chain.head} @ slot {chain.slot}" if packed else str(chain.head)
+    flags_text = packed_desc_flags_text if packed else desc_flags_text
     for n, d in enumerate(descs):
         first = n == 0
         rows.append([
-            str(chain.head) if first else "",
+            head if first else "",
             DASH if d is None else str(n),
             DASH if d is None else f"{d.addr:#x}",
             DASH if d is None else str(d.len),
-            DASH if d is None else desc_flags_text(d.flags),
-            DASH if d is None else str(d.next),
+            DASH if d is None else flags_text(d.flags),
+            DASH if d is None else (f"id {d.next}" if packed else str(d.next)),
             str(chain.out_bytes) if first else "",
             str(chain.in_bytes) if first else "",
         ])

@@ -8,7 +8,9 @@ progress and makes none:
   and ``used_idx`` does not move;
 - the driver episode (VIRTIO_RING_F_EVENT_IDX): ``used_idx`` has passed the
   driver's ``used_event`` (a call was due, §2.7.7) and neither ``used_event``
-  nor ``avail_idx`` moves;
+  nor ``avail_idx`` moves; for a packed queue whose driver's event flags
+  are ENABLE (§2.8.10): the device returned descriptors and sent no call
+  since (rules.calls_owed);
 - the starvation episode (a queue the driver fills): the device has no
   buffer left and ``avail_idx`` does not move.
 
@@ -19,7 +21,9 @@ snapshot before it, so "no kick since the entries appeared" is a difference
 of two counters. The rules (:mod:`inspector.analysis.rules`) turn an episode
 older than :attr:`Thresholds.stall_s` into a verdict. Memory per queue is
 constant; the work per queue per snapshot is a few comparisons, and strings
-are built only for queues that are not healthy.
+are built only for queues that are not healthy. Packed queues (§2.8) go
+through the same episodes with their positions as counters
+(rules.Observation).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from dataclasses import dataclass
 from ..events import Event
 from ..snapshot.model import QueueEntry, QueueId, Snapshot
 from .roles import Role, role_of
-from .rules import Episode, Observation, judge
+from .rules import Episode, Observation, calls_owed, judge
 from .verdict import Diagnosis, Verdict
 
 
@@ -137,15 +141,20 @@ class Analyzer:
         # --- episodes: start, continue or end
         tr.device_ep = _step(tr.device_ep, prev, ob, ob.device_owes(), ob.device_progress(prev),
                              tr.last_call_used)
-        tr.driver_ep = _step(tr.driver_ep, prev, ob, ob.driver_owes(), ob.driver_progress(prev),
-                             tr.last_call_used)
+        if ob.calls_each:
+            tr.driver_ep = _step(tr.driver_ep, prev, ob, calls_owed(ob, prev, tr.driver_ep, self.notifications_seen),
+                                 False, None)
+        else:
+            tr.driver_ep = _step(tr.driver_ep, prev, ob, ob.driver_owes(), ob.driver_progress(prev),
+                                 tr.last_call_used)
         tr.starve_ep = _step(tr.starve_ep, prev, ob, role is Role.FILL and ob.no_buffers(),
                              prev is not None and ob.avail_idx != prev.avail_idx, tr.last_call_used)
         tr.prev = ob
         tr.broken_streak = tr.broken_streak + 1 if ob.breaking else 0
+        # A call event's value is a split used_idx (inspector.events); not read for packed.
         verdict, evidence, since = judge(q, ob, role, tr.device_ep, tr.driver_ep, tr.starve_ep,
-                                         tr.broken_streak, tr.last_call_used, self.notifications_seen,
-                                         self.thresholds)
+                                         tr.broken_streak, None if ob.packed else tr.last_call_used,
+                                         self.notifications_seen, self.thresholds)
         if verdict is None:
             active = tr.moved_t is not None and now - tr.moved_t < self.thresholds.active_s
             verdict = Verdict.HEALTHY if active else Verdict.IDLE

@@ -9,6 +9,19 @@ driver's ``VRING_AVAIL_F_NO_INTERRUPT`` or, with VIRTIO_RING_F_EVENT_IDX, its
 device's ``VRING_USED_F_NO_NOTIFY`` or its ``avail_event``), with
 ``vring_need_event`` (inspector.spec.virtio) as the kernel's
 include/uapi/linux/virtio_ring.h has it.
+
+A packed queue (§2.8) is judged by the same rules: its :class:`Observation`
+holds positions as counters (inspector.ring.packed: ``packed_counter``,
+distances ``packed_distance``, modulo 2·size) in the split names' places —
+the driver's ``next_avail`` as ``avail_idx``, the device's ``next_used`` as
+``used_idx``, its read position as ``last_avail_idx`` — and its event
+suppression (§2.8.10) as the split rules read notification state: the
+driver's structure (calls) DESC as ``used_event`` at (off, wrap), DISABLE as
+``VRING_AVAIL_F_NO_INTERRUPT``; the device's (kicks) DESC as ``avail_event``,
+DISABLE as ``VRING_USED_F_NO_NOTIFY``. The evidence speaks packed terms
+(:class:`Terms`). One rule is packed only: with the driver's flags ENABLE
+every used descriptor wants a call, so descriptors returned with no call
+for the threshold are call_missing (:func:`_calls_not_sent`).
 """
 
 from __future__ import annotations
@@ -16,8 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ring.anomalies import AnomalyKind
+from ..ring.packed import packed_counter, packed_distance, packed_position
 from ..snapshot.model import QueueEntry
-from ..spec.virtio import VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY, vring_need_event
+from ..spec.virtio import (RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE,
+                           VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY, vring_need_event)
 from .roles import Role, device_type_of
 from .verdict import Verdict
 
@@ -34,10 +49,41 @@ NOT_BROKEN = frozenset({AnomalyKind.ZERO_LEN, AnomalyKind.TRUNCATED, AnomalyKind
                         AnomalyKind.MEM_TABLE_UNKNOWN})
 
 
+class Terms:
+    """How the evidence names a layout's positions and notification rules
+    (split: §2.7's index names; packed: §2.8's positions and event
+    suppression)."""
+
+    __slots__ = ("avail", "used", "entries", "call_rule", "kick_event", "kick_flag", "kick_suppressed",
+                 "calls_off", "used_event", "avail_event")
+
+    def __init__(self, **kw: str):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
+SPLIT_TERMS = Terms(avail="avail_idx", used="used_idx", entries="entries", used_event="used_event",
+                    avail_event="avail_event", call_rule="EVENT_IDX, §2.7.7", kick_event="EVENT_IDX, §2.7.10",
+                    kick_flag="VRING_USED_F_NO_NOTIFY clear (§2.7.10)",
+                    kick_suppressed="the device left VRING_USED_F_NO_NOTIFY set: the driver will not kick (§2.7.10)",
+                    calls_off="VRING_AVAIL_F_NO_INTERRUPT set: the driver said it polls")
+PACKED_TERMS = Terms(avail="next_avail", used="next_used", entries="descriptors",
+                     used_event="the driver's event off", avail_event="the device's event off",
+                     call_rule="driver event flags DESC, §2.8.10", kick_event="device event flags DESC, §2.8.10",
+                     kick_flag="device event flags ENABLE (§2.8.10)",
+                     kick_suppressed="the device left its event flags at RING_EVENT_FLAGS_DISABLE: "
+                                     "the driver will not kick (§2.8.10)",
+                     calls_off="driver event flags DISABLE: the driver said it polls")
+
+
 @dataclass(slots=True)
 class Observation:
     """The numbers of one queue at one snapshot that the rules read
-    (QueueEntry's fields, same names; ``t`` the snapshot time, s)."""
+    (QueueEntry's fields, same names; ``t`` the snapshot time, s). A packed
+    queue's positions are counters (module docstring; ``packed`` True),
+    ``calls_off``: the driver disabled calls and polls (split: NO_INTERRUPT
+    without EVENT_IDX; packed: its event flags DISABLE); ``calls_each``
+    (packed, driver event flags ENABLE): every used descriptor wants a call."""
 
     t: float
     size: int
@@ -54,6 +100,10 @@ class Observation:
     calls: int
     dropped: int | None
     breaking: bool
+    calls_off: bool = False
+    packed: bool = False
+    calls_each: bool = False
+    terms: Terms = SPLIT_TERMS
 
     @classmethod
     def of(cls, q: QueueEntry, t: float) -> Observation:
@@ -62,9 +112,58 @@ class Observation:
             if a.kind not in NOT_BROKEN:
                 breaking = True
                 break
+        if q.layout == "packed":
+            return cls._of_packed(q, t, breaking)
         return cls(t, q.size, q.avail_idx, q.used_idx, q.last_avail_idx, q.shadow_avail_idx,
                    q.used_event, q.avail_event, q.avail_flags, q.used_flags, q.event_idx,
-                   q.kicks, q.calls, q.dropped, breaking)
+                   q.kicks, q.calls, q.dropped, breaking,
+                   not q.event_idx and bool(q.avail_flags & VRING_AVAIL_F_NO_INTERRUPT))
+
+    @classmethod
+    def _of_packed(cls, q: QueueEntry, t: float, breaking: bool) -> Observation:
+        """A packed queue (§2.8): positions as counters, event suppression
+        as the split rules read it (module docstring). A ring not read
+        (positions None) owes nothing: both counters 0."""
+        n = q.size
+        if n <= 0 or None in (q.next_avail, q.avail_wrap_counter, q.next_used, q.used_wrap_counter):
+            return cls(t, n, 0, 0, None, None, None, None, 0, 0, True, q.kicks, q.calls, q.dropped, breaking,
+                       packed=True, terms=PACKED_TERMS)
+        la = (packed_counter(q.last_avail_idx, q.last_avail_wrap_counter, n)
+              if q.last_avail_idx is not None and q.last_avail_wrap_counter is not None else None)
+        dr, dv = q.driver_event_flags, q.device_event_flags
+        ue = (packed_counter(q.driver_event_off, q.driver_event_wrap, n)
+              if dr == RING_EVENT_FLAGS_DESC and q.driver_event_off is not None and q.driver_event_wrap is not None
+              else None)
+        ae = (packed_counter(q.device_event_off, q.device_event_wrap, n)
+              if dv == RING_EVENT_FLAGS_DESC and q.device_event_off is not None and q.device_event_wrap is not None
+              else None)
+        return cls(t, n, packed_counter(q.next_avail, q.avail_wrap_counter, n),
+                   packed_counter(q.next_used, q.used_wrap_counter, n), la, None, ue, ae,
+                   VRING_AVAIL_F_NO_INTERRUPT if dr == RING_EVENT_FLAGS_DISABLE else 0,
+                   VRING_USED_F_NO_NOTIFY if dv == RING_EVENT_FLAGS_DISABLE else 0, True,
+                   q.kicks, q.calls, q.dropped, breaking, dr == RING_EVENT_FLAGS_DISABLE, True,
+                   dr == RING_EVENT_FLAGS_ENABLE, PACKED_TERMS)
+
+    def dist(self, c_from: int, c_to: int) -> int:
+        """Slots from index/counter ``c_from`` forward to ``c_to``: modulo
+        2^16 (split), ``packed_distance`` (packed)."""
+        if self.packed:
+            return packed_distance(c_from, c_to, self.size)
+        return (c_to - c_from) & M16
+
+    def need_event(self, event: int, new: int, old: int) -> bool:
+        """``vring_need_event`` in this layout's arithmetic: ``event`` is
+        one of the positions ``old .. new-1`` that a move published."""
+        if self.packed:
+            return self.dist(event + 1, new) < self.dist(old, new)
+        return vring_need_event(event, new, old)
+
+    def at(self, c: int | None) -> str:
+        """A position for people: the index (split), ``slot S wrap W`` (packed)."""
+        if not self.packed or c is None:
+            return str(c)
+        slot, wrap = packed_position(c, self.size)
+        return f"slot {slot} wrap {wrap}"
 
     def device_owes(self) -> bool:
         """Buffers outstanding: ``avail_idx != used_idx`` (the device has
@@ -81,9 +180,9 @@ class Observation:
         used_idx, old)`` held when it passed). ``used_event`` 0 is not read as
         a request: Linux writes 0 there when it disables callbacks
         (virtqueue_disable_cb_split, "this is a hack"), and polls."""
-        if not self.event_idx or self.used_event is None or self.used_event == 0:
+        if not self.event_idx or self.used_event is None or (self.used_event == 0 and not self.packed):
             return False
-        return 1 <= (self.used_idx - self.used_event) & M16 <= self.size
+        return 1 <= self.dist(self.used_event, self.used_idx) <= self.size
 
     def driver_progress(self, prev: Observation | None) -> bool:
         """The driver did something since ``prev``: moved ``used_event``
@@ -104,8 +203,9 @@ class Episode:
     snapshot that first showed it; ``at_least``: it was already there at the
     first snapshot), with the counters of the snapshot before it (``kicks0``,
     ``calls0``, ``dropped0``, ``shadow0``, ``last_avail0``; the first
-    snapshot's own when ``at_least``) and whether the device had just taken
-    or filled buffers when it began (``filled``)."""
+    snapshot's own when ``at_least``), whether the device had just taken
+    or filled buffers when it began (``filled``) and its ``used_idx`` then
+    (``used0``)."""
 
     t0: float
     at_least: bool
@@ -115,6 +215,7 @@ class Episode:
     shadow0: int | None
     last_avail0: int | None
     filled: bool
+    used0: int = 0
 
     @classmethod
     def start(cls, prev: Observation | None, ob: Observation, last_call_used: int | None) -> Episode:
@@ -126,7 +227,7 @@ class Episode:
         # still waiting at ob: count the device's looking from ob.
         look = ob if filled else base
         return cls(ob.t, prev is None, look.kicks, base.calls, base.dropped, look.shadow_avail_idx,
-                   base.last_avail_idx, filled)
+                   base.last_avail_idx, filled, base.used_idx)
 
 
 def _for(ep: Episode, now: float) -> str:
@@ -153,11 +254,11 @@ def judge(q: QueueEntry, ob: Observation, role: Role, device_ep: Episode | None,
     mismatch = layout_mismatch(q)
     if mismatch:
         return Verdict.LAYOUT_MISMATCH, mismatch, None
-    if q.layout != "split":
-        return None, "", None
     now = ob.t
     stall = th.stall_s
     if driver_ep is not None and now - driver_ep.t0 >= stall and not reclaims_lazily(q, role, ob):
+        if ob.calls_each:
+            return _calls_not_sent(ob, driver_ep)
         return _driver_side(ob, driver_ep, starve_ep, last_call_used, seen)
     if role is Role.CONSUME and device_ep is not None and now - device_ep.t0 >= stall:
         return _device_side(ob, device_ep, seen)
@@ -177,11 +278,12 @@ def _fill_stalled(ob: Observation, ep: Episode) -> tuple[Verdict, str, float] | 
     a drop count an RX queue waiting is just idle."""
     if ob.dropped is None or ep.dropped0 is None or ob.dropped <= ep.dropped0:
         return None
-    posted = (ob.avail_idx - (ob.last_avail_idx if ob.last_avail_idx is not None else ob.used_idx)) & M16
+    posted = ob.dist(ob.last_avail_idx if ob.last_avail_idx is not None else ob.used_idx, ob.avail_idx)
     if not posted:
         return None
+    T, at = ob.terms, ob.at
     return (Verdict.DEVICE_STALLED,
-            f"{posted} buffers posted (avail_idx {ob.avail_idx}, used_idx {ob.used_idx}) and none filled for "
+            f"{posted} buffers posted ({T.avail} {at(ob.avail_idx)}, {T.used} {at(ob.used_idx)}) and none filled for "
             f"{_for(ep, ob.t)} while {ob.dropped - ep.dropped0} frames for this queue were dropped", ep.t0)
 
 
@@ -194,20 +296,22 @@ def reclaims_lazily(q: QueueEntry, role: Role, ob: Observation) -> bool:
     ``size``)."""
     if role is not Role.CONSUME or q.index % 2 != 1 or device_type_of(q.device_type) not in ("net", "console"):
         return False
-    return ob.used_event is not None and (ob.avail_idx - ob.used_event) & M16 < ob.size
+    return ob.used_event is not None and ob.dist(ob.used_event, ob.avail_idx) < ob.size
 
 
 def _driver_side(ob: Observation, ep: Episode, starve_ep: Episode | None, last_call_used: int | None,
                  seen: bool) -> tuple[Verdict, str, float]:
-    """call_missing / driver_stalled (§2.7.7): ``used_idx`` passed
-    ``used_event``, so a call was due, and the driver has not moved
-    ``used_event`` nor ``avail_idx`` for the threshold. Whether the call was
-    sent: calls counted during the episode, or the used_idx carried by the
-    last call event (the back-end's log) past ``used_event``."""
+    """call_missing / driver_stalled (§2.7.7; packed: §2.8.10 with the
+    driver's event flags DESC): ``used_idx`` passed ``used_event``, so a
+    call was due, and the driver has not moved ``used_event`` nor
+    ``avail_idx`` for the threshold. Whether the call was sent: calls
+    counted during the episode, or the used_idx carried by the last call
+    event (the back-end's log) past ``used_event``."""
     u, ue = ob.used_idx, ob.used_event
-    behind = (u - ue) & M16
-    head = (f"used_idx {u} passed used_event {ue} by {behind} (EVENT_IDX, §2.7.7: a call was due) "
-            f"and the driver has not moved used_event or avail_idx {ob.avail_idx} for {_for(ep, ob.t)}")
+    T, at = ob.terms, ob.at
+    behind = ob.dist(ue, u)
+    head = (f"{T.used} {at(u)} passed {T.used_event} {at(ue)} by {behind} ({T.call_rule}: a call was due) "
+            f"and the driver has not moved {T.used_event} or {T.avail} {at(ob.avail_idx)} for {_for(ep, ob.t)}")
     extra = ""
     if starve_ep is not None and ob.dropped is not None and starve_ep.dropped0 is not None \
             and ob.dropped > starve_ep.dropped0:
@@ -230,20 +334,45 @@ def _driver_side(ob: Observation, ep: Episode, starve_ep: Episode | None, last_c
     return Verdict.CALL_MISSING, f"{head}; 1 call due, none sent ({last}){extra}", ep.t0
 
 
+def calls_owed(ob: Observation, prev: Observation | None, ep: Episode | None, seen: bool) -> bool:
+    """A packed queue whose driver's event flags are ENABLE (§2.8.10: a
+    call after every used descriptor): the device returned descriptors
+    (``next_used`` moved) in an interval in which it sent no call, and has
+    sent none since (``calls`` still from the episode's start). Only where
+    calls are counted (``seen``): elsewhere nothing tells a missing call."""
+    if not seen or not ob.calls_each:
+        return False
+    if ep is not None and ob.calls == ep.calls0:
+        return True
+    return prev is not None and prev.packed and ob.used_idx != prev.used_idx and ob.calls == prev.calls
+
+
+def _calls_not_sent(ob: Observation, ep: Episode) -> tuple[Verdict, str, float]:
+    """call_missing of :func:`calls_owed`."""
+    at = ob.at
+    return (Verdict.CALL_MISSING,
+            f"the device returned {ob.dist(ep.used0, ob.used_idx)} descriptors (next_used {at(ep.used0)} to "
+            f"{at(ob.used_idx)}) under driver event flags ENABLE (§2.8.10: every used descriptor wants a call) "
+            f"and sent no call for {_for(ep, ob.t)}", ep.t0)
+
+
 def _kick_due(ob: Observation, old: int) -> bool:
     """Did publishing ``old .. avail_idx`` require a kick under the device's
     suppression state (§2.7.10)? With EVENT_IDX: ``vring_need_event(
-    avail_event, avail_idx, old)``; without: ``VRING_USED_F_NO_NOTIFY`` clear."""
+    avail_event, avail_idx, old)``; without: ``VRING_USED_F_NO_NOTIFY``
+    clear. Packed (§2.8.10): device event flags DESC: the same at (off,
+    wrap); ENABLE: yes; DISABLE: no."""
     if ob.event_idx and ob.avail_event is not None:
-        return vring_need_event(ob.avail_event, ob.avail_idx, old)
+        return ob.need_event(ob.avail_event, ob.avail_idx, old)
     return not ob.used_flags & VRING_USED_F_NO_NOTIFY
 
 
 def _suppression(ob: Observation, old: int, what: str) -> str:
+    T, at = ob.terms, ob.at
     if ob.event_idx and ob.avail_event is not None:
-        return (f"avail_event {ob.avail_event} is not in [{what} {old}, avail_idx {ob.avail_idx}): "
-                f"the driver owed no kick for these entries (EVENT_IDX, §2.7.10)")
-    return "the device left VRING_USED_F_NO_NOTIFY set: the driver will not kick (§2.7.10)"
+        return (f"{T.avail_event} {at(ob.avail_event)} is not in [{what} {at(old)}, {T.avail} {at(ob.avail_idx)}): "
+                f"the driver owed no kick for these {T.entries} ({T.kick_event})")
+    return T.kick_suppressed
 
 
 def _device_side(ob: Observation, ep: Episode, seen: bool) -> tuple[Verdict, str, float]:
@@ -252,56 +381,59 @@ def _device_side(ob: Observation, ep: Episode, seen: bool) -> tuple[Verdict, str
     still for the threshold. The device looked (``shadow_avail_idx`` covers
     the entries, or moved, or ``last_avail_idx`` moved, or kicks arrived):
     device_stalled. It did not: kick_missing if the device's suppression
-    state required a kick (§2.7.10) and none came; suppression_stuck if it
-    did not."""
+    state required a kick (§2.7.10, §2.8.10) and none came;
+    suppression_stuck if it did not."""
     a, u, la, sh = ob.avail_idx, ob.used_idx, ob.last_avail_idx, ob.shadow_avail_idx
-    pending = (a - u) & M16
+    T, at = ob.terms, ob.at
+    pending = ob.dist(u, a)
     dur = _for(ep, ob.t)
     kicks = ob.kicks - ep.kicks0 if seen else None
     kick_note = f"; {kicks} kicks received" if seen and kicks else ""
     if la is not None:
-        held, waiting = (la - u) & M16, (a - la) & M16
+        held, waiting = ob.dist(u, la), ob.dist(la, a)
         if held and (waiting == 0 or la != ep.last_avail0):
             return (Verdict.DEVICE_STALLED,
-                    f"the device took {held} buffers (last_avail_idx {la}) and returned none for {dur} "
-                    f"(used_idx {u}, avail_idx {a}){kick_note}", ep.t0)
+                    f"the device took {held} buffers (last_avail_idx {at(la)}) and returned none for {dur} "
+                    f"({T.used} {at(u)}, {T.avail} {at(a)}){kick_note}", ep.t0)
     else:
         waiting = pending
     old = sh if sh is not None else (la if la is not None else u)
     looked = sh is not None and (sh == a or sh != ep.shadow0)
     # Where the device's read position is unknown (QEMU's vhost queues), its avail_event
     # tells it: a device re-arming kicks writes there the avail_idx it last read (Linux
-    # vhost_enable_notify, QEMU virtio_queue_set_notification; §2.7.10). Past old: it read
+    # vhost_enable_notify, QEMU virtio_queue_set_notification; §2.7.10; packed: the
+    # device's event off/wrap, vhost_enable_notify_packed, §2.8.10). Past old: it read
     # these entries.
     ae = ob.avail_event
     ae_read = (sh is None and ob.event_idx and ae is not None
-               and 0 < (ae - old) & M16 <= (a - old) & M16)
+               and 0 < ob.dist(old, ae) <= ob.dist(old, a))
     if looked or ae_read or (seen and kicks):
         read = (f"the device read avail_idx {sh}" if sh is not None else
-                f"the device read avail_idx {ae} (its avail_event)" if ae_read else "the device was kicked")
+                (f"the device read up to {at(ae)} ({T.avail_event})" if ob.packed else
+                 f"the device read avail_idx {ae} (its avail_event)") if ae_read else "the device was kicked")
         return (Verdict.DEVICE_STALLED,
-                f"{waiting} buffers available and not taken for {dur} (avail_idx {a}, "
-                f"{'' if la is None else f'last_avail_idx {la}, '}used_idx {u}): {read} but took none"
+                f"{waiting} buffers available and not taken for {dur} ({T.avail} {at(a)}, "
+                f"{'' if la is None else f'last_avail_idx {at(la)}, '}{T.used} {at(u)}): {read} but took none"
                 f"{kick_note}", ep.t0)
-    what = "shadow_avail_idx" if sh is not None else ("last_avail_idx" if la is not None else "used_idx")
-    unseen = (a - old) & M16
+    what = "shadow_avail_idx" if sh is not None else ("last_avail_idx" if la is not None else T.used)
+    unseen = ob.dist(old, a)
     if not _kick_due(ob, old):
         return (Verdict.SUPPRESSION_STUCK,
-                f"{unseen} entries wait past {what} {old} for {dur} and the device does not poll: "
+                f"{unseen} {T.entries} wait past {what} {at(old)} for {dur} and the device does not poll: "
                 f"{_suppression(ob, old, what)}", ep.t0)
-    rule = (f"avail_event {ob.avail_event} (EVENT_IDX, §2.7.10)" if ob.event_idx and ob.avail_event is not None
-            else "VRING_USED_F_NO_NOTIFY clear (§2.7.10)")
+    rule = (f"{T.avail_event} {at(ob.avail_event)} ({T.kick_event})" if ob.event_idx and ob.avail_event is not None
+            else T.kick_flag)
     if not seen:
         return (Verdict.DEVICE_STALLED,
-                f"{unseen} entries published past {what} {old} under {rule} wait for {dur}; this source "
+                f"{unseen} {T.entries} published past {what} {at(old)} under {rule} wait for {dur}; this source "
                 f"sees no kicks: cannot tell kick_missing from device_stalled", ep.t0)
     if sh is None and ep.at_least:
         return (Verdict.DEVICE_STALLED,
-                f"{unseen} entries published past {what} {old} under {rule} wait for {dur}; no kick "
+                f"{unseen} {T.entries} published past {what} {at(old)} under {rule} wait for {dur}; no kick "
                 f"while watching, and whether one came before cannot be told", ep.t0)
     return (Verdict.KICK_MISSING,
-            f"{unseen} entries published past {what} {old} under {rule} required a kick; none came in "
-            f"{dur} (avail_idx {a})", ep.t0)
+            f"{unseen} {T.entries} published past {what} {at(old)} under {rule} required a kick; none came in "
+            f"{dur} ({T.avail} {at(a)})", ep.t0)
 
 
 def _starved(ob: Observation, ep: Episode) -> tuple[Verdict | None, str, float | None]:
@@ -309,16 +441,16 @@ def _starved(ob: Observation, ep: Episode) -> tuple[Verdict | None, str, float |
     while the device has data for it: frames dropped for want of a buffer
     (``dropped``), or the device filled the last buffer when it began."""
     dur = _for(ep, ob.t)
-    polls = (" (VRING_AVAIL_F_NO_INTERRUPT set: the driver said it polls)"
-             if not ob.event_idx and ob.avail_flags & VRING_AVAIL_F_NO_INTERRUPT else "")
+    T, at = ob.terms, ob.at
+    polls = f" ({T.calls_off})" if ob.calls_off else ""
     if ob.dropped is not None and ep.dropped0 is not None and ob.dropped > ep.dropped0:
         return (Verdict.STARVED,
-                f"no buffer posted for {dur} (avail_idx {ob.avail_idx}) while {ob.dropped - ep.dropped0} "
+                f"no buffer posted for {dur} ({T.avail} {at(ob.avail_idx)}) while {ob.dropped - ep.dropped0} "
                 f"frames were dropped for want of one{polls}", ep.t0)
     if ep.filled:
         return (Verdict.STARVED,
-                f"the device filled the last buffer (used_idx {ob.used_idx}) {dur} ago and the driver "
-                f"posted none since (avail_idx {ob.avail_idx}){polls}", ep.t0)
+                f"the device filled the last buffer ({T.used} {at(ob.used_idx)}) {dur} ago and the driver "
+                f"posted none since ({T.avail} {at(ob.avail_idx)}){polls}", ep.t0)
     return None, "", None
 
 
@@ -330,7 +462,7 @@ def layout_mismatch(q: QueueEntry) -> str:
     ``used_event``. Read from the addresses a source gives (``extras``
     ``qemu`` or ``device_state``: ``avail``, ``used``); "" when they agree
     or are unknown."""
-    if not q.event_idx:
+    if not q.event_idx or q.layout != "split":
         return ""
     for key in ("qemu", "device_state"):
         x = q.extras.get(key)

@@ -11,7 +11,9 @@ Chrome Trace Event Format (the JSON object form: ``{"traceEvents": [...],
   ``handler_start``/``handler_end`` pair a complete slice (``ph: X``)
   "handler";
 - per queue a counter track (``ph: C``) "queue N" with ``inflight``,
-  ``avail_idx``, ``used_idx`` from the snapshots, at each change;
+  ``avail_idx``, ``used_idx`` from the snapshots, at each change (a packed
+  queue, §2.8: ``inflight``, ``next_avail``, ``next_used``, the slots; a
+  value the snapshot does not have is left out: counters are numbers);
 - each anomaly an instant event "anomaly: KIND" on its queue's thread;
 - each queue's verdicts (``Recording.verdict_changes``) as complete slices
   (``ph: X``, ``cat: verdict``) on its queue's thread, named by the verdict
@@ -149,6 +151,11 @@ class _VerdictSlices:
             self._boundary(key, end_ns, None)
 
 
+#: The counter track's values of a split and of a packed queue (snapshot members).
+_SPLIT_COUNTERS = ("inflight", "avail_idx", "used_idx")
+_PACKED_COUNTERS = ("inflight", "next_avail", "next_used")
+
+
 def chrome_trace_events(rec: Recording) -> Iterator[dict]:
     """The trace events of ``rec``, streamed (module docstring)."""
     buf: list[dict] = []
@@ -180,13 +187,14 @@ def chrome_trace_events(rec: Recording) -> Iterator[dict]:
             if not isinstance(q, dict):
                 continue
             key = (str(q.get("device")), q.get("index"))
-            vals = (q.get("inflight"), q.get("avail_idx"), q.get("used_idx"))
+            names = _PACKED_COUNTERS if q.get("layout") == "packed" else _SPLIT_COUNTERS
+            vals = tuple(q.get(n) for n in names)
             if last.get(key) == vals:
                 continue
             last[key] = vals
             pid, tid = tracks.queue(key[0], key[1] if isinstance(key[1], int) else -1)
             buf.append({"name": f"queue {key[1]}", "cat": "ring", "ph": "C", "ts": us_s(t), "pid": pid,
-                        "args": {"inflight": vals[0], "avail_idx": vals[1], "used_idx": vals[2]}})
+                        "args": {n: v for n, v in zip(names, vals) if isinstance(v, (int, float))}})
         yield from flush()
 
     # Events; handler_start/handler_end pairs as slices, inside the verdict

@@ -25,6 +25,11 @@ from ..recording.schema import DDL, FORMAT, SCHEMA_VERSION
 KEYFRAME_EVERY = 64
 
 _SAMPLE_FIELDS = ("avail_idx", "used_idx", "last_avail_idx", "inflight", "kicks", "calls")
+#: What else makes a new ``queue_samples`` row: a packed queue's positions
+#: (§2.8; its ``avail_idx``/``used_idx`` are null), so that its rows follow
+#: the ring as a split queue's do. Not columns: the snapshot holds them.
+_PACKED_MOVES = ("next_avail", "avail_wrap_counter", "next_used", "used_wrap_counter")
+_N_SAMPLE = len(_SAMPLE_FIELDS)
 
 
 class RecordError(InspectorError):
@@ -65,6 +70,8 @@ def file_size(path: str) -> int:
 
 
 def _queue_sample(q: dict) -> tuple:
+    if q.get("layout") == "packed":
+        return tuple(q.get(f) for f in _SAMPLE_FIELDS + _PACKED_MOVES)
     return tuple(q.get(f) for f in _SAMPLE_FIELDS)
 
 
@@ -170,7 +177,7 @@ class RecordingWriter:
             s = _queue_sample(q)
             samples[key] = s
             if self._prev_samples.get(key) != s:
-                rows.append((idx, *key, *(v if isinstance(v, int) else None for v in s)))
+                rows.append((idx, *key, *(v if isinstance(v, int) else None for v in s[:_N_SAMPLE])))
             for a in q.get("anomalies") or ():
                 kind = str(a.get("kind")) if isinstance(a, dict) else str(a)
                 akey = (*key, kind)

@@ -598,9 +598,11 @@ def test_ring_markers_share_a_label_and_keep_to_the_bar():
     assert (rows[0].index("▲"), rows[0].rindex("▲"), rows[1].index("▲")) == (25, 35, 10)
 
 
-def test_ring_picture_of_a_packed_ring_says_it_is_not_drawn():
-    lines = pictures.ring_picture(queue(layout="packed"), 80)
-    assert len(lines) == 1 and "not drawn" in lines[0].plain
+def test_ring_picture_of_a_packed_ring_not_read_says_so():
+    """A packed queue whose positions were not read (the ring is drawn from
+    them: tests/unit/test_tui_packed.py)."""
+    lines = [t.plain for t in pictures.ring_picture(queue(layout="packed"), 80)]
+    assert lines[-1] == "! the ring's positions were not read"
 
 
 # --- notifications in words (VIRTIO 1.2 §2.7.7, §2.7.10) ---------------------------
