@@ -77,17 +77,23 @@ FUZZ_CFLAGS := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=
 
 DECODER_C   := inspector/csrc/vqd_decode.c inspector/csrc/vqd_decode_walk.c
 
-build/fuzz/fuzz_decoder: fuzz/fuzz_decoder.c fuzz/fuzz_input.h $(CSRC)
+build/fuzz/fuzz_decoder: fuzz/fuzz_decoder.c fuzz/fuzz_input.h fuzz/fuzz_decoder_input.h $(CSRC)
 	@mkdir -p build/fuzz
 	$(CLANG) $(FUZZ_CFLAGS) fuzz/fuzz_decoder.c $(DECODER_C) -o $@
+
+build/fuzz/fuzz_decoder_packed: fuzz/fuzz_decoder_packed.c fuzz/fuzz_input.h fuzz/fuzz_decoder_input.h $(CSRC)
+	@mkdir -p build/fuzz
+	$(CLANG) $(FUZZ_CFLAGS) fuzz/fuzz_decoder_packed.c $(DECODER_C) inspector/csrc/vqd_decode_packed.c \
+		inspector/csrc/vqd_guard.c -o $@ -lpthread
 
 build/fuzz/fuzz_datapath: fuzz/fuzz_datapath.c fuzz/fuzz_input.h $(CSRC)
 	@mkdir -p build/fuzz
 	$(CLANG) $(FUZZ_CFLAGS) fuzz/fuzz_datapath.c $(filter %.c,$(CSRC)) -o $@ -lpthread
 
-fuzz-build: build/fuzz/fuzz_decoder build/fuzz/fuzz_datapath
+fuzz-build: build/fuzz/fuzz_decoder build/fuzz/fuzz_decoder_packed build/fuzz/fuzz_datapath
 
-# Each harness for FUZZ_SECONDS (decoder, default 600) / FUZZ_DATAPATH_SECONDS,
+# Each harness for FUZZ_SECONDS (split and packed decoders, default 600 each) /
+# FUZZ_DATAPATH_SECONDS,
 # FUZZ_JOBS processes each, then FUZZ_MESSAGES (default 1000000) generated
 # vhost-user messages through the back-end; see fuzz/run_fuzz.sh.
 fuzz: build fuzz-build

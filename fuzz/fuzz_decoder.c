@@ -43,9 +43,7 @@
 #include <string.h>
 
 #include "vqd_decode.h"
-#include "fuzz_input.h"
-
-#define DEC_HDR_LEN 152
+#include "fuzz_decoder_input.h"
 
 /* A smaller quarantine than ASan's 256 MB and no fill of new allocations:
  * each input does not fault in fresh pages (use-after-free is still caught
@@ -56,38 +54,10 @@ const char *__asan_default_options(void)
 }
 #define DEC_NR_KINDS 12
 
-static int in_valid(const struct vqd_region *v, int nv, uint64_t gpa, uint64_t len)
-{
-    for (int i = 0; i < nv; i++)
-        if (gpa >= v[i].gpa && gpa - v[i].gpa < v[i].size && len <= v[i].size - (gpa - v[i].gpa))
-            return 1;
-    return 0;
-}
-
 static void check_output(const struct vqd_snap_out *o, uint32_t size, uint32_t max_descs,
-                         const struct vqd_region *valid, int nv)
+                         const struct dec_input *in)
 {
-    FUZZ_CHECK(o->n_chains <= size);
-    FUZZ_CHECK(o->n_descs <= max_descs);
-    FUZZ_CHECK(o->n_anomalies <= o->anomaly_cap);
-    FUZZ_CHECK(o->n_want <= size);
-    uint32_t next = 0;
-    for (uint32_t k = 0; k < o->n_chains; k++) {
-        FUZZ_CHECK(o->chain_first[k] == next);
-        /* the direct part (< size) plus one indirect table (<= 32768) */
-        FUZZ_CHECK(o->chain_ndescs[k] <= size + 32768);
-        uint64_t out = 0, in = 0;
-        for (uint32_t d = next; d < next + o->chain_ndescs[k]; d++) {
-            FUZZ_CHECK(!(o->desc_flags[d] & VRING_DESC_F_INDIRECT));
-            if (o->desc_flags[d] & VRING_DESC_F_WRITE)
-                in += o->desc_len[d];
-            else
-                out += o->desc_len[d];
-        }
-        FUZZ_CHECK(out == o->chain_out_bytes[k] && in == o->chain_in_bytes[k]);
-        next += o->chain_ndescs[k];
-    }
-    FUZZ_CHECK(next == o->n_descs);
+    dec_check_chains(o, size, max_descs);
     static uint8_t walked[VQD_MAX_QUEUE_SIZE / 8];  /* bit h: a chain of head h < size was walked */
     memset(walked, 0, sizeof walked);
     for (uint32_t k = 0; k < o->n_chains; k++)
@@ -103,17 +73,9 @@ static void check_output(const struct vqd_snap_out *o, uint32_t size, uint32_t m
         else
             FUZZ_CHECK(an->head >= 0 && (uint32_t)an->head < size
                        && (walked[an->head / 8] >> (an->head % 8) & 1));
-        size_t len = strnlen(an->detail, VQD_SNAP_DETAIL_LEN);
-        FUZZ_CHECK(len > 0 && len < VQD_SNAP_DETAIL_LEN);
-        for (size_t c = 0; c < len; c++)
-            FUZZ_CHECK(an->detail[c] >= 0x20 && an->detail[c] < 0x7f);
+        dec_check_detail(an);
     }
-    for (uint32_t w = 0; w < o->n_want; w++) {
-        FUZZ_CHECK(in_valid(valid, nv, o->want_addr[w], o->want_len[w]));
-        if (w)
-            FUZZ_CHECK(o->want_addr[w - 1] < o->want_addr[w]
-                       || (o->want_addr[w - 1] == o->want_addr[w] && o->want_len[w - 1] < o->want_len[w]));
-    }
+    dec_check_want(o, in);
 }
 
 static struct tailbuf region_buf[4], out_buf[14];
@@ -134,38 +96,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
         unsigned exp = (size_code & 7) + ((size_code & 0xf8) == 0x88 ? 8 : 0);
         size = 1u << exp;
     }
-    uint8_t counts = HDR_U8(&h, 1);
-    int nr = (counts & 7) % 5, nv = (counts >> 3) & 3;
+    struct dec_input in;
+    dec_input_read(&in, &h, mem, mem_len, region_buf);
     int32_t last = (HDR_U8(&h, 4) & 1) ? -1 : (int32_t)HDR_U16(&h, 2);
-    uint32_t max_descs = HDR_U16(&h, 6);
-    if ((HDR_U8(&h, 5) & 15) != 5)
-        max_descs &= 0xff;
-
-    struct vqd_region regions[4], valid[3];
-    memset(regions, 0, sizeof regions);
-    for (int i = 0; i < nr; i++) {
-        uint32_t sz = HDR_U32(&h, 40 + 16 * i + 8);
-        regions[i].gpa = HDR_U64(&h, 40 + 16 * i);
-        regions[i].size = (sz >> 24) == 0x5a ? sz & 0xfffff : (sz >> 24) == 0xa5 ? sz & 0xffff : sz & 0xfff;
-        regions[i].host = fill_region(&region_buf[i], mem, mem_len, HDR_U32(&h, 40 + 16 * i + 12),
-                                      regions[i].size);
-    }
-    for (int i = 0; i < nv; i++) {
-        valid[i].gpa = HDR_U64(&h, 104 + 16 * i);
-        valid[i].size = HDR_U64(&h, 104 + 16 * i + 8);
-        valid[i].host = NULL;
-    }
-    uint64_t area[3];
-    for (int a = 0; a < 3; a++) {
-        uint8_t mode = HDR_U8(&h, 8 + a);
-        uint64_t val = HDR_U64(&h, 16 + 8 * a);
-        if ((mode & 1) || nr == 0) {
-            area[a] = val;
-        } else {
-            const struct vqd_region *r = &regions[(mode >> 1) % nr];
-            area[a] = r->gpa + val % (r->size + 1);
-        }
-    }
+    uint32_t max_descs = in.max_descs;
 
     /* Output arrays of exactly the documented capacities (vqd_decode.h),
      * each ending where its allocation ends so that ASan sees any overrun.
@@ -174,34 +108,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
     int size_ok = size && size <= VQD_MAX_QUEUE_SIZE && !(size & (size - 1));
     size_t cs = size_ok ? size : 1;
     uint32_t acap = vqd_snapshot_anomaly_cap((uint32_t)cs, max_descs);
-    size_t dcap = max_descs ? max_descs : 1;
     struct vqd_snap_out o;
     memset(&o, 0, sizeof o);
-    o.avail_ring = tail(&out_buf[0], 2 * cs);
-    o.used_ring = tail(&out_buf[1], 8 * cs);
-    o.chain_head = tail(&out_buf[2], 4 * cs);
-    o.chain_first = tail(&out_buf[3], 4 * cs);
-    o.chain_ndescs = tail(&out_buf[4], 4 * cs);
-    o.chain_out_bytes = tail(&out_buf[5], 8 * cs);
-    o.chain_in_bytes = tail(&out_buf[6], 8 * cs);
-    o.desc_cap = max_descs;
-    o.desc_addr = tail(&out_buf[7], 8 * dcap);
-    o.desc_len = tail(&out_buf[8], 4 * dcap);
-    o.desc_flags = tail(&out_buf[9], 2 * dcap);
-    o.desc_next = tail(&out_buf[10], 2 * dcap);
-    o.anomaly_cap = acap;
-    o.anomalies = tail(&out_buf[11], sizeof(struct vqd_anomaly) * (size_t)acap);
-    o.want_cap = (uint32_t)cs;
-    o.want_addr = tail(&out_buf[12], 8 * cs);
-    o.want_len = tail(&out_buf[13], 4 * cs);
+    o.avail_ring = tail(&out_buf[12], 2 * cs);
+    o.used_ring = tail(&out_buf[13], 8 * cs);
+    dec_out_arrays(&o, out_buf, cs, max_descs, acap);
 
-    int rc = vqd_snapshot(regions, nr, valid, nv, area[0], area[1], area[2], size, last,
-                          max_descs, &o);
+    int rc = vqd_snapshot(in.regions, in.nr, in.valid, in.nv, in.area[0], in.area[1], in.area[2], size,
+                          last, max_descs, &o);
     if (!size_ok)
         FUZZ_CHECK(rc == VQD_SNAP_E_SIZE);
     FUZZ_CHECK(rc >= VQD_SNAP_OK && rc <= VQD_SNAP_E_ARG);
     if (rc == VQD_SNAP_OK)
-        check_output(&o, size, max_descs, valid, nv);
+        check_output(&o, size, max_descs, &in);
     /* FUZZ_PRINT=1: one summary line per input, which
      * tests/unit/test_fuzz_smoke.py compares with the Python wrapper's result for
      * the same input (fuzz/fuzz_inputs.py reads the format the same way). */

@@ -10,8 +10,12 @@ other way, from a :class:`~inspector.memory.GuestMemory` of readable
 seed inputs. :func:`replay_decoder_dir` runs every input of a directory
 through both decoders and returns the inputs on which they disagree.
 
-Run as ``python -m fuzz.fuzz_inputs seeds DIR`` (or ``datapath-seeds DIR``)
-to (re)write a checked-in seed corpus, or ``python -m fuzz.fuzz_inputs replay DIR...`` for the
+:func:`packed_case` / :func:`encode_packed_input` do the same for
+``fuzz/fuzz_decoder_packed.c`` and the packed decoders.
+
+Run as ``python -m fuzz.fuzz_inputs seeds DIR`` (or ``packed-seeds DIR``,
+``datapath-seeds DIR``) to (re)write a checked-in seed corpus, or ``python
+-m fuzz.fuzz_inputs replay DIR...`` (``replay-packed DIR...``) for the
 differential replay (``make fuzz`` does both).
 """
 
@@ -84,8 +88,16 @@ def decoder_case(data: bytes) -> DecoderCase:
         size = _le(hdr, 12, 4)
     else:
         size = 1 << ((size_code & 7) + (8 if size_code & 0xF8 == 0x88 else 0))
-    nr, nv = (hdr[1] & 7) % 5, (hdr[1] >> 3) & 3
     last = None if hdr[4] & 1 else _le(hdr, 2, 2)
+    gm, areas, max_descs = _memory_and_areas(hdr, mem)
+    return DecoderCase(gm, size, *areas, last, max_descs)
+
+
+def _memory_and_areas(hdr: bytes, mem: bytes) -> tuple[GuestMemory, list[int], int]:
+    """The regions (readable first, in table order, then validate-only),
+    the three area addresses and max_descs of a fuzz_decoder.c or
+    fuzz_decoder_packed.c header (the same offsets in both)."""
+    nr, nv = (hdr[1] & 7) % 5, (hdr[1] >> 3) & 3
     max_descs = _le(hdr, 6, 2)
     if hdr[5] & 15 != 5:
         max_descs &= 0xFF
@@ -107,7 +119,7 @@ def decoder_case(data: bytes) -> DecoderCase:
         else:
             gpa, rsize = readable[(mode >> 1) % nr]
             areas.append((gpa + val % (rsize + 1)) & U64_MASK)
-    return DecoderCase(gm, size, *areas, last, max_descs)
+    return gm, areas, max_descs
 
 
 def _size_code(size: int) -> int:
@@ -132,13 +144,8 @@ def encode_decoder_input(mem: GuestMemory, size: int, desc: int, avail: int, use
     """A fuzz_decoder.c input for these decoder arguments: at most 4
     readable regions (bytes copied into the input's memory) and 3
     validate-only ones; areas as raw addresses."""
-    readable = [r for r in mem.regions if r.buf is not None]
-    valid = [r for r in mem.regions if r.buf is None]
-    if len(readable) > 4 or len(valid) > 3:
-        raise ValueError("the format holds at most 4 readable and 3 validate-only regions")
     hdr = bytearray(DEC_HDR_LEN)
     hdr[0] = _size_code(size)
-    hdr[1] = len(readable) | len(valid) << 3
     if last_avail_idx is None:
         hdr[4] = 1
     else:
@@ -146,8 +153,19 @@ def encode_decoder_input(mem: GuestMemory, size: int, desc: int, avail: int, use
     if max_descs > 0xFF:
         hdr[5] = 5
     struct.pack_into("<H", hdr, 6, max_descs)
+    return _encode_memory_and_areas(hdr, mem, (desc, avail, used))
+
+
+def _encode_memory_and_areas(hdr: bytearray, mem: GuestMemory, areas) -> bytes:
+    """Fill the region and area fields of ``hdr`` (raw area addresses) and
+    append the readable regions' bytes: the shared part of both formats."""
+    readable = [r for r in mem.regions if r.buf is not None]
+    valid = [r for r in mem.regions if r.buf is None]
+    if len(readable) > 4 or len(valid) > 3:
+        raise ValueError("the format holds at most 4 readable and 3 validate-only regions")
+    hdr[1] = len(readable) | len(valid) << 3
     hdr[8:11] = b"\1\1\1"
-    struct.pack_into("<QQQ", hdr, 16, desc, avail, used)
+    struct.pack_into("<QQQ", hdr, 16, *areas)
     body = bytearray()
     for i, r in enumerate(readable):
         data = bytes(memoryview(r.buf).cast("B")[r.buf_offset:r.buf_offset + r.size])
@@ -156,6 +174,150 @@ def encode_decoder_input(mem: GuestMemory, size: int, desc: int, avail: int, use
     for i, r in enumerate(valid):
         struct.pack_into("<QQ", hdr, 104 + 16 * i, r.gpa, r.size)
     return bytes(hdr + body)
+
+
+@dataclass
+class PackedCase:
+    """The arguments fuzz_decoder_packed.c passes to vqd_snapshot_packed,
+    as the Python decoders take them (None for -1)."""
+
+    mem: GuestMemory
+    size: int
+    desc: int
+    driver_event: int
+    device_event: int
+    positions: dict
+    max_descs: int
+
+    def run(self, impl):
+        """``impl.snapshot_packed_pass(...)`` (inspector.ring.decoder or inspector.ring.reference_packed)."""
+        return impl.snapshot_packed_pass(self.mem, self.size, self.desc, self.driver_event,
+                                         self.device_event, max_descs=self.max_descs, **self.positions)
+
+
+def packed_case(data: bytes) -> PackedCase:
+    """Read a fuzz_decoder_packed.c input (its header comment is the format)."""
+    hdr = bytes(data[:DEC_HDR_LEN]).ljust(DEC_HDR_LEN, b"\0")
+    code = hdr[0]
+    if code & 0xC0 == 0xC0:
+        size = _le(hdr, 12, 2)
+    elif code & 0x80:
+        size = (_le(hdr, 12, 2) & 0x7FFF) + 1
+    else:
+        size = (code & 0x3F) + 1
+    pf = hdr[4]
+    nu, la = _le(hdr, 2, 2), _le(hdr, 14, 2)
+    if not pf & 0x40:
+        msize = size if 0 < size <= 32768 else 1
+        nu, la = nu % msize, la % msize
+    positions = {"next_used": nu if pf & 1 else None,
+                 "used_wrap_counter": pf >> 4 & 1 if pf & 2 else None,
+                 "last_avail_idx": la if pf & 4 else None,
+                 "last_avail_wrap_counter": pf >> 5 & 1 if pf & 8 else None}
+    gm, areas, max_descs = _memory_and_areas(hdr, bytes(data[DEC_HDR_LEN:]))
+    return PackedCase(gm, size, *areas, {k: v for k, v in positions.items() if v is not None}, max_descs)
+
+
+def encode_packed_input(mem: GuestMemory, size: int, desc: int, driver_event: int, device_event: int,
+                        positions: dict, max_descs: int = 0xFF) -> bytes:
+    """A fuzz_decoder_packed.c input for these decoder arguments
+    (``positions``: the keyword arguments of snapshot_packed)."""
+    hdr = bytearray(DEC_HDR_LEN)
+    if size <= 64:
+        hdr[0] = size - 1
+    else:
+        hdr[0] = 0x80
+        struct.pack_into("<H", hdr, 12, size - 1)
+    pf = 0
+    for bit, key in ((1, "next_used"), (2, "used_wrap_counter"), (4, "last_avail_idx"),
+                     (8, "last_avail_wrap_counter")):
+        if positions.get(key) is not None:
+            pf |= bit
+    pf |= (positions.get("used_wrap_counter") or 0) << 4 | (positions.get("last_avail_wrap_counter") or 0) << 5
+    hdr[4] = pf
+    struct.pack_into("<H", hdr, 2, positions.get("next_used") or 0)
+    struct.pack_into("<H", hdr, 14, positions.get("last_avail_idx") or 0)
+    if max_descs > 0xFF:
+        hdr[5] = 5
+    struct.pack_into("<H", hdr, 6, max_descs)
+    return _encode_memory_and_areas(hdr, mem, (desc, driver_event, device_event))
+
+
+def write_packed_seeds(out: str | Path) -> int:
+    """Seeds of the packed harness, built with tests/support/packed_ringbuilder.py:
+    well-formed rings (plain, indirect, across the ring end, full, out of
+    order; device, derived and flags positions; odd sizes) and one per
+    hostile kind; returns how many."""
+    from tests.support.packed_ringbuilder import PackedRingBuilder, used_flags
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds: dict[str, bytes] = {}
+
+    def add(name, rb, mode="device", max_descs=0xFF):
+        seeds[name] = encode_packed_input(rb.mem, rb.size, *rb.addrs, rb.positions(mode), max_descs)
+
+    def builder(size=8):
+        return PackedRingBuilder(size, data_mem=0x400)
+
+    def busy(size=8):
+        rb = builder(size)
+        a = rb.add_chain(((16, False), (16, True)))
+        b = rb.add_indirect_chain(((8, False), (8, True)))
+        rb.add_chain()
+        rb.device_take(3)
+        rb.device_use([(b, 8)])
+        rb.add_chain(((4, True),))
+        rb.ids = (a, b)
+        return rb
+
+    for mode in ("device", "derived", "flags"):
+        add(f"plain_{mode}", busy(), mode)
+    rb = builder(5)
+    for _ in range(4):
+        i = rb.add_chain(((8, False), (8, True)))
+        rb.device_take(2)
+        rb.device_use([(i, 8)])
+    rb.add_chain(((8, False), (8, False), (8, True)))
+    add("across_the_end", rb, "derived")
+    rb = builder(4)
+    for _ in range(4):
+        rb.add_chain()
+    add("full", rb, "derived")
+    rb = builder(13)
+    for _ in range(5):
+        rb.add_chain(((8, False), (8, True)))
+    rb.device_take(4)
+    rb.device_use([(3, 0), (1, 8)])
+    add("out_of_order_size13", rb, "derived")
+    rb = PackedRingBuilder(300, data_mem=0x100)
+    rb.add_chain()
+    add("size300", rb, "flags")
+    hostile = {
+        "id_out_of_range": lambda rb: rb.set_desc(1, id=200),
+        "avail_used_pattern": lambda rb: rb.set_desc(6, flags=0x80),
+        "used_not_available": lambda rb: rb.set_desc(0, flags=used_flags(1)),
+        "zero_len": lambda rb: rb.set_desc(0, len=0),
+        "addr_out_of_range": lambda rb: rb.set_desc(0, addr=0xDEAD_0000_0000),
+        "indirect_len": lambda rb: rb.set_desc(2, len=24),
+        "indirect_with_next": lambda rb: rb.set_desc(2, flags=rb.read_desc(2)[3] | 1),
+        "nested_indirect": lambda rb: rb.mem.view(rb.tables[rb.ids[1]] + 14, 2).__setitem__(slice(0, 2), b"\4\0"),
+    }
+    for name, corrupt in hostile.items():
+        rb = builder()
+        a = rb.add_chain(((16, False), (16, True)))
+        b = rb.add_indirect_chain(((8, False), (8, True)))
+        rb.add_chain()
+        rb.ids = (a, b)
+        corrupt(rb)
+        add(name, rb, "device")
+    rb = builder(4)
+    rb.add_chain([(8, False)] * 4)
+    rb.set_desc(3, flags=rb.read_desc(3)[3] | 1)   # NEXT on all 4: longer than the ring
+    add("chain_too_long", rb, "device")
+    for name, data in seeds.items():
+        (out / f"seed-{name}").write_bytes(data)
+    return len(seeds)
 
 
 def outcome(impl, case: DecoderCase):
@@ -170,10 +332,15 @@ def outcome(impl, case: DecoderCase):
     return ("ok", snap.as_dict(), unread)
 
 
-def replay_decoder_dir(*dirs: str | Path, limit: int | None = None) -> tuple[int, list[Path]]:
+def replay_decoder_dir(*dirs: str | Path, limit: int | None = None,
+                       packed: bool = False) -> tuple[int, list[Path]]:
     """Run each input file of ``dirs`` through inspector.ring.decoder and
-    inspector.ring.reference; returns (inputs run, inputs whose outcomes differ)."""
-    from inspector.ring import decoder, reference
+    inspector.ring.reference (``packed``: inputs of fuzz_decoder_packed.c,
+    through the packed decoders); returns (inputs run, inputs whose
+    outcomes differ)."""
+    from inspector.ring import decoder, reference, reference_packed
+
+    read, ref = (packed_case, reference_packed) if packed else (decoder_case, reference)
 
     n, bad = 0, []
     for d in dirs:
@@ -182,9 +349,9 @@ def replay_decoder_dir(*dirs: str | Path, limit: int | None = None) -> tuple[int
                 continue
             if limit is not None and n >= limit:
                 return n, bad
-            case = decoder_case(f.read_bytes())
+            case = read(f.read_bytes())
             n += 1
-            if outcome(decoder, case) != outcome(reference, case):
+            if outcome(decoder, case) != outcome(ref, case):
                 bad.append(f)
     return n, bad
 
@@ -377,14 +544,19 @@ def main(argv: list[str]) -> int:
     if len(argv) >= 2 and argv[0] == "datapath-seeds":
         print(f"wrote {write_datapath_seeds(argv[1])} seed inputs to {argv[1]}")
         return 0
-    if len(argv) >= 2 and argv[0] == "replay":
-        n, bad = replay_decoder_dir(*argv[1:])
-        print(f"decoder replay: {n} inputs through inspector.ring.decoder and inspector.ring.reference, "
-              f"{len(bad)} differ")
+    if len(argv) >= 2 and argv[0] == "packed-seeds":
+        print(f"wrote {write_packed_seeds(argv[1])} seed inputs to {argv[1]}")
+        return 0
+    if len(argv) >= 2 and argv[0] in ("replay", "replay-packed"):
+        packed = argv[0] == "replay-packed"
+        n, bad = replay_decoder_dir(*argv[1:], packed=packed)
+        print(f"{'packed ' if packed else ''}decoder replay: {n} inputs through inspector.ring.decoder "
+              f"and the pure-Python reference, {len(bad)} differ")
         for f in bad:
             print(f"  differs: {f}")
         return 1 if bad else 0
-    print("usage: python -m fuzz.fuzz_inputs seeds DIR | datapath-seeds DIR | replay DIR...",
+    print("usage: python -m fuzz.fuzz_inputs seeds DIR | packed-seeds DIR | datapath-seeds DIR | "
+          "replay DIR... | replay-packed DIR...",
           file=sys.stderr)
     return 2
 

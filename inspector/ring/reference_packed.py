@@ -36,8 +36,8 @@ Where the walk starts: the device's positions (``positions`` in the result).
   and the other counter taken. ``last_avail_idx`` derives the same way; on
   such a full ring, if it is the same slot as ``next_used`` the device is
   taken to have taken nothing (last_avail = next_used): the flags cannot
-  tell that from "took everything", which a device that pops and
-  completes at once (QEMU) is not caught in.
+  tell that from "took everything" (the QEMU source asks QEMU's ``inuse``,
+  inspector/sources/qemu).
 - ``"flags"``: nothing given. The driver's position is the step in the
   AVAIL bits (slots ``[0, next_avail)`` carry the current round's AVAIL bit,
   the rest the previous round's; all equal: next_avail is 0 in the round

@@ -1,4 +1,18 @@
-"""A split ring in another process's guest RAM, read without side effects.
+"""A split or packed ring in another process's guest RAM, read without side
+effects.
+
+:func:`snapshot_remote_packed` does for a packed ring (VIRTIO 1.2 §2.8) what
+the steps below do for a split one: one ``process_vm_readv`` of the
+descriptor ring and the two event suppression areas; a first decode; if the
+device's positions given (QEMU's ``used-idx``/``last-avail-idx``, asked
+before this read) are older than the ring (a used descriptor at or past
+their next_used: ``used_not_available``), the ring is decoded again from the
+flags alone (``positions`` "flags", ``last_avail_idx`` None: the caller asks
+again); indirect tables not read are read in one more ``process_vm_readv``
+with the descriptor ring again, and a chain whose first slot changed
+between the two ring reads (the device returned it, the driver may have
+reused its table) keeps ``indirect_not_read`` and has its other anomalies
+dropped (:func:`forget_returned`, by first slot).
 
 :func:`snapshot_remote_split` decodes a split ring of a guest whose RAM is
 mapped in that process. ``ram`` is the guest-physical → host-virtual map
@@ -50,7 +64,9 @@ from ..memory.process import ProcessMemory, RamRange, ram_hva
 from ..spec.virtio import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT
 from . import decoder
 from .anomalies import AnomalyKind
-from .checks import AREAS, DEFAULT_MAX_DESCS, area_sizes, check_args, ring_between
+from .checks import (AREAS, DEFAULT_MAX_DESCS, PACKED_AREAS, area_sizes, check_args,
+                     check_packed_args, packed_area_sizes, ring_between)
+from .packed import PackedRingSnapshot
 from .snapshot import RingSnapshot
 
 #: Indirect tables closer than this (same RAM range) are read as one span:
@@ -124,7 +140,7 @@ def returned_tables(desc: bytes | memoryview, size: int, heads: set[int]) -> lis
     return out
 
 
-def forget_returned(snap: RingSnapshot, heads: set[int] | None) -> RingSnapshot:
+def forget_returned(snap: RingSnapshot | PackedRingSnapshot, heads: set[int] | None):
     """Drop from ``snap`` the anomalies found in the walk of a chain whose
     head (:attr:`Anomaly.head <inspector.ring.anomalies.Anomaly.head>`) is
     in ``heads`` (None: of every chain), ``indirect_not_read`` kept: the
@@ -152,14 +168,7 @@ def snapshot_remote_split(pmem: ProcessMemory, ram: list[RamRange], size: int, d
     ProcessAccessError when the process cannot be read."""
     check_args(size, desc_gpa, avail_gpa, used_gpa, last_avail_idx, max_descs)
     areas = list(zip((desc_gpa, avail_gpa, used_gpa), area_sizes(size)))
-    ranges = []
-    for i, (gpa, n) in enumerate(areas):
-        hva = ram_hva(ram, gpa, n)
-        if hva is None:
-            raise RingError(f"{AREAS[i]} at guest-physical 0x{gpa:x} (+0x{n:x} bytes) is not "
-                            f"inside one guest RAM range of process {pmem.pid}: check the queue "
-                            f"addresses and the guest RAM map")
-        ranges.append((hva, n))
+    ranges = _area_ranges(pmem, ram, areas, AREAS)
     # One read: the driver area, the device area, the descriptor table, then
     # the device area again (see the module docstring).
     buf, offs = pmem.gather([ranges[1], ranges[2], ranges[0], ranges[2]])
@@ -214,5 +223,91 @@ def snapshot_remote_split(pmem: ProcessMemory, ram: list[RamRange], size: int, d
 
 
 
+def _area_ranges(pmem: ProcessMemory, ram: list[RamRange], areas: list[tuple[int, int]],
+                 names: tuple[str, ...]) -> list[tuple[int, int]]:
+    """``(hva, n)`` of each ring area ``(gpa, n)``; RingError naming the
+    area when it is not inside one RAM range."""
+    ranges = []
+    for i, (gpa, n) in enumerate(areas):
+        hva = ram_hva(ram, gpa, n)
+        if hva is None:
+            raise RingError(f"{names[i]} at guest-physical 0x{gpa:x} (+0x{n:x} bytes) is not "
+                            f"inside one guest RAM range of process {pmem.pid}: check the queue "
+                            f"addresses and the guest RAM map")
+        ranges.append((hva, n))
+    return ranges
+
+
+def snapshot_remote_packed(pmem: ProcessMemory, ram: list[RamRange], size: int, desc_gpa: int,
+                           driver_event_gpa: int, device_event_gpa: int, *,
+                           next_used: int | None = None, used_wrap_counter: int | None = None,
+                           last_avail_idx: int | None = None,
+                           last_avail_wrap_counter: int | None = None, impl=decoder,
+                           max_descs: int = DEFAULT_MAX_DESCS) -> PackedRingSnapshot:
+    """Snapshot the packed ring at ``desc_gpa`` with its driver and device
+    event suppression areas (guest-physical) in the guest RAM ``ram`` of
+    process ``pmem``, with decoder ``impl`` (:mod:`inspector.ring.decoder`
+    or :mod:`inspector.ring.reference_packed`); positions as
+    ``impl.snapshot_packed`` takes them; see the module docstring (positions
+    older than the ring: decoded from the flags). Raises RingError when a
+    ring area is not inside one RAM range, ProcessReadError /
+    ProcessExitedError / ProcessAccessError when the process cannot be read."""
+    pos = dict(next_used=next_used, used_wrap_counter=used_wrap_counter,
+               last_avail_idx=last_avail_idx, last_avail_wrap_counter=last_avail_wrap_counter)
+    check_packed_args(size, desc_gpa, driver_event_gpa, device_event_gpa, max_descs=max_descs, **pos)
+    areas = list(zip((desc_gpa, driver_event_gpa, device_event_gpa), packed_area_sizes(size)))
+    ranges = _area_ranges(pmem, ram, areas, PACKED_AREAS)
+    buf, offs = pmem.gather(ranges)
+    mem = GuestMemory()
+    for (gpa, n), (hva, _), off in zip(areas, ranges, offs):
+        mem.add(gpa, buf, uva=hva, size=n, buf_offset=off)
+    for r in ram:
+        mem.add_valid(r.gpa, r.size, uva=r.hva)
+    args = (mem, size, desc_gpa, driver_event_gpa, device_event_gpa)
+    snap, unread = impl.snapshot_packed_pass(*args, max_descs=max_descs, **pos)
+    if next_used is not None and any(a.kind is AnomalyKind.USED_NOT_AVAILABLE for a in snap.anomalies):
+        # The device wrote used descriptors at or past the next_used given:
+        # the positions are older than this read (the caller asked before
+        # it). Decode from the flags; the caller may ask again.
+        pos = {}
+        snap, unread = impl.snapshot_packed_pass(*args, max_descs=max_descs)
+    if not unread:
+        return snap
+    # Second pass: the unread indirect tables (within budget) and the
+    # descriptor ring again, to see which chains changed meanwhile.
+    tables = table_spans(unread, ram, 16 * max_descs)
+    ring_n = areas[0][1]
+    tbuf, toffs, failed = pmem.gather_partial([(hva, n) for _, n, hva in tables] + [(ranges[0][0], ring_n)])
+    first = memoryview(buf)[offs[0]:offs[0] + ring_n]
+    changed: set[int] | None = None   # first slots of chains whose slot changed; None: cannot tell
+    if len(tables) not in failed:
+        again = memoryview(tbuf)[toffs[-1]:toffs[-1] + ring_n]
+        changed = {s for s in snap.chain_slot.tolist() if first[16 * s:16 * s + 16] != again[16 * s:16 * s + 16]}
+    # the tables of changed chains (as first read): not theirs any more
+    stale_tables = _packed_tables(first, size, sorted(changed or ()))
+    for k, ((gpa, n, hva), off) in enumerate(zip(tables, toffs)):
+        if k in failed or changed is None:
+            continue
+        if not any(a < gpa + n and gpa < a + ln for a, ln in stale_tables):
+            mem.add(gpa, tbuf, uva=hva, size=n, buf_offset=off)
+            continue
+        for a, ln in set(unread):
+            if gpa <= a and a + ln <= gpa + n and not any(b < a + ln and a < b + m for b, m in stale_tables):
+                mem.add(a, tbuf, uva=hva + a - gpa, size=ln, buf_offset=off + a - gpa)
+    snap = impl.snapshot_packed_pass(*args, max_descs=max_descs, **pos)[0]
+    return forget_returned(snap, changed)
+
+
+def _packed_tables(ring: bytes | memoryview, size: int, slots: list[int]) -> list[tuple[int, int]]:
+    """The indirect tables ``(gpa, len)`` of the descriptors at ``slots``
+    (a chain's indirect descriptor is its only one, §2.8.7)."""
+    out = []
+    for s in slots:
+        addr, length, _id, flags = struct.unpack_from("<QIHH", ring, 16 * s)
+        if flags & VRING_DESC_F_INDIRECT:
+            out.append((addr, length))
+    return out
+
+
 __all__ = ["SPAN_GAP", "forget_returned", "returned_heads", "returned_tables",
-           "snapshot_remote_split", "table_spans"]
+           "snapshot_remote_packed", "snapshot_remote_split", "table_spans"]

@@ -681,10 +681,12 @@ class AttachVM:
     PEER_MAC, so the guest's pings get real replies (otherwise loopback:
     they come back as the guest's own requests). ``reconnect``: QEMU's
     vhost-user chardev has ``reconnect=1``, so :meth:`restart_backend` can
-    replace the back-end under the running guest."""
+    replace the back-end under the running guest. ``packed``: ``unet`` and
+    ``vblk`` offer VIRTIO_F_RING_PACKED (``packed=on``), so the guest's
+    driver uses packed rings there (VIRTIO 1.2 §2.8)."""
 
     def __init__(self, boot_timeout: float = 240, *, traffic: bool = True, tap: bool = False,
-                 reconnect: bool = False):
+                 reconnect: bool = False, packed: bool = False):
         self.dir = socket_dir()
         self.sock = f"{self.dir}/vu.sock"
         self.qmp = f"{self.dir}/qmp.sock"
@@ -698,9 +700,10 @@ class AttachVM:
         self.guest = None
         try:
             self.backend = VqscopeNet(self.sock, tap=self.tap)
-            extra = (f"-netdev user,id=u0 -device virtio-net-pci,netdev=u0,mac={USERNET_MAC},id=unet "
+            pk = ",packed=on" if packed else ""
+            extra = (f"-netdev user,id=u0 -device virtio-net-pci,netdev=u0,mac={USERNET_MAC},id=unet{pk} "
                      f"-drive file={self.disk},if=none,format=raw,id=d0 "
-                     f"-device virtio-blk-pci,drive=d0,serial={DISK_SERIAL},id=vblk "
+                     f"-device virtio-blk-pci,drive=d0,serial={DISK_SERIAL},id=vblk{pk} "
                      f"-qmp unix:{self.qmp},server=on,wait=off -qmp unix:{self.qmp_test},server=on,wait=off")
             # The script is a file the guest reads from the host's /tmp: virtme-ng passes --exec on
             # the kernel command line, which holds 2048 bytes (a longer script hangs the boot).

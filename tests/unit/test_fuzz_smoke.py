@@ -47,7 +47,7 @@ def harnesses():
     r = subprocess.run(["make", "-s", "fuzz-build", f"CLANG={CLANG}"], check=False, cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    return {n: ROOT / "build" / "fuzz" / f"fuzz_{n}" for n in ("decoder", "datapath")}
+    return {n: ROOT / "build" / "fuzz" / f"fuzz_{n}" for n in ("decoder", "decoder_packed", "datapath")}
 
 
 def run_harness(binary, *args, env=None, timeout=120):
@@ -55,7 +55,7 @@ def run_harness(binary, *args, env=None, timeout=120):
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
-@pytest.mark.parametrize("name", ["decoder", "datapath"])
+@pytest.mark.parametrize("name", ["decoder", "decoder_packed", "datapath"])
 @pytest.mark.timeout(180)
 def test_harness_runs_clean_over_the_seed_corpus(harnesses, name, tmp_path):
     """20000 mutated inputs (or 15 s, whichever first) from the seeds: no
@@ -69,20 +69,22 @@ def test_harness_runs_clean_over_the_seed_corpus(harnesses, name, tmp_path):
     assert not list(tmp_path.glob("crash-*"))
 
 
-def test_decoder_harness_reads_inputs_like_the_python_wrapper(harnesses):
+@pytest.mark.parametrize("name,read,line", [("decoder", fuzz_inputs.decoder_case, "vqd_snapshot"),
+                                             ("decoder_packed", fuzz_inputs.packed_case, "vqd_snapshot_packed")])
+def test_decoder_harness_reads_inputs_like_the_python_wrapper(harnesses, name, read, line):
     """FUZZ_PRINT's summary of each seed equals inspector.ring.decoder's result for
-    the same input read by fuzz_inputs.decoder_case, so a crash file replays
-    through Python as the harness ran it."""
-    seeds = sorted(CORPUS.joinpath("decoder").iterdir())
-    r = run_harness(harnesses["decoder"], *seeds, env={"FUZZ_PRINT": "1"})
+    the same input read by fuzz_inputs.decoder_case (packed_case), so a crash
+    file replays through Python as the harness ran it."""
+    seeds = sorted(CORPUS.joinpath(name).iterdir())
+    r = run_harness(harnesses[name], *seeds, env={"FUZZ_PRINT": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    got = re.findall(r"Running: (\S+)\nvqd_snapshot (.*)", r.stderr)
+    got = re.findall(rf"Running: (\S+)\n{line} (.*)", r.stderr)
     assert len(got) == len(seeds)
-    for path, line in got:
-        snap, unread = fuzz_inputs.decoder_case(Path(path).read_bytes()).run(decoder)
+    for path, summary in got:
+        snap, unread = read(Path(path).read_bytes()).run(decoder)
         want = (f"rc=0 chains={len(snap.chain_head)} descs={len(snap.desc_addr)} "
                 f"anomalies={len(snap.anomalies)} want={len(unread)}")
-        assert line == want, path
+        assert summary == want, path
 
 
 def test_decoder_seeds_cover_each_anomaly_kind():
@@ -92,6 +94,18 @@ def test_decoder_seeds_cover_each_anomaly_kind():
         kinds |= {a.kind for a in snap.anomalies}
     assert kinds >= {"avail_idx_jump", "head_out_of_range", "next_out_of_range", "loop", "indirect_len",
                      "nested_indirect", "zero_len", "addr_out_of_range", "indirect_not_read"}
+
+
+def test_packed_seeds_cover_each_packed_anomaly_kind():
+    kinds = set()
+    positions = set()
+    for f in CORPUS.joinpath("decoder_packed").iterdir():
+        snap, _ = fuzz_inputs.packed_case(f.read_bytes()).run(decoder)
+        kinds |= {a.kind for a in snap.anomalies}
+        positions.add(snap.positions)
+    assert kinds >= {"id_out_of_range", "chain_too_long", "avail_used_pattern", "used_not_available",
+                     "indirect_len", "nested_indirect", "indirect_with_next", "zero_len", "addr_out_of_range"}
+    assert positions == {"device", "derived", "flags"}
 
 
 def test_datapath_seeds_move_packets_and_break_where_hostile(harnesses):

@@ -13,10 +13,12 @@ import pytest
 
 from inspector.memory.process import ProcessMemory, RamRange
 from inspector.ring.anomalies import AnomalyKind
+from inspector.ring.packed import PackedRingSnapshot
 from inspector.ring.snapshot import RingSnapshot
 from inspector.snapshot import queue_to_json
 from inspector.sources.qemu import DeviceState, QemuSource, QueueState
 from inspector.spec.virtio import VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX
+from tests.support.packed_ringbuilder import PackedRingBuilder
 from tests.support.ringbuilder import RingBuilder
 
 PATH = "/machine/peripheral/fnet/virtio-backend"
@@ -103,13 +105,87 @@ def test_broken_device_comes_before_the_ring_anomalies(source, ring):
     assert entry.anomalies[1].head == ring.heads[2]
 
 
-def test_packed_ring_is_not_decoded(source, ring):
-    entry, dec = source._queue_entry(_dev(FEATURES | 1 << VIRTIO_F_RING_PACKED), _queue(ring))
-    assert dec is None and entry.layout == "packed" and entry.n_chains == 0
-    assert [a.kind for a in entry.anomalies] == [AnomalyKind.LAYOUT_UNSUPPORTED]
+@pytest.fixture
+def packed(source):
+    """A packed ring QEMU services: 3 buffers made available, QEMU popped 2
+    and returned the first; the source reads it through this process."""
+    rb = PackedRingBuilder(8)
+    rb.ids = [rb.add_chain(((64, False), (128, True))), rb.add_indirect_chain(), rb.add_chain()]
+    rb.device_take(3)      # slots 0-1, 2
+    rb.device_use([(rb.ids[0], 128)])
+    source._ram = [RamRange(r.gpa, r.size, _hva(r.buf)) for r in rb.mem.regions]
+    return rb
+
+
+def _packed_queue(rb: PackedRingBuilder, **kw) -> QueueState:
+    """The QueueState of x-query-virtio-queue-status for ``rb``: vring-avail
+    and vring-used are the driver and device event suppression areas, and
+    last-avail-idx / used-idx bare slots (QEMU keeps the wrap counters to
+    itself)."""
+    args = dict(index=0, num=rb.size, desc=rb.desc, avail=rb.driver_event, used=rb.device_event,
+                vhost=False, last_avail_idx=rb.last_avail, qemu_used_idx=rb.next_used,
+                signalled_used=rb.next_used, shadow_avail_idx=rb.next_avail)
+    return QueueState(**(args | kw))
+
+
+def test_packed_queue_qemu_services(source, packed):
+    rb = packed
+    q = _packed_queue(rb)
+    entry, dec = source._queue_entry(_dev(FEATURES | 1 << VIRTIO_F_RING_PACKED), q)
+    assert isinstance(dec, PackedRingSnapshot) and dec.positions == "derived"
+    assert entry.layout == "packed" and entry.anomalies == []
+    assert [c.head for c in entry.chains] == rb.ids[2:] and entry.chains[0].slot == 3
     j = queue_to_json(entry)
-    assert (j["layout"], j["avail_idx"], j["used_event"], j["chains"], j["last_avail_idx"]) == \
-        ("packed", None, None, [], 2)
+    assert (j["avail_idx"], j["used_idx"], j["used_event"]) == (None, None, None)
+    assert (j["next_used"], j["used_wrap_counter"], j["last_avail_idx"], j["last_avail_wrap_counter"],
+            j["next_avail"], j["avail_wrap_counter"], j["inflight"], j["positions"]) == (2, 1, 3, 1, 4, 1, 2, "derived")
+    assert j["chains"] == dec.chain_dicts() and j["qemu"]["used_idx"] == 2
+
+
+def test_packed_queue_positions_older_than_the_ring(source, packed):
+    """QEMU answered before it returned more buffers: decoded from the
+    flags, and _snapshot asks QMP again (_older_than_ring)."""
+    from inspector.sources.qemu import _older_than_ring
+    rb = packed
+    q = _packed_queue(rb)
+    rb.device_use([(rb.ids[1], 0)])
+    entry, dec = source._queue_entry(_dev(FEATURES | 1 << VIRTIO_F_RING_PACKED), q)
+    assert dec.positions == "flags" and entry.last_avail_idx is None and entry.anomalies == []
+    assert _older_than_ring(q, dec)
+    assert not _older_than_ring(_packed_queue(rb), source._queue_entry(
+        _dev(FEATURES | 1 << VIRTIO_F_RING_PACKED), _packed_queue(rb))[1])
+
+
+def test_packed_vhost_queue_is_read_from_the_flags(source, packed):
+    rb = packed
+    q = _packed_queue(rb, vhost=True, last_avail_idx=None, qemu_used_idx=None, signalled_used=None,
+                      shadow_avail_idx=None, desc_hva=source._gpa_to_hva(rb.desc),
+                      avail_hva=source._gpa_to_hva(rb.driver_event), used_hva=source._gpa_to_hva(rb.device_event))
+    entry, dec = source._queue_entry(_dev(FEATURES | 1 << VIRTIO_F_RING_PACKED, vhost=True), q)
+    assert dec.positions == "flags" and entry.last_avail_idx is None and entry.anomalies == []
+    assert (entry.next_avail, entry.next_used) == (4, 1)   # next_used estimated (skipped slot 1 looks available)
+
+
+@pytest.mark.parametrize("inuse", [0, 4])
+def test_packed_full_ring_taken_or_not_is_told_by_inuse(source, inuse):
+    """Every descriptor outstanding with last-avail-idx == used-idx: the
+    ring says nothing taken; QEMU's inuse > 0 says everything taken."""
+    rb = PackedRingBuilder(4)
+    for _ in range(4):
+        rb.add_chain()
+    if inuse:
+        rb.device_take(4)
+    source._ram = [RamRange(r.gpa, r.size, _hva(r.buf)) for r in rb.mem.regions]
+    entry, dec = source._queue_entry(_dev(FEATURES | 1 << VIRTIO_F_RING_PACKED), _packed_queue(rb, inuse=inuse))
+    assert dec.positions == "derived" and entry.anomalies == [] and entry.inflight == 4
+    assert (entry.last_avail_idx, entry.last_avail_wrap_counter) == (rb.last_avail, rb.last_avail_wrap)
+    assert entry.n_chains == (0 if inuse else 4)
+
+
+def test_packed_queue_slot_out_of_range_is_not_used(source, packed):
+    entry, dec = source._queue_entry(_dev(FEATURES | 1 << VIRTIO_F_RING_PACKED),
+                                     _packed_queue(packed, qemu_used_idx=40000, last_avail_idx=3))
+    assert dec.positions == "flags" and entry.anomalies == []
 
 
 def test_ring_outside_guest_ram_is_ring_unmapped(source, ring):

@@ -31,6 +31,11 @@ uses; their replies are quoted in the QEMU attach tests):
   rebuilt when the flat view changes (looked at every ``map_refresh``
   seconds, and after a failed read).
 - the rings: :mod:`inspector.ring.remote`, one ``process_vm_readv`` per queue.
+  A packed queue (VIRTIO_F_RING_PACKED, §2.8) that QEMU services is decoded
+  with QEMU's ``used-idx`` and ``last-avail-idx`` as bare slots (QMP has no
+  wrap counters; ``positions`` "derived": the counters come from the ring,
+  :mod:`inspector.ring.reference_packed`); a packed queue of a started
+  vhost device from the descriptor flags alone (``positions`` "flags").
 - each queue's ``device_type``: the device's virtio name (``virtio-net``...)
   as VIRTIO §5 names it (:func:`inspector.analysis.roles.device_type_of`).
 
@@ -51,7 +56,8 @@ from ...errors import InspectorError, SourceError, SourceGone
 from ...memory.process import ProcessExitedError, ProcessMemory, RamRange
 from ...ring.anomalies import Anomaly, AnomalyKind
 from ...ring.checks import ring_between
-from ...ring.remote import snapshot_remote_split
+from ...ring.packed import PackedRingSnapshot, packed_counter
+from ...ring.remote import snapshot_remote_packed, snapshot_remote_split
 from ...ring.snapshot import RingSnapshot
 from ...snapshot.model import QueueEntry, Skipped, Snapshot
 from ...spec.virtio import VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX
@@ -70,12 +76,46 @@ __all__ = ["QemuSource", "FlatRange", "Mapping", "check_mapped", "parse_flatview
 @dataclass
 class _Cached:
     """A queue's QMP state (or why it is skipped), until when it may be
-    reused, and the ring's indices read right after it was asked."""
+    reused, and the ring's positions read right after it was asked
+    (:func:`_marks`)."""
 
     q: QueueState | str
     expires: float
-    avail_idx: int | None = None
-    used_idx: int | None = None
+    marks: tuple[int, int] | None = None
+
+
+def _marks(dec: RingSnapshot | PackedRingSnapshot) -> tuple[int, int]:
+    """Where the driver and the device are in a decoded ring: split
+    ``(avail_idx, used_idx)``, packed the counters of next_avail and
+    next_used (:func:`inspector.ring.packed.packed_counter`)."""
+    if isinstance(dec, PackedRingSnapshot):
+        return (packed_counter(dec.next_avail, dec.avail_wrap_counter, dec.size),
+                packed_counter(dec.next_used, dec.used_wrap_counter, dec.size))
+    return dec.avail_idx, dec.used_idx
+
+
+def _caught_up(q: QueueState, dec: RingSnapshot | PackedRingSnapshot) -> bool:
+    """Had QEMU taken everything available when it answered? Then its
+    last_avail_idx cannot change until the ring moves (QEMU only pops what
+    is available)."""
+    if isinstance(dec, PackedRingSnapshot):
+        return (dec.positions == "derived" and dec.last_avail_idx is not None
+                and (dec.last_avail_idx, dec.last_avail_wrap_counter)
+                == (dec.next_avail, dec.avail_wrap_counter))
+    return dec.avail_idx == q.last_avail_idx
+
+
+def _older_than_ring(q: QueueState, dec: RingSnapshot | PackedRingSnapshot) -> bool:
+    """Is QEMU's answer older than the ring read (ask it again)? Split:
+    its last_avail_idx is not between the ring's used_idx and avail_idx
+    (QEMU keeps used <= last_avail <= avail). Packed: the decoder could not
+    use QEMU's positions (:func:`inspector.ring.remote.snapshot_remote_packed`
+    fell back to the flags)."""
+    if q.last_avail_idx is None:
+        return False
+    if isinstance(dec, PackedRingSnapshot):
+        return dec.positions != "derived"
+    return not ring_between(dec.used_idx, q.last_avail_idx, dec.avail_idx)
 
 
 # --------------------------------------------------------------- the source
@@ -287,8 +327,7 @@ class QemuSource(Source):
                     continue
                 entry, dec = self._queue_entry(dev, c.q)
                 if (not c.q.vhost and dec is not None
-                        and not (dec.avail_idx == c.avail_idx == c.q.last_avail_idx
-                                 and dec.used_idx == c.used_idx)):
+                        and not (_marks(dec) == c.marks and _caught_up(c.q, dec))):
                     ask.append((dev, i))
                     continue
                 entries[(dev.path, i)] = entry
@@ -296,7 +335,8 @@ class QemuSource(Source):
             del self._queues[k]
         # QEMU's last_avail_idx is from before the ring read: on a busy queue
         # it can lag behind the ring's used_idx (used <= last_avail <= avail
-        # always holds in QEMU). Such a queue is asked once more.
+        # always holds in QEMU); a packed queue's positions can be older
+        # than its ring (_older_than_ring). Such a queue is asked once more.
         for attempt in range(2):
             if not ask:
                 break
@@ -311,9 +351,8 @@ class QemuSource(Source):
                     continue
                 entry, dec = self._queue_entry(dev, q)
                 if dec is not None:
-                    c.avail_idx, c.used_idx = dec.avail_idx, dec.used_idx
-                    if q.last_avail_idx is not None and not ring_between(dec.used_idx, q.last_avail_idx,
-                                                                     dec.avail_idx):
+                    c.marks = _marks(dec)
+                    if _older_than_ring(q, dec):
                         again.append((dev, i))
                 entries[(dev.path, i)] = entry
             ask = again
@@ -322,13 +361,37 @@ class QemuSource(Source):
         skipped.sort(key=lambda s: (s.device, s.index if s.index is not None else -1))
         return Snapshot(source=self.name, time=time.time(), pid=self.pid, queues=queues, skipped=skipped)
 
-    def _read_ring(self, q: QueueState):
-        return snapshot_remote_split(self._pmem, self._ram, q.num, q.desc, q.avail, q.used,
-                                     q.last_avail_idx)
+    def _read_ring(self, q: QueueState, packed: bool):
+        if not packed:
+            return snapshot_remote_split(self._pmem, self._ram, q.num, q.desc, q.avail, q.used,
+                                         q.last_avail_idx)
+        # QEMU's VirtQueue of a packed ring keeps last_avail_idx and used_idx
+        # as slots (0..num-1) with separate wrap counters that QMP does not
+        # report: bare slots, counters derived from the ring. A value that
+        # is not a slot (another QEMU's reply) is not used.
+        def slot(v):
+            return v if v is not None and 0 <= v < q.num else None
+        nu, la = slot(q.qemu_used_idx), slot(q.last_avail_idx)
+        dec = snapshot_remote_packed(self._pmem, self._ram, q.num, q.desc, q.avail, q.used,
+                                     next_used=nu, last_avail_idx=la if nu is not None else None)
+        if (dec.positions == "derived" and q.inuse and dec.inflight == q.num
+                and (dec.last_avail_idx, dec.last_avail_wrap_counter) == (dec.next_used, dec.used_wrap_counter)):
+            # Every descriptor outstanding and last-avail-idx == used-idx: the
+            # ring cannot tell "QEMU took all" from "took none"
+            # (reference_packed); QEMU's inuse (popped, not returned) can.
+            uw = dec.used_wrap_counter
+            dec = snapshot_remote_packed(self._pmem, self._ram, q.num, q.desc, q.avail, q.used,
+                                         next_used=nu, used_wrap_counter=uw, last_avail_idx=la,
+                                         last_avail_wrap_counter=1 - uw)
+            dec.positions = "derived"   # the wrap counters still come from the ring (and inuse)
+        return dec
 
-    def _queue_entry(self, dev: DeviceState, q: QueueState) -> tuple[QueueEntry, RingSnapshot | None]:
-        """The snapshot entry of ``q`` and the RingSnapshot it came from
-        (None when the ring could not be read)."""
+    def _queue_entry(self, dev: DeviceState, q: QueueState,
+                     ) -> tuple[QueueEntry, RingSnapshot | PackedRingSnapshot | None]:
+        """The snapshot entry of ``q`` and the RingSnapshot or
+        PackedRingSnapshot it came from (None when the ring could not be
+        read). A packed queue's ``vring-avail``/``vring-used`` are its driver
+        and device event suppression areas (§2.8.10)."""
         packed = bool(dev.features >> VIRTIO_F_RING_PACKED & 1)
         entry = QueueEntry(
             device=dev.device, index=q.index, layout="packed" if packed else "split", size=q.num,
@@ -338,10 +401,6 @@ class QemuSource(Source):
         anomalies = entry.anomalies
         if dev.broken:
             anomalies.append(Anomaly(AnomalyKind.DEVICE_BROKEN, f"QEMU marked {dev.path} broken"))
-        if packed:
-            anomalies.append(Anomaly(AnomalyKind.LAYOUT_UNSUPPORTED,
-                                     "VIRTIO_F_RING_PACKED negotiated; only split rings are decoded"))
-            return entry, None
         if q.vhost:
             # The device reported QEMU virtual addresses too: they must be
             # where our map puts the guest-physical ones.
@@ -353,7 +412,7 @@ class QemuSource(Source):
                                              f"{area} at guest-physical {gpa:#x}: vhost has QEMU "
                                              f"address {hva:#x}, the RAM map gives {mine:#x}"))
         try:
-            dec = self._read_ring(q)
+            dec = self._read_ring(q, packed)
         except ProcessExitedError as e:
             raise SourceGone(f"QEMU pid {self.pid} ({self.qmp_path}) exited: {e}") from None
         except InspectorError as e:
@@ -361,7 +420,7 @@ class QemuSource(Source):
             # The map may have changed (hot-plug): rebuild it once and retry.
             if self.refresh_map():
                 try:
-                    dec = self._read_ring(q)
+                    dec = self._read_ring(q, packed)
                 except InspectorError as e2:
                     self._raise_if_gone()
                     anomalies.append(Anomaly(AnomalyKind.RING_UNMAPPED, str(e2)))

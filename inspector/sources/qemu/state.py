@@ -86,6 +86,7 @@ class QueueState:
     shadow_avail_idx: int | None = None   # avail->idx as QEMU last read it, likewise
     qemu_used_idx: int | None = None
     signalled_used: int | None = None
+    inuse: int | None = None              # buffers QEMU popped and has not returned, likewise
     desc_hva: int | None = None
     avail_hva: int | None = None
     used_hva: int | None = None
@@ -131,7 +132,7 @@ def queue_state(dev: DeviceState, index: int, reply: dict) -> QueueState | None:
         q = QueueState(index=index, num=int(reply["vring-num"]), desc=int(reply["vring-desc"]),
                        avail=int(reply["vring-avail"]), used=int(reply["vring-used"]), vhost=False,
                        last_avail_idx=int(reply["last-avail-idx"]), qemu_used_idx=int(reply["used-idx"]),
-                       signalled_used=reply.get("signalled-used"),
+                       signalled_used=reply.get("signalled-used"), inuse=_opt_int(reply.get("inuse")),
                        shadow_avail_idx=_opt_int(reply.get("shadow-avail-idx")))
     if q.num == 0 or not (q.desc and q.avail and q.used):
         return None
