@@ -46,12 +46,12 @@ static uint32_t dist(uint32_t size, uint32_t from, uint32_t to)
 
 static uint32_t bit_avail(uint16_t f)
 {
-    return (f & VQD_PDESC_F_AVAIL) != 0;
+    return (f & VIRTQ_DESC_F_AVAIL) != 0;
 }
 
 static uint32_t bit_used(uint16_t f)
 {
-    return (f & VQD_PDESC_F_USED) != 0;
+    return (f & VIRTQ_DESC_F_USED) != 0;
 }
 
 /* §2.8.1: the descriptor at counter c is available for its wrap counter w

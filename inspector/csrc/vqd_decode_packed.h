@@ -34,10 +34,6 @@
 #define VQD_POS_DERIVED 1
 #define VQD_POS_FLAGS 2
 
-/* VIRTQ_DESC_F_AVAIL / VIRTQ_DESC_F_USED (§2.8.13) */
-#define VQD_PDESC_F_AVAIL 0x80
-#define VQD_PDESC_F_USED 0x8000
-
 struct vqd_packed_out {
     /* positions: the device's (given, derived or estimated), the driver's
      * (where the walk stopped); last_avail -1 when unknown or not used */
