@@ -43,9 +43,11 @@ class Event(NamedTuple):
 KINDS: dict[str, str] = {
     "kick": "a driver→device notification seen by the device; value: kicks coalesced "
             "into it (the eventfd counter read), 1 when unknown",
-    "call": "a device→driver notification sent; value: used_idx at the time, or 0",
+    "call": "a device→driver notification sent; value: used_idx at the time (a packed "
+            "ring: the device's next_used slot), or 0",
     "call_suppressed": "a call the device did not send because the driver suppressed it "
-                       "(VRING_AVAIL_F_NO_INTERRUPT, used_event); value: used_idx or 0",
+                       "(VRING_AVAIL_F_NO_INTERRUPT, used_event; packed: the driver's event "
+                       "suppression, §2.8.10); value: used_idx (packed: next_used slot) or 0",
     "handler_start": "a vhost handler (handle_tx/handle_rx) began; value: last_avail_idx",
     "handler_end": "that handler returned; value: duration in ns",
     "used_add": "entries added to the used ring (vhost_add_used_and_signal_n); value: count",
