@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=_examples("""
                             vqscope serve net --socket /tmp/vq.sock --loopback
                             vqscope serve net --socket /tmp/vq.sock --tap vq0 --queues 2
+                            vqscope serve net --socket /tmp/vq.sock --loopback --no-packed
                             vqscope serve net --socket /tmp/vq.sock --loopback --introspect /tmp/vq.i
                             vqscope serve net --socket /tmp/vq.sock --inject stall=1,after=5,for=10
                             vqscope serve net --socket /tmp/vq.sock --inject drop-calls=0,after=2
@@ -181,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="serve introspection readers of any uid (default: this uid and root only, "
                          "checked with SO_PEERCRED)")
     sp.add_argument("--mac", default="52:54:00:12:34:57", help="MAC address in the config space")
+    sp.add_argument("--no-packed", dest="packed", action="store_false",
+                    help="do not offer VIRTIO_F_RING_PACKED (default: offered; the driver picks split "
+                         "or packed rings)")
     sp.add_argument("--inject", metavar="SPEC", action="append", default=[],
                     type=_fault_type(DEVICE_FAULTS),
                     help=f"a device fault on purpose, {SPEC_FORMS} with KIND stall or drop-calls "

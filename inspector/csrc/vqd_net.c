@@ -8,7 +8,14 @@
  * Spec: §5.1.6 (device operation), §5.1.6.1 (virtio_net_hdr), §5.1.6.2
  * (transmit: header then frame, device-readable), §5.1.6.3.1 / §5.1.6.4 /
  * §5.1.6.4.2 (receive buffers, num_buffers, VIRTIO_NET_F_MRG_RXBUF), and
- * §2.7.8 / §2.7.10 through vqd_vq_impl.h (used elements, calls).
+ * §2.7.8 / §2.7.10 through vqd_vq_impl.h (used elements, calls), §2.8.9 /
+ * §2.8.10 through vqd_pvq_impl.h (used descriptors, calls).
+ *
+ * Ring layouts: the layout-dependent half (popping chains, using them,
+ * publishing and calling, giving chains back) is vqd_net_tmpl.h, compiled
+ * twice below: over the split ring's steps (vqd_vq_impl.h) and over the
+ * packed ring's (vqd_pvq_impl.h). The exported paths pick the copy once per
+ * burst from the queue (pdesc set: packed); frames never branch on it.
  *
  * Guards: each exported path runs its whole burst under one VQD_GUARDED
  * section (vqd_guard.h); a SIGBUS marks every queue of the call broken
@@ -24,6 +31,7 @@
 #include <unistd.h>
 
 #include "vqd_net.h"
+#include "vqd_pvq_impl.h"
 #include "vqd_vq_impl.h"
 
 #define VQD_BURST 32 /* used elements published per used->idx store in the net paths */
@@ -147,247 +155,6 @@ static inline int write_rx_hdr(struct cursor *c, int hdr_len, uint8_t **nb_lo, u
     return 1;
 }
 
-/* Pop one receive chain into s->rx_iov and point the cursor at its
- * device-writable part. 1 ok, 0 none available, <0 broken. */
-static inline int pop_rx(struct vqd_vq *rx, struct vqd_net_scratch *s, struct vqd_elem *e,
-                         struct cursor *c, int hdr_len)
-{
-    int rc = vqd_pop_one(rx, e, s->rx_iov, VQD_NET_IOV);
-    if (rc == VQD_E_NOSPACE)
-        return vqd_broken(rx, "receive chain needs more than %d iovecs", VQD_NET_IOV);
-    if (rc <= 0)
-        return rc;
-    /* §5.1.6.3.1: receive buffers are device-writable and hold at least the header. */
-    if (UNLIKELY(e->in_len < (uint64_t)hdr_len || e->in_len == 0)) {
-        vqd_vq_rewind(rx, 1); /* leave the ring as the driver made it, for inspection */
-        return vqd_broken(rx, "receive chain of head %u has %llu device-writable bytes, less than the "
-                          "%d-byte virtio_net_hdr (VIRTIO 1.2 §5.1.6.3.1)", e->head,
-                          (unsigned long long)e->in_len, hdr_len);
-    }
-    c->iov = s->rx_iov + e->out_num;
-    c->n = e->in_num;
-    c->i = 0;
-    c->off = 0;
-    return 1;
-}
-
-/* With MRG_RXBUF (§5.1.6.4.2), a frame continues in the next chain: use
- * the current one (e, `written` bytes; one more of *nbufs) and pop the next
- * into e / c, without a header (one more of *popped). pop_rx's status. */
-static inline int next_rx_chain(struct vqd_vq *rx, struct vqd_net_scratch *s, struct vqd_elem *e,
-                                struct cursor *c, uint64_t written, uint16_t *nbufs, uint16_t *popped)
-{
-    vqd_fill(rx, e->head, (uint32_t)written);
-    (*nbufs)++;
-    int rc = pop_rx(rx, s, e, c, 0);
-    if (rc > 0)
-        (*popped)++;
-    return rc;
-}
-
-/* Deliver one frame (len bytes from src) to rx (§5.1.6.4). Without
- * MRG_RXBUF the frame must fit one chain (else it is dropped, the chain given
- * back); with it, it spans chains and num_buffers says how many.
- * When rx runs dry mid-frame, every chain taken for it is given back. */
-static int deliver(struct vqd_vq *rx, struct cursor *src, uint64_t len, int swap_mac,
-                   int hdr_len, int mrg_rxbuf, struct vqd_net_scratch *s)
-{
-    struct vqd_elem e;
-    struct cursor c = {0};
-    uint8_t *nb_lo, *nb_hi, eth[12];
-    uint64_t left = len, written;
-    uint16_t nbufs = 0, popped = 0;
-    int rc;
-
-    rc = pop_rx(rx, s, &e, &c, hdr_len);
-    if (rc <= 0)
-        return rc < 0 ? rc : DELIVER_STARVED;
-    popped = 1;
-    write_rx_hdr(&c, hdr_len, &nb_lo, &nb_hi);
-    written = hdr_len;
-    if (swap_mac && len >= 12) {
-        /* Loopback: the reply goes back to the sender, destination <-> source. */
-        uint8_t sw[12];
-        cursor_read(src, eth, 12);
-        memcpy(sw, eth + 6, 6);
-        memcpy(sw + 6, eth, 6);
-        uint64_t k = cursor_write(&c, sw, 12);
-        written += k;
-        if (UNLIKELY(k < 12)) {
-            /* the header bytes spill into the next chain: rare, take the slow path */
-            if (!mrg_rxbuf)
-                goto too_big;
-            uint64_t rest = 12 - k;
-            const uint8_t *p = sw + k;
-            while (rest) {
-                rc = next_rx_chain(rx, s, &e, &c, written, &nbufs, &popped);
-                if (rc <= 0)
-                    goto undo;
-                written = cursor_write(&c, p, rest);
-                p += written;
-                rest -= written;
-            }
-        }
-        left -= 12;
-    }
-    while (left) {
-        if (cursor_done(&c)) {
-            if (!mrg_rxbuf)
-                goto too_big;
-            /* §5.1.6.4.2: with MRG_RXBUF, continue in the next chain; only the
-             * first one carries the header. */
-            rc = next_rx_chain(rx, s, &e, &c, written, &nbufs, &popped);
-            if (rc <= 0)
-                goto undo;
-            written = 0;
-            continue;
-        }
-        struct vqd_iov *d = &c.iov[c.i];
-        struct vqd_iov *sv = &src->iov[src->i];
-        uint64_t k = d->len - c.off;
-        uint64_t sk = sv->len - src->off;
-        if (k > sk)
-            k = sk;
-        if (k > left)
-            k = left;
-        /* memmove: the driver may alias its RX buffer onto its TX buffer
-         * (found by fuzz/fuzz_datapath.c); guest memory is its to alias */
-        memmove(d->base + c.off, sv->base + src->off, k);
-        c.off += k;
-        if (c.off == d->len) {
-            c.i++;
-            c.off = 0;
-        }
-        src->off += k;
-        if (src->off == sv->len) {
-            src->i++;
-            src->off = 0;
-        }
-        written += k;
-        left -= k;
-    }
-    vqd_fill(rx, e.head, (uint32_t)written);
-    nbufs++;
-    /* §5.1.6.4: num_buffers (le16) = chains used; 1 without MRG_RXBUF. */
-    if (nb_lo)
-        *nb_lo = (uint8_t)nbufs;
-    if (nb_hi)
-        *nb_hi = (uint8_t)(nbufs >> 8);
-    rx->packets++;
-    rx->bytes += len;
-    return DELIVER_OK;
-
-undo:
-    /* Give back the chains taken for this frame and forget their elements. */
-    rx->used_pending -= nbufs;
-    vqd_vq_rewind(rx, popped);
-    if (rc < 0)
-        return rc;
-    return DELIVER_STARVED;
-
-too_big:
-    rx->used_pending -= nbufs;
-    vqd_vq_rewind(rx, popped);
-    rx->drops++;
-    return DELIVER_DROPPED;
-}
-
-/* Publish a queue's pending used elements and notify; *now as for vqd_ev_record. */
-static inline void flush_notify(struct vqd_vq *vq, int *dirty, uint64_t *now)
-{
-    if (*dirty) {
-        vqd_flush(vq);
-        vqd_notify(vq, now);
-        *dirty = 0;
-    }
-}
-
-/* Pop one transmit chain into s->tx_iov: 1 popped, 0 none available, <0
- * status (a chain of more than VQD_NET_IOV iovecs breaks the queue). */
-static inline int pop_tx(struct vqd_vq *tx, struct vqd_elem *te, struct vqd_net_scratch *s)
-{
-    int rc = vqd_pop_one(tx, te, s->tx_iov, VQD_NET_IOV);
-    if (UNLIKELY(rc == VQD_E_NOSPACE))
-        rc = vqd_broken(tx, "transmit chain needs more than %d iovecs", VQD_NET_IOV);
-    return rc;
-}
-
-/* A cursor at the frame of a transmit chain popped by pop_tx: §5.1.6.2,
- * each transmit chain is a virtio_net_hdr then the frame, all
- * device-readable. */
-static inline struct cursor tx_frame(struct vqd_net_scratch *s, const struct vqd_elem *te, int hdr_len)
-{
-    struct cursor src = {s->tx_iov, (int)te->out_num, 0, 0};
-    cursor_skip(&src, hdr_len);
-    return src;
-}
-
-static int net_loopback(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, int mrg_rxbuf,
-                        int budget, int spin, struct vqd_net_scratch *s)
-{
-    int done = 0, idle = 0, tx_dirty = 0, rx_dirty = 0, status = VQD_OK;
-    s->rx_starved = 0;
-    if (tx->broken || rx->broken)
-        return VQD_E_BROKEN;
-    if (hdr_len != 10 && hdr_len != 12)
-        return VQD_E_INVAL;
-    while (done < budget) {
-        struct vqd_elem te;
-        int rc = pop_tx(tx, &te, s);
-        if (UNLIKELY(rc < 0)) {
-            status = rc;
-            break;
-        }
-        if (rc == 0) {
-            if (done == 0 && idle++ < spin) {
-                cpu_relax();
-                continue;
-            }
-            break;
-        }
-        uint64_t frame_len = te.out_len >= (uint64_t)hdr_len ? te.out_len - hdr_len : 0;
-        if (UNLIKELY(te.out_len <= (uint64_t)hdr_len)) {
-            tx->drops++;
-        } else {
-            struct cursor src = tx_frame(s, &te, hdr_len);
-            rc = deliver(rx, &src, frame_len, 1, hdr_len, mrg_rxbuf, s);
-            if (UNLIKELY(rc < 0)) {
-                vqd_vq_rewind(tx, 1);
-                status = rc;
-                break;
-            }
-            if (rc == DELIVER_STARVED) {
-                /* No receive buffer (or too few for the frame, or RX stalled):
-                 * the frame is lost on the receive side, as a NIC (and tun
-                 * under vhost-net) drops it; the TX buffer goes back. */
-                rx->drops++;
-                s->rx_starved = 1;
-            }
-            if (rc == DELIVER_OK)
-                rx_dirty = 1;
-            /* transmitted, whatever became of it on the receive side */
-            tx->packets++;
-            tx->bytes += frame_len;
-        }
-        vqd_fill(tx, te.head, 0); /* §2.7.8: the device wrote nothing into a TX buffer */
-        tx_dirty = 1;
-        done++;
-        if ((done & (VQD_BURST - 1)) == 0) {
-            /* Hand buffers back in bursts so the driver can refill while we copy. */
-            vqd_flush(rx);
-            vqd_flush(tx);
-        }
-    }
-    /* RX first: the frames are there before TX completions tell the driver.
-     * Both events of this burst carry one clock reading. */
-    uint64_t now = 0;
-    flush_notify(rx, &rx_dirty, &now);
-    flush_notify(tx, &tx_dirty, &now);
-    if (status < 0)
-        return status;
-    return done;
-}
-
 /* What one step (one frame) of a single-queue burst did, or a negative
  * VQD_E_* status that ends the burst. */
 enum {
@@ -399,79 +166,15 @@ enum {
 typedef int (*burst_step_fn)(struct vqd_vq *vq, int tap_fd, int hdr_len, int mrg_rxbuf,
                              struct vqd_net_scratch *s);
 
-/* A burst on one queue and the tap (tap TX, tap RX): clear the scratch's
- * out flag *stopped, then run step until it stops, fails or `budget`
- * frames are done. used->idx is published every VQD_BURST frames, so that
- * the driver can reuse buffers before the burst ends, and at the end, with
- * a call if anything was used. Returns the burst's status if it failed,
- * else the frames done. step is a constant at both call sites: inlined. */
-static inline __attribute__((always_inline)) int
-single_burst(struct vqd_vq *vq, int *stopped, burst_step_fn step, int tap_fd, int hdr_len,
-             int mrg_rxbuf, int budget, struct vqd_net_scratch *s)
-{
-    int done = 0, dirty = 0, status = VQD_OK;
-    *stopped = 0;
-    if (vq->broken)
-        return VQD_E_BROKEN;
-    while (done < budget) {
-        int rc = step(vq, tap_fd, hdr_len, mrg_rxbuf, s);
-        if (rc < 0) {
-            status = rc;
-            break;
-        }
-        if (rc == STEP_STOP)
-            break;
-        if (rc == STEP_USED)
-            dirty = 1;
-        if ((++done & (VQD_BURST - 1)) == 0)
-            vqd_flush(vq);
-    }
-    uint64_t now = 0;
-    flush_notify(vq, &dirty, &now);
-    return status < 0 ? status : done;
-}
 
-/* One frame from tx to the tap, without its virtio_net_hdr (the tap has no
- * IFF_VNET_HDR). A frame the tap refuses (other than EAGAIN) is dropped and
- * its chain used all the same. */
-static inline int tap_tx_step(struct vqd_vq *tx, int tap_fd, int hdr_len, int mrg_rxbuf,
-                              struct vqd_net_scratch *s)
+/* A cursor at the frame of a transmit chain popped by pop_tx: §5.1.6.2,
+ * each transmit chain is a virtio_net_hdr then the frame, all
+ * device-readable. */
+static inline struct cursor tx_frame(struct vqd_net_scratch *s, const struct vqd_elem *te, int hdr_len)
 {
-    struct vqd_elem te;
-    int rc = pop_tx(tx, &te, s);
-    if (rc <= 0)
-        return rc; /* 0: STEP_STOP */
-    if (te.out_len <= (uint64_t)hdr_len) {
-        tx->drops++;
-    } else {
-        struct cursor src = tx_frame(s, &te, hdr_len);
-        struct vqd_iov *first = &s->tx_iov[src.i];
-        uint8_t *saved_base = first->base;
-        uint64_t saved_len = first->len;
-        first->base += src.off;
-        first->len -= src.off;
-        ssize_t w;
-        do
-            w = writev(tap_fd, (const struct iovec *)first, (int)te.out_num - src.i);
-        while (w < 0 && errno == EINTR);
-        first->base = saved_base;
-        first->len = saved_len;
-        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            vqd_vq_rewind(tx, 1);
-            s->tx_blocked = 1;
-            return STEP_STOP;
-        }
-        if (w < 0) {
-            /* e.g. EIO while the interface is down: the frame is lost. */
-            tx->drops++;
-            s->err = errno;
-        } else {
-            tx->packets++;
-            tx->bytes += te.out_len - hdr_len;
-        }
-    }
-    vqd_fill(tx, te.head, 0);
-    return STEP_USED;
+    struct cursor src = {s->tx_iov, (int)te->out_num, 0, 0};
+    cursor_skip(&src, hdr_len);
+    return src;
 }
 
 /* One frame from the tap into s->buf: its length (> 0), STEP_STOP when
@@ -505,57 +208,98 @@ static int tap_rx_discard(struct vqd_vq *rx, int tap_fd, struct vqd_net_scratch 
     return STEP_DONE;
 }
 
-/* One frame from the tap into rx (a frame read but not delivered, because
- * rx ran dry, waits in s->buf for the next burst). */
-static inline int tap_rx_step(struct vqd_vq *rx, int tap_fd, int hdr_len, int mrg_rxbuf,
-                              struct vqd_net_scratch *s)
+
+/* The split ring's steps for vqd_net_tmpl.h (vqd_vq_impl.h). */
+struct split_mark {
+    uint16_t used_pending;
+};
+
+static inline struct split_mark split_mark(const struct vqd_vq *vq)
 {
-    if (UNLIKELY(rx->fault & VQD_FAULT_STALL))
-        return tap_rx_discard(rx, tap_fd, s);
-    if (s->pending_len == 0) {
-        /* Read from the tap only when RX has a buffer: otherwise the frame
-         * stays queued in the kernel (which drops on its own limits). */
-        if (rx->shadow_avail_idx == rx->last_avail_idx) {
-            int n = vqd_avail_count(rx);
-            if (n < 0)
-                return n;
-            if (n == 0) {
-                s->rx_starved = 1;
-                return STEP_STOP;
-            }
-        }
-        ssize_t r = tap_read(tap_fd, s);
-        if (r <= 0)
-            return (int)r;
-        s->pending_len = (uint32_t)r;
-    }
-    struct vqd_iov one = {s->buf, s->pending_len};
-    struct cursor src = {&one, 1, 0, 0};
-    int rc = deliver(rx, &src, s->pending_len, 0, hdr_len, mrg_rxbuf, s);
-    if (rc == DELIVER_STARVED) {
-        s->rx_starved = 1;
-        return STEP_STOP;
-    }
-    if (rc < 0)
-        return rc;
-    s->pending_len = 0;
-    return rc == DELIVER_OK ? STEP_USED : STEP_DONE;
+    struct split_mark m = {vq->used_pending};
+    return m;
 }
 
-static int net_tap_tx(struct vqd_vq *tx, int tap_fd, int hdr_len, int budget,
-                      struct vqd_net_scratch *s)
+/* Give back the `popped` chains taken since m and forget the used elements
+ * written since (not published: used->idx has not moved). */
+static inline void split_undo(struct vqd_vq *vq, const struct split_mark *m, int popped)
 {
-    return single_burst(tx, &s->tx_blocked, tap_tx_step, tap_fd, hdr_len, 0, budget, s);
+    vq->used_pending = m->used_pending;
+    vqd_vq_rewind(vq, popped);
 }
 
-static int net_tap_rx(struct vqd_vq *rx, int tap_fd, int hdr_len, int mrg_rxbuf, int budget,
-                      struct vqd_net_scratch *s)
+static inline void split_fill(struct vqd_vq *vq, const struct vqd_elem *e, uint32_t len)
 {
-    return single_burst(rx, &s->rx_starved, tap_rx_step, tap_fd, hdr_len, mrg_rxbuf, budget, s);
+    vqd_fill(vq, e->head, len);
 }
 
-/* The exported net paths: one sigsetjmp per burst. A fault marks every
- * queue of the call broken (they share the memory that shrank). */
+/* Is a chain available (>0), none (0), or a status (<0)? */
+static inline int split_has_avail(struct vqd_vq *vq)
+{
+    if (vq->shadow_avail_idx != vq->last_avail_idx)
+        return 1;
+    return vqd_avail_count(vq);
+}
+
+#define split_pop_one vqd_pop_one
+#define split_flush vqd_flush
+#define split_notify vqd_notify
+
+/* The packed ring's steps for vqd_net_tmpl.h (vqd_pvq_impl.h). */
+static inline struct vqd_pmark packed_mark(const struct vqd_vq *vq)
+{
+    return vqd_pmark(vq);
+}
+
+static inline void packed_undo(struct vqd_vq *vq, const struct vqd_pmark *m, int popped)
+{
+    vqd_prestore(vq, m);
+}
+
+static inline void packed_fill(struct vqd_vq *vq, const struct vqd_elem *e, uint32_t len)
+{
+    vqd_pfill(vq, (uint16_t)e->head, len, (uint16_t)e->ndescs);
+}
+
+static inline int packed_has_avail(struct vqd_vq *vq)
+{
+    return vqd_pavail(vq);
+}
+
+#define packed_pop_one vqd_ppop_one
+#define packed_flush vqd_pflush
+#define packed_notify vqd_pnotify
+
+#define FN(x) x##_split
+#define OP(x) split_##x
+#define VQ_MARK struct split_mark
+#include "vqd_net_tmpl.h"
+#undef FN
+#undef OP
+#undef VQ_MARK
+
+#define FN(x) x##_packed
+#define OP(x) packed_##x
+#define VQ_MARK struct vqd_pmark
+#include "vqd_net_tmpl.h"
+#undef FN
+#undef OP
+#undef VQ_MARK
+
+/* The exported net paths: the layout's copy, chosen once per burst, and
+ * one sigsetjmp per burst. A fault marks every queue of the call broken
+ * (they share the memory that shrank). Both queues of a loopback have the
+ * layout the driver negotiated (VIRTIO_F_RING_PACKED is per device). */
+static int net_loopback(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, int mrg_rxbuf,
+                        int budget, int spin, struct vqd_net_scratch *s)
+{
+    if (!tx->pdesc != !rx->pdesc)
+        return VQD_E_INVAL;
+    if (tx->pdesc)
+        return net_loopback_packed(tx, rx, hdr_len, mrg_rxbuf, budget, spin, s);
+    return net_loopback_split(tx, rx, hdr_len, mrg_rxbuf, budget, spin, s);
+}
+
 int vqd_net_loopback(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, int mrg_rxbuf,
                      int budget, int spin, struct vqd_net_scratch *s)
 {
@@ -568,7 +312,8 @@ int vqd_net_loopback(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, int mrg_
 int vqd_net_tap_tx(struct vqd_vq *tx, int tap_fd, int hdr_len, int budget, struct vqd_net_scratch *s)
 {
     int rc;
-    VQD_GUARDED(rc, net_tap_tx(tx, tap_fd, hdr_len, budget, s), rc = vqd_fault_broken(tx));
+    VQD_GUARDED(rc, (tx->pdesc ? net_tap_tx_packed : net_tap_tx_split)(tx, tap_fd, hdr_len, budget, s),
+                rc = vqd_fault_broken(tx));
     return rc;
 }
 
@@ -576,6 +321,8 @@ int vqd_net_tap_rx(struct vqd_vq *rx, int tap_fd, int hdr_len, int mrg_rxbuf, in
                    struct vqd_net_scratch *s)
 {
     int rc;
-    VQD_GUARDED(rc, net_tap_rx(rx, tap_fd, hdr_len, mrg_rxbuf, budget, s), rc = vqd_fault_broken(rx));
+    VQD_GUARDED(rc, (rx->pdesc ? net_tap_rx_packed : net_tap_rx_split)(rx, tap_fd, hdr_len, mrg_rxbuf,
+                                                                     budget, s),
+                rc = vqd_fault_broken(rx));
     return rc;
 }

@@ -1,4 +1,5 @@
-/* Split virtqueue structures (VIRTIO 1.2 §2.7) and the region table shared by
+/* Split (VIRTIO 1.2 §2.7) and packed (§2.8) virtqueue structures, the packed
+ * position arithmetic, and the region table shared by
  * the decoder (vqd_decode.c) and the back-end data path (vqd_vq.c, vqd_net.c,
  * vqd_inflight.c), and the compiler hints every C file uses.
  * All ring fields are little-endian; vqscope runs on little-endian hosts
@@ -16,6 +17,15 @@
 #define VRING_AVAIL_F_NO_INTERRUPT 1
 #define VRING_USED_F_NO_NOTIFY 1
 #define VQD_MAX_QUEUE_SIZE 32768
+
+/* Packed rings (§2.8.13; inspector/spec/virtio.py has the same numbers). */
+#define VIRTQ_DESC_F_AVAIL (1 << 7)
+#define VIRTQ_DESC_F_USED (1 << 15)
+#define RING_EVENT_FLAGS_ENABLE 0x0
+#define RING_EVENT_FLAGS_DISABLE 0x1
+#define RING_EVENT_FLAGS_DESC 0x2   /* only with VIRTIO_RING_F_EVENT_IDX */
+#define RING_EVENT_WRAP_SHIFT 15
+#define RING_EVENT_OFF_MASK 0x7FFF
 
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -46,6 +56,35 @@ struct vqd_used {
     uint16_t idx;
     struct vqd_used_elem ring[]; /* [num], then avail_event */
 };
+
+/* §2.8.13 struct pvirtq_desc: a packed ring's descriptor. */
+struct vqd_pdesc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t id;
+    uint16_t flags;
+};
+
+/* §2.8.13 struct pvirtq_event_suppr: desc = off (bits 0-14) | wrap (bit 15);
+ * flags = RING_EVENT_FLAGS_* (bits 0-1). */
+struct vqd_pevent {
+    uint16_t off_wrap;
+    uint16_t flags;
+};
+
+/* A position in a packed ring, (slot, wrap counter), as a counter in
+ * [0, 2 * size): slot + size * (1 - wrap) (§2.8.1: the wrap counter starts
+ * at 1 at slot 0). The C twin of inspector/ring/packed.py's packed_counter;
+ * distances between counters are (to - from) mod 2 * size. */
+static inline uint32_t vqd_packed_counter(uint32_t slot, int wrap, uint32_t size)
+{
+    return slot + (wrap ? 0 : size);
+}
+
+static inline uint32_t vqd_packed_distance(uint32_t from, uint32_t to, uint32_t size)
+{
+    return (to + 2 * size - from) % (2 * size);
+}
 
 /* CDEF BEGIN */
 /* One guest memory region: guest-physical [gpa, gpa + size) is readable at

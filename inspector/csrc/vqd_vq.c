@@ -151,46 +151,6 @@ int vqd_vq_avail_count(struct vqd_vq *vq)
     return rc;
 }
 
-/* Find the region holding gpa; returns the host pointer and, in *room, the
- * bytes left in that region from gpa. NULL when no region holds it. */
-static inline uint8_t *gpa_map(const struct vqd_vq *vq, uint64_t gpa, uint64_t *room)
-{
-    const struct vqd_region *r = vq->regions;
-    for (int i = 0; i < vq->nregions; i++) {
-        if (gpa >= r[i].gpa && gpa - r[i].gpa < r[i].size) {
-            uint64_t off = gpa - r[i].gpa;
-            *room = r[i].size - off;
-            return r[i].host + off;
-        }
-    }
-    return NULL;
-}
-
-/* Map [addr, addr + len) to iovecs, one per region it touches (clamped at
- * region ends, like libvhost-user's vu_gpa_to_va). */
-static inline int map_range(struct vqd_vq *vq, uint64_t addr, uint32_t len,
-                            struct vqd_iov *iov, int *n, int max_iov)
-{
-    uint64_t left = len;
-    while (left) {
-        uint64_t room;
-        uint8_t *p = gpa_map(vq, addr, &room);
-        if (UNLIKELY(!p))
-            return vqd_broken(vq, "buffer %#llx+%#x (at %#llx) is outside guest memory "
-                              "(VIRTIO 1.2 §2.7.5: addr is a guest-physical address)",
-                              (unsigned long long)(addr - (len - left)), len, (unsigned long long)addr);
-        if (UNLIKELY(*n >= max_iov))
-            return VQD_E_NOSPACE;
-        uint64_t chunk = left < room ? left : room;
-        iov[*n].base = p;
-        iov[*n].len = chunk;
-        (*n)++;
-        addr += chunk;
-        left -= chunk;
-    }
-    return VQD_OK;
-}
-
 /* Walk the chain starting at head and map it into iov[0..max_iov).
  * Bounded: at most num descriptors of the ring, or of the indirect table. */
 static int map_chain(struct vqd_vq *vq, uint16_t head, struct vqd_elem *e,
@@ -217,7 +177,7 @@ static int map_chain(struct vqd_vq *vq, uint16_t head, struct vqd_elem *e,
             return vqd_broken(vq, "indirect table of descriptor %u has %u entries, more than 32768",
                               i, (unsigned)(d.len / sizeof(struct vqd_desc)));
         uint64_t room;
-        const uint8_t *t = gpa_map(vq, d.addr, &room);
+        const uint8_t *t = vqd_gpa_map(vq, d.addr, &room);
         if (!t || room < d.len)
             return vqd_broken(vq, "indirect table %#llx+%#x of descriptor %u is outside guest memory "
                               "or crosses a region end", (unsigned long long)d.addr, d.len, i);
@@ -252,7 +212,7 @@ static int map_chain(struct vqd_vq *vq, uint16_t head, struct vqd_elem *e,
                                   "the chain of head %u (VIRTIO 1.2 §2.7.4.2)", i, head);
             out_len += d.len;
         }
-        rc = map_range(vq, d.addr, d.len, iov, &n, max_iov);
+        rc = vqd_map_range(vq, d.addr, d.len, iov, &n, max_iov);
         if (UNLIKELY(rc))
             return rc;
         if (d.flags & VRING_DESC_F_WRITE)

@@ -28,6 +28,7 @@
 #include "vqd_ring.h"
 
 struct vqd_evlog;    /* vqd_evlog.h */
+struct vqd_pused;    /* vqd_pvq.h */
 struct vqd_inflight; /* vqd_inflight.h */
 
 /* CDEF BEGIN */
@@ -57,6 +58,7 @@ struct vqd_elem {
     uint32_t in_num;
     uint64_t out_len;
     uint64_t in_len;
+    uint32_t ndescs;   /* packed rings: ring slots the chain took (next_used advances by it, §2.8.21) */
 };
 
 struct vqd_vq {
@@ -88,6 +90,18 @@ struct vqd_vq {
     uint64_t calls_dropped;      /* calls due but not written (VQD_FAULT_DROP_CALLS) */
     struct vqd_evlog *evlog;     /* NULL: no event log; set after vqd_vq_init (vqd_evlog.h) */
     struct vqd_inflight *inflight; /* NULL: no inflight tracking (vqd_inflight.h) */
+    /* Packed rings only (VIRTIO 1.2 §2.8, vqd_pvq.c; pdesc NULL: a split ring). For
+     * them last_avail_idx is the device's next slot to read, used_idx its
+     * next_used slot, used_pending the used descriptors waiting in pused, and
+     * signalled_used the next_used of the last call decision. */
+    struct vqd_pdesc *pdesc;
+    struct vqd_pevent *driver_event;   /* driver-written: used buffer notifications (calls) */
+    struct vqd_pevent *device_event;   /* device-written: available buffer notifications (kicks) */
+    struct vqd_pused *pused;           /* [num] used descriptors not yet written (caller's memory) */
+    uint32_t used_since_signal;        /* descriptors used since the last call decision */
+    uint8_t avail_wrap_counter;
+    uint8_t used_wrap_counter;
+    uint8_t signalled_used_wrap;
     char reason[160];
 };
 

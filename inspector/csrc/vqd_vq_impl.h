@@ -39,6 +39,46 @@ VQD_INTERNAL int vqd_pop_one(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_i
  * §2.7.7.2 / §2.7.10 (EVENT_IDX: used_event). */
 VQD_INTERNAL int vqd_should_notify(struct vqd_vq *vq);
 
+/* Find the region holding gpa; returns the host pointer and, in *room, the
+ * bytes left in that region from gpa. NULL when no region holds it. */
+static inline uint8_t *vqd_gpa_map(const struct vqd_vq *vq, uint64_t gpa, uint64_t *room)
+{
+    const struct vqd_region *r = vq->regions;
+    for (int i = 0; i < vq->nregions; i++) {
+        if (gpa >= r[i].gpa && gpa - r[i].gpa < r[i].size) {
+            uint64_t off = gpa - r[i].gpa;
+            *room = r[i].size - off;
+            return r[i].host + off;
+        }
+    }
+    return NULL;
+}
+
+/* Map [addr, addr + len) to iovecs, one per region it touches (clamped at
+ * region ends, like libvhost-user's vu_gpa_to_va). */
+static inline int vqd_map_range(struct vqd_vq *vq, uint64_t addr, uint32_t len,
+                            struct vqd_iov *iov, int *n, int max_iov)
+{
+    uint64_t left = len;
+    while (left) {
+        uint64_t room;
+        uint8_t *p = vqd_gpa_map(vq, addr, &room);
+        if (UNLIKELY(!p))
+            return vqd_broken(vq, "buffer %#llx+%#x (at %#llx) is outside guest memory "
+                              "(VIRTIO 1.2 §2.7.5, §2.8.13: addr is a guest-physical address)",
+                              (unsigned long long)(addr - (len - left)), len, (unsigned long long)addr);
+        if (UNLIKELY(*n >= max_iov))
+            return VQD_E_NOSPACE;
+        uint64_t chunk = left < room ? left : room;
+        iov[*n].base = p;
+        iov[*n].len = chunk;
+        (*n)++;
+        addr += chunk;
+        left -= chunk;
+    }
+    return VQD_OK;
+}
+
 /* Entries the driver made available beyond last_avail_idx (refreshing the
  * shadow), or VQD_E_BROKEN when avail->idx moved more than Queue Size ahead
  * (§2.7.6: the driver cannot have more than Queue Size buffers available). */
@@ -110,15 +150,14 @@ static inline int vqd_write_call(struct vqd_vq *vq, uint64_t *now)
     return 1;
 }
 
-/* Call the driver if it wants it, else count (and log) a suppressed call;
- * *now as for vqd_ev_record. With VQD_FAULT_DROP_CALLS a due call is lost
+/* Call the driver if it wants it (`wanted`: the layout's decision, made
+ * by vqd_should_notify or vqd_pshould_notify), else count (and log) a
+ * suppressed call; *now as for vqd_ev_record. With VQD_FAULT_DROP_CALLS a due call is lost
  * after the decision (signalled_used has moved, as for a call written):
  * neither written, nor counted in calls, nor logged; only calls_dropped. */
-static inline int vqd_notify(struct vqd_vq *vq, uint64_t *now)
+static inline int vqd_call_or_suppress(struct vqd_vq *vq, int wanted, uint64_t *now)
 {
-    if (vq->broken)
-        return VQD_E_BROKEN;
-    if (!vqd_should_notify(vq)) {
+    if (!wanted) {
         vq->calls_suppressed++;
         vqd_ev_record(vq, VQD_EV_CALL_SUPPRESSED, vq->used_idx, now);
         return 0;
@@ -128,6 +167,13 @@ static inline int vqd_notify(struct vqd_vq *vq, uint64_t *now)
         return 0;
     }
     return vqd_write_call(vq, now);
+}
+
+static inline int vqd_notify(struct vqd_vq *vq, uint64_t *now)
+{
+    if (vq->broken)
+        return VQD_E_BROKEN;
+    return vqd_call_or_suppress(vq, vqd_should_notify(vq), now);
 }
 
 #endif

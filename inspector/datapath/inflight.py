@@ -136,8 +136,16 @@ class InflightAreas:
         flight are handed back by ``queue``'s next pops, oldest first.
         Returns how many (0 without an area). Raises RingError (the queue is
         then broken, its reason naming the field) when the area does not fit
-        the ring or is inconsistent, or the queue was broken already."""
+        the ring or is inconsistent, or the queue was broken already. A
+        packed ring is not tracked (a warning; 0): the spec's packed layout
+        is not implemented."""
         if self._buf is None:
+            return 0
+        if queue.layout == "packed":
+            # The spec's packed layout (QueueRegionPacked) is not implemented:
+            # the ring runs untracked, and a restart loses its in-flight buffers.
+            logger.warning("vring %d: packed ring: inflight tracking (INFLIGHT_SHMFD) is split-only here; "
+                           "this vring is not tracked", index)
             return 0
         if not 0 <= index < self.num_queues:
             raise RingError(f"vring {index}: the inflight area has {self.num_queues} queue(s) "

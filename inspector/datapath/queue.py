@@ -2,6 +2,9 @@
 (csrc/vqd_vq.c): :class:`DeviceQueue` pops available chains, maps their
 buffers, pushes used entries and decides calls (``vring_need_event``,
 §2.7.10), and logs kicks and calls with their times (csrc/vqd_evlog.c).
+:class:`QueueBase` holds what every layout shares (counters, faults, the
+event log, copies); the packed ring's sibling is
+:class:`~inspector.datapath.packed_queue.PackedDeviceQueue`.
 
 Objects here hold raw pointers into guest memory: keep the GuestMemory
 buffers alive (they do) and call ``release()`` before unmapping. Every entry
@@ -85,22 +88,25 @@ class RegionTable:
 
 @dataclass
 class Chain:
-    """A popped chain: ``out`` device-readable and ``in_`` device-writable
-    views into guest memory (one per region piece)."""
+    """A popped chain: ``head`` (split: the head descriptor's index; packed:
+    the buffer id), ``out`` device-readable and ``in_`` device-writable views
+    into guest memory (one per region piece)."""
 
     head: int
     out: list
     in_: list
     out_len: int
     in_len: int
+    #: Ring slots the chain took (packed rings, §2.8.6: next_used skips them); 1 for split.
+    ndescs: int = 1
 
 
-class DeviceQueue:
-    """One split ring serviced by the device (``struct vqd_vq``).
-
-    Ring addresses are front-end virtual addresses (vhost-user
-    SET_VRING_ADDR) unless ``gpa=True``; they are translated through ``mem``.
-    Fds are borrowed: the caller keeps them open while the queue is used.
+class QueueBase:
+    """What a device-serviced ring has whatever its layout (``struct vqd_vq``
+    in C): the region table, counters, faults, the broken reason, copies
+    into and out of popped chains, the kick eventfd and the event log. The
+    layouts' classes (:class:`DeviceQueue` here, split; PackedDeviceQueue in
+    :mod:`.packed_queue`) add the ring's own operations.
 
     ``event_capacity`` > 0 gives the queue an event log of that many entries
     (a power of two): every kick read, call written and call suppressed is
@@ -110,40 +116,25 @@ class DeviceQueue:
     ``reject_zero_len``: a descriptor of length 0 breaks the queue (QEMU's
     virtqueue_map_desc refuses zero-sized buffers the same way; the spec does
     not forbid them, so the library default accepts them and maps nothing).
+    """
 
-    Raises RingError when the ring cannot be used (its reason: size,
-    alignment, or a SIGBUS reading used->idx), MemoryAccessError when an area
-    is outside ``mem``, ArgumentError when ``event_capacity`` is not a power
-    of two."""
+    #: "split" or "packed" (the snapshot's ``layout``).
+    layout = "split"
 
-    def __init__(self, mem, num: int, desc: int, avail: int, used: int, *,
-                 last_avail_idx: int = 0, event_idx: bool = False,
-                 call_fd: int = -1, kick_fd: int = -1, gpa: bool = False,
-                 regions: RegionTable | None = None, event_capacity: int = 0,
-                 reject_zero_len: bool = False):
+    def _setup(self, mem, num: int, regions: RegionTable | None) -> None:
+        """Before the layout's init: the SIGBUS guard, the region table, an
+        empty ``struct vqd_vq``."""
         install_sigbus_guard()
         self.num = num
         self.regions = regions if regions is not None else RegionTable(mem)
         self._own_regions = regions is None
-        try:
-            if not gpa:
-                desc = mem.uva_to_gpa(desc, desc_table_size(num))
-                avail = mem.uva_to_gpa(avail, avail_ring_size(num))
-                used = mem.uva_to_gpa(used, used_ring_size(num))
-            self.vq = ffi.new("struct vqd_vq *")
-            rc = lib.vqd_vq_init(
-                self.vq, num, self.regions.host(desc, 16 * num),
-                self.regions.host(avail, avail_ring_size(num)),
-                self.regions.host(used, used_ring_size(num)),
-                self.regions.array, self.regions.count, last_avail_idx & 0xFFFF,
-                1 if event_idx else 0, call_fd, kick_fd)
-            check(rc, "vring init", self.broken)
-        except BaseException:
-            self.release()  # the buffer exports would keep the mappings open
-            raise
-        self.vq.reject_zero_len = 1 if reject_zero_len else 0
         self._elems = None
         self._iov = None
+        self.vq = ffi.new("struct vqd_vq *")
+
+    def _finish(self, event_capacity: int, reject_zero_len: bool) -> None:
+        """After the layout's init: the zero-length rule and the event log."""
+        self.vq.reject_zero_len = 1 if reject_zero_len else 0
         self.event_capacity = event_capacity
         if event_capacity:
             self._evlog = ffi.new("struct vqd_evlog *")
@@ -158,19 +149,6 @@ class DeviceQueue:
         if not self.vq.broken:
             return None
         return ffi.string(self.vq.reason).decode(errors="replace")
-
-    @property
-    def last_avail_idx(self) -> int:
-        return self.vq.last_avail_idx
-
-    @property
-    def used_idx(self) -> int:
-        return self.vq.used_idx
-
-    @property
-    def shadow_avail_idx(self) -> int:
-        """``avail->idx`` as the device last read it (16 bits)."""
-        return self.vq.shadow_avail_idx
 
     @property
     def counters(self) -> dict:
@@ -197,29 +175,19 @@ class DeviceQueue:
         self.vq.fault = mask
 
     # --- operations -----------------------------------------------------------
-    def avail_count(self) -> int:
-        return check(lib.vqd_vq_avail_count(self.vq), "avail", self.broken)
-
-    def pop(self, max_chains: int = 64, max_iov: int = 1024) -> list[Chain]:
-        """Pop up to ``max_chains`` available chains (raises RingError when
-        the queue is broken and nothing could be popped).
-
-        The chains' views map guest memory directly: touching them from
-        Python is not guarded against a front-end that truncates its memory
-        after SET_MEM_TABLE (SIGBUS kills the process). Code serving a
-        front-end it does not trust copies with :meth:`read` and
-        :meth:`write`, which are."""
+    def _pop(self, c_pop, max_chains: int, max_iov: int) -> list[Chain]:
+        """Pop with the layout's C pop ``c_pop`` (see the layouts' ``pop``)."""
         if self._elems is None or len(self._elems) < max_chains or len(self._iov) < max_iov:
             self._elems = ffi.new("struct vqd_elem[]", max_chains)
             self._iov = ffi.new("struct vqd_iov[]", max_iov)
-        n = check(lib.vqd_vq_pop(self.vq, self._elems, max_chains, self._iov, max_iov),
-                  "pop", self.broken)
+        n = check(c_pop(self.vq, self._elems, max_chains, self._iov, max_iov), "pop", self.broken)
         out = []
         for k in range(n):
             e = self._elems[k]
             views = [memoryview(ffi.buffer(self._iov[j].base, self._iov[j].len))
                      for j in range(e.iov_idx, e.iov_idx + e.out_num + e.in_num)]
-            out.append(Chain(e.head, views[:e.out_num], views[e.out_num:], e.out_len, e.in_len))
+            out.append(Chain(e.head, views[:e.out_num], views[e.out_num:], e.out_len, e.in_len,
+                             max(e.ndescs, 1)))
         return out
 
     def _copy(self, views: list, buf, length: int, to_guest: bool) -> int:
@@ -252,46 +220,10 @@ class DeviceQueue:
         src = ffi.from_buffer("uint8_t[]", data)
         return self._copy(chain.in_, src, min(len(data), chain.in_len), True)
 
-    def rewind(self, n: int) -> None:
-        """Give back the last ``n`` popped chains not yet pushed (libvhost-user's
-        vu_queue_rewind): the next pops return them again."""
-        check(lib.vqd_vq_rewind(self.vq, n), "rewind", self.broken)
-
-    def push(self, used: list[tuple[int, int]]) -> int:
-        """Return chains as used ``(head, len)`` and publish used->idx."""
-        heads = ffi.new("uint32_t[]", [h for h, _ in used] or [0])
-        lens = ffi.new("uint32_t[]", [n for _, n in used] or [0])
-        return check(lib.vqd_vq_push(self.vq, heads, lens, len(used)), "push", self.broken)
-
-    def should_notify(self) -> bool:
-        """Does the driver want a used buffer notification now (§2.7.10;
-        updates the device's signalled_used)? Raises RingError when reading
-        the ring faulted (the queue is then broken)."""
-        return bool(check(lib.vqd_vq_should_notify(self.vq), "should_notify", self.broken))
-
-    def notify(self) -> bool:
-        """Write the call eventfd if the driver wants it; True if called."""
-        return bool(check(lib.vqd_vq_notify(self.vq), "notify", self.broken))
-
-    def set_notification(self, enable: bool) -> int:
-        """Enable/disable kicks; after enabling returns entries already available."""
-        return check(lib.vqd_vq_set_notification(self.vq, 1 if enable else 0),
-                     "set_notification", self.broken)
-
     def drain_kick(self) -> int:
         """Read the kick eventfd (non-blocking) and count its kicks; returns
         how many were coalesced in it (0: none)."""
         return check(lib.vqd_vq_drain_kick(self.vq), "drain_kick", self.broken)
-
-    def notice(self) -> int:
-        """What a kicked device that cannot work does (a stalled queue):
-        read ``avail->idx`` (:attr:`shadow_avail_idx` moves) and ask for a
-        kick at the next entry published after it (``avail_event`` = that
-        index with EVENT_IDX, as Linux ``vhost_enable_notify``; else
-        VRING_USED_F_NO_NOTIFY clear; §2.7.10). Returns the entries
-        available beyond ``last_avail_idx``; RingError when avail->idx is
-        more than a queue size ahead (§2.7.6)."""
-        return check(lib.vqd_vq_notice(self.vq), "notice", self.broken)
 
     # --- event log ------------------------------------------------------------
     def drain_event_records(self) -> bytearray:
@@ -323,3 +255,110 @@ class DeviceQueue:
         """Drop the buffer exports (only when no thread is in C with this queue)."""
         if self._own_regions:
             self.regions.release()
+
+
+class DeviceQueue(QueueBase):
+    """One split ring serviced by the device (``struct vqd_vq``, csrc/vqd_vq.c).
+
+    Ring addresses are front-end virtual addresses (vhost-user
+    SET_VRING_ADDR) unless ``gpa=True``; they are translated through ``mem``.
+    Fds are borrowed: the caller keeps them open while the queue is used.
+    ``event_capacity`` and ``reject_zero_len``: :class:`QueueBase`.
+
+    Raises RingError when the ring cannot be used (its reason: size,
+    alignment, or a SIGBUS reading used->idx), MemoryAccessError when an area
+    is outside ``mem``, ArgumentError when ``event_capacity`` is not a power
+    of two."""
+
+    def __init__(self, mem, num: int, desc: int, avail: int, used: int, *,
+                 last_avail_idx: int = 0, event_idx: bool = False,
+                 call_fd: int = -1, kick_fd: int = -1, gpa: bool = False,
+                 regions: RegionTable | None = None, event_capacity: int = 0,
+                 reject_zero_len: bool = False):
+        self._setup(mem, num, regions)
+        try:
+            if not gpa:
+                desc = mem.uva_to_gpa(desc, desc_table_size(num))
+                avail = mem.uva_to_gpa(avail, avail_ring_size(num))
+                used = mem.uva_to_gpa(used, used_ring_size(num))
+            rc = lib.vqd_vq_init(
+                self.vq, num, self.regions.host(desc, 16 * num),
+                self.regions.host(avail, avail_ring_size(num)),
+                self.regions.host(used, used_ring_size(num)),
+                self.regions.array, self.regions.count, last_avail_idx & 0xFFFF,
+                1 if event_idx else 0, call_fd, kick_fd)
+            check(rc, "vring init", self.broken)
+        except BaseException:
+            self.release()  # the buffer exports would keep the mappings open
+            raise
+        self._finish(event_capacity, reject_zero_len)
+
+    # --- state --------------------------------------------------------------
+    @property
+    def last_avail_idx(self) -> int:
+        return self.vq.last_avail_idx
+
+    @property
+    def used_idx(self) -> int:
+        return self.vq.used_idx
+
+    @property
+    def shadow_avail_idx(self) -> int:
+        """``avail->idx`` as the device last read it (16 bits)."""
+        return self.vq.shadow_avail_idx
+
+    @property
+    def vhost_base(self) -> int:
+        """The ring's vhost-user GET_VRING_BASE value: last_avail_idx."""
+        return self.vq.last_avail_idx
+
+    # --- operations -----------------------------------------------------------
+    def avail_count(self) -> int:
+        return check(lib.vqd_vq_avail_count(self.vq), "avail", self.broken)
+
+    def pop(self, max_chains: int = 64, max_iov: int = 1024) -> list[Chain]:
+        """Pop up to ``max_chains`` available chains (raises RingError when
+        the queue is broken and nothing could be popped).
+
+        The chains' views map guest memory directly: touching them from
+        Python is not guarded against a front-end that truncates its memory
+        after SET_MEM_TABLE (SIGBUS kills the process). Code serving a
+        front-end it does not trust copies with :meth:`read` and
+        :meth:`write`, which are."""
+        return self._pop(lib.vqd_vq_pop, max_chains, max_iov)
+
+    def rewind(self, n: int) -> None:
+        """Give back the last ``n`` popped chains not yet pushed (libvhost-user's
+        vu_queue_rewind): the next pops return them again."""
+        check(lib.vqd_vq_rewind(self.vq, n), "rewind", self.broken)
+
+    def push(self, used: list[tuple[int, int]]) -> int:
+        """Return chains as used ``(head, len)`` and publish used->idx."""
+        heads = ffi.new("uint32_t[]", [h for h, _ in used] or [0])
+        lens = ffi.new("uint32_t[]", [n for _, n in used] or [0])
+        return check(lib.vqd_vq_push(self.vq, heads, lens, len(used)), "push", self.broken)
+
+    def should_notify(self) -> bool:
+        """Does the driver want a used buffer notification now (§2.7.10;
+        updates the device's signalled_used)? Raises RingError when reading
+        the ring faulted (the queue is then broken)."""
+        return bool(check(lib.vqd_vq_should_notify(self.vq), "should_notify", self.broken))
+
+    def notify(self) -> bool:
+        """Write the call eventfd if the driver wants it; True if called."""
+        return bool(check(lib.vqd_vq_notify(self.vq), "notify", self.broken))
+
+    def set_notification(self, enable: bool) -> int:
+        """Enable/disable kicks; after enabling returns entries already available."""
+        return check(lib.vqd_vq_set_notification(self.vq, 1 if enable else 0),
+                     "set_notification", self.broken)
+
+    def notice(self) -> int:
+        """What a kicked device that cannot work does (a stalled queue):
+        read ``avail->idx`` (:attr:`shadow_avail_idx` moves) and ask for a
+        kick at the next entry published after it (``avail_event`` = that
+        index with EVENT_IDX, as Linux ``vhost_enable_notify``; else
+        VRING_USED_F_NO_NOTIFY clear; §2.7.10). Returns the entries
+        available beyond ``last_avail_idx``; RingError when avail->idx is
+        more than a queue size ahead (§2.7.6)."""
+        return check(lib.vqd_vq_notice(self.vq), "notice", self.broken)

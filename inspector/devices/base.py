@@ -5,7 +5,7 @@ each vring's untrusted plain state in a :class:`VringConfig`. When a vring
 becomes ready (vhost-user spec "Starting and stopping rings": kick fd
 received, addresses and size set, and enabled) it calls
 :meth:`Device.start_queue`; GET_VRING_BASE, RESET_OWNER or a disconnect call
-:meth:`Device.stop_queue`, which returns the ring's ``last_avail_idx``. A
+:meth:`Device.stop_queue`, which returns the ring's vring base. A
 device never sees protocol messages and the core never touches rings.
 
 Every device derives from :class:`Device`, which documents each method the
@@ -27,8 +27,12 @@ class VringConfig:
     """One vring's state as set by the front-end; plain and untrusted.
 
     Addresses are front-end virtual addresses (SET_VRING_ADDR); ``base`` is
-    the ``last_avail_idx`` from SET_VRING_BASE. Fds are owned by the core,
-    which closes them; a device must dup() any fd it keeps past stop_queue.
+    the ``last_avail_idx`` from SET_VRING_BASE (``packed``: the vhost-user
+    32-bit packed form, inspector/datapath/packed_queue.py). ``packed``:
+    the ring is a packed one (VIRTIO_F_RING_PACKED acked; avail/used
+    addresses are then the driver/device event suppression areas), set by
+    the core when it starts the ring. Fds are owned by the core, which
+    closes them; a device must dup() any fd it keeps past stop_queue.
     """
 
     index: int
@@ -48,6 +52,7 @@ class VringConfig:
     # SET_VRING_ENABLE; whether the device services it now.
     enabled: bool = False
     started: bool = False
+    packed: bool = False
 
 
 @dataclass
@@ -56,7 +61,9 @@ class QueueStats:
     notifications (``kicks`` received, ``calls`` sent, ``calls_suppressed``
     by the driver's flags or event index), traffic (``packets``, ``bytes``),
     the device's ``last_avail_idx`` and ``shadow_avail_idx`` (avail->idx as
-    it last read it; both None: not running), ``dropped`` (frames a queue
+    it last read it; both None: not running; packed rings: the slot, and
+    None), a packed ring's other device positions (``last_avail_wrap_counter``,
+    ``next_used``, ``used_wrap_counter``; None: split or not running), ``dropped`` (frames a queue
     the device fills could not take: no buffer, a buffer too small, or a
     stall on purpose; None: not a queue the device fills, or not counted),
     why the queue broke (``broken``, None: it did not) and ``inject``: the
@@ -73,6 +80,9 @@ class QueueStats:
     shadow_avail_idx: int | None = None
     dropped: int | None = None
     inject: dict | None = None
+    last_avail_wrap_counter: int | None = None
+    next_used: int | None = None
+    used_wrap_counter: int | None = None
 
 
 class Device:
@@ -144,9 +154,10 @@ class Device:
         raise DeviceError(f"device {self.name} cannot service vring {vring.index}: it has no data path")
 
     def stop_queue(self, index: int) -> int:
-        """Stop servicing vring ``index``; return its last_avail_idx (16
-        bits). Only called for a vring :meth:`start_queue` started. Default:
-        DeviceError."""
+        """Stop servicing vring ``index``; return its vring base: the
+        last_avail_idx (16 bits), or for a packed ring the vhost-user 32-bit
+        packed form (both positions with their wrap counters). Only called
+        for a vring :meth:`start_queue` started. Default: DeviceError."""
         raise DeviceError(f"device {self.name} has no data path to stop (vring {index})")
 
     def queue_stats(self, index: int) -> QueueStats:

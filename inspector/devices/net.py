@@ -53,7 +53,8 @@ import time
 
 from ..errors import ArgumentError, InspectorError, RingError
 from ..memory import GuestMemory
-from ..spec.virtio import (VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+from ..spec.virtio import (VIRTIO_F_IN_ORDER, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC,
+                           VIRTIO_NET_F_MQ,
                            VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_MRG_RXBUF_SIZE,
                            VIRTIO_NET_HDR_SIZE, VIRTIO_NET_S_LINK_UP, VIRTIO_RING_F_EVENT_IDX,
                            VIRTIO_RING_F_INDIRECT_DESC, has_feature)
@@ -92,6 +93,11 @@ class NetDevice(Device):
     """A virtio-net device: ``mode`` "loopback" or "tap" (``tap_name``, None:
     the kernel picks tapN), ``queue_pairs`` RX/TX pairs, ``mac`` in its config.
 
+    Rings: VIRTIO_F_RING_PACKED (§2.8) is offered unless ``packed=False``
+    (the driver picks the layout), and VIRTIO_F_IN_ORDER (§2.7.9 / §2.8.8):
+    every path uses buffers in the order they were made available (one used
+    element or descriptor per chain, which that feature allows).
+
     Tuning: ``budget`` frames per C call, ``spin`` empty re-polls inside C
     before returning, ``busy_poll_us`` of empty polls before sleeping on
     kicks, ``idle_timeout_ms``: the longest sleep before the worker looks at
@@ -113,12 +119,14 @@ class NetDevice(Device):
                  mac: str = "52:54:00:12:34:57", *, budget: int = 256, spin: int = 64,
                  busy_poll_us: float = 200.0, idle_timeout_ms: int | None = None,
                  cpus: list[int] | None = None, event_capacity: int | None = None,
-                 faults: list[Fault] | tuple[Fault, ...] = ()):
+                 faults: list[Fault] | tuple[Fault, ...] = (), packed: bool = True):
         if mode not in ("loopback", "tap"):
             raise InspectorError(f"net mode {mode!r} is invalid: use \"loopback\" or \"tap\"")
         if not 1 <= queue_pairs <= 0x8000:
             raise InspectorError(f"queue_pairs {queue_pairs} is invalid: 1 to 32768 (VIRTIO 1.2 §5.1.4)")
         self.mode = mode
+        self.offer_packed = packed
+        self.ring_packed = False   # VIRTIO_F_RING_PACKED acked
         self.queue_pairs = queue_pairs
         self.num_queues = 2 * queue_pairs
         for f in faults:
@@ -159,6 +167,9 @@ class NetDevice(Device):
     def features(self) -> int:
         f = (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MRG_RXBUF | 1 << VIRTIO_NET_F_MAC
              | 1 << VIRTIO_NET_F_STATUS | 1 << VIRTIO_RING_F_EVENT_IDX | 1 << VIRTIO_RING_F_INDIRECT_DESC)
+        f |= 1 << VIRTIO_F_IN_ORDER
+        if self.offer_packed:
+            f |= 1 << VIRTIO_F_RING_PACKED
         if self.queue_pairs > 1:
             f |= 1 << VIRTIO_NET_F_MQ
         return f
@@ -172,6 +183,7 @@ class NetDevice(Device):
         self.hdr_len = net_hdr_len(features)
         self.mrg_rxbuf = bool(features >> VIRTIO_NET_F_MRG_RXBUF & 1)
         self.event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
+        self.ring_packed = has_feature(features, VIRTIO_F_RING_PACKED)
 
     def _config(self) -> bytes:
         # §5.1.4: mac[6], status le16, max_virtqueue_pairs le16, mtu le16.
@@ -242,9 +254,13 @@ class NetDevice(Device):
                             broken=self._broken.get(index),
                             dropped=tot.get("drops", 0) if index % 2 == 0 else None)
             if ring is not None:
-                st.last_avail_idx = ring.q.last_avail_idx
-                st.shadow_avail_idx = ring.q.shadow_avail_idx
-                st.broken = ring.q.broken or st.broken
+                q = ring.q
+                st.last_avail_idx = q.last_avail_idx
+                st.shadow_avail_idx = q.shadow_avail_idx
+                st.broken = q.broken or st.broken
+                if q.layout == "packed":
+                    st.last_avail_wrap_counter = q.avail_wrap_counter
+                    st.next_used, st.used_wrap_counter = q.next_used, q.used_wrap_counter
             faults = [f for f in self.faults if f.vring == index]
             if faults:
                 now = time.monotonic()
@@ -296,7 +312,7 @@ class NetDevice(Device):
             lost += (len(pending) - limit) // self._record_size
             del pending[:len(pending) - limit]
         self._retired_dropped[ring.index] = self._retired_dropped.get(ring.index, 0) + lost
-        last = ring.q.last_avail_idx
+        last = ring.q.vhost_base
         self._last_avail[ring.index] = last
         if not ring.q.broken:
             # Hand the ring back asking for kicks (NO_NOTIFY clear / avail_event

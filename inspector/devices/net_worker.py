@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..datapath.net import NetScratch, net_loopback, net_tap_rx, net_tap_tx
+from ..datapath.packed_queue import PackedDeviceQueue, decode_vring_base
 from ..datapath.queue import FAULT_DROP_CALLS, FAULT_STALL, DeviceQueue
 from ..errors import RingError
 from ..faults import Fault
@@ -43,9 +44,9 @@ def _dup(fd: int | None, nonblocking: bool = False) -> int:
 
 
 class _Ring:
-    """A started vring: the C queue and the fds it keeps (dup'ed: ours),
-    its ``faults`` and when it ``started`` (time.monotonic(): faults count
-    from there)."""
+    """A started vring: the C queue (DeviceQueue, or PackedDeviceQueue when
+    ``vring.packed``) and the fds it keeps (dup'ed: ours), its ``faults``
+    and when it ``started`` (time.monotonic(): faults count from there)."""
 
     def __init__(self, vring: VringConfig, mem: GuestMemory, event_idx: bool, event_capacity: int,
                  faults: tuple[Fault, ...] = ()):
@@ -57,10 +58,16 @@ class _Ring:
         self.err_fd = _dup(vring.err_fd)
         try:
             # Zero-sized buffers break the queue, as in QEMU's virtio-net.
-            self.q = DeviceQueue(mem, vring.num, vring.desc_uva, vring.avail_uva, vring.used_uva,
-                                 last_avail_idx=vring.base, event_idx=event_idx,
-                                 call_fd=self.call_fd, kick_fd=self.kick_fd,
-                                 event_capacity=event_capacity, reject_zero_len=True)
+            common = dict(event_idx=event_idx, call_fd=self.call_fd, kick_fd=self.kick_fd,
+                          event_capacity=event_capacity, reject_zero_len=True)
+            if vring.packed:
+                avail, avail_wrap, used, used_wrap = decode_vring_base(vring.base)
+                self.q = PackedDeviceQueue(mem, vring.num, vring.desc_uva, vring.avail_uva, vring.used_uva,
+                                           last_avail_idx=avail, avail_wrap_counter=avail_wrap,
+                                           next_used=used, used_wrap_counter=used_wrap, **common)
+            else:
+                self.q = DeviceQueue(mem, vring.num, vring.desc_uva, vring.avail_uva, vring.used_uva,
+                                     last_avail_idx=vring.base, **common)
         except BaseException:
             self._close_fds()
             raise

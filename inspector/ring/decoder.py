@@ -1,11 +1,16 @@
-"""The C split-ring snapshot decoder (csrc/vqd_decode.c, VIRTIO 1.2 §2.7).
+"""The C ring snapshot decoders: split (csrc/vqd_decode.c, VIRTIO 1.2 §2.7)
+and packed (csrc/vqd_decode_packed.c, §2.8).
 
 :func:`snapshot_split` is the C-backed twin of
 :func:`inspector.ring.reference.snapshot_split` (same arguments, equal
 :class:`~inspector.ring.snapshot.RingSnapshot`; see that module's docstring
-for the semantics; tests/unit/test_decoder_diff.py holds them equal). Its
-output arrays become the snapshot's columns with one copy each; nothing per
-chain or descriptor is built here.
+for the semantics; tests/unit/test_decoder_diff.py holds them equal), and
+:func:`snapshot_packed` that of
+:func:`inspector.ring.reference_packed.snapshot_packed` (equal
+:class:`~inspector.ring.packed.PackedRingSnapshot`;
+tests/unit/test_packed_decoder_diff.py). Their output arrays become the
+snapshot's columns with one copy each; nothing per chain or descriptor is
+built here.
 """
 
 from __future__ import annotations
@@ -16,10 +21,14 @@ from array import array
 from .._cffi import ffi, lib, snapshot_error
 from ..memory import GuestMemory
 from .anomalies import DECODER_KINDS, NO_HEAD, Anomaly, AnomalyKind
-from .checks import DEFAULT_MAX_DESCS, area_error, area_sizes, check_args, region_table, valid_table
+from .checks import (DEFAULT_MAX_DESCS, PACKED_AREAS, area_error, area_sizes, check_args,
+                     check_packed_args, packed_area_sizes, region_table, valid_table)
+from .packed import POSITIONS, PackedRingSnapshot
+from .reference_packed import event_fields
 from .snapshot import U16, U32, U64, RingSnapshot
 
-__all__ = ["snapshot_split", "snapshot_split_pass", "RingSnapshot", "DEFAULT_MAX_DESCS"]
+__all__ = ["snapshot_split", "snapshot_split_pass", "snapshot_packed", "snapshot_packed_pass",
+           "RingSnapshot", "PackedRingSnapshot", "DEFAULT_MAX_DESCS"]
 
 
 def _check_kind_codes() -> None:
@@ -36,6 +45,9 @@ def _check_kind_codes() -> None:
                           f"{len(DECODER_KINDS)} decoder kinds of AnomalyKind")
     if lib.VQD_NO_HEAD != NO_HEAD:
         raise ImportError(f"VQD_NO_HEAD is {lib.VQD_NO_HEAD}, inspector/ring/anomalies.py says {NO_HEAD}")
+    if [lib.VQD_POS_DEVICE, lib.VQD_POS_DERIVED, lib.VQD_POS_FLAGS] != [POSITIONS.index(p) for p in
+                                                                          ("device", "derived", "flags")]:
+        raise ImportError("the C VQD_POS_* codes are not the order of inspector/ring/packed.py POSITIONS")
 
 
 _check_kind_codes()
@@ -67,11 +79,10 @@ _ARRAYS = (
 
 class _Out:
     """A ``struct vqd_snap_out`` and the arrays it points to, for one
-    (size, max_descs)."""
+    (size, max_descs); ``acap`` the anomaly capacity the decoder asks for."""
 
-    def __init__(self, size: int, max_descs: int):
+    def __init__(self, size: int, max_descs: int, acap: int):
         self.key = (size, max_descs)
-        acap = lib.vqd_snapshot_anomaly_cap(size, max_descs)
         o = self.out = ffi.new("struct vqd_snap_out *")
         nd = max(max_descs, 1)
         counts = {"avail_ring": size, "used_ring": 2 * size}
@@ -93,10 +104,34 @@ class _Out:
         o.want_cap = size
 
 
+class _PackedOut(_Out):
+    """A :class:`_Out` (chains, descriptors, anomalies, unread tables) and
+    the ``struct vqd_packed_out`` of the packed decoder (header, every
+    slot's flags and id, each chain's first slot)."""
+
+    def __init__(self, size: int, max_descs: int):
+        super().__init__(size, max_descs, lib.vqd_snapshot_packed_anomaly_cap(size, max_descs))
+        p = self.pout = ffi.new("struct vqd_packed_out *")
+        self.pbufs = []  # ring_flags, ring_id, chain_slot
+        for name, ctype in (("ring_flags", "uint16_t[]"), ("ring_id", "uint16_t[]"),
+                            ("chain_slot", "uint32_t[]")):
+            a = _alloc(ctype, size)
+            setattr(p, name, a)
+            self.keep.append(a)
+            self.pbufs.append(ffi.buffer(a))
+
+
 def _outputs(size: int, max_descs: int) -> _Out:
     o = getattr(_tls, "out", None)
     if o is None or o.key != (size, max_descs):
-        o = _tls.out = _Out(size, max_descs)
+        o = _tls.out = _Out(size, max_descs, lib.vqd_snapshot_anomaly_cap(size, max_descs))
+    return o
+
+
+def _packed_outputs(size: int, max_descs: int) -> _PackedOut:
+    o = getattr(_tls, "pout", None)
+    if o is None or o.key != (size, max_descs):
+        o = _tls.pout = _PackedOut(size, max_descs)
     return o
 
 
@@ -171,14 +206,34 @@ def snapshot_split_pass(mem: GuestMemory, size: int, desc: int, avail: int, used
     (validate-only memory); same contract as
     :func:`inspector.ring.reference.snapshot_split_pass`."""
     o = _walk(mem, size, desc, avail, used, last_avail_idx, max_descs)
+    unread = _unread(o)
+    if not unread:
+        return _result(o, size, last_avail_idx), []
+    return (None if skip_if_unread else _result(o, size, last_avail_idx)), unread
+
+
+def _unread(o: _Out) -> list[tuple[int, int]]:
+    """The indirect tables (gpa, len) the last walk could not read."""
     n = o.out.n_want
     if not n:
-        return _result(o, size, last_avail_idx), []
+        return []
     addrs, lens = array(U64), array(U32)
     addrs.frombytes(ffi.buffer(o.want_addr, 8 * n))
     lens.frombytes(ffi.buffer(o.want_len, 4 * n))
-    unread = list(zip(addrs.tolist(), lens.tolist()))
-    return (None if skip_if_unread else _result(o, size, last_avail_idx)), unread
+    return list(zip(addrs.tolist(), lens.tolist()))
+
+
+def _anomalies(o: _Out) -> list[Anomaly]:
+    """The anomalies of the last walk, as Anomaly tuples."""
+    out = o.out
+    anomalies = []
+    if out.n_anomalies:
+        kinds = DECODER_KINDS
+        string = ffi.string
+        for a in o.anomalies[0:out.n_anomalies]:
+            anomalies.append(Anomaly(kinds[a.kind], string(a.detail).decode("ascii"),
+                                     None if a.head == NO_HEAD else a.head))
+    return anomalies
 
 
 def _result(o: _Out, size: int, last_avail_idx: int | None) -> RingSnapshot:
@@ -189,13 +244,7 @@ def _result(o: _Out, size: int, last_avail_idx: int | None) -> RingSnapshot:
     nc, nd = out.n_chains, out.n_descs
     (avail_ring, used_ring, chain_head, chain_first, chain_ndescs, chain_out, chain_in,
      desc_addr, desc_len, desc_flags, desc_next) = o.bufs
-    anomalies = []
-    if out.n_anomalies:
-        kinds = DECODER_KINDS
-        string = ffi.string
-        for a in o.anomalies[0:out.n_anomalies]:
-            anomalies.append(Anomaly(kinds[a.kind], string(a.detail).decode("ascii"),
-                                     None if a.head == NO_HEAD else a.head))
+    anomalies = _anomalies(o)
     return RingSnapshot(
         size=size, avail_flags=out.avail_flags, avail_idx=out.avail_idx,
         used_event=out.used_event, used_flags=out.used_flags, used_idx=out.used_idx,
@@ -212,3 +261,89 @@ def _result(o: _Out, size: int, last_avail_idx: int | None) -> RingSnapshot:
         chain_out_bytes=memoryview(chain_out[:8 * nc]).cast(U64),
         chain_in_bytes=memoryview(chain_in[:8 * nc]).cast(U64),
         anomalies=anomalies)
+
+
+# --- packed ---------------------------------------------------------------------
+
+def _walk_packed(mem: GuestMemory, size: int, desc: int, driver_event: int, device_event: int,
+                 next_used, used_wrap_counter, last_avail_idx, last_avail_wrap_counter,
+                 max_descs: int) -> _PackedOut:
+    """Run vqd_snapshot_packed_guarded; its results are in the returned
+    (per-thread, reused) output arrays."""
+    check_packed_args(size, desc, driver_event, device_event, next_used, used_wrap_counter,
+                      last_avail_idx, last_avail_wrap_counter, max_descs)
+    regions, nr, valid, nvalid, keep = _regions(mem)
+    o = _packed_outputs(size, max_descs)
+
+    def arg(v):
+        return -1 if v is None else v
+    rc = lib.vqd_snapshot_packed_guarded(
+        regions, nr, valid, nvalid, desc, driver_event, device_event, size, arg(next_used),
+        arg(used_wrap_counter), arg(last_avail_idx), arg(last_avail_wrap_counter), max_descs,
+        o.out, o.pout)
+    del keep
+    if rc != lib.VQD_SNAP_OK:
+        i = _AREA_STATUS.get(rc)
+        if i is not None:
+            raise area_error(i, (desc, driver_event, device_event)[i], packed_area_sizes(size)[i],
+                             PACKED_AREAS)
+        raise snapshot_error(rc, mem, size, last_avail_idx, max_descs)
+    return o
+
+
+def snapshot_packed(mem: GuestMemory, size: int, desc: int, driver_event: int, device_event: int,
+                    *, next_used: int | None = None, used_wrap_counter: int | None = None,
+                    last_avail_idx: int | None = None, last_avail_wrap_counter: int | None = None,
+                    max_descs: int = DEFAULT_MAX_DESCS) -> PackedRingSnapshot:
+    """Snapshot a packed ring with the C decoder; same contract as
+    :func:`inspector.ring.reference_packed.snapshot_packed`."""
+    return snapshot_packed_pass(mem, size, desc, driver_event, device_event, next_used=next_used,
+                                used_wrap_counter=used_wrap_counter, last_avail_idx=last_avail_idx,
+                                last_avail_wrap_counter=last_avail_wrap_counter,
+                                max_descs=max_descs)[0]
+
+
+def snapshot_packed_pass(mem: GuestMemory, size: int, desc: int, driver_event: int,
+                         device_event: int, *, next_used: int | None = None,
+                         used_wrap_counter: int | None = None, last_avail_idx: int | None = None,
+                         last_avail_wrap_counter: int | None = None,
+                         max_descs: int = DEFAULT_MAX_DESCS, skip_if_unread: bool = False,
+                         ) -> tuple[PackedRingSnapshot | None, list[tuple[int, int]]]:
+    """:func:`snapshot_packed` and the indirect tables it could not read;
+    same contract as :func:`inspector.ring.reference_packed.snapshot_packed_pass`."""
+    o = _walk_packed(mem, size, desc, driver_event, device_event, next_used, used_wrap_counter,
+                     last_avail_idx, last_avail_wrap_counter, max_descs)
+    unread = _unread(o)
+    if unread and skip_if_unread:
+        return None, unread
+    return _packed_result(o, size), unread
+
+
+def _packed_result(o: _PackedOut, size: int) -> PackedRingSnapshot:
+    """Columns from the used prefixes of the output arrays (one copy each)."""
+    out, p = o.out, o.pout
+    nc, nd = out.n_chains, out.n_descs
+    (_avail_ring, _used_ring, chain_head, chain_first, chain_ndescs, chain_out, chain_in,
+     desc_addr, desc_len, desc_flags, desc_next) = o.bufs
+    ring_flags, ring_id, chain_slot = o.pbufs
+    return PackedRingSnapshot(
+        size=size, next_avail=p.next_avail, avail_wrap_counter=p.avail_wrap_counter,
+        next_used=p.next_used, used_wrap_counter=p.used_wrap_counter,
+        last_avail_idx=None if p.last_avail_idx < 0 else p.last_avail_idx,
+        last_avail_wrap_counter=None if p.last_avail_wrap_counter < 0 else p.last_avail_wrap_counter,
+        **event_fields(p.driver_event_desc, p.driver_event_flags, p.device_event_desc,
+                       p.device_event_flags),
+        positions=POSITIONS[p.positions],
+        ring_flags=memoryview(ring_flags[:2 * size]).cast(U16),
+        ring_id=memoryview(ring_id[:2 * size]).cast(U16),
+        desc_addr=memoryview(desc_addr[:8 * nd]).cast(U64),
+        desc_len=memoryview(desc_len[:4 * nd]).cast(U32),
+        desc_flags=memoryview(desc_flags[:2 * nd]).cast(U16),
+        desc_next=memoryview(desc_next[:2 * nd]).cast(U16),
+        chain_head=memoryview(chain_head[:4 * nc]).cast(U32),
+        chain_slot=memoryview(chain_slot[:4 * nc]).cast(U32),
+        chain_first=memoryview(chain_first[:4 * nc]).cast(U32),
+        chain_ndescs=memoryview(chain_ndescs[:4 * nc]).cast(U32),
+        chain_out_bytes=memoryview(chain_out[:8 * nc]).cast(U64),
+        chain_in_bytes=memoryview(chain_in[:8 * nc]).cast(U64),
+        anomalies=_anomalies(o))

@@ -97,8 +97,15 @@ def _column(code: str, view: memoryview, off: int, count: int) -> array:
 
 
 class _Walk:
-    def __init__(self, mem: _Mem, size: int, max_descs: int):
+    """The walk state and records both references share (the C ``struct
+    vqd_walk`` and csrc/vqd_decode_walk.c); ``packed`` selects the packed
+    decoder's details (ring/reference_packed.py)."""
+
+    def __init__(self, mem: _Mem, size: int, max_descs: int, packed: bool = False):
         self.mem = mem
+        self.packed = packed
+        # the word before a chain's number in details (C vqd_w_chain_word)
+        self.chain_word = "chain at slot" if packed else "head"
         self.size = size
         self.max_descs = max_descs
         self.budget = max_descs
@@ -128,10 +135,15 @@ class _Walk:
             return True
         if not self.truncated:
             self.truncated = True
-            self.anomaly(K.TRUNCATED,
-                         f"snapshot lists at most {self.max_descs} descriptors: chain of "
-                         f"avail->ring[{self.slot}] (head {self.head}) and later chains are "
-                         f"cut short", None)
+            if self.packed:
+                self.anomaly(K.TRUNCATED,
+                             f"snapshot lists at most {self.max_descs} descriptors: chain at slot "
+                             f"{self.slot} and later chains are cut short", None)
+            else:
+                self.anomaly(K.TRUNCATED,
+                             f"snapshot lists at most {self.max_descs} descriptors: chain of "
+                             f"avail->ring[{self.slot}] (head {self.head}) and later chains are "
+                             f"cut short", None)
         return False
 
     def emit(self, d: tuple[int, int, int, int], loc: str) -> None:
@@ -149,22 +161,24 @@ class _Walk:
             self.out_bytes += length
         if length == 0:
             # §2.7.5: zero length carries no buffer; flagged, not forbidden.
-            self.anomaly(K.ZERO_LEN, f"{loc}.len = 0 (head {self.head})", self.head)
+            self.anomaly(K.ZERO_LEN, f"{loc}.len = 0 ({self.chain_word} {self.head})", self.head)
         elif not self.mem.is_valid(addr, length):
             # §2.7.5: the buffer is guest memory: inside one region.
             self.anomaly(K.ADDR_OUT_OF_RANGE,
                          f"{loc}.addr 0x{addr:x} len {length} is not inside one memory "
-                         f"region (head {self.head})", self.head)
+                         f"region ({self.chain_word} {self.head})", self.head)
 
-    def walk_indirect(self, di: int, d: tuple[int, int, int, int]) -> None:
+    def indirect_table(self, di: int, d: tuple[int, int, int, int]) -> tuple[memoryview, int] | None:
+        """(view, offset) of the indirect table of desc[di] (``d``), or None
+        after recording why not (C vqd_w_indirect_table)."""
         addr, length = d[0], d[1]
-        head = self.head
-        # §2.7.5.3: desc[len / 16]; §2.7.5.3.1 + §2.7: at most 32768 entries.
+        head, cw = self.head, self.chain_word
+        # §2.7.5.3 / §2.8.7: desc[len / 16]; §2.7.5.3.1 + §2.7: at most 32768 entries.
         if length == 0 or length % 16 or length > VIRTQ_MAX_INDIRECT_LEN:
             self.anomaly(K.INDIRECT_LEN,
                          f"desc[{di}].len = {length} for an indirect table: not a non-zero "
-                         f"multiple of 16 up to {VIRTQ_MAX_INDIRECT_LEN} (head {head})", head)
-            return
+                         f"multiple of 16 up to {VIRTQ_MAX_INDIRECT_LEN} ({cw} {head})", head)
+            return None
         where = self.mem.find(addr, length)
         if where is None and self.mem.in_valid_only(addr, length):
             # Guest memory, but not read here: the caller reads it and decodes again.
@@ -172,14 +186,22 @@ class _Walk:
                 bisect.insort(self.unread, (addr, length))
             self.anomaly(K.INDIRECT_NOT_READ,
                          f"desc[{di}] indirect table 0x{addr:x} len {length} is guest memory "
-                         f"that was not read (head {head})", head)
-            return
+                         f"that was not read ({cw} {head})", head)
+            return None
         if where is None:
-            # §2.7.5.3: the table is guest memory.
+            # §2.7.5.3 / §2.8.7: the table is guest memory.
             self.anomaly(K.INDIRECT_OUT_OF_RANGE,
                          f"desc[{di}] indirect table 0x{addr:x} len {length} is not inside "
-                         f"one memory region (head {head})", head)
+                         f"one memory region ({cw} {head})", head)
+            return None
+        return where
+
+    def walk_indirect(self, di: int, d: tuple[int, int, int, int]) -> None:
+        head = self.head
+        where = self.indirect_table(di, d)
+        if where is None:
             return
+        length = d[1]
         view, off = where
         n = length // 16
         j = count = 0

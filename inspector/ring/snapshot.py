@@ -79,11 +79,13 @@ class Descriptor(NamedTuple):
 
 class Chain(NamedTuple):
     """One in-flight descriptor chain: its ``head`` (the avail->ring entry,
-    §2.7.6; for a packed ring the buffer id, §2.8.6), its listed descriptors
-    (those of an indirect table instead of the indirect descriptor,
-    §2.7.5.3, §2.8.7), and the bytes of its device-readable (``out_bytes``)
-    and device-writable (``in_bytes``) buffers. ``slot``: for a packed ring
-    the slot of the chain's first descriptor, None for a split ring."""
+    §2.7.6), its listed descriptors (those of an indirect table instead of
+    the indirect descriptor, §2.7.5.3), and the bytes of its
+    device-readable (``out_bytes``) and device-writable (``in_bytes``)
+    buffers. In a packed ring (§2.8) ``head`` is the buffer id (§2.8.6: the
+    chain's last descriptor carries it), ``slot`` the ring slot of its
+    first descriptor, and each Descriptor's ``next`` holds its ``id``
+    field; ``slot`` is None for a split ring."""
 
     head: int
     descs: tuple[Descriptor, ...]

@@ -31,8 +31,9 @@ from typing import Any
 
 from ..errors import SnapshotFormatError
 from ..ring.anomalies import Anomaly, AnomalyKind
-from ..ring.snapshot import Chain, Descriptor, RingSnapshot
-from .model import CORE_FIELDS, OPTIONAL_FIELDS, BackendFds, QueueEntry, Skipped, Snapshot
+from ..ring.snapshot import Chain, Descriptor
+from .model import (CORE_FIELDS, LAYOUTS, OPTIONAL_FIELDS, PACKED_FIELDS, SPLIT_ONLY_FIELDS, BackendFds, QueueEntry,
+                    Skipped, Snapshot)
 
 __all__ = ["to_json", "queue_to_json", "dumps", "from_json", "queue_from_json", "loads"]
 
@@ -75,8 +76,12 @@ def queue_to_json(q: QueueEntry) -> dict[str, Any]:
     out.update({
         "inflight": q.inflight, "avail_flags": q.avail_flags, "used_flags": q.used_flags,
         "used_event": q.used_event, "avail_event": q.avail_event,
-        "kicks": q.kicks, "calls": q.calls,
     })
+    if q.layout == "packed":
+        for f in PACKED_FIELDS:
+            out[f] = getattr(q, f)
+    out["kicks"] = q.kicks
+    out["calls"] = q.calls
     if q.calls_suppressed is not None:
         out["calls_suppressed"] = q.calls_suppressed
     out["packets"] = q.packets
@@ -92,11 +97,18 @@ def queue_to_json(q: QueueEntry) -> dict[str, Any]:
 
 
 def _chains_json(q: QueueEntry) -> list[dict[str, Any]]:
-    src = q.chain_source
-    if isinstance(src, RingSnapshot):
-        return src.chain_dicts()        # from the columns: no Chain tuple is built
-    if isinstance(src, _JsonChains):
-        return src.dicts
+    """A queue's chain dicts: from a decoder's columns or the parsed JSON
+    (their ``chain_dicts()``: no Chain tuple is built), else from Chain
+    tuples. Split: ``head`` (the avail->ring entry), descriptors with
+    ``next``; packed: ``head`` (the buffer id), ``slot`` (the ring slot of
+    its first descriptor), descriptors with their ``id``."""
+    chain_dicts = getattr(q.chain_source, "chain_dicts", None)
+    if chain_dicts is not None:
+        return chain_dicts()
+    if q.layout == "packed":
+        return [{"head": c.head, "slot": c.slot,
+                 "descs": [{"addr": d.addr, "len": d.len, "flags": d.flags, "id": d.next} for d in c.descs],
+                 "out_bytes": c.out_bytes, "in_bytes": c.in_bytes} for c in q.chains]
     return [{"head": c.head,
              "descs": [{"addr": d.addr, "len": d.len, "flags": d.flags, "next": d.next} for d in c.descs],
              "out_bytes": c.out_bytes, "in_bytes": c.in_bytes} for c in q.chains]
@@ -111,17 +123,26 @@ def dumps(snap: Snapshot, **kw) -> str:
 
 class _JsonChains:
     """The chain source of a parsed queue: its checked chain dicts, turned
-    into Chain tuples on first access."""
+    into Chain tuples on first access (a packed descriptor's ``id`` in
+    Descriptor's 4th field, the chain's ``slot`` in Chain's 5th)."""
 
-    def __init__(self, dicts: list[dict]):
+    def __init__(self, dicts: list[dict], packed: bool):
         self.dicts = dicts
+        self.packed = packed
 
     @property
     def n_chains(self) -> int:
         return len(self.dicts)
 
+    def chain_dicts(self) -> list[dict]:
+        return self.dicts
+
     @cached_property
     def chains(self) -> list[Chain]:
+        if self.packed:
+            return [Chain(c["head"], tuple(Descriptor(d["addr"], d["len"], d["flags"], d["id"])
+                                           for d in c["descs"]), c["out_bytes"], c["in_bytes"], c["slot"])
+                    for c in self.dicts]
         return [Chain(c["head"], tuple(Descriptor(d["addr"], d["len"], d["flags"], d["next"])
                                        for d in c["descs"]), c["out_bytes"], c["in_bytes"])
                 for c in self.dicts]
@@ -162,12 +183,30 @@ _WHAT = {_is_int: "an int", _is_opt_int: "an int or null", _is_str: "a string", 
 _CORE_CHECK = {f: _is_int for f in CORE_FIELDS} | {
     "device": _is_str, "layout": _is_str, "event_idx": _is_bool,
     "last_avail_idx": _is_opt_int, "used_event": _is_opt_int, "avail_event": _is_opt_int}
-_KNOWN_QUEUE = frozenset(CORE_FIELDS) | frozenset(OPTIONAL_FIELDS) | {"chains", "anomalies", "backend"}
+_KNOWN_QUEUE = (frozenset(CORE_FIELDS) | frozenset(OPTIONAL_FIELDS) | frozenset(PACKED_FIELDS)
+                | {"chains", "anomalies", "backend"})
 _OPTIONAL_CHECK = {"device_type": _is_str, "shadow_avail_idx": _is_int, "calls_suppressed": _is_int,
                    "dropped": _is_int}
+_POSITIONS = ("device", "derived", "flags")
+
+
+def _is_positions(v: Any) -> bool:
+    return v is None or v in _POSITIONS
+
+
+def _is_null(v: Any) -> bool:
+    return v is None
+
+
+_WHAT[_is_positions] = f"one of {', '.join(_POSITIONS)} or null"
+_WHAT[_is_null] = "null (a packed queue has no avail or used ring)"
+#: Type check of each packed field (present exactly when layout is packed).
+_PACKED_CHECK = {f: _is_opt_int for f in PACKED_FIELDS} | {"positions": _is_positions}
 _KNOWN_TOP = frozenset({"source", "time", "pid", "queues", "skipped"})
 _CHAIN_KEYS = {"head": None, "descs": None, "out_bytes": None, "in_bytes": None}.keys()
 _DESC_KEYS = {"addr": None, "len": None, "flags": None, "next": None}.keys()
+_PACKED_CHAIN_KEYS = {"head": None, "slot": None, "descs": None, "out_bytes": None, "in_bytes": None}.keys()
+_PACKED_DESC_KEYS = {"addr": None, "len": None, "flags": None, "id": None}.keys()
 _KINDS = {k.value: k for k in AnomalyKind}
 
 
@@ -219,8 +258,20 @@ def from_json(obj: Any) -> Snapshot:
 def queue_from_json(q: Any, where: str = "queue") -> QueueEntry:
     """One queue entry of the Snapshot JSON (``where`` names it in errors)."""
     q = _dict(q, where)
-    core = {f: _get(q, f, _CORE_CHECK[f], where) for f in CORE_FIELDS}
-    chains = _JsonChains(_check_chains(_get(q, "chains", _is_list, where), f"{where}.chains"))
+    layout = q.get("layout")
+    if layout not in LAYOUTS:
+        raise _bad(f"{where}.layout", layout, f"one of {', '.join(LAYOUTS)}")
+    packed = layout == "packed"
+    if packed:
+        core = {f: _get(q, f, _is_null if f in SPLIT_ONLY_FIELDS else _CORE_CHECK[f], where)
+                for f in CORE_FIELDS}
+        core.update((f, _get(q, f, _PACKED_CHECK[f], where)) for f in PACKED_FIELDS)
+    else:
+        core = {f: _get(q, f, _CORE_CHECK[f], where) for f in CORE_FIELDS}
+        for f in PACKED_FIELDS:
+            if f in q:
+                raise SnapshotFormatError(f"snapshot JSON: {where} is split and has the packed field {f!r}")
+    chains = _JsonChains(_check_chains(_get(q, "chains", _is_list, where), f"{where}.chains", packed), packed)
     anomalies = []
     for i, a in enumerate(_get(q, "anomalies", _is_list, where)):
         w = f"{where}.anomalies[{i}]"
@@ -239,23 +290,28 @@ def queue_from_json(q: Any, where: str = "queue") -> QueueEntry:
                       extras=extras)
 
 
-def _check_chains(raw: list, where: str) -> list[dict]:
+def _check_chains(raw: list, where: str, packed: bool = False) -> list[dict]:
     """``raw`` (a list) if its items are chain dicts of exactly the
     contract's members, every value an int (``descs`` a list of descriptor
-    dicts); else SnapshotFormatError naming the first bad member."""
+    dicts; packed: a ``slot`` per chain and an ``id`` per descriptor
+    instead of ``next``); else SnapshotFormatError naming the first bad
+    member."""
+    chain_keys, desc_keys = (_PACKED_CHAIN_KEYS, _PACKED_DESC_KEYS) if packed else (_CHAIN_KEYS, _DESC_KEYS)
+    ints = ("head", "slot", "out_bytes", "in_bytes") if packed else ("head", "out_bytes", "in_bytes")
+    last = "id" if packed else "next"
     for k, c in enumerate(raw):
-        if type(c) is not dict or c.keys() != _CHAIN_KEYS:
-            raise _bad(f"{where}[{k}]", c, "an object of head, descs, out_bytes, in_bytes")
-        if not (type(c["head"]) is int and type(c["out_bytes"]) is int and type(c["in_bytes"]) is int):
-            bad = next(m for m in ("head", "out_bytes", "in_bytes") if type(c[m]) is not int)
+        if type(c) is not dict or c.keys() != chain_keys:
+            raise _bad(f"{where}[{k}]", c, f"an object of {', '.join(chain_keys)}")
+        if not all(type(c[m]) is int for m in ints):
+            bad = next(m for m in ints if type(c[m]) is not int)
             raise _bad(f"{where}[{k}].{bad}", c[bad], "an int")
         if type(c["descs"]) is not list:
             raise _bad(f"{where}[{k}].descs", c["descs"], "a list")
         for j, d in enumerate(c["descs"]):
-            if type(d) is not dict or d.keys() != _DESC_KEYS or not (
+            if type(d) is not dict or d.keys() != desc_keys or not (
                     type(d["addr"]) is int and type(d["len"]) is int and type(d["flags"]) is int
-                    and type(d["next"]) is int):
-                raise _bad(f"{where}[{k}].descs[{j}]", d, "an object of int addr, len, flags, next")
+                    and type(d[last]) is int):
+                raise _bad(f"{where}[{k}].descs[{j}]", d, f"an object of int addr, len, flags, {last}")
     return raw
 
 

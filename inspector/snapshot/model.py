@@ -48,13 +48,16 @@ Per-source additions beyond the README's core fields:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from ..ring.anomalies import Anomaly, AnomalyKind
 from ..ring.snapshot import Chain, Descriptor, RingSnapshot
 
-__all__ = ["Anomaly", "AnomalyKind", "BackendFds", "Chain", "ChainSource", "Descriptor", "QueueEntry",
-           "QueueId", "Skipped", "Snapshot"]
+if TYPE_CHECKING:
+    from ..ring.packed import PackedRingSnapshot
+
+__all__ = ["Anomaly", "AnomalyKind", "BackendFds", "Chain", "ChainSource", "Descriptor", "LAYOUTS",
+           "PACKED_FIELDS", "QueueEntry", "QueueId", "SPLIT_ONLY_FIELDS", "Skipped", "Snapshot"]
 
 QueueId = tuple[str, int]
 """A queue's identity across snapshots: ``(device, index)``."""
@@ -127,6 +130,37 @@ CORE_FIELDS = ("device", "index", "layout", "size", "features", "event_idx", "av
 #: Per-source additions (module docstring): in the JSON only when not None.
 OPTIONAL_FIELDS = ("device_type", "shadow_avail_idx", "calls_suppressed", "dropped")
 
+#: The core fields that name split-ring memory (§2.7.6, §2.7.8): null in a
+#: packed queue's JSON, which has no avail or used ring.
+SPLIT_ONLY_FIELDS = ("avail_idx", "used_idx", "avail_flags", "used_flags", "used_event", "avail_event")
+
+#: A packed queue's fields (VIRTIO 1.2 §2.8; README.md, "Snapshot JSON"), in
+#: JSON order, present exactly when ``layout`` is ``"packed"``; each None
+#: (null) when the ring was not read:
+#:
+#: - ``next_avail``, ``avail_wrap_counter``: the driver's next descriptor slot
+#:   and its Driver Ring Wrap Counter (§2.8.1), as the ring shows them (where
+#:   the run of available descriptors ends);
+#: - ``next_used``, ``used_wrap_counter``: the device's next used slot and its
+#:   Device Ring Wrap Counter;
+#: - ``last_avail_wrap_counter``: the wrap counter of ``last_avail_idx`` (the
+#:   device's next slot to read);
+#: - ``driver_event_*`` / ``device_event_*``: the driver's and the device's
+#:   event suppression structures (§2.8.10, ``struct pvirtq_event_suppr``):
+#:   ``flags`` (RING_EVENT_FLAGS_ENABLE/DISABLE/DESC), ``off`` and ``wrap``
+#:   (``desc_event_off`` / ``desc_event_wrap``, meaningful with DESC); the
+#:   driver's controls calls (used buffer notifications), the device's kicks;
+#: - ``positions``: how the device's positions were found: ``"device"``
+#:   (given with their wrap counters by the source), ``"derived"`` (slots
+#:   given, wrap counters derived from the ring), ``"flags"`` (read from the
+#:   descriptor flags alone; inspector.ring.packed).
+PACKED_FIELDS = ("next_avail", "avail_wrap_counter", "next_used", "used_wrap_counter", "last_avail_wrap_counter",
+                 "driver_event_flags", "driver_event_off", "driver_event_wrap",
+                 "device_event_flags", "device_event_off", "device_event_wrap", "positions")
+
+#: The values of ``layout``.
+LAYOUTS = ("split", "packed")
+
 
 class QueueEntry:
     """One virtqueue of a snapshot (README.md, "Snapshot JSON", ``queues[]``).
@@ -143,13 +177,20 @@ class QueueEntry:
     ``anomalies``: a list of :class:`~inspector.ring.anomalies.Anomaly`.
     The per-source additions are in the module docstring.
 
+    A packed queue (``layout`` ``"packed"``, VIRTIO 1.2 §2.8) has no avail or
+    used ring: its :data:`SPLIT_ONLY_FIELDS` are None (whatever was passed),
+    ``inflight`` counts the descriptors between the device's ``next_used``
+    and the driver's ``next_avail``, ``last_avail_idx`` is the device's next
+    slot to read, and the :data:`PACKED_FIELDS` (keywords; None for a split
+    queue) say the rest.
+
     ``chains`` (keyword) is a list of :class:`Chain`, or a
     :class:`ChainSource` read lazily; :meth:`fill_from_ring` sets the ring
     fields and chains from a decoder's result at once. Entries compare
     equal when every field, chain and anomaly is.
     """
 
-    __slots__ = CORE_FIELDS + OPTIONAL_FIELDS + ("anomalies", "backend", "extras", "_chain_source")
+    __slots__ = CORE_FIELDS + OPTIONAL_FIELDS + PACKED_FIELDS + ("anomalies", "backend", "extras", "_chain_source")
 
     def __init__(self, *, device: str, index: int, size: int, features: int, event_idx: bool,
                  layout: str = "split", avail_idx: int = 0, used_idx: int = 0,
@@ -159,7 +200,7 @@ class QueueEntry:
                  chains: list[Chain] | ChainSource | None = None, anomalies: list[Anomaly] | None = None,
                  calls_suppressed: int | None = None, backend: BackendFds | None = None,
                  extras: dict[str, Any] | None = None, device_type: str | None = None,
-                 shadow_avail_idx: int | None = None, dropped: int | None = None):
+                 shadow_avail_idx: int | None = None, dropped: int | None = None, **packed: Any):
         self.device = device
         self.index = index
         self.layout = layout
@@ -186,6 +227,13 @@ class QueueEntry:
         self.backend = backend
         self.extras: dict[str, Any] = {} if extras is None else extras
         self.chains = chains  # the setter
+        for f in PACKED_FIELDS:
+            setattr(self, f, packed.pop(f, None))
+        if packed:
+            raise TypeError(f"QueueEntry: unknown fields {sorted(packed)}")
+        if layout == "packed":
+            for f in SPLIT_ONLY_FIELDS:
+                setattr(self, f, None)
 
     # --- chains -------------------------------------------------------------------
     @property
@@ -221,13 +269,27 @@ class QueueEntry:
         """``(device, index)``: the queue's identity across snapshots."""
         return (self.device, self.index)
 
-    def fill_from_ring(self, ring: RingSnapshot) -> QueueEntry:
-        """Take the ring fields from a decoder's result (VIRTIO 1.2 §2.7):
-        ``avail_idx``, ``used_idx``, ``inflight``, the flags,
+    def fill_from_ring(self, ring: RingSnapshot | PackedRingSnapshot) -> QueueEntry:
+        """Take the ring fields from a decoder's result. Split (VIRTIO 1.2
+        §2.7): ``avail_idx``, ``used_idx``, ``inflight``, the flags,
         ``last_avail_idx`` (the ring's: None when the decoder walked from
-        ``used_idx``), ``used_event``/``avail_event`` when ``event_idx``,
+        ``used_idx``), ``used_event``/``avail_event`` when ``event_idx``.
+        Packed (§2.8, a ring whose ``layout`` is ``"packed"``): ``layout``,
+        ``inflight``, ``last_avail_idx`` and every :data:`PACKED_FIELDS`
+        member of the same name; the split-only fields become None. Then
         the chains (lazily, from the ring's columns) and, after those
         already listed, its anomalies. Returns self."""
+        if getattr(ring, "layout", "split") == "packed":
+            self.layout = "packed"
+            for f in SPLIT_ONLY_FIELDS:
+                setattr(self, f, None)
+            for f in PACKED_FIELDS:
+                setattr(self, f, getattr(ring, f))
+            self.inflight = ring.inflight
+            self.last_avail_idx = ring.last_avail_idx
+            self._chain_source = ring
+            self.anomalies += ring.anomalies
+            return self
         self.avail_idx = ring.avail_idx
         self.used_idx = ring.used_idx
         self.inflight = ring.inflight
@@ -247,7 +309,7 @@ class QueueEntry:
 
     # --- comparison ---------------------------------------------------------------
     def _values(self) -> tuple:
-        return (tuple(getattr(self, f) for f in CORE_FIELDS + OPTIONAL_FIELDS), self.anomalies,
+        return (tuple(getattr(self, f) for f in CORE_FIELDS + OPTIONAL_FIELDS + PACKED_FIELDS), self.anomalies,
                 self.backend, self.extras)
 
     def __eq__(self, other: object) -> bool:
@@ -257,7 +319,17 @@ class QueueEntry:
 
     __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
 
+    @property
+    def packed(self) -> bool:
+        """Is this a packed virtqueue (VIRTIO_F_RING_PACKED, §2.8)?"""
+        return self.layout == "packed"
+
     def __repr__(self) -> str:
+        if self.layout == "packed":
+            return (f"<QueueEntry {self.device} #{self.index} packed size={self.size} "
+                    f"next_avail={self.next_avail}/{self.avail_wrap_counter} "
+                    f"next_used={self.next_used}/{self.used_wrap_counter} chains={self.n_chains} "
+                    f"anomalies={len(self.anomalies)}>")
         return (f"<QueueEntry {self.device} #{self.index} size={self.size} avail_idx={self.avail_idx} "
                 f"used_idx={self.used_idx} chains={self.n_chains} anomalies={len(self.anomalies)}>")
 

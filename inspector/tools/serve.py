@@ -24,7 +24,7 @@ def make_server(args: argparse.Namespace):
 
     def factory():
         return NetDevice(mode=mode, tap_name=args.tap, queue_pairs=args.queues, mac=args.mac,
-                         faults=faults)
+                         faults=faults, packed=getattr(args, "packed", True))
 
     introspect = args.introspect or args.socket + ".introspect"
     return VhostUserServer(args.socket, factory, introspect_path=introspect, snapshot_fn=backend_snapshot,
@@ -42,7 +42,8 @@ def serve_main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     what = f"tap {args.tap}" if args.tap else "loopback"
-    print(f"vqscope serve: virtio-net ({what}, {args.queues} queue pair(s)) on {args.socket}; "
+    rings = "split or packed rings" if getattr(args, "packed", True) else "split rings only"
+    print(f"vqscope serve: virtio-net ({what}, {args.queues} queue pair(s), {rings}) on {args.socket}; "
           f"introspection on {server.introspect_path}; Ctrl-C to end", file=sys.stderr, flush=True)
     if args.inject:
         print(f"vqscope serve: faults on purpose: {', '.join(str(f) for f in args.inject)} "

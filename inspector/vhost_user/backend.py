@@ -99,7 +99,7 @@ class BackendConnection:
         self.log: collections.deque[dict] = collections.deque(maxlen=log_size)
         self.num_queues = int(device.num_queues)
         self.memory = MappedMemory(self.logger, conn_id)
-        self.rings = Vrings(device, self.memory, self.logger, conn_id)
+        self.rings = Vrings(device, self.memory, self.logger, conn_id, features=lambda: self.features)
         self.inflight_areas = InflightTracking(device, self.num_queues, self._negotiated, self.logger, conn_id)
         self.control = DeviceControl(device, self._negotiated, self.logger, conn_id)
         self.features = 0

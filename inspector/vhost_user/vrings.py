@@ -12,6 +12,18 @@ RESET_OWNER / RESET_DEVICE and a disconnect. A change of fd, address, size
 or memory table on a started vring stops it (taking its last_avail_idx as
 the new base) and starts it again, so a device never uses an fd or a
 mapping the core has closed.
+
+Packed rings (VIRTIO_F_RING_PACKED acked with SET_FEATURES, VIRTIO 1.2 §2.8):
+the three addresses are the descriptor ring (16·N bytes), the driver event
+suppression area (avail_user_addr) and the device's (used_user_addr), 4
+bytes each, aligned 16/4/4; N need not be a power of two; the base is the
+vhost-user spec's packed form ("Vring descriptor indices for packed
+virtqueues": bits 0-14 last avail index, bit 15 its wrap counter, bits 16-30
+the used index, bit 31 its wrap counter; a front-end that sends only bits
+0-15, as DPDK's vhost library does, means the used position is the avail
+one: inspector/datapath/packed_queue.py decode_vring_base). GET_VRING_BASE
+answers in the 32-bit form (QEMU's virtio_queue_packed_set_last_avail_idx
+reads both halves).
 """
 
 from __future__ import annotations
@@ -24,7 +36,8 @@ from ..devices.base import Device, VringConfig
 from ..errors import MemoryAccessError
 from ..layout import avail_ring_size, desc_table_size, is_power_of_two, used_ring_size
 from ..memory import GuestMemory
-from ..spec.virtio import VIRTQ_MAX_SIZE
+from ..spec.virtio import (PVIRTQ_DESC_SIZE, PVIRTQ_EVENT_SUPPR_SIZE, VIRTIO_F_RING_PACKED, VIRTQ_MAX_SIZE,
+                           has_feature)
 from .memory_table import MappedMemory
 from .protocol import VRING_IDX_MASK, VRING_NOFD_MASK, ProtocolViolation, VringAddr, VringState
 from .transport import Message
@@ -40,13 +53,22 @@ def close_fd(fd: int | None) -> None:
     return None
 
 
+def ring_area_sizes(num: int, packed: bool) -> tuple[int, int, int]:
+    """Bytes of the areas at desc/avail/used_user_addr: split (VIRTIO 1.2
+    §2.7) 16·N, 6+2·N, 6+8·N; packed (§2.8.10.1) 16·N, 4, 4."""
+    if packed:
+        return PVIRTQ_DESC_SIZE * num, PVIRTQ_EVENT_SUPPR_SIZE, PVIRTQ_EVENT_SUPPR_SIZE
+    return desc_table_size(num), avail_ring_size(num), used_ring_size(num)
+
+
 def check_ring_mapped(name: str, v: VringConfig, mem: GuestMemory) -> None:
     """Each ring area of ``v`` must lie inside one region of ``mem``
-    (VIRTIO 1.2 §2.7: sizes 16·N, 6+2·N, 6+8·N); ProtocolViolation of
-    request ``name`` otherwise."""
-    for fld, addr, size in (("desc_user_addr", v.desc_uva, desc_table_size(v.num)),
-                            ("avail_user_addr", v.avail_uva, avail_ring_size(v.num)),
-                            ("used_user_addr", v.used_uva, used_ring_size(v.num))):
+    (:func:`ring_area_sizes` of its layout); ProtocolViolation of request
+    ``name`` otherwise."""
+    sizes = ring_area_sizes(v.num, v.packed)
+    for fld, addr, size in (("desc_user_addr", v.desc_uva, sizes[0]),
+                            ("avail_user_addr", v.avail_uva, sizes[1]),
+                            ("used_user_addr", v.used_uva, sizes[2])):
         try:
             mem.uva_to_gpa(addr, size)
         except MemoryAccessError as e:
@@ -54,8 +76,14 @@ def check_ring_mapped(name: str, v: VringConfig, mem: GuestMemory) -> None:
                                     f"ring area of {size} bytes is not mapped: {e}") from None
 
 
-def check_ring_size(name: str, field: str, num: int) -> None:
-    """VIRTIO 1.2 §2.7: a split ring's Queue Size is a power of 2, at most 32768."""
+def check_ring_size(name: str, field: str, num: int, packed: bool = False) -> None:
+    """VIRTIO 1.2 §2.7: a split ring's Queue Size is a power of 2, at most
+    32768; §2.8.10.1: a packed ring's is 1 to 32768."""
+    if packed:
+        if not 1 <= num <= VIRTQ_MAX_SIZE:
+            raise ProtocolViolation(name, field, num,
+                                    f"a packed ring's size is 1 to {VIRTQ_MAX_SIZE} (VIRTIO 1.2 §2.8.10.1)")
+        return
     if num == 0 or not is_power_of_two(num) or num > VIRTQ_MAX_SIZE:
         raise ProtocolViolation(name, field, num,
                                 f"a split ring's size is a power of two, 1 to {VIRTQ_MAX_SIZE} "
@@ -69,14 +97,21 @@ class Vrings:
     payload), as BackendConnection dispatches them, and return the reply
     payload or None; the vring index was checked before they run."""
 
-    def __init__(self, device: Device, memory: MappedMemory, logger: logging.Logger, conn_id: int = 0):
+    def __init__(self, device: Device, memory: MappedMemory, logger: logging.Logger, conn_id: int = 0,
+                 features: Callable[[], int] = lambda: 0):
         self.device = device
+        self._features = features  # the virtio features the front-end acked (SET_FEATURES)
         self.memory = memory
         self.logger = logger
         self.id = conn_id
         self.num_queues = int(device.num_queues)
         self.configs = [VringConfig(index=i) for i in range(self.num_queues)]
         self._polling = [False] * self.num_queues  # kick "fd" is the no-fd bit
+
+    @property
+    def packed(self) -> bool:
+        """Whether the rings are packed (VIRTIO_F_RING_PACKED acked)."""
+        return has_feature(self._features(), VIRTIO_F_RING_PACKED)
 
     # --- start / stop ---------------------------------------------------------
     def _ready(self, i: int) -> bool:
@@ -89,6 +124,7 @@ class Vrings:
         if not self._ready(i):
             return
         v, mem = self.configs[i], self.memory.mem
+        v.packed = self.packed
         check_ring_mapped(name, v, mem)
         v.started = True
         try:
@@ -104,12 +140,13 @@ class Vrings:
             self.maybe_start(name, i)
 
     def stop(self, i: int) -> int:
-        """Stop vring ``i`` if started; return its last_avail_idx (kept as base)."""
+        """Stop vring ``i`` if started; return its vring base (kept as base):
+        last_avail_idx, or the 32-bit packed form."""
         v = self.configs[i]
         if v.started:
             v.started = False
             base = self.device.stop_queue(i)
-            v.base = int(base) & 0xFFFF
+            v.base = int(base) & (0xFFFFFFFF if v.packed else 0xFFFF)
             self.logger.debug("connection %d: vring %d stopped at %d", self.id, i, v.base)
         return v.base
 
@@ -164,18 +201,20 @@ class Vrings:
 
     # --- handlers -------------------------------------------------------------
     def set_num(self, msg: Message, st: VringState) -> None:
-        check_ring_size(msg.name, "num", st.num)
+        check_ring_size(msg.name, "num", st.num, self.packed)
         self._reconfigure(msg.name, st.index, lambda v: setattr(v, "num", st.num))
 
     def set_addr(self, msg: Message, a: VringAddr) -> None:
-        # VIRTIO 1.2 §2.7: alignment 16 (desc), 2 (avail), 4 (used).
+        # VIRTIO 1.2 §2.7: alignment 16 (desc), 2 (avail), 4 (used);
+        # §2.8.10.1 (packed): 16, 4 (driver event suppression), 4 (device's).
         mem = self.memory.mem
+        packed = self.packed
+        rule = "VIRTIO 1.2 §2.8.10.1" if packed else "VIRTIO 1.2 §2.7"
         for fld, addr, align in (("desc_user_addr", a.desc_user_addr, 16),
-                                 ("avail_user_addr", a.avail_user_addr, 2),
+                                 ("avail_user_addr", a.avail_user_addr, 4 if packed else 2),
                                  ("used_user_addr", a.used_user_addr, 4)):
             if addr % align:
-                raise ProtocolViolation(msg.name, fld, addr,
-                                        f"must be {align}-byte aligned (VIRTIO 1.2 §2.7)")
+                raise ProtocolViolation(msg.name, fld, addr, f"must be {align}-byte aligned ({rule})")
             if mem is not None:
                 try:
                     mem.uva_to_gpa(addr, 1)
@@ -191,9 +230,18 @@ class Vrings:
         self._reconfigure(msg.name, a.index, apply)
 
     def set_base(self, msg: Message, st: VringState) -> None:
-        if st.num >= 1 << 16:
+        if self.packed:
+            num = self.configs[st.index].num
+            for what, idx in (("last avail index (bits 0-14)", st.num & 0x7FFF),
+                              ("used index (bits 16-30)", st.num >> 16 & 0x7FFF)):
+                if num and idx >= num:
+                    raise ProtocolViolation(msg.name, "num", st.num,
+                                            f"a packed ring's {what} {idx} is not below its size {num} "
+                                            f"(vhost-user: vring descriptor indices for packed virtqueues)")
+        elif st.num >= 1 << 16:
             raise ProtocolViolation(msg.name, "num", st.num,
-                                    "a split ring's last_avail_idx is 16 bits (packed rings are not offered)")
+                                    "a split ring's last_avail_idx is 16 bits (VIRTIO_F_RING_PACKED "
+                                    "was not acked)")
         self._reconfigure(msg.name, st.index, lambda v: setattr(v, "base", st.num))
 
     def get_base(self, msg: Message, st: VringState) -> bytes:

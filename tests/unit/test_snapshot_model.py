@@ -210,3 +210,77 @@ def test_anomaly_kinds_are_members_not_strings_in_the_code():
             if tok.type == tokenize.STRING and tok.string.strip("\"'") in values:
                 found.append(f"{rel}:{tok.start[0]}: {tok.string}")
     assert found == []
+
+
+# --- packed queues (README "Packed virtqueues") -----------------------------------
+
+def _packed_json(**over) -> dict:
+    q = {"device": "net0", "index": 1, "layout": "packed", "size": 256, "features": 1 << 34,
+         "event_idx": True, "avail_idx": None, "used_idx": None, "last_avail_idx": 5, "inflight": 7,
+         "avail_flags": None, "used_flags": None, "used_event": None, "avail_event": None,
+         "next_avail": 10, "avail_wrap_counter": 1, "next_used": 3, "used_wrap_counter": 1,
+         "last_avail_wrap_counter": 1, "driver_event_flags": 2, "driver_event_off": 9,
+         "driver_event_wrap": 1, "device_event_flags": 0, "device_event_off": 0, "device_event_wrap": 1,
+         "positions": "device", "kicks": 4, "calls": 2, "packets": 11, "bytes": 704,
+         "chains": [{"head": 17, "slot": 5,
+                     "descs": [{"addr": 0x1000, "len": 12, "flags": 0x81, "id": 0},
+                               {"addr": 0x2000, "len": 64, "flags": 0x80, "id": 17}],
+                     "out_bytes": 76, "in_bytes": 0}],
+         "anomalies": []}
+    q.update(over)
+    return {"source": "test", "time": 1.5, "queues": [q]}
+
+
+def test_packed_queue_round_trips_and_is_typed():
+    obj = _packed_json()
+    snap = from_json(copy.deepcopy(obj))
+    q = snap.queues[0]
+    assert q.packed and q.avail_idx is None and q.used_event is None
+    assert (q.next_avail, q.avail_wrap_counter, q.next_used, q.used_wrap_counter) == (10, 1, 3, 1)
+    assert (q.driver_event_flags, q.driver_event_off, q.positions) == (2, 9, "device")
+    c = q.chains[0]
+    assert c.head == 17 and c.slot == 5 and c.descs[1] == Descriptor(0x2000, 64, 0x80, 17)
+    assert to_json(snap) == obj
+    assert to_json(from_json(json.loads(dumps(snap)))) == obj
+    # built from Chain tuples rather than parsed dicts, the JSON is the same
+    rebuilt = QueueEntry(**{k: v for k, v in obj["queues"][0].items() if k not in ("chains", "anomalies")},
+                         chains=list(q.chains))
+    assert to_json(Snapshot("test", 1.5, [rebuilt])) == obj
+    assert rebuilt == q
+
+
+def test_split_queue_json_has_no_packed_members():
+    q = QueueEntry(device="d", index=0, size=8, features=0, event_idx=False)
+    out = to_json(Snapshot("s", 0.0, [q]))["queues"][0]
+    assert "next_avail" not in out and "positions" not in out and q.next_avail is None
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda q: q.update(avail_idx=3), r"queues\[0\]\.avail_idx is 3 .*null"),
+    (lambda q: q.pop("next_used"), r"queues\[0\] has no 'next_used'"),
+    (lambda q: q.update(positions="guess"), r"queues\[0\]\.positions is 'guess'"),
+    (lambda q: q.update(layout="ring"), r"queues\[0\]\.layout is 'ring'"),
+    (lambda q: q["chains"][0].pop("slot"), r"queues\[0\]\.chains\[0\]"),
+    (lambda q: q["chains"][0]["descs"][0].update(next=1), r"queues\[0\]\.chains\[0\]\.descs\[0\]"),
+])
+def test_packed_contract_breaches_are_named(mutate, match):
+    obj = _packed_json()
+    mutate(obj["queues"][0])
+    with pytest.raises(SnapshotFormatError, match=match):
+        from_json(obj)
+
+
+def test_split_queue_with_a_packed_member_is_refused():
+    q = QueueEntry(device="d", index=0, size=8, features=0, event_idx=False)
+    obj = to_json(Snapshot("s", 0.0, [q]))
+    obj["queues"][0]["next_avail"] = 1
+    with pytest.raises(SnapshotFormatError, match="split and has the packed field 'next_avail'"):
+        from_json(obj)
+
+
+def test_packed_entry_nulls_split_fields_and_refuses_unknown_keywords():
+    q = QueueEntry(device="d", index=0, size=8, features=0, event_idx=True, layout="packed", avail_idx=4,
+                   next_avail=2)
+    assert q.avail_idx is None and q.next_avail == 2
+    with pytest.raises(TypeError, match="next_avial"):
+        QueueEntry(device="d", index=0, size=8, features=0, event_idx=True, next_avial=1)
