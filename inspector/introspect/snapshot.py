@@ -7,6 +7,12 @@ core's VringConfig: size, addresses), what the device's data path counted
 dropped; faults on purpose as extras ``inject``) and what the rings say now
 (the C decoder over the shared memory), with the device's type. Reading
 never writes the rings.
+
+Packed rings (VringConfig.packed, VIRTIO 1.2 §2.8) are decoded with
+``snapshot_packed`` from the device's own positions (QueueStats:
+last_avail_idx + last_avail_wrap_counter, next_used + used_wrap_counter:
+``positions`` "device"); a ring not started yet is decoded from the base the
+front-end set (its 32-bit packed form, both positions).
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import time
 
 from ..devices.base import QueueStats, VringConfig
 from ..errors import InspectorError
-from ..layout import avail_ring_size, desc_table_size, used_ring_size
+from ..datapath.packed_queue import decode_vring_base
+from ..layout import avail_ring_size, desc_table_size, packed_layout, used_ring_size
 from ..memory import GuestMemory
 from ..ring import decoder
 from ..ring.anomalies import Anomaly, AnomalyKind
@@ -58,19 +65,23 @@ def _queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features:
     entry = QueueEntry(
         device=device, index=vring.index, size=num, features=features,
         event_idx=has_feature(features, VIRTIO_RING_F_EVENT_IDX),
-        last_avail_idx=stats.last_avail_idx if stats.last_avail_idx is not None else vring.base,
+        last_avail_idx=(stats.last_avail_idx if stats.last_avail_idx is not None
+                        else decode_vring_base(vring.base)[0] if vring.packed else vring.base),
         kicks=stats.kicks, calls=stats.calls, calls_suppressed=stats.calls_suppressed,
         packets=stats.packets, bytes=stats.bytes, device_type=device_type,
         shadow_avail_idx=stats.shadow_avail_idx, dropped=stats.dropped)
     if stats.inject is not None:
         entry.extras["inject"] = stats.inject
     try:
-        dec = decoder.snapshot_split(
-            mem, num,
-            mem.uva_to_gpa(vring.desc_uva, desc_table_size(num)),
-            mem.uva_to_gpa(vring.avail_uva, avail_ring_size(num)),
-            mem.uva_to_gpa(vring.used_uva, used_ring_size(num)),
-            entry.last_avail_idx)
+        if vring.packed:
+            dec = _decode_packed(vring, mem, stats)
+        else:
+            dec = decoder.snapshot_split(
+                mem, num,
+                mem.uva_to_gpa(vring.desc_uva, desc_table_size(num)),
+                mem.uva_to_gpa(vring.avail_uva, avail_ring_size(num)),
+                mem.uva_to_gpa(vring.used_uva, used_ring_size(num)),
+                entry.last_avail_idx)
     except InspectorError as e:
         entry.anomalies.append(Anomaly(AnomalyKind.RING_UNMAPPED, str(e)))
         return entry
@@ -78,6 +89,24 @@ def _queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features:
     if stats.broken:
         entry.anomalies.append(Anomaly(AnomalyKind.QUEUE_BROKEN, stats.broken))
     return entry
+
+
+def _decode_packed(vring: VringConfig, mem: GuestMemory, stats: QueueStats):
+    """The packed ring of ``vring`` decoded from the device's positions
+    (``stats`` of a running ring) or, before it runs, from the vring base."""
+    lay = packed_layout(vring.num)
+    if stats.next_used is not None:
+        avail, avail_wrap = stats.last_avail_idx, stats.last_avail_wrap_counter
+        used, used_wrap = stats.next_used, stats.used_wrap_counter
+    else:
+        avail, avail_wrap, used, used_wrap = decode_vring_base(vring.base)
+    return decoder.snapshot_packed(
+        mem, vring.num,
+        mem.uva_to_gpa(vring.desc_uva, lay.desc_size),
+        mem.uva_to_gpa(vring.avail_uva, lay.driver_event_size),
+        mem.uva_to_gpa(vring.used_uva, lay.device_event_size),
+        next_used=used, used_wrap_counter=used_wrap,
+        last_avail_idx=avail, last_avail_wrap_counter=avail_wrap)
 
 
 def backend_snapshot(server) -> Snapshot:

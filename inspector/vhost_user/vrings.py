@@ -158,6 +158,7 @@ class Vrings:
         """Apply a change to vring ``i``: stop it if running, change, start again if ready."""
         self.stop(i)
         apply(self.configs[i])
+        self.configs[i].packed = self.packed
         self.maybe_start(name, i)
 
     def drop_fds(self, i: int, *, kick=False, call=False, err=False) -> None:

@@ -67,10 +67,16 @@ def _run_until(fe: DpdkTestpmd, be, minimum: int, timeout: float) -> tuple[int, 
     pytest.param(2, {}, [], 64, id="2q"),
     # 1464-byte frames sent as two segments: TX chains of header + 2 buffers.
     pytest.param(1, {}, ["--txpkts=64,1400", "--tx-offloads=0x8000"], 1464, id="1q-2seg-1464B"),
+    # Packed rings (VIRTIO 1.2 §2.8): mrg_rxbuf 0/1 x in_order 0/1, and two queue pairs.
+    pytest.param(1, {"packed_vq": 1}, [], 64, id="packed-1q"),
+    pytest.param(1, {"packed_vq": 1, "mrg_rxbuf": 0}, [], 64, id="packed-1q-mrg_rxbuf0"),
+    pytest.param(1, {"packed_vq": 1, "mrg_rxbuf": 0, "in_order": 1}, [], 64, id="packed-1q-mrg_rxbuf0-in_order"),
+    pytest.param(2, {"packed_vq": 1, "in_order": 1}, [], 64, id="packed-2q-in_order"),
 ])
 def test_testpmd_io_forward_counters_match_snapshot(queues: int, devargs: dict, pmd_args: list[str],
                                                     frame_len: int) -> None:
     _requirements()
+    layout = "packed" if devargs.get("packed_vq") else "split"
     d = socket_dir()
     sock = f"{d}/vu.sock"
     try:
@@ -110,6 +116,10 @@ def test_testpmd_io_forward_counters_match_snapshot(queues: int, devargs: dict, 
                         q = by_index[i]
                         assert q["bytes"] >= frame_len * q["packets"], (
                             f"virtqueue {i}: {q['bytes']} bytes for {q['packets']} frames of {frame_len}")
-                        assert q["layout"] == "split" and q["size"] > 0
+                        assert q["layout"] == layout and q["size"] > 0
+                        if layout == "packed":
+                            # the device's own positions, and its ring moved on
+                            assert q["positions"] == "device"
+                            assert q["next_used"] is not None and q["used_wrap_counter"] in (0, 1)
     finally:
         shutil.rmtree(d, ignore_errors=True)
