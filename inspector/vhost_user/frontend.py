@@ -33,8 +33,9 @@ import socket
 import struct
 import time
 
+from ..datapath.packed_queue import encode_vring_base
 from ..errors import InspectorError, ProtocolError
-from ..layout import packed_layout, split_layout
+from ..layout import is_power_of_two, packed_layout, split_layout
 from ..memory import GuestMemory
 from ..ring.driver import DriverRing
 from ..ring.driver_packed import PackedDriverRing
@@ -52,21 +53,6 @@ from .transport import Message, recv_message, send_message
 
 def _align(x: int, a: int) -> int:
     return (x + a - 1) & ~(a - 1)
-
-
-def pack_packed_base(avail_slot: int, avail_wrap: int, used_slot: int, used_wrap: int) -> int:
-    """SET/GET_VRING_BASE's ``num`` for a packed vring (vhost-user spec, as
-    QEMU's virtio_queue_packed_get_last_avail_idx): bits 0-14 the device's
-    next slot to read (last_avail_idx), bit 15 its wrap counter; bits 16-30
-    and 31 the same for its next used slot."""
-    return (avail_slot & 0x7FFF | (avail_wrap & 1) << 15
-            | (used_slot & 0x7FFF | (used_wrap & 1) << 15) << 16)
-
-
-def unpack_packed_base(num: int) -> tuple[int, int, int, int]:
-    """``(avail_slot, avail_wrap, used_slot, used_wrap)`` of a packed
-    vring's base (:func:`pack_packed_base`)."""
-    return num & 0x7FFF, num >> 15 & 1, num >> 16 & 0x7FFF, num >> 31 & 1
 
 
 class VhostUserFrontend(VirtioNetDriver):
@@ -140,9 +126,12 @@ class VhostUserFrontend(VirtioNetDriver):
         return has_feature(self.features, VIRTIO_F_RING_PACKED)
 
     def _layout(self) -> None:
-        # Laid out before the features are known: room for either layout.
-        ring_bytes = _align(max(split_layout(self.queue_size, 4096).total_size,
-                                packed_layout(self.queue_size).total_size), 4096)
+        # Laid out before the features are known: room for either layout (a
+        # size that is not a power of two has only the packed one, §2.8).
+        sizes = [packed_layout(self.queue_size).total_size]
+        if is_power_of_two(self.queue_size):
+            sizes.append(split_layout(self.queue_size, 4096).total_size)
+        ring_bytes = _align(max(sizes), 4096)
         self.ring_base = [i * ring_bytes for i in range(2 * self.queue_pairs)]
         self.slots_base = _align(2 * self.queue_pairs * ring_bytes, 4096)
         nslots = (self.mem_size - self.slots_base) // self.slot_size
@@ -217,7 +206,7 @@ class VhostUserFrontend(VirtioNetDriver):
     def get_vring_base(self, index: int) -> int:
         """Stop vring ``index`` (GET_VRING_BASE) and return its base: a split
         ring's last_avail_idx, a packed ring's positions in the vhost-user
-        encoding (:func:`unpack_packed_base`)."""
+        encoding (inspector.datapath.packed_queue.decode_vring_base)."""
         reply = self._request(Request.GET_VRING_BASE, VringState(index, 0).pack())
         return struct.unpack("<II", reply.payload)[1]
 
@@ -351,6 +340,9 @@ class VhostUserFrontend(VirtioNetDriver):
                 raise ProtocolError(f"reconnect: vring {i} is {'packed' if q.packed else 'split'} but "
                                     f"the back-end negotiated {'packed' if self.packed else 'split'} rings")
         else:
+            if not self.packed and not is_power_of_two(self.queue_size):
+                raise ProtocolError(f"queue size {self.queue_size} needs packed rings (a split ring's is a "
+                                    f"power of two, VIRTIO 1.2 §2.7): VIRTIO_F_RING_PACKED was not negotiated")
             ring_cls = PackedDriverRing if self.packed else DriverRing
             q = DriverQueue(i, ring_cls(self.mem, self.ring_base[i], self.queue_size),
                             self._eventfd(), self._eventfd())
@@ -358,7 +350,7 @@ class VhostUserFrontend(VirtioNetDriver):
         ring = q.ring
         if q.packed:
             slot, wrap = ring.device_used_position()
-            base = pack_packed_base(slot, wrap, slot, wrap)
+            base = encode_vring_base(slot, wrap, slot, wrap)
             areas = (ring.desc_addr, ring.device_event_addr, ring.driver_event_addr)
         else:
             base = ring.used_idx

@@ -13,10 +13,12 @@ import pytest
 
 from inspector.errors import InspectorError, LayoutError
 from inspector.memory import GuestMemory
+from inspector.ring import decoder, reference_packed
 from inspector.ring.driver_packed import HOSTILE_PACKED, PackedDriverRing, avail_flags, event_word, is_used
 from inspector.spec.virtio import (RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE,
                                    VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, VRING_DESC_F_INDIRECT,
                                    VRING_DESC_F_NEXT, VRING_DESC_F_WRITE)
+from inspector.vhost_user.net_driver import HOSTILE_PACKED_KINDS
 
 RING_GPA = 0x1000
 DATA_GPA = 0x100000
@@ -343,3 +345,58 @@ def test_hostile_buffers():
     assert r.read_desc(0)[0] >= DATA_GPA + DATA_LEN
     r, _ = hostile("zero_len")
     assert r.read_desc(1)[1] == 0
+
+
+# --- what the packed decoders read in the rings written here -------------------------------------
+DECODERS = [pytest.param(reference_packed.snapshot_packed, id="python"),
+            pytest.param(decoder.snapshot_packed, id="c")]
+
+
+def decode(r: PackedDriverRing, dev: Device, snapshot_packed):
+    return snapshot_packed(r.mem, r.size, r.desc_addr, r.driver_event_addr, r.device_event_addr,
+                           next_used=dev.used[0], used_wrap_counter=dev.used[1],
+                           last_avail_idx=dev.avail[0], last_avail_wrap_counter=dev.avail[1])
+
+
+@pytest.mark.parametrize("snapshot_packed", DECODERS)
+def test_decoders_read_the_rings_written_here(snapshot_packed):
+    """Several laps of a 7-slot ring, out of order: the chains the decoders
+    list from the device's positions are those published and not yet taken,
+    with the buffer ids, slots and lengths written; positions, in-flight
+    count and the driver event suppression agree; no anomaly."""
+    rnd = random.Random(7)
+    r = ring_of(7)
+    dev = Device(r)
+    held: list[tuple[int, int]] = []
+    for step in range(60):
+        waiting = []
+        while r.num_free:
+            n = rnd.randint(1, min(3, r.num_free))
+            slot = r.next_avail
+            bid = r.add_chain([buf(k, 20 + k, k == n - 1) for k in range(n)])
+            waiting.append((bid, slot, n))
+            if rnd.random() < 0.4:
+                break
+        r.publish()
+        r.enable_calls(event_idx=True)
+        snap = decode(r, dev, snapshot_packed)
+        assert not snap.anomalies, snap.anomalies
+        assert [(c.head, c.slot, len(c.descs)) for c in snap.chains] == waiting
+        assert (snap.next_avail, snap.avail_wrap_counter) == (r.next_avail, r.avail_wrap_counter)
+        assert snap.inflight == r.size - r.num_free
+        assert (snap.driver_event_flags, snap.driver_event_off, snap.driver_event_wrap) == r.driver_event
+        held += [(bid, len(descs)) for bid, descs in dev.take()]
+        rnd.shuffle(held)
+        k = rnd.randint(0, len(held))
+        for bid, n in held[:k]:
+            dev.use(bid, 0, n)
+        held = held[k:]
+        r.get_used()
+
+
+@pytest.mark.parametrize("snapshot_packed", DECODERS)
+@pytest.mark.parametrize("kind", sorted(HOSTILE_PACKED_KINDS))
+def test_decoders_name_each_hostile_kind(kind, snapshot_packed):
+    r, _ = hostile(kind)
+    snap = decode(r, Device(r), snapshot_packed)
+    assert HOSTILE_PACKED_KINDS[kind] in {a.kind for a in snap.anomalies}, snap.anomalies
