@@ -5,7 +5,7 @@ packed ring. It owns the descriptor ring and the driver event suppression
 area, reads the device's used descriptors and its event suppression area.
 vqscope's built-in vhost-user front-end drives the back-end with it, and
 tests build packed rings with it, hostile ones included
-(:meth:`PackedDriverRing.add_hostile`). It writes guest memory; nothing on
+(:meth:`PackedDriverRing.add_hostile`, each kind of :data:`HOSTILE_PACKED`). It writes guest memory; nothing on
 the inspector side ever does.
 
 Memory (§2.8.10, §2.8.13), laid out from ``base`` as Linux allocates it
@@ -37,6 +37,7 @@ from typing import Sequence
 from ..errors import InspectorError
 from ..layout import packed_layout
 from ..memory import GuestMemory
+from .anomalies import AnomalyKind
 from ..spec.virtio import (PVIRTQ_DESC_SIZE, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE,
                            RING_EVENT_FLAGS_ENABLE, RING_EVENT_OFF_MASK, RING_EVENT_WRAP_SHIFT,
                            VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
@@ -49,20 +50,21 @@ _DESC_HEAD = struct.Struct("<QIH")    # addr, len, id: a head without its flags
 _FLAGS_OFF = 14                       # offset of pvirtq_desc.flags
 _SWAP = sys.byteorder != "little"
 
-#: Ring violations :meth:`PackedDriverRing.add_hostile` writes, each with the
-#: rule it breaks. The back-end must break the queue on each (and the decoder
-#: name it); none needs a device that misbehaves.
+#: Ring violations :meth:`PackedDriverRing.add_hostile` writes, each named by
+#: the decoders' anomaly kind it shows as, with the rule it breaks. The
+#: back-end must break the queue on each; none needs a device that misbehaves.
 HOSTILE_PACKED = {
-    "id_out_of_range": "§2.8.6: the Buffer ID (in the chain's last descriptor) is below the queue size",
-    "chain_too_long": "§2.8.6, §2.8.17: a chain is never longer than the queue (NEXT on every descriptor)",
-    "avail_used_pattern": "§2.8.1, §2.8.21: every descriptor of an available chain has AVAIL = the Driver Ring "
-                    "Wrap Counter and USED its inverse",
-    "indirect_with_next": "§2.8.7: a driver MUST NOT set both INDIRECT and NEXT",
-    "nested_indirect": "§2.8.7: a driver MUST NOT set INDIRECT within an indirect descriptor",
-    "indirect_len": "§2.8.7: an indirect table's len is a non-zero multiple of 16",
-    "addr_out_of_range": "§2.8.4: a buffer lies in guest memory",
-    "indirect_out_of_range": "§2.8.7: an indirect table lies in guest memory",
-    "zero_len": "a descriptor of length 0 (flagged, not forbidden)",
+    AnomalyKind.ID_OUT_OF_RANGE: "§2.8.6: the Buffer ID (in the chain's last descriptor) is below the queue size",
+    AnomalyKind.CHAIN_TOO_LONG: "§2.8.6, §2.8.17: a chain is never longer than the queue (NEXT on every "
+                                "descriptor)",
+    AnomalyKind.AVAIL_USED_PATTERN: "§2.8.1, §2.8.21: every descriptor of an available chain has AVAIL = the "
+                                    "Driver Ring Wrap Counter and USED its inverse",
+    AnomalyKind.INDIRECT_WITH_NEXT: "§2.8.7: a driver MUST NOT set both INDIRECT and NEXT",
+    AnomalyKind.NESTED_INDIRECT: "§2.8.7: a driver MUST NOT set INDIRECT within an indirect descriptor",
+    AnomalyKind.INDIRECT_LEN: "§2.8.7: an indirect table's len is a non-zero multiple of 16",
+    AnomalyKind.ADDR_OUT_OF_RANGE: "§2.8.4: a buffer lies in guest memory",
+    AnomalyKind.INDIRECT_OUT_OF_RANGE: "§2.8.7: an indirect table lies in guest memory",
+    AnomalyKind.ZERO_LEN: "a descriptor of length 0 (flagged, not forbidden)",
 }
 
 
@@ -356,7 +358,8 @@ class PackedDriverRing:
         return slot, wrap
 
     # --- hostile rings ------------------------------------------------------------------------------
-    def add_hostile(self, kind: str, buf: tuple[int, int, bool], *, table_addr: int, mem_end: int) -> int:
+    def add_hostile(self, kind: AnomalyKind, buf: tuple[int, int, bool], *, table_addr: int,
+                    mem_end: int) -> int:
         """Write one ring violation of ``kind`` (a key of HOSTILE_PACKED) as
         the next chain (not yet published) and return its buffer id. ``buf``
         is a valid ``(addr, len, writable)`` buffer of at least 32 bytes to
@@ -364,33 +367,35 @@ class PackedDriverRing:
         table, ``mem_end`` the first guest-physical address past guest memory.
         ``chain_too_long`` needs every slot free."""
         if kind not in HOSTILE_PACKED:
-            raise InspectorError(f"hostile packed ring kind {kind!r} is unknown: use one of {sorted(HOSTILE_PACKED)}")
+            raise InspectorError(f"no hostile packed ring shows as {kind!r}: use one of "
+                                 f"{sorted(k.value for k in HOSTILE_PACKED)}")
         addr, length, writable = buf
         w = VRING_DESC_F_WRITE if writable else 0
         half = length // 2
         two = [(addr, half, w | VRING_DESC_F_NEXT), (addr + half, length - half, w)]
-        if kind == "id_out_of_range":
+        if kind is AnomalyKind.ID_OUT_OF_RANGE:
             return self.add_descs([(addr, length, w)], buffer_id=self.size)
-        if kind == "chain_too_long":
+        if kind is AnomalyKind.CHAIN_TOO_LONG:
             if self.num_free != self.size:
-                raise InspectorError(f"chain_too_long needs an idle ring: {self.num_free} of {self.size} slots free")
+                raise InspectorError(f"a chain longer than the ring needs an idle ring: {self.num_free} of "
+                                     f"{self.size} slots free")
             return self.add_descs([(addr, length, w | VRING_DESC_F_NEXT)] * self.size)
-        if kind == "avail_used_pattern":
+        if kind is AnomalyKind.AVAIL_USED_PATTERN:
             # The second descriptor carries the bits of the other lap: AVAIL=!w, USED=w.
             return self.add_descs(two, wrap_bits=[None, avail_flags(self.avail_wrap_counter ^ 1)])
-        if kind == "zero_len":
+        if kind is AnomalyKind.ZERO_LEN:
             return self.add_descs([two[0], (addr + half, 0, w)])
-        if kind == "addr_out_of_range":
+        if kind is AnomalyKind.ADDR_OUT_OF_RANGE:
             return self.add_descs([(mem_end + 0x1000, length, w)])
-        if kind == "indirect_out_of_range":
+        if kind is AnomalyKind.INDIRECT_OUT_OF_RANGE:
             return self.add_descs([(mem_end + 0x1000, 2 * PVIRTQ_DESC_SIZE, VRING_DESC_F_INDIRECT)])
         entries = [(addr, half, w), (addr + half, length - half, w)]
-        if kind == "nested_indirect":
+        if kind is AnomalyKind.NESTED_INDIRECT:
             entries[1] = (table_addr, 2 * PVIRTQ_DESC_SIZE, VRING_DESC_F_INDIRECT)
         self.write_table(table_addr, entries)
-        if kind == "indirect_with_next":
+        if kind is AnomalyKind.INDIRECT_WITH_NEXT:
             return self.add_descs([(table_addr, 2 * PVIRTQ_DESC_SIZE, VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT),
                                    (addr, half, w)])
-        if kind == "indirect_len":
+        if kind is AnomalyKind.INDIRECT_LEN:
             return self.add_descs([(table_addr, PVIRTQ_DESC_SIZE + 8, VRING_DESC_F_INDIRECT)])
         return self.add_descs([(table_addr, 2 * PVIRTQ_DESC_SIZE, VRING_DESC_F_INDIRECT)])

@@ -55,20 +55,9 @@ HOSTILE_KINDS = {
 }
 
 #: The same for a packed vring: the violations PackedDriverRing.add_hostile
-#: writes (inspector.ring.driver_packed.HOSTILE_PACKED names each one's
-#: rule), and the packed decoder's anomaly kind each shows as.
-HOSTILE_PACKED_KINDS = {
-    "id_out_of_range": AnomalyKind.ID_OUT_OF_RANGE,
-    "chain_too_long": AnomalyKind.CHAIN_TOO_LONG,
-    "avail_used_pattern": AnomalyKind.AVAIL_USED_PATTERN,
-    "indirect_with_next": AnomalyKind.INDIRECT_WITH_NEXT,
-    "nested_indirect": AnomalyKind.NESTED_INDIRECT,
-    "indirect_len": AnomalyKind.INDIRECT_LEN,
-    "addr_out_of_range": AnomalyKind.ADDR_OUT_OF_RANGE,
-    "indirect_out_of_range": AnomalyKind.INDIRECT_OUT_OF_RANGE,
-    "zero_len": AnomalyKind.ZERO_LEN,
-}
-assert set(HOSTILE_PACKED_KINDS) == set(HOSTILE_PACKED)
+#: writes (inspector.ring.driver_packed.HOSTILE_PACKED, with each one's rule),
+#: named as the packed decoders' anomaly kind each shows as.
+HOSTILE_PACKED_KINDS = {kind.value: kind for kind in HOSTILE_PACKED}
 
 
 class DriverQueue:
@@ -289,7 +278,8 @@ class VirtioNetDriver:
             raise InspectorError(f"hostile packed ring kind {kind!r} is unknown: use one of "
                                  f"{sorted(HOSTILE_PACKED_KINDS)}")
         ring = q.ring
-        if kind == "chain_too_long" and q.index % 2:
+        anomaly = HOSTILE_PACKED_KINDS[kind]
+        if anomaly is AnomalyKind.CHAIN_TOO_LONG and q.index % 2:
             deadline = time.monotonic() + 1.0
             while ring.num_free < ring.size and time.monotonic() < deadline:
                 if not self.poll_tx_done(q.index // 2):
@@ -298,7 +288,7 @@ class VirtioNetDriver:
         gpa = self._slot_gpa(slot)
         self.mem.view(gpa, 64)[:] = bytes(64)
         table = gpa + 64 if self.slot_size >= 128 else gpa
-        bid = ring.add_hostile(kind, (gpa, self.net_hdr_len + 32, q.index % 2 == 0), table_addr=table,
+        bid = ring.add_hostile(anomaly, (gpa, self.net_hdr_len + 32, q.index % 2 == 0), table_addr=table,
                                mem_end=self.mem_size)
         q.slots[bid] = slot
         self.publish(q.index, force_kick=True)
