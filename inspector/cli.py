@@ -249,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=_examples("""
                             vqscope demo
                             vqscope demo --headless --duration 5 --json
+                            vqscope demo --split                         # split rings, not packed
                             vqscope demo --headless --duration 60 --socket /tmp/demo.sock &
                             vqscope snapshot --connect /tmp/demo.sock   # another process reads it
                             vqscope demo --inject withhold-kicks=1,after=2   # TX kicks stop after 2 s
@@ -265,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                     type=_fault_type(FAULT_KINDS),
                     help=f"a fault on purpose, {SPEC_FORMS}: a device fault (stall, drop-calls) or a "
                          f"driver fault (withhold-kicks, stop-consuming); repeatable, see below")
+    dp.add_argument("--split", action="store_true",
+                    help="split rings even when the back-end offers packed ones (VIRTIO_F_RING_PACKED)")
     dp.set_defaults(func=cmd_demo)
 
     ldp = sub.add_parser("load", help="drive a kernel vhost-net device from user space (a load tool)",

@@ -4,7 +4,9 @@ traffic through it, and the live TUI on the back-end's introspection socket.
 Everything is real: a vhost-user Unix socket (in a temporary directory, or
 at ``--socket PATH``), the front-end's rings in a memfd passed with
 SET_MEM_TABLE, eventfd kicks and calls, and the C data path echoing frames.
-Only the driver is ours instead of a guest's. ``--inject`` faults
+Only the driver is ours instead of a guest's. The rings are packed (VIRTIO
+1.2 §2.8) when the back-end offers VIRTIO_F_RING_PACKED, split with
+``--split``. ``--inject`` faults
 (inspector/faults.py) go to the back-end (device faults) or the front-end
 (driver faults).
 
@@ -106,14 +108,16 @@ def demo_main(args: argparse.Namespace) -> int:
         server.start()
         try:
             with VhostUserFrontend(sock, queue_pairs=args.queues, event_idx=True, mrg_rxbuf=True,
-                                   faults=[f for f in faults if f.side == "driver"]) as fe:
+                                   faults=[f for f in faults if f.side == "driver"],
+                                   packed=not getattr(args, "split", False)) as fe:
                 traffic = Traffic(fe)
                 traffic.start()
                 try:
                     with BackendSource(sock) as source:
                         if args.headless:
                             print(f"vqscope demo: back-end on {sock}; introspection on "
-                                  f"{server.introspect_path}; running {args.duration:g} s",
+                                  f"{server.introspect_path}; {'packed' if fe.packed else 'split'} "
+                                  f"rings; running {args.duration:g} s",
                                   file=sys.stderr, flush=True)
                             _sleep_unless_terminated(args.duration)
                             snap = source.snapshot()
@@ -124,6 +128,7 @@ def demo_main(args: argparse.Namespace) -> int:
                             snap = None
                 finally:
                     traffic.stop()
+                packed = fe.packed
                 if traffic.error is not None:
                     raise InspectorError(f"demo front-end failed: {traffic.error}")
         finally:
@@ -132,5 +137,6 @@ def demo_main(args: argparse.Namespace) -> int:
         if args.json:
             print(dumps(snap))
         else:
-            print(f"demo: {traffic.sent} frames sent, {traffic.received} echoed back")
+            print(f"demo: {traffic.sent} frames sent, {traffic.received} echoed back "
+                  f"({'packed' if packed else 'split'} rings)")
     return 0

@@ -1,14 +1,18 @@
 """A vhost-user front-end (the driver side), for ``vqscope demo`` and tests.
 
 It owns guest memory (a memfd it maps), builds split rings in it with
-inspector.ring.driver.DriverRing, does the handshake the way QEMU does, and drives
+inspector.ring.driver.DriverRing, or packed rings with
+inspector.ring.driver_packed.PackedDriverRing when the back-end offers
+VIRTIO_F_RING_PACKED (unless told not to), does the handshake the way QEMU does, and drives
 a virtio-net device: RX buffers, TX frames, kicks honouring notification
 suppression, calls on eventfds. Guest-physical addresses start at 0; the
 front-end virtual addresses it sends are the mmap's real address, so a
 back-end that confuses the two fails visibly.
 
-Memory layout: the vrings (legacy contiguous layout, 4096-aligned) from gpa 0,
-then fixed-size frame slots up to ``mem_size``.
+Memory layout: the vrings from gpa 0, each in a 4096-aligned area large
+enough for either layout (split: legacy contiguous layout; packed:
+descriptor ring, driver then device event suppression area), then
+fixed-size frame slots up to ``mem_size``.
 
 Faults on purpose (tests of a back-end's robustness): :meth:`write_hostile`
 puts a ring violation of one of :data:`HOSTILE_KINDS` on a vring while
@@ -29,20 +33,22 @@ import socket
 import struct
 import time
 
+from ..datapath.packed_queue import encode_vring_base
 from ..errors import InspectorError, ProtocolError
-from ..layout import split_layout
+from ..layout import is_power_of_two, packed_layout, split_layout
 from ..memory import GuestMemory
 from ..ring.driver import DriverRing
+from ..ring.driver_packed import PackedDriverRing
 from ..spec.vhost import VHOST_USER_F_PROTOCOL_FEATURES
 from ..spec.virtio import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
-                           VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF,
-                           VIRTIO_RING_F_EVENT_IDX, has_feature)
+                           VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
+                           VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX, has_feature)
 from .protocol import (
     FLAG_NEED_REPLY, FLAG_REPLY, REQUESTS, VERSION, ConfigPayload, InflightPayload, MemoryRegionDesc,
     MemoryTable, ProtocolFeature, Request, VringAddr, VringState, has_reply, pack_u64, unpack_inflight,
 )
-# HOSTILE_KINDS is re-exported: tests name it from here.
-from .net_driver import HOSTILE_KINDS, VirtioNetDriver, DriverQueue  # noqa: F401
+# HOSTILE_KINDS and HOSTILE_PACKED_KINDS are re-exported: tests name them from here.
+from .net_driver import HOSTILE_KINDS, HOSTILE_PACKED_KINDS, VirtioNetDriver, DriverQueue  # noqa: F401
 from .transport import Message, recv_message, send_message
 
 def _align(x: int, a: int) -> int:
@@ -61,12 +67,13 @@ class VhostUserFrontend(VirtioNetDriver):
     VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD when offered: the back-end's area
     (GET_INFLIGHT_FD) is kept in ``inflight_map`` and handed to it, and to
     every back-end after a :meth:`reconnect`, with SET_INFLIGHT_FD.
-    ``faults``: driver faults on purpose (:meth:`set_faults`)."""
+    ``faults``: driver faults on purpose (:meth:`set_faults`). ``packed``:
+    ack VIRTIO_F_RING_PACKED when offered (False forces split rings)."""
 
     def __init__(self, socket_path: str, queue_pairs: int = 1, queue_size: int = 256,
                  mem_size: int = 64 << 20, *, event_idx: bool = False, mrg_rxbuf: bool = False,
                  extra_features: int = 0, slot_size: int = 4096, handshake: bool = True,
-                 timeout: float = 5.0, inflight: bool = False, faults=()):
+                 timeout: float = 5.0, inflight: bool = False, faults=(), packed: bool = True):
         self.socket_path = socket_path
         self.queue_pairs = queue_pairs
         self.queue_size = queue_size
@@ -77,6 +84,8 @@ class VhostUserFrontend(VirtioNetDriver):
             self.want_features |= 1 << VIRTIO_RING_F_EVENT_IDX
         if mrg_rxbuf:
             self.want_features |= 1 << VIRTIO_NET_F_MRG_RXBUF
+        if packed:
+            self.want_features |= 1 << VIRTIO_F_RING_PACKED
         self.features = 0
         self.device_features = 0
         self.protocol_features = 0
@@ -111,9 +120,18 @@ class VhostUserFrontend(VirtioNetDriver):
             raise
 
     # --- memory ------------------------------------------------------------
+    @property
+    def packed(self) -> bool:
+        """Were packed rings negotiated (VIRTIO_F_RING_PACKED)?"""
+        return has_feature(self.features, VIRTIO_F_RING_PACKED)
+
     def _layout(self) -> None:
-        lay = split_layout(self.queue_size, 4096)
-        ring_bytes = _align(lay.total_size, 4096)
+        # Laid out before the features are known: room for either layout (a
+        # size that is not a power of two has only the packed one, §2.8).
+        sizes = [packed_layout(self.queue_size).total_size]
+        if is_power_of_two(self.queue_size):
+            sizes.append(split_layout(self.queue_size, 4096).total_size)
+        ring_bytes = _align(max(sizes), 4096)
         self.ring_base = [i * ring_bytes for i in range(2 * self.queue_pairs)]
         self.slots_base = _align(2 * self.queue_pairs * ring_bytes, 4096)
         nslots = (self.mem_size - self.slots_base) // self.slot_size
@@ -186,7 +204,9 @@ class VhostUserFrontend(VirtioNetDriver):
         return reply.payload[12:]
 
     def get_vring_base(self, index: int) -> int:
-        """Stop vring ``index`` (GET_VRING_BASE) and return its last_avail_idx."""
+        """Stop vring ``index`` (GET_VRING_BASE) and return its base: a split
+        ring's last_avail_idx, a packed ring's positions in the vhost-user
+        encoding (inspector.datapath.packed_queue.decode_vring_base)."""
         reply = self._request(Request.GET_VRING_BASE, VringState(index, 0).pack())
         return struct.unpack("<II", reply.payload)[1]
 
@@ -298,7 +318,11 @@ class VhostUserFrontend(VirtioNetDriver):
         ``reconnect`` chardev: each vring's base is its used index in guest
         memory (a dead back-end cannot answer GET_VRING_BASE) and the
         inflight area, if any, goes to the new back-end with
-        SET_INFLIGHT_FD. Buffers in flight stay where they are."""
+        SET_INFLIGHT_FD. Buffers in flight stay where they are. A packed
+        vring's base is the device's used position as the ring shows it
+        (PackedDriverRing.device_used_position), as both halves of the
+        vhost-user packed encoding: the positions QEMU would have had from
+        GET_VRING_BASE with nothing in flight."""
         timeout = self.sock.gettimeout()
         for s in (self.sock, self.backend_channel):
             if s is not None:
@@ -310,20 +334,31 @@ class VhostUserFrontend(VirtioNetDriver):
         self.handshake()
 
     def _setup_vring(self, i: int) -> None:
-        if i < len(self.queues):  # reconnect(): the same ring, from its used index
+        if i < len(self.queues):  # reconnect(): the same ring, from where the device was
             q = self.queues[i]
-            base = q.ring.used_idx
+            if q.packed != self.packed:
+                raise ProtocolError(f"reconnect: vring {i} is {'packed' if q.packed else 'split'} but "
+                                    f"the back-end negotiated {'packed' if self.packed else 'split'} rings")
         else:
-            q = DriverQueue(i, DriverRing(self.mem, self.ring_base[i], self.queue_size),
-                       self._eventfd(), self._eventfd())
+            if not self.packed and not is_power_of_two(self.queue_size):
+                raise ProtocolError(f"queue size {self.queue_size} needs packed rings (a split ring's is a "
+                                    f"power of two, VIRTIO 1.2 §2.7): VIRTIO_F_RING_PACKED was not negotiated")
+            ring_cls = PackedDriverRing if self.packed else DriverRing
+            q = DriverQueue(i, ring_cls(self.mem, self.ring_base[i], self.queue_size),
+                            self._eventfd(), self._eventfd())
             self.queues.append(q)
-            base = 0
         ring = q.ring
+        if q.packed:
+            slot, wrap = ring.device_used_position()
+            base = encode_vring_base(slot, wrap, slot, wrap)
+            areas = (ring.desc_addr, ring.device_event_addr, ring.driver_event_addr)
+        else:
+            base = ring.used_idx
+            areas = (ring.desc_addr, ring.used_addr, ring.avail_addr)
         self._request(Request.SET_VRING_NUM, VringState(i, self.queue_size).pack())
         self._request(Request.SET_VRING_BASE, VringState(i, base).pack())
-        self._request(Request.SET_VRING_ADDR, VringAddr(
-            i, 0, self.gpa_to_uva(ring.desc_addr), self.gpa_to_uva(ring.used_addr),
-            self.gpa_to_uva(ring.avail_addr), 0).pack())
+        desc, used, avail = (self.gpa_to_uva(a) for a in areas)
+        self._request(Request.SET_VRING_ADDR, VringAddr(i, 0, desc, used, avail, 0).pack())
         self._request(Request.SET_VRING_KICK, pack_u64(i), fds=[q.kick_fd])
         self._request(Request.SET_VRING_CALL, pack_u64(i), fds=[q.call_fd])
         if has_feature(self.features, VHOST_USER_F_PROTOCOL_FEATURES):

@@ -14,6 +14,12 @@ which owns the memory, the vrings (``queues``: one ``DriverQueue`` per vring wit
 its :class:`~inspector.ring.driver.DriverRing` and eventfds) and the
 negotiated ``features``; the split keeps the protocol (handshake, messages,
 reconnect) apart from the driver.
+
+Each vring is split (:class:`~inspector.ring.driver.DriverRing`, §2.7) or
+packed (:class:`~inspector.ring.driver_packed.PackedDriverRing`, §2.8) as
+VIRTIO_F_RING_PACKED was negotiated; both rings have the same driver
+operations (add_chain, publish, get_used, num_free), and the notification
+decisions, which differ, are taken here for each.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import time
 from ..errors import ArgumentError, InspectorError, ProtocolError
 from ..faults import DRIVER_FAULTS, Fault, check_vrings
 from ..ring.driver import DriverRing
+from ..ring.driver_packed import HOSTILE_PACKED, PackedDriverRing
 from ..ring.anomalies import AnomalyKind
 from ..spec.virtio import (VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_HDR_MRG_RXBUF_SIZE,
                            VIRTIO_NET_HDR_SIZE, VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_INDIRECT,
@@ -47,6 +54,11 @@ HOSTILE_KINDS = {
     "zero_len": AnomalyKind.ZERO_LEN,                     # a descriptor of length 0
 }
 
+#: The same for a packed vring: the violations PackedDriverRing.add_hostile
+#: writes (inspector.ring.driver_packed.HOSTILE_PACKED, with each one's rule),
+#: named as the packed decoders' anomaly kind each shows as.
+HOSTILE_PACKED_KINDS = {kind.value: kind for kind in HOSTILE_PACKED}
+
 
 class DriverQueue:
     """The front-end's state of one vring: ``kicks`` written, ``calls``
@@ -54,16 +66,21 @@ class DriverQueue:
     driver ``faults`` and when it ``started`` (time.monotonic(), set at each
     vring set-up: faults count from there)."""
 
-    def __init__(self, index: int, ring: DriverRing, kick_fd: int, call_fd: int):
+    def __init__(self, index: int, ring: DriverRing | PackedDriverRing, kick_fd: int, call_fd: int):
         self.index = index
         self.ring = ring
         self.kick_fd = kick_fd
         self.call_fd = call_fd
-        self.slots: dict[int, int] = {}  # head -> slot
+        self.slots: dict[int, int] = {}  # head (split) or buffer id (packed) -> frame slot
         self.kicks = 0
         self.calls = 0
         self.kicks_withheld = 0
-        self.last_kick_idx = 0  # avail idx at the last kick decision
+        # At the last kick decision: avail idx (split), descriptors published (packed).
+        self.last_kick_idx = 0
+
+    @property
+    def packed(self) -> bool:
+        return isinstance(self.ring, PackedDriverRing)
         self.faults: tuple[Fault, ...] = ()
         self.started = time.monotonic()
 
@@ -114,17 +131,22 @@ class VirtioNetDriver:
             q.faults = tuple(f for f in faults if f.vring == q.index)
 
     def kick(self, q: DriverQueue) -> bool:
-        """Notify the device if it asked for it (VIRTIO 1.2 §2.7.13.4):
-        VRING_USED_F_NO_NOTIFY, or with EVENT_IDX the avail_event window.
+        """Notify the device if it asked for it: split (VIRTIO 1.2
+        §2.7.13.4) VRING_USED_F_NO_NOTIFY, or with EVENT_IDX the avail_event
+        window; packed (§2.8.10) the device event suppression area.
         Returns whether a kick was sent. Under ``withhold-kicks`` a due kick
         is not written (counted in ``kicks_withheld``) and the window is kept
         from the last kick written, so that the first publish after the
         fault kicks if any kick was due meanwhile."""
         ring = q.ring
-        old, new = q.last_kick_idx, ring.avail_idx
-        if self.event_idx:
-            need = vring_need_event(ring.avail_event, new, old)
+        if q.packed:
+            new = ring.published
+            need = ring.need_kick(q.last_kick_idx, self.event_idx)
+        elif self.event_idx:
+            new = ring.avail_idx
+            need = vring_need_event(ring.avail_event, new, q.last_kick_idx)
         else:
+            new = ring.avail_idx
             need = not ring.used_flags & VRING_USED_F_NO_NOTIFY
         if need and q.fault_on("withhold-kicks"):
             q.kicks_withheld += 1
@@ -198,10 +220,13 @@ class VirtioNetDriver:
         publish it and kick. The chain uses free descriptors and frame slots
         of this front-end; the device is expected to break the queue, so they
         are never reclaimed. Returns the head (or the slot for
-        ``avail_idx_jump``)."""
+        ``avail_idx_jump``). A packed vring takes the kinds of
+        HOSTILE_PACKED_KINDS instead."""
+        q = self.queues[index]
+        if q.packed:
+            return self._write_hostile_packed(q, kind)
         if kind not in HOSTILE_KINDS:
             raise InspectorError(f"hostile ring kind {kind!r} is unknown: use one of {sorted(HOSTILE_KINDS)}")
-        q = self.queues[index]
         ring = q.ring
         hlen = self.net_hdr_len
         slot = self._alloc_slot()
@@ -242,6 +267,33 @@ class VirtioNetDriver:
         self.publish(index, force_kick=True)
         return head
 
+    def _write_hostile_packed(self, q: DriverQueue, kind: str) -> int:
+        """write_hostile on a packed vring: one violation of ``kind`` (a key
+        of HOSTILE_PACKED_KINDS) written by PackedDriverRing.add_hostile.
+        ``chain_too_long`` fills the whole ring, so on a TX vring the buffers
+        the device returned are reclaimed first (for up to a second); on a
+        vring with buffers still posted it raises InspectorError. Returns the
+        buffer id."""
+        if kind not in HOSTILE_PACKED_KINDS:
+            raise InspectorError(f"hostile packed ring kind {kind!r} is unknown: use one of "
+                                 f"{sorted(HOSTILE_PACKED_KINDS)}")
+        ring = q.ring
+        anomaly = HOSTILE_PACKED_KINDS[kind]
+        if anomaly is AnomalyKind.CHAIN_TOO_LONG and q.index % 2:
+            deadline = time.monotonic() + 1.0
+            while ring.num_free < ring.size and time.monotonic() < deadline:
+                if not self.poll_tx_done(q.index // 2):
+                    time.sleep(0.01)
+        slot = self._alloc_slot()
+        gpa = self._slot_gpa(slot)
+        self.mem.view(gpa, 64)[:] = bytes(64)
+        table = gpa + 64 if self.slot_size >= 128 else gpa
+        bid = ring.add_hostile(anomaly, (gpa, self.net_hdr_len + 32, q.index % 2 == 0), table_addr=table,
+                               mem_end=self.mem_size)
+        q.slots[bid] = slot
+        self.publish(q.index, force_kick=True)
+        return bid
+
     def shrink_memory(self, size: int) -> None:
         """ftruncate the memfd behind the memory table to ``size`` bytes
         while the back-end has it mapped: its accesses past ``size`` now
@@ -249,21 +301,29 @@ class VirtioNetDriver:
         os.ftruncate(self.memfd, size)
 
     def _collect(self, q: DriverQueue) -> list[tuple[int, int, int]]:
-        """Used entries as (head, len, slot); frees descriptors, re-arms
-        used_event. Nothing under ``stop-consuming`` (used_event stays)."""
+        """Used entries as (head or buffer id, len, slot); frees
+        descriptors, re-arms used_event (split) or the driver event
+        suppression's DESC position (packed). Nothing under
+        ``stop-consuming`` (both stay)."""
         if q.fault_on("stop-consuming"):
             return []
         out = []
+        ring = q.ring
         while True:
-            for head, length in q.ring.get_used():
+            for head, length in ring.get_used():
                 out.append((head, length, q.slots.pop(head)))
             if not self.event_idx:
                 return out
             # Linux virtqueue_enable_cb_prepare + virtqueue_poll: ask for a call
             # at the next entry, then look again: one used meanwhile may have
-            # been checked against the old used_event (no call for it).
-            q.ring.used_event = q.ring.last_used_idx
-            if q.ring.used_idx == q.ring.last_used_idx:
+            # been checked against the old event position (no call for it).
+            if q.packed:
+                ring.enable_calls(event_idx=True)
+                if not ring.has_used():
+                    return out
+                continue
+            ring.used_event = ring.last_used_idx
+            if ring.used_idx == ring.last_used_idx:
                 return out
 
     def poll_tx_done(self, pair: int) -> int:

@@ -145,12 +145,16 @@ def session(tmp_path_factory):
 
 
 def run_case(socket_path: str, case, *, reply_timeout: float = 10.0) -> Ctx:
-    """Handshake a fresh front-end, send ``case``, check the REPLY_ACK and the
-    close; returns the case's Ctx. Every fd it made is closed on return."""
-    fe = VhostUserFrontend(socket_path, queue_pairs=1, queue_size=64, mem_size=1 << 20, timeout=reply_timeout)
+    """Handshake a fresh front-end (with the ring layout the case needs),
+    send ``case``, check the REPLY_ACK and the close; returns the case's
+    Ctx. Every fd it made is closed on return."""
+    fe = VhostUserFrontend(socket_path, queue_pairs=1, queue_size=64, mem_size=1 << 20, timeout=reply_timeout,
+                           packed=case.layout != "split")
     fds: list[int] = []
     try:
-        ctx = Ctx(num_queues=2 * PAIRS, uva=fe.uva, mem_size=fe.mem_size)
+        if case.layout is not None:
+            assert fe.packed is (case.layout == "packed"), f"{case.name}: needs {case.layout} rings"
+        ctx = Ctx(num_queues=2 * PAIRS, uva=fe.uva, mem_size=fe.mem_size, queue_size=fe.queue_size)
         if case.inflight:
             fe._request(p.Request.SET_PROTOCOL_FEATURES,
                         p.pack_u64(fe.protocol_features | p.ProtocolFeature.INFLIGHT_SHMFD))

@@ -11,6 +11,9 @@ NEED_REPLY, so REPLY_ACK must answer it with a non-zero status before the
 connection closes; framing errors (payload too large, too many fds, unknown
 request numbers) get no reply. ``inflight``: the case needs INFLIGHT_SHMFD
 negotiated first (offered only by devices with ``supports_inflight``).
+``layout``: the ring layout the session must have negotiated ("split":
+VIRTIO_F_RING_PACKED not acked; "packed": acked, VIRTIO 1.2 §2.8), None for
+either (the front-end's default: packed when the back-end offers it).
 """
 
 from __future__ import annotations
@@ -33,12 +36,20 @@ MiB = 1 << 20
 
 @dataclass
 class Ctx:
-    """What a case may depend on: the device's vring count and the session's
-    memory (front-end virtual address ``uva`` of ``mem_size`` bytes)."""
+    """What a case may depend on: the device's vring count, the session's
+    memory (front-end virtual address ``uva`` of ``mem_size`` bytes) and
+    its vrings' size."""
 
     num_queues: int
     uva: int
     mem_size: int
+    queue_size: int = 64
+
+
+def _pbase(avail: int, avail_wrap: int, used: int, used_wrap: int) -> int:
+    """A packed vring base, built bit by bit here (not with the code under
+    test), so a position >= size can be written."""
+    return avail | avail_wrap << 15 | used << 16 | used_wrap << 31
 
 
 @dataclass
@@ -60,6 +71,7 @@ class Case:
     expect: Callable[[Ctx], tuple[str, str, object]]   # request name, field, value
     ack: bool = True
     inflight: bool = False
+    layout: str | None = None
     fds: list[int] = field(default_factory=list)
 
 
@@ -163,7 +175,7 @@ CORPUS: list[Case] = [
        lambda c: Hostile(Request.SET_VRING_NUM, VringState(0, 0).pack(), flags=NR), ("SET_VRING_NUM", "num", 0)),
     _c("num_not_pow2", "SET_VRING_NUM not a power of two",
        lambda c: Hostile(Request.SET_VRING_NUM, VringState(0, 100).pack(), flags=NR),
-       ("SET_VRING_NUM", "num", 100)),
+       ("SET_VRING_NUM", "num", 100), layout="split"),
     _c("num_too_big", "SET_VRING_NUM > 32768",
        lambda c: Hostile(Request.SET_VRING_NUM, VringState(0, 65536).pack(), flags=NR),
        ("SET_VRING_NUM", "num", 65536)),
@@ -185,7 +197,20 @@ CORPUS: list[Case] = [
        lambda c: ("SET_VRING_ADDR", "avail_user_addr", c.uva + 0x1001)),
     _c("base_too_big", "SET_VRING_BASE >= 65536",
        lambda c: Hostile(Request.SET_VRING_BASE, VringState(0, 65536).pack(), flags=NR),
-       ("SET_VRING_BASE", "num", 65536)),
+       ("SET_VRING_BASE", "num", 65536), layout="split"),
+    # packed rings (§2.8): the base's two positions (vhost-user packed encoding:
+    # bits 0-14 last avail index, 15 its wrap counter, 16-30 used index, 31 its
+    # wrap counter) lie in the ring; the driver event suppression area is 4-aligned.
+    _c("packed_base_avail_beyond_size", "SET_VRING_BASE packed position beyond the queue size",
+       lambda c: Hostile(Request.SET_VRING_BASE, VringState(0, _pbase(c.queue_size, 1, 0, 1)).pack(), flags=NR),
+       lambda c: ("SET_VRING_BASE", "num", _pbase(c.queue_size, 1, 0, 1)), layout="packed"),
+    _c("packed_base_used_beyond_size", "SET_VRING_BASE packed position beyond the queue size",
+       lambda c: Hostile(Request.SET_VRING_BASE, VringState(0, _pbase(0, 1, 0x7FFF, 1)).pack(), flags=NR),
+       ("SET_VRING_BASE", "num", _pbase(0, 1, 0x7FFF, 1)), layout="packed"),
+    _c("packed_addr_misaligned_driver_event", "SET_VRING_ADDR misaligned (§2.8.10.1: driver event 4)",
+       lambda c: Hostile(Request.SET_VRING_ADDR, VringAddr(0, 0, c.uva, c.uva + 0x2000,
+                                                           c.uva + 0x1002, 0).pack(), flags=NR),
+       lambda c: ("SET_VRING_ADDR", "avail_user_addr", c.uva + 0x1002), layout="packed"),
     _c("get_base_unconfigured", "GET_VRING_BASE on a ring never configured",
        lambda c: Hostile(Request.GET_VRING_BASE, VringState(c.num_queues - 1, 0).pack(), flags=NR),
        lambda c: ("GET_VRING_BASE", "index", c.num_queues - 1)),

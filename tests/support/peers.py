@@ -625,7 +625,10 @@ def attach_script(vhost_subnet: str, traffic: bool = True) -> str:
     - ``traffic on`` / ``traffic off``: start / stop the background traffic;
     - ``ping N``: ping {vhost_subnet}.1 N times, 0.2 s apart, and print
       ``VQS-PING sent=S received=R`` (``ping``'s own summary);
-    - ``stats``: ``VQS-STATS rx=R tx=T`` of the vhost-user NIC.
+    - ``stats``: ``VQS-STATS rx=R tx=T`` of the vhost-user NIC;
+    - ``dmesg``: the guest kernel's virtio lines (Linux's virtio_ring says
+      "not a head", "out of range" or "broken" about a device's bad used
+      descriptors), between ``VQS-DMESG-BEGIN`` and ``VQS-DMESG-END``.
 
     End of input ends the script (and the guest)."""
     return f"""
@@ -661,6 +664,7 @@ while read cmd arg; do
     ping) s=$(ping -c "$arg" -i 0.2 -W 1 {vhost_subnet}.1 | grep "packets transmitted")
           echo "VQS-PING sent=$(echo "$s" | cut -d' ' -f1) received=$(echo "$s" | cut -d' ' -f4)" ;;
     stats) echo "VQS-STATS rx=$(cat /sys/class/net/$VIF/statistics/rx_packets) tx=$(cat /sys/class/net/$VIF/statistics/tx_packets)" ;;
+    dmesg) echo VQS-DMESG-BEGIN; dmesg | grep -i -E "virtio|vhost|not a head|unexpected"; echo VQS-DMESG-END ;;
   esac
   echo "VQS-DONE $cmd $arg"
 done
@@ -681,9 +685,10 @@ class AttachVM:
     PEER_MAC, so the guest's pings get real replies (otherwise loopback:
     they come back as the guest's own requests). ``reconnect``: QEMU's
     vhost-user chardev has ``reconnect=1``, so :meth:`restart_backend` can
-    replace the back-end under the running guest. ``packed``: ``unet`` and
-    ``vblk`` offer VIRTIO_F_RING_PACKED (``packed=on``), so the guest's
-    driver uses packed rings there (VIRTIO 1.2 §2.8)."""
+    replace the back-end under the running guest. ``packed``: every virtio
+    device (``unet``, ``vblk`` and the vhost-user ``vunet``) has ``packed=on``
+    (VIRTIO_F_RING_PACKED, VIRTIO 1.2 §2.8; for ``vunet`` when the back-end
+    offers it), so the guest's drivers use packed rings."""
 
     def __init__(self, boot_timeout: float = 240, *, traffic: bool = True, tap: bool = False,
                  reconnect: bool = False, packed: bool = False):
@@ -710,7 +715,7 @@ class AttachVM:
             script = f"{self.dir}/guest.sh"
             with open(script, "w") as f:
                 f.write(attach_script(self.subnet, traffic))
-            self.guest = Guest(self.sock, f"sh {script}", device_opts=",id=vunet",
+            self.guest = Guest(self.sock, f"sh {script}", device_opts=",id=vunet" + (",packed=on" if packed else ""),
                                qemu_extra=extra, chardev_opts=",reconnect=1" if reconnect else "")
             self.guest.expect(r"^VQS-READY", boot_timeout)
             self._tap_up()
@@ -745,7 +750,7 @@ class AttachVM:
         deadline = time.monotonic() + timeout
         while True:
             qs = {q["index"]: q for q in self.backend.snapshot()["queues"]}
-            if 0 in qs and 1 in qs and qs[0]["avail_idx"] != qs[0]["used_idx"]:
+            if 0 in qs and 1 in qs and qs[0]["inflight"] > 0:
                 return
             if time.monotonic() > deadline:
                 raise PeerError(f"the new back-end's vrings did not start within {timeout:.0f} s: "

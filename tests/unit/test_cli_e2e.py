@@ -70,10 +70,14 @@ def test_serve_snapshot_and_clean_shutdown(served):
         assert tx["packets"] == 40 and rx["packets"] == 40
         assert tx["bytes"] == 40 * len(FRAME)
         assert rx["calls"] + rx["calls_suppressed"] >= 1
-        assert tx["used_idx"] == tx["avail_idx"] == 40
-        assert rx["avail_idx"] == 64 and rx["used_idx"] == 40 and rx["inflight"] == 24
+        # Packed rings (§2.8, negotiated by default): the device's next used
+        # slot and wrap counter, where the driver's next_avail is.
+        assert rx["layout"] == tx["layout"] == "packed"
+        assert (tx["next_used"], tx["used_wrap_counter"]) == (tx["next_avail"], tx["avail_wrap_counter"]) == (40, 1)
+        assert (rx["next_avail"], rx["next_used"]) == (64, 40) and rx["inflight"] == 24
         assert len(rx["chains"]) == 24 and rx["chains"][0]["in_bytes"] == 2048
-        assert rx["event_idx"] and tx["used_event"] is not None
+        assert rx["chains"][0]["slot"] == 40
+        assert rx["event_idx"] and rx["driver_event_flags"] == 2      # DESC: call at the next used slot
         assert rx["anomalies"] == [] and tx["anomalies"] == []
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 0
@@ -87,13 +91,22 @@ def test_snapshot_without_backend_is_a_clear_error(tmp_path):
     assert "vqscope serve" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_demo_headless_indices_move():
-    out = subprocess.run(VQSCOPE + ["demo", "--headless", "--duration", "2", "--json"], cwd=ROOT,
+@pytest.mark.parametrize("layout", ["packed", "split"])
+def test_demo_headless_indices_move(layout):
+    """The demo's rings are packed (our back-end offers VIRTIO_F_RING_PACKED),
+    split with --split; either way they move and stay sound."""
+    out = subprocess.run(VQSCOPE + ["demo", "--headless", "--duration", "2", "--json"]
+                         + (["--split"] if layout == "split" else []), cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+    assert f"{layout} rings" in out.stderr
     snap = json.loads(out.stdout)
     queues = {q["index"]: q for q in snap["queues"]}
     assert set(queues) == {0, 1}
-    assert queues[1]["used_idx"] > 100 and queues[1]["packets"] > 100
-    assert queues[0]["packets"] > 100
+    assert {q["layout"] for q in queues.values()} == {layout}
+    if layout == "split":
+        assert queues[1]["used_idx"] > 100
+    else:
+        assert queues[1]["positions"] == "device" and queues[1]["next_used"] is not None
+    assert queues[1]["packets"] > 100 and queues[0]["packets"] > 100
     assert all(q["anomalies"] == [] for q in queues.values())

@@ -300,7 +300,7 @@ def test_net_device_tracks_and_survives_a_restart():
     srv = VhostUserServer(sock, factory, event_poll_s=None).start()
     fe = None
     try:
-        fe = VhostUserFrontend(sock, queue_size=64, inflight=True)
+        fe = VhostUserFrontend(sock, queue_size=64, inflight=True, packed=False)   # split inflight area
         assert fe.protocol_features & ProtocolFeature.INFLIGHT_SHMFD
         assert _echo(fe, 40) == 40
         for vq in (0, 1):
@@ -456,7 +456,7 @@ def test_sigkill_mid_flight_then_restart_returns_every_descriptor_once():
     b2 = fe = None
     try:
         assert wait_for(lambda: os.path.exists(sock) or b1.proc.poll() is not None, 30)
-        fe = VhostUserFrontend(sock, queue_size=32, inflight=True)
+        fe = VhostUserFrontend(sock, queue_size=32, inflight=True, packed=False)
         assert fe.protocol_features & ProtocolFeature.INFLIGHT_SHMFD
         frames = [_frame(i) for i in range(24)]
         assert fe.send_frames(0, frames) == 24

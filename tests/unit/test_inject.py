@@ -30,6 +30,7 @@ from inspector.errors import ArgumentError
 from inspector.faults import DEVICE_FAULTS, DRIVER_FAULTS, Fault, parse_fault
 from inspector.introspect.snapshot import backend_snapshot
 from inspector.snapshot.model import QueueEntry
+from inspector.spec.virtio import RING_EVENT_FLAGS_DESC
 from inspector.vhost_user.frontend import VhostUserFrontend
 from inspector.vhost_user.server import VhostUserServer
 from tests.conftest import wait_for
@@ -105,9 +106,11 @@ def serve(tmp_path, *specs: str) -> VhostUserServer:
                            snapshot_fn=backend_snapshot)
 
 
-def frontend(srv: VhostUserServer, *specs: str) -> VhostUserFrontend:
+def frontend(srv: VhostUserServer, *specs: str, packed: bool = False) -> VhostUserFrontend:
+    """The built-in front-end; split rings (the checks below read split
+    fields) unless ``packed``."""
     return VhostUserFrontend(srv.socket_path, queue_size=64, mem_size=2 << 20, event_idx=True,
-                             mrg_rxbuf=True, faults=[parse_fault(s) for s in specs])
+                             mrg_rxbuf=True, faults=[parse_fault(s) for s in specs], packed=packed)
 
 
 def queue(srv: VhostUserServer, index: int) -> QueueEntry:
@@ -276,7 +279,8 @@ def test_serve_process_stalls_tx_and_says_so(tmp_path):
     try:
         assert wait_for(lambda: os.path.exists(sock + ".introspect") or proc.poll() is not None, 20)
         assert proc.poll() is None
-        with VhostUserFrontend(sock, event_idx=True, mrg_rxbuf=True) as fe, BackendSource(sock) as src:
+        with VhostUserFrontend(sock, event_idx=True, mrg_rxbuf=True, packed=False) as fe, \
+                BackendSource(sock) as src:
             fe.post_rx_buffers(0, 8)
             assert fe.send_frames(0, [FRAME] * 4) == 4
 
@@ -304,7 +308,7 @@ def test_demo_stop_consuming_rx_drops_on_rx():
 
     from tests.conftest import ROOT, VQSCOPE
 
-    out = subprocess.run(VQSCOPE + ["demo", "--headless", "--duration", "2", "--json",
+    out = subprocess.run(VQSCOPE + ["demo", "--headless", "--duration", "2", "--json", "--split",
                                     "--inject", "stop-consuming=0,after=0.5"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -325,3 +329,54 @@ def test_load_vhost_net_refuses_bad_withhold_before_opening_anything():
         load_main(Namespace(**base, withhold_kicks=65, withhold_after=0.0))
     with pytest.raises(VhostNetError, match="--withhold-after 10"):
         load_main(Namespace(**base, withhold_kicks=4, withhold_after=10.0))
+
+
+# --- the driver faults on packed rings (VIRTIO 1.2 §2.8) ------------------------------------------
+def packed_device_sleeps(fe: VhostUserFrontend, index: int) -> bool:
+    """The device asks for a kick at the driver's next slot (DESC at
+    next_avail / avail_wrap_counter, §2.8.10): it went idle."""
+    ring = fe.queues[index].ring
+    flags, off, wrap = ring.device_event
+    return flags == RING_EVENT_FLAGS_DESC and (off, wrap) == (ring.next_avail, ring.avail_wrap_counter)
+
+
+@pytest.mark.timeout(60)
+def test_withhold_kicks_on_a_packed_tx_ring(tmp_path):
+    with serve(tmp_path) as srv, frontend(srv, packed=True) as fe:
+        assert fe.packed and pump(fe) == 16
+        assert wait_for(lambda: packed_device_sleeps(fe, TX), timeout=10)
+        before = queue(srv, TX)
+        assert before.layout == "packed" and before.next_used == 16
+        kicks_sent = fe.tx(0).kicks
+        fe.set_faults([parse_fault("withhold-kicks=1")])
+        fe.post_rx_buffers(0, 8)
+        assert fe.send_frames(0, [FRAME] * 8) == 8
+        assert fe.send_frames(0, [FRAME] * 4) == 4
+        assert fe.tx(0).kicks == kicks_sent and fe.tx(0).kicks_withheld == 2
+        assert not wait_for(lambda: queue(srv, TX).next_used != 16, timeout=1.0)
+        q = queue(srv, TX)
+        assert q.next_avail == 28 and q.last_avail_idx == 16 and q.kicks == before.kicks
+        fe.set_faults([])
+        assert fe.send_frames(0, [FRAME]) == 1 and fe.tx(0).kicks == kicks_sent + 1
+        assert wait_for(lambda: queue(srv, TX).next_used == 29, timeout=10)
+
+
+@pytest.mark.timeout(60)
+def test_stop_consuming_on_a_packed_rx_ring(tmp_path):
+    with serve(tmp_path) as srv, frontend(srv, packed=True) as fe:
+        assert fe.packed and pump(fe) == 16
+        fe.post_rx_buffers(0, 8)                    # 8 buffers left for the device to fill
+        fe.set_faults([parse_fault("stop-consuming=0")])
+        driver_event = fe.rx(0).ring.driver_event
+        sent = 0
+        for _ in range(3):
+            assert fe.post_rx_buffers(0, 8) == 0   # no refill
+            fe.poll_tx_done(0)
+            sent += fe.send_frames(0, [FRAME] * 8)
+            assert fe.recv_frames(0) == []        # no used collected
+            assert not fe.wait_call(0, 0.05, which="rx")
+        assert wait_for(lambda: queue(srv, TX).next_used == 16 + sent, timeout=10)
+        assert wait_for(lambda: queue(srv, RX).dropped == sent - 8, timeout=10)
+        rx = queue(srv, RX)
+        assert rx.next_used == 24 and rx.next_avail == 24 and fe.rx(0).ring.driver_event == driver_event
+        assert fe.poll_tx_done(0) > 0               # TX is still collected

@@ -372,7 +372,7 @@ class Demo:
         self.dir = socket_dir()
         self.sock = f"{self.dir}/d.sock"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.peer = Peer([*VQSCOPE, "demo", "--headless", "--duration", str(duration), "--queues", str(queues),
+        self.peer = Peer([*VQSCOPE, "demo", "--headless", "--split", "--duration", str(duration), "--queues", str(queues),
                           "--socket", self.sock], "vqscope demo", env=env, cwd=str(ROOT))
         try:
             wait_path(self.sock + ".introspect", 30, self.peer.alive)

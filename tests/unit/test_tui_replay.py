@@ -772,7 +772,7 @@ def test_a_recording_of_real_traffic_replays_in_the_tui(tmp_path):
     sockets = socket_dir()
     sock = f"{sockets}/d.sock"
     out, tee_path = tmp_path / "live.vqs", tmp_path / "live.jsonl"
-    demo = Peer(VQSCOPE + ["demo", "--headless", "--duration", "120", "--socket", sock], "vqscope demo",
+    demo = Peer(VQSCOPE + ["demo", "--headless", "--split", "--duration", "120", "--socket", sock], "vqscope demo",
                 cwd=str(ROOT), env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
         wait_path(sock + ".introspect", 30, demo.alive)
