@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from .anomalies import Anomaly
-from .snapshot import U16, U32, U64, Chain, Descriptor, _gc_paused
+from .snapshot import U16, U32, U64, Chain, ChainColumns
 
 #: How a decoder found the device's positions (README "Snapshot JSON"):
 #: given with their wrap counters; slots given, wrap counters derived from
@@ -76,7 +76,7 @@ def packed_position(counter: int, size: int) -> tuple[int, int]:
     return c % size, 1 if c < size else 0
 
 
-class PackedRingSnapshot:
+class PackedRingSnapshot(ChainColumns):
     """One packed ring as read by a decoder; see the module docstring.
 
     Chain ``k`` lists descriptors ``chain_first[k] .. chain_first[k] +
@@ -87,6 +87,8 @@ class PackedRingSnapshot:
     """
 
     layout = "packed"
+    _DESC_KEY = "id"
+    _SLOT_COLUMN = "chain_slot"
 
     __slots__ = PACKED_HEADER + tuple(PACKED_COLUMNS) + ("anomalies", "_chains")
 
@@ -129,51 +131,6 @@ class PackedRingSnapshot:
         self.anomalies = anomalies
         self._chains: list[Chain] | None = None
 
-    @property
-    def n_chains(self) -> int:
-        return len(self.chain_head)
-
-    @property
-    def n_descs(self) -> int:
-        return len(self.desc_addr)
-
-    # --- lazy views -------------------------------------------------------------
-    @property
-    def chains(self) -> list[Chain]:
-        """Every chain as a :class:`~inspector.ring.snapshot.Chain` (``head``
-        the buffer id, ``slot`` the first slot; each Descriptor's ``next``
-        is its id), built on first access and cached (shared: do not modify)."""
-        if self._chains is None:
-            with _gc_paused():
-                descs = list(map(Descriptor, self.desc_addr.tolist(), self.desc_len.tolist(),
-                                 self.desc_flags.tolist(), self.desc_next.tolist()))
-                self._chains = [Chain(h, tuple(descs[s:s + c]), ob, ib, sl)
-                                for h, sl, s, c, ob, ib in self._chain_rows()]
-        return self._chains
-
-    def chain(self, k: int) -> Chain:
-        """Chain ``k`` (negative ``k`` counts from the end), without building
-        the others."""
-        if self._chains is not None:
-            return self._chains[k]
-        k = range(self.n_chains)[k]  # IndexError like a list
-        s, c = self.chain_first[k], self.chain_ndescs[k]
-        descs = tuple(map(Descriptor, self.desc_addr[s:s + c], self.desc_len[s:s + c],
-                          self.desc_flags[s:s + c], self.desc_next[s:s + c]))
-        return Chain(self.chain_head[k], descs, self.chain_out_bytes[k], self.chain_in_bytes[k],
-                     self.chain_slot[k])
-
-    def chain_dicts(self) -> list[dict[str, Any]]:
-        """The chains as the packed chain dicts of the Snapshot JSON:
-        ``{"head": buffer id, "slot": first slot, "descs": [{addr, len,
-        flags, id}], "out_bytes", "in_bytes"}``. New objects each call."""
-        with _gc_paused():
-            descs = [{"addr": a, "len": ln, "flags": f, "id": i} for a, ln, f, i in zip(
-                self.desc_addr.tolist(), self.desc_len.tolist(), self.desc_flags.tolist(),
-                self.desc_next.tolist())]
-            return [{"head": h, "slot": sl, "descs": descs[s:s + c], "out_bytes": ob,
-                     "in_bytes": ib} for h, sl, s, c, ob, ib in self._chain_rows()]
-
     def as_dict(self) -> dict[str, Any]:
         """A plain-data view of everything the decoder read, for tests and
         the fuzz replay: header fields, ``ring_flags`` / ``ring_id`` (lists),
@@ -187,11 +144,6 @@ class PackedRingSnapshot:
         d["anomalies"] = [{"kind": a.kind.value, "detail": a.detail, "head": a.head}
                           for a in self.anomalies]
         return d
-
-    def _chain_rows(self):
-        return zip(self.chain_head.tolist(), self.chain_slot.tolist(), self.chain_first.tolist(),
-                   self.chain_ndescs.tolist(), self.chain_out_bytes.tolist(),
-                   self.chain_in_bytes.tolist())
 
     # --- comparison -----------------------------------------------------------
     def __eq__(self, other: object) -> bool:

@@ -94,7 +94,81 @@ class Chain(NamedTuple):
     slot: int | None = None
 
 
-class RingSnapshot:
+class ChainColumns:
+    """The lazy chain views both ring snapshots share (split
+    :class:`RingSnapshot`, packed :class:`inspector.ring.packed.PackedRingSnapshot`):
+    chain ``k`` lists descriptors ``chain_first[k] .. chain_first[k] +
+    chain_ndescs[k] - 1`` of the ``desc_*`` columns. A subclass has the
+    ``desc_*`` and ``chain_*`` columns and ``_chains`` (None until built);
+    ``_DESC_KEY`` names the descriptor's 4th field in the JSON (split
+    ``next``, packed ``id``) and ``_SLOT_COLUMN`` the column of each chain's
+    ring slot (packed ``chain_slot``; None: no slot)."""
+
+    __slots__ = ()
+    _DESC_KEY = "next"
+    _SLOT_COLUMN: str | None = None
+
+    @property
+    def n_chains(self) -> int:
+        return len(self.chain_head)
+
+    @property
+    def n_descs(self) -> int:
+        return len(self.desc_addr)
+
+    @property
+    def chains(self) -> list[Chain]:
+        """Every chain as a :class:`Chain`, built on first access and cached
+        (the list is shared: do not modify it)."""
+        if self._chains is None:
+            with _gc_paused():
+                descs = list(map(Descriptor, self.desc_addr.tolist(), self.desc_len.tolist(),
+                                 self.desc_flags.tolist(), self.desc_next.tolist()))
+                self._chains = [Chain(h, tuple(descs[s:s + c]), ob, ib, sl)
+                                for h, sl, s, c, ob, ib in self._chain_rows()]
+        return self._chains
+
+    def chain(self, k: int) -> Chain:
+        """Chain ``k`` (negative ``k`` counts from the end), without building
+        the others."""
+        if self._chains is not None:
+            return self._chains[k]
+        k = range(self.n_chains)[k]  # IndexError like a list
+        s, c = self.chain_first[k], self.chain_ndescs[k]
+        descs = tuple(map(Descriptor, self.desc_addr[s:s + c], self.desc_len[s:s + c],
+                          self.desc_flags[s:s + c], self.desc_next[s:s + c]))
+        slot = getattr(self, self._SLOT_COLUMN)[k] if self._SLOT_COLUMN else None
+        return Chain(self.chain_head[k], descs, self.chain_out_bytes[k], self.chain_in_bytes[k], slot)
+
+    def chain_dicts(self) -> list[dict[str, Any]]:
+        """The chains as the chain dicts of the Snapshot JSON straight from
+        the columns, with no :class:`Chain` built: ``head``, (packed:
+        ``slot``), ``descs`` of ``{addr, len, flags, next}`` (packed: ``id``
+        instead of ``next``), ``out_bytes``, ``in_bytes``; what
+        :func:`inspector.snapshot.codec.to_json` emits for a queue decoded
+        from this ring. New objects each call."""
+        key = self._DESC_KEY
+        with _gc_paused():
+            descs = [{"addr": a, "len": ln, "flags": f, key: nx} for a, ln, f, nx in zip(
+                self.desc_addr.tolist(), self.desc_len.tolist(), self.desc_flags.tolist(),
+                self.desc_next.tolist())]
+            if self._SLOT_COLUMN:
+                return [{"head": h, "slot": sl, "descs": descs[s:s + c], "out_bytes": ob, "in_bytes": ib}
+                        for h, sl, s, c, ob, ib in self._chain_rows()]
+            return [{"head": h, "descs": descs[s:s + c], "out_bytes": ob, "in_bytes": ib}
+                    for h, _sl, s, c, ob, ib in self._chain_rows()]
+
+    def _chain_rows(self):
+        """``(head, slot, first, ndescs, out_bytes, in_bytes)`` per chain,
+        from the columns as lists (one call each); slot None without a slot
+        column."""
+        n = len(self.chain_head)
+        slots = getattr(self, self._SLOT_COLUMN).tolist() if self._SLOT_COLUMN else [None] * n
+        return zip(self.chain_head.tolist(), slots, self.chain_first.tolist(), self.chain_ndescs.tolist(),
+                   self.chain_out_bytes.tolist(), self.chain_in_bytes.tolist())
+
+
+class RingSnapshot(ChainColumns):
     """One split ring as read by a decoder; see the module docstring.
 
     Chain ``k`` lists descriptors ``chain_first[k] .. chain_first[k] +
@@ -134,34 +208,6 @@ class RingSnapshot:
         self.anomalies = anomalies
         self._chains: list[Chain] | None = None
 
-    @property
-    def n_chains(self) -> int:
-        return len(self.chain_head)
-
-    @property
-    def n_descs(self) -> int:
-        return len(self.desc_addr)
-
-    # --- lazy views -------------------------------------------------------------
-    @property
-    def chains(self) -> list[Chain]:
-        """Every chain as a :class:`Chain`, built on first access and cached
-        (the list is shared: do not modify it)."""
-        if self._chains is None:
-            self._chains = self._build_chains()
-        return self._chains
-
-    def chain(self, k: int) -> Chain:
-        """Chain ``k`` (negative ``k`` counts from the end), without building
-        the others."""
-        if self._chains is not None:
-            return self._chains[k]
-        k = range(self.n_chains)[k]  # IndexError like a list
-        s, c = self.chain_first[k], self.chain_ndescs[k]
-        descs = tuple(map(Descriptor, self.desc_addr[s:s + c], self.desc_len[s:s + c],
-                          self.desc_flags[s:s + c], self.desc_next[s:s + c]))
-        return Chain(self.chain_head[k], descs, self.chain_out_bytes[k], self.chain_in_bytes[k])
-
     def used_elem(self, i: int) -> tuple[int, int]:
         """``(id, len)`` of ``used->ring[i]``."""
         return self.used_ring[2 * i], self.used_ring[2 * i + 1]
@@ -190,31 +236,6 @@ class RingSnapshot:
             "anomalies": [{"kind": a.kind.value, "detail": a.detail, "head": a.head}
                           for a in self.anomalies],
         }
-
-    def chain_dicts(self) -> list[dict[str, Any]]:
-        """The chains as the dicts of the Snapshot JSON (``head``, ``descs``
-        of ``{addr, len, flags, next}``, ``out_bytes``, ``in_bytes``) straight
-        from the columns, with no :class:`Chain` built: what
-        :func:`inspector.snapshot.codec.to_json` emits for a queue decoded
-        from this ring. New objects each call."""
-        with _gc_paused():
-            descs = [{"addr": a, "len": ln, "flags": f, "next": nx} for a, ln, f, nx in zip(
-                self.desc_addr.tolist(), self.desc_len.tolist(), self.desc_flags.tolist(),
-                self.desc_next.tolist())]
-            return [{"head": h, "descs": descs[s:s + c], "out_bytes": ob, "in_bytes": ib}
-                    for h, s, c, ob, ib in self._chain_rows()]
-
-    def _build_chains(self) -> list[Chain]:
-        with _gc_paused():
-            descs = list(map(Descriptor, self.desc_addr.tolist(), self.desc_len.tolist(),
-                             self.desc_flags.tolist(), self.desc_next.tolist()))
-            return [Chain(h, tuple(descs[s:s + c]), ob, ib) for h, s, c, ob, ib in self._chain_rows()]
-
-    def _chain_rows(self):
-        """``(head, first, ndescs, out_bytes, in_bytes)`` per chain, from the
-        columns as lists (one call each)."""
-        return zip(self.chain_head.tolist(), self.chain_first.tolist(), self.chain_ndescs.tolist(),
-                   self.chain_out_bytes.tolist(), self.chain_in_bytes.tolist())
 
     # --- comparison -----------------------------------------------------------
     def __eq__(self, other: object) -> bool:
