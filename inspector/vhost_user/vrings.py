@@ -26,7 +26,9 @@ answers in the 32-bit form (QEMU's virtio_queue_packed_set_last_avail_idx
 reads both halves). A packed ring's base is checked against the ring before
 it starts (inspector/vhost_user/packed_resume.py): a front-end that lost our
 positions (QEMU after a back-end crash sends those of the last start) gets
-the device's used position the ring shows instead, with a warning.
+the device's used position the ring shows instead, with a warning. A base
+equal to the one the vring's device handed back when it last stopped (same
+size and addresses since, no reset) is the device's own and kept unchecked.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import pytest
 from inspector.datapath.packed_queue import decode_vring_base, encode_vring_base
 from inspector.vhost_user.memory_table import MappedMemory
 from inspector.vhost_user.packed_resume import resume_packed
-from inspector.vhost_user.protocol import Request, VringAddr, VringState
+from inspector.vhost_user.protocol import VRING_NOFD_MASK, Request, VringAddr, VringState
 from inspector.vhost_user.transport import Message
 from inspector.vhost_user.vrings import Vrings
 from inspector.spec.virtio import VIRTIO_F_RING_PACKED
@@ -41,6 +41,11 @@ def _serve(b: PackedRingBuilder, n: int, ids=None) -> list[int]:
     return taken
 
 
+def _add(b: PackedRingBuilder, n: int, spec=((64, False),)) -> list[int]:
+    """The driver makes ``n`` chains of ``spec`` available; their ids."""
+    return [b.add_chain(spec) for _ in range(n)]
+
+
 STALE = encode_vring_base(0, 1, 0, 1)   # what QEMU 7.2 sends after a crash: the first start's
 
 
@@ -61,8 +66,7 @@ def _assert_recovered(b: PackedRingBuilder, base: int, at: tuple[int, int], why:
 def test_fresh_ring_keeps_initial_base():
     b = PackedRingBuilder(8)
     _assert_kept(b, STALE)                       # nothing written yet (all flags 0)
-    for _ in range(5):
-        b.add_chain()
+    _add(b, 5)
     _assert_kept(b, STALE)                       # buffers made available, none taken
     r = _resume(b, STALE)
     assert r.outstanding == 5 and r.next_avail == (5, 1)
@@ -70,15 +74,13 @@ def test_fresh_ring_keeps_initial_base():
 
 def test_graceful_restart_keeps_the_devices_base():
     b = PackedRingBuilder(8)
-    for _ in range(6):
-        b.add_chain()
+    _add(b, 6)
     _serve(b, 4)
     _assert_kept(b, _device_base(b))
     b.device_take(1)                             # one taken, not returned: last_avail ahead of next_used
     _assert_kept(b, _device_base(b))
     _serve(b, 0)
-    for _ in range(2):
-        b.add_chain()
+    _add(b, 2)
     b.device_take(-1)
     _serve(b, 4)                                 # everything returned: the ring is empty
     assert b.num_free == 8
@@ -91,8 +93,7 @@ def test_crash_with_stale_base_resumes_after_the_last_used_descriptor():
     # QEMU's reconnect case: RX stocked with single-descriptor buffers, the
     # device returned 10 and took 3 more when it was killed.
     b = PackedRingBuilder(16)
-    for _ in range(16):
-        b.add_chain(((1526, True),))
+    _add(b, 16, ((1526, True),))
     _serve(b, 10)
     b.device_take(3)
     _assert_recovered(b, STALE, (10, 1), "desc[9] (wrap 1)")
@@ -106,14 +107,11 @@ def test_full_ring_stale_base_inside_outstanding_buffers():
     # stale base IS available for its wrap counter, yet the device is a
     # round behind it.
     b = PackedRingBuilder(8)
-    for _ in range(8):
-        b.add_chain()
+    _add(b, 8)
     _serve(b, 8)
-    for _ in range(8):
-        b.add_chain()
+    _add(b, 8)
     _serve(b, 3)
-    for _ in range(3):
-        b.add_chain()
+    _add(b, 3)
     assert (b.next_used, b.used_wrap) == (3, 0) and b.num_free == 0
     _assert_kept(b, _device_base(b))
     _assert_recovered(b, STALE, (3, 0), "5 slot(s) from (3, 0) to it are buffers the driver made available")
@@ -151,8 +149,7 @@ def test_multi_slot_chains_in_order():
 
 def test_multi_slot_chain_crossing_the_end_of_the_ring():
     b = PackedRingBuilder(6)
-    for _ in range(4):
-        b.add_chain()
+    _add(b, 4)
     _serve(b, 4)
     b.add_chain(((64, False), (64, False), (64, False)))   # slots 4, 5, 0 (wrap 0)
     _serve(b, 1)
@@ -172,7 +169,7 @@ def test_indirect_chains_are_one_slot_exact():
 
 def test_out_of_order_single_slot_chains_exact():
     b = PackedRingBuilder(8)
-    ids = [b.add_chain() for _ in range(6)]
+    ids = _add(b, 6)
     b.device_take(4)
     b.device_use([(ids[2], 0), (ids[0], 0), (ids[3], 0)])   # ids[1] taken, not returned
     assert (b.next_used, b.used_wrap) == (3, 1)
@@ -222,27 +219,33 @@ class _Logs(logging.Handler):
         self.records.append(record)
 
 
-@pytest.mark.parametrize("stale", [True, False])
-def test_vrings_start_checks_the_packed_base(stale):
-    b = PackedRingBuilder(16)
-    for _ in range(16):
-        b.add_chain(((1526, True),))
-    _serve(b, 10)
-    logger = logging.getLogger(f"test.packed_resume.{stale}")
+MSG = Message(int(Request.SET_VRING_NUM), 0, 0, b"")
+
+
+def _vrings_on(b: PackedRingBuilder, name: str) -> tuple[Vrings, RecordingDevice, _Logs]:
+    """Vrings of a recording device over ``b``'s memory (uva = gpa), packed
+    acked, vring 0 of size ``b.size`` at ``b``'s ring, polled; not started."""
+    logger = logging.getLogger(f"test.packed_resume.{name}")
     logs = _Logs()
     logger.addHandler(logs)
     dev = RecordingDevice()
     memory = MappedMemory(logger)
     memory.mem = b.mem
     rings = Vrings(dev, memory, logger, features=lambda: 1 << VIRTIO_F_RING_PACKED)
-    msg = Message(int(Request.SET_VRING_NUM), 0, 0, b"")
-    rings.set_num(msg, VringState(0, 16))
-    given = STALE if stale else _device_base(b)
-    rings.set_base(msg, VringState(0, given))
-    rings.set_addr(msg, VringAddr(0, 0, *b.addrs, 0))
-    rings._polling[0] = True
+    rings.set_num(MSG, VringState(0, b.size))
+    rings.set_addr(MSG, VringAddr(0, 0, *b.addrs, 0))
+    rings.set_kick(MSG, VRING_NOFD_MASK)
     rings.configs[0].enabled = True
-    rings.maybe_start("SET_VRING_ENABLE", 0)
+    return rings, dev, logs
+
+
+@pytest.mark.parametrize("stale", [True, False])
+def test_vrings_start_checks_the_packed_base(stale):
+    b = PackedRingBuilder(16)
+    _add(b, 16, ((1526, True),))
+    _serve(b, 10)
+    rings, dev, logs = _vrings_on(b, str(stale))
+    rings.set_base(MSG, VringState(0, STALE if stale else _device_base(b)))   # starts it
     started = dev.started[0]
     warnings = [r.getMessage() for r in logs.records if r.levelno >= logging.WARNING]
     assert decode_vring_base(started.base) == (10, 1, 10, 1)
@@ -256,8 +259,7 @@ def test_vrings_start_checks_the_packed_base(stale):
 
 def test_resume_never_writes_guest_memory():
     b = PackedRingBuilder(8)
-    for _ in range(8):
-        b.add_chain()
+    _add(b, 8)
     _serve(b, 5)
     before = bytes(b.ring_buf), bytes(b.data_buf)
     _resume(b, STALE)
@@ -273,26 +275,14 @@ def test_vrings_keep_their_own_base_across_a_restart():
     bb = b.add_chain()
     b.device_take(4)
     b.device_use([(bb, 0), (a, 0)])
-    logger = logging.getLogger("test.packed_resume.own")
-    logs = _Logs()
-    logger.addHandler(logs)
-    dev = RecordingDevice()
+    rings, dev, logs = _vrings_on(b, "own")
     dev.base = _device_base(b)
-    memory = MappedMemory(logger)
-    memory.mem = b.mem
-    rings = Vrings(dev, memory, logger, features=lambda: 1 << VIRTIO_F_RING_PACKED)
-    msg = Message(int(Request.SET_VRING_NUM), 0, 0, b"")
-    rings.set_num(msg, VringState(0, 8))
-    rings.set_addr(msg, VringAddr(0, 0, *b.addrs, 0))
-    rings._polling[0] = True
-    rings.configs[0].enabled = True
     rings.maybe_start("SET_VRING_ENABLE", 0)            # (0,1,0,1) given: recovered to (2,1)
     assert decode_vring_base(dev.started[0].base) == (2, 1, 2, 1)
     assert len(logs.records) == 1
-    rings.get_base(msg, VringState(0, 0))               # stops: the device says (4,1,4,1)
-    rings.set_num(msg, VringState(0, 8))
-    rings.set_base(msg, VringState(0, dev.base))        # as QEMU hands it back
-    rings.set_addr(msg, VringAddr(0, 0, *b.addrs, 0))
-    rings.set_kick(msg, 1 << 8)                         # polling: no fd
-    rings.maybe_start("SET_VRING_ENABLE", 0)
+    rings.get_base(MSG, VringState(0, 0))               # stops: the device says (4,1,4,1)
+    rings.set_num(MSG, VringState(0, 8))
+    rings.set_base(MSG, VringState(0, dev.base))        # as QEMU hands it back
+    rings.set_addr(MSG, VringAddr(0, 0, *b.addrs, 0))
+    rings.set_kick(MSG, VRING_NOFD_MASK)                # starts it
     assert dev.started[0].base == dev.base and len(logs.records) == 1
