@@ -61,7 +61,10 @@ What is exact and what is an estimate:
   after, carries the same id). ``e`` does not skip the tail: the device
   takes it again as a chain and returns it, a chain the driver had already
   collected (its data processed once more), and is back at the driver's
-  position after it. A given base at the end of that tail is kept.
+  position after it. A given base at the end of that tail is kept; so is,
+  wrongly, a stale base that lands exactly at the end of a new chain
+  carrying the returned id (2·size - k slots of progress since it was
+  current): the ring cannot tell the two apart.
 - Multi-slot chains returned out of order: the slots skipped between used
   descriptors look available too; ``e`` again stops after the last used
   descriptor, and the chains after it are taken again.
@@ -105,13 +108,19 @@ class PackedResume:
         """One log line: the given and the recovered positions and why."""
         la, law, nu, nuw = self.given
         return (f"SET_VRING_BASE gave last_avail ({la},{law}) next_used ({nu},{nuw}) but {self.reason}; "
-                f"resuming at last_avail = next_used = {self.ring_used} where the ring shows the device's "
-                f"next used descriptor (after the last used descriptor before the driver's next_avail "
-                f"{self.next_avail}); the {self.outstanding} descriptor(s) outstanding are taken again")
+                f"resuming at last_avail = next_used = {_fmt(self.ring_used)} where the ring shows the "
+                f"device's next used descriptor (after the last used descriptor before the driver's "
+                f"next_avail {_fmt(self.next_avail)}); the {self.outstanding} descriptor(s) outstanding "
+                f"are taken again")
 
 
 def _pos(c: int, size: int) -> tuple[int, int]:
     return packed_position(c, size)
+
+
+def _fmt(p: tuple[int, int]) -> str:
+    """A position as the log writes it: (slot,wrap)."""
+    return f"({p[0]},{p[1]})"
 
 
 def _tail_of_returned(flags, ids, size: int, e: int, n: int) -> bool:
@@ -145,26 +154,26 @@ def resume_packed(mem: GuestMemory, size: int, desc: int, driver_event: int, dev
     cu, ca = packed_counter(nu, nuw, size), packed_counter(la, law, size)
     d = packed_distance(e, cu, size)
     behind = packed_distance(cu, na, size)     # given next_used to the driver's next_avail
+    nav, ring_used = _pos(na, size), _pos(e, size)
     reason = ""
     if d == 0 or (0 < d <= span < size and _tail_of_returned(snap.ring_flags, snap.ring_id, size, e, d)):
         if packed_distance(cu, ca, size) > behind:
-            reason = (f"its last_avail is beyond the driver's next_avail {_pos(na, size)}: "
+            reason = (f"its last_avail is beyond the driver's next_avail {_fmt(nav)}: "
                       f"the device cannot have taken buffers the driver has not made available")
     elif behind > size:
-        reason = (f"it is not within a round behind the driver's next_avail {_pos(na, size)} "
+        reason = (f"it is not within a round behind the driver's next_avail {_fmt(nav)} "
                   f"(beyond it, or more than a round behind)")
     elif d > span:
         u = _pos(e - 1, size)
-        reason = (f"desc[{u[0]}] (wrap {u[1]}) between it and the driver's next_avail {_pos(na, size)} "
-                  f"is a used descriptor: the device wrote past it")
+        reason = (f"desc[{u[0]}] (wrap {u[1]}) between it and the driver's next_avail {_fmt(nav)} is a "
+                  f"used descriptor: the device wrote past it")
     else:
-        reason = (f"the {d} slot(s) from {_pos(e, size)} to it are buffers the driver made available "
+        reason = (f"the {d} slot(s) from {_fmt(ring_used)} to it are buffers the driver made available "
                   f"and no device returned (not the tail of a returned chain)")
-    ring_used = _pos(e, size)
     if not reason:
-        return PackedResume(base, False, given, ring_used, _pos(na, size), behind)
-    return PackedResume(encode_vring_base(*ring_used, *ring_used), True, given, ring_used,
-                        _pos(na, size), span, reason)
+        return PackedResume(base, False, given, ring_used, nav, behind)
+    return PackedResume(encode_vring_base(*ring_used, *ring_used), True, given, ring_used, nav, span,
+                        reason)
 
 
 __all__ = ["PackedResume", "resume_packed"]

@@ -137,8 +137,10 @@ def test_sigkill_restart_guest_network_resumes_on_packed_rings(vm):
         sent, received = _ping(vm, 3)
         after = _queues(vm.backend.snapshot())
         errors = _guest_errors(vm)
+        resumed = [ln for ln in vm.backend.peer.output.splitlines() if "SET_VRING_BASE gave" in ln]
         print(f"reconnect (packed): SET_VRING_BASE first session {_fmt_bases(old_bases)}, after the restart "
-              f"{_fmt_bases(bases)}; positions before the kill {_positions(before)}, after {_positions(after)}")
+              f"{_fmt_bases(bases)}; positions before the kill {_positions(before)}, after {_positions(after)}; "
+              f"the new back-end: {resumed}")
         assert received == 3, f"the guest's ping after the restart: {received} of {sent}\n{vm.tail()}"
         assert not errors, errors
         for i in (vq_rx(0), vq_tx(0)):
