@@ -23,7 +23,12 @@ the used index, bit 31 its wrap counter; a front-end that sends only bits
 0-15, as DPDK's vhost library does, means the used position is the avail
 one: inspector/datapath/packed_queue.py decode_vring_base). GET_VRING_BASE
 answers in the 32-bit form (QEMU's virtio_queue_packed_set_last_avail_idx
-reads both halves).
+reads both halves). A packed ring's base is checked against the ring before
+it starts (inspector/vhost_user/packed_resume.py): a front-end that lost our
+positions (QEMU after a back-end crash sends those of the last start) gets
+the device's used position the ring shows instead, with a warning. A base
+equal to the one the vring's device handed back when it last stopped (same
+size and addresses since, no reset) is the device's own and kept unchecked.
 """
 
 from __future__ import annotations
@@ -33,12 +38,13 @@ import os
 from typing import Callable
 
 from ..devices.base import Device, VringConfig
-from ..errors import MemoryAccessError
+from ..errors import InspectorError, MemoryAccessError
 from ..layout import avail_ring_size, desc_table_size, is_power_of_two, used_ring_size
 from ..memory import GuestMemory
 from ..spec.virtio import (PVIRTQ_DESC_SIZE, PVIRTQ_EVENT_SUPPR_SIZE, VIRTIO_F_RING_PACKED, VIRTQ_MAX_SIZE,
                            has_feature)
 from .memory_table import MappedMemory
+from .packed_resume import resume_packed
 from .protocol import VRING_IDX_MASK, VRING_NOFD_MASK, ProtocolViolation, VringAddr, VringState
 from .transport import Message
 
@@ -107,6 +113,10 @@ class Vrings:
         self.num_queues = int(device.num_queues)
         self.configs = [VringConfig(index=i) for i in range(self.num_queues)]
         self._polling = [False] * self.num_queues  # kick "fd" is the no-fd bit
+        # The base each vring's device handed back when it last stopped, while
+        # nothing says the ring changed since: a packed base equal to it is
+        # the device's own knowledge, kept without checking it against the ring.
+        self._own_base: list[int | None] = [None] * self.num_queues
 
     @property
     def packed(self) -> bool:
@@ -126,6 +136,8 @@ class Vrings:
         v, mem = self.configs[i], self.memory.mem
         v.packed = self.packed
         check_ring_mapped(name, v, mem)
+        if v.packed and v.base != self._own_base[i]:
+            self._check_packed_base(v, mem)
         v.started = True
         try:
             self.device.start_queue(v, mem)
@@ -133,6 +145,24 @@ class Vrings:
             v.started = False
             raise
         self.logger.debug("connection %d: vring %d started (num %d, base %d)", self.id, i, v.num, v.base)
+
+    def _check_packed_base(self, v: VringConfig, mem: GuestMemory) -> None:
+        """Replace ``v.base`` by the device's used position the ring shows
+        when the given one cannot be right (a front-end that lost our
+        positions: QEMU after a back-end crash; inspector/vhost_user/packed_resume.py),
+        with one warning naming both and why. A ring that cannot be read is
+        left to the device (which reports it)."""
+        try:
+            r = resume_packed(mem, v.num, mem.uva_to_gpa(v.desc_uva, PVIRTQ_DESC_SIZE * v.num),
+                              mem.uva_to_gpa(v.avail_uva, PVIRTQ_EVENT_SUPPR_SIZE),
+                              mem.uva_to_gpa(v.used_uva, PVIRTQ_EVENT_SUPPR_SIZE), v.base)
+        except InspectorError as e:
+            self.logger.warning("connection %d: vring %d (packed): base %#x not checked against the ring: %s",
+                                self.id, v.index, v.base, e)
+            return
+        if r.recovered:
+            self.logger.warning("connection %d: vring %d (packed): %s", self.id, v.index, r.message())
+            v.base = r.base
 
     def start_all(self, name: str) -> None:
         """Start every ready vring."""
@@ -147,6 +177,7 @@ class Vrings:
             v.started = False
             base = self.device.stop_queue(i)
             v.base = int(base) & (0xFFFFFFFF if v.packed else 0xFFFF)
+            self._own_base[i] = v.base
             self.logger.debug("connection %d: vring %d stopped at %d", self.id, i, v.base)
         return v.base
 
@@ -185,6 +216,7 @@ class Vrings:
             self.stop(i)
             self.drop_fds(i, kick=True, call=True, err=True)
             self.configs[i] = VringConfig(index=i, enabled=enabled)
+            self._own_base[i] = None
 
     def stop_all(self) -> None:
         """Stop every vring; a failing device is logged, not raised (the
@@ -203,6 +235,8 @@ class Vrings:
     # --- handlers -------------------------------------------------------------
     def set_num(self, msg: Message, st: VringState) -> None:
         check_ring_size(msg.name, "num", st.num, self.packed)
+        if st.num != self.configs[st.index].num:
+            self._own_base[st.index] = None
         self._reconfigure(msg.name, st.index, lambda v: setattr(v, "num", st.num))
 
     def set_addr(self, msg: Message, a: VringAddr) -> None:
@@ -223,6 +257,9 @@ class Vrings:
                     raise ProtocolViolation(msg.name, fld, addr, str(e)) from None
 
         def apply(v: VringConfig) -> None:
+            if (v.desc_uva, v.avail_uva, v.used_uva) != (a.desc_user_addr, a.avail_user_addr,
+                                                          a.used_user_addr):
+                self._own_base[a.index] = None
             v.desc_uva, v.avail_uva, v.used_uva = a.desc_user_addr, a.avail_user_addr, a.used_user_addr
             v.log_guest_addr = a.log_guest_addr
             v.addr_flags = a.flags
