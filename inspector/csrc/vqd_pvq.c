@@ -9,8 +9,9 @@
  * buffer id is in the last descriptor; one used descriptor per chain, the
  * device skips the chain's slots), §2.8.7 / §2.8.19 (indirect tables: a
  * lone descriptor, no NEXT, no nested INDIRECT), §2.8.8 (VIRTIO_F_IN_ORDER:
- * we always write one used descriptor per chain, which that feature allows
- * but does not require), §2.8.9 (the first used descriptor of a batch is
+ * chains are used in the order they were made available; with the feature
+ * negotiated (vq->in_order) a run of zero-length used descriptors is written
+ * as one, vqd_pflush), §2.8.9 (the first used descriptor of a batch is
  * marked last), §2.8.10 / §2.8.14 (event suppression: ENABLE / DISABLE /
  * DESC with off and wrap, DESC only with VIRTIO_F_RING_EVENT_IDX).
  *
@@ -86,7 +87,7 @@ int vqd_pvq_init(struct vqd_vq *vq, uint32_t num, void *desc, void *driver_event
 
 /* Map one descriptor's buffer (not indirect), keeping device-readable
  * before device-writable (§2.8.17). */
-static inline int map_desc(struct vqd_vq *vq, const struct vqd_pdesc *d, uint32_t slot, uint32_t head,
+static inline __attribute__((always_inline)) int map_desc(struct vqd_vq *vq, const struct vqd_pdesc *d, uint32_t slot, uint32_t head,
                            const char *where, struct vqd_iov *iov, int *n, int max_iov,
                            uint64_t *out_len, uint64_t *in_len, uint32_t *out_num, uint32_t *in_num)
 {
@@ -136,6 +137,21 @@ int vqd_ppop_one(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int
     uint32_t out_num = 0, in_num = 0;
     int n = 0, rc;
     struct vqd_pdesc d;
+    if (LIKELY(!(flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)))) {
+        /* The common chain: one direct descriptor (what DPDK's and Linux's
+         * drivers post per frame). The checks of the general walk below. */
+        memcpy(&d, &ring[slot], sizeof(d));
+        d.flags = flags; /* the flags we checked, not a second read */
+        rc = map_desc(vq, &d, slot, head, "", iov, &n, max_iov, &out_len, &in_len, &out_num, &in_num);
+        if (UNLIKELY(rc))
+            return rc;
+        if (++slot == num) {
+            slot = 0;
+            wrap ^= 1;
+        }
+        walked = 1;
+        goto popped;
+    }
     for (;;) {
         /* §2.8.17: a list is at most Queue Size descriptors long. */
         if (UNLIKELY(++walked > num))
@@ -192,6 +208,7 @@ int vqd_ppop_one(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int
     }
     if (UNLIKELY(out_len > UINT32_MAX || in_len > UINT32_MAX))
         return vqd_broken(vq, "chain at slot %u is longer than 4 GiB", head);
+popped:
     e->head = d.id; /* §2.8.6: the buffer id is in the last descriptor */
     e->ndescs = walked;
     e->out_num = out_num;

@@ -76,20 +76,45 @@ static inline void vqd_pfill(struct vqd_vq *vq, uint16_t id, uint32_t len, uint1
     p->ndescs = ndescs;
 }
 
+/* With VIRTIO_F_IN_ORDER (§2.8.8 "In-order use of descriptors": the device
+ * MAY write a single used descriptor with the buffer id of the last one of
+ * a batch and skip forward by the batch's slots; the driver works out the
+ * rest from the order it made them available), fold each run of pending
+ * used descriptors with len 0 (transmit buffers: the device wrote nothing,
+ * so no length is lost) into its first entry: the run's last buffer id, all
+ * its slots. Returns the entries left. Runs with a non-zero len stay one
+ * descriptor each (the driver needs every receive length). */
+static inline uint32_t vqd_pfold_in_order(struct vqd_pused *p, uint32_t n)
+{
+    uint32_t w = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        if (w && p[k].len == 0 && p[w - 1].len == 0) {
+            p[w - 1].id = p[k].id;
+            p[w - 1].ndescs = (uint16_t)(p[w - 1].ndescs + p[k].ndescs); /* <= num <= 32768 */
+        } else {
+            p[w++] = p[k];
+        }
+    }
+    return w;
+}
+
 /* Write the pending used descriptors (§2.8.21 "Receiving Used Buffers" in
  * reverse: id and len of each, then its flags with AVAIL = USED =
- * used_wrap_counter) and advance next_used by each chain's slots. Ordering
- * (§2.8.9, as DPDK's vhost_flush_enqueue_shadow_packed): every id/len
- * first, a release fence, the flags of all but the first, and the first
- * one's flags last with a release store, so the driver (which reads in
- * ring order from the first) never sees a partial batch. */
+ * used_wrap_counter) and advance next_used by each chain's slots (with
+ * IN_ORDER, runs of zero-length ones folded into one: vqd_pfold_in_order).
+ * Ordering (§2.8.9, as DPDK's vhost_flush_enqueue_shadow_packed): every
+ * id/len first, a release fence, the flags of all but the first, and the
+ * first one's flags last with a release store, so the driver (which reads
+ * in ring order from the first) never sees a partial batch. */
 static inline void vqd_pflush(struct vqd_vq *vq)
 {
     uint32_t n = vq->used_pending, num = vq->num, total = 0;
     if (!n)
         return;
     struct vqd_pdesc *ring = vq->pdesc;
-    const struct vqd_pused *p = vq->pused;
+    struct vqd_pused *p = vq->pused;
+    if (vq->in_order)
+        n = vqd_pfold_in_order(p, n);
     uint32_t slot = vq->used_idx;
     for (uint32_t k = 0; k < n; k++) {
         ring[slot].id = p[k].id;
