@@ -235,7 +235,8 @@ static inline int FN(pop_tx_batch)(struct vqd_vq *tx, struct vqd_elem *te, VQ_MA
                 __builtin_prefetch(v[1].base, 0, 3);
         }
         used_iov += (int)(te[n].out_num + te[n].in_num);
-        n++;
+        if (n++ == 0)
+            OP(prefetch_tx)(tx, want - 1);
     }
     return n;
 }

@@ -39,6 +39,54 @@ static inline int vqd_pavail(struct vqd_vq *vq)
 /* Pop one chain into iov; 1 popped, 0 none available, <0 error (vqd_pvq.c). */
 VQD_INTERNAL int vqd_ppop_one(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int max_iov);
 
+/* vqd_ppop_one with the common chain inline: one direct descriptor (what
+ * DPDK's and Linux's drivers post per frame) whose buffer lies in one
+ * region, on a queue without faults. The descriptor is read once into
+ * locals, then checked as vqd_ppop_one checks it; anything else (a list, an
+ * indirect table, a zero length refused, a buffer across regions or outside
+ * memory, all slots held) goes to vqd_ppop_one, which reads it again and
+ * says what is wrong. */
+static inline int vqd_ppop(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int max_iov)
+{
+    if (LIKELY(!vq->broken && !vq->fault && max_iov > 0 && vq->used_pending < vq->num)) {
+        const struct vqd_pdesc *dp = &vq->pdesc[vq->last_avail_idx];
+        uint16_t flags = __atomic_load_n(&dp->flags, __ATOMIC_ACQUIRE);
+        if (!vqd_pdesc_avail(flags, vq->avail_wrap_counter))
+            return 0;
+        if (LIKELY(!(flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)))) {
+            struct vqd_pdesc d;
+            uint64_t room;
+            memcpy(&d, dp, sizeof(d));
+            uint32_t len = d.len;
+            uint16_t id = d.id;
+            uint8_t *p = vqd_gpa_map(vq, d.addr, &room);
+            if (LIKELY(p && room >= len && len)) {
+                iov[0].base = p;
+                iov[0].len = len;
+                e->head = id;
+                e->ndescs = 1;
+                if (flags & VRING_DESC_F_WRITE) {
+                    e->out_num = 0;
+                    e->in_num = 1;
+                    e->out_len = 0;
+                    e->in_len = len;
+                } else {
+                    e->out_num = 1;
+                    e->in_num = 0;
+                    e->out_len = len;
+                    e->in_len = 0;
+                }
+                if (UNLIKELY(++vq->last_avail_idx == vq->num)) {
+                    vq->last_avail_idx = 0;
+                    vq->avail_wrap_counter ^= 1;
+                }
+                return 1;
+            }
+        }
+    }
+    return vqd_ppop_one(vq, e, iov, max_iov);
+}
+
 /* Does the driver want a call now (§2.8.10, driver event suppression)?
  * Updates signalled_used (vqd_pvq.c). */
 VQD_INTERNAL int vqd_pshould_notify(struct vqd_vq *vq);
