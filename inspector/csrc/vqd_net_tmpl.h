@@ -241,6 +241,13 @@ static inline int FN(pop_tx_batch)(struct vqd_vq *tx, struct vqd_elem *te, VQ_MA
     return n;
 }
 
+/* Loopback: batches of transmit chains (pop_tx_batch), each frame
+ * delivered to rx, both queues flushed per batch. When tx runs dry the
+ * frames done so far are published and the driver called (if it wants)
+ * before up to `spin` empty polls for its next burst: staying here while
+ * the driver answers saves a return to Python per burst; `budget` frames
+ * and `spin` idle polls bound the call, so faults, stop and snapshots are
+ * served between calls as before. */
 static int FN(net_loopback)(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, int mrg_rxbuf,
                         int budget, int spin, struct vqd_net_scratch *s)
 {
@@ -256,12 +263,18 @@ static int FN(net_loopback)(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, i
         int want = budget - done < VQD_BURST ? budget - done : VQD_BURST;
         int n = FN(pop_tx_batch)(tx, te, tm, want, hdr_len, s, &status);
         if (n == 0) {
-            if (status == VQD_OK && done == 0 && idle++ < spin) {
-                cpu_relax();
-                continue;
+            if (status != VQD_OK || idle++ >= spin)
+                break;
+            if (done) {
+                /* the driver gets this burst's frames before we wait for its next one */
+                uint64_t now = 0;
+                FN(flush_notify)(rx, &rx_dirty, &now);
+                FN(flush_notify)(tx, &tx_dirty, &now);
             }
-            break;
+            cpu_relax();
+            continue;
         }
+        idle = 0;
         /* this batch's receive buffers and the next one's: those have a
          * whole round trip of the driver's to arrive */
         OP(prefetch_rx)(rx, n + VQD_BURST);
