@@ -332,7 +332,7 @@ static inline void split_prefetch_tx(struct vqd_vq *vq, int n)
     split_prefetch_used(vq, n);
 }
 
-#define split_pop_one vqd_pop_one
+#define split_pop_one vqd_pop
 #define split_flush vqd_flush
 #define split_notify vqd_notify
 
