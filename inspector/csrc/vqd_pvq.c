@@ -87,7 +87,7 @@ int vqd_pvq_init(struct vqd_vq *vq, uint32_t num, void *desc, void *driver_event
 
 /* Map one descriptor's buffer (not indirect), keeping device-readable
  * before device-writable (§2.8.17). */
-static inline __attribute__((always_inline)) int map_desc(struct vqd_vq *vq, const struct vqd_pdesc *d, uint32_t slot, uint32_t head,
+static inline int map_desc(struct vqd_vq *vq, const struct vqd_pdesc *d, uint32_t slot, uint32_t head,
                            const char *where, struct vqd_iov *iov, int *n, int max_iov,
                            uint64_t *out_len, uint64_t *in_len, uint32_t *out_num, uint32_t *in_num)
 {
@@ -137,21 +137,6 @@ int vqd_ppop_one(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int
     uint32_t out_num = 0, in_num = 0;
     int n = 0, rc;
     struct vqd_pdesc d;
-    if (LIKELY(!(flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)))) {
-        /* The common chain: one direct descriptor (what DPDK's and Linux's
-         * drivers post per frame). The checks of the general walk below. */
-        memcpy(&d, &ring[slot], sizeof(d));
-        d.flags = flags; /* the flags we checked, not a second read */
-        rc = map_desc(vq, &d, slot, head, "", iov, &n, max_iov, &out_len, &in_len, &out_num, &in_num);
-        if (UNLIKELY(rc))
-            return rc;
-        if (++slot == num) {
-            slot = 0;
-            wrap ^= 1;
-        }
-        walked = 1;
-        goto popped;
-    }
     for (;;) {
         /* §2.8.17: a list is at most Queue Size descriptors long. */
         if (UNLIKELY(++walked > num))
@@ -208,7 +193,6 @@ int vqd_ppop_one(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int
     }
     if (UNLIKELY(out_len > UINT32_MAX || in_len > UINT32_MAX))
         return vqd_broken(vq, "chain at slot %u is longer than 4 GiB", head);
-popped:
     e->head = d.id; /* §2.8.6: the buffer id is in the last descriptor */
     e->ndescs = walked;
     e->out_num = out_num;

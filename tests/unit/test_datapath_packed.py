@@ -84,30 +84,31 @@ class PackedDriver:
             self.mem.view(table + 16 * k, 16)[:] = DESC.pack(addr, length, 0, f)
         return self.add_chain([(table, 16 * len(bufs), False)], extra_flags=VRING_DESC_F_INDIRECT | ring_flags)
 
+    def _next_used(self) -> tuple[int, int] | None:
+        """``(id, len)`` of the used descriptor at next_used, None if not used yet."""
+        _, length, bid, flags = self.read_desc(self.next_used)
+        want = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED if self.used_wrap else 0
+        return (bid, length) if flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) == want else None
+
     def get_used(self) -> list[tuple[int, int]]:
         """The used descriptors the device wrote since the last call: ``(id, len)``."""
         out = []
-        while True:
-            _, length, bid, flags = self.read_desc(self.next_used)
-            want = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED if self.used_wrap else 0
-            if flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) != want:
-                return out
+        while (used := self._next_used()) is not None:
+            bid, length = used
             out.append((bid, length))
             self.next_used += self.ndescs.pop(bid)
             if self.next_used >= self.size:
                 self.next_used -= self.size
                 self.used_wrap ^= 1
+        return out
 
     def get_used_in_order(self) -> list[list[int]]:
         """As get_used for a driver that negotiated VIRTIO_F_IN_ORDER
         (§2.8.8): a used descriptor also returns every buffer made available
         before its id; the buffer ids each one returned."""
         out = []
-        while True:
-            _, _, bid, flags = self.read_desc(self.next_used)
-            want = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED if self.used_wrap else 0
-            if flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) != want:
-                return out
+        while (used := self._next_used()) is not None:
+            bid = used[0]
             batch = []
             while bid not in batch:
                 first = next(iter(self.ndescs))
@@ -117,6 +118,7 @@ class PackedDriver:
                 self.next_used -= self.size
                 self.used_wrap ^= 1
             out.append(batch)
+        return out
 
     def set_driver_event(self, flags: int, off: int = 0, wrap: int = 0) -> None:
         self.mem.view(self.driver_event_addr, 4)[:] = struct.pack("<HH", off | wrap << 15, flags)
