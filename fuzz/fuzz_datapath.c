@@ -1,9 +1,10 @@
 /* libFuzzer harness of the back-end's data path (inspector/csrc/vqd_vq.c,
  * vqd_net.c, vqd_evlog.c and vqd_inflight.c; vqd_guard.c is linked but no
- * fault happens) over random ring memory: two vqs (a TX/RX pair) whose
- * rings, descriptors, buffers and inflight area come from the input, driven
- * by a short script of data-path calls (pop, push, fill, flush, notify,
- * notification on/off, rewind, the net loopback and tap paths).
+ * fault happens) over random ring memory: two vqs (a TX/RX pair), split
+ * (§2.7) or packed (§2.8, vqd_pvq.c), whose rings, descriptors, buffers and
+ * inflight area come from the input, driven by a short script of data-path
+ * calls (pop, push, fill, flush, notify, notification on/off, rewind, the
+ * net loopback and tap paths).
  *
  * Build (make fuzz does this):
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
@@ -20,14 +21,18 @@
  *   0  u8   size_code   size = 1 << ((size_code & 7) + 8 * ((size_code & 0xf8) == 0x88))
  *   1  u8   flags       bit 0/1: EVENT_IDX on vq 0/1; bit 2: MRG_RXBUF; bit 3:
  *                       12-byte virtio_net_hdr (else 10); bit 4: inflight
- *                       tracking on vq 0; bit 5: reject_zero_len; bit 6: a
- *                       4-entry event log on each vq
+ *                       tracking on vq 0 (packed: VIRTIO_F_IN_ORDER on both);
+ *                       bit 5: reject_zero_len; bit 6: a 4-entry event log on
+ *                       each vq; bit 7: packed rings
+ *   3  u8   packed: the size is size - (v % size) when v is odd (any size)
  *   2  u8   nregions    (v % 4) + 1
- *   4  u16  last_avail_idx of vq 0, 6: of vq 1
+ *   4  u16  last_avail_idx of vq 0, 6: of vq 1 (packed: bits 0-14 modulo the
+ *                  size, bit 15 the wrap counter; next_used the same)
  *   8  regions[4]: u64 gpa, u32 size (& 0xfff0 when the top byte is 0xa5,
  *                  else & 0xff0: a multiple of 16, so the buffer, which ends
  *                  where the region ends, starts 16-aligned), u32 mem_off
- *  72  area[2][3] u32 (desc, avail, used of vq 0 then vq 1): region
+ *  72  area[2][3] u32 (desc, avail, used of vq 0 then vq 1; packed: desc,
+ *                  driver and device event suppression): region
  *                  v % nregions, offset (v >> 2) % (room + 1), aligned down
  *  96  ops[24]: op = b & 15, arg = b >> 4 (see run_op)
  * 120  u32 inflight area mem_off
@@ -35,7 +40,8 @@
  *
  * Checked beyond the sanitizers: every popped iovec lies inside one
  * region's buffer and the iovecs add up to the element's lengths, heads are
- * below the queue size, a broken queue stays broken (every later call
+ * below the queue size (split; packed: a chain takes 1..size slots), a
+ * broken queue stays broken (every later call
  * returns VQD_E_BROKEN) with a NUL-terminated, non-empty reason, and
  * used_pending never exceeds the queue size.
  */
@@ -48,6 +54,7 @@
 #include <unistd.h>
 
 #include "vqd_vq.h"
+#include "vqd_pvq.h"
 #include "vqd_evlog.h"
 #include "vqd_net.h"
 #include "vqd_inflight.h"
@@ -71,14 +78,16 @@ struct side {
     struct vqd_iov iov[DP_IOV];
     uint32_t pending[VQD_MAX_QUEUE_SIZE]; /* popped heads not yet used */
     uint32_t pending_len[VQD_MAX_QUEUE_SIZE];
+    uint32_t pending_ndescs[VQD_MAX_QUEUE_SIZE]; /* packed: ring slots of each */
     uint32_t npending;
+    struct vqd_pused pused[VQD_MAX_QUEUE_SIZE];
     int last_iov;                         /* iovecs of the last pop, for op 13 */
 };
 
 struct ctx {
     struct vqd_region regions[4];
     int nregions;
-    int hdr_len, mrg;
+    int hdr_len, mrg, packed;
     struct side s[2];
     int devnull, pipe_r, pipe_w;
     const uint8_t *mem;
@@ -116,13 +125,16 @@ static void do_pop(struct side *sd, int max_elems, int max_iov)
 {
     struct vqd_vq *vq = &sd->vq;
     int was = vq->broken;
-    int got = vqd_vq_pop(vq, sd->elems, max_elems, sd->iov, max_iov);
+    int got = (c.packed ? vqd_pvq_pop : vqd_vq_pop)(vq, sd->elems, max_elems, sd->iov, max_iov);
     EXPECT_BROKEN(was, got);
     FUZZ_CHECK(got <= max_elems);
     int used_iov = 0;
     for (int e = 0; e < got; e++) {
         const struct vqd_elem *el = &sd->elems[e];
-        FUZZ_CHECK(el->head < vq->num);
+        if (c.packed)
+            FUZZ_CHECK(el->head <= 0xFFFF && el->ndescs >= 1 && el->ndescs <= vq->num);
+        else
+            FUZZ_CHECK(el->head < vq->num);
         FUZZ_CHECK(el->iov_idx == (uint32_t)used_iov);
         uint64_t out = 0, in = 0;
         for (uint32_t k = 0; k < el->out_num + el->in_num; k++) {
@@ -140,6 +152,7 @@ static void do_pop(struct side *sd, int max_elems, int max_iov)
         if (sd->npending < vq->num) {
             sd->pending[sd->npending] = el->head;
             sd->pending_len[sd->npending] = (uint32_t)el->in_len;
+            sd->pending_ndescs[sd->npending] = el->ndescs;
             sd->npending++;
         }
     }
@@ -157,34 +170,44 @@ static void run_op(uint8_t b)
         do_pop(sd, 1 + ((arg >> 1) & 7), (arg >> 3) ? 4 : DP_IOV);
         break;
     case 1: /* push every popped chain, with the device-writable length */
-        rc = vqd_vq_push(vq, sd->pending, sd->pending_len, (int)sd->npending);
+        if (c.packed) {
+            rc = VQD_OK;
+            for (uint32_t k = 0; k < sd->npending && rc == VQD_OK; k++)
+                rc = vqd_pvq_fill(vq, sd->pending[k], sd->pending_len[k], sd->pending_ndescs[k]);
+            if (rc == VQD_OK)
+                rc = vqd_pvq_flush(vq);
+        } else {
+            rc = vqd_vq_push(vq, sd->pending, sd->pending_len, (int)sd->npending);
+        }
         EXPECT_BROKEN(was, rc);
         if (rc >= 0)
             sd->npending = 0;
         break;
     case 2: /* fill the oldest popped chain, then flush */
         if (sd->npending) {
-            rc = vqd_vq_fill(vq, sd->pending[0], sd->pending_len[0]);
+            rc = c.packed ? vqd_pvq_fill(vq, sd->pending[0], sd->pending_len[0], sd->pending_ndescs[0])
+                          : vqd_vq_fill(vq, sd->pending[0], sd->pending_len[0]);
             EXPECT_BROKEN(was, rc);
             if (rc == VQD_OK) {
                 memmove(sd->pending, sd->pending + 1, --sd->npending * sizeof sd->pending[0]);
                 memmove(sd->pending_len, sd->pending_len + 1, sd->npending * sizeof sd->pending_len[0]);
+                memmove(sd->pending_ndescs, sd->pending_ndescs + 1, sd->npending * sizeof sd->pending_ndescs[0]);
             }
         }
-        rc = vqd_vq_flush(vq);
+        rc = (c.packed ? vqd_pvq_flush : vqd_vq_flush)(vq);
         EXPECT_BROKEN(was, rc);
         break;
     case 3:
-        rc = vqd_vq_notify(vq);
+        rc = (c.packed ? vqd_pvq_notify : vqd_vq_notify)(vq);
         EXPECT_BROKEN(was, rc);
         break;
     case 4:
-        rc = vqd_vq_set_notification(vq, (arg >> 1) & 1);
+        rc = (c.packed ? vqd_pvq_set_notification : vqd_vq_set_notification)(vq, (arg >> 1) & 1);
         EXPECT_BROKEN(was, rc);
         FUZZ_CHECK(rc < 0 || (uint32_t)rc <= vq->num);
         break;
     case 5:
-        rc = vqd_vq_avail_count(vq);
+        rc = (c.packed ? vqd_pvq_avail_count : vqd_vq_avail_count)(vq);
         EXPECT_BROKEN(was, rc);
         FUZZ_CHECK(rc < 0 || (uint32_t)rc <= vq->num);
         break;
@@ -213,7 +236,16 @@ static void run_op(uint8_t b)
         uint32_t n = 1 + (arg >> 1);
         if (n > sd->npending)
             n = sd->npending;
-        if (n) {
+        if (n && c.packed) {
+            uint32_t slots = 0;
+            for (uint32_t k = sd->npending - n; k < sd->npending; k++)
+                slots += sd->pending_ndescs[k];
+            /* the loopback and tap ops pop and use chains this list does not
+             * know of: more slots than the ring holds is refused, not obeyed */
+            rc = vqd_pvq_rewind(vq, slots);
+            FUZZ_CHECK(rc == VQD_OK || (rc == VQD_E_INVAL && slots > vq->num));
+            sd->npending -= n;
+        } else if (n) {
             vqd_vq_rewind(vq, (int)n);
             sd->npending -= n;
         }
@@ -225,12 +257,13 @@ static void run_op(uint8_t b)
         FUZZ_CHECK(rc >= 0 && rc <= 4);
         break;
     }
-    case 11: /* a head the caller checks against the size */
-        rc = vqd_vq_fill(vq, (uint32_t)arg * 37, 1);
+    case 11: /* a head the caller checks against the size (packed: a buffer id over 16 bits) */
+        rc = c.packed ? vqd_pvq_fill(vq, 0x10000u + (uint32_t)arg, 1, 1) : vqd_vq_fill(vq, (uint32_t)arg * 37, 1);
         EXPECT_BROKEN(was, rc);
+        FUZZ_CHECK(!c.packed || rc < 0);
         break;
     case 12:
-        rc = vqd_vq_should_notify(vq);
+        rc = (c.packed ? vqd_pvq_should_notify : vqd_vq_should_notify)(vq);
         FUZZ_CHECK(rc == 0 || rc == 1);
         break;
     case 13: { /* the last pop's iovecs copied out, then back (DeviceQueue.read/write) */
@@ -241,7 +274,7 @@ static void run_op(uint8_t b)
         break;
     }
     default: /* 14, 15: flush */
-        rc = vqd_vq_flush(vq);
+        rc = (c.packed ? vqd_pvq_flush : vqd_vq_flush)(vq);
         EXPECT_BROKEN(was, rc);
         break;
     }
@@ -283,6 +316,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
 
     uint8_t sc = HDR_U8(&h, 0), flags = HDR_U8(&h, 1);
     uint32_t num = 1u << ((sc & 7) + ((sc & 0xf8) == 0x88 ? 8 : 0));
+    c.packed = !!(flags & 128);
+    if (c.packed && (HDR_U8(&h, 3) & 1))
+        num -= HDR_U8(&h, 3) % num; /* §2.8: any size 1..32768 */
     c.nregions = HDR_U8(&h, 2) % 4 + 1;
     c.hdr_len = flags & 8 ? 12 : 10;
     c.mrg = !!(flags & 4);
@@ -297,8 +333,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
     int ok = 1;
     for (int q = 0; q < 2; q++) {
         areas[q][0] = place(HDR_U32(&h, 72 + 12 * q), 16 * (uint64_t)num, 16);
-        areas[q][1] = place(HDR_U32(&h, 72 + 12 * q + 4), 6 + 2 * (uint64_t)num, 2);
-        areas[q][2] = place(HDR_U32(&h, 72 + 12 * q + 8), 6 + 8 * (uint64_t)num, 4);
+        areas[q][1] = place(HDR_U32(&h, 72 + 12 * q + 4), c.packed ? 4 : 6 + 2 * (uint64_t)num,
+                            c.packed ? 4 : 2);
+        areas[q][2] = place(HDR_U32(&h, 72 + 12 * q + 8), c.packed ? 4 : 6 + 8 * (uint64_t)num, 4);
         ok &= areas[q][0] && areas[q][1] && areas[q][2];
     }
     uint8_t *inflight_area = NULL;
@@ -311,8 +348,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
             struct side *sd = &c.s[q];
             sd->npending = 0;
             sd->last_iov = 0;
-            int rc = vqd_vq_init(&sd->vq, num, areas[q][0], areas[q][1], areas[q][2], c.regions,
+            int rc;
+            if (c.packed) {
+                uint16_t pos = HDR_U16(&h, 4 + 2 * q), slot = (uint16_t)((pos & 0x7fff) % num);
+                rc = vqd_pvq_init(&sd->vq, num, areas[q][0], areas[q][1], areas[q][2], sd->pused, c.regions,
+                                  c.nregions, slot, pos >> 15, slot, pos >> 15, (flags >> q) & 1, -1, -1);
+                sd->vq.in_order = !!(flags & 16);
+            } else {
+                rc = vqd_vq_init(&sd->vq, num, areas[q][0], areas[q][1], areas[q][2], c.regions,
                                  c.nregions, HDR_U16(&h, 4 + 2 * q), (flags >> q) & 1, -1, -1);
+            }
             FUZZ_CHECK(rc == VQD_OK);
             sd->vq.reject_zero_len = !!(flags & 32);
             if (flags & 64) {
@@ -320,7 +365,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
                 sd->vq.evlog = &sd->log;
             }
         }
-        if (flags & 16) {
+        if ((flags & 16) && !c.packed) {
             uint64_t size = vqd_inflight_queue_size(num);
             inflight_area = fill_region(&inflight_buf[0], c.mem, c.mem_len, HDR_U32(&h, 120), size);
             resubmit = tail(&inflight_buf[1], num * sizeof *resubmit);

@@ -2,7 +2,7 @@
  * compiled once per ring layout: vqd_net.c includes it twice, with
  *   FN(x)     the name of this copy's function x (x_split, x_packed),
  *   OP(x)     the layout's step x: pop_one, fill, flush, notify, mark,
- *             undo, has_avail (vqd_net.c defines them over vqd_vq_impl.h
+ *             undo, giveback, has_avail (vqd_net.c defines them over vqd_vq_impl.h
  *             and vqd_pvq_impl.h),
  *   VQ_MARK   the type OP(mark) returns (a position to give chains back to).
  * So a burst pays no per-frame branch on the layout: the exported paths
@@ -71,7 +71,32 @@ static int FN(deliver)(struct vqd_vq *rx, struct cursor *src, uint64_t len, int 
     popped = 1;
     write_rx_hdr(&c, hdr_len, &nb_lo, &nb_hi);
     written = hdr_len;
-    if (swap_mac && len >= 12) {
+    if (swap_mac && len >= 12 && LIKELY(src->i < src->n && c.i < c.n
+                                        && src->iov[src->i].len - src->off >= 12
+                                        && c.iov[c.i].len - c.off >= 12)) {
+        /* Loopback, the common case: both MACs contiguous on both sides.
+         * Straight from the transmit buffer into the receive buffer through
+         * registers: a stack copy read back at another width defeats store
+         * forwarding and waits for every older store (the previous frame's
+         * receive buffer writes) to reach the cache. All loads before the
+         * stores: a driver's aliased buffers give garbage, never overruns. */
+        const uint8_t *sp = src->iov[src->i].base + src->off;
+        uint8_t *dp = c.iov[c.i].base + c.off;
+        uint32_t dst_hi, src_hi;
+        uint16_t dst_lo, src_lo;
+        memcpy(&dst_hi, sp, 4);
+        memcpy(&dst_lo, sp + 4, 2);
+        memcpy(&src_hi, sp + 6, 4);
+        memcpy(&src_lo, sp + 10, 2);
+        memcpy(dp, &src_hi, 4);
+        memcpy(dp + 4, &src_lo, 2);
+        memcpy(dp + 6, &dst_hi, 4);
+        memcpy(dp + 10, &dst_lo, 2);
+        cursor_skip(src, 12);
+        cursor_skip(&c, 12);
+        written += 12;
+        left -= 12;
+    } else if (swap_mac && len >= 12) {
         /* Loopback: the reply goes back to the sender, destination <-> source. */
         uint8_t sw[12];
         cursor_read(src, eth, 12);
@@ -173,9 +198,56 @@ static inline int FN(pop_tx)(struct vqd_vq *tx, struct vqd_elem *te, struct vqd_
     int rc = OP(pop_one)(tx, te, s->tx_iov, VQD_NET_IOV);
     if (UNLIKELY(rc == VQD_E_NOSPACE))
         rc = vqd_broken(tx, "transmit chain needs more than %d iovecs", VQD_NET_IOV);
+    te->iov_idx = 0;
     return rc;
 }
 
+/* Pop up to `want` transmit chains into te[] (their iovecs one after the
+ * other in s->tx_iov, te[k].iov_idx where each starts; tm[k] the position
+ * before chain k, to give chains back) and prefetch each frame's first
+ * bytes, so the copies that follow overlap their cache misses instead of
+ * taking them one after the other. Returns the chains popped; *status
+ * gets a pop's failure (the chains before it are popped and valid). A chain
+ * that does not fit the iovecs left waits for the next batch; one that does
+ * not fit an empty scratch breaks the queue, as pop_tx. */
+static inline int FN(pop_tx_batch)(struct vqd_vq *tx, struct vqd_elem *te, VQ_MARK *tm, int want,
+                                   int hdr_len, struct vqd_net_scratch *s, int *status)
+{
+    int n = 0, used_iov = 0;
+    while (n < want) {
+        tm[n] = OP(mark)(tx);
+        int rc = OP(pop_one)(tx, &te[n], s->tx_iov + used_iov, VQD_NET_IOV - used_iov);
+        if (rc == VQD_E_NOSPACE && n)
+            break;
+        if (UNLIKELY(rc == VQD_E_NOSPACE))
+            rc = vqd_broken(tx, "transmit chain needs more than %d iovecs", VQD_NET_IOV);
+        if (rc < 0)
+            *status = rc;
+        if (rc <= 0)
+            break;
+        te[n].iov_idx = (uint32_t)used_iov;
+        if (LIKELY(te[n].out_num)) {
+            const struct vqd_iov *v = &s->tx_iov[used_iov];
+            /* the frame starts after the header: in the same iovec or the next */
+            if (v->len > (uint64_t)hdr_len)
+                __builtin_prefetch(v->base + hdr_len, 0, 3);
+            else if (te[n].out_num > 1)
+                __builtin_prefetch(v[1].base, 0, 3);
+        }
+        used_iov += (int)(te[n].out_num + te[n].in_num);
+        if (n++ == 0)
+            OP(prefetch_tx)(tx, want - 1);
+    }
+    return n;
+}
+
+/* Loopback: batches of transmit chains (pop_tx_batch), each frame
+ * delivered to rx, both queues flushed per batch. When tx runs dry the
+ * frames done so far are published and the driver called (if it wants)
+ * before up to `spin` empty polls for its next burst: staying here while
+ * the driver answers saves a return to Python per burst; `budget` frames
+ * and `spin` idle polls bound the call, so faults, stop and snapshots are
+ * served between calls as before. */
 static int FN(net_loopback)(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, int mrg_rxbuf,
                         int budget, int spin, struct vqd_net_scratch *s)
 {
@@ -185,53 +257,61 @@ static int FN(net_loopback)(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, i
         return VQD_E_BROKEN;
     if (hdr_len != 10 && hdr_len != 12)
         return VQD_E_INVAL;
-    while (done < budget) {
-        struct vqd_elem te;
-        VQ_MARK tm = OP(mark)(tx);
-        int rc = FN(pop_tx)(tx, &te, s);
-        if (UNLIKELY(rc < 0)) {
-            status = rc;
-            break;
-        }
-        if (rc == 0) {
-            if (done == 0 && idle++ < spin) {
-                cpu_relax();
-                continue;
-            }
-            break;
-        }
-        uint64_t frame_len = te.out_len >= (uint64_t)hdr_len ? te.out_len - hdr_len : 0;
-        if (UNLIKELY(te.out_len <= (uint64_t)hdr_len)) {
-            tx->drops++;
-        } else {
-            struct cursor src = tx_frame(s, &te, hdr_len);
-            rc = FN(deliver)(rx, &src, frame_len, 1, hdr_len, mrg_rxbuf, s);
-            if (UNLIKELY(rc < 0)) {
-                OP(undo)(tx, &tm, 1);
-                status = rc;
+    while (done < budget && status == VQD_OK) {
+        struct vqd_elem te[VQD_BURST];
+        VQ_MARK tm[VQD_BURST];
+        int want = budget - done < VQD_BURST ? budget - done : VQD_BURST;
+        int n = FN(pop_tx_batch)(tx, te, tm, want, hdr_len, s, &status);
+        if (n == 0) {
+            if (status != VQD_OK || idle++ >= spin)
                 break;
+            if (done) {
+                /* the driver gets this burst's frames before we wait for its next one */
+                uint64_t now = 0;
+                FN(flush_notify)(rx, &rx_dirty, &now);
+                FN(flush_notify)(tx, &tx_dirty, &now);
             }
-            if (rc == DELIVER_STARVED) {
-                /* No receive buffer (or too few for the frame, or RX stalled):
-                 * the frame is lost on the receive side, as a NIC (and tun
-                 * under vhost-net) drops it; the TX buffer goes back. */
-                rx->drops++;
-                s->rx_starved = 1;
+            cpu_relax();
+            continue;
+        }
+        idle = 0;
+        /* this batch's receive buffers and the next one's: those have a
+         * whole round trip of the driver's to arrive */
+        OP(prefetch_rx)(rx, n + VQD_BURST);
+        for (int k = 0; k < n; k++) {
+            uint64_t out_len = te[k].out_len;
+            uint64_t frame_len = out_len > (uint64_t)hdr_len ? out_len - hdr_len : 0;
+            if (UNLIKELY(out_len <= (uint64_t)hdr_len)) {
+                tx->drops++;
+            } else {
+                struct cursor src = tx_frame(s, &te[k], hdr_len);
+                int rc = FN(deliver)(rx, &src, frame_len, 1, hdr_len, mrg_rxbuf, s);
+                if (UNLIKELY(rc < 0)) {
+                    /* RX broke: chains k.. go back to the driver untouched */
+                    OP(giveback)(tx, &tm[k], n - k);
+                    status = rc;
+                    break;
+                }
+                if (rc == DELIVER_STARVED) {
+                    /* No receive buffer (or too few for the frame, or RX stalled):
+                     * the frame is lost on the receive side, as a NIC (and tun
+                     * under vhost-net) drops it; the TX buffer goes back. */
+                    rx->drops++;
+                    s->rx_starved = 1;
+                }
+                if (rc == DELIVER_OK)
+                    rx_dirty = 1;
+                /* transmitted, whatever became of it on the receive side */
+                tx->packets++;
+                tx->bytes += frame_len;
             }
-            if (rc == DELIVER_OK)
-                rx_dirty = 1;
-            /* transmitted, whatever became of it on the receive side */
-            tx->packets++;
-            tx->bytes += frame_len;
+            OP(fill)(tx, &te[k], 0); /* §2.7.8 / §2.8.4: the device wrote nothing into a TX buffer */
+            tx_dirty = 1;
+            done++;
         }
-        OP(fill)(tx, &te, 0); /* §2.7.8 / §2.8.4: the device wrote nothing into a TX buffer */
-        tx_dirty = 1;
-        done++;
-        if ((done & (VQD_BURST - 1)) == 0) {
-            /* Hand buffers back in bursts so the driver can refill while we copy. */
-            OP(flush)(rx);
-            OP(flush)(tx);
-        }
+        /* Hand buffers back a batch at a time so the driver can refill while we copy. */
+        OP(flush)(rx);
+        OP(flush)(tx);
     }
     /* RX first: the frames are there before TX completions tell the driver.
      * Both events of this burst carry one clock reading. */
@@ -290,7 +370,7 @@ static inline int FN(tap_tx_step)(struct vqd_vq *tx, int tap_fd, int hdr_len, in
         tx->drops++;
     } else {
         struct cursor src = tx_frame(s, &te, hdr_len);
-        struct vqd_iov *first = &s->tx_iov[src.i];
+        struct vqd_iov *first = &src.iov[src.i];
         uint8_t *saved_base = first->base;
         uint64_t saved_len = first->len;
         first->base += src.off;

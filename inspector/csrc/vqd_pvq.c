@@ -9,8 +9,9 @@
  * buffer id is in the last descriptor; one used descriptor per chain, the
  * device skips the chain's slots), §2.8.7 / §2.8.19 (indirect tables: a
  * lone descriptor, no NEXT, no nested INDIRECT), §2.8.8 (VIRTIO_F_IN_ORDER:
- * we always write one used descriptor per chain, which that feature allows
- * but does not require), §2.8.9 (the first used descriptor of a batch is
+ * chains are used in the order they were made available; with the feature
+ * negotiated (vq->in_order) a run of zero-length used descriptors is written
+ * as one, vqd_pflush), §2.8.9 (the first used descriptor of a batch is
  * marked last), §2.8.10 / §2.8.14 (event suppression: ENABLE / DISABLE /
  * DESC with off and wrap, DESC only with VIRTIO_F_RING_EVENT_IDX).
  *

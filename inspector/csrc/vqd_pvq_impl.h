@@ -39,6 +39,54 @@ static inline int vqd_pavail(struct vqd_vq *vq)
 /* Pop one chain into iov; 1 popped, 0 none available, <0 error (vqd_pvq.c). */
 VQD_INTERNAL int vqd_ppop_one(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int max_iov);
 
+/* vqd_ppop_one with the common chain inline: one direct descriptor (what
+ * DPDK's and Linux's drivers post per frame) whose buffer lies in one
+ * region, on a queue without faults. The descriptor is read once into
+ * locals, then checked as vqd_ppop_one checks it; anything else (a list, an
+ * indirect table, a zero length refused, a buffer across regions or outside
+ * memory, all slots held) goes to vqd_ppop_one, which reads it again and
+ * says what is wrong. */
+static inline int vqd_ppop(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int max_iov)
+{
+    if (LIKELY(!vq->broken && !vq->fault && max_iov > 0 && vq->used_pending < vq->num)) {
+        const struct vqd_pdesc *dp = &vq->pdesc[vq->last_avail_idx];
+        uint16_t flags = __atomic_load_n(&dp->flags, __ATOMIC_ACQUIRE);
+        if (!vqd_pdesc_avail(flags, vq->avail_wrap_counter))
+            return 0;
+        if (LIKELY(!(flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)))) {
+            struct vqd_pdesc d;
+            uint64_t room;
+            memcpy(&d, dp, sizeof(d));
+            uint32_t len = d.len;
+            uint16_t id = d.id;
+            uint8_t *p = vqd_gpa_map(vq, d.addr, &room);
+            if (LIKELY(p && room >= len && len)) {
+                iov[0].base = p;
+                iov[0].len = len;
+                e->head = id;
+                e->ndescs = 1;
+                if (flags & VRING_DESC_F_WRITE) {
+                    e->out_num = 0;
+                    e->in_num = 1;
+                    e->out_len = 0;
+                    e->in_len = len;
+                } else {
+                    e->out_num = 1;
+                    e->in_num = 0;
+                    e->out_len = len;
+                    e->in_len = 0;
+                }
+                if (UNLIKELY(++vq->last_avail_idx == vq->num)) {
+                    vq->last_avail_idx = 0;
+                    vq->avail_wrap_counter ^= 1;
+                }
+                return 1;
+            }
+        }
+    }
+    return vqd_ppop_one(vq, e, iov, max_iov);
+}
+
 /* Does the driver want a call now (§2.8.10, driver event suppression)?
  * Updates signalled_used (vqd_pvq.c). */
 VQD_INTERNAL int vqd_pshould_notify(struct vqd_vq *vq);
@@ -76,20 +124,45 @@ static inline void vqd_pfill(struct vqd_vq *vq, uint16_t id, uint32_t len, uint1
     p->ndescs = ndescs;
 }
 
+/* With VIRTIO_F_IN_ORDER (§2.8.8 "In-order use of descriptors": the device
+ * MAY write a single used descriptor with the buffer id of the last one of
+ * a batch and skip forward by the batch's slots; the driver works out the
+ * rest from the order it made them available), fold each run of pending
+ * used descriptors with len 0 (transmit buffers: the device wrote nothing,
+ * so no length is lost) into its first entry: the run's last buffer id, all
+ * its slots. Returns the entries left. Runs with a non-zero len stay one
+ * descriptor each (the driver needs every receive length). */
+static inline uint32_t vqd_pfold_in_order(struct vqd_pused *p, uint32_t n)
+{
+    uint32_t w = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        if (w && p[k].len == 0 && p[w - 1].len == 0) {
+            p[w - 1].id = p[k].id;
+            p[w - 1].ndescs = (uint16_t)(p[w - 1].ndescs + p[k].ndescs); /* <= num <= 32768 */
+        } else {
+            p[w++] = p[k];
+        }
+    }
+    return w;
+}
+
 /* Write the pending used descriptors (§2.8.21 "Receiving Used Buffers" in
  * reverse: id and len of each, then its flags with AVAIL = USED =
- * used_wrap_counter) and advance next_used by each chain's slots. Ordering
- * (§2.8.9, as DPDK's vhost_flush_enqueue_shadow_packed): every id/len
- * first, a release fence, the flags of all but the first, and the first
- * one's flags last with a release store, so the driver (which reads in
- * ring order from the first) never sees a partial batch. */
+ * used_wrap_counter) and advance next_used by each chain's slots (with
+ * IN_ORDER, runs of zero-length ones folded into one: vqd_pfold_in_order).
+ * Ordering (§2.8.9, as DPDK's vhost_flush_enqueue_shadow_packed): every
+ * id/len first, a release fence, the flags of all but the first, and the
+ * first one's flags last with a release store, so the driver (which reads
+ * in ring order from the first) never sees a partial batch. */
 static inline void vqd_pflush(struct vqd_vq *vq)
 {
     uint32_t n = vq->used_pending, num = vq->num, total = 0;
     if (!n)
         return;
     struct vqd_pdesc *ring = vq->pdesc;
-    const struct vqd_pused *p = vq->pused;
+    struct vqd_pused *p = vq->pused;
+    if (vq->in_order)
+        n = vqd_pfold_in_order(p, n);
     uint32_t slot = vq->used_idx;
     for (uint32_t k = 0; k < n; k++) {
         ring[slot].id = p[k].id;

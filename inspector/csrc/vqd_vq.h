@@ -102,6 +102,9 @@ struct vqd_vq {
     uint8_t avail_wrap_counter;
     uint8_t used_wrap_counter;
     uint8_t signalled_used_wrap;
+    uint8_t in_order;                  /* VIRTIO_F_IN_ORDER negotiated: vqd_pflush writes one used
+                                        * descriptor for a run of chains the device wrote nothing
+                                        * into (§2.8.8); set by the caller after vqd_pvq_init */
     char reason[160];
 };
 

@@ -128,6 +128,47 @@ static inline int vqd_map_range(struct vqd_vq *vq, uint64_t addr, uint32_t len,
     return VQD_OK;
 }
 
+/* vqd_pop_one with the common chain inline: a head (below the queue size)
+ * whose descriptor is one direct buffer of non-zero length in one region,
+ * already counted in the shadow avail index, on a queue without faults or
+ * inflight tracking. The descriptor is read once into a local, then checked
+ * as map_chain checks it; anything else goes to vqd_pop_one, which reads it
+ * again and says what is wrong. */
+static inline int vqd_pop(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int max_iov)
+{
+    if (LIKELY(!vq->broken && !vq->fault && vq->inflight == NULL && max_iov > 0
+               && vq->shadow_avail_idx != vq->last_avail_idx)) {
+        uint16_t head = __atomic_load_n(&vq->avail->ring[vq->last_avail_idx & (vq->num - 1)],
+                                        __ATOMIC_RELAXED);
+        if (LIKELY(head < vq->num)) {
+            struct vqd_desc d;
+            memcpy(&d, &vq->desc[head], sizeof(d));
+            uint64_t room;
+            uint8_t *p;
+            if (LIKELY(!(d.flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)) && d.len
+                       && (p = vqd_gpa_map(vq, d.addr, &room)) != NULL && room >= d.len)) {
+                iov[0].base = p;
+                iov[0].len = d.len;
+                e->head = head;
+                if (d.flags & VRING_DESC_F_WRITE) {
+                    e->out_num = 0;
+                    e->in_num = 1;
+                    e->out_len = 0;
+                    e->in_len = d.len;
+                } else {
+                    e->out_num = 1;
+                    e->in_num = 0;
+                    e->out_len = d.len;
+                    e->in_len = 0;
+                }
+                vq->last_avail_idx++;
+                return 1;
+            }
+        }
+    }
+    return vqd_pop_one(vq, e, iov, max_iov);
+}
+
 /* Entries the driver made available beyond last_avail_idx (refreshing the
  * shadow), or VQD_E_BROKEN when avail->idx moved more than Queue Size ahead
  * (§2.7.6: the driver cannot have more than Queue Size buffers available). */

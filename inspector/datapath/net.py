@@ -40,7 +40,10 @@ def _net_check(rc: int, s: NetScratch, what: str, *queues: DeviceQueue) -> int:
 
 def net_loopback(tx: DeviceQueue, rx: DeviceQueue, scratch: NetScratch, hdr_len: int,
                  mrg_rxbuf: bool, budget: int = 256, spin: int = 0) -> int:
-    """Move up to ``budget`` frames from ``tx`` to ``rx`` with MACs swapped."""
+    """Move up to ``budget`` frames from ``tx`` to ``rx`` with MACs swapped,
+    in batches of up to 32 (each published, and the driver called if it
+    wants, before waiting for the next). When ``tx`` runs dry, up to ``spin``
+    empty polls (each a CPU pause) before returning; 0 returns at once."""
     rc = lib.vqd_net_loopback(tx.vq, rx.vq, hdr_len, 1 if mrg_rxbuf else 0, budget, spin,
                                   scratch.s)
     return _net_check(rc, scratch, "net loopback", tx, rx)

@@ -61,8 +61,10 @@ class PackedDeviceQueue(QueueBase):
     virtual addresses unless ``gpa=True``. ``num`` is 1..32768, not
     necessarily a power of two. The device starts at (``last_avail_idx``,
     ``avail_wrap_counter``) and writes used descriptors from (``next_used``,
-    ``used_wrap_counter``), by default the same position. Other arguments as
-    DeviceQueue's.
+    ``used_wrap_counter``), by default the same position. ``in_order``: the
+    driver negotiated VIRTIO_F_IN_ORDER; then a run of used descriptors with
+    len 0 (transmit buffers) is written as one, with the run's last buffer
+    id (§2.8.8). Other arguments as DeviceQueue's.
 
     Raises RingError when the ring cannot be used (size, alignment, a
     position outside the ring), MemoryAccessError when an area is outside
@@ -75,7 +77,7 @@ class PackedDeviceQueue(QueueBase):
                  next_used: int | None = None, used_wrap_counter: int | None = None,
                  event_idx: bool = False, call_fd: int = -1, kick_fd: int = -1, gpa: bool = False,
                  regions: RegionTable | None = None, event_capacity: int = 0,
-                 reject_zero_len: bool = False):
+                 reject_zero_len: bool = False, in_order: bool = False):
         if next_used is None:
             next_used, used_wrap_counter = last_avail_idx, avail_wrap_counter
         if used_wrap_counter is None:
@@ -103,6 +105,7 @@ class PackedDeviceQueue(QueueBase):
             self.release()
             raise
         self._finish(event_capacity, reject_zero_len)
+        self.vq.in_order = 1 if in_order else 0
 
     # --- state (the device's positions, §2.8.1) ------------------------------
     @property

@@ -220,7 +220,8 @@ class NetDevice(Device):
                 if old is not None:
                     self._retire(old)
                 self._rings[i] = _Ring(vring, mem, self.event_idx, self.event_capacity,
-                                       tuple(f for f in self.faults if f.vring == i))
+                                       tuple(f for f in self.faults if f.vring == i),
+                                       in_order=has_feature(self.acked, VIRTIO_F_IN_ORDER))
                 self._inflight.attach(self._rings[i].q, i)
             finally:
                 self._start_worker(pair)

@@ -45,11 +45,13 @@ def _dup(fd: int | None, nonblocking: bool = False) -> int:
 
 class _Ring:
     """A started vring: the C queue (DeviceQueue, or PackedDeviceQueue when
-    ``vring.packed``) and the fds it keeps (dup'ed: ours), its ``faults``
+    ``vring.packed``; ``in_order``: VIRTIO_F_IN_ORDER negotiated, which a
+    packed ring uses to write one used descriptor per run of transmit
+    buffers, §2.8.8) and the fds it keeps (dup'ed: ours), its ``faults``
     and when it ``started`` (time.monotonic(): faults count from there)."""
 
     def __init__(self, vring: VringConfig, mem: GuestMemory, event_idx: bool, event_capacity: int,
-                 faults: tuple[Fault, ...] = ()):
+                 faults: tuple[Fault, ...] = (), in_order: bool = False):
         self.index = vring.index
         self.faults = faults
         self.started = time.monotonic()
@@ -64,7 +66,8 @@ class _Ring:
                 avail, avail_wrap, used, used_wrap = decode_vring_base(vring.base)
                 self.q = PackedDeviceQueue(mem, vring.num, vring.desc_uva, vring.avail_uva, vring.used_uva,
                                            last_avail_idx=avail, avail_wrap_counter=avail_wrap,
-                                           next_used=used, used_wrap_counter=used_wrap, **common)
+                                           next_used=used, used_wrap_counter=used_wrap,
+                                           in_order=in_order, **common)
             else:
                 self.q = DeviceQueue(mem, vring.num, vring.desc_uva, vring.avail_uva, vring.used_uva,
                                      last_avail_idx=vring.base, **common)

@@ -2,23 +2,30 @@
 on split and on packed rings (VIRTIO 1.2 §2.7 / §2.8).
 
 The same front-end, dpdk-testpmd with a virtio-user port in io forwarding
-(--tx-first: it keeps a burst of 64-byte frames circulating), runs against
-(a) ``vqscope serve net --loopback`` and (b) ``dpdk-testpmd`` with
-``net_vhost0`` in io forwarding, with split rings and then with packed ones
-(virtio-user ``packed_vq=1``: both back-ends negotiate the layout it asks
-for), interleaved round after round in the same run (the machine is shared
-and noisy: only the ratios mean something). The rate of each run is the
-median of testpmd's per-second ``Rx-pps`` after a warm-up, cross-checked
-against its final packet totals; a layout's rate is the median over rounds,
-its spread the lowest and highest run.
+(--tx-first: it keeps one burst of 64-byte frames circulating; default ring
+size and burst, identical argv for both back-ends), runs against (a)
+``vqscope serve net --loopback`` and (b) ``dpdk-testpmd`` with ``net_vhost0``
+in io forwarding, with split rings and with packed ones (virtio-user
+``packed_vq=1``: both back-ends negotiate the layout it asks for).
 
-The front-end forwards on CPU 0 (``-l 0,1 --main-lcore 1``); each back-end
-runs on CPU 1 (DPDK: ``--main-lcore 0``; vqscope: ``taskset -c 1``).
+The machine is shared and noisy, so only ratios taken close together mean
+something: each round runs, per layout, the two back-ends back to back (the
+order alternates from round to round, so a slow drift favours neither) and
+takes that round's ratio vqscope / DPDK. A layout's ``ratio`` is the MEDIAN
+OF THE PER-ROUND RATIOS, ``ratio_spread`` their [min, max]; the rates are the
+medians over rounds of each run's rate, which is the median of testpmd's
+per-second ``Rx-pps`` after a warm-up (its final totals are kept as a
+cross-check).
+
+Pinning, the same for both: the front-end forwards on CPU 0 (``-l 0,1
+--main-lcore 1``); each back-end's data path runs on CPU 1 (DPDK: ``-l 0,1
+--main-lcore 0``, forwarding lcore 1; vqscope: ``taskset -c 1``).
 
 Prints ONE JSON line: {"bench": "net", "split": {"vqscope_mpps", "dpdk_mpps",
-"ratio", "vqscope_spread", "dpdk_spread", ...}, "packed": {...}, ...}.
+"ratio", "ratio_spread", "ratios", "vqscope_spread", "dpdk_spread", ...},
+"packed": {...}, "frame_bytes", "seconds", "rounds"}.
 
-  python tests/bench/bench_net.py [--seconds 10] [--rounds 2]
+  python tests/bench/bench_net.py [--seconds 6] [--rounds 5] [--layouts split,packed]
 """
 
 from __future__ import annotations
@@ -168,12 +175,16 @@ def bench_dpdk(tmp: str, seconds: float, tag: str, layout: str) -> dict:
     return res
 
 
-def summary(vq: list[dict], dp: list[dict]) -> dict:
-    """One layout's figures over its rounds."""
-    vq_mpps = statistics.median(x["mpps"] for x in vq)
-    dp_mpps = statistics.median(x["mpps"] for x in dp)
-    return {"vqscope_mpps": round(vq_mpps, 3), "dpdk_mpps": round(dp_mpps, 3),
-            "ratio": round(vq_mpps / dp_mpps, 3) if dp_mpps else None,
+def summary(rounds: list[tuple[dict, dict]]) -> dict:
+    """One layout's figures over its rounds, each (vqscope run, DPDK run)."""
+    vq = [v for v, _ in rounds]
+    dp = [d for _, d in rounds]
+    ratios = [v["mpps"] / d["mpps"] for v, d in rounds if d["mpps"]]
+    return {"vqscope_mpps": round(statistics.median(x["mpps"] for x in vq), 3),
+            "dpdk_mpps": round(statistics.median(x["mpps"] for x in dp), 3),
+            "ratio": round(statistics.median(ratios), 3) if ratios else None,
+            "ratio_spread": [round(min(ratios), 3), round(max(ratios), 3)] if ratios else None,
+            "ratios": [round(r, 3) for r in ratios],
             "vqscope_spread": [round(min(x["mpps"] for x in vq), 3), round(max(x["mpps"] for x in vq), 3)],
             "dpdk_spread": [round(min(x["mpps"] for x in dp), 3), round(max(x["mpps"] for x in dp), 3)],
             "vqscope_runs": vq, "dpdk_runs": dp}
@@ -181,8 +192,9 @@ def summary(vq: list[dict], dp: list[dict]) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=10, help="measured seconds per back-end, layout and round")
-    ap.add_argument("--rounds", type=int, default=2, help="alternate vqscope/DPDK and split/packed this many times")
+    ap.add_argument("--seconds", type=float, default=6, help="measured seconds per back-end, layout and round")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds; each runs both back-ends back to back per layout and gives one ratio")
     ap.add_argument("--layouts", default="split,packed", help="comma-separated ring layouts (default both)")
     args = ap.parse_args()
     testpmd()
@@ -190,13 +202,22 @@ def main() -> int:
     for x in layouts:
         if x not in LAYOUTS:
             raise SystemExit(f"bench_net: layout {x!r} is not one of {', '.join(LAYOUTS)}")
-    runs: dict[str, tuple[list, list]] = {x: ([], []) for x in layouts}
+    runs: dict[str, list[tuple[dict, dict]]] = {x: [] for x in layouts}
     with tempfile.TemporaryDirectory(prefix="vqbench-") as tmp:
         for r in range(args.rounds):
             for x in layouts:
-                runs[x][0].append(bench_vqscope(tmp, args.seconds, f"v{x[0]}{r}", x))
-                runs[x][1].append(bench_dpdk(tmp, args.seconds, f"d{x[0]}{r}", x))
-    out = {"bench": "net", **{x: summary(*runs[x]) for x in layouts},
+                # back to back, the order alternating by round
+                if r % 2 == 0:
+                    v = bench_vqscope(tmp, args.seconds, f"v{x[0]}{r}", x)
+                    d = bench_dpdk(tmp, args.seconds, f"d{x[0]}{r}", x)
+                else:
+                    d = bench_dpdk(tmp, args.seconds, f"d{x[0]}{r}", x)
+                    v = bench_vqscope(tmp, args.seconds, f"v{x[0]}{r}", x)
+                runs[x].append((v, d))
+                print(f"bench_net: round {r + 1}/{args.rounds} {x}: vqscope {v['mpps']:.3f} Mpps, "
+                      f"DPDK {d['mpps']:.3f} Mpps, ratio {v['mpps'] / d['mpps']:.3f}", file=sys.stderr,
+                      flush=True)
+    out = {"bench": "net", **{x: summary(runs[x]) for x in layouts},
            "frame_bytes": 64, "seconds": args.seconds, "rounds": args.rounds}
     print(json.dumps(out), flush=True)
     return 0

@@ -84,19 +84,41 @@ class PackedDriver:
             self.mem.view(table + 16 * k, 16)[:] = DESC.pack(addr, length, 0, f)
         return self.add_chain([(table, 16 * len(bufs), False)], extra_flags=VRING_DESC_F_INDIRECT | ring_flags)
 
+    def _next_used(self) -> tuple[int, int] | None:
+        """``(id, len)`` of the used descriptor at next_used, None if not used yet."""
+        _, length, bid, flags = self.read_desc(self.next_used)
+        want = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED if self.used_wrap else 0
+        return (bid, length) if flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) == want else None
+
     def get_used(self) -> list[tuple[int, int]]:
         """The used descriptors the device wrote since the last call: ``(id, len)``."""
         out = []
-        while True:
-            _, length, bid, flags = self.read_desc(self.next_used)
-            want = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED if self.used_wrap else 0
-            if flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) != want:
-                return out
+        while (used := self._next_used()) is not None:
+            bid, length = used
             out.append((bid, length))
             self.next_used += self.ndescs.pop(bid)
             if self.next_used >= self.size:
                 self.next_used -= self.size
                 self.used_wrap ^= 1
+        return out
+
+    def get_used_in_order(self) -> list[list[int]]:
+        """As get_used for a driver that negotiated VIRTIO_F_IN_ORDER
+        (§2.8.8): a used descriptor also returns every buffer made available
+        before its id; the buffer ids each one returned."""
+        out = []
+        while (used := self._next_used()) is not None:
+            bid = used[0]
+            batch = []
+            while bid not in batch:
+                first = next(iter(self.ndescs))
+                batch.append(first)
+                self.next_used += self.ndescs.pop(first)
+            if self.next_used >= self.size:
+                self.next_used -= self.size
+                self.used_wrap ^= 1
+            out.append(batch)
+        return out
 
     def set_driver_event(self, flags: int, off: int = 0, wrap: int = 0) -> None:
         self.mem.view(self.driver_event_addr, 4)[:] = struct.pack("<HH", off | wrap << 15, flags)
@@ -177,6 +199,36 @@ def test_batch_of_used_descriptors_out_of_order_and_vring_base():
     assert rig.dev.vhost_base == encode_vring_base(3, 1, 3, 1) == 3 | 1 << 15 | 3 << 16 | 1 << 31
     with pytest.raises(ArgumentError, match="was not popped"):
         rig.dev.push([(ids[0], 1)])
+
+
+def test_in_order_writes_one_used_descriptor_per_run_of_zero_length_buffers():
+    # §2.8.8: with VIRTIO_F_IN_ORDER the device may write a single used
+    # descriptor (the batch's last buffer id) and skip the batch's slots;
+    # only buffers it wrote nothing into are folded (their lengths are all 0).
+    rig = Rig(size=8, in_order=True)
+    ids = [rig.drv.add_chain([(rig.data + 0x100 * k, 16, False), (rig.data + 0x100 * k + 16, 8, False)])
+           for k in range(3)]
+    rig.dev.pop()
+    assert rig.dev.push([(i, 0) for i in ids]) == 3
+    used = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)
+    assert rig.drv.read_desc(0)[1:] == (0, ids[2], used)
+    assert all(rig.drv.read_desc(s)[3] & VIRTQ_DESC_F_USED == 0 for s in range(1, 6))
+    assert (rig.dev.next_used, rig.dev.used_wrap_counter) == (6, 1)
+    # lengths the driver needs stay one descriptor each, a zero-length run between them folds
+    more = [rig.drv.add_chain([(rig.data + 0x1000 + 0x100 * k, 16, True)]) for k in range(4)]
+    rig.dev.pop()
+    rig.dev.push([(more[0], 5), (more[1], 0), (more[2], 0), (more[3], 7)])
+    assert [rig.drv.read_desc(s)[1:3] for s in (6, 7, 1)] == [(5, more[0]), (0, more[2]), (7, more[3])]
+    assert rig.drv.read_desc(7)[3] == used and rig.drv.read_desc(1)[3] == 0   # wrapped: counter 0
+    assert (rig.dev.next_used, rig.dev.used_wrap_counter) == (2, 0)
+
+
+def test_without_in_order_every_chain_has_its_used_descriptor():
+    rig = Rig(size=8)
+    ids = [rig.drv.add_chain([(rig.data + 0x100 * k, 16, False)]) for k in range(3)]
+    rig.dev.pop()
+    rig.dev.push([(i, 0) for i in ids])
+    assert rig.drv.get_used() == [(i, 0) for i in ids]
 
 
 def test_rewind_gives_chains_back():
@@ -354,14 +406,14 @@ def _eth(n: int) -> bytes:
 
 
 class NetRig:
-    def __init__(self, size: int = 16):
+    def __init__(self, size: int = 16, in_order: bool = False):
         self.mem = _mem()
         self.tx = PackedDriver(self.mem, GPA, size)
         self.rx = PackedDriver(self.mem, GPA + 0x10000, size)
         self.txq = PackedDeviceQueue(self.mem, size, self.tx.desc_addr, self.tx.driver_event_addr,
-                                     self.tx.device_event_addr, gpa=True)
+                                     self.tx.device_event_addr, gpa=True, in_order=in_order)
         self.rxq = PackedDeviceQueue(self.mem, size, self.rx.desc_addr, self.rx.driver_event_addr,
-                                     self.rx.device_event_addr, gpa=True)
+                                     self.rx.device_event_addr, gpa=True, in_order=in_order)
         self.s = NetScratch()
         self.next_buf = GPA + 0x100000
 
@@ -404,6 +456,42 @@ def test_loopback_on_packed_rings_swaps_macs_and_wraps():
         assert len(rig.tx.get_used()) == 2
         total += 2
     assert rig.rxq.counters["packets"] == rig.txq.counters["packets"] == total
+
+
+def test_loopback_in_order_one_tx_used_descriptor_per_batch_rx_lengths_kept():
+    # size 13 (not a power of two), 5 two-slot frames a round: batches cross the ring's end
+    rig = NetRig(size=13, in_order=True)
+    total = 0
+    for rnd in range(12):
+        rig.give_rx(2048, 5)
+        for k in range(5):
+            rig.send(_eth(60 + k))
+        assert rig.run() == 5
+        assert [n for _, n in rig.rx.get_used()] == [HDR12 + 60 + k for k in range(5)]
+        batches = rig.tx.get_used_in_order()
+        assert sum(len(b) for b in batches) == 5 and len(batches) <= 2   # one, two across the wrap
+        total += 5
+    assert rig.txq.counters["packets"] == rig.rxq.counters["packets"] == total
+    assert (rig.txq.next_used, rig.txq.used_wrap_counter) == (rig.tx.next_used, rig.tx.used_wrap)
+
+
+def test_loopback_batches_more_frames_than_a_burst_and_gives_back_when_rx_breaks():
+    rig = NetRig(size=100)
+    rig.give_rx(2048, 40)
+    for k in range(40):
+        rig.send(_eth(60 + k))
+    assert rig.run(budget=64) == 40                     # two TX batches (VQD_BURST 32)
+    assert [n for _, n in rig.rx.get_used()] == [HDR12 + 60 + k for k in range(40)]
+    assert len(rig.tx.get_used()) == 40
+    # RX breaks at the 3rd frame of a batch: frames 1-2 are used, the rest go back to the driver
+    a = rig.give_rx(2048, 2)
+    rig.rx.add_chain([(0xDEAD0000, 64, True)])
+    for k in range(5):
+        rig.send(_eth(60))
+    with pytest.raises(RingError, match="outside guest memory"):
+        rig.run()
+    assert len(a) == 2 and len(rig.tx.get_used()) == 2
+    assert (rig.txq.last_avail_idx, rig.txq.avail_wrap_counter) == (84, 1)
 
 
 def test_loopback_mrg_rxbuf_spans_buffers_and_gives_back_on_starvation():
