@@ -145,6 +145,14 @@ int vqd_ppop_one(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int
         memcpy(&d, &ring[slot], sizeof(d));
         if (walked == 1)
             d.flags = flags; /* the flags we checked, not a second read */
+        else if (UNLIKELY(!vqd_pdesc_avail(d.flags, wrap)))
+            /* §2.8.6/§2.8.1: the driver makes every descriptor of a list
+             * available with the wrap counter of its slot (the head's
+             * flags last); a later one that is not is a list the driver
+             * never finished, or one from another round. */
+            return vqd_broken(vq, "descriptor %u (flags %#x) of the chain at slot %u is not available for "
+                              "wrap counter %d: AVAIL/USED impossible after its head (VIRTIO 1.2 §2.8.1, "
+                              "§2.8.6)", slot, d.flags, head, wrap);
         if (UNLIKELY(d.flags & VRING_DESC_F_INDIRECT)) {
             /* §2.8.19: an indirect descriptor stands alone (not in a list
              * linked by NEXT), its table is len / 16 descriptors. */
@@ -193,7 +201,12 @@ int vqd_ppop_one(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int
     }
     if (UNLIKELY(out_len > UINT32_MAX || in_len > UINT32_MAX))
         return vqd_broken(vq, "chain at slot %u is longer than 4 GiB", head);
-    e->head = d.id; /* §2.8.6: the buffer id is in the last descriptor */
+    /* §2.8.6: the buffer id is in the last descriptor and names one of the
+     * ring's Queue Size buffers (the used descriptor hands it back). */
+    if (UNLIKELY(d.id >= num))
+        return vqd_broken(vq, "buffer id %u of the chain at slot %u is not below the queue size %u "
+                          "(VIRTIO 1.2 §2.8.6)", d.id, head, num);
+    e->head = d.id;
     e->ndescs = walked;
     e->out_num = out_num;
     e->in_num = in_num;

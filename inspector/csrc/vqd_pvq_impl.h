@@ -44,7 +44,7 @@ VQD_INTERNAL int vqd_ppop_one(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_
  * region, on a queue without faults. The descriptor is read once into
  * locals, then checked as vqd_ppop_one checks it; anything else (a list, an
  * indirect table, a zero length refused, a buffer across regions or outside
- * memory, all slots held) goes to vqd_ppop_one, which reads it again and
+ * memory, a buffer id not below Queue Size, all slots held) goes to vqd_ppop_one, which reads it again and
  * says what is wrong. */
 static inline int vqd_ppop(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int max_iov)
 {
@@ -60,7 +60,7 @@ static inline int vqd_ppop(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov
             uint32_t len = d.len;
             uint16_t id = d.id;
             uint8_t *p = vqd_gpa_map(vq, d.addr, &room);
-            if (LIKELY(p && room >= len && len)) {
+            if (LIKELY(p && room >= len && len && id < vq->num)) {
                 iov[0].base = p;
                 iov[0].len = len;
                 e->head = id;

@@ -92,14 +92,7 @@ CASES = [(kind, 1) for kind in HOSTILE_KINDS] + [
 PACKED_CASES = [(kind, 1) for kind in HOSTILE_PACKED_KINDS] + [
     (kind, 0) for kind in ("id_out_of_range", "addr_out_of_range", "zero_len", "nested_indirect",
                            "avail_used_pattern")]
-# The data path (csrc/vqd_pvq.c vqd_ppop_one) does not yet check a chain's buffer id
-# against the queue size nor the AVAIL/USED bits of the descriptors after the head:
-# it serves those chains (the decoders name both). Strict: remove once it breaks them.
-_NOT_CHECKED_BY_THE_DATA_PATH = {"id_out_of_range", "avail_used_pattern"}
-PACKED_CASES = [pytest.param(k, v, id=f"{k}-vring{v}", marks=pytest.mark.xfail(
-                    strict=True, reason=f"the packed data path does not break the queue on {k}"))
-                if k in _NOT_CHECKED_BY_THE_DATA_PATH else pytest.param(k, v, id=f"{k}-vring{v}")
-                for k, v in PACKED_CASES]
+PACKED_CASES = [pytest.param(k, v, id=f"{k}-vring{v}") for k, v in PACKED_CASES]
 
 
 @pytest.mark.timeout(60)
