@@ -49,8 +49,15 @@ def test_snapshot_vhost_net_pid(held):
         # acked_features (read by the probe), equal to VHOST_SET_FEATURES'
         assert q["features"] == summary["features"], (q["features"], summary["features"])
         assert q["event_idx"] == bool(summary["features"] >> 29 & 1)
-        # the top-level last_avail_idx is vhost's own
-        assert q["last_avail_idx"] == ds["last_avail_idx"]
+        # the top-level last_avail_idx is vhost's own, unless the probe's
+        # value (vhost's last handler run) is older than the ring read: then
+        # it lies outside [used_idx, avail_idx] of that read and the
+        # snapshot says null (inspector/ring/remote.py), as CI once saw
+        la, u, a = ds["last_avail_idx"], q["used_idx"], q["avail_idx"]
+        if q["last_avail_idx"] is None:
+            assert (la - u) & 0xFFFF > (a - u) & 0xFFFF, (la, q)
+        else:
+            assert q["last_avail_idx"] == la
         # read from the process's memory after the probe's last hit: the
         # rings are at or (one burst a second) slightly ahead of vhost's view
         assert (q["avail_idx"] - ds["avail_idx"]) & 0xFFFF <= 2, q
