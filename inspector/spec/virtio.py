@@ -82,6 +82,72 @@ VIRTIO_BLK_F_DISCARD = 13
 VIRTIO_BLK_F_WRITE_ZEROES = 14
 VIRTIO_BLK_F_SECURE_ERASE = 16
 
+# --- virtio-blk requests (§5.2.6) ------------------------------------------
+#: struct virtio_blk_req's header (device-readable): le32 type, le32 reserved
+#: (ioprio), le64 sector; then the data; then one device-writable u8 status.
+VIRTIO_BLK_REQ_HDR_SIZE = 16
+VIRTIO_BLK_SECTOR_SIZE = 512         # ``sector`` is always in 512-byte units
+VIRTIO_BLK_SECTOR_SHIFT = 9
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_GET_LIFETIME = 10
+VIRTIO_BLK_T_DISCARD = 11
+VIRTIO_BLK_T_WRITE_ZEROES = 13
+VIRTIO_BLK_T_SECURE_ERASE = 14
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+#: GET_ID's answer: a serial number of up to 20 bytes, NUL-padded.
+VIRTIO_BLK_ID_BYTES = 20
+#: struct virtio_blk_discard_write_zeroes (16 bytes: le64 sector, le32
+#: num_sectors, le32 flags) and its flags.
+VIRTIO_BLK_DISCARD_SEGMENT_SIZE = 16
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
+
+#: Request type -> name as vqscope shows it (§5.2.6).
+VIRTIO_BLK_T_NAMES: dict[int, str] = {
+    VIRTIO_BLK_T_IN: "in", VIRTIO_BLK_T_OUT: "out", VIRTIO_BLK_T_FLUSH: "flush",
+    VIRTIO_BLK_T_GET_ID: "get_id", VIRTIO_BLK_T_GET_LIFETIME: "get_lifetime",
+    VIRTIO_BLK_T_DISCARD: "discard", VIRTIO_BLK_T_WRITE_ZEROES: "write_zeroes",
+    VIRTIO_BLK_T_SECURE_ERASE: "secure_erase",
+}
+#: Status byte -> name (§5.2.6).
+VIRTIO_BLK_S_NAMES: dict[int, str] = {VIRTIO_BLK_S_OK: "ok", VIRTIO_BLK_S_IOERR: "ioerr",
+                                      VIRTIO_BLK_S_UNSUPP: "unsupp"}
+
+#: struct virtio_blk_config (§5.2.4): field -> (byte offset, size). Fields
+#: exist when their feature is offered; the layout is fixed regardless.
+VIRTIO_BLK_CONFIG_FIELDS: dict[str, tuple[int, int]] = {
+    "capacity": (0, 8),              # in 512-byte sectors
+    "size_max": (8, 4),              # VIRTIO_BLK_F_SIZE_MAX: bytes per segment
+    "seg_max": (12, 4),              # VIRTIO_BLK_F_SEG_MAX: data segments per request
+    "geometry.cylinders": (16, 2),
+    "geometry.heads": (18, 1),
+    "geometry.sectors": (19, 1),
+    "blk_size": (20, 4),             # VIRTIO_BLK_F_BLK_SIZE
+    "topology.physical_block_exp": (24, 1),
+    "topology.alignment_offset": (25, 1),
+    "topology.min_io_size": (26, 2),
+    "topology.opt_io_size": (28, 4),
+    "writeback": (32, 1),            # VIRTIO_BLK_F_CONFIG_WCE
+    "unused0": (33, 1),
+    "num_queues": (34, 2),           # VIRTIO_BLK_F_MQ
+    "max_discard_sectors": (36, 4),  # VIRTIO_BLK_F_DISCARD
+    "max_discard_seg": (40, 4),
+    "discard_sector_alignment": (44, 4),
+    "max_write_zeroes_sectors": (48, 4),  # VIRTIO_BLK_F_WRITE_ZEROES
+    "max_write_zeroes_seg": (52, 4),
+    "write_zeroes_may_unmap": (56, 1),
+    "unused1": (57, 3),
+    "max_secure_erase_sectors": (60, 4),  # VIRTIO_BLK_F_SECURE_ERASE
+    "max_secure_erase_seg": (64, 4),
+    "secure_erase_sector_alignment": (68, 4),
+}
+#: sizeof(struct virtio_blk_config) as VIRTIO 1.2 defines it.
+VIRTIO_BLK_CONFIG_SIZE = 72
+
 # --- other devices' feature bits (§5), bit numbers ---------------------------
 VIRTIO_CONSOLE_F_SIZE = 0
 VIRTIO_CONSOLE_F_MULTIPORT = 1
