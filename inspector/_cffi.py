@@ -42,6 +42,20 @@ def install_sigbus_guard() -> None:
 install_sigbus_guard()
 
 
+def _check_spec_copies() -> None:
+    """The C copies of spec numbers (csrc/vqd_blk_spec.h) must equal
+    inspector/spec/virtio.py's, where they live under their spec names."""
+    from .spec import virtio
+    names = [n for n in dir(lib) if n.startswith("VIRTIO_BLK_")]
+    wrong = [f"{n}: C {getattr(lib, n)}, spec {getattr(virtio, n, None)}" for n in names
+             if getattr(virtio, n, None) != getattr(lib, n)]
+    if not names or wrong:
+        raise ImportError(f"csrc/vqd_blk_spec.h disagrees with inspector/spec/virtio.py: {wrong or 'no numbers'}")
+
+
+_check_spec_copies()
+
+
 def memory_fault_error(what: str, mem, host_addr: int) -> MemoryAccessError:
     """The error for a SIGBUS at ``host_addr`` while ``what`` (a guarded C
     call over ``mem``, a GuestMemory), naming the guest-physical address and
