@@ -368,21 +368,20 @@ def vq_tx(pair: int) -> int:
     return 2 * pair + 1
 
 
-class VqscopeNet:
-    """``python -m inspector serve net`` — our vhost-user back-end."""
+class VqscopeServe:
+    """``python -m inspector serve DEVICE ARGS...`` — our vhost-user
+    back-end, up once its socket and its introspection socket exist."""
 
     kind = "vqscope"
 
-    def __init__(self, sock: str, *, queues: int = 1, tap: str | None = None, inject: tuple[str, ...] = (),
+    def __init__(self, sock: str, device: str, args: list[str], *, inject: tuple[str, ...] = (),
                  startup_timeout: float = 30):
         self.sock = sock
-        self.tap = tap
-        argv = [*VQSCOPE, "serve", "net", "--socket", sock, "--queues", str(queues)]
-        argv += ["--tap", tap] if tap else ["--loopback"]
+        argv = [*VQSCOPE, "serve", device, "--socket", sock, *args]
         for spec in inject:  # faults on purpose (inspector/faults.py): KIND=VRING[,after=S][,for=S]
             argv += ["--inject", spec]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.peer = Peer(argv, "vqscope serve", env=env, cwd=str(ROOT))
+        self.peer = Peer(argv, f"vqscope serve {device}", env=env, cwd=str(ROOT))
         try:
             wait_path(sock, startup_timeout, self.peer.alive)
             wait_path(sock + ".introspect", startup_timeout, self.peer.alive)
@@ -398,13 +397,6 @@ class VqscopeNet:
             raise PeerError(f"vqscope snapshot failed ({r.returncode}): {r.stderr}\n{self.peer.tail()}")
         return json.loads(r.stdout)
 
-    def queue_packets(self) -> dict[int, int]:
-        """``{virtqueue index: packets}``."""
-        return {q["index"]: q["packets"] for q in self.snapshot()["queues"]}
-
-    def quiesce(self) -> None:
-        """Nothing to do: the snapshot is live."""
-
     def tail(self) -> str:
         return self.peer.tail()
 
@@ -416,6 +408,23 @@ class VqscopeNet:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class VqscopeNet(VqscopeServe):
+    """``python -m inspector serve net`` — our vhost-user net back-end."""
+
+    def __init__(self, sock: str, *, queues: int = 1, tap: str | None = None, inject: tuple[str, ...] = (),
+                 startup_timeout: float = 30):
+        self.tap = tap
+        args = ["--queues", str(queues), *(["--tap", tap] if tap else ["--loopback"])]
+        super().__init__(sock, "net", args, inject=inject, startup_timeout=startup_timeout)
+
+    def queue_packets(self) -> dict[int, int]:
+        """``{virtqueue index: packets}``."""
+        return {q["index"]: q["packets"] for q in self.snapshot()["queues"]}
+
+    def quiesce(self) -> None:
+        """Nothing to do: the snapshot is live."""
 
 
 class DpdkVhostNet:
@@ -549,7 +558,7 @@ def tap_up(tap: str, sub: str, mac: str, neighbour: tuple[str, str] | None = Non
 
 # ---------------------------------------------------------------- virtme-ng guest
 
-def vng_argv(sock: str, script: str, *, mac: str = GUEST_MAC, memory: str = "1G", cpus: int = 1,
+def vng_argv(sock: str | None, script: str, *, mac: str = GUEST_MAC, memory: str = "1G", cpus: int = 1,
              kernel: str | None = None, device_opts: str = "", qemu_extra: str = "",
              chardev_opts: str = "") -> list[str]:
     """The vng command line booting Debian's kernel under TCG with one
@@ -557,10 +566,13 @@ def vng_argv(sock: str, script: str, *, mac: str = GUEST_MAC, memory: str = "1G"
     ``device_opts`` are appended to that device's options (e.g. ``,id=vunet``),
     ``qemu_extra`` to QEMU's command line (no spaces inside an option: vng
     passes them through a shell), ``chardev_opts`` to the vhost-user socket's
-    ``-chardev`` (e.g. ``,reconnect=1``: QEMU reconnects to a restarted back-end)."""
+    ``-chardev`` (e.g. ``,reconnect=1``: QEMU reconnects to a restarted back-end).
+    ``sock`` None: no net device (the guest's vhost-user devices are all in
+    ``qemu_extra``), but still the shareable guest memory vhost-user needs."""
+    net = (f"-chardev socket,id=c0,path={sock}{chardev_opts} -netdev vhost-user,id=n0,chardev=c0 "
+           f"-device virtio-net-pci,netdev=n0,mac={mac},vectors=0{device_opts} ") if sock is not None else ""
     qemu_opts = (f"-object memory-backend-memfd,id=mem0,size={memory},share=on -numa node,memdev=mem0 "
-                 f"-chardev socket,id=c0,path={sock}{chardev_opts} -netdev vhost-user,id=n0,chardev=c0 "
-                 f"-device virtio-net-pci,netdev=n0,mac={mac},vectors=0{device_opts} {qemu_extra}").strip()
+                 f"{net}{qemu_extra}").strip()
     return [vng_path() or "vng", "-r", kernel or guest_kernel() or "", "--disable-kvm", "--disable-microvm",
             "--cpus", str(cpus), "--memory", memory, f"--qemu-opts={qemu_opts}", "--exec", script]
 
@@ -588,7 +600,7 @@ class Guest(Peer):
     """A virtme-ng guest; the test talks to its script through stdin (the
     script's ``read``) and stdout (markers like ``VQS-READY``)."""
 
-    def __init__(self, sock: str, script: str, **kw):
+    def __init__(self, sock: str | None, script: str, **kw):
         env = dict(os.environ)
         env["PATH"] = f"{venv_bin()}:{env.get('PATH', '/usr/bin:/bin')}"  # vng runs virtme-run
         super().__init__(vng_argv(sock, script, **kw), "vng guest", stdin=subprocess.PIPE, env=env,
@@ -599,6 +611,14 @@ class Guest(Peer):
 
     def release(self, line: str = "go") -> None:
         self.write(line + "\n")
+
+    def command(self, line: str, timeout: float = 60) -> str:
+        """Send a command-loop guest script one line; return what it printed
+        up to its ``VQS-DONE LINE`` answer (the script's echo of the line)."""
+        start = len(self.output)
+        self.release(line)
+        m = self.wait_for(rf"^VQS-DONE {re.escape(line)}\s*$", timeout, start=start)
+        return self.output[start:m.start()]
 
     def finish(self, timeout: float = 60) -> int:
         try:
@@ -760,10 +780,7 @@ class AttachVM:
     def command(self, line: str, timeout: float = 60) -> str:
         """Send the guest script one command (:func:`attach_script`); return
         what it printed up to its ``VQS-DONE`` line."""
-        start = len(self.guest.output)
-        self.guest.release(line)
-        m = self.guest.wait_for(rf"^VQS-DONE {re.escape(line)}\s*$", timeout, start=start)
-        return self.guest.output[start:m.start()]
+        return self.guest.command(line, timeout)
 
     def qemu_pid(self) -> int:
         """QEMU's pid: the peer of its QMP socket."""
