@@ -115,6 +115,7 @@ def test_sigkilled_backend_loses_no_write(vm):
             if kind == "vqscope":
                 q2 = _requestq(vm.backends["raw"])
                 entry["resubmitted"] = _blk(q2).get("resubmitted")
+                entry["log"] = re.findall(r"resubmitting \d+ request.*", vm.backends["raw"].peer.output)
                 entry["positions_after"] = (q2["last_avail_idx"], q2["used_idx"])
             log.append(entry)
         gen = _next_gen(vm, _last_gen(vm))          # the writer goes on on the last back-end

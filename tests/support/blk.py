@@ -35,7 +35,7 @@ import subprocess
 import time
 
 from tests.conftest import require
-from tests.support.peers import Guest, Peer, PeerError, VqscopeServe, require_guest, socket_dir, wait_path
+from tests.support.peers import Guest, Peer, PeerError, PeerHandle, VqscopeServe, require_guest, socket_dir, wait_path
 from tests.support.qsd import qsd_command
 
 #: What the crash test writes: one record per block, repeated to fill it.
@@ -102,7 +102,7 @@ class VqscopeBlk(VqscopeServe):
             time.sleep(0.2)
 
 
-class QsdBlk:
+class QsdBlk(PeerHandle):
     """qemu-storage-daemon exporting ``image`` as vhost-user-blk on ``sock``
     (no snapshot, no faults)."""
 
@@ -130,18 +130,6 @@ class QsdBlk:
 
     def wait_started(self, timeout: float) -> None:
         """Nothing to wait for that qsd shows: QEMU reconnects within a second."""
-
-    def tail(self) -> str:
-        return self.peer.tail()
-
-    def close(self) -> None:
-        self.peer.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def start_blk_backend(sock: str, image: str, **kw) -> VqscopeBlk | QsdBlk:

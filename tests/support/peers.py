@@ -368,7 +368,26 @@ def vq_tx(pair: int) -> int:
     return 2 * pair + 1
 
 
-class VqscopeServe:
+class PeerHandle:
+    """A test's handle on one :class:`Peer` (``self.peer``): its output's
+    tail, ended by :meth:`close` or at the end of a ``with`` block."""
+
+    peer: Peer
+
+    def tail(self) -> str:
+        return self.peer.tail()
+
+    def close(self) -> None:
+        self.peer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class VqscopeServe(PeerHandle):
     """``python -m inspector serve DEVICE ARGS...`` — our vhost-user
     back-end, up once its socket and its introspection socket exist."""
 
@@ -396,18 +415,6 @@ class VqscopeServe:
         if r.returncode != 0:
             raise PeerError(f"vqscope snapshot failed ({r.returncode}): {r.stderr}\n{self.peer.tail()}")
         return json.loads(r.stdout)
-
-    def tail(self) -> str:
-        return self.peer.tail()
-
-    def close(self) -> None:
-        self.peer.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class VqscopeNet(VqscopeServe):
