@@ -22,6 +22,15 @@ path of inspector/csrc/vqd_vq.c):
   written to the call eventfd, not counted in ``calls`` and not logged: a
   lost interrupt. It is counted in ``calls_dropped`` (snapshot extras
   ``inject``, for people).
+- ``hold-io`` (virtio-blk, inspector/devices/blk.py): the device takes
+  requests from the vring as ever but submits none of them to the disk
+  until the fault ends: they stay in flight (snapshot extras
+  ``blk.in_flight``), as behind a hung disk. A back-end killed meanwhile
+  leaves them in the inflight area for the next one to complete.
+
+Which device makes which: virtio-net ``stall`` and ``drop-calls``
+(:data:`NET_FAULTS`), virtio-blk ``hold-io`` and ``drop-calls``
+(:data:`BLK_FAULTS`).
 
 Driver side (vqscope's built-in front-end, inspector/vhost_user/net_driver.py):
 
@@ -41,8 +50,10 @@ from dataclasses import dataclass
 
 from .errors import ArgumentError
 
-#: Faults the device (vqscope's back-end) makes.
-DEVICE_FAULTS = ("stall", "drop-calls")
+#: Faults the device (vqscope's back-end) makes, and which device makes which.
+NET_FAULTS = ("stall", "drop-calls")
+BLK_FAULTS = ("hold-io", "drop-calls")
+DEVICE_FAULTS = ("stall", "drop-calls", "hold-io")
 #: Faults the driver (vqscope's built-in front-end) makes.
 DRIVER_FAULTS = ("withhold-kicks", "stop-consuming")
 FAULT_KINDS = DEVICE_FAULTS + DRIVER_FAULTS
@@ -142,5 +153,5 @@ def check_vrings(faults, num_vrings: int, what: str) -> None:
                                 f"vrings 0 to {num_vrings - 1}")
 
 
-__all__ = ["DEVICE_FAULTS", "DRIVER_FAULTS", "FAULT_KINDS", "SPEC_FORMS", "Fault", "check_vrings",
+__all__ = ["BLK_FAULTS", "DEVICE_FAULTS", "DRIVER_FAULTS", "NET_FAULTS", "FAULT_KINDS", "SPEC_FORMS", "Fault", "check_vrings",
            "parse_fault"]
