@@ -31,6 +31,14 @@ from .base import QueueStats, VringConfig
 FAULT_BITS = {"stall": FAULT_STALL, "drop-calls": FAULT_DROP_CALLS}
 
 
+def fault_bits(kinds) -> int:
+    """The DeviceQueue.fault mask of the fault ``kinds`` in force."""
+    mask = 0
+    for k in kinds:
+        mask |= FAULT_BITS.get(k, 0)
+    return mask
+
+
 def dup_fd(fd: int | None, nonblocking: bool = False) -> int:
     """A dup of ``fd`` (ours to close), or -1 for None / negative."""
     if fd is None or fd < 0:
@@ -92,10 +100,7 @@ class StartedRing:
         """The DeviceQueue.fault mask the faults give at ``now`` and the
         seconds until it may change (None: never)."""
         kinds, wake = self.active_faults(now)
-        mask = 0
-        for k in kinds:
-            mask |= FAULT_BITS.get(k, 0)
-        return mask, wake
+        return fault_bits(kinds), wake
 
     def signal_error(self) -> None:
         """vhost-user SET_VRING_ERR: tell the front-end this ring failed."""
@@ -260,4 +265,4 @@ def report_broken(rings: list[StartedRing], what: str, error: Exception, log: lo
             log.exception("%s: the needs-reset hook failed", what)
 
 
-__all__ = ["FAULT_BITS", "RingTable", "StartedRing", "dup_fd", "report_broken"]
+__all__ = ["FAULT_BITS", "fault_bits", "RingTable", "StartedRing", "dup_fd", "report_broken"]

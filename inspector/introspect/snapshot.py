@@ -72,6 +72,8 @@ def _queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features:
         shadow_avail_idx=stats.shadow_avail_idx, dropped=stats.dropped)
     if stats.inject is not None:
         entry.extras["inject"] = stats.inject
+    for name, value in (stats.extras or {}).items():
+        entry.extras[name] = value
     try:
         if vring.packed:
             dec = _decode_packed(vring, mem, stats)
