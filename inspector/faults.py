@@ -125,7 +125,9 @@ def parse_fault(spec: str, kinds: tuple[str, ...] = FAULT_KINDS) -> Fault:
                             f"{', '.join(kinds)} ({SPEC_FORMS})")
     if kind not in kinds:
         maker = ("a driver fault, made by vqscope's built-in front-end (vqscope demo --inject)"
-                 if kind in DRIVER_FAULTS else "a device fault, made by vqscope's back-end")
+                 if kind in DRIVER_FAULTS else
+                 f"a device fault of another device (virtio-net: {', '.join(NET_FAULTS)}; "
+                 f"virtio-blk: {', '.join(BLK_FAULTS)})")
         raise ArgumentError(f"fault {spec!r}: {kind} is {maker}; here use one of {', '.join(kinds)}")
     vring = vring.strip()
     if not eq or not vring.isdigit():
