@@ -11,13 +11,11 @@ that changes; :meth:`_QueueWorker.stop` writes the wake eventfd.
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 from typing import TYPE_CHECKING, Callable
 
 from ..errors import RingError
-from .vring import StartedRing, fault_bits, report_broken
+from .vring import RingWorker, StartedRing, fault_bits, report_broken
 
 if TYPE_CHECKING:
     from ..datapath.blk import BlkQueue
@@ -25,26 +23,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger("inspector.devices.blk")
 
 
-class _QueueWorker(threading.Thread):
+class _QueueWorker(RingWorker):
     """Services requestq ``ring`` through ``engine`` until stop().
     ``on_needs_reset``: the device's hook, called when the ring breaks."""
 
     def __init__(self, ring: StartedRing, engine: "BlkQueue", on_needs_reset: Callable[[str], None] | None):
-        super().__init__(name=f"vqscope-blk-q{ring.index}", daemon=True)
+        super().__init__(f"vqscope-blk-q{ring.index}")
         self.ring = ring
         self.engine = engine
         self.on_needs_reset = on_needs_reset
-        self._stopping = False
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._hold = False
-
-    def stop(self) -> None:
-        """Wake the engine, wait for the thread, close the wake eventfd."""
-        self._stopping = True
-        os.eventfd_write(self._wake_fd, 1)
-        if self.is_alive() and self is not threading.current_thread():
-            self.join()
-        os.close(self._wake_fd)
 
     def _apply_faults(self) -> int:
         """Put the queue in its faults' state now; the ms until that may

@@ -10,14 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import select
-import threading
 import time
 from typing import TYPE_CHECKING
 
 from ..datapath.net import NetScratch, net_loopback, net_tap_rx, net_tap_tx
 from ..datapath.queue import FAULT_STALL
 from ..errors import RingError
-from .vring import FAULT_BITS, StartedRing, report_broken
+from .vring import FAULT_BITS, RingWorker, StartedRing, report_broken
 
 if TYPE_CHECKING:
     from .net import NetDevice
@@ -28,25 +27,16 @@ logger = logging.getLogger("inspector.devices.net")
 _STALLED_POLL_MS = 10
 
 
-class _PairWorker(threading.Thread):
+class _PairWorker(RingWorker):
     """Services receiveq/transmitq of one pair until stop()."""
 
     def __init__(self, dev: "NetDevice", pair: int, rx: StartedRing | None, tx: StartedRing | None):
-        super().__init__(name=f"vqscope-net-pair{pair}", daemon=True)
+        super().__init__(f"vqscope-net-pair{pair}")
         self.dev = dev
         self.pair = pair
         self.rx = rx
         self.tx = tx
         self.tap_fd = dev._tap_fds[pair] if dev._tap_fds else -1
-        self._stopping = False
-        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-
-    def stop(self) -> None:
-        self._stopping = True
-        os.eventfd_write(self._stop_fd, 1)
-        if self.is_alive() and self is not threading.current_thread():
-            self.join()
-        os.close(self._stop_fd)
 
     def run(self) -> None:
         cpus = self.dev.cpus
@@ -73,7 +63,7 @@ class _PairWorker(threading.Thread):
 
     # --- waiting ---------------------------------------------------------------------
     def _wait(self, fds: list[tuple[int, int]], timeout_ms: int) -> None:
-        want: dict[int, int] = {self._stop_fd: select.POLLIN}
+        want: dict[int, int] = {self._wake_fd: select.POLLIN}
         for fd, ev in fds:
             if fd >= 0:
                 want[fd] = want.get(fd, 0) | ev

@@ -3,7 +3,8 @@
 (its C queue, dup'ed fds, faults on purpose, start time); :class:`RingTable`,
 a device's started rings and what the retired ones left behind (counters,
 broken reasons, vring bases, undrained events; the inflight area's
-tracking); and :func:`report_broken`, what a worker does when its rings
+tracking); :class:`RingWorker`, the thread that services rings and its
+wake eventfd; and :func:`report_broken`, what a worker does when its rings
 break.
 
 A device holds its own lock around every RingTable call; the table itself is
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Callable
 
@@ -244,6 +246,25 @@ class RingTable:
         self.inflight.close()
 
 
+class RingWorker(threading.Thread):
+    """A device's data path thread (daemon, named ``name``) that sleeps on
+    its rings and on ``_wake_fd``, an eventfd :meth:`stop` (and whatever
+    else must wake it) writes; it runs while ``_stopping`` is False."""
+
+    def __init__(self, name: str):
+        super().__init__(name=name, daemon=True)
+        self._stopping = False
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def stop(self) -> None:
+        """Ask the thread to end, wake it, wait for it, close the eventfd."""
+        self._stopping = True
+        os.eventfd_write(self._wake_fd, 1)
+        if self.is_alive() and self is not threading.current_thread():
+            self.join()
+        os.close(self._wake_fd)
+
+
 def report_broken(rings: list[StartedRing], what: str, error: Exception, log: logging.Logger,
                   hook: Callable[[str], None] | None) -> None:
     """A worker's rings broke (RingError ``error``): SET_VRING_ERR for each
@@ -265,4 +286,4 @@ def report_broken(rings: list[StartedRing], what: str, error: Exception, log: lo
             log.exception("%s: the needs-reset hook failed", what)
 
 
-__all__ = ["FAULT_BITS", "fault_bits", "RingTable", "StartedRing", "dup_fd", "report_broken"]
+__all__ = ["FAULT_BITS", "fault_bits", "RingTable", "RingWorker", "StartedRing", "dup_fd", "report_broken"]

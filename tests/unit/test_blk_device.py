@@ -37,6 +37,7 @@ from inspector.vhost_user.blk_frontend import BlkFrontend
 from inspector.vhost_user.protocol import FLAG_NEED_REPLY, VERSION, ConfigPayload, Request
 from inspector.vhost_user.server import VhostUserServer
 from tests.conftest import ROOT, VQSCOPE, wait_for
+from tests.support.peers import wait_path
 
 IMAGE_SIZE = 4 << 20
 CAPACITY = IMAGE_SIZE // 512
@@ -382,21 +383,14 @@ def test_no_fd_leak_after_connections_close(served):
 
 
 # --- the command line ----------------------------------------------------------------------------
-def _wait_for(path: str, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
 def test_serve_blk_subprocess_and_its_snapshot(tmpd):
     img = _image(tmpd)
     sock = os.path.join(tmpd, "serve.sock")
     proc = subprocess.Popen(VQSCOPE + ["serve", "blk", "--socket", sock, "--file", img, "--queues", "2"],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(sock + ".introspect", proc)
+        wait_path(sock + ".introspect", 20, alive=lambda: proc.poll() is None)
+        assert proc.poll() is None, proc.stderr.read()
         with BlkFrontend(sock, num_queues=2) as fe:
             assert fe.config()["capacity"] == CAPACITY
             data = os.urandom(4096)
