@@ -223,6 +223,9 @@ class BlkDevice(Device):
                 logger.info("vring %d: resubmitting %d request(s) left in flight by the last back-end", i, n)
                 self._resubmitted[i] = self._resubmitted.get(i, 0) + n
             engine = BlkQueue(ring.q, self.disk, depth=self.depth)
+            if engine.engine != "io_uring":
+                logger.warning("vring %d: io_uring is not available (%s): synchronous I/O, one request "
+                               "at a time", i, engine.uring_error)
             self._engines[i] = engine
             w = _QueueWorker(ring, engine, self.on_needs_reset)
             self._workers[i] = w
@@ -284,12 +287,12 @@ class BlkDevice(Device):
             w.stop()
         engine = self._engines.pop(index, None)
         if engine is not None:
-            try:
-                engine.close()
-            finally:
-                last = engine.counters()
-                _add_counters(self._blk_totals.setdefault(index, {}), last)
-                self._last_blk[index] = last
+            # Counters first: close() frees them. The requests close()
+            # completes (those held by hold-io at the stop) are not counted.
+            last = engine.counters()
+            _add_counters(self._blk_totals.setdefault(index, {}), last)
+            self._last_blk[index] = last
+            engine.close()
         base = self._table.remove(index)
         return self._table.last_base(index) if base is None else base
 
