@@ -90,7 +90,7 @@ class PackedRingSnapshot(ChainColumns):
     _DESC_KEY = "id"
     _SLOT_COLUMN = "chain_slot"
 
-    __slots__ = PACKED_HEADER + tuple(PACKED_COLUMNS) + ("anomalies", "_chains")
+    __slots__ = PACKED_HEADER + tuple(PACKED_COLUMNS) + ("anomalies", "_chains", "requests")
 
     def __init__(self, *, size: int, next_avail: int, avail_wrap_counter: int, next_used: int,
                  used_wrap_counter: int, last_avail_idx: int | None,
@@ -130,6 +130,7 @@ class PackedRingSnapshot(ChainColumns):
         self.chain_in_bytes = chain_in_bytes
         self.anomalies = anomalies
         self._chains: list[Chain] | None = None
+        self.requests: list | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A plain-data view of everything the decoder read, for tests and
