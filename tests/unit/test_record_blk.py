@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import closing
+
+import pytest
 
 from inspector.analysis import Analyzer, Verdict
 from inspector.record import Recording, RecordingWriter
@@ -40,42 +43,38 @@ def snapshots(n: int = 10) -> list[Snapshot]:
     return out
 
 
-def record(path: str, snaps: list[Snapshot]) -> None:
+@pytest.fixture
+def recorded(tmp_path) -> tuple[str, list[Snapshot]]:
+    """A recording of :func:`snapshots` (keyframe every 4) with the
+    analyzer's verdicts: its path and the snapshots."""
+    path, snaps = str(tmp_path / "b.vqs"), snapshots()
     analyzer = Analyzer(notifications_seen=True)
     with RecordingWriter(path, {"start_time": T0, "source": "synthetic"}, keyframe_every=4) as w:
         for s in snaps:
             w.write_interval(to_json(s), verdicts=analyzer.update(s))
+    return path, snaps
 
 
-def test_a_recording_of_a_block_queue_replays_equal(tmp_path):
-    path = str(tmp_path / "b.vqs")
-    snaps = snapshots()
-    record(path, snaps)
+def test_a_recording_of_a_block_queue_replays_equal(recorded):
+    path, snaps = recorded
     with Recording(path) as rec:
         assert [rec.snapshot(i) for i in range(len(rec))] == [to_json(s) for s in snaps]
-    src = ReplaySource(path)
-    try:
-        for i, s in enumerate(snaps):
+    with closing(ReplaySource(path)) as src:
+        for i in reversed(range(len(snaps))):     # seeks back through keyframes and deltas
             src.seek(i)
-            got = src.snapshot().queues[0]
-            assert got.extras == s.queues[0].extras and got.chains == s.queues[0].chains
+            got, want = src.snapshot().queues[0], snaps[i].queues[0]
+            assert got.extras == want.extras and got.chains == want.chains
             assert got.chains[0].request == BlkRequest("out", 2048, 4096)
-    finally:
-        src.close()
 
 
-def test_the_bad_requests_verdict_is_recorded(tmp_path):
-    path = str(tmp_path / "b.vqs")
-    record(path, snapshots())
-    with Recording(path) as rec:
+def test_the_bad_requests_verdict_is_recorded(recorded):
+    with Recording(recorded[0]) as rec:
         verdicts = [d.verdict for d in rec.verdict_changes()]
     assert Verdict.BAD_REQUESTS in verdicts
 
 
-def test_exports_keep_requests_and_counters(tmp_path):
-    path = str(tmp_path / "b.vqs")
-    snaps = snapshots()
-    record(path, snaps)
+def test_exports_keep_requests_and_counters(recorded, tmp_path):
+    path, snaps = recorded
     jl = tmp_path / "b.jsonl"
     with Recording(path) as rec, open(jl, "w") as f:
         write_jsonl(rec, f)
