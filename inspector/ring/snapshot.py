@@ -22,9 +22,12 @@ from __future__ import annotations
 import gc
 from array import array
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .anomalies import Anomaly
+
+if TYPE_CHECKING:
+    from .blk_request import BlkRequest
 
 #: ``array``/``memoryview`` format of the unsigned 16, 32 and 64-bit columns.
 U16, U32, U64 = "H", "I", "Q"
@@ -94,7 +97,7 @@ class Chain(NamedTuple):
     out_bytes: int
     in_bytes: int
     slot: int | None = None
-    request: Any = None
+    request: BlkRequest | None = None
 
 
 class ChainColumns:
@@ -226,7 +229,7 @@ class RingSnapshot(ChainColumns):
         self.chain_in_bytes = chain_in_bytes
         self.anomalies = anomalies
         self._chains: list[Chain] | None = None
-        self.requests: list | None = None
+        self.requests: list[BlkRequest] | None = None
 
     def used_elem(self, i: int) -> tuple[int, int]:
         """``(id, len)`` of ``used->ring[i]``."""
