@@ -1,11 +1,16 @@
-"""A vhost-user front-end (the driver side), for ``vqscope demo`` and tests.
+"""A vhost-user front-end (the driver side), for ``vqscope demo``, ``vqscope
+load blk`` and tests.
 
-It owns guest memory (a memfd it maps), builds split rings in it with
+:class:`FrontendCore` is the device-agnostic part: it owns guest memory (a
+memfd it maps), builds split rings in it with
 inspector.ring.driver.DriverRing, or packed rings with
 inspector.ring.driver_packed.PackedDriverRing when the back-end offers
-VIRTIO_F_RING_PACKED (unless told not to), does the handshake the way QEMU does, and drives
-a virtio-net device: RX buffers, TX frames, kicks honouring notification
-suppression, calls on eventfds. Guest-physical addresses start at 0; the
+VIRTIO_F_RING_PACKED (unless told not to), and does the handshake the way
+QEMU does; the driver operations on its vrings (kicks honouring
+notification suppression, used buffers, calls on eventfds) are
+:class:`~.driver_queue.QueueDriver`'s. :class:`VhostUserFrontend` drives a
+virtio-net device on it (RX buffers, TX frames: :mod:`.net_driver`);
+:class:`~.blk_frontend.BlkFrontend` a virtio-blk device. Guest-physical addresses start at 0; the
 front-end virtual addresses it sends are the mmap's real address, so a
 back-end that confuses the two fails visibly.
 
@@ -48,42 +53,48 @@ from .protocol import (
     MemoryTable, ProtocolFeature, Request, VringAddr, VringState, has_reply, pack_u64, unpack_inflight,
 )
 # HOSTILE_KINDS and HOSTILE_PACKED_KINDS are re-exported: tests name them from here.
-from .net_driver import HOSTILE_KINDS, HOSTILE_PACKED_KINDS, VirtioNetDriver, DriverQueue  # noqa: F401
+from .driver_queue import DriverQueue, QueueDriver
+from .net_driver import HOSTILE_KINDS, HOSTILE_PACKED_KINDS, VirtioNetDriver  # noqa: F401
 from .transport import Message, recv_message, send_message
 
 def _align(x: int, a: int) -> int:
     return (x + a - 1) & ~(a - 1)
 
 
-class VhostUserFrontend(VirtioNetDriver):
-    """Connect to a vhost-user back-end at ``socket_path`` and set up
-    ``queue_pairs`` virtio-net queue pairs (vring 2p: RX, 2p+1: TX) of
-    ``queue_size`` entries in ``mem_size`` bytes of shared memory.
+class FrontendCore(QueueDriver):
+    """A vhost-user front-end of any device: connect to the back-end at
+    ``socket_path`` and set up ``num_vrings`` vrings of ``queue_size``
+    entries in ``mem_size`` bytes of shared memory (a memfd), as QEMU does.
 
-    ``event_idx`` / ``mrg_rxbuf``: ack VIRTIO_RING_F_EVENT_IDX /
-    VIRTIO_NET_F_MRG_RXBUF when offered; ``extra_features`` are acked too when
-    offered. ``handshake=False`` only connects (for negative tests: use
-    send_raw / recv_reply, then handshake()). ``inflight``: negotiate
-    VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD when offered: the back-end's area
-    (GET_INFLIGHT_FD) is kept in ``inflight_map`` and handed to it, and to
-    every back-end after a :meth:`reconnect`, with SET_INFLIGHT_FD.
-    ``faults``: driver faults on purpose (:meth:`set_faults`). ``packed``:
-    ack VIRTIO_F_RING_PACKED when offered (False forces split rings)."""
+    ``want_features``: the virtio feature bits to ack when offered
+    (VIRTIO_F_VERSION_1 is always wanted; ``event_idx`` adds
+    VIRTIO_RING_F_EVENT_IDX and ``packed`` VIRTIO_F_RING_PACKED).
+    ``queue_count``: what GET_QUEUE_NUM must reach (devices count queues
+    their own way: virtio-net pairs, virtio-blk queues; default
+    ``num_vrings``). ``slot_size``: the size of the buffer slots after the
+    rings (``_alloc_slot`` / ``_slot_gpa``). ``handshake=False`` only
+    connects (for negative tests: use send_raw / recv_reply, then
+    handshake()). ``inflight``: negotiate VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD
+    when offered: the back-end's area (GET_INFLIGHT_FD) is kept in
+    ``inflight_map`` and handed to it, and to every back-end after a
+    :meth:`reconnect`, with SET_INFLIGHT_FD. ``faults``: driver faults on
+    purpose (:meth:`set_faults`). Raises ProtocolError when the back-end
+    breaks the protocol or cannot give what was asked, OSError on socket
+    errors."""
 
-    def __init__(self, socket_path: str, queue_pairs: int = 1, queue_size: int = 256,
-                 mem_size: int = 64 << 20, *, event_idx: bool = False, mrg_rxbuf: bool = False,
-                 extra_features: int = 0, slot_size: int = 4096, handshake: bool = True,
-                 timeout: float = 5.0, inflight: bool = False, faults=(), packed: bool = True):
+    def __init__(self, socket_path: str, num_vrings: int, queue_size: int = 256,
+                 mem_size: int = 64 << 20, *, want_features: int = 0, queue_count: int | None = None,
+                 event_idx: bool = False, packed: bool = True, slot_size: int = 4096,
+                 handshake: bool = True, timeout: float = 5.0, inflight: bool = False, faults=()):
         self.socket_path = socket_path
-        self.queue_pairs = queue_pairs
+        self.num_vrings = num_vrings
+        self.queue_count = num_vrings if queue_count is None else queue_count
         self.queue_size = queue_size
         self.mem_size = mem_size
         self.slot_size = slot_size
-        self.want_features = 1 << VIRTIO_F_VERSION_1 | extra_features
+        self.want_features = 1 << VIRTIO_F_VERSION_1 | want_features
         if event_idx:
             self.want_features |= 1 << VIRTIO_RING_F_EVENT_IDX
-        if mrg_rxbuf:
-            self.want_features |= 1 << VIRTIO_NET_F_MRG_RXBUF
         if packed:
             self.want_features |= 1 << VIRTIO_F_RING_PACKED
         self.features = 0
@@ -132,11 +143,11 @@ class VhostUserFrontend(VirtioNetDriver):
         if is_power_of_two(self.queue_size):
             sizes.append(split_layout(self.queue_size, 4096).total_size)
         ring_bytes = _align(max(sizes), 4096)
-        self.ring_base = [i * ring_bytes for i in range(2 * self.queue_pairs)]
-        self.slots_base = _align(2 * self.queue_pairs * ring_bytes, 4096)
+        self.ring_base = [i * ring_bytes for i in range(self.num_vrings)]
+        self.slots_base = _align(self.num_vrings * ring_bytes, 4096)
         nslots = (self.mem_size - self.slots_base) // self.slot_size
         if nslots < 1:
-            raise InspectorError(f"mem_size {self.mem_size:#x} is too small for {2 * self.queue_pairs} "
+            raise InspectorError(f"mem_size {self.mem_size:#x} is too small for {self.num_vrings} "
                                  f"rings of {self.queue_size}")
         self.free_slots = list(range(nslots - 1, -1, -1))
 
@@ -228,12 +239,12 @@ class VhostUserFrontend(VirtioNetDriver):
             self.protocol_features = acked
             if acked & ProtocolFeature.MQ:
                 self.queue_num = self._get_u64(Request.GET_QUEUE_NUM)
-                if self.queue_pairs > self.queue_num:
+                if self.queue_count > self.queue_num:
                     raise ProtocolError(f"back-end supports {self.queue_num} queue(s); "
-                                        f"{self.queue_pairs} pair(s) asked for")
-            elif self.queue_pairs > 1:
+                                        f"{self.queue_count} asked for")
+            elif self.queue_count > 1:
                 raise ProtocolError("back-end does not offer VHOST_USER_PROTOCOL_F_MQ; "
-                                    "only 1 queue pair is possible")
+                                    f"{self.queue_count} queues asked for, only 1 is possible")
             if acked & ProtocolFeature.BACKEND_REQ:
                 mine, theirs = socket.socketpair()
                 try:
@@ -248,7 +259,7 @@ class VhostUserFrontend(VirtioNetDriver):
                       fds=[self.memfd])
         if self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD:
             self._setup_inflight()
-        for i in range(2 * self.queue_pairs):
+        for i in range(self.num_vrings):
             self._setup_vring(i)
         if self.protocol_features & ProtocolFeature.STATUS:
             # As a virtio driver ends initialisation (§3.1.1), and as QEMU does.
@@ -290,7 +301,7 @@ class VhostUserFrontend(VirtioNetDriver):
         """GET_INFLIGHT_FD once (the back-end allocates the area; mapped in
         ``inflight_map``), then SET_INFLIGHT_FD with it on every connection,
         as QEMU's vhost_dev_get_inflight / vhost_dev_set_inflight."""
-        nq = 2 * self.queue_pairs
+        nq = self.num_vrings
         if self.inflight_fd < 0:
             self.send_raw(Request.GET_INFLIGHT_FD, InflightPayload(0, 0, nq, self.queue_size).pack())
             reply = self.recv_reply(keep_fds=True)
@@ -392,8 +403,29 @@ class VhostUserFrontend(VirtioNetDriver):
                 pass
             self.map = None
 
-    def __enter__(self) -> "VhostUserFrontend":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class VhostUserFrontend(FrontendCore, VirtioNetDriver):
+    """The built-in front-end of a virtio-net device: ``queue_pairs`` queue
+    pairs (vring 2p: RX, 2p+1: TX; GET_QUEUE_NUM counts pairs, as QEMU and
+    DPDK do) of ``queue_size`` entries in ``mem_size`` bytes, frames in
+    ``slot_size`` slots. ``event_idx`` / ``mrg_rxbuf``: ack
+    VIRTIO_RING_F_EVENT_IDX / VIRTIO_NET_F_MRG_RXBUF when offered;
+    ``extra_features`` are acked too when offered; ``packed``: ack
+    VIRTIO_F_RING_PACKED when offered (False forces split rings). The other
+    arguments are :class:`FrontendCore`'s."""
+
+    def __init__(self, socket_path: str, queue_pairs: int = 1, queue_size: int = 256,
+                 mem_size: int = 64 << 20, *, event_idx: bool = False, mrg_rxbuf: bool = False,
+                 extra_features: int = 0, slot_size: int = 4096, handshake: bool = True,
+                 timeout: float = 5.0, inflight: bool = False, faults=(), packed: bool = True):
+        self.queue_pairs = queue_pairs
+        want = extra_features | (1 << VIRTIO_NET_F_MRG_RXBUF if mrg_rxbuf else 0)
+        super().__init__(socket_path, 2 * queue_pairs, queue_size, mem_size, want_features=want,
+                         queue_count=queue_pairs, event_idx=event_idx, packed=packed, slot_size=slot_size,
+                         handshake=handshake, timeout=timeout, inflight=inflight, faults=faults)

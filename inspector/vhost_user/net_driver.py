@@ -13,7 +13,9 @@ or buggy driver.
 which owns the memory, the vrings (``queues``: one ``DriverQueue`` per vring with
 its :class:`~inspector.ring.driver.DriverRing` and eventfds) and the
 negotiated ``features``; the split keeps the protocol (handshake, messages,
-reconnect) apart from the driver.
+reconnect) apart from the driver. What any device's driver does with its
+vrings (kick, publish, collect used, wait for calls, driver faults) is
+:class:`~.driver_queue.QueueDriver`'s.
 
 Each vring is split (:class:`~inspector.ring.driver.DriverRing`, §2.7) or
 packed (:class:`~inspector.ring.driver_packed.PackedDriverRing`, §2.8) as
@@ -25,19 +27,16 @@ decisions, which differ, are taken here for each.
 from __future__ import annotations
 
 import os
-import select
 import struct
 import time
 
-from ..errors import ArgumentError, InspectorError, ProtocolError
-from ..faults import DRIVER_FAULTS, Fault, check_vrings
-from ..ring.driver import DriverRing
-from ..ring.driver_packed import HOSTILE_PACKED, PackedDriverRing
+from ..errors import InspectorError, ProtocolError
+from ..ring.driver_packed import HOSTILE_PACKED
 from ..ring.anomalies import AnomalyKind
 from ..spec.virtio import (VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_HDR_MRG_RXBUF_SIZE,
-                           VIRTIO_NET_HDR_SIZE, VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_INDIRECT,
-                           VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY, has_feature,
-                           vring_need_event)
+                           VIRTIO_NET_HDR_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+                           has_feature)
+from .driver_queue import DriverQueue, QueueDriver
 
 _NET_HDR_V1 = struct.Struct("<BBHHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
 
@@ -60,39 +59,7 @@ HOSTILE_KINDS = {
 HOSTILE_PACKED_KINDS = {kind.value: kind for kind in HOSTILE_PACKED}
 
 
-class DriverQueue:
-    """The front-end's state of one vring: ``kicks`` written, ``calls``
-    read, ``kicks_withheld`` (due but not written: ``withhold-kicks``), its
-    driver ``faults`` and when it ``started`` (time.monotonic(), set at each
-    vring set-up: faults count from there)."""
-
-    def __init__(self, index: int, ring: DriverRing | PackedDriverRing, kick_fd: int, call_fd: int):
-        self.index = index
-        self.ring = ring
-        self.kick_fd = kick_fd
-        self.call_fd = call_fd
-        self.slots: dict[int, int] = {}  # head (split) or buffer id (packed) -> frame slot
-        self.kicks = 0
-        self.calls = 0
-        self.kicks_withheld = 0
-        # At the last kick decision: avail idx (split), descriptors published (packed).
-        self.last_kick_idx = 0
-
-    @property
-    def packed(self) -> bool:
-        return isinstance(self.ring, PackedDriverRing)
-        self.faults: tuple[Fault, ...] = ()
-        self.started = time.monotonic()
-
-    def fault_on(self, kind: str) -> bool:
-        """Is a fault of ``kind`` in force on this vring now?"""
-        if not self.faults:
-            return False
-        elapsed = time.monotonic() - self.started
-        return any(f.kind == kind and f.active(elapsed) for f in self.faults)
-
-
-class VirtioNetDriver:
+class VirtioNetDriver(QueueDriver):
     """The virtio-net driver methods of the built-in front-end (a mixin: see
     the module docstring for what the front-end provides). Vring ``2p`` is
     pair ``p``'s RX queue, ``2p+1`` its TX queue."""
@@ -105,57 +72,11 @@ class VirtioNetDriver:
         return (VIRTIO_NET_HDR_MRG_RXBUF_SIZE if has_feature(self.features, VIRTIO_F_VERSION_1)
                 or has_feature(self.features, VIRTIO_NET_F_MRG_RXBUF) else VIRTIO_NET_HDR_SIZE)
 
-    @property
-    def event_idx(self) -> bool:
-        return has_feature(self.features, VIRTIO_RING_F_EVENT_IDX)
-
     def rx(self, pair: int) -> DriverQueue:
         return self.queues[2 * pair]
 
     def tx(self, pair: int) -> DriverQueue:
         return self.queues[2 * pair + 1]
-
-    def set_faults(self, faults) -> None:
-        """Driver faults on purpose (inspector/faults.py: ``withhold-kicks``,
-        ``stop-consuming``), each counted from the set-up of its vring.
-        Replaces those set before. ArgumentError for a device fault or a
-        vring this front-end does not have."""
-        faults = tuple(faults)
-        for f in faults:
-            if f.kind not in DRIVER_FAULTS:
-                raise ArgumentError(f"fault {str(f)!r}: {f.kind} is not a driver fault (use one of "
-                                    f"{', '.join(DRIVER_FAULTS)})")
-        check_vrings(faults, 2 * self.queue_pairs, f"this front-end ({self.queue_pairs} queue pair(s))")
-        self.faults = faults
-        for q in self.queues:
-            q.faults = tuple(f for f in faults if f.vring == q.index)
-
-    def kick(self, q: DriverQueue) -> bool:
-        """Notify the device if it asked for it: split (VIRTIO 1.2
-        §2.7.13.4) VRING_USED_F_NO_NOTIFY, or with EVENT_IDX the avail_event
-        window; packed (§2.8.10) the device event suppression area.
-        Returns whether a kick was sent. Under ``withhold-kicks`` a due kick
-        is not written (counted in ``kicks_withheld``) and the window is kept
-        from the last kick written, so that the first publish after the
-        fault kicks if any kick was due meanwhile."""
-        ring = q.ring
-        if q.packed:
-            new = ring.published
-            need = ring.need_kick(q.last_kick_idx, self.event_idx)
-        elif self.event_idx:
-            new = ring.avail_idx
-            need = vring_need_event(ring.avail_event, new, q.last_kick_idx)
-        else:
-            new = ring.avail_idx
-            need = not ring.used_flags & VRING_USED_F_NO_NOTIFY
-        if need and q.fault_on("withhold-kicks"):
-            q.kicks_withheld += 1
-            return False
-        q.last_kick_idx = new
-        if need:
-            os.eventfd_write(q.kick_fd, 1)
-            q.kicks += 1
-        return need
 
     def post_rx_buffers(self, pair: int, n: int, buf_len: int = 2048) -> int:
         """Make ``n`` device-writable buffers of ``buf_len`` bytes available on
@@ -203,15 +124,6 @@ class VirtioNetDriver:
             q.ring.publish()
             self.kick(q)
         return sent
-
-    def publish(self, index: int, force_kick: bool = False) -> None:
-        """Publish what was added to vring ``index`` (avail->idx) and kick if
-        the device asked for it, or always with ``force_kick``."""
-        q = self.queues[index]
-        q.ring.publish()
-        if not self.kick(q) and force_kick:
-            os.eventfd_write(q.kick_fd, 1)
-            q.kicks += 1
 
     # --- faults on purpose --------------------------------------------------------------------
     def write_hostile(self, index: int, kind: str) -> int:
@@ -300,32 +212,6 @@ class VirtioNetDriver:
         fault (SIGBUS). So do this front-end's own: touch nothing there."""
         os.ftruncate(self.memfd, size)
 
-    def _collect(self, q: DriverQueue) -> list[tuple[int, int, int]]:
-        """Used entries as (head or buffer id, len, slot); frees
-        descriptors, re-arms used_event (split) or the driver event
-        suppression's DESC position (packed). Nothing under
-        ``stop-consuming`` (both stay)."""
-        if q.fault_on("stop-consuming"):
-            return []
-        out = []
-        ring = q.ring
-        while True:
-            for head, length in ring.get_used():
-                out.append((head, length, q.slots.pop(head)))
-            if not self.event_idx:
-                return out
-            # Linux virtqueue_enable_cb_prepare + virtqueue_poll: ask for a call
-            # at the next entry, then look again: one used meanwhile may have
-            # been checked against the old event position (no call for it).
-            if q.packed:
-                ring.enable_calls(event_idx=True)
-                if not ring.has_used():
-                    return out
-                continue
-            ring.used_event = ring.last_used_idx
-            if ring.used_idx == ring.last_used_idx:
-                return out
-
     def poll_tx_done(self, pair: int) -> int:
         """Reclaim the TX buffers the device returned; returns how many."""
         done = self._collect(self.tx(pair))
@@ -368,21 +254,4 @@ class VirtioNetDriver:
         vring; drains the eventfd(s). True when a call came. A vring under
         ``stop-consuming`` is not listened to (its calls stay unread)."""
         qs = {"rx": [self.rx(pair)], "tx": [self.tx(pair)], "any": [self.rx(pair), self.tx(pair)]}[which]
-        qs = [q for q in qs if not q.fault_on("stop-consuming")]
-        if not qs:
-            time.sleep(max(0, timeout))
-            return False
-        poller = select.poll()
-        for q in qs:
-            poller.register(q.call_fd, select.POLLIN)
-        if not poller.poll(max(0, timeout) * 1000):
-            return False
-        got = False
-        for q in qs:
-            try:
-                os.eventfd_read(q.call_fd)
-                q.calls += 1
-                got = True
-            except BlockingIOError:
-                pass
-        return got
+        return bool(self.wait_calls(qs, timeout))
