@@ -18,7 +18,7 @@ from rich.console import Console
 from probes.cli import EXAMPLES as PROBE_EXAMPLES
 from probes.cli import add_arguments as add_probe_arguments
 from probes.cli import probe_main
-from tui.render import snapshot_table
+from tui.render import blk_summary, snapshot_table
 
 from .errors import ArgumentError, InspectorError, SourceGone
 from .faults import BLK_FAULTS, FAULT_KINDS, NET_FAULTS, SPEC_FORMS, parse_fault
@@ -95,7 +95,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     if args.json:
         print(dumps(snap))
     else:
-        Console(width=max(Console().width, 140)).print(snapshot_table(snap))
+        console = Console(width=max(Console().width, 140))
+        console.print(snapshot_table(snap))
+        for line in filter(None, map(blk_summary, snap.queues)):   # block queues: their requests
+            console.print(line)
     return 0
 
 
