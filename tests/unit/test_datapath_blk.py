@@ -22,6 +22,8 @@ import time
 import pytest
 
 from inspector.datapath.blk import BAD_REQUEST_KINDS, BlkDisk, BlkQueue
+from inspector.datapath.inflight import queue_area_size, read_queue
+from inspector.datapath.inflight import InflightAreas
 from inspector.datapath.queue import DeviceQueue
 from inspector.errors import ArgumentError
 from inspector.memory import GuestMemory
@@ -62,7 +64,7 @@ class Rig:
 
     def __init__(self, image: str | None, *, qsize: int = 256, depth: int = 128, engine: str = "auto",
                  event_idx: bool = True, disk: BlkDisk | None = None, image_size: int = 1 << 20,
-                 **disk_kw):
+                 inflight: bytearray | None = None, **disk_kw):
         self.memfd = os.memfd_create("vqd-blk-guest", os.MFD_CLOEXEC)
         os.ftruncate(self.memfd, MEM_SIZE)
         self.mm = mmap.mmap(self.memfd, MEM_SIZE)
@@ -72,17 +74,52 @@ class Rig:
         self.kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.dev = DeviceQueue(self.mem, qsize, self.drv.desc_addr, self.drv.avail_addr,
-                               self.drv.used_addr, gpa=True, event_idx=event_idx,
-                               call_fd=self.call, kick_fd=self.kick, event_capacity=1024)
+        self.qsize, self.event_idx, self.depth, self.engine = qsize, event_idx, depth, engine
+        self.inflight, self.areas = inflight, None
         self.disk = disk or BlkDisk(image, size=image_size, **disk_kw)
-        self.q = BlkQueue(self.dev, self.disk, depth=depth, engine=engine)
         self.next = DATA
         self.done: dict[int, int] = {}   # head -> used len
-        self.stop = False
         self.errors: list[BaseException] = []
+        self._start(0)
+
+    def _start(self, last_avail_idx: int) -> int:
+        """A back-end incarnation: device queue (inflight tracking attached
+        first, if any), BlkQueue, run thread. Returns the heads resubmitted."""
+        self.dev = DeviceQueue(self.mem, self.qsize, self.drv.desc_addr, self.drv.avail_addr,
+                               self.drv.used_addr, gpa=True, event_idx=self.event_idx,
+                               last_avail_idx=last_avail_idx, call_fd=self.call, kick_fd=self.kick,
+                               event_capacity=1024)
+        resubmit = 0
+        if self.inflight is not None:
+            self.areas = InflightAreas()
+            self.areas.set(self.inflight, 1, self.qsize)
+            resubmit = self.areas.attach(self.dev, 0)
+        self.q = BlkQueue(self.dev, self.disk, depth=self.depth, engine=self.engine)
+        self.stop = False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
+        return resubmit
+
+    def _stop(self, complete: bool) -> None:
+        self.stop = True
+        os.eventfd_write(self.wake, 1)
+        self.thread.join(WAIT_S)
+        assert not self.thread.is_alive()
+        self.q.close(complete=complete)
+        if self.areas is not None:
+            self.areas.close()
+        self.dev.release()
+
+    def crash(self) -> None:
+        """The back-end dies with its requests in flight: nothing more is
+        written to the ring."""
+        self._stop(complete=False)
+
+    def restart(self) -> int:
+        """A new back-end on the same ring, inflight area and disk, from
+        SET_VRING_BASE = used->idx (as QEMU sends after a crash). Returns the
+        heads it resubmits."""
+        return self._start(self.drv.used_idx)
 
     def _run(self):
         try:
@@ -170,12 +207,7 @@ class Rig:
         return self.q.counters()
 
     def close(self, complete: bool = True):
-        self.stop = True
-        os.eventfd_write(self.wake, 1)
-        self.thread.join(WAIT_S)
-        assert not self.thread.is_alive()
-        self.q.close(complete=complete)
-        self.dev.release()
+        self._stop(complete)
         self.disk.close()
         self.drv = self.mem = None     # their views of the mapping
         gc.collect()
@@ -436,6 +468,44 @@ def test_close_completes_held_requests_on_the_ring(shm):
     assert sorted(h for h, _ in rig.drv.get_used()) == sorted(h for h, _, _ in reqs)
     assert rig.q.counters()["in_flight"] == 0
     rig.close()
+
+
+# --- crash safety: the inflight area ---------------------------------------------------------
+
+def test_requests_in_flight_at_a_crash_complete_once_after_restart(shm):
+    """Writes held in flight when the back-end dies are resubmitted from the
+    inflight area by the next one, each completed exactly once, and new
+    requests that complete before them (out of order) keep the area right."""
+    path = image(shm)
+    area = bytearray(queue_area_size(64))
+    rig = Rig(path, qsize=64, inflight=area)
+    try:
+        assert rig.request(VIRTIO_BLK_T_OUT, 0, pattern(512, 99))[0] == VIRTIO_BLK_S_OK
+        rig.q.set_hold(True)
+        writes = [rig.chain(VIRTIO_BLK_T_OUT, 8 * (i + 1), pattern(4096, i)) for i in range(6)]
+        rig.publish()
+        deadline = time.monotonic() + WAIT_S
+        while rig.counters()["in_flight"] < 6 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert read_queue(area, 0, 64).heads == [h for h, _, _ in writes]
+        rig.crash()
+        # the driver adds GET_IDs the dead back-end never saw
+        ids = [rig.chain(VIRTIO_BLK_T_GET_ID, in_len=20) for _ in range(3)]
+        rig.drv.publish()
+        assert rig.restart() == 6
+        os.eventfd_write(rig.kick, 1)
+        rig.wait([h for h, _, _ in writes + ids])     # get_used refuses a head returned twice
+        assert all(rig.get(st, 1)[0] == VIRTIO_BLK_S_OK for _, _, st in writes + ids)
+        c = rig.counters()
+        assert c["resubmitted"] == 6 and c["requests"]["out"] == 6 and c["requests"]["get_id"] == 3
+        assert read_queue(area, 0, 64).heads == []
+        with open(path, "rb") as f:
+            img = f.read()
+        for i in range(6):
+            assert img[8 * (i + 1) * 512:][:4096] == pattern(4096, i)
+        assert rig.drv.used_idx == 1 + 6 + 3
+    finally:
+        rig.close()
 
 
 # --- O_DIRECT ---------------------------------------------------------------------------------
