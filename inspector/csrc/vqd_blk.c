@@ -257,6 +257,10 @@ static void finish(struct vqd_blk_queue *q, struct blk_slot *s, int bad, uint8_t
         else if (s->type == VIRTIO_BLK_T_OUT)
             count(&q->c.bytes_written, s->data_len);
     }
+    /* A hostile driver can re-offer heads whose used elements are not yet
+     * published: never keep more than a ring's worth pending. */
+    if (q->vq->used_pending >= q->vq->num)
+        vqd_flush(q->vq);
     vqd_fill(q->vq, s->e.head, used);
     q->filled++;
     struct vqd_blk_recent *r = &q->recent[q->recent_w % (VQD_BLK_RECENT + 1)];
@@ -805,7 +809,9 @@ static int pass(struct vqd_blk_queue *q)
             work++;
         }
     }
-    while (q->nfree && !vq->broken) {
+    /* at most depth pops a pass: requests that end at once free their slot
+     * again, and the wake fd and completions must not wait behind a busy driver */
+    for (uint32_t popped = 0; q->nfree && !vq->broken && popped < q->depth; popped++) {
         uint32_t idx = q->free_list[q->nfree - 1];
         struct blk_slot *s = &q->slots[idx];
         int resub = vq->inflight && vqd_inflight_pending(vq) > 0;

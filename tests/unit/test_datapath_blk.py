@@ -179,6 +179,13 @@ class Rig:
         assert not missing, f"heads {sorted(missing)} not completed; broken: {self.q.broken}"
         return {h: self.done.pop(h) for h in heads}
 
+    def wait_in_flight(self, n: int) -> None:
+        """Wait until the queue holds ``n`` requests in flight."""
+        deadline = time.monotonic() + WAIT_S
+        while self.counters()["in_flight"] < n and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert self.counters()["in_flight"] == n
+
     def request(self, rtype: int, sector: int = 0, data: bytes = b"", in_len: int = 0, **kw):
         """Submit one request and wait: (status, data read, used len)."""
         head, din, st = self.chain(rtype, sector, data, in_len, **kw)
@@ -419,10 +426,7 @@ def test_hold_keeps_many_requests_in_flight_and_release_completes_them(shm, engi
         rig.q.set_hold(True)
         reqs = [rig.chain(VIRTIO_BLK_T_IN, i * 8, in_len=4096) for i in range(100)]
         rig.publish()
-        deadline = time.monotonic() + WAIT_S
-        while rig.counters()["in_flight"] < 100 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert rig.counters()["in_flight"] == 100
+        rig.wait_in_flight(100)
         assert rig.drv.used_idx == 0
         rig.q.set_hold(False)
         rig.wait([h for h, _, _ in reqs])
@@ -441,9 +445,7 @@ def test_depth_bounds_the_requests_in_flight(shm):
         rig.q.set_hold(True)
         reqs = [rig.chain(VIRTIO_BLK_T_IN, i, in_len=512) for i in range(40)]
         rig.publish()
-        deadline = time.monotonic() + WAIT_S
-        while rig.counters()["in_flight"] < 16 and time.monotonic() < deadline:
-            time.sleep(0.001)
+        rig.wait_in_flight(16)
         time.sleep(0.05)
         assert rig.counters()["in_flight"] == 16
         assert rig.dev.last_avail_idx == 16
@@ -458,9 +460,7 @@ def test_close_completes_held_requests_on_the_ring(shm):
     rig.q.set_hold(True)
     reqs = [rig.chain(VIRTIO_BLK_T_IN, i, in_len=512) for i in range(8)]
     rig.publish()
-    deadline = time.monotonic() + WAIT_S
-    while rig.counters()["in_flight"] < 8 and time.monotonic() < deadline:
-        time.sleep(0.001)
+    rig.wait_in_flight(8)
     rig.stop = True
     os.eventfd_write(rig.wake, 1)
     rig.thread.join(WAIT_S)
@@ -484,9 +484,7 @@ def test_requests_in_flight_at_a_crash_complete_once_after_restart(shm):
         rig.q.set_hold(True)
         writes = [rig.chain(VIRTIO_BLK_T_OUT, 8 * (i + 1), pattern(4096, i)) for i in range(6)]
         rig.publish()
-        deadline = time.monotonic() + WAIT_S
-        while rig.counters()["in_flight"] < 6 and time.monotonic() < deadline:
-            time.sleep(0.001)
+        rig.wait_in_flight(6)
         assert read_queue(area, 0, 64).heads == [h for h, _, _ in writes]
         rig.crash()
         # the driver adds GET_IDs the dead back-end never saw
