@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import threading
 
-from ..datapath.blk import BlkDisk, BlkQueue
+from ..datapath.blk import BAD_REQUEST_KINDS, RECENT, REQUEST_CLASSES, BlkDisk, BlkQueue
 from ..datapath.queue import EVENT_LOG_DEFAULT
 from ..errors import ArgumentError, DeviceError, InspectorError
 from ..faults import BLK_FAULTS, Fault, check_vrings
@@ -43,38 +43,28 @@ from ..memory import GuestMemory
 from ..spec.virtio import (VIRTIO_BLK_CONFIG_FIELDS, VIRTIO_BLK_CONFIG_SIZE, VIRTIO_BLK_F_BLK_SIZE,
                            VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
                            VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
-                           VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_SECTOR_SIZE, VIRTIO_F_VERSION_1,
+                           VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_NAMES, VIRTIO_BLK_SECTOR_SIZE, VIRTIO_F_VERSION_1,
                            VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, has_feature)
 from .base import Device, QueueStats, VringConfig
 from .blk_worker import _QueueWorker, logger
 from .vring import RingTable, StartedRing
 
 #: Every bad-request kind the data path counts (snapshot extras
-#: ``blk.bad_requests``), each with the status it gets; see the README's
-#: "virtio-blk back-end" section for what each means.
-BLK_BAD_REQUEST_KINDS = (
-    "header_short",             # IOERR: header < 16 bytes
-    "status_missing",           # no device-writable last byte: used len 0, nothing written
-    "status_not_writable",
-    "data_not_writable",        # IN with a device-readable data buffer: IOERR
-    "data_not_readable",        # OUT with device-writable data: IOERR
-    "out_of_range",             # beyond capacity: IOERR
-    "sector_overflow",          # sector arithmetic overflows: IOERR
-    "unaligned",                # data length not a multiple of 512: IOERR
-    "too_many_segments",        # > seg_max: IOERR
-    "segment_too_large",        # > size_max: IOERR
-    "read_only",                # write/discard/write_zeroes to a read-only disk: IOERR
-    "unsupported",              # unknown type: UNSUPP
-    "get_id_short",             # GET_ID buffer < 20 bytes: IOERR
-    "discard_over_limit",       # sectors or segments over the config limits: IOERR
-    "write_zeroes_over_limit",
-    "discard_bad_segment",      # unknown flags: UNSUPP (§5.2.6.2); segment buffer not a multiple of 16: IOERR
-    "io_error",                 # the host I/O failed: IOERR
-)
+#: ``blk.bad_requests``), in the C engine's order (csrc/vqd_blk.h
+#: VQD_BLK_BAD_*, named there once); each kind's status: README "virtio-blk
+#: back-end", and inspector/analysis/rules.py BLK_BAD_MEANING for the doctor.
+BLK_BAD_REQUEST_KINDS = BAD_REQUEST_KINDS
 
 #: The blk counters that describe the present, not a sum over a ring's starts.
-_NOT_SUMMED = ("in_flight", "recent", "resubmitted")
+_NOT_SUMMED = ("in_flight", "recent")
 _WRITEBACK_OFFSET = VIRTIO_BLK_CONFIG_FIELDS["writeback"][0]
+
+
+def _zero_counters() -> dict:
+    """The extras ``blk`` dict of a queue that has done nothing."""
+    return {"requests": dict.fromkeys(REQUEST_CLASSES, 0), "status": dict.fromkeys(VIRTIO_BLK_S_NAMES.values(), 0),
+            "bad_requests": dict.fromkeys(BLK_BAD_REQUEST_KINDS, 0), "in_flight": 0, "resubmitted": 0,
+            "bytes_read": 0, "bytes_written": 0, "recent": []}
 
 
 def _add_counters(total: dict, more: dict) -> None:
@@ -133,7 +123,6 @@ class BlkDevice(Device):
         self._workers: dict[int, _QueueWorker] = {}
         self._blk_totals: dict[int, dict] = {}       # blk counters of retired engines, by vring
         self._last_blk: dict[int, dict] = {}         # a retired engine's last counters (its ``recent``)
-        self._resubmitted: dict[int, int] = {}
 
     # --- Device (inspector/devices/base.py) ------------------------------------------
     def features(self) -> int:
@@ -221,7 +210,6 @@ class BlkDevice(Device):
             n = self._table.add(ring)
             if n:
                 logger.info("vring %d: resubmitting %d request(s) left in flight by the last back-end", i, n)
-                self._resubmitted[i] = self._resubmitted.get(i, 0) + n
             engine = BlkQueue(ring.q, self.disk, depth=self.depth)
             if engine.engine != "io_uring":
                 logger.warning("vring %d: io_uring is not available (%s): synchronous I/O, one request "
@@ -242,23 +230,19 @@ class BlkDevice(Device):
         every ring (RingTable.stats; ``packets`` are the requests completed
         and ``bytes`` the data bytes read and written) and ``extras``
         ``{"blk": ...}``, the engine's counters summed over every start
-        (``in_flight`` and ``recent``: the running engine's, or the last
-        one's), ``resubmitted`` counted by this device."""
+        (``in_flight``: the running engine's; ``recent``: the last
+        completions of the last two starts)."""
         with self._lock:
-            blk: dict = {}
+            blk = _zero_counters()
             _add_counters(blk, self._blk_totals.get(index, {}))
             engine = self._engines.get(index)
-            now = engine.counters() if engine is not None else self._last_blk.get(index)
-            if now is not None:
+            if engine is not None:
+                now = engine.counters()
                 _add_counters(blk, now)
-                blk["in_flight"] = now.get("in_flight", 0) if engine is not None else 0
-                blk["recent"] = list(now.get("recent", []))
-            blk.setdefault("in_flight", 0)
-            blk.setdefault("recent", [])
-            blk["resubmitted"] = self._resubmitted.get(index, 0)
-            bad = blk.setdefault("bad_requests", {})
-            for kind in BLK_BAD_REQUEST_KINDS:
-                bad.setdefault(kind, 0)
+                blk["in_flight"] = now["in_flight"]
+                blk["recent"] = (self._last_blk.get(index, {}).get("recent", []) + now["recent"])[-RECENT:]
+            elif index in self._last_blk:
+                blk["recent"] = list(self._last_blk[index]["recent"])
             st = self._table.stats(index, [f for f in self.faults if f.vring == index])
             st.packets = sum(blk.get("requests", {}).values())
             st.bytes = blk.get("bytes_read", 0) + blk.get("bytes_written", 0)

@@ -211,6 +211,10 @@ def test_write_read_flush_get_id_discard_write_zeroes(tmpd):
             assert not any(blk["bad_requests"].values())
             st = s.devices[-1].queue_stats(0)
             assert st.packets == 7 and st.broken is None
+            # A stopped vring (GET_VRING_BASE) keeps its counters, counted once.
+            fe.get_vring_base(0)
+            assert s.blk() == blk
+            assert s.devices[-1].queue_stats(0).packets == 7
     finally:
         s.close()
 
