@@ -88,7 +88,7 @@ build/fuzz/fuzz_decoder_packed: fuzz/fuzz_decoder_packed.c fuzz/fuzz_input.h fuz
 
 build/fuzz/fuzz_datapath: fuzz/fuzz_datapath.c fuzz/fuzz_input.h $(CSRC)
 	@mkdir -p build/fuzz
-	$(CLANG) $(FUZZ_CFLAGS) fuzz/fuzz_datapath.c $(filter %.c,$(CSRC)) -o $@ -lpthread
+	$(CLANG) $(FUZZ_CFLAGS) fuzz/fuzz_datapath.c $(filter %.c,$(CSRC)) -o $@ -lpthread -luring
 
 fuzz-build: build/fuzz/fuzz_decoder build/fuzz/fuzz_decoder_packed build/fuzz/fuzz_datapath
 

@@ -3,7 +3,8 @@
 Every ``inspector/csrc/*.h`` declares its exported ``vqd_`` API between
 ``/* CDEF BEGIN */`` and ``/* CDEF END */``; that text is given to cffi's
 cdef, and every ``*.c`` is compiled into the private module ``inspector._vqd``,
-imported only by ``inspector/_cffi.py`` (the C/Python seam).
+imported only by ``inspector/_cffi.py`` (the C/Python seam). The blk data
+path (csrc/vqd_blk.c) links liburing (Debian liburing-dev, scripts/install-deps.sh).
 """
 
 import pathlib
@@ -23,6 +24,7 @@ ffibuilder.set_source(
     "\n".join(f'#include "{h.name}"' for h in headers),
     sources=[str(CSRC / c.name) for c in sorted((ROOT / CSRC).glob("*.c"))],
     include_dirs=[str(CSRC)],
+    libraries=["uring"],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )
 

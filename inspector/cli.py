@@ -18,10 +18,10 @@ from rich.console import Console
 from probes.cli import EXAMPLES as PROBE_EXAMPLES
 from probes.cli import add_arguments as add_probe_arguments
 from probes.cli import probe_main
-from tui.render import snapshot_table
+from tui.render import blk_summary, snapshot_table
 
 from .errors import ArgumentError, InspectorError, SourceGone
-from .faults import DEVICE_FAULTS, FAULT_KINDS, SPEC_FORMS, parse_fault
+from .faults import BLK_FAULTS, FAULT_KINDS, NET_FAULTS, SPEC_FORMS, parse_fault
 from .layout import split_layout
 from .record.cli import add_parsers as add_record_parsers
 from .snapshot.codec import dumps
@@ -50,6 +50,16 @@ receiveq k, 2k+1 transmitq k; the fault starts `after` seconds after the vring s
   driver faults (demo only: vqscope's built-in front-end makes them):
     withhold-kicks=VRING   publish available entries but never kick
     stop-consuming=VRING   collect no used entries, refill nothing, read no call"""
+
+#: The faults of ``serve blk --inject``.
+BLK_INJECT_HELP = """\
+faults on purpose: --inject KIND=VRING[,after=S][,for=S], repeatable. VRING k is
+requestq k; the fault starts `after` seconds after the vring starts (default 0) and
+lasts `for` seconds (default: for ever).
+    hold-io=VRING      take requests from the vring but submit none to the disk: they
+                       stay in flight (extras blk.in_flight) until the fault ends
+    drop-calls=VRING   calls that are due are not sent (a lost interrupt); counted only
+                       in the snapshot's extras inject.calls_dropped"""
 
 
 def _fault_type(kinds: tuple[str, ...]):
@@ -85,7 +95,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     if args.json:
         print(dumps(snap))
     else:
-        Console(width=max(Console().width, 140)).print(snapshot_table(snap))
+        console = Console(width=max(Console().width, 140))
+        console.print(snapshot_table(snap))
+        for line in filter(None, map(blk_summary, snap.queues)):   # block queues: their requests
+            console.print(line)
     return 0
 
 
@@ -161,8 +174,29 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--json", action="store_true", help="print one JSON object")
     lp.set_defaults(func=cmd_layout)
 
-    sp = sub.add_parser("serve", help="run a vhost-user back-end device", formatter_class=fmt,
+    sp = sub.add_parser("serve", help="run a vhost-user back-end device (net or blk)", formatter_class=fmt,
                         epilog=_examples("""
+                            vqscope serve net --socket /tmp/vq.sock --loopback
+                            vqscope serve blk --socket /tmp/vblk.sock --file disk.img
+                            vqscope serve blk --socket /tmp/vblk.sock --size 1G --memory --queues 2
+                        """) + "\n\nvqscope serve net --help and vqscope serve blk --help give each device's options.")
+    kinds = sp.add_subparsers(dest="kind", required=True, metavar="KIND")
+
+    def add_serve_common(q: argparse.ArgumentParser, queues_help: str, fault_kinds: tuple[str, ...]) -> None:
+        q.add_argument("--socket", required=True, help="vhost-user Unix socket path (created mode 0600)")
+        q.add_argument("--queues", type=int, default=1, help=queues_help)
+        q.add_argument("--introspect", metavar="PATH", help="introspection socket (default SOCKET.introspect)")
+        q.add_argument("--introspect-any-uid", action="store_true",
+                       help="serve introspection readers of any uid (default: this uid and root only, "
+                            "checked with SO_PEERCRED)")
+        q.add_argument("--inject", metavar="SPEC", action="append", default=[], type=_fault_type(fault_kinds),
+                       help=f"a device fault on purpose, {SPEC_FORMS} with KIND {' or '.join(fault_kinds)} "
+                            f"(repeatable; see below)")
+        q.add_argument("-v", "--verbose", action="store_true", help="log every vhost-user message")
+        q.set_defaults(func=cmd_serve)
+
+    np_ = kinds.add_parser("net", help="virtio-net: loopback or a tap device", formatter_class=fmt,
+                           epilog=_examples("""
                             vqscope serve net --socket /tmp/vq.sock --loopback
                             vqscope serve net --socket /tmp/vq.sock --tap vq0 --queues 2
                             vqscope serve net --socket /tmp/vq.sock --loopback --no-packed
@@ -170,27 +204,34 @@ def build_parser() -> argparse.ArgumentParser:
                             vqscope serve net --socket /tmp/vq.sock --inject stall=1,after=5,for=10
                             vqscope serve net --socket /tmp/vq.sock --inject drop-calls=0,after=2
                         """) + "\n\n" + INJECT_HELP)
-    sp.add_argument("kind", choices=["net"], help="device type")
-    sp.add_argument("--socket", required=True, help="vhost-user Unix socket path (created mode 0600)")
-    mode = sp.add_mutually_exclusive_group()
+    add_serve_common(np_, "queue pairs offered (default 1)", NET_FAULTS)
+    mode = np_.add_mutually_exclusive_group()
     mode.add_argument("--loopback", action="store_true",
                       help="echo each TX frame back on RX with MACs swapped (default)")
     mode.add_argument("--tap", metavar="IFNAME", help="attach a Linux tap device")
-    sp.add_argument("--queues", type=int, default=1, help="queue pairs offered (default 1)")
-    sp.add_argument("--introspect", metavar="PATH", help="introspection socket (default SOCKET.introspect)")
-    sp.add_argument("--introspect-any-uid", action="store_true",
-                    help="serve introspection readers of any uid (default: this uid and root only, "
-                         "checked with SO_PEERCRED)")
-    sp.add_argument("--mac", default="52:54:00:12:34:57", help="MAC address in the config space")
-    sp.add_argument("--no-packed", dest="packed", action="store_false",
-                    help="do not offer VIRTIO_F_RING_PACKED (default: offered; the driver picks split "
-                         "or packed rings)")
-    sp.add_argument("--inject", metavar="SPEC", action="append", default=[],
-                    type=_fault_type(DEVICE_FAULTS),
-                    help=f"a device fault on purpose, {SPEC_FORMS} with KIND stall or drop-calls "
-                         f"(repeatable; see below)")
-    sp.add_argument("-v", "--verbose", action="store_true", help="log every vhost-user message")
-    sp.set_defaults(func=cmd_serve)
+    np_.add_argument("--mac", default="52:54:00:12:34:57", help="MAC address in the config space")
+    np_.add_argument("--no-packed", dest="packed", action="store_false",
+                     help="do not offer VIRTIO_F_RING_PACKED (default: offered; the driver picks split "
+                          "or packed rings)")
+
+    bp = kinds.add_parser("blk", help="virtio-blk: a raw image, a block device or a RAM disk",
+                          formatter_class=fmt, epilog=_examples("""
+                            vqscope serve blk --socket /tmp/vblk.sock --file disk.img
+                            vqscope serve blk --socket /tmp/vblk.sock --file /dev/nvme0n1p3 --direct --queues 4
+                            vqscope serve blk --socket /tmp/vblk.sock --file disk.img --readonly
+                            vqscope serve blk --socket /tmp/vblk.sock --size 1G --memory
+                            vqscope serve blk --socket /tmp/vblk.sock --file disk.img --inject hold-io=0,after=5,for=2
+                        """) + "\n\n" + BLK_INJECT_HELP)
+    add_serve_common(bp, "request queues offered (1 to 64, default 1)", BLK_FAULTS)
+    store = bp.add_mutually_exclusive_group(required=True)
+    store.add_argument("--file", metavar="IMG", help="a raw image file or a block device")
+    store.add_argument("--memory", action="store_true", help="a RAM disk of --size bytes (lost at exit)")
+    bp.add_argument("--size", metavar="N", help="with --memory: the disk size in bytes, or with a suffix "
+                                                 "K, M, G, T (powers of 1024), a multiple of 512")
+    bp.add_argument("--readonly", action="store_true", help="a read-only disk (VIRTIO_BLK_F_RO)")
+    bp.add_argument("--direct", action="store_true", help="open the file with O_DIRECT (no host page cache)")
+    bp.add_argument("--queue-size", type=int, default=128, metavar="N",
+                    help="requests each queue keeps in flight at most (its I/O depth; default 128)")
 
     def add_source_args(q: argparse.ArgumentParser) -> None:
         for flags, kw in SOURCE_ARGS:

@@ -22,6 +22,15 @@ path of inspector/csrc/vqd_vq.c):
   written to the call eventfd, not counted in ``calls`` and not logged: a
   lost interrupt. It is counted in ``calls_dropped`` (snapshot extras
   ``inject``, for people).
+- ``hold-io`` (virtio-blk, inspector/devices/blk.py): the device takes
+  requests from the vring as ever but submits none of them to the disk
+  until the fault ends: they stay in flight (snapshot extras
+  ``blk.in_flight``), as behind a hung disk. A back-end killed meanwhile
+  leaves them in the inflight area for the next one to complete.
+
+Which device makes which: virtio-net ``stall`` and ``drop-calls``
+(:data:`NET_FAULTS`), virtio-blk ``hold-io`` and ``drop-calls``
+(:data:`BLK_FAULTS`).
 
 Driver side (vqscope's built-in front-end, inspector/vhost_user/net_driver.py):
 
@@ -41,8 +50,10 @@ from dataclasses import dataclass
 
 from .errors import ArgumentError
 
-#: Faults the device (vqscope's back-end) makes.
-DEVICE_FAULTS = ("stall", "drop-calls")
+#: Faults the device (vqscope's back-end) makes, and which device makes which.
+NET_FAULTS = ("stall", "drop-calls")
+BLK_FAULTS = ("hold-io", "drop-calls")
+DEVICE_FAULTS = ("stall", "drop-calls", "hold-io")
 #: Faults the driver (vqscope's built-in front-end) makes.
 DRIVER_FAULTS = ("withhold-kicks", "stop-consuming")
 FAULT_KINDS = DEVICE_FAULTS + DRIVER_FAULTS
@@ -114,7 +125,9 @@ def parse_fault(spec: str, kinds: tuple[str, ...] = FAULT_KINDS) -> Fault:
                             f"{', '.join(kinds)} ({SPEC_FORMS})")
     if kind not in kinds:
         maker = ("a driver fault, made by vqscope's built-in front-end (vqscope demo --inject)"
-                 if kind in DRIVER_FAULTS else "a device fault, made by vqscope's back-end")
+                 if kind in DRIVER_FAULTS else
+                 f"a device fault of another device (virtio-net: {', '.join(NET_FAULTS)}; "
+                 f"virtio-blk: {', '.join(BLK_FAULTS)})")
         raise ArgumentError(f"fault {spec!r}: {kind} is {maker}; here use one of {', '.join(kinds)}")
     vring = vring.strip()
     if not eq or not vring.isdigit():
@@ -142,5 +155,5 @@ def check_vrings(faults, num_vrings: int, what: str) -> None:
                                 f"vrings 0 to {num_vrings - 1}")
 
 
-__all__ = ["DEVICE_FAULTS", "DRIVER_FAULTS", "FAULT_KINDS", "SPEC_FORMS", "Fault", "check_vrings",
+__all__ = ["BLK_FAULTS", "DEVICE_FAULTS", "DRIVER_FAULTS", "NET_FAULTS", "FAULT_KINDS", "SPEC_FORMS", "Fault", "check_vrings",
            "parse_fault"]

@@ -10,6 +10,7 @@ PKGS=(
   iproute2 iputils-ping procps
   dwarves
   clang-14 libclang-rt-14-dev llvm
+  liburing-dev
 )
 missing=()
 for p in "${PKGS[@]}"; do

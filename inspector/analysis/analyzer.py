@@ -24,6 +24,12 @@ constant; the work per queue per snapshot is a few comparisons, and strings
 are built only for queues that are not healthy. Packed queues (§2.8) go
 through the same episodes with their positions as counters
 (rules.Observation).
+
+A block queue whose source counts bad requests (``extras["blk"]``, vqscope's
+blk back-end) also keeps those counters as it first saw them
+(rules.BlkWatch): when the ring rules find nothing, growth since then is
+``io_error`` (the host I/O failed: the backing store) or ``bad_requests``
+(the driver sent malformed requests; each kind, its meaning and status).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from dataclasses import dataclass
 from ..events import Event
 from ..snapshot.model import QueueEntry, QueueId, Snapshot
 from .roles import Role, role_of
-from .rules import Episode, Observation, calls_owed, judge
+from .rules import BlkWatch, Episode, Observation, blk_bad_counts, blk_verdict, calls_owed, judge
 from .verdict import Diagnosis, Verdict
 
 
@@ -59,7 +65,7 @@ class _Track:
     """One queue's state between snapshots."""
 
     __slots__ = ("prev", "device_ep", "driver_ep", "starve_ep", "broken_streak", "moved_t",
-                 "last_call_used", "diagnosis")
+                 "last_call_used", "diagnosis", "blk")
 
     def __init__(self) -> None:
         self.prev: Observation | None = None
@@ -70,6 +76,7 @@ class _Track:
         self.moved_t: float | None = None      # last time avail_idx or used_idx moved
         self.last_call_used: int | None = None  # used_idx of the last call event seen
         self.diagnosis: Diagnosis | None = None
+        self.blk: BlkWatch | None = None        # a block queue's bad-request counters when first seen
 
 
 class Analyzer:
@@ -155,6 +162,12 @@ class Analyzer:
         verdict, evidence, since = judge(q, ob, role, tr.device_ep, tr.driver_ep, tr.starve_ep,
                                          tr.broken_streak, None if ob.packed else tr.last_call_used,
                                          self.notifications_seen, self.thresholds)
+        bad = blk_bad_counts(q)
+        if bad is not None:
+            if tr.blk is None:
+                tr.blk = BlkWatch(dict(bad))
+            elif verdict is None:   # a ring that does not move is said first
+                verdict, evidence, since = blk_verdict(bad, tr.blk, now)
         if verdict is None:
             active = tr.moved_t is not None and now - tr.moved_t < self.thresholds.active_s
             verdict = Verdict.HEALTHY if active else Verdict.IDLE

@@ -474,3 +474,86 @@ def layout_mismatch(q: QueueEntry) -> str:
                         f"(avail + {gap}) overlaps used->flags")
             return ""
     return ""
+
+
+# --- block queues: bad requests and I/O errors (VIRTIO 1.2 §5.2.6) -----------------------------------
+
+#: Each bad-request kind a block back-end counts (``extras["blk"]["bad_requests"]``, the kinds of
+#: inspector.devices.blk's BLK_BAD_REQUEST_KINDS): what the driver did, and the status it got.
+BLK_BAD_MEANING: dict[str, tuple[str, str]] = {
+    "header_short": ("header shorter than 16 bytes", "IOERR"),
+    "status_missing": ("no device-writable status byte last", "no status: chain returned with used len 0"),
+    "status_not_writable": ("status byte not device-writable", "no status: chain returned with used len 0"),
+    "data_not_writable": ("IN with a device-readable data buffer", "IOERR"),
+    "data_not_readable": ("OUT with a device-writable data buffer", "IOERR"),
+    "out_of_range": ("sectors beyond the capacity", "IOERR"),
+    "sector_overflow": ("sector arithmetic overflows", "IOERR"),
+    "unaligned": ("data length not a multiple of 512", "IOERR"),
+    "too_many_segments": ("more data segments than seg_max", "IOERR"),
+    "segment_too_large": ("a segment over size_max", "IOERR"),
+    "read_only": ("write, discard or write-zeroes to a read-only disk", "IOERR"),
+    "unsupported": ("unknown request type", "UNSUPP"),
+    "get_id_short": ("GET_ID buffer shorter than 20 bytes", "IOERR"),
+    "discard_over_limit": ("discard over max_discard_sectors/seg", "IOERR"),
+    "write_zeroes_over_limit": ("write-zeroes over max_write_zeroes_sectors/seg", "IOERR"),
+    "discard_bad_segment": ("bad discard/write-zeroes segment (flags, or not a multiple of 16 bytes)",
+                            "UNSUPP for unknown flags, else IOERR"),
+}
+#: The kind that is the device's, not the driver's: its host I/O failed.
+BLK_IO_ERROR = "io_error"
+
+
+def blk_bad_counts(q: QueueEntry) -> dict[str, int] | None:
+    """A block queue's bad-request counters by kind (``extras["blk"]
+    ["bad_requests"]``, int values only: the extras are a peer's JSON), or
+    None when the queue has none."""
+    blk = q.extras.get("blk")
+    bad = blk.get("bad_requests") if type(blk) is dict else None
+    if type(bad) is not dict:
+        return None
+    return {k: v for k, v in bad.items() if type(k) is str and type(v) is int}
+
+
+@dataclass(slots=True)
+class BlkWatch:
+    """A block queue's bad-request counters when watching began (``base``)
+    and when they first grew past them (``t_grew``, None: not yet)."""
+
+    base: dict[str, int]
+    t_grew: float | None = None
+
+
+def blk_verdict(counts: dict[str, int], watch: BlkWatch, now: float) -> tuple[Verdict | None, str, float | None]:
+    """``(verdict, evidence, since)`` of a block queue whose bad-request
+    counters are ``counts`` now: ``io_error`` when the device's host I/O
+    failed since watching began (the backing store's fault), else
+    ``bad_requests`` naming each kind that grew, its meaning and the status
+    the driver got (the driver's fault); ``(None, "", None)`` when nothing
+    grew. A counter that went down (the back-end restarted) becomes the new
+    base."""
+    grown = {}
+    for k, n in counts.items():
+        b = watch.base.get(k, 0)
+        if n < b:
+            watch.base[k] = b = n
+        if n > b:
+            grown[k] = n - b
+    if not grown:
+        watch.t_grew = None
+        return None, "", None
+    if watch.t_grew is None:
+        watch.t_grew = now
+    io = grown.pop(BLK_IO_ERROR, 0)
+    if io:
+        evidence = (f"{io} request{'s' if io != 1 else ''} failed in the device's host I/O since watching began "
+                    f"(bad_requests io_error {counts[BLK_IO_ERROR]}): the backing store (file or block device) "
+                    f"returned errors and the driver got IOERR")
+        if grown:
+            evidence += f"; the driver also sent {sum(grown.values())} malformed"
+        return Verdict.IO_ERROR, evidence, watch.t_grew
+    kinds = "; ".join(f"{k} {n} ({BLK_BAD_MEANING[k][0]}: {BLK_BAD_MEANING[k][1]})" if k in BLK_BAD_MEANING
+                      else f"{k} {n}" for k, n in sorted(grown.items(), key=lambda kv: -kv[1]))
+    total = sum(grown.values())
+    return (Verdict.BAD_REQUESTS,
+            f"the driver sent {total} malformed request{'s' if total != 1 else ''} since watching began: {kinds}",
+            watch.t_grew)

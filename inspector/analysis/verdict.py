@@ -33,6 +33,8 @@ class Verdict(StrEnum):
     SUPPRESSION_STUCK = "suppression_stuck"
     RING_BROKEN = "ring_broken"
     LAYOUT_MISMATCH = "layout_mismatch"
+    BAD_REQUESTS = "bad_requests"
+    IO_ERROR = "io_error"
 
 
 class Severity(IntEnum):
@@ -64,6 +66,10 @@ MEANING: dict[Verdict, str] = {
     Verdict.RING_BROKEN: "the ring breaks the spec (decoder anomaly) or the device marked it broken",
     Verdict.LAYOUT_MISMATCH: "the used ring is not where VIRTIO 1.2 §2.7 puts it (QEMU's legacy "
                              "formula at align <= 4)",
+    Verdict.BAD_REQUESTS: "a block queue's driver sent malformed requests while watched (the device "
+                          "counted them by kind and answered each with its status, §5.2.6)",
+    Verdict.IO_ERROR: "a block device's host I/O failed while watched: its backing store (file or "
+                      "block device) returned errors, the driver got VIRTIO_BLK_S_IOERR",
 }
 
 #: Each verdict's severity.
@@ -73,6 +79,7 @@ SEVERITY: dict[Verdict, Severity] = {
     Verdict.CALL_MISSING: Severity.ERROR, Verdict.DRIVER_STALLED: Severity.ERROR,
     Verdict.STARVED: Severity.WARNING, Verdict.SUPPRESSION_STUCK: Severity.ERROR,
     Verdict.RING_BROKEN: Severity.ERROR, Verdict.LAYOUT_MISMATCH: Severity.ERROR,
+    Verdict.BAD_REQUESTS: Severity.WARNING, Verdict.IO_ERROR: Severity.ERROR,
 }
 
 

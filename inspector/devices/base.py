@@ -68,7 +68,9 @@ class QueueStats:
     stall on purpose; None: not a queue the device fills, or not counted),
     why the queue broke (``broken``, None: it did not) and ``inject``: the
     state of faults on purpose (inspector/faults.py), for people (snapshot
-    extras ``inject``; None: no fault set on this queue)."""
+    extras ``inject``; None: no fault set on this queue) and ``extras``: a
+    device's own counters, copied by name into the snapshot's queue extras
+    (virtio-blk: ``{"blk": {...}}``, inspector/devices/blk.py; None: none)."""
 
     kicks: int = 0
     calls: int = 0
@@ -83,6 +85,7 @@ class QueueStats:
     last_avail_wrap_counter: int | None = None
     next_used: int | None = None
     used_wrap_counter: int | None = None
+    extras: dict | None = None
 
 
 class Device:

@@ -49,22 +49,20 @@ from __future__ import annotations
 import os
 import struct
 import threading
-import time
 
-from ..errors import ArgumentError, InspectorError, RingError
+from ..errors import ArgumentError, InspectorError
 from ..memory import GuestMemory
 from ..spec.virtio import (VIRTIO_F_IN_ORDER, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC,
                            VIRTIO_NET_F_MQ,
                            VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_MRG_RXBUF_SIZE,
                            VIRTIO_NET_HDR_SIZE, VIRTIO_NET_S_LINK_UP, VIRTIO_RING_F_EVENT_IDX,
                            VIRTIO_RING_F_INDIRECT_DESC, has_feature)
-from ..datapath.inflight import InflightAreas
 from ..datapath.queue import EVENT_LOG_DEFAULT
-from ..events import EVENT_RECORD
-from ..faults import DEVICE_FAULTS, Fault, check_vrings
+from ..faults import NET_FAULTS, Fault, check_vrings
 from .base import Device, QueueStats, VringConfig
-from .net_worker import _PairWorker, _Ring
+from .net_worker import _PairWorker
 from .tap import open_tap
+from .vring import RingTable, StartedRing
 
 DEFAULT_MTU = 1500
 
@@ -130,9 +128,9 @@ class NetDevice(Device):
         self.queue_pairs = queue_pairs
         self.num_queues = 2 * queue_pairs
         for f in faults:
-            if f.kind not in DEVICE_FAULTS:
-                raise ArgumentError(f"fault {str(f)!r}: {f.kind} is not a device fault (use one of "
-                                    f"{', '.join(DEVICE_FAULTS)})")
+            if f.kind not in NET_FAULTS:
+                raise ArgumentError(f"fault {str(f)!r}: {f.kind} is not a device fault of virtio-net (use one of "
+                                    f"{', '.join(NET_FAULTS)})")
         check_vrings(faults, self.num_queues, f"this net device ({queue_pairs} queue pair(s))")
         self.faults = tuple(faults)
         self.mac = parse_mac(mac)
@@ -143,23 +141,17 @@ class NetDevice(Device):
         if self.event_capacity < 0 or self.event_capacity & (self.event_capacity - 1):
             raise InspectorError(f"event_capacity {self.event_capacity} is invalid: give a power of "
                                  f"two, or 0 for no event log")
-        self._record_size = EVENT_RECORD.size
         self.acked = 0
         self.hdr_len = 10
         self.mrg_rxbuf = False
         self.event_idx = False
         self._lock = threading.Lock()
-        self._rings: dict[int, _Ring] = {}
+        self._table = RingTable(self.event_capacity)
+        self._rings = self._table.rings
+        self._inflight = self._table.inflight
         self._workers: dict[int, _PairWorker] = {}
-        self._totals: dict[int, dict[str, int]] = {}   # counters of retired rings, by vring
-        self._broken: dict[int, str] = {}
-        self._last_avail: dict[int, int] = {}
-        # Event records of retired rings, not drained yet, and their logs' drop counts.
-        self._pending_events: dict[int, bytearray] = {}
-        self._retired_dropped: dict[int, int] = {}
         self._tap_fds: list[int] = []
         self.tap_name: str | None = None
-        self._inflight = InflightAreas()
         if mode == "tap":
             self.tap_name, self._tap_fds = open_tap(tap_name, queue_pairs)
 
@@ -205,7 +197,7 @@ class NetDevice(Device):
         """SET_INFLIGHT_FD's area (inspector/datapath/inflight.py), used by the rings
         started from now on."""
         with self._lock:
-            self._inflight.set(area, num_queues, queue_size)
+            self._table.inflight.set(area, num_queues, queue_size)
 
     def start_queue(self, vring: VringConfig, mem: GuestMemory) -> None:
         i = vring.index
@@ -216,25 +208,19 @@ class NetDevice(Device):
             pair = i // 2
             self._stop_worker(pair)
             try:
-                old = self._rings.pop(i, None)
-                if old is not None:
-                    self._retire(old)
-                self._rings[i] = _Ring(vring, mem, self.event_idx, self.event_capacity,
-                                       tuple(f for f in self.faults if f.vring == i),
-                                       in_order=has_feature(self.acked, VIRTIO_F_IN_ORDER))
-                self._inflight.attach(self._rings[i].q, i)
+                self._table.add(StartedRing(vring, mem, self.event_idx, self.event_capacity,
+                                            tuple(f for f in self.faults if f.vring == i),
+                                            in_order=has_feature(self.acked, VIRTIO_F_IN_ORDER)))
             finally:
                 self._start_worker(pair)
 
     def stop_queue(self, index: int) -> int:
         with self._lock:
-            ring = self._rings.get(index)
-            if ring is None:
-                return self._last_avail.get(index, 0)
+            if index not in self._rings:
+                return self._table.last_base(index)
             pair = index // 2
             self._stop_worker(pair)
-            del self._rings[index]
-            last = self._retire(ring)
+            last = self._table.remove(index)
             self._start_worker(pair)
             return last
 
@@ -244,31 +230,10 @@ class NetDevice(Device):
         set on it: ``faults`` (their specs), ``active`` (those in force
         now) and ``calls_dropped``."""
         with self._lock:
-            tot = dict(self._totals.get(index) or {})
-            ring = self._rings.get(index)
-            if ring is not None:
-                for k, v in ring.q.counters.items():
-                    tot[k] = tot.get(k, 0) + v
-            st = QueueStats(kicks=tot.get("kicks", 0), calls=tot.get("calls", 0),
-                            calls_suppressed=tot.get("calls_suppressed", 0),
-                            packets=tot.get("packets", 0), bytes=tot.get("bytes", 0),
-                            broken=self._broken.get(index),
-                            dropped=tot.get("drops", 0) if index % 2 == 0 else None)
-            if ring is not None:
-                q = ring.q
-                st.last_avail_idx = q.last_avail_idx
-                st.shadow_avail_idx = q.shadow_avail_idx
-                st.broken = q.broken or st.broken
-                if q.layout == "packed":
-                    st.last_avail_wrap_counter = q.avail_wrap_counter
-                    st.next_used, st.used_wrap_counter = q.next_used, q.used_wrap_counter
-            faults = [f for f in self.faults if f.vring == index]
-            if faults:
-                now = time.monotonic()
-                st.inject = {
-                    "faults": [str(f) for f in faults],
-                    "active": [str(f) for f in faults if ring is not None and f.active(now - ring.started)],
-                    "calls_dropped": tot.get("calls_dropped", 0)}
+            tot = self._table.counters(index)
+            st = self._table.stats(index, [f for f in self.faults if f.vring == index], tot)
+            if index % 2 == 0:
+                st.dropped = tot.get("drops", 0)
             return st
 
     def drain_events(self, index: int) -> tuple[bytearray, int]:
@@ -276,55 +241,18 @@ class NetDevice(Device):
         packed records (inspector/devices/base.py), and the events its logs
         lost so far (cumulative). Safe while the worker runs."""
         with self._lock:
-            records = self._pending_events.pop(index, bytearray())
-            dropped = self._retired_dropped.get(index, 0)
-            ring = self._rings.get(index)
-            if ring is not None:
-                records += ring.q.drain_event_records()
-                dropped += ring.q.events_dropped
-            return records, dropped
+            return self._table.drain_events(index)
 
     def close(self) -> None:
         with self._lock:
             for pair in list(self._workers):
                 self._stop_worker(pair)
-            for i in list(self._rings):
-                self._retire(self._rings.pop(i))
+            self._table.close()
             for fd in self._tap_fds:
                 os.close(fd)
             self._tap_fds = []
-            self._inflight.close()
 
     # --- helpers (called with the lock held) ----------------------------------------------
-    def _retire(self, ring: _Ring) -> int:
-        """Fold a ring's counters into the totals and release it."""
-        t = self._totals.setdefault(ring.index, {})
-        for k, v in ring.q.counters.items():
-            t[k] = t.get(k, 0) + v
-        if ring.q.broken:
-            self._broken[ring.index] = ring.q.broken
-        # Keep its events for drain_events (bounded: a device nobody drains
-        # holds at most a few logs' worth; the excess counts as dropped).
-        pending = self._pending_events.setdefault(ring.index, bytearray())
-        pending += ring.q.drain_event_records()
-        lost = ring.q.events_dropped
-        limit = 4 * max(self.event_capacity, 1) * self._record_size   # 4 logs' worth
-        if len(pending) > limit:
-            lost += (len(pending) - limit) // self._record_size
-            del pending[:len(pending) - limit]
-        self._retired_dropped[ring.index] = self._retired_dropped.get(ring.index, 0) + lost
-        last = ring.q.vhost_base
-        self._last_avail[ring.index] = last
-        if not ring.q.broken:
-            # Hand the ring back asking for kicks (NO_NOTIFY clear / avail_event
-            # current), as a fresh ring is: whoever services it next gets them.
-            try:
-                ring.q.set_notification(True)
-            except RingError:
-                pass  # the ring broke on the way (e.g. SIGBUS: memory truncated); closed below
-        ring.close()
-        return last
-
     def _stop_worker(self, pair: int) -> None:
         w = self._workers.pop(pair, None)
         if w is not None:

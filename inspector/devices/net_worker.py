@@ -1,7 +1,6 @@
 """The virtio-net device's data path threads (inspector/devices/net.py has
 the device itself: features, config space, the Device contract, stats and
-events): :class:`_Ring`, a started vring (its DeviceQueue, eventfds and
-faults), and :class:`_PairWorker`, the thread per queue pair that runs the
+events): :class:`_PairWorker`, the thread per queue pair that runs the
 C fast paths and sleeps on the kick eventfds. How the worker polls, sleeps
 and applies faults is in net.py's module docstring.
 """
@@ -11,122 +10,33 @@ from __future__ import annotations
 import logging
 import os
 import select
-import threading
 import time
 from typing import TYPE_CHECKING
 
 from ..datapath.net import NetScratch, net_loopback, net_tap_rx, net_tap_tx
-from ..datapath.packed_queue import PackedDeviceQueue, decode_vring_base
-from ..datapath.queue import FAULT_DROP_CALLS, FAULT_STALL, DeviceQueue
+from ..datapath.queue import FAULT_STALL
 from ..errors import RingError
-from ..faults import Fault
-from ..memory import GuestMemory
-from .base import VringConfig
+from .vring import FAULT_BITS, RingWorker, StartedRing, report_broken
 
 if TYPE_CHECKING:
     from .net import NetDevice
 
 logger = logging.getLogger("inspector.devices.net")
 
-#: DeviceQueue.fault bit of each device fault kind.
-_FAULT_BITS = {"stall": FAULT_STALL, "drop-calls": FAULT_DROP_CALLS}
 #: How often a stalled vring without a kick eventfd (a polling front-end) looks at avail->idx.
 _STALLED_POLL_MS = 10
 
 
-def _dup(fd: int | None, nonblocking: bool = False) -> int:
-    if fd is None or fd < 0:
-        return -1
-    d = os.dup(fd)
-    if nonblocking:
-        os.set_blocking(d, False)
-    return d
-
-
-class _Ring:
-    """A started vring: the C queue (DeviceQueue, or PackedDeviceQueue when
-    ``vring.packed``; ``in_order``: VIRTIO_F_IN_ORDER negotiated, which a
-    packed ring uses to write one used descriptor per run of transmit
-    buffers, §2.8.8) and the fds it keeps (dup'ed: ours), its ``faults``
-    and when it ``started`` (time.monotonic(): faults count from there)."""
-
-    def __init__(self, vring: VringConfig, mem: GuestMemory, event_idx: bool, event_capacity: int,
-                 faults: tuple[Fault, ...] = (), in_order: bool = False):
-        self.index = vring.index
-        self.faults = faults
-        self.started = time.monotonic()
-        self.kick_fd = _dup(vring.kick_fd, nonblocking=True)
-        self.call_fd = _dup(vring.call_fd)
-        self.err_fd = _dup(vring.err_fd)
-        try:
-            # Zero-sized buffers break the queue, as in QEMU's virtio-net.
-            common = dict(event_idx=event_idx, call_fd=self.call_fd, kick_fd=self.kick_fd,
-                          event_capacity=event_capacity, reject_zero_len=True)
-            if vring.packed:
-                avail, avail_wrap, used, used_wrap = decode_vring_base(vring.base)
-                self.q = PackedDeviceQueue(mem, vring.num, vring.desc_uva, vring.avail_uva, vring.used_uva,
-                                           last_avail_idx=avail, avail_wrap_counter=avail_wrap,
-                                           next_used=used, used_wrap_counter=used_wrap,
-                                           in_order=in_order, **common)
-            else:
-                self.q = DeviceQueue(mem, vring.num, vring.desc_uva, vring.avail_uva, vring.used_uva,
-                                     last_avail_idx=vring.base, **common)
-        except BaseException:
-            self._close_fds()
-            raise
-        self.reported_broken = False
-
-    def fault_mask(self, now: float) -> tuple[int, float | None]:
-        """The DeviceQueue.fault mask the faults give at ``now``
-        (time.monotonic()) and the seconds until it may change (None:
-        never)."""
-        elapsed, mask, wake = now - self.started, 0, None
-        for f in self.faults:
-            if f.active(elapsed):
-                mask |= _FAULT_BITS[f.kind]
-            nxt = f.next_change(elapsed)
-            if nxt is not None and (wake is None or nxt < wake):
-                wake = nxt
-        return mask, wake
-
-    def signal_error(self) -> None:
-        """vhost-user SET_VRING_ERR: tell the front-end this ring failed."""
-        if self.err_fd >= 0:
-            try:
-                os.eventfd_write(self.err_fd, 1)
-            except OSError:
-                pass
-
-    def _close_fds(self) -> None:
-        for fd in (self.kick_fd, self.call_fd, self.err_fd):
-            if fd >= 0:
-                os.close(fd)
-        self.kick_fd = self.call_fd = self.err_fd = -1
-
-    def close(self) -> None:
-        self.q.release()
-        self._close_fds()
-
-
-class _PairWorker(threading.Thread):
+class _PairWorker(RingWorker):
     """Services receiveq/transmitq of one pair until stop()."""
 
-    def __init__(self, dev: "NetDevice", pair: int, rx: _Ring | None, tx: _Ring | None):
-        super().__init__(name=f"vqscope-net-pair{pair}", daemon=True)
+    def __init__(self, dev: "NetDevice", pair: int, rx: StartedRing | None, tx: StartedRing | None):
+        super().__init__(f"vqscope-net-pair{pair}")
         self.dev = dev
         self.pair = pair
         self.rx = rx
         self.tx = tx
         self.tap_fd = dev._tap_fds[pair] if dev._tap_fds else -1
-        self._stopping = False
-        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-
-    def stop(self) -> None:
-        self._stopping = True
-        os.eventfd_write(self._stop_fd, 1)
-        if self.is_alive() and self is not threading.current_thread():
-            self.join()
-        os.close(self._stop_fd)
 
     def run(self) -> None:
         cpus = self.dev.cpus
@@ -145,20 +55,7 @@ class _PairWorker(threading.Thread):
             # One line per broken pair; the snapshot shows each queue's reason
             # (queue_broken), the front-end gets SET_VRING_ERR and, through the
             # back-end core, DEVICE_NEEDS_RESET.
-            broken = [r for r in (self.rx, self.tx) if r is not None and r.q.broken]
-            for r in broken:
-                if not r.reported_broken:
-                    r.reported_broken = True
-                    r.signal_error()
-            which = ", ".join(f"vring {r.index}" for r in broken) or "a vring"
-            logger.error("net pair %d: %s broken: %s; the pair is no longer serviced", self.pair,
-                         which, broken[0].q.broken if broken else e)
-            hook = self.dev.on_needs_reset
-            if hook is not None:
-                try:
-                    hook(f"net pair {self.pair}: {broken[0].q.broken if broken else e}")
-                except Exception:
-                    logger.exception("net pair %d: the needs-reset hook failed", self.pair)
+            report_broken([self.rx, self.tx], f"net pair {self.pair}", e, logger, self.dev.on_needs_reset)
         except OSError as e:
             logger.error("net pair %d: tap I/O failed: %s; the pair is no longer serviced", self.pair, e)
         except Exception:
@@ -166,7 +63,7 @@ class _PairWorker(threading.Thread):
 
     # --- waiting ---------------------------------------------------------------------
     def _wait(self, fds: list[tuple[int, int]], timeout_ms: int) -> None:
-        want: dict[int, int] = {self._stop_fd: select.POLLIN}
+        want: dict[int, int] = {self._wake_fd: select.POLLIN}
         for fd, ev in fds:
             if fd >= 0:
                 want[fd] = want.get(fd, 0) | ev
@@ -195,7 +92,7 @@ class _PairWorker(threading.Thread):
             q.set_notification(False)
 
     # --- faults on purpose (inspector/faults.py) ------------------------------------------
-    def _apply_faults(self, rings: list[_Ring], now: float) -> float | None:
+    def _apply_faults(self, rings: list[StartedRing], now: float) -> float | None:
         """Put each of ``rings`` in the fault state its faults give at
         ``now``: a vring that starts stalling notices what is there and asks
         for kicks (DeviceQueue.notice); one that stops goes back to the
@@ -210,7 +107,7 @@ class _PairWorker(threading.Thread):
             if mask == old:
                 continue
             r.q.fault = mask
-            names = [k for k, bit in _FAULT_BITS.items() if mask & bit]
+            names = [k for k, bit in FAULT_BITS.items() if mask & bit]
             logger.info("net pair %d: vring %d: faults on purpose in force now: %s", self.pair, r.index,
                         ", ".join(names) or "none")
             if mask & FAULT_STALL and not old & FAULT_STALL:
@@ -219,7 +116,7 @@ class _PairWorker(threading.Thread):
                 r.q.set_notification(False)
         return wake
 
-    def _notice_stalled(self, rings: list[_Ring]) -> list[tuple[int, int]]:
+    def _notice_stalled(self, rings: list[StartedRing]) -> list[tuple[int, int]]:
         """A stalled vring that was kicked reads avail->idx and asks for the
         next kick (its kicks counted and logged as ever); returns the kick
         fds of the stalled vrings, to wait on."""

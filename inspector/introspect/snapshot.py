@@ -26,6 +26,7 @@ from ..datapath.packed_queue import decode_vring_base
 from ..layout import avail_ring_size, desc_table_size, packed_layout, used_ring_size
 from ..memory import GuestMemory
 from ..ring import decoder
+from ..ring.blk_request import attach_requests, memory_reader
 from ..ring.anomalies import Anomaly, AnomalyKind
 from ..snapshot.model import BackendFds, QueueEntry, Snapshot
 from ..spec.virtio import VIRTIO_RING_F_EVENT_IDX, has_feature
@@ -72,6 +73,8 @@ def _queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features:
         shadow_avail_idx=stats.shadow_avail_idx, dropped=stats.dropped)
     if stats.inject is not None:
         entry.extras["inject"] = stats.inject
+    for name, value in (stats.extras or {}).items():
+        entry.extras[name] = value
     try:
         if vring.packed:
             dec = _decode_packed(vring, mem, stats)
@@ -86,9 +89,19 @@ def _queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features:
         entry.anomalies.append(Anomaly(AnomalyKind.RING_UNMAPPED, str(e)))
         return entry
     entry.fill_from_ring(dec)  # the rings themselves are not part of the entry
+    _blk_requests(dec, mem, device_type)
     if stats.broken:
         entry.anomalies.append(Anomaly(AnomalyKind.QUEUE_BROKEN, stats.broken))
     return entry
+
+
+def _blk_requests(dec, mem: GuestMemory, device_type: str | None) -> None:
+    """A block device's in-flight chains carry their virtio-blk request
+    (VIRTIO 1.2 §5.2.6, inspector.ring.blk_request), read from the shared
+    memory now, while the chains are in flight; other devices' rings are
+    left alone (nothing read, nothing built)."""
+    if device_type == "block" and dec.n_chains:
+        attach_requests(dec, memory_reader(mem))
 
 
 def _decode_packed(vring: VringConfig, mem: GuestMemory, stats: QueueStats):

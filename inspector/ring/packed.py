@@ -23,10 +23,13 @@ descriptor ring as read, and the anomalies.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .anomalies import Anomaly
 from .snapshot import U16, U32, U64, Chain, ChainColumns
+
+if TYPE_CHECKING:
+    from .blk_request import BlkRequest
 
 #: How a decoder found the device's positions (README "Snapshot JSON"):
 #: given with their wrap counters; slots given, wrap counters derived from
@@ -90,7 +93,7 @@ class PackedRingSnapshot(ChainColumns):
     _DESC_KEY = "id"
     _SLOT_COLUMN = "chain_slot"
 
-    __slots__ = PACKED_HEADER + tuple(PACKED_COLUMNS) + ("anomalies", "_chains")
+    __slots__ = PACKED_HEADER + tuple(PACKED_COLUMNS) + ("anomalies", "_chains", "requests")
 
     def __init__(self, *, size: int, next_avail: int, avail_wrap_counter: int, next_used: int,
                  used_wrap_counter: int, last_avail_idx: int | None,
@@ -130,6 +133,7 @@ class PackedRingSnapshot(ChainColumns):
         self.chain_in_bytes = chain_in_bytes
         self.anomalies = anomalies
         self._chains: list[Chain] | None = None
+        self.requests: list[BlkRequest] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A plain-data view of everything the decoder read, for tests and

@@ -22,9 +22,12 @@ from __future__ import annotations
 import gc
 from array import array
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .anomalies import Anomaly
+
+if TYPE_CHECKING:
+    from .blk_request import BlkRequest
 
 #: ``array``/``memoryview`` format of the unsigned 16, 32 and 64-bit columns.
 U16, U32, U64 = "H", "I", "Q"
@@ -85,13 +88,16 @@ class Chain(NamedTuple):
     buffers. In a packed ring (§2.8) ``head`` is the buffer id (§2.8.6: the
     chain's last descriptor carries it), ``slot`` the ring slot of its
     first descriptor, and each Descriptor's ``next`` holds its ``id``
-    field; ``slot`` is None for a split ring."""
+    field; ``slot`` is None for a split ring. ``request``: the chain's
+    virtio-blk request (:class:`inspector.ring.blk_request.BlkRequest`) on a
+    block device's queue whose requests were decoded, else None."""
 
     head: int
     descs: tuple[Descriptor, ...]
     out_bytes: int
     in_bytes: int
     slot: int | None = None
+    request: BlkRequest | None = None
 
 
 class ChainColumns:
@@ -102,7 +108,13 @@ class ChainColumns:
     ``desc_*`` and ``chain_*`` columns and ``_chains`` (None until built);
     ``_DESC_KEY`` names the descriptor's 4th field in the JSON (split
     ``next``, packed ``id``) and ``_SLOT_COLUMN`` the column of each chain's
-    ring slot (packed ``chain_slot``; None: no slot)."""
+    ring slot (packed ``chain_slot``; None: no slot).
+
+    ``requests``: None, or one virtio-blk request per chain
+    (:func:`inspector.ring.blk_request.attach_requests`, a block device's
+    queues only), which the chains carry (``Chain.request``, the chain
+    dict's ``request``). Not compared by ``==``: the decoders do not read
+    them."""
 
     __slots__ = ()
     _DESC_KEY = "next"
@@ -126,6 +138,8 @@ class ChainColumns:
                                  self.desc_flags.tolist(), self.desc_next.tolist()))
                 self._chains = [Chain(h, tuple(descs[s:s + c]), ob, ib, sl)
                                 for h, sl, s, c, ob, ib in self._chain_rows()]
+                if self.requests is not None:
+                    self._chains = [c._replace(request=r) for c, r in zip(self._chains, self.requests)]
         return self._chains
 
     def chain(self, k: int) -> Chain:
@@ -138,13 +152,15 @@ class ChainColumns:
         descs = tuple(map(Descriptor, self.desc_addr[s:s + c], self.desc_len[s:s + c],
                           self.desc_flags[s:s + c], self.desc_next[s:s + c]))
         slot = getattr(self, self._SLOT_COLUMN)[k] if self._SLOT_COLUMN else None
-        return Chain(self.chain_head[k], descs, self.chain_out_bytes[k], self.chain_in_bytes[k], slot)
+        request = self.requests[k] if self.requests is not None else None
+        return Chain(self.chain_head[k], descs, self.chain_out_bytes[k], self.chain_in_bytes[k], slot, request)
 
     def chain_dicts(self) -> list[dict[str, Any]]:
         """The chains as the chain dicts of the Snapshot JSON straight from
         the columns, with no :class:`Chain` built: ``head``, (packed:
         ``slot``), ``descs`` of ``{addr, len, flags, next}`` (packed: ``id``
-        instead of ``next``), ``out_bytes``, ``in_bytes``; what
+        instead of ``next``), ``out_bytes``, ``in_bytes``, then ``request``
+        (the virtio-blk request's dict) where :attr:`requests` has one; what
         :func:`inspector.snapshot.codec.to_json` emits for a queue decoded
         from this ring. New objects each call."""
         key = self._DESC_KEY
@@ -153,10 +169,16 @@ class ChainColumns:
                 self.desc_addr.tolist(), self.desc_len.tolist(), self.desc_flags.tolist(),
                 self.desc_next.tolist())]
             if self._SLOT_COLUMN:
-                return [{"head": h, "slot": sl, "descs": descs[s:s + c], "out_bytes": ob, "in_bytes": ib}
-                        for h, sl, s, c, ob, ib in self._chain_rows()]
-            return [{"head": h, "descs": descs[s:s + c], "out_bytes": ob, "in_bytes": ib}
-                    for h, _sl, s, c, ob, ib in self._chain_rows()]
+                out = [{"head": h, "slot": sl, "descs": descs[s:s + c], "out_bytes": ob, "in_bytes": ib}
+                       for h, sl, s, c, ob, ib in self._chain_rows()]
+            else:
+                out = [{"head": h, "descs": descs[s:s + c], "out_bytes": ob, "in_bytes": ib}
+                       for h, _sl, s, c, ob, ib in self._chain_rows()]
+            if self.requests is not None:
+                for d, r in zip(out, self.requests):
+                    if r is not None:
+                        d["request"] = r.as_dict()
+            return out
 
     def _chain_rows(self):
         """``(head, slot, first, ndescs, out_bytes, in_bytes)`` per chain,
@@ -177,7 +199,7 @@ class RingSnapshot(ChainColumns):
     types.
     """
 
-    __slots__ = HEADER + tuple(COLUMNS) + ("anomalies", "_chains")
+    __slots__ = HEADER + tuple(COLUMNS) + ("anomalies", "_chains", "requests")
 
     def __init__(self, *, size: int, avail_flags: int, avail_idx: int, used_event: int,
                  used_flags: int, used_idx: int, avail_event: int, last_avail_idx: int | None,
@@ -207,6 +229,7 @@ class RingSnapshot(ChainColumns):
         self.chain_in_bytes = chain_in_bytes
         self.anomalies = anomalies
         self._chains: list[Chain] | None = None
+        self.requests: list[BlkRequest] | None = None
 
     def used_elem(self, i: int) -> tuple[int, int]:
         """``(id, len)`` of ``used->ring[i]``."""

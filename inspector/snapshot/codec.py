@@ -31,6 +31,7 @@ from typing import Any
 
 from ..errors import SnapshotFormatError
 from ..ring.anomalies import Anomaly, AnomalyKind
+from ..ring.blk_request import request_from_dict
 from ..ring.snapshot import Chain, Descriptor
 from .model import (CORE_FIELDS, LAYOUTS, OPTIONAL_FIELDS, PACKED_FIELDS, SPLIT_ONLY_FIELDS, BackendFds, QueueEntry,
                     Skipped, Snapshot)
@@ -101,17 +102,23 @@ def _chains_json(q: QueueEntry) -> list[dict[str, Any]]:
     (their ``chain_dicts()``: no Chain tuple is built), else from Chain
     tuples. Split: ``head`` (the avail->ring entry), descriptors with
     ``next``; packed: ``head`` (the buffer id), ``slot`` (the ring slot of
-    its first descriptor), descriptors with their ``id``."""
+    its first descriptor), descriptors with their ``id``; both: the
+    virtio-blk ``request`` when the chain has one."""
     chain_dicts = getattr(q.chain_source, "chain_dicts", None)
     if chain_dicts is not None:
         return chain_dicts()
     if q.layout == "packed":
-        return [{"head": c.head, "slot": c.slot,
-                 "descs": [{"addr": d.addr, "len": d.len, "flags": d.flags, "id": d.next} for d in c.descs],
-                 "out_bytes": c.out_bytes, "in_bytes": c.in_bytes} for c in q.chains]
-    return [{"head": c.head,
-             "descs": [{"addr": d.addr, "len": d.len, "flags": d.flags, "next": d.next} for d in c.descs],
-             "out_bytes": c.out_bytes, "in_bytes": c.in_bytes} for c in q.chains]
+        out = [{"head": c.head, "slot": c.slot,
+                "descs": [{"addr": d.addr, "len": d.len, "flags": d.flags, "id": d.next} for d in c.descs],
+                "out_bytes": c.out_bytes, "in_bytes": c.in_bytes} for c in q.chains]
+    else:
+        out = [{"head": c.head,
+                "descs": [{"addr": d.addr, "len": d.len, "flags": d.flags, "next": d.next} for d in c.descs],
+                "out_bytes": c.out_bytes, "in_bytes": c.in_bytes} for c in q.chains]
+    for d, c in zip(out, q.chains):
+        if c.request is not None:
+            d["request"] = c.request.as_dict()
+    return out
 
 
 def dumps(snap: Snapshot, **kw) -> str:
@@ -124,7 +131,8 @@ def dumps(snap: Snapshot, **kw) -> str:
 class _JsonChains:
     """The chain source of a parsed queue: its checked chain dicts, turned
     into Chain tuples on first access (a packed descriptor's ``id`` in
-    Descriptor's 4th field, the chain's ``slot`` in Chain's 5th)."""
+    Descriptor's 4th field, the chain's ``slot`` in Chain's 5th, its
+    ``request`` a BlkRequest)."""
 
     def __init__(self, dicts: list[dict], packed: bool):
         self.dicts = dicts
@@ -139,12 +147,10 @@ class _JsonChains:
 
     @cached_property
     def chains(self) -> list[Chain]:
-        if self.packed:
-            return [Chain(c["head"], tuple(Descriptor(d["addr"], d["len"], d["flags"], d["id"])
-                                           for d in c["descs"]), c["out_bytes"], c["in_bytes"], c["slot"])
-                    for c in self.dicts]
-        return [Chain(c["head"], tuple(Descriptor(d["addr"], d["len"], d["flags"], d["next"])
-                                       for d in c["descs"]), c["out_bytes"], c["in_bytes"])
+        key = "id" if self.packed else "next"
+        return [Chain(c["head"], tuple(Descriptor(d["addr"], d["len"], d["flags"], d[key]) for d in c["descs"]),
+                      c["out_bytes"], c["in_bytes"], c.get("slot"),
+                      request_from_dict(c["request"]) if "request" in c else None)
                 for c in self.dicts]
 
 
@@ -294,14 +300,20 @@ def _check_chains(raw: list, where: str, packed: bool = False) -> list[dict]:
     """``raw`` (a list) if its items are chain dicts of exactly the
     contract's members, every value an int (``descs`` a list of descriptor
     dicts; packed: a ``slot`` per chain and an ``id`` per descriptor
-    instead of ``next``); else SnapshotFormatError naming the first bad
-    member."""
+    instead of ``next``; optionally a virtio-blk ``request``,
+    :func:`inspector.ring.blk_request.request_from_dict`); else
+    SnapshotFormatError naming the first bad member."""
     chain_keys, desc_keys = (_PACKED_CHAIN_KEYS, _PACKED_DESC_KEYS) if packed else (_CHAIN_KEYS, _DESC_KEYS)
     ints = ("head", "slot", "out_bytes", "in_bytes") if packed else ("head", "out_bytes", "in_bytes")
     last = "id" if packed else "next"
     for k, c in enumerate(raw):
         if type(c) is not dict or c.keys() != chain_keys:
-            raise _bad(f"{where}[{k}]", c, f"an object of {', '.join(chain_keys)}")
+            if type(c) is not dict or c.keys() - {"request"} != chain_keys or "request" not in c:
+                raise _bad(f"{where}[{k}]", c, f"an object of {', '.join(chain_keys)}[, request]")
+            try:
+                request_from_dict(c["request"])
+            except ValueError as e:
+                raise SnapshotFormatError(f"snapshot JSON: {where}[{k}].request{e}") from None
         if not all(type(c[m]) is int for m in ints):
             bad = next(m for m in ints if type(c[m]) is not int)
             raise _bad(f"{where}[{k}].{bad}", c[bad], "an int")

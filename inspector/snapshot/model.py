@@ -40,6 +40,12 @@ Per-source additions beyond the README's core fields:
   queues or ``used_idx``/``signalled_used`` for the others), ``device_state``,
   ``probe_counters`` and ``histograms`` (vhost-net source), and any member a
   parsed JSON has that this model does not know.
+- ``Chain.request`` (the ``request`` member of a chain): a block queue's
+  in-flight chain's virtio-blk request
+  (:class:`~inspector.ring.blk_request.BlkRequest`: type, sector,
+  data_len, status "pending", malformed), where the source decoded it
+  (vqscope's back-end, QEMU); None, and absent from the JSON, elsewhere.
+  A blk back-end's counters are the queue's ``blk`` extras.
 - :attr:`Snapshot.pid` (the process whose queues these are),
   :attr:`Snapshot.skipped` (:class:`Skipped`: queues not shown, and why) and
   :attr:`Snapshot.extras` likewise.

@@ -42,7 +42,7 @@ def assert_same(mem, size, addrs, last, max_descs):
         assert c_snap.chains == p_snap.chains
         assert all(ch.slot is None for ch in c_snap.chains)     # split: no ring slot
         assert [{**ch._asdict(), "descs": [d._asdict() for d in ch.descs]}
-                for ch in c_snap.chains] == [{**d, "slot": None} for d in c[1]["chains"]]
+                for ch in c_snap.chains] == [{**d, "slot": None, "request": None} for d in c[1]["chains"]]
     return c
 
 

@@ -93,8 +93,8 @@ def test_device_and_front_end_take_only_their_faults(tmp_path):
         NetDevice(faults=[parse_fault("withhold-kicks=1")])
     with pytest.raises(ArgumentError, match="vring 5 does not exist"):
         NetDevice(faults=[parse_fault("stall=5")])
-    assert set(DEVICE_FAULTS) | set(DRIVER_FAULTS) == {"stall", "drop-calls", "withhold-kicks",
-                                                       "stop-consuming"}
+    assert set(DEVICE_FAULTS) | set(DRIVER_FAULTS) == {"stall", "drop-calls", "hold-io",
+                                                       "withhold-kicks", "stop-consuming"}
 
 
 # --- end to end -----------------------------------------------------------------------

@@ -12,8 +12,9 @@ from inspector.snapshot.model import QueueEntry
 
 from ..pictures import call_text, kick_text, verdict_lines
 from ..rates import NO_RATES
-from ..render import features_text, labeled, role_text
+from ..render import blk_stats, features_text, labeled, role_text
 from ..widgets.anomaly_table import AnomalyTable
+from ..widgets.blk_panel import BlkPanel
 from ..widgets.chain_table import ChainTable
 from ..widgets.latency_panel import LatencyPanel
 from ..widgets.queue_fields import QueueFields
@@ -33,9 +34,10 @@ class QueueScreen(LiveScreen):
     """Follows queue ``index`` of ``device`` through every new snapshot: the
     title (role, layout, size, features by name), the ring, the
     notification state in words, the verdict with its evidence, the rates of
-    the last minute, latency histograms where the source has them, every
-    field, the in-flight chains (built for this queue only) and the
-    anomalies."""
+    the last minute, latency histograms where the source has them, a block
+    queue's back-end counters (BlkPanel), every field, the in-flight chains
+    (built for this queue only; a block queue's with their requests) and
+    the anomalies."""
 
     BINDINGS = [Binding("escape", "app.pop_screen", "Back")]
 
@@ -55,6 +57,7 @@ class QueueScreen(LiveScreen):
             yield Static(id="verdict", classes="panel")
             yield RateSparklines(id="rates")
             yield LatencyPanel(id="latency")
+            yield BlkPanel(id="blk", classes="panel")
             yield QueueFields()
         yield Static("in-flight chains (made available, not yet taken by the device)", classes="section")
         yield ChainTable(id="chains")
@@ -80,8 +83,12 @@ class QueueScreen(LiveScreen):
         self.query_one(RingView).show(queue)
         self.query_one(RateSparklines).show(app.rates.get(self.queue, NO_RATES), app.history, self.queue)
         self.query_one(LatencyPanel).show(queue)
+        self.query_one(BlkPanel).show(queue)
         self.query_one(QueueFields).show(queue)
-        self.query_one(ChainTable).show(queue.chains if queue else [])
+        chains = queue.chains if queue else []
+        # A block queue's chains with their requests (decoded, or the back-end counts them).
+        self.query_one(ChainTable).show(chains, blk=blk_stats(queue) is not None
+                                        or any(c.request is not None for c in chains))
         self.query_one(AnomalyTable).show(queue.anomalies if queue else [])
 
     def _update(self, selector: str, content: str | tuple[tuple[str, Text | str], ...]) -> None:

@@ -61,6 +61,10 @@ class LineTable(ScrollView, can_focus=True):
     def __init__(self, columns: Sequence[tuple[str, str]], right: frozenset[str] | set[str] = frozenset(),
                  **kwargs) -> None:
         super().__init__(**kwargs)
+        self._widths_version = 0
+        self._init_columns(columns, right)
+
+    def _init_columns(self, columns: Sequence[tuple[str, str]], right: frozenset[str] | set[str]) -> None:
         self._columns = list(columns)
         self._keys = [k for k, _ in self._columns]
         self._col = {k: i for i, k in enumerate(self._keys)}
@@ -68,9 +72,14 @@ class LineTable(ScrollView, can_focus=True):
         self._rows: dict[str, _Row] = {}
         self._order: list[str] = []
         self._widths = [cell_len(label) for _, label in self._columns]
-        self._widths_version = 0
+        self._widths_version += 1
         self._strips: dict[str, tuple[tuple, Strip]] = {}  # row key -> (what it was drawn from, strip)
         self._cursor = 0
+
+    def set_columns(self, columns: Sequence[tuple[str, str]], right: frozenset[str] | set[str] = frozenset()) -> None:
+        """Replace the columns; every row is dropped (set them again)."""
+        self._init_columns(columns, right)
+        self.refresh_rows()
 
     # --- rows -----------------------------------------------------------------
 

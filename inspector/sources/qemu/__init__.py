@@ -38,6 +38,9 @@ uses; their replies are quoted in the QEMU attach tests):
   vhost device from the descriptor flags alone (``positions`` "flags").
 - each queue's ``device_type``: the device's virtio name (``virtio-net``...)
   as VIRTIO §5 names it (:func:`inspector.analysis.roles.device_type_of`).
+- a block device's (virtio-blk, vhost-user-blk) in-flight chains: their
+  virtio-blk request headers (:mod:`inspector.ring.blk_request`), read in one
+  more ``process_vm_readv`` per queue that has chains in flight.
 
 The QMP connection lives on a private event loop in its own thread, so
 :meth:`QemuSource.snapshot` can be called from any thread (the TUI polls
@@ -55,6 +58,7 @@ from ...analysis.roles import device_type_of
 from ...errors import InspectorError, SourceError, SourceGone
 from ...memory.process import ProcessExitedError, ProcessMemory, RamRange
 from ...ring.anomalies import Anomaly, AnomalyKind
+from ...ring.blk_request import attach_requests, process_reader
 from ...ring.checks import ring_between
 from ...ring.packed import PackedRingSnapshot, packed_counter
 from ...ring.remote import snapshot_remote_packed, snapshot_remote_split
@@ -430,7 +434,13 @@ class QemuSource(Source):
                 return entry, None
         # last_avail_idx None when QEMU's answer is older than the ring read
         # (ring.remote): _snapshot asks QMP again.
-        return entry.fill_from_ring(dec), dec
+        entry.fill_from_ring(dec)
+        if entry.device_type == "block" and dec.n_chains:
+            # virtio-blk / vhost-user-blk: each in-flight chain's request header,
+            # all in one process_vm_readv after the ring read (a chain returned
+            # meanwhile may show the driver's next request in its buffers).
+            attach_requests(dec, process_reader(self._pmem, self._ram))
+        return entry, dec
 
     # ---- lifetime -------------------------------------------------------------
     def close(self) -> None:
