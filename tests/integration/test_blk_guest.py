@@ -71,7 +71,27 @@ def _wait_held(backend, timeout: float = 60) -> tuple[int, dict]:
 
 
 def _blk(q: dict) -> dict:
-    return q.get("extras", {}).get("blk", {})
+    """A blk queue's counters (snapshot extras ``blk``)."""
+    return q.get("blk", {})
+
+
+def _counters(q: dict) -> dict:
+    """The blk counters worth a report line (no ``recent``, no zero bad-request kinds)."""
+    blk = dict(_blk(q))
+    blk.pop("recent", None)
+    blk["bad_requests"] = {k: n for k, n in blk.get("bad_requests", {}).items() if n}
+    return blk
+
+
+def _resubmitted(vm: BlkVM) -> dict:
+    """What the new back-end of ``raw`` says it resubmitted: its requestq's
+    ``resubmitted`` counter and the counts in its "resubmitting N
+    request(s)" log lines (vqscope; nothing for qsd)."""
+    be = vm.backends["raw"]
+    if blk_backend_kind() != "vqscope":
+        return {}
+    return {"resubmitted": _blk(_requestq(be)).get("resubmitted"),
+            "log": [int(n) for n in re.findall(r"resubmitting (\d+) request", be.peer.output)]}
 
 
 def _next_gen(vm: BlkVM, after: int, timeout: float = 120) -> int:
@@ -103,7 +123,7 @@ def test_sigkilled_backend_loses_no_write(vm):
         t0 = time.monotonic()
         hold = (HOLD,) if kind == "vqscope" else ()
         vm.restart_backend("raw", inject=hold)      # the boot back-end dies mid-write
-        log.append(f"killed the boot back-end after generation {gen}")
+        log.append({"kill": 0, "after_generation": gen, **_resubmitted(vm)})
         for k in range(KILLS):
             if kind == "vqscope":
                 held, q = _wait_held(vm.backends["raw"])
@@ -111,13 +131,7 @@ def test_sigkilled_backend_loses_no_write(vm):
                 gen = _next_gen(vm, _last_gen(vm))
                 held, q = None, {}
             vm.restart_backend("raw", inject=hold if k < KILLS - 1 else ())
-            entry = {"kill": k + 1, "held": held, "blk_before": _blk(q).get("in_flight")}
-            if kind == "vqscope":
-                q2 = _requestq(vm.backends["raw"])
-                entry["resubmitted"] = _blk(q2).get("resubmitted")
-                entry["log"] = re.findall(r"resubmitting \d+ request.*", vm.backends["raw"].peer.output)
-                entry["positions_after"] = (q2["last_avail_idx"], q2["used_idx"])
-            log.append(entry)
+            log.append({"kill": k + 1, "held": held, "in_flight": _blk(q).get("in_flight"), **_resubmitted(vm)})
         gen = _next_gen(vm, _last_gen(vm))          # the writer goes on on the last back-end
         gen = _next_gen(vm, gen)
         out = vm.command("pattern-stop", timeout=180)
@@ -130,13 +144,14 @@ def test_sigkilled_backend_loses_no_write(vm):
         last = vm.backends["raw"].snapshot()
         print(f"[{kind}] crash test: {gens} generations of {PATTERN_BLOCKS} blocks in {elapsed:.1f} s, "
               f"{errors} writer errors, {len(bad)} bad blocks; kills: {log}; last back-end requestq: "
-              f"{_blk(last['queues'][0]) if last else None}")
+              f"{_counters(last['queues'][0]) if last else None}")
         assert errors == 0 and command_rc(out) == 0, f"the guest saw I/O errors:\n{out}"
         assert not guest_errors, f"the guest kernel logged block or ring errors: {guest_errors}"
         assert not bad, f"{len(bad)} blocks do not hold generation {gens}: {bad[:10]}"
         if kind == "vqscope":
             for entry in log[1:]:
-                assert entry["held"] > 0, entry
+                assert entry["held"] > 0 and entry["in_flight"] == entry["held"], entry
+                assert entry["log"] == [entry["held"]], entry
                 assert entry["resubmitted"] == entry["held"], \
                     f"kill {entry['kill']}: the new back-end resubmitted {entry['resubmitted']} of the " \
                     f"{entry['held']} requests the dead one held"
