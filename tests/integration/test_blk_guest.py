@@ -53,15 +53,17 @@ def _taken(q: dict) -> int:
 
 
 def _wait_held(backend, timeout: float = 60) -> tuple[int, dict]:
-    """Wait until ``backend`` holds requests: some taken and none returned
-    for 1 s. Returns (requests held, requestq's snapshot entry)."""
+    """Wait until ``backend`` holds requests: its hold-io fault in force
+    (snapshot extras ``inject.active``), some requests taken and none
+    returned for 1 s. Returns (requests held, requestq's snapshot entry)."""
     deadline = time.monotonic() + timeout
     prev = None
     still = 0
     while True:
         q = _requestq(backend)
         key = (q["used_idx"], q["last_avail_idx"])
-        still = still + 1 if key == prev and _taken(q) > 0 else 0
+        holding = HOLD in q.get("inject", {}).get("active", [])
+        still = still + 1 if key == prev and holding and _taken(q) > 0 else 0
         if still >= 4:
             return _taken(q), q
         if time.monotonic() > deadline:

@@ -434,7 +434,7 @@ class VqscopeNet(VqscopeServe):
         """Nothing to do: the snapshot is live."""
 
 
-class DpdkVhostNet:
+class DpdkVhostNet(PeerHandle):
     """Stand-in back-end: testpmd with DPDK's vhost PMD (port 0), io
     forwarding, echoing to the same queue — or, with ``tap``, forwarding
     between port 0 and a DPDK ``net_tap`` port 1 (interface ``tap``).
@@ -482,17 +482,9 @@ class DpdkVhostNet:
     def quiesce(self) -> None:
         pass
 
-    def tail(self) -> str:
-        return self.pmd.tail()
-
-    def close(self) -> None:
-        self.pmd.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    @property
+    def peer(self) -> DpdkTestpmd:
+        return self.pmd
 
 
 def start_backend(sock: str, *, queues: int = 1, tap: str | None = None):
