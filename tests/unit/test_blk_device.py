@@ -34,7 +34,7 @@ from inspector.spec.virtio import (VIRTIO_BLK_CONFIG_SIZE, VIRTIO_BLK_F_BLK_SIZE
                                    VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
                                    VIRTIO_RING_F_INDIRECT_DESC, has_feature)
 from inspector.vhost_user.blk_frontend import BlkFrontend
-from inspector.vhost_user.protocol import FLAG_NEED_REPLY, VERSION, ConfigPayload, Request
+from inspector.vhost_user.protocol import FLAG_NEED_REPLY, VERSION, ConfigPayload, ProtocolFeature, Request
 from inspector.vhost_user.server import VhostUserServer
 from tests.conftest import ROOT, VQSCOPE, wait_for
 from tests.support.peers import wait_path
@@ -141,6 +141,9 @@ def test_features_and_config_space(served):
             assert has_feature(fe.device_features, bit), bit
         assert not has_feature(fe.device_features, VIRTIO_BLK_F_RO)
         assert not has_feature(fe.device_features, VIRTIO_F_RING_PACKED)
+        for pf in (ProtocolFeature.CONFIG, ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK,
+                   ProtocolFeature.BACKEND_REQ):
+            assert fe.protocol_features & pf, pf
         cfg = fe.config()
         assert cfg["capacity"] == CAPACITY
         assert (cfg["seg_max"], cfg["size_max"], cfg["blk_size"], cfg["num_queues"]) == (SEG_MAX, SIZE_MAX, 512, 1)
