@@ -8,6 +8,7 @@ PKGS=(
   qemu-system-x86 busybox-static linux-image-amd64 linux-headers-amd64 kmod
   dpdk dpdk-dev librte-net-virtio23 librte-net-vhost23 librte-mempool-ring23
   iproute2 iputils-ping procps
+  e2fsprogs
   dwarves
   clang-14 libclang-rt-14-dev llvm
   liburing-dev
