@@ -20,8 +20,8 @@ import time
 
 import pytest
 
-from tests.support.blk import (BlkVM, blk_backend_kind, check_pattern, command_rc, debugfs_sha256, parse_sums,
-                               require_blk_guest)
+from tests.support.blk import (PATTERN_BLOCK, BlkVM, blk_backend_kind, check_pattern, command_rc, debugfs_sha256,
+                               parse_sums, pattern_block, require_blk_guest)
 from tests.support.peers import PeerError
 
 pytestmark = pytest.mark.qemu
@@ -185,3 +185,20 @@ def test_filesystem_survives_second_boot(vm):
         assert not vm.guest_errors()
     except PeerError as e:
         raise AssertionError(f"{e}\n{vm.tail()}") from None
+
+
+def test_pattern_checker_names_stale_and_foreign_blocks(tmp_path):
+    """The checker itself (no guest): an image whose blocks hold generation
+    3, but block 5 generation 2, block 7 zeros, block 9 block 8's record."""
+    img = tmp_path / "img"
+    blocks = [pattern_block(b, 3) for b in range(16)]
+    blocks[5] = pattern_block(5, 2)
+    blocks[7] = bytes(PATTERN_BLOCK)
+    blocks[9] = pattern_block(8, 3)
+    img.write_bytes(b"".join(blocks))
+    bad = check_pattern(str(img), 0, 16, 3)
+    assert [ln.split(":")[0] for ln in bad] == ["block 5", "block 7", "block 9"], bad
+    assert "generation 2" in bad[0] and "not a pattern block" in bad[1] and "holds block 8" in bad[2], bad
+    # A region at block 4 of the image: its block b (image block 4 + b) holds pattern block b.
+    img.write_bytes(bytes(4 * PATTERN_BLOCK) + b"".join(pattern_block(b, 1) for b in range(4)))
+    assert check_pattern(str(img), 4, 4, 1) == []

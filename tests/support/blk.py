@@ -41,7 +41,8 @@ from tests.support.qsd import qsd_command
 #: What the crash test writes: one record per block, repeated to fill it.
 PATTERN_BLOCK = 4096
 PATTERN_MAGIC = b"VQSBLOCK"
-_RECORD = struct.Struct("<8sQQQ")  # magic, block, generation, a check word
+_RECORD = struct.Struct("<8sQQQ")  # magic, block, generation, a check word: block * _CHECK_MUL ^ generation
+_CHECK_MUL = 1000003
 
 
 def blk_backend_kind() -> str:
@@ -150,7 +151,7 @@ def vhost_user_blk_opts(dev_id: str, sock: str, queues: int = 1) -> str:
 def pattern_block(block: int, gen: int) -> bytes:
     """The PATTERN_BLOCK bytes block ``block`` holds after generation ``gen``
     of the pattern writer (the guest's copy is in PATTERN_WRITER)."""
-    return _RECORD.pack(PATTERN_MAGIC, block, gen, (block * 1000003) ^ gen) * (PATTERN_BLOCK // _RECORD.size)
+    return _RECORD.pack(PATTERN_MAGIC, block, gen, (block * _CHECK_MUL) ^ gen) * (PATTERN_BLOCK // _RECORD.size)
 
 
 def check_pattern(image: str, first: int, nblocks: int, gen: int) -> list[str]:
@@ -187,7 +188,7 @@ BS = {PATTERN_BLOCK}
 stop = threading.Event()
 signal.signal(signal.SIGUSR1, lambda *a: stop.set())
 def block(b, g):
-    return struct.pack("<8sQQQ", {PATTERN_MAGIC!r}, b, g, (b * 1000003) ^ g) * (BS // {_RECORD.size})
+    return struct.pack({_RECORD.format!r}, {PATTERN_MAGIC!r}, b, g, (b * {_CHECK_MUL}) ^ g) * (BS // {_RECORD.size})
 fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
 errors = []
 def worker(k, g):
