@@ -1,7 +1,8 @@
 /* virtio-blk's data path in the back-end (VIRTIO 1.2 §5.2.6): the public API
  * of vqd_blk.c. One struct vqd_blk_queue services one requestq (a started
- * split vq, vqd_vq.h) against one backing store (struct vqd_blk_disk),
- * without the GIL: vqd_blk_run pops requests, checks them, submits their I/O,
+ * vq, split (vqd_vq.h) or packed (vqd_pvq.h) without VIRTIO_F_IN_ORDER, as
+ * requests complete out of order) against one backing store (struct
+ * vqd_blk_disk), without the GIL: vqd_blk_run pops requests, checks them, submits their I/O,
  * completes them (status byte, used element, call) and sleeps on the kick
  * eventfd, a wake eventfd and I/O completions together.
  *

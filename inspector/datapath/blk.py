@@ -2,8 +2,9 @@
 through liburing; csrc/vqd_blk.h says why): :class:`BlkDisk` is a device's
 backing store (raw image, block device or RAM disk), :class:`BlkQueue` one
 requestq's engine over a started split
-:class:`~inspector.datapath.queue.DeviceQueue`, run by the device's worker
-thread without the GIL.
+:class:`~inspector.datapath.queue.DeviceQueue` or packed
+:class:`~inspector.datapath.packed_queue.PackedDeviceQueue`, run by the
+device's worker thread without the GIL.
 
 Every request the ring rules allow gets a status; a bad one is counted under
 its kind (:data:`BAD_REQUEST_KINDS`) and the queue goes on. A chain the ring
@@ -18,6 +19,7 @@ from .._cffi import check, ffi, lib
 from ..errors import ArgumentError
 from ..spec.virtio import (VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_NAMES, VIRTIO_BLK_SECTOR_SIZE,
                            VIRTIO_BLK_T_NAMES)
+from .packed_queue import PackedDeviceQueue
 from .queue import DeviceQueue
 
 #: Bad-request kinds in the C data path's order (csrc/vqd_blk.h VQD_BLK_BAD_*),
@@ -157,19 +159,24 @@ class BlkDisk:
 
 
 class BlkQueue:
-    """One requestq's engine (csrc/vqd_blk.c) over a started split
-    ``queue`` (:class:`~inspector.datapath.queue.DeviceQueue`) and ``disk``.
+    """One requestq's engine (csrc/vqd_blk.c) over a started ``queue``
+    (split :class:`~inspector.datapath.queue.DeviceQueue` or packed
+    :class:`~inspector.datapath.packed_queue.PackedDeviceQueue`) and ``disk``.
+    Requests complete out of order: a packed ring must not have negotiated
+    VIRTIO_F_IN_ORDER (ArgumentError). Inflight tracking (crash safety) is
+    the split ring's (inspector/datapath/inflight.py).
 
     At most ``depth`` requests are in flight (capped at the queue size): a
     fixed array of per-request slots, allocated here once. ``engine``:
     "auto" (io_uring, else synchronous calls in the run thread), "io_uring"
     (OSError if it cannot start) or "sync". Raises ArgumentError for a packed
-    ring or bad limits. The queue and disk must outlive this object; call
+    ring with IN_ORDER or bad limits. The queue and disk must outlive this object; call
     :meth:`close` before releasing the DeviceQueue's memory."""
 
-    def __init__(self, queue: DeviceQueue, disk: BlkDisk, *, depth: int = 128, engine: str = "auto"):
-        if getattr(queue, "layout", "split") != "split":
-            raise ArgumentError("the blk data path serves split rings only")
+    def __init__(self, queue: DeviceQueue | PackedDeviceQueue, disk: BlkDisk, *, depth: int = 128, engine: str = "auto"):
+        if queue.layout == "packed" and queue.vq.in_order:
+            raise ArgumentError("the blk data path completes out of order: VIRTIO_F_IN_ORDER "
+                                "(§2.8.8) cannot be served")
         if engine not in _ENGINES:
             raise ArgumentError(f"engine {engine!r}: give one of {', '.join(_ENGINES)}")
         if not 1 <= depth <= 65536:
@@ -178,7 +185,8 @@ class BlkQueue:
         out = ffi.new("struct vqd_blk_queue **")
         rc = lib.vqd_blk_queue_new(queue.vq, disk._d, depth, _ENGINES[engine], out)
         if rc == lib.VQD_E_INVAL:
-            raise ArgumentError("blk queue: invalid limits (seg_max, segments or blk_size)")
+            raise ArgumentError("blk queue: invalid limits (seg_max, segments or blk_size) or an "
+                                "IN_ORDER packed ring")
         if rc < 0:
             raise OSError(-rc, f"blk queue: {os.strerror(-rc)}")
         self._q = ffi.gc(out[0], lib.vqd_blk_queue_free)

@@ -24,10 +24,12 @@ import pytest
 from inspector.datapath.blk import BAD_REQUEST_KINDS, BlkDisk, BlkQueue
 from inspector.datapath.inflight import queue_area_size, read_queue
 from inspector.datapath.inflight import InflightAreas
+from inspector.datapath.packed_queue import PackedDeviceQueue
 from inspector.datapath.queue import DeviceQueue
 from inspector.errors import ArgumentError
 from inspector.memory import GuestMemory
 from inspector.ring.driver import DriverRing
+from inspector.ring.driver_packed import PackedDriverRing
 from inspector.spec.virtio import (VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
                                    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
                                    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
@@ -64,13 +66,14 @@ class Rig:
 
     def __init__(self, image: str | None, *, qsize: int = 256, depth: int = 128, engine: str = "auto",
                  event_idx: bool = True, disk: BlkDisk | None = None, image_size: int = 1 << 20,
-                 inflight: bytearray | None = None, **disk_kw):
+                 inflight: bytearray | None = None, layout: str = "split", **disk_kw):
         self.memfd = os.memfd_create("vqd-blk-guest", os.MFD_CLOEXEC)
         os.ftruncate(self.memfd, MEM_SIZE)
         self.mm = mmap.mmap(self.memfd, MEM_SIZE)
         self.mem = GuestMemory()
         self.mem.add(GPA, self.mm)
-        self.drv = DriverRing(self.mem, GPA, qsize)
+        self.layout = layout
+        self.drv = (PackedDriverRing if layout == "packed" else DriverRing)(self.mem, GPA, qsize)
         self.kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -85,10 +88,14 @@ class Rig:
     def _start(self, last_avail_idx: int) -> int:
         """A back-end incarnation: device queue (inflight tracking attached
         first, if any), BlkQueue, run thread. Returns the heads resubmitted."""
-        self.dev = DeviceQueue(self.mem, self.qsize, self.drv.desc_addr, self.drv.avail_addr,
-                               self.drv.used_addr, gpa=True, event_idx=self.event_idx,
-                               last_avail_idx=last_avail_idx, call_fd=self.call, kick_fd=self.kick,
-                               event_capacity=1024)
+        fds = {"call_fd": self.call, "kick_fd": self.kick, "event_capacity": 1024,
+               "event_idx": self.event_idx, "gpa": True}
+        if self.layout == "packed":
+            self.dev = PackedDeviceQueue(self.mem, self.qsize, self.drv.desc_addr,
+                                         self.drv.driver_event_addr, self.drv.device_event_addr, **fds)
+        else:
+            self.dev = DeviceQueue(self.mem, self.qsize, self.drv.desc_addr, self.drv.avail_addr,
+                                   self.drv.used_addr, last_avail_idx=last_avail_idx, **fds)
         resubmit = 0
         if self.inflight is not None:
             self.areas = InflightAreas()
@@ -244,10 +251,11 @@ def test_bad_request_kinds_are_the_shared_interface():
 
 # --- requests that work -------------------------------------------------------------
 
-@pytest.mark.parametrize("engine", ["io_uring", "sync"])
-def test_write_then_read_returns_the_data(shm, engine):
+@pytest.mark.parametrize("engine,layout", [("io_uring", "split"), ("sync", "split"),
+                                           ("io_uring", "packed")])
+def test_write_then_read_returns_the_data(shm, engine, layout):
     path = image(shm)
-    rig = Rig(path, engine=engine)
+    rig = Rig(path, engine=engine, layout=layout)
     try:
         assert rig.q.engine == engine
         data = pattern(4096, 1)
@@ -414,20 +422,21 @@ def test_discard_segment_buffer_not_a_multiple_of_16(shm):
 
 # --- many requests in flight, hold-io ------------------------------------------------------
 
-@pytest.mark.parametrize("engine", ["io_uring", "sync"])
-def test_hold_keeps_many_requests_in_flight_and_release_completes_them(shm, engine):
+@pytest.mark.parametrize("engine,layout", [("io_uring", "split"), ("sync", "split"),
+                                           ("io_uring", "packed")])
+def test_hold_keeps_many_requests_in_flight_and_release_completes_them(shm, engine, layout):
     path = image(shm, size=1 << 20)
     with open(path, "r+b") as f:
         for i in range(100):
             f.seek(i * 4096)
             f.write(pattern(4096, i))
-    rig = Rig(path, engine=engine, qsize=512)
+    rig = Rig(path, engine=engine, qsize=512, layout=layout)
     try:
         rig.q.set_hold(True)
         reqs = [rig.chain(VIRTIO_BLK_T_IN, i * 8, in_len=4096) for i in range(100)]
         rig.publish()
         rig.wait_in_flight(100)
-        assert rig.drv.used_idx == 0
+        assert not rig.drv.has_used() if layout == "packed" else rig.drv.used_idx == 0
         rig.q.set_hold(False)
         rig.wait([h for h, _, _ in reqs])
         for i, (_, din, st) in enumerate(reqs):
