@@ -274,6 +274,8 @@ def test_write_then_read_returns_the_data(shm, engine, layout):
         assert not any(c["bad_requests"].values())
         assert [(r["type"], r["sector"], r["data_len"], r["status"], r["bad"]) for r in c["recent"]] == [
             ("out", 8, 4096, "ok", None), ("in", 8, 4096, "ok", None)]
+        # kicks read and calls written are in the queue's event log, as for net
+        assert {"kick", "call"} <= {kind for _, kind, _ in rig.dev.drain_events()}
     finally:
         rig.close()
     assert rig.dev.counters["kicks"] >= 1
@@ -557,6 +559,26 @@ def test_hostile_ring_breaks_only_the_queue(shm):
     finally:
         rig.close()
     assert fd_count() == before
+
+
+def test_truncated_guest_memory_breaks_the_queue_not_the_process(shm):
+    """A front-end that shrinks its memfd after SET_MEM_TABLE: the status byte
+    lies in the lost pages, writing it raises SIGBUS, the guard breaks the
+    queue naming the guest-physical address."""
+    rig = Rig(image(shm))
+    try:
+        assert rig.request(VIRTIO_BLK_T_IN, 0, in_len=512)[0] == VIRTIO_BLK_S_OK
+        lost = GPA + (4 << 20)
+        head = rig.add([(rig.put(HDR.pack(VIRTIO_BLK_T_GET_ID, 0, 0)), 16, False), (lost, 20, True),
+                        (lost + 20, 1, True)])
+        os.ftruncate(rig.memfd, 2 << 20)
+        rig.publish()
+        rig.thread.join(WAIT_S)
+        assert not rig.thread.is_alive()
+        assert "SIGBUS" in rig.q.broken and f"{lost:#x}" in rig.q.broken
+        assert head not in rig.done
+    finally:
+        rig.close()
 
 
 def test_chain_longer_than_any_request_gets_ioerr(shm):
