@@ -318,6 +318,12 @@ static void issue(struct vqd_blk_queue *q, struct blk_slot *s, int kind, const s
     int rwf = d->writeback ? 0 : RWF_DSYNC;
     uint32_t expect = (kind == OP_READ || kind == OP_WRITE || kind == OP_WZ_WRITE) ? (uint32_t)len : 0;
     s->pending++;
+    if (kind == OP_DISCARD && d->is_block) {
+        /* a block device's discard is an ioctl (no io_uring op for it here): done inline */
+        uint64_t range[2] = {off, len};
+        op_done(q, s, kind, ioctl(d->fd, BLKDISCARD, range) < 0 ? -errno : 0, 0);
+        return;
+    }
     if (q->uring) {
         struct io_uring_sqe *sqe = get_sqe(q);
         if (!sqe) {

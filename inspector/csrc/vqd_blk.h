@@ -100,7 +100,7 @@ struct vqd_blk_disk {
     uint8_t readonly;
     uint8_t direct;                 /* fd has O_DIRECT */
     uint8_t writeback;              /* 0: writethrough, every write is RWF_DSYNC */
-    uint8_t pad;
+    uint8_t is_block;               /* a block device: DISCARD is BLKDISCARD */
     uint32_t blk_size;              /* logical block size, bytes */
     uint64_t capacity;              /* 512-byte sectors */
     uint32_t seg_max;               /* data segments per request */

@@ -14,6 +14,7 @@ rules break (csrc/vqd_vq.c) breaks the queue, as for net: :attr:`BlkQueue.broken
 from __future__ import annotations
 
 import os
+import stat
 
 from .._cffi import check, ffi, lib
 from ..errors import ArgumentError
@@ -44,7 +45,7 @@ class BlkDisk:
     ``path``: a raw image file or a block device (its size from st_size or
     BLKGETSIZE64, its logical block size from BLKSSZGET; 512 for files). With
     ``size`` (bytes) a missing image is created and a shorter one extended to
-    it (never shrunk). ``memory=True`` (no path): a RAM disk of ``size``
+    it (never shrunk; a block device keeps its size). ``memory=True`` (no path): a RAM disk of ``size``
     bytes, a memfd, so the same io_uring path serves it. ``direct``: the file
     is opened O_DIRECT (not with ``memory``). ``readonly``: opened O_RDONLY;
     writes, DISCARD and WRITE_ZEROES get IOERR.
@@ -95,7 +96,8 @@ class BlkDisk:
                 flags |= os.O_CREAT
             self.fd = os.open(path, flags, 0o644)
         try:
-            if size is not None and not readonly and os.fstat(self.fd).st_size < size:
+            st = os.fstat(self.fd)
+            if size is not None and not readonly and stat.S_ISREG(st.st_mode) and st.st_size < size:
                 os.ftruncate(self.fd, size)
             out_size = ffi.new("uint64_t *")
             out_blk = ffi.new("uint32_t *")
@@ -113,6 +115,7 @@ class BlkDisk:
         d.readonly = 1 if readonly else 0
         d.direct = 1 if direct else 0
         d.writeback = 1
+        d.is_block = 1 if self.is_block else 0
         d.blk_size = out_blk[0]
         d.capacity = self.size // VIRTIO_BLK_SECTOR_SIZE
         for name, (v, _, _) in limits.items():

@@ -14,6 +14,8 @@ from __future__ import annotations
 import gc
 import mmap
 import os
+import shutil
+import subprocess
 import struct
 import tempfile
 import threading
@@ -615,6 +617,31 @@ def test_no_fd_leak(shm, engine):
 
 
 # --- the disk -------------------------------------------------------------------------------
+
+def test_block_device_is_sized_and_discarded_by_ioctl(shm):
+    """A loop device over a tmpfs image: size from BLKGETSIZE64, DISCARD
+    through BLKDISCARD (the loop driver punches a hole: zeros)."""
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("needs root and losetup for a loop device")
+    path = image(shm, fill=b"\xab")
+    r = subprocess.run(["losetup", "-f", "--show", path], capture_output=True, text=True, check=False)
+    if r.returncode:
+        pytest.skip(f"no loop device: {r.stderr.strip()}")
+    dev = r.stdout.strip()
+    try:
+        rig = Rig(dev)
+        try:
+            assert rig.disk.is_block and rig.disk.capacity == 2048 and rig.disk.blk_size == 512
+            assert rig.request(VIRTIO_BLK_T_OUT, 8, pattern(4096, 3))[0] == VIRTIO_BLK_S_OK
+            assert rig.request(VIRTIO_BLK_T_IN, 8, in_len=4096)[1] == pattern(4096, 3)
+            assert rig.request(VIRTIO_BLK_T_DISCARD, 0, SEG.pack(8, 8, 0))[0] == VIRTIO_BLK_S_OK
+            assert rig.request(VIRTIO_BLK_T_IN, 8, in_len=4096)[1] == bytes(4096)
+            assert rig.request(VIRTIO_BLK_T_IN, 16, in_len=512)[1] == b"\xab" * 512
+        finally:
+            rig.close()
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
 
 def test_ram_disk_serves_requests():
     disk = BlkDisk(memory=True, size=1 << 20)
