@@ -200,12 +200,12 @@ class BlkQueue:
     @property
     def engine(self) -> str:
         """"io_uring", or "sync" (io_uring could not start: :attr:`uring_error`)."""
-        return "io_uring" if lib.vqd_blk_engine(self._q) == lib.VQD_BLK_ENGINE_URING else "sync"
+        return "io_uring" if lib.vqd_blk_engine(self._live()) == lib.VQD_BLK_ENGINE_URING else "sync"
 
     @property
     def uring_error(self) -> str | None:
         """Why io_uring_queue_init failed when :attr:`engine` fell back to "sync"."""
-        e = lib.vqd_blk_uring_errno(self._q)
+        e = lib.vqd_blk_uring_errno(self._live())
         return f"io_uring_queue_init: {os.strerror(e)}" if e else None
 
     @property
@@ -216,7 +216,7 @@ class BlkQueue:
     @property
     def last_bad(self) -> str:
         """The last bad request, with its head, kind, field and value ("" if none)."""
-        return ffi.string(lib.vqd_blk_last_bad(self._q)).decode(errors="replace")
+        return ffi.string(lib.vqd_blk_last_bad(self._live())).decode(errors="replace")
 
     def counters(self) -> dict:
         """The ``extras["blk"]`` dict of a blk queue (BRIEF shared interface 2):
@@ -255,13 +255,18 @@ class BlkQueue:
         fd and I/O completions are waited for together; kicks are disabled
         while there is work and re-enabled and re-checked before sleeping
         (§2.7.10). Returns the requests completed in this call. One thread
-        at a time."""
-        return check(lib.vqd_blk_run(self._q, wake_fd, timeout_ms), "blk run", self.broken)
+        at a time. ArgumentError after :meth:`close`."""
+        return check(lib.vqd_blk_run(self._live(), wake_fd, timeout_ms), "blk run", self.broken)
+
+    def _live(self):
+        if self._q is None:
+            raise ArgumentError("blk queue: used after close()")
+        return self._q
 
     def set_hold(self, hold: bool) -> None:
         """The "hold-io" fault: while on, popped requests are kept (in flight)
         and not submitted; off submits them in pop order. Any thread."""
-        rc = lib.vqd_blk_set_hold(self._q, 1 if hold else 0)
+        rc = lib.vqd_blk_set_hold(self._live(), 1 if hold else 0)
         if rc < 0:
             raise OSError(-rc, f"blk set_hold: {os.strerror(-rc)}")
 

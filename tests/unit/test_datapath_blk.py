@@ -479,7 +479,9 @@ def test_close_completes_held_requests_on_the_ring(shm):
     rig.thread.join(WAIT_S)
     assert rig.q.close() == 8
     assert sorted(h for h, _ in rig.drv.get_used()) == sorted(h for h, _, _ in reqs)
-    assert rig.q.counters()["in_flight"] == 0
+    assert rig.q.counters()["in_flight"] == 0    # the counters at close
+    with pytest.raises(ArgumentError, match="after close"):
+        rig.q.set_hold(True)
     rig.close()
 
 
