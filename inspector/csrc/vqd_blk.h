@@ -32,6 +32,13 @@
  * for the request, freed at its completion); offsets and lengths that are not
  * multiples of blk_size get IOERR (VQD_BLK_BAD_UNALIGNED): no read-modify-write.
  *
+ * DISCARD is fallocate(PUNCH_HOLE | KEEP_SIZE) on a file, BLKDISCARD (inline,
+ * in the queue's thread) on a block device; EOPNOTSUPP there is OK (a
+ * discard is advisory, §5.2.6.2). WRITE_ZEROES is fallocate(ZERO_RANGE), or
+ * PUNCH_HOLE with the UNMAP flag; a file that refuses them (tmpfs has no
+ * ZERO_RANGE) gets zeros written instead, for that request and the queue's
+ * later ones.
+ *
  * Per-request state is a fixed array of `depth` slots allocated once; when
  * every slot is busy the queue stops popping until one completes. FLUSH is
  * an fdatasync issued after the completion of every write completed before
