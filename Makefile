@@ -90,7 +90,11 @@ build/fuzz/fuzz_datapath: fuzz/fuzz_datapath.c fuzz/fuzz_input.h $(CSRC)
 	@mkdir -p build/fuzz
 	$(CLANG) $(FUZZ_CFLAGS) fuzz/fuzz_datapath.c $(filter %.c,$(CSRC)) -o $@ -lpthread -luring
 
-fuzz-build: build/fuzz/fuzz_decoder build/fuzz/fuzz_decoder_packed build/fuzz/fuzz_datapath
+build/fuzz/fuzz_blk: fuzz/fuzz_blk.c fuzz/fuzz_input.h $(CSRC)
+	@mkdir -p build/fuzz
+	$(CLANG) $(FUZZ_CFLAGS) fuzz/fuzz_blk.c $(filter %.c,$(CSRC)) -o $@ -lpthread -luring
+
+fuzz-build: build/fuzz/fuzz_decoder build/fuzz/fuzz_decoder_packed build/fuzz/fuzz_datapath build/fuzz/fuzz_blk
 
 # Each harness for FUZZ_SECONDS (split and packed decoders, default 600 each) /
 # FUZZ_DATAPATH_SECONDS,

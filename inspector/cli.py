@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--direct", action="store_true", help="open the file with O_DIRECT (no host page cache)")
     bp.add_argument("--queue-size", type=int, default=128, metavar="N",
                     help="requests each queue keeps in flight at most (its I/O depth; default 128)")
+    bp.add_argument("--no-packed", dest="packed", action="store_false",
+                    help="do not offer VIRTIO_F_RING_PACKED (default: offered; the driver picks split or "
+                         "packed rings; crash safety covers split rings only)")
 
     def add_source_args(q: argparse.ArgumentParser) -> None:
         for flags, kw in SOURCE_ARGS:

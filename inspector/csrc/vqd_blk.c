@@ -36,6 +36,8 @@
 #include "vqd_blk.h"
 #include "vqd_blk_spec.h"
 #include "vqd_vq_impl.h"
+#include "vqd_pvq.h"
+#include "vqd_pvq_impl.h"
 
 _Static_assert(sizeof(struct virtio_blk_outhdr) == VIRTIO_BLK_REQ_HDR_SIZE, "§5.2.6 header is 16 bytes");
 _Static_assert(sizeof(struct virtio_blk_discard_write_zeroes) == VIRTIO_BLK_DISCARD_SEGMENT_SIZE,
@@ -109,6 +111,7 @@ struct blk_slot {
 struct vqd_blk_queue {
     struct vqd_vq *vq;
     const struct vqd_blk_disk *disk;
+    int packed;                /* vq is a packed ring (vq->pdesc, vqd_pvq.c) */
     uint32_t depth;
     uint32_t slot_iov;
     struct blk_slot *slots;
@@ -260,8 +263,11 @@ static void finish(struct vqd_blk_queue *q, struct blk_slot *s, int bad, uint8_t
     /* A hostile driver can re-offer heads whose used elements are not yet
      * published: never keep more than a ring's worth pending. */
     if (q->vq->used_pending >= q->vq->num)
-        vqd_flush(q->vq);
-    vqd_fill(q->vq, s->e.head, used);
+        q->packed ? vqd_pflush(q->vq) : vqd_flush(q->vq);
+    if (q->packed)
+        vqd_pfill(q->vq, (uint16_t)s->e.head, used, (uint16_t)s->e.ndescs);
+    else
+        vqd_fill(q->vq, s->e.head, used);
     q->filled++;
     struct vqd_blk_recent *r = &q->recent[q->recent_w % (VQD_BLK_RECENT + 1)];
     r->sector = s->sector;
@@ -312,6 +318,12 @@ static void issue(struct vqd_blk_queue *q, struct blk_slot *s, int kind, const s
     int rwf = d->writeback ? 0 : RWF_DSYNC;
     uint32_t expect = (kind == OP_READ || kind == OP_WRITE || kind == OP_WZ_WRITE) ? (uint32_t)len : 0;
     s->pending++;
+    if (kind == OP_DISCARD && d->is_block) {
+        /* a block device's discard is an ioctl (no io_uring op for it here): done inline */
+        uint64_t range[2] = {off, len};
+        op_done(q, s, kind, ioctl(d->fd, BLKDISCARD, range) < 0 ? -errno : 0, 0);
+        return;
+    }
     if (q->uring) {
         struct io_uring_sqe *sqe = get_sqe(q);
         if (!sqe) {
@@ -713,6 +725,12 @@ int vqd_blk_queue_new(struct vqd_vq *vq, const struct vqd_blk_disk *disk, uint32
         return -ENOMEM;
     q->vq = vq;
     q->disk = disk;
+    /* Completions are out of order: VIRTIO_F_IN_ORDER (§2.8.8) must not be negotiated. */
+    q->packed = vq->pdesc != NULL;
+    if (q->packed && vq->in_order) {
+        free(q);
+        return VQD_E_INVAL;
+    }
     q->depth = depth < vq->num ? depth : vq->num;   /* one used slot per request in flight */
     /* header + data segments + status, a few region splits, and one spare for a bounce buffer */
     q->slot_iov = disk->seg_max + 8;
@@ -817,7 +835,8 @@ static int pass(struct vqd_blk_queue *q)
         int resub = vq->inflight && vqd_inflight_pending(vq) > 0;
         s->iov = q->iov_pool + (size_t)idx * q->slot_iov;
         /* the slot's last iovec is kept spare for a bounce buffer */
-        int rc = vqd_pop_one(vq, &s->e, s->iov, (int)q->slot_iov - 1);
+        vqd_pop_one_fn pop_one = q->packed ? vqd_ppop_one : vqd_pop_one;
+        int rc = pop_one(vq, &s->e, s->iov, (int)q->slot_iov - 1);
         if (rc == VQD_E_NOSPACE) {
             /* Longer than any valid request: pop it into the big array to give it its status. */
             if (!q->big_iov)
@@ -825,7 +844,7 @@ static int pass(struct vqd_blk_queue *q)
             if (!q->big_iov)
                 return vqd_broken(vq, "no memory for a chain of more than %u iovecs", q->slot_iov - 1);
             s->iov = q->big_iov;
-            rc = vqd_pop_one(vq, &s->e, s->iov, BIG_IOV);
+            rc = pop_one(vq, &s->e, s->iov, BIG_IOV);
             if (rc == VQD_E_NOSPACE)
                 return vqd_broken(vq, "a request's chain maps to more than %u iovecs", BIG_IOV);
         }
@@ -858,8 +877,13 @@ static int pass(struct vqd_blk_queue *q)
     if (q->filled) {
         uint64_t now = 0;
         q->filled = 0;
-        vqd_flush(vq);
-        vqd_notify(vq, &now);
+        if (q->packed) {
+            vqd_pflush(vq);
+            vqd_pnotify(vq, &now);
+        } else {
+            vqd_flush(vq);
+            vqd_notify(vq, &now);
+        }
     }
     return work;
 }
@@ -945,7 +969,10 @@ int vqd_blk_run(struct vqd_blk_queue *q, int wake_fd, int timeout_ms)
         arm_poll(q, wake_fd, UD_MAKE(TAG_WAKE, q->wake_gen));
         q->wake_armed = 1;
     }
-    if (vqd_vq_set_notification(vq, 0) < 0)
+    int (*set_notification)(struct vqd_vq *, int) = q->packed ? vqd_pvq_set_notification
+                                                                 : vqd_vq_set_notification;
+    int (*notice)(struct vqd_vq *) = q->packed ? vqd_pvq_notice : vqd_vq_notice;
+    if (set_notification(vq, 0) < 0)
         return 0;
     for (;;) {
         int rc;
@@ -968,18 +995,18 @@ int vqd_blk_run(struct vqd_blk_queue *q, int wake_fd, int timeout_ms)
         int stalled = vq->fault & VQD_FAULT_STALL;
         int want_kick = q->nfree > 0;
         if (want_kick && !stalled) {
-            int n = vqd_vq_set_notification(vq, 1);
+            int n = set_notification(vq, 1);
             if (n < 0)
                 break;
             if (n > 0) {
-                vqd_vq_set_notification(vq, 0);
+                set_notification(vq, 0);
                 continue;
             }
-        } else if (want_kick && vqd_vq_notice(vq) < 0) {
+        } else if (want_kick && notice(vq) < 0) {
             break;
         }
         wait_events(q, want_kick, wake_fd, left);
-        if (want_kick && !stalled && vqd_vq_set_notification(vq, 0) < 0)
+        if (want_kick && !stalled && set_notification(vq, 0) < 0)
             break;
     }
     return (int)(q->c.completed - done0);

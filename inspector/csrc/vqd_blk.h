@@ -1,7 +1,8 @@
 /* virtio-blk's data path in the back-end (VIRTIO 1.2 §5.2.6): the public API
  * of vqd_blk.c. One struct vqd_blk_queue services one requestq (a started
- * split vq, vqd_vq.h) against one backing store (struct vqd_blk_disk),
- * without the GIL: vqd_blk_run pops requests, checks them, submits their I/O,
+ * vq, split (vqd_vq.h) or packed (vqd_pvq.h) without VIRTIO_F_IN_ORDER, as
+ * requests complete out of order) against one backing store (struct
+ * vqd_blk_disk), without the GIL: vqd_blk_run pops requests, checks them, submits their I/O,
  * completes them (status byte, used element, call) and sleeps on the kick
  * eventfd, a wake eventfd and I/O completions together.
  *
@@ -30,6 +31,13 @@
  * multiple of the logical block size go through a bounce buffer (allocated
  * for the request, freed at its completion); offsets and lengths that are not
  * multiples of blk_size get IOERR (VQD_BLK_BAD_UNALIGNED): no read-modify-write.
+ *
+ * DISCARD is fallocate(PUNCH_HOLE | KEEP_SIZE) on a file, BLKDISCARD (inline,
+ * in the queue's thread) on a block device; EOPNOTSUPP there is OK (a
+ * discard is advisory, §5.2.6.2). WRITE_ZEROES is fallocate(ZERO_RANGE), or
+ * PUNCH_HOLE with the UNMAP flag; a file that refuses them (tmpfs has no
+ * ZERO_RANGE) gets zeros written instead, for that request and the queue's
+ * later ones.
  *
  * Per-request state is a fixed array of `depth` slots allocated once; when
  * every slot is busy the queue stops popping until one completes. FLUSH is
@@ -99,7 +107,7 @@ struct vqd_blk_disk {
     uint8_t readonly;
     uint8_t direct;                 /* fd has O_DIRECT */
     uint8_t writeback;              /* 0: writethrough, every write is RWF_DSYNC */
-    uint8_t pad;
+    uint8_t is_block;               /* a block device: DISCARD is BLKDISCARD */
     uint32_t blk_size;              /* logical block size, bytes */
     uint64_t capacity;              /* 512-byte sectors */
     uint32_t seg_max;               /* data segments per request */

@@ -2,8 +2,9 @@
 through liburing; csrc/vqd_blk.h says why): :class:`BlkDisk` is a device's
 backing store (raw image, block device or RAM disk), :class:`BlkQueue` one
 requestq's engine over a started split
-:class:`~inspector.datapath.queue.DeviceQueue`, run by the device's worker
-thread without the GIL.
+:class:`~inspector.datapath.queue.DeviceQueue` or packed
+:class:`~inspector.datapath.packed_queue.PackedDeviceQueue`, run by the
+device's worker thread without the GIL.
 
 Every request the ring rules allow gets a status; a bad one is counted under
 its kind (:data:`BAD_REQUEST_KINDS`) and the queue goes on. A chain the ring
@@ -13,11 +14,13 @@ rules break (csrc/vqd_vq.c) breaks the queue, as for net: :attr:`BlkQueue.broken
 from __future__ import annotations
 
 import os
+import stat
 
 from .._cffi import check, ffi, lib
 from ..errors import ArgumentError
 from ..spec.virtio import (VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_NAMES, VIRTIO_BLK_SECTOR_SIZE,
                            VIRTIO_BLK_T_NAMES)
+from .packed_queue import PackedDeviceQueue
 from .queue import DeviceQueue
 
 #: Bad-request kinds in the C data path's order (csrc/vqd_blk.h VQD_BLK_BAD_*),
@@ -42,7 +45,7 @@ class BlkDisk:
     ``path``: a raw image file or a block device (its size from st_size or
     BLKGETSIZE64, its logical block size from BLKSSZGET; 512 for files). With
     ``size`` (bytes) a missing image is created and a shorter one extended to
-    it (never shrunk). ``memory=True`` (no path): a RAM disk of ``size``
+    it (never shrunk; a block device keeps its size). ``memory=True`` (no path): a RAM disk of ``size``
     bytes, a memfd, so the same io_uring path serves it. ``direct``: the file
     is opened O_DIRECT (not with ``memory``). ``readonly``: opened O_RDONLY;
     writes, DISCARD and WRITE_ZEROES get IOERR.
@@ -93,7 +96,8 @@ class BlkDisk:
                 flags |= os.O_CREAT
             self.fd = os.open(path, flags, 0o644)
         try:
-            if size is not None and not readonly and os.fstat(self.fd).st_size < size:
+            st = os.fstat(self.fd)
+            if size is not None and not readonly and stat.S_ISREG(st.st_mode) and st.st_size < size:
                 os.ftruncate(self.fd, size)
             out_size = ffi.new("uint64_t *")
             out_blk = ffi.new("uint32_t *")
@@ -111,6 +115,7 @@ class BlkDisk:
         d.readonly = 1 if readonly else 0
         d.direct = 1 if direct else 0
         d.writeback = 1
+        d.is_block = 1 if self.is_block else 0
         d.blk_size = out_blk[0]
         d.capacity = self.size // VIRTIO_BLK_SECTOR_SIZE
         for name, (v, _, _) in limits.items():
@@ -157,19 +162,24 @@ class BlkDisk:
 
 
 class BlkQueue:
-    """One requestq's engine (csrc/vqd_blk.c) over a started split
-    ``queue`` (:class:`~inspector.datapath.queue.DeviceQueue`) and ``disk``.
+    """One requestq's engine (csrc/vqd_blk.c) over a started ``queue``
+    (split :class:`~inspector.datapath.queue.DeviceQueue` or packed
+    :class:`~inspector.datapath.packed_queue.PackedDeviceQueue`) and ``disk``.
+    Requests complete out of order: a packed ring must not have negotiated
+    VIRTIO_F_IN_ORDER (ArgumentError). Inflight tracking (crash safety) is
+    the split ring's (inspector/datapath/inflight.py).
 
     At most ``depth`` requests are in flight (capped at the queue size): a
     fixed array of per-request slots, allocated here once. ``engine``:
     "auto" (io_uring, else synchronous calls in the run thread), "io_uring"
     (OSError if it cannot start) or "sync". Raises ArgumentError for a packed
-    ring or bad limits. The queue and disk must outlive this object; call
+    ring with IN_ORDER or bad limits. The queue and disk must outlive this object; call
     :meth:`close` before releasing the DeviceQueue's memory."""
 
-    def __init__(self, queue: DeviceQueue, disk: BlkDisk, *, depth: int = 128, engine: str = "auto"):
-        if getattr(queue, "layout", "split") != "split":
-            raise ArgumentError("the blk data path serves split rings only")
+    def __init__(self, queue: DeviceQueue | PackedDeviceQueue, disk: BlkDisk, *, depth: int = 128, engine: str = "auto"):
+        if queue.layout == "packed" and queue.vq.in_order:
+            raise ArgumentError("the blk data path completes out of order: VIRTIO_F_IN_ORDER "
+                                "(§2.8.8) cannot be served")
         if engine not in _ENGINES:
             raise ArgumentError(f"engine {engine!r}: give one of {', '.join(_ENGINES)}")
         if not 1 <= depth <= 65536:
@@ -178,7 +188,8 @@ class BlkQueue:
         out = ffi.new("struct vqd_blk_queue **")
         rc = lib.vqd_blk_queue_new(queue.vq, disk._d, depth, _ENGINES[engine], out)
         if rc == lib.VQD_E_INVAL:
-            raise ArgumentError("blk queue: invalid limits (seg_max, segments or blk_size)")
+            raise ArgumentError("blk queue: invalid limits (seg_max, segments or blk_size) or an "
+                                "IN_ORDER packed ring")
         if rc < 0:
             raise OSError(-rc, f"blk queue: {os.strerror(-rc)}")
         self._q = ffi.gc(out[0], lib.vqd_blk_queue_free)
@@ -189,12 +200,12 @@ class BlkQueue:
     @property
     def engine(self) -> str:
         """"io_uring", or "sync" (io_uring could not start: :attr:`uring_error`)."""
-        return "io_uring" if lib.vqd_blk_engine(self._q) == lib.VQD_BLK_ENGINE_URING else "sync"
+        return "io_uring" if lib.vqd_blk_engine(self._live()) == lib.VQD_BLK_ENGINE_URING else "sync"
 
     @property
     def uring_error(self) -> str | None:
         """Why io_uring_queue_init failed when :attr:`engine` fell back to "sync"."""
-        e = lib.vqd_blk_uring_errno(self._q)
+        e = lib.vqd_blk_uring_errno(self._live())
         return f"io_uring_queue_init: {os.strerror(e)}" if e else None
 
     @property
@@ -205,7 +216,7 @@ class BlkQueue:
     @property
     def last_bad(self) -> str:
         """The last bad request, with its head, kind, field and value ("" if none)."""
-        return ffi.string(lib.vqd_blk_last_bad(self._q)).decode(errors="replace")
+        return ffi.string(lib.vqd_blk_last_bad(self._live())).decode(errors="replace")
 
     def counters(self) -> dict:
         """The ``extras["blk"]`` dict of a blk queue (BRIEF shared interface 2):
@@ -244,13 +255,18 @@ class BlkQueue:
         fd and I/O completions are waited for together; kicks are disabled
         while there is work and re-enabled and re-checked before sleeping
         (§2.7.10). Returns the requests completed in this call. One thread
-        at a time."""
-        return check(lib.vqd_blk_run(self._q, wake_fd, timeout_ms), "blk run", self.broken)
+        at a time. ArgumentError after :meth:`close`."""
+        return check(lib.vqd_blk_run(self._live(), wake_fd, timeout_ms), "blk run", self.broken)
+
+    def _live(self):
+        if self._q is None:
+            raise ArgumentError("blk queue: used after close()")
+        return self._q
 
     def set_hold(self, hold: bool) -> None:
         """The "hold-io" fault: while on, popped requests are kept (in flight)
         and not submitted; off submits them in pop order. Any thread."""
-        rc = lib.vqd_blk_set_hold(self._q, 1 if hold else 0)
+        rc = lib.vqd_blk_set_hold(self._live(), 1 if hold else 0)
         if rc < 0:
             raise OSError(-rc, f"blk set_hold: {os.strerror(-rc)}")
 

@@ -43,7 +43,8 @@ from ..memory import GuestMemory
 from ..spec.virtio import (VIRTIO_BLK_CONFIG_FIELDS, VIRTIO_BLK_CONFIG_SIZE, VIRTIO_BLK_F_BLK_SIZE,
                            VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
                            VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
-                           VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_NAMES, VIRTIO_BLK_SECTOR_SIZE, VIRTIO_F_VERSION_1,
+                           VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_NAMES, VIRTIO_BLK_SECTOR_SIZE,
+                           VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
                            VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, has_feature)
 from .base import Device, QueueStats, VringConfig
 from .blk_worker import _QueueWorker, logger
@@ -93,9 +94,11 @@ class BlkDevice(Device):
     Features offered: VERSION_1, SIZE_MAX, SEG_MAX, BLK_SIZE, FLUSH, MQ
     (always, so that ``num_queues`` in the config space is always valid,
     as libvhost-user's vhost-user-blk does), DISCARD, WRITE_ZEROES,
-    CONFIG_WCE, EVENT_IDX, INDIRECT_DESC, and RO for a read-only disk. Split
-    rings only (the engine has no packed path): VIRTIO_F_RING_PACKED is not
-    offered.
+    CONFIG_WCE, EVENT_IDX, INDIRECT_DESC, RO for a read-only disk, and
+    VIRTIO_F_RING_PACKED unless ``packed=False`` (the driver picks the
+    layout; not VIRTIO_F_IN_ORDER: requests complete out of order). Crash
+    safety (the inflight area) covers split rings only: a packed ring runs
+    untracked, with a warning (inspector/datapath/inflight.py).
     """
 
     name = "blk"
@@ -103,7 +106,8 @@ class BlkDevice(Device):
     supports_inflight = True
 
     def __init__(self, disk: BlkDisk, num_queues: int = 1, *, depth: int = 128,
-                 event_capacity: int | None = None, faults: list[Fault] | tuple[Fault, ...] = ()):
+                 event_capacity: int | None = None, faults: list[Fault] | tuple[Fault, ...] = (),
+                 packed: bool = True):
         if not 1 <= num_queues <= 64:
             raise InspectorError(f"num_queues {num_queues} is invalid: give 1 to 64 request queues")
         for f in faults:
@@ -114,6 +118,7 @@ class BlkDevice(Device):
         self.disk = disk
         self.num_queues = num_queues
         self.depth = depth
+        self.offer_packed = packed
         self.faults = tuple(faults)
         self.event_capacity = EVENT_LOG_DEFAULT if event_capacity is None else event_capacity
         self.event_idx = False
@@ -133,6 +138,8 @@ class BlkDevice(Device):
             f |= 1 << bit
         if self.disk.readonly:
             f |= 1 << VIRTIO_BLK_F_RO
+        if self.offer_packed:
+            f |= 1 << VIRTIO_F_RING_PACKED
         return f
 
     def set_features(self, features: int) -> None:
@@ -271,12 +278,12 @@ class BlkDevice(Device):
             w.stop()
         engine = self._engines.pop(index, None)
         if engine is not None:
-            # Counters first: close() frees them. The requests close()
-            # completes (those held by hold-io at the stop) are not counted.
-            last = engine.counters()
-            _add_counters(self._blk_totals.setdefault(index, {}), last)
-            self._last_blk[index] = last
-            engine.close()
+            try:
+                engine.close()   # completes what it holds (hold-io) and waits for the I/O
+            finally:
+                last = engine.counters()
+                _add_counters(self._blk_totals.setdefault(index, {}), last)
+                self._last_blk[index] = last
         base = self._table.remove(index)
         return self._table.last_base(index) if base is None else base
 

@@ -70,7 +70,8 @@ def make_server(args: argparse.Namespace, disk: BlkDisk | None = None) -> VhostU
         check_vrings(faults, args.queues, f"--queues {args.queues}")
 
         def factory():
-            return BlkDevice(disk, args.queues, depth=args.queue_size, faults=faults)
+            return BlkDevice(disk, args.queues, depth=args.queue_size, faults=faults,
+                             packed=getattr(args, "packed", True))
     else:
         if args.queues < 1 or args.queues > 64:
             raise InspectorError(f"--queues {args.queues} is invalid: give 1 to 64 queue pairs")
@@ -94,8 +95,9 @@ def _describe(args: argparse.Namespace, disk: BlkDisk | None) -> str:
         return f"virtio-net ({what}, {args.queues} queue pair(s), {rings})"
     where = f"RAM disk of {disk.capacity * VIRTIO_BLK_SECTOR_SIZE} bytes" if args.memory else args.file
     flags = [f for f, on in (("read-only", args.readonly), ("O_DIRECT", args.direct)) if on]
+    rings = "split or packed rings" if getattr(args, "packed", True) else "split rings only"
     return (f"virtio-blk ({where}, {disk.capacity} sectors{', ' + ', '.join(flags) if flags else ''}, "
-            f"{args.queues} request queue(s), depth {args.queue_size})")
+            f"{args.queues} request queue(s), depth {args.queue_size}, {rings})")
 
 
 def serve_main(args: argparse.Namespace) -> int:

@@ -140,7 +140,8 @@ def test_features_and_config_space(served):
                     VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC):
             assert has_feature(fe.device_features, bit), bit
         assert not has_feature(fe.device_features, VIRTIO_BLK_F_RO)
-        assert not has_feature(fe.device_features, VIRTIO_F_RING_PACKED)
+        assert has_feature(fe.device_features, VIRTIO_F_RING_PACKED)
+        assert not has_feature(fe.features, VIRTIO_F_RING_PACKED)     # BlkFrontend asks for split rings
         for pf in (ProtocolFeature.CONFIG, ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK,
                    ProtocolFeature.BACKEND_REQ):
             assert fe.protocol_features & pf, pf
@@ -220,6 +221,25 @@ def test_write_read_flush_get_id_discard_write_zeroes(tmpd):
             assert s.devices[-1].queue_stats(0).packets == 7
     finally:
         s.close()
+
+
+def test_packed_rings(tmpd):
+    s = Served(tmpd, _disk(_image(tmpd)))
+    try:
+        with BlkFrontend(s.sock, packed=True) as fe:
+            assert has_feature(fe.features, VIRTIO_F_RING_PACKED)
+            data = os.urandom(4096)
+            assert fe.request(0, VIRTIO_BLK_T_OUT, 8, data).status == VIRTIO_BLK_S_OK
+            assert fe.request(0, VIRTIO_BLK_T_IN, 8, in_len=4096).data == data
+            c, got = _status(fe, fe.submit(0, 99))
+            assert got == VIRTIO_BLK_S_UNSUPP
+            assert s.blk()["requests"]["out"] == 1
+            snap = backend_snapshot(s.server)
+            assert snap.queues[0].layout == "packed" and snap.queues[0].extras["blk"]["requests"]["in"] == 1
+    finally:
+        s.close()
+    dev = BlkDevice(s.disk, packed=False)
+    assert not has_feature(dev.features(), VIRTIO_F_RING_PACKED)
 
 
 def test_many_requests_in_flight_complete(served):

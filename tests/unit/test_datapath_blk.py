@@ -14,6 +14,8 @@ from __future__ import annotations
 import gc
 import mmap
 import os
+import shutil
+import subprocess
 import struct
 import tempfile
 import threading
@@ -24,10 +26,12 @@ import pytest
 from inspector.datapath.blk import BAD_REQUEST_KINDS, BlkDisk, BlkQueue
 from inspector.datapath.inflight import queue_area_size, read_queue
 from inspector.datapath.inflight import InflightAreas
+from inspector.datapath.packed_queue import PackedDeviceQueue
 from inspector.datapath.queue import DeviceQueue
 from inspector.errors import ArgumentError
 from inspector.memory import GuestMemory
 from inspector.ring.driver import DriverRing
+from inspector.ring.driver_packed import PackedDriverRing
 from inspector.spec.virtio import (VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
                                    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
                                    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
@@ -64,13 +68,14 @@ class Rig:
 
     def __init__(self, image: str | None, *, qsize: int = 256, depth: int = 128, engine: str = "auto",
                  event_idx: bool = True, disk: BlkDisk | None = None, image_size: int = 1 << 20,
-                 inflight: bytearray | None = None, **disk_kw):
+                 inflight: bytearray | None = None, layout: str = "split", **disk_kw):
         self.memfd = os.memfd_create("vqd-blk-guest", os.MFD_CLOEXEC)
         os.ftruncate(self.memfd, MEM_SIZE)
         self.mm = mmap.mmap(self.memfd, MEM_SIZE)
         self.mem = GuestMemory()
         self.mem.add(GPA, self.mm)
-        self.drv = DriverRing(self.mem, GPA, qsize)
+        self.layout = layout
+        self.drv = (PackedDriverRing if layout == "packed" else DriverRing)(self.mem, GPA, qsize)
         self.kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -85,10 +90,14 @@ class Rig:
     def _start(self, last_avail_idx: int) -> int:
         """A back-end incarnation: device queue (inflight tracking attached
         first, if any), BlkQueue, run thread. Returns the heads resubmitted."""
-        self.dev = DeviceQueue(self.mem, self.qsize, self.drv.desc_addr, self.drv.avail_addr,
-                               self.drv.used_addr, gpa=True, event_idx=self.event_idx,
-                               last_avail_idx=last_avail_idx, call_fd=self.call, kick_fd=self.kick,
-                               event_capacity=1024)
+        fds = {"call_fd": self.call, "kick_fd": self.kick, "event_capacity": 1024,
+               "event_idx": self.event_idx, "gpa": True}
+        if self.layout == "packed":
+            self.dev = PackedDeviceQueue(self.mem, self.qsize, self.drv.desc_addr,
+                                         self.drv.driver_event_addr, self.drv.device_event_addr, **fds)
+        else:
+            self.dev = DeviceQueue(self.mem, self.qsize, self.drv.desc_addr, self.drv.avail_addr,
+                                   self.drv.used_addr, last_avail_idx=last_avail_idx, **fds)
         resubmit = 0
         if self.inflight is not None:
             self.areas = InflightAreas()
@@ -244,10 +253,11 @@ def test_bad_request_kinds_are_the_shared_interface():
 
 # --- requests that work -------------------------------------------------------------
 
-@pytest.mark.parametrize("engine", ["io_uring", "sync"])
-def test_write_then_read_returns_the_data(shm, engine):
+@pytest.mark.parametrize("engine,layout", [("io_uring", "split"), ("sync", "split"),
+                                           ("io_uring", "packed")])
+def test_write_then_read_returns_the_data(shm, engine, layout):
     path = image(shm)
-    rig = Rig(path, engine=engine)
+    rig = Rig(path, engine=engine, layout=layout)
     try:
         assert rig.q.engine == engine
         data = pattern(4096, 1)
@@ -266,6 +276,8 @@ def test_write_then_read_returns_the_data(shm, engine):
         assert not any(c["bad_requests"].values())
         assert [(r["type"], r["sector"], r["data_len"], r["status"], r["bad"]) for r in c["recent"]] == [
             ("out", 8, 4096, "ok", None), ("in", 8, 4096, "ok", None)]
+        # kicks read and calls written are in the queue's event log, as for net
+        assert {"kick", "call"} <= {kind for _, kind, _ in rig.dev.drain_events()}
     finally:
         rig.close()
     assert rig.dev.counters["kicks"] >= 1
@@ -414,20 +426,21 @@ def test_discard_segment_buffer_not_a_multiple_of_16(shm):
 
 # --- many requests in flight, hold-io ------------------------------------------------------
 
-@pytest.mark.parametrize("engine", ["io_uring", "sync"])
-def test_hold_keeps_many_requests_in_flight_and_release_completes_them(shm, engine):
+@pytest.mark.parametrize("engine,layout", [("io_uring", "split"), ("sync", "split"),
+                                           ("io_uring", "packed")])
+def test_hold_keeps_many_requests_in_flight_and_release_completes_them(shm, engine, layout):
     path = image(shm, size=1 << 20)
     with open(path, "r+b") as f:
         for i in range(100):
             f.seek(i * 4096)
             f.write(pattern(4096, i))
-    rig = Rig(path, engine=engine, qsize=512)
+    rig = Rig(path, engine=engine, qsize=512, layout=layout)
     try:
         rig.q.set_hold(True)
         reqs = [rig.chain(VIRTIO_BLK_T_IN, i * 8, in_len=4096) for i in range(100)]
         rig.publish()
         rig.wait_in_flight(100)
-        assert rig.drv.used_idx == 0
+        assert not rig.drv.has_used() if layout == "packed" else rig.drv.used_idx == 0
         rig.q.set_hold(False)
         rig.wait([h for h, _, _ in reqs])
         for i, (_, din, st) in enumerate(reqs):
@@ -466,7 +479,9 @@ def test_close_completes_held_requests_on_the_ring(shm):
     rig.thread.join(WAIT_S)
     assert rig.q.close() == 8
     assert sorted(h for h, _ in rig.drv.get_used()) == sorted(h for h, _, _ in reqs)
-    assert rig.q.counters()["in_flight"] == 0
+    assert rig.q.counters()["in_flight"] == 0    # the counters at close
+    with pytest.raises(ArgumentError, match="after close"):
+        rig.q.set_hold(True)
     rig.close()
 
 
@@ -550,6 +565,26 @@ def test_hostile_ring_breaks_only_the_queue(shm):
     assert fd_count() == before
 
 
+def test_truncated_guest_memory_breaks_the_queue_not_the_process(shm):
+    """A front-end that shrinks its memfd after SET_MEM_TABLE: the status byte
+    lies in the lost pages, writing it raises SIGBUS, the guard breaks the
+    queue naming the guest-physical address."""
+    rig = Rig(image(shm))
+    try:
+        assert rig.request(VIRTIO_BLK_T_IN, 0, in_len=512)[0] == VIRTIO_BLK_S_OK
+        lost = GPA + (4 << 20)
+        head = rig.add([(rig.put(HDR.pack(VIRTIO_BLK_T_GET_ID, 0, 0)), 16, False), (lost, 20, True),
+                        (lost + 20, 1, True)])
+        os.ftruncate(rig.memfd, 2 << 20)
+        rig.publish()
+        rig.thread.join(WAIT_S)
+        assert not rig.thread.is_alive()
+        assert "SIGBUS" in rig.q.broken and f"{lost:#x}" in rig.q.broken
+        assert head not in rig.done
+    finally:
+        rig.close()
+
+
 def test_chain_longer_than_any_request_gets_ioerr(shm):
     """A chain of more pieces than a slot holds is popped anyway and gets
     too_many_segments (an indirect table of 300 descriptors)."""
@@ -584,6 +619,31 @@ def test_no_fd_leak(shm, engine):
 
 
 # --- the disk -------------------------------------------------------------------------------
+
+def test_block_device_is_sized_and_discarded_by_ioctl(shm):
+    """A loop device over a tmpfs image: size from BLKGETSIZE64, DISCARD
+    through BLKDISCARD (the loop driver punches a hole: zeros)."""
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("needs root and losetup for a loop device")
+    path = image(shm, fill=b"\xab")
+    r = subprocess.run(["losetup", "-f", "--show", path], capture_output=True, text=True, check=False)
+    if r.returncode:
+        pytest.skip(f"no loop device: {r.stderr.strip()}")
+    dev = r.stdout.strip()
+    try:
+        rig = Rig(dev)
+        try:
+            assert rig.disk.is_block and rig.disk.capacity == 2048 and rig.disk.blk_size == 512
+            assert rig.request(VIRTIO_BLK_T_OUT, 8, pattern(4096, 3))[0] == VIRTIO_BLK_S_OK
+            assert rig.request(VIRTIO_BLK_T_IN, 8, in_len=4096)[1] == pattern(4096, 3)
+            assert rig.request(VIRTIO_BLK_T_DISCARD, 0, SEG.pack(8, 8, 0))[0] == VIRTIO_BLK_S_OK
+            assert rig.request(VIRTIO_BLK_T_IN, 8, in_len=4096)[1] == bytes(4096)
+            assert rig.request(VIRTIO_BLK_T_IN, 16, in_len=512)[1] == b"\xab" * 512
+        finally:
+            rig.close()
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
 
 def test_ram_disk_serves_requests():
     disk = BlkDisk(memory=True, size=1 << 20)
