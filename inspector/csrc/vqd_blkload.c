@@ -78,15 +78,6 @@ static inline uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield" ::: "memory");
-#endif
-}
-
 /* Is [gpa, gpa + len) inside guest memory? */
 static inline int in_mem(const struct vqd_blkload *bl, uint64_t gpa, uint64_t len)
 {

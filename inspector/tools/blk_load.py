@@ -147,6 +147,9 @@ class BlkLoad:
 
     def _make_queues(self) -> list[BlkLoadQueue]:
         fe = self.fe
+        if fe.slot_size < _DATA_OFFSET + self.bs:
+            raise ArgumentError(f"the front-end's buffer slots of {fe.slot_size} bytes cannot hold a request "
+                                f"of --bs {self.bs} after its {_DATA_OFFSET}-byte header page")
         spb = self.bs // VIRTIO_BLK_SECTOR_SIZE
         writes = self.read_pct < 100
         out = []

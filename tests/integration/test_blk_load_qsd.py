@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from contextlib import contextmanager
 
 import pytest
@@ -29,6 +28,7 @@ import pytest
 from inspector.cli import build_parser
 from inspector.datapath.blkload import sector_pattern
 from tests.conftest import VQSCOPE, require
+from tests.support.peers import Peer, PeerError, wait_path
 from tests.support.qsd import QSD, running_qsd
 
 IMAGE_SIZE = 32 << 20
@@ -56,23 +56,13 @@ def _backend(kind: str, img: str, sock: str):
         with running_qsd(img, sock, num_queues=2):
             yield
         return
-    proc = subprocess.Popen([*VQSCOPE, "serve", "blk", "--socket", sock, "--file", img, "--queues", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 20
-        while not os.path.exists(sock):
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                f"vqscope serve blk did not start: {proc.stderr.read() if proc.poll() is not None else 'timeout'}"
-            time.sleep(0.05)
-        yield
-    finally:
-        proc.terminate()
+    with Peer([*VQSCOPE, "serve", "blk", "--socket", sock, "--file", img, "--queues", "2"],
+              "vqscope serve blk") as peer:
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+            wait_path(sock, 20, peer.alive)
+        except PeerError as e:
+            raise PeerError(f"{e}\n{peer.tail()}") from None
+        yield
 
 
 def _load(sock: str, *args: str) -> tuple[int, dict]:
