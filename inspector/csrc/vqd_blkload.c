@@ -15,7 +15,8 @@
  * last_used_idx with EVENT_IDX, else clears VRING_AVAIL_F_NO_INTERRUPT),
  * re-checks used->idx after a full fence (the device may have used an entry
  * before it saw the arming), and sleeps in poll() on the call eventfd for at
- * most 50 ms. While it is busy, calls stay disarmed (used_event is left
+ * most 50 ms (and on the vhost-user socket: a back-end that hangs up ends
+ * the run). While it is busy, calls stay disarmed (used_event is left
  * behind; NO_INTERRUPT set), so a back-end that honours suppression sends
  * none. On 2 shared cores a long spin takes the CPU the back-end needs, so
  * the default spin is short (inspector/datapath/blkload.py).
@@ -406,6 +407,8 @@ static int bl_run(struct vqd_blkload *bl, uint64_t run_ns)
     uint32_t idle = 0;
     arm_calls(bl, 0);
     while (!bl->broken) {
+        if (phase != PHASE_DRAIN && __atomic_load_n(&bl->stop, __ATOMIC_RELAXED))
+            phase = PHASE_DRAIN;
         if (phase == PHASE_TIMED && (t >= deadline || (bl->max_ios && bl->submitted - base >= bl->max_ios)))
             phase = bl->fill && bl->written ? PHASE_FILL : PHASE_DRAIN;
         uint32_t added = 0;
@@ -463,12 +466,17 @@ static int bl_run(struct vqd_blkload *bl, uint64_t run_ns)
             int ms = WAIT_MS;
             if (phase == PHASE_TIMED && deadline - t < (uint64_t)WAIT_MS * 1000000ULL)
                 ms = (int)((deadline - t) / 1000000ULL) + 1;
-            struct pollfd p = {bl->call_fd, POLLIN, 0};
+            struct pollfd p[2] = {{bl->call_fd, POLLIN, 0}, {bl->conn_fd, POLLRDHUP, 0}};
             bl->sleeps++;
-            if (poll(&p, 1, ms) > 0 && (p.revents & POLLIN)) {
+            if (poll(p, 2, ms) > 0) {
                 uint64_t v;
-                if (read(bl->call_fd, &v, sizeof(v)) == sizeof(v))
+                if ((p[0].revents & POLLIN) && read(bl->call_fd, &v, sizeof(v)) == sizeof(v))
                     bl->calls += v;
+                if (p[1].revents & (POLLRDHUP | POLLHUP | POLLERR)) {
+                    bl_fail(bl, VQD_E_BROKEN, "the back-end closed the vhost-user connection with %u "
+                            "request(s) in flight", bl->in_flight);
+                    break;
+                }
             }
         }
         arm_calls(bl, 0);

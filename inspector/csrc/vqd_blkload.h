@@ -67,6 +67,9 @@ struct vqd_blkload {
     uint16_t last_used_idx;            /* in/out */
     uint8_t event_idx;                 /* VIRTIO_RING_F_EVENT_IDX negotiated */
     int kick_fd, call_fd;
+    int conn_fd;                       /* the vhost-user socket (-1: none): a hang-up seen
+                                        * while waiting ends the run */
+    uint8_t stop;                      /* set by another thread: stop submitting, drain */
     /* --- in: the requests --- */
     struct vqd_bl_slot *slots;
     uint32_t iodepth;                  /* slots, all kept in flight */

@@ -115,13 +115,14 @@ class BlkLoadQueue:
     only reads of blocks this queue wrote before; ``fill``: after the timed
     part, write every block not yet written); ``spin``: empty polls before
     sleeping on ``call_fd``; ``stall``: seconds without a completion that
-    end the run. ArgumentError names a bad parameter."""
+    end the run; ``conn_fd``: the vhost-user socket, whose hang-up (seen
+    while waiting) ends the run. ArgumentError names a bad parameter."""
 
     def __init__(self, mem_addr: int, mem_size: int, ring: tuple[int, int, int, int, int, int], *,
                  event_idx: bool, kick_fd: int, call_fd: int, slots: list[tuple[int, int, int]], bs: int,
                  seg_size: int, region: tuple[int, int], read_pct: int, order: int, seed: int = 0,
                  verify: bool = False, track: bool = False, fill: bool = False, max_ios: int = 0,
-                 spin: int = 64, stall: float = 10.0):
+                 spin: int = 64, stall: float = 10.0, conn_fd: int = -1):
         self.bl = bl = ffi.new("struct vqd_blkload *")
         self._slots = ffi.new("struct vqd_bl_slot[]", max(len(slots), 1))
         self._free = ffi.new("uint32_t[]", max(len(slots), 1))
@@ -133,7 +134,7 @@ class BlkLoadQueue:
         bl.mem_size = mem_size
         (bl.num, bl.desc_gpa, bl.avail_gpa, bl.used_gpa, bl.avail_idx, bl.last_used_idx) = ring
         bl.event_idx = bool(event_idx)
-        bl.kick_fd, bl.call_fd = kick_fd, call_fd
+        bl.kick_fd, bl.call_fd, bl.conn_fd = kick_fd, call_fd, conn_fd
         bl.slots, bl.iodepth, bl.bs, bl.seg_size = self._slots, len(slots), bs, seg_size
         bl.region_sector, bl.region_blocks = region
         bl.read_pct, bl.pattern, bl.seed = read_pct, order, seed & (2**64 - 1)
@@ -163,6 +164,11 @@ class BlkLoadQueue:
         if track is not None:
             bl.written = self._written if track else ffi.NULL
         bl.cursor_ = bl.fill_cursor_ = 0
+
+    def stop(self) -> None:
+        """Make a :meth:`run` in another thread stop submitting and drain
+        (e.g. on Ctrl-C); safe from any thread."""
+        self.bl.stop = 1
 
     def run(self, seconds: float) -> BlkLoadResult:
         """Keep the queue full for ``seconds`` (then fill and drain), without

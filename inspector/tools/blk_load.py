@@ -26,8 +26,9 @@ modes check only reads of blocks this run wrote before. ``--then-read``
 then reads the whole region back sequentially and checks every sector.
 
 Exit status: 0 when every request completed OK and nothing mismatched; 1
-on any error status, mismatch, or a back-end that broke the ring or
-stalled; 2 when the load could not start (InspectorError).
+on any error status, mismatch, or a back-end that broke the ring, stalled
+or hung up; 2 when the load could not start (InspectorError); 130 on
+Ctrl-C (the queues stop submitting and drain, and the report is printed).
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class BlkLoad:
         self.rw, self.bs, self.iodepth, self.nqueues = rw, bs, iodepth, queues
         self.verify, self.then_read, self.seed = verify, then_read and verify, seed
         self.spin, self.stall = spin, stall
+        self.interrupted = False
         self.fe: BlkFrontend | None = None
         seg_descs = 1
         try:
@@ -168,20 +170,44 @@ class BlkLoad:
                 call_fd=dq.call_fd, slots=slots, bs=self.bs, seg_size=self.seg_size,
                 region=(first * spb, end - first), read_pct=self.read_pct, order=self.order,
                 seed=self.seed, verify=self.verify, track=self.verify and writes,
-                fill=self.verify and writes, spin=self.spin, stall=self.stall))
+                fill=self.verify and writes, spin=self.spin, stall=self.stall, conn_fd=fe.sock.fileno()))
         return out
 
     def _run_all(self, seconds: float) -> BlkLoadResult:
+        """Run every queue for ``seconds``, one thread each. Ctrl-C stops
+        them (they drain) and the result covers what was done. The main
+        thread waits on events, not Thread.join: a KeyboardInterrupt inside
+        join can leave a running thread marked stopped (CPython bpo-45274)."""
         results: list[BlkLoadResult | None] = [None] * len(self.queues)
+        done = [threading.Event() for _ in self.queues]
+
+        errors: list[BaseException] = []
 
         def one(i: int) -> None:
-            results[i] = self.queues[i].run(seconds)
+            try:
+                results[i] = self.queues[i].run(seconds)
+            except BaseException as e:   # handed to the main thread
+                errors.append(e)
+            finally:
+                done[i].set()
 
-        threads = [threading.Thread(target=one, args=(i,), name=f"blkload-q{i}") for i in range(len(self.queues))]
+        threads = [threading.Thread(target=one, args=(i,), name=f"blkload-q{i}", daemon=True)
+                   for i in range(len(self.queues))]
         for t in threads:
             t.start()
+        try:
+            for ev in done:
+                ev.wait()
+        except KeyboardInterrupt:     # stop submitting, drain, report what was done
+            self.interrupted = True
+            for bq in self.queues:
+                bq.stop()
+            for ev in done:
+                ev.wait()
         for t in threads:
             t.join()
+        if errors:
+            raise errors[0]
         return BlkLoadResult.merge(results)
 
     def run(self, seconds: float) -> dict:
@@ -191,7 +217,7 @@ class BlkLoad:
             raise ArgumentError(f"--seconds {seconds}: give a positive duration")
         main = self._run_all(seconds)
         back = None
-        if self.then_read and not main.broken:
+        if self.then_read and not main.broken and not self.interrupted:
             before = main
             for bq in self.queues:
                 bq.set_mode(read_pct=100, order=SEQUENTIAL, max_ios=bq.bl.region_blocks, track=False)
@@ -224,7 +250,7 @@ class BlkLoad:
                      "sleeps": c["sleeps"]},
             "verify": _verify(r) if self.verify else None,
             "then_read": None,
-            "broken": r.broken, "in_flight_at_end": r.in_flight,
+            "broken": r.broken, "in_flight_at_end": r.in_flight, "interrupted": self.interrupted,
         }
         if back is not None:
             bc = back.counters
@@ -329,7 +355,7 @@ def blk_load_main(args) -> int:
             raise ArgumentError("--then-read reads back what --verify wrote: give --verify too")
         rep = load.run(args.seconds)
     print(json.dumps(rep) if args.json else format_report(rep, args.connect), flush=True)
-    return 1 if report_failed(rep) else 0
+    return 130 if rep["interrupted"] else 1 if report_failed(rep) else 0
 
 
 __all__ = ["BlkLoad", "RW_MODES", "blk_load_main", "format_report", "parse_size",

@@ -14,6 +14,7 @@ import json
 import mmap
 import os
 import shutil
+import signal
 import struct
 import tempfile
 import threading
@@ -269,3 +270,22 @@ def test_writes_to_a_read_only_back_end_are_refused_before_any_request(qsd):
             BlkLoad(sock, rw="randwrite")
         with BlkLoad(sock, rw="randread", size=1 << 20) as load:
             assert not report_failed(load.run(0.1))
+
+
+def test_a_back_end_that_dies_mid_run_is_reported_at_once(qsd):
+    img, _ = qsd
+    sock = os.path.join(os.path.dirname(img), "dies.sock")
+    with running_qsd(img, sock) as proc:
+        with BlkLoad(sock, rw="randread", size=1 << 20, stall=30) as load:
+            threading.Timer(0.3, proc.kill).start()
+            rep = load.run(20)
+    assert "closed the vhost-user connection" in rep["broken"] and rep["seconds"] < 10
+    assert report_failed(rep)
+
+
+def test_ctrl_c_stops_the_queues_and_reports(qsd):
+    img, sock = qsd
+    with BlkLoad(sock, rw="randread", size=1 << 20, queues=2, iodepth=4) as load:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        rep = load.run(20)
+    assert rep["interrupted"] and rep["seconds"] < 10 and rep["ios"] > 0 and rep["broken"] is None
