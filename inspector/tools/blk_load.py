@@ -38,7 +38,7 @@ import re
 import threading
 
 from ..datapath.blkload import RANDOM, SEQUENTIAL, BlkLoadQueue, BlkLoadResult
-from ..errors import ArgumentError
+from ..errors import ArgumentError, InspectorError
 from ..spec.virtio import (VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
                            VIRTIO_BLK_SECTOR_SIZE, VIRTIO_RING_F_EVENT_IDX, has_feature)
 from ..vhost_user.blk_frontend import BlkFrontend
@@ -79,8 +79,8 @@ def _k(n: float) -> str:
 class BlkLoad:
     """One ``load blk`` run against the back-end at ``socket`` (see the
     module docstring for the options, named as the CLI's). Connects in the
-    constructor (ProtocolError / OSError when the back-end is not there or
-    breaks the protocol; ArgumentError when the options do not fit what it
+    constructor (InspectorError when the back-end is not there, ProtocolError
+    when it breaks the protocol; ArgumentError when the options do not fit what it
     offers); :meth:`run` does the load; :meth:`close` (or ``with``)."""
 
     def __init__(self, socket: str, *, rw: str = "randread", bs: int = 4096, iodepth: int = 32,
@@ -108,9 +108,12 @@ class BlkLoad:
                 qsize = max(_MIN_QUEUE_SIZE, _pow2_at_least(iodepth * (2 + seg_descs)))
                 slot = _DATA_OFFSET + -(-bs // 4096) * 4096
                 mem = (queues * iodepth + 1) * slot + queues * 2 * (16 + 8 + 2) * qsize + (4 << 20)
-                self.fe = BlkFrontend(socket, num_queues=queues, queue_size=qsize,
-                                      mem_size=-(-mem // (2 << 20)) * (2 << 20), event_idx=True,
-                                      max_data=bs, timeout=timeout)
+                try:
+                    self.fe = BlkFrontend(socket, num_queues=queues, queue_size=qsize,
+                                          mem_size=-(-mem // (2 << 20)) * (2 << 20), event_idx=True,
+                                          max_data=bs, timeout=timeout)
+                except OSError as e:   # no back-end there, or it went away during the handshake
+                    raise InspectorError(f"--connect {socket}: {e.strerror or e}") from e
                 self.config = self.fe.config()
                 f = self.fe.features
                 self.seg_size = (self.config.get("size_max", 0) if has_feature(f, VIRTIO_BLK_F_SIZE_MAX)
