@@ -289,3 +289,12 @@ def test_ctrl_c_stops_the_queues_and_reports(qsd):
         threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
         rep = load.run(20)
     assert rep["interrupted"] and rep["seconds"] < 10 and rep["ios"] > 0 and rep["broken"] is None
+
+
+def test_load_vhost_net_parses_as_before_and_load_blk_has_fio_defaults():
+    from inspector.cli import build_parser, cmd_load, cmd_load_blk
+    a = build_parser().parse_args(["load", "vhost-net", "--tx", "3", "--size", "64"])
+    assert (a.func, a.kind, a.tx, a.rx, a.size) == (cmd_load, "vhost-net", 3, 8, 64)
+    b = build_parser().parse_args(["load", "blk", "--connect", "s"])
+    assert (b.func, b.rw, b.bs, b.iodepth, b.queues, b.seconds, b.size) == (cmd_load_blk, "randread", "4k", 32,
+                                                                           1, 5.0, None)
