@@ -80,9 +80,15 @@ class FakeDevice:
         self.slots = [(0x10000 + i * 0x2000, 0x10000 + i * 0x2000 + 16, 0x11000 + i * 0x2000) for i in range(depth)]
         self.last_avail = 0
         self.used_idx = 0
+        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK)
+        self.call_fd = os.eventfd(0, os.EFD_NONBLOCK)
+
+    def close(self) -> None:
+        os.close(self.kick_fd)
+        os.close(self.call_fd)
 
     def queue(self, **kw) -> BlkLoadQueue:
-        args = dict(event_idx=False, kick_fd=-1, call_fd=-1, slots=self.slots, bs=self.bs, seg_size=self.bs,
+        args = dict(event_idx=False, kick_fd=self.kick_fd, call_fd=self.call_fd, slots=self.slots, bs=self.bs, seg_size=self.bs,
                     region=(0, 256), read_pct=100, order=SEQUENTIAL, spin=8, stall=2.0)
         args.update(kw)
         return BlkLoadQueue(self.addr, self.size, (self.num, self.lay.desc_offset, self.lay.avail_offset,
@@ -111,6 +117,21 @@ class FakeDevice:
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         if publish:
             struct.pack_into("<H", self.map, self.lay.used_offset + 2, self.used_idx)
+            os.eventfd_write(self.call_fd, 1)     # the engine arms calls before it sleeps
+
+
+@pytest.fixture
+def fake():
+    """Make FakeDevices (same arguments); their eventfds are closed at teardown."""
+    made = []
+
+    def make(**kw) -> FakeDevice:
+        made.append(FakeDevice(**kw))
+        return made[-1]
+
+    yield make
+    for dev in made:
+        dev.close()
 
 
 def _run_against(dev: FakeDevice, bq: BlkLoadQueue, device, seconds: float = 1.0) -> BlkLoadResult:
@@ -127,8 +148,8 @@ def _run_against(dev: FakeDevice, bq: BlkLoadQueue, device, seconds: float = 1.0
     return out[0]
 
 
-def test_engine_lays_out_chains_and_completes_what_the_device_uses():
-    dev = FakeDevice()
+def test_engine_lays_out_chains_and_completes_what_the_device_uses(fake):
+    dev = fake()
     bq = dev.queue(read_pct=0, verify=True)
     assert bq.descs_per_request == 3
     d = dev.lay.desc_offset
@@ -159,8 +180,8 @@ def test_engine_lays_out_chains_and_completes_what_the_device_uses():
     ("idx", "used->idx 9 is 9 entries past the last used 0, but only 4 requests are in flight"),
     ("twice", "has id 0, which is not the head of a request in flight"),
 ])
-def test_a_back_end_that_breaks_the_used_ring_is_reported(bad, reason):
-    dev = FakeDevice()
+def test_a_back_end_that_breaks_the_used_ring_is_reported(bad, reason, fake):
+    dev = fake()
     bq = dev.queue()
 
     def device(dev, running):
@@ -181,21 +202,21 @@ def test_a_back_end_that_breaks_the_used_ring_is_reported(bad, reason):
     assert report_failed({"errors": 0, "broken": r.broken, "verify": None, "then_read": None})
 
 
-def test_a_back_end_that_completes_nothing_is_reported_as_stalled():
-    dev = FakeDevice()
+def test_a_back_end_that_completes_nothing_is_reported_as_stalled(fake):
+    dev = fake()
     r = _run_against(dev, dev.queue(stall=0.3), lambda dev, running: None, 5.0)
     assert "completed nothing for" in r.broken and "4 request(s) in flight" in r.broken
     assert r.elapsed_ns < 4e9
 
 
-def test_bad_parameters_name_the_field():
-    dev = FakeDevice(num=8, depth=4)
+def test_bad_parameters_name_the_field(fake):
+    dev = fake(num=8, depth=4)
     with pytest.raises(ArgumentError, match="iodepth 4 x 3 descriptors per request does not fit queue size 8"):
         dev.queue()
     with pytest.raises(ArgumentError, match="bs 1000"):
-        FakeDevice(bs=1000).queue()
+        fake(bs=1000).queue()
     with pytest.raises(ArgumentError, match="slot 0 .* is not in guest memory"):
-        dev = FakeDevice(depth=1)
+        dev = fake(depth=1)
         dev.slots = [(dev.size - 8, 0, 0)]
         dev.queue()
 
