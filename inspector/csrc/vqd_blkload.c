@@ -34,6 +34,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -402,14 +403,16 @@ static inline void arm_calls(struct vqd_blkload *bl, int on)
 static int bl_run(struct vqd_blkload *bl, uint64_t run_ns)
 {
     uint64_t start = now_ns(), t = start, deadline = start + run_ns, progress = start;
-    uint64_t base = bl->submitted; /* max_ios counts this run's submissions */
     int phase = PHASE_TIMED;
+    /* Each run counts afresh: every "out" field from submitted to elapsed_ns. */
+    memset(&bl->submitted, 0, offsetof(struct vqd_blkload, elapsed_ns) - offsetof(struct vqd_blkload, submitted));
+    bl->lat_min_ns = UINT64_MAX;
     uint32_t idle = 0;
     arm_calls(bl, 0);
     while (!bl->broken) {
         if (phase != PHASE_DRAIN && __atomic_load_n(&bl->stop, __ATOMIC_RELAXED))
             phase = PHASE_DRAIN;
-        if (phase == PHASE_TIMED && (t >= deadline || (bl->max_ios && bl->submitted - base >= bl->max_ios)))
+        if (phase == PHASE_TIMED && (t >= deadline || (bl->max_ios && bl->submitted >= bl->max_ios)))
             phase = bl->fill && bl->written ? PHASE_FILL : PHASE_DRAIN;
         uint32_t added = 0;
         while (bl->nfree_ && phase != PHASE_DRAIN) {
@@ -431,7 +434,7 @@ static int bl_run(struct vqd_blkload *bl, uint64_t run_ns)
                 int is_read = bl->read_pct == 100 ? 1 : bl->read_pct == 0
                     ? 0 : (int)((xorshift64s(&bl->rng_) >> 11) % 100 < bl->read_pct);
                 submit(bl, block, is_read, 0, t);
-                if (bl->max_ios && bl->submitted - base >= bl->max_ios)
+                if (bl->max_ios && bl->submitted >= bl->max_ios)
                     phase = PHASE_DRAIN;
             }
             added++;

@@ -90,7 +90,7 @@ struct vqd_blkload {
     uint64_t max_ios;                  /* a run stops submitting after this many (0: no limit) */
     uint32_t spin;                     /* empty used-ring polls before sleeping in poll() */
     uint64_t stall_ns;                 /* no completion this long with requests in flight: broken */
-    /* --- out: counters --- */
+    /* --- out: counters of the last run (zeroed when a run starts, up to elapsed_ns) --- */
     uint64_t submitted, completed, reads, writes, fills;
     uint64_t bytes_read, bytes_written;
     uint64_t status_ok, status_ioerr, status_unsupp, status_other;

@@ -158,7 +158,7 @@ class BlkLoadQueue:
                  fill: bool = False) -> None:
         """Change what the next :meth:`run` does (e.g. a read-back pass:
         read_pct 100, SEQUENTIAL, max_ios = the region's blocks, track
-        False: check every read). Counters keep adding up."""
+        False: check every read)."""
         bl = self.bl
         bl.read_pct, bl.pattern, bl.max_ios, bl.fill = read_pct, order, max_ios, fill
         if track is not None:
@@ -172,7 +172,7 @@ class BlkLoadQueue:
 
     def run(self, seconds: float) -> BlkLoadResult:
         """Keep the queue full for ``seconds`` (then fill and drain), without
-        the GIL; the result counts everything since the queue was made."""
+        the GIL; the result counts this run only."""
         lib.vqd_blkload_run(self.bl, int(seconds * 1e9))
         return self.result()
 

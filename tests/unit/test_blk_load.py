@@ -71,8 +71,8 @@ class FakeDevice:
     in Python: :meth:`take` what the engine made available, :meth:`use`
     any (id, len)."""
 
-    def __init__(self, num: int = 64, depth: int = 4, bs: int = 4096):
-        self.num, self.depth, self.bs = num, depth, bs
+    def __init__(self, num: int = 64, depth: int = 4, bs: int = 4096, descs: int = 3):
+        self.num, self.depth, self.bs, self.descs = num, depth, bs, descs
         self.lay = split_layout(num, 4096)
         self.size = 1 << 20
         self.map = mmap.mmap(-1, self.size)
@@ -111,12 +111,13 @@ class FakeDevice:
 
     def use(self, head: int, length: int, status: int | None = 0, publish: bool = True) -> None:
         if status is not None:
-            d = self.lay.desc_offset + 16 * (head + 2)   # the status descriptor of a 3-descriptor chain
+            d = self.lay.desc_offset + 16 * (head + self.descs - 1)   # the chain's status descriptor
             self.map[struct.unpack_from("<Q", self.map, d)[0]] = status
         struct.pack_into("<II", self.map, self.lay.used_offset + 4 + 8 * (self.used_idx % self.num), head, length)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        if publish:
-            struct.pack_into("<H", self.map, self.lay.used_offset + 2, self.used_idx)
+        if publish:   # one 16-bit store (struct.pack_into zeroes first: the engine could read 0)
+            off = self.lay.used_offset + 2
+            memoryview(self.map)[off:off + 2].cast("H")[0] = self.used_idx
             os.eventfd_write(self.call_fd, 1)     # the engine arms calls before it sleeps
 
 
@@ -174,6 +175,29 @@ def test_engine_lays_out_chains_and_completes_what_the_device_uses(fake):
     assert r.lat_min_ns <= r.percentile_ns(50) <= r.lat_max_ns
 
 
+def test_data_split_at_size_max(fake):
+    dev = fake(descs=6)
+    bq = dev.queue(seg_size=1024, read_pct=100)
+    assert bq.descs_per_request == 6          # header, 4 x 1024 data bytes, status
+    d = dev.lay.desc_offset
+    data = dev.slots[1][2]
+    chain = [struct.unpack_from("<QIHH", dev.map, d + 16 * i) for i in range(6, 12)]
+    assert [c[:2] for c in chain] == [(dev.slots[1][0], 16)] + [(data + 1024 * k, 1024) for k in range(4)] + \
+        [(dev.slots[1][1], 1)]
+    assert [c[3] for c in chain[:-1]] == list(range(7, 12))
+
+    def device(dev, running):
+        while running():
+            for head, typ, sector in dev.take():
+                assert typ == VIRTIO_BLK_T_IN and all(
+                    struct.unpack_from("<H", dev.map, d + 16 * (head + k) + 12)[0]
+                    == VRING_DESC_F_NEXT | VRING_DESC_F_WRITE for k in range(1, 5))
+                dev.use(head, 4097)
+
+    r = _run_against(dev, bq, device, 0.2)
+    assert r.broken is None and r.counters["reads"] == r.counters["status_ok"] > 0
+
+
 @pytest.mark.parametrize("bad, reason", [
     ("id", "has id 1, which is not the head of a request in flight"),
     ("len", "has len 4098, more than the 4097 bytes"),
@@ -192,7 +216,7 @@ def test_a_back_end_that_breaks_the_used_ring_is_reported(bad, reason, fake):
         elif bad == "len":
             dev.use(heads[0], 4098)
         elif bad == "idx":
-            struct.pack_into("<H", dev.map, dev.lay.used_offset + 2, 9)
+            memoryview(dev.map)[dev.lay.used_offset + 2:dev.lay.used_offset + 4].cast("H")[0] = 9
         else:   # the same head used twice, published at once
             dev.use(heads[0], 4097, publish=False)
             dev.use(heads[0], 4097)
