@@ -22,8 +22,9 @@
  * the default spin is short (inspector/datapath/blkload.py).
  *
  * Latency: clock_gettime(CLOCK_MONOTONIC) once per batch of submissions and
- * once per reap; each completion's latency goes into a log-linear histogram
- * (16 buckets per power of two: at most 1/16 relative error).
+ * once per reap; each completion's latency goes into its direction's
+ * log-linear histogram (16 buckets per power of two: at most 1/16 relative
+ * error).
  *
  * Verify pattern (per 512-byte sector; vqd_blkload_pattern): word 0 the
  * sector number, word 1 the seed, words 2..63 a splitmix64 hash of both plus
@@ -210,7 +211,6 @@ static int bl_init(struct vqd_blkload *bl)
     bl->in_flight = 0;
     bl->broken = 0;
     bl->reason[0] = 0;
-    bl->lat_min_ns = UINT64_MAX;
     bl->rng_ = splitmix64(bl->seed ^ bl->region_sector) | 1;
     bl->cursor_ = bl->fill_cursor_ = 0;
     bl->kicked_idx_ = bl->avail_idx;
@@ -364,12 +364,14 @@ static int reap(struct vqd_blkload *bl, uint64_t t)
             }
         }
         uint64_t lat = t > s->submit_ns ? t - s->submit_ns : 0;
-        bl->hist[bucket_of(lat)]++;
-        bl->lat_sum_ns += lat;
-        if (lat < bl->lat_min_ns)
-            bl->lat_min_ns = lat;
-        if (lat > bl->lat_max_ns)
-            bl->lat_max_ns = lat;
+        struct vqd_bl_lat *l = &bl->lat[!is_read];
+        l->hist[bucket_of(lat)]++;
+        l->n++;
+        l->sum_ns += lat;
+        if (lat < l->min_ns)
+            l->min_ns = lat;
+        if (lat > l->max_ns)
+            l->max_ns = lat;
         s->in_flight = 0;
         bl->free_[bl->nfree_++] = id / d;
         bl->in_flight--;
@@ -406,7 +408,7 @@ static int bl_run(struct vqd_blkload *bl, uint64_t run_ns)
     int phase = PHASE_TIMED;
     /* Each run counts afresh: every "out" field from submitted to elapsed_ns. */
     memset(&bl->submitted, 0, offsetof(struct vqd_blkload, elapsed_ns) - offsetof(struct vqd_blkload, submitted));
-    bl->lat_min_ns = UINT64_MAX;
+    bl->lat[0].min_ns = bl->lat[1].min_ns = UINT64_MAX;
     uint32_t idle = 0;
     arm_calls(bl, 0);
     while (!bl->broken) {

@@ -41,6 +41,12 @@
 #define VQD_BL_SEQ 0
 #define VQD_BL_RANDOM 1
 
+/* Latency of the completions of one direction (ns). */
+struct vqd_bl_lat {
+    uint64_t n, min_ns, max_ns, sum_ns;
+    uint64_t hist[1024];               /* VQD_BL_HIST_BUCKETS; vqd_blkload_bucket_low */
+};
+
 /* One request slot, in guest memory, laid out by the caller (gpa: guest-
  * physical, inside [0, mem_size)). The engine keeps its own fields after. */
 struct vqd_bl_slot {
@@ -99,8 +105,7 @@ struct vqd_blkload {
     uint64_t first_mismatch_sector;    /* valid when mismatched_sectors */
     uint64_t mismatch_got, mismatch_want;  /* the first differing 8-byte word there */
     uint64_t kicks, kicks_suppressed, calls, sleeps;
-    uint64_t lat_min_ns, lat_max_ns, lat_sum_ns;
-    uint64_t hist[1024];               /* VQD_BL_HIST_BUCKETS; vqd_blkload_bucket_low */
+    struct vqd_bl_lat lat[2];          /* [0]: IN (reads), [1]: OUT (writes) */
     uint64_t elapsed_ns;               /* of the last run, drain included */
     uint32_t in_flight;
     uint8_t broken;

@@ -6,7 +6,7 @@ flight to one :class:`BlkLoadQueue` per requestq.
 
 :meth:`BlkLoadQueue.run` keeps ``iodepth`` requests in flight for a while
 without the GIL (one Python thread per queue runs them in parallel) and
-returns a :class:`BlkLoadResult` of counters and a latency histogram. A
+returns a :class:`BlkLoadResult` of counters and latency histograms. A
 back-end that breaks the ring (a used id that is no request in flight, a
 used length beyond the chain, used->idx too far ahead) or that completes
 nothing for ``stall`` seconds ends the run: :attr:`BlkLoadResult.broken`
@@ -47,40 +47,31 @@ def sector_pattern(sector: int, nsectors: int, seed: int) -> bytes:
 
 
 @dataclass
-class BlkLoadResult:
-    """What one run did on one queue (or, from :meth:`merge`, on all):
-    the counters of :data:`COUNTERS`, ``elapsed_ns`` (wall time, drain
-    included), latency ``lat_min_ns``/``lat_max_ns``/``lat_sum_ns`` and
-    ``hist`` (per-bucket counts, :func:`bucket_low`), the first verify
-    mismatch (``first_mismatch``: sector, 8-byte word got, word wanted) and
-    ``broken`` (None, or what the back-end did wrong)."""
+class Latency:
+    """Completion latencies of one direction (or of several, from
+    :meth:`merge`): ``n`` completions, ``min_ns``/``max_ns``/``sum_ns`` and
+    ``hist`` (per-bucket counts, :func:`bucket_low`)."""
 
-    counters: dict[str, int]
-    elapsed_ns: int
-    lat_min_ns: int
-    lat_max_ns: int
-    lat_sum_ns: int
-    hist: list[int]
-    first_mismatch: tuple[int, int, int] | None = None
-    broken: str | None = None
-    queues: int = 1
-    in_flight: int = 0
-    extra: dict = field(default_factory=dict)
+    n: int = 0
+    min_ns: int = 0
+    max_ns: int = 0
+    sum_ns: int = 0
+    hist: list[int] = field(default_factory=lambda: [0] * HIST_BUCKETS)
 
     @classmethod
-    def merge(cls, results: list["BlkLoadResult"]) -> "BlkLoadResult":
-        """The sum of per-queue results run at the same time (elapsed: the
-        longest; the first mismatch and the first broken reason of any)."""
-        done = [r for r in results if r.counters["completed"]]
-        return cls({k: sum(r.counters[k] for r in results) for k in COUNTERS},
-                   max((r.elapsed_ns for r in results), default=0),
-                   min((r.lat_min_ns for r in done), default=0),
-                   max((r.lat_max_ns for r in results), default=0),
-                   sum(r.lat_sum_ns for r in results),
-                   [sum(col) for col in zip(*(r.hist for r in results))] if results else [0] * HIST_BUCKETS,
-                   next((r.first_mismatch for r in results if r.first_mismatch), None),
-                   "; ".join(f"queue {i}: {r.broken}" for i, r in enumerate(results) if r.broken) or None,
-                   sum(r.queues for r in results), sum(r.in_flight for r in results))
+    def from_c(cls, lat) -> "Latency":
+        return cls(int(lat.n), int(lat.min_ns) if lat.n else 0, int(lat.max_ns), int(lat.sum_ns), list(lat.hist))
+
+    @classmethod
+    def merge(cls, parts: list["Latency"]) -> "Latency":
+        some = [p for p in parts if p.n]
+        return cls(sum(p.n for p in some), min((p.min_ns for p in some), default=0),
+                   max((p.max_ns for p in some), default=0), sum(p.sum_ns for p in some),
+                   [sum(col) for col in zip(*(p.hist for p in parts))] if parts else [0] * HIST_BUCKETS)
+
+    @property
+    def avg_ns(self) -> float:
+        return self.sum_ns / self.n if self.n else 0.0
 
     def percentile_ns(self, p: float) -> int:
         """The latency (ns) below which ``p`` percent of completions fall:
@@ -96,8 +87,42 @@ class BlkLoadResult:
             if seen >= want:
                 lo, hi = bucket_low(b), bucket_low(b + 1)
                 mid = lo if hi - lo <= 1 else (lo + hi) // 2
-                return max(self.lat_min_ns, min(self.lat_max_ns, mid))
-        return self.lat_max_ns
+                return max(self.min_ns, min(self.max_ns, mid))
+        return self.max_ns
+
+
+@dataclass
+class BlkLoadResult:
+    """What one run did on one queue (or, from :meth:`merge`, on all):
+    the counters of :data:`COUNTERS`, ``elapsed_ns`` (wall time, drain
+    included), the latencies of reads and of writes (``lat_read``,
+    ``lat_write``; :attr:`lat` both), the first verify mismatch
+    (``first_mismatch``: sector, 8-byte word got, word wanted), ``broken``
+    (None, or what the back-end did wrong) and the requests still
+    ``in_flight`` when the run ended (0 unless broken)."""
+
+    counters: dict[str, int]
+    elapsed_ns: int
+    lat_read: Latency
+    lat_write: Latency
+    first_mismatch: tuple[int, int, int] | None = None
+    broken: str | None = None
+    in_flight: int = 0
+
+    @property
+    def lat(self) -> Latency:
+        return Latency.merge([self.lat_read, self.lat_write])
+
+    @classmethod
+    def merge(cls, results: list["BlkLoadResult"]) -> "BlkLoadResult":
+        """The sum of per-queue results run at the same time (elapsed: the
+        longest; the first mismatch and the broken reasons of any)."""
+        return cls({k: sum(r.counters[k] for r in results) for k in COUNTERS},
+                   max((r.elapsed_ns for r in results), default=0),
+                   Latency.merge([r.lat_read for r in results]), Latency.merge([r.lat_write for r in results]),
+                   next((r.first_mismatch for r in results if r.first_mismatch), None),
+                   "; ".join(f"queue {i}: {r.broken}" for i, r in enumerate(results) if r.broken) or None,
+                   sum(r.in_flight for r in results))
 
 
 class BlkLoadQueue:
@@ -177,10 +202,10 @@ class BlkLoadQueue:
         return self.result()
 
     def result(self) -> BlkLoadResult:
+        """The counters of the last run."""
         bl = self.bl
         broken = ffi.string(bl.reason).decode(errors="replace") if bl.broken else None
         return BlkLoadResult({k: int(getattr(bl, k)) for k in COUNTERS}, int(bl.elapsed_ns),
-                             int(bl.lat_min_ns) if bl.completed else 0, int(bl.lat_max_ns), int(bl.lat_sum_ns),
-                             list(bl.hist),
+                             Latency.from_c(bl.lat[0]), Latency.from_c(bl.lat[1]),
                              (int(bl.first_mismatch_sector), int(bl.mismatch_got), int(bl.mismatch_want))
-                             if bl.mismatched_sectors else None, broken, 1, int(bl.in_flight))
+                             if bl.mismatched_sectors else None, broken, int(bl.in_flight))

@@ -37,7 +37,7 @@ import json
 import re
 import threading
 
-from ..datapath.blkload import RANDOM, SEQUENTIAL, BlkLoadQueue, BlkLoadResult
+from ..datapath.blkload import RANDOM, SEQUENTIAL, BlkLoadQueue, BlkLoadResult, Latency
 from ..errors import ArgumentError, InspectorError
 from ..spec.virtio import (VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
                            VIRTIO_BLK_SECTOR_SIZE, VIRTIO_RING_F_EVENT_IDX, has_feature)
@@ -241,9 +241,10 @@ class BlkLoad:
             "bytes": c["bytes_read"] + c["bytes_written"],
             "mb_s": round((c["bytes_read"] + c["bytes_written"]) / secs / 1e6, 2),
             "mib_s": round((c["bytes_read"] + c["bytes_written"]) / secs / 2**20, 2),
-            "read": _direction(c["reads"], c["bytes_read"], secs),
-            "write": dict(_direction(c["writes"], c["bytes_written"], secs), fill=c["fills"]),
-            "lat_us": _latency(r),
+            "read": dict(_direction(c["reads"], c["bytes_read"], secs), lat_us=_latency(r.lat_read)),
+            "write": dict(_direction(c["writes"], c["bytes_written"], secs), lat_us=_latency(r.lat_write),
+                          fill=c["fills"]),
+            "lat_us": _latency(r.lat),
             "status": {"ok": c["status_ok"], "ioerr": c["status_ioerr"], "unsupp": c["status_unsupp"],
                        "other": c["status_other"]},
             "errors": c["status_ioerr"] + c["status_unsupp"] + c["status_other"],
@@ -277,12 +278,11 @@ def _direction(ios: int, nbytes: int, secs: float) -> dict:
     return {"ios": ios, "bytes": nbytes, "iops": round(ios / secs, 1), "mib_s": round(nbytes / secs / 2**20, 2)}
 
 
-def _latency(r: BlkLoadResult) -> dict:
-    n = r.counters["completed"]
+def _latency(lat: Latency) -> dict:
     us = lambda ns: round(ns / 1000, 1)  # noqa: E731
-    return {"min": us(r.lat_min_ns), "avg": us(r.lat_sum_ns / n) if n else 0.0,
-            "p50": us(r.percentile_ns(50)), "p90": us(r.percentile_ns(90)), "p99": us(r.percentile_ns(99)),
-            "p99.9": us(r.percentile_ns(99.9)), "max": us(r.lat_max_ns)}
+    return {"min": us(lat.min_ns), "avg": us(lat.avg_ns), "p50": us(lat.percentile_ns(50)),
+            "p90": us(lat.percentile_ns(90)), "p99": us(lat.percentile_ns(99)),
+            "p99.9": us(lat.percentile_ns(99.9)), "max": us(lat.max_ns)}
 
 
 def _verify(r: BlkLoadResult) -> dict:
@@ -313,10 +313,10 @@ def format_report(rep: dict, socket: str) -> str:
             lines.append(f"  {name}: IOPS={_k(d['iops'])}, BW={d['mib_s']:.1f}MiB/s "
                          f"({d['bytes'] / rep['seconds'] / 1e6:.1f}MB/s) "
                          f"({_human_bytes(d['bytes'])}/{rep['seconds']:.2f}s{fill})")
-    lat = rep["lat_us"]
-    lines.append(f"    lat (usec): min={lat['min']}, avg={lat['avg']}, max={lat['max']}")
-    lines.append(f"    lat percentiles (usec): 50th={lat['p50']}, 90th={lat['p90']}, 99th={lat['p99']}, "
-                 f"99.9th={lat['p99.9']}")
+            lat = d["lat_us"]
+            lines.append(f"    lat (usec): min={lat['min']}, avg={lat['avg']}, max={lat['max']}")
+            lines.append(f"    lat percentiles (usec): 50th={lat['p50']}, 90th={lat['p90']}, 99th={lat['p99']}, "
+                         f"99.9th={lat['p99.9']}")
     st = rep["status"]
     lines.append(f"  errors: {rep['errors']} (ioerr {st['ioerr']}, unsupp {st['unsupp']}, other {st['other']})"
                  + (f"; used len short of the chain: {rep['used_len_short']}" if rep["used_len_short"] else ""))

@@ -22,8 +22,7 @@ import threading
 import pytest
 
 from inspector.cli import main as vqscope
-from inspector.datapath.blkload import (RANDOM, SEQUENTIAL, BlkLoadQueue, BlkLoadResult, bucket_low,
-                                        sector_pattern)
+from inspector.datapath.blkload import SEQUENTIAL, BlkLoadQueue, BlkLoadResult, Latency, bucket_low, sector_pattern
 from inspector.errors import ArgumentError
 from inspector.layout import split_layout
 from inspector.spec.virtio import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
@@ -59,7 +58,7 @@ def test_histogram_buckets_and_percentiles():
     hist = [0] * 1024
     hist[16 * 7 + 3] = 99       # [1216, 1280) ns
     hist[16 * 26] = 1           # [2**29, 2**29 + 2**25) ns, ~0.5 s
-    r = BlkLoadResult({}, 1, 1000, 2 << 30, 0, hist)
+    r = Latency(100, 1000, 2 << 30, 0, hist)
     assert bucket_low(115) <= r.percentile_ns(50) < bucket_low(116)
     assert r.percentile_ns(99) == r.percentile_ns(50) and r.percentile_ns(99.9) >= 1 << 29
 
@@ -172,7 +171,9 @@ def test_engine_lays_out_chains_and_completes_what_the_device_uses(fake):
     assert r.broken is None and r.in_flight == 0
     assert r.counters["completed"] == r.counters["writes"] == r.counters["status_ok"] >= 40
     assert seen[:6] == [0, 8, 16, 24, 32, 40]         # sequential, bs = 8 sectors
-    assert r.lat_min_ns <= r.percentile_ns(50) <= r.lat_max_ns
+    assert r.lat_write.n == r.counters["writes"] and r.lat_read.n == 0
+    assert r.lat_write.min_ns <= r.lat_write.percentile_ns(50) <= r.lat_write.max_ns
+    assert Latency.merge([r.lat_read, r.lat_write]) == r.lat_write == r.lat
 
 
 def test_data_split_at_size_max(fake):
@@ -295,6 +296,7 @@ def test_two_queues_and_the_human_report(qsd, capsys):
     out = capsys.readouterr().out
     for want in ("queues=2", "read: IOPS=", "write: IOPS=", "lat percentiles (usec): 50th=", "errors: 0"):
         assert want in out, out
+    assert out.count("lat (usec): min=") == 2       # reads and writes each
 
 
 def test_options_that_do_not_fit_the_back_end(qsd):
