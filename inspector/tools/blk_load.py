@@ -97,8 +97,10 @@ class BlkLoad:
             raise ArgumentError(f"--rwmixread {rwmixread}: give a percentage 0-100")
         read_pct, self.order = RW_MODES[rw]
         self.read_pct = rwmixread if read_pct is None else read_pct
+        if then_read and (not verify or self.read_pct == 100):
+            raise ArgumentError("--then-read reads back what --verify wrote: give --verify and a mode that writes")
         self.rw, self.bs, self.iodepth, self.nqueues = rw, bs, iodepth, queues
-        self.verify, self.then_read, self.seed = verify, then_read and verify, seed
+        self.verify, self.then_read, self.seed = verify, then_read, seed
         self.spin, self.stall = spin, stall
         self.interrupted = False
         self.fe: BlkFrontend | None = None
@@ -343,8 +345,6 @@ def blk_load_main(args) -> int:
     with BlkLoad(args.connect, rw=args.rw, bs=parse_size(args.bs, "bs"), iodepth=args.iodepth,
                  queues=args.queues, size=size, rwmixread=args.rwmixread, verify=args.verify,
                  then_read=args.then_read, seed=args.seed, spin=args.spin, stall=args.stall) as load:
-        if args.then_read and not args.verify:
-            raise ArgumentError("--then-read reads back what --verify wrote: give --verify too")
         rep = load.run(args.seconds)
     print(json.dumps(rep) if args.json else format_report(rep, args.connect), flush=True)
     return 130 if rep["interrupted"] else 1 if report_failed(rep) else 0

@@ -305,6 +305,8 @@ def test_options_that_do_not_fit_the_back_end(qsd):
         BlkLoad(sock, size=IMAGE_SIZE + 4096)
     with pytest.raises(ArgumentError, match="--rw 'nope'"):
         BlkLoad(sock, rw="nope")
+    with pytest.raises(ArgumentError, match="--then-read reads back"):
+        BlkLoad(sock, rw="randread", verify=True, then_read=True)
     with pytest.raises(ArgumentError, match="fewer than the 2 queue"):
         BlkLoad(sock, size=4096, queues=2)
 
