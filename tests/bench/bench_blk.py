@@ -67,14 +67,14 @@ class Backend:
         self.kind, self.sock = kind, sock
         argv = (qsd_command(image, sock) if kind == "qsd"
                 else [*VQSCOPE, "serve", "blk", "--socket", sock, "--file", image])
-        self.p = subprocess.Popen(_pinned(1, argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  cwd=ROOT, start_new_session=True)
+        self.log = open(sock + ".log", "w+")   # a file, not a pipe nobody reads: the back-end never blocks on it
+        self.p = subprocess.Popen(_pinned(1, argv), stdout=subprocess.DEVNULL, stderr=self.log, cwd=ROOT,
+                                  start_new_session=True)
         deadline = time.monotonic() + 30
         while not os.path.exists(sock):
             if self.p.poll() is not None or time.monotonic() > deadline:
-                err = self.p.stderr.read().decode(errors="replace") if self.p.poll() is not None else "timeout"
                 self.close()
-                raise RuntimeError(f"{kind} back-end did not start: {err}")
+                raise RuntimeError(f"{kind} back-end did not start: {open(sock + '.log').read()[-2000:]}")
             time.sleep(0.05)
 
     def close(self) -> None:
@@ -85,7 +85,7 @@ class Backend:
             except subprocess.TimeoutExpired:
                 self.p.kill()
                 self.p.wait()
-        self.p.stderr.close()
+        self.log.close()
 
 
 def load(sock: str, mode: str, seconds: float) -> float:
