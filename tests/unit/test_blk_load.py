@@ -199,6 +199,41 @@ def test_data_split_at_size_max(fake):
     assert r.broken is None and r.counters["reads"] == r.counters["status_ok"] > 0
 
 
+@pytest.mark.parametrize("event_idx, suppress", [(False, True), (False, False), (True, True), (True, False)])
+def test_kicks_honour_the_devices_suppression(fake, event_idx, suppress):
+    """§2.7.10: without EVENT_IDX the device's VRING_USED_F_NO_NOTIFY says
+    "no kicks"; with it, avail_event says at which avail index to kick
+    (here: never, far behind, or always, at the current index)."""
+    dev = fake()
+    bq = dev.queue(event_idx=event_idx)
+    u = memoryview(dev.map)[dev.lay.used_offset:dev.lay.used_offset + 6 + 8 * dev.num].cast("H")
+    ae = 2 + 4 * dev.num                     # avail_event, after used->ring[Queue Size]
+    if suppress:                             # before the first publish
+        u[ae if event_idx else 0] = 0x8000 if event_idx else 1
+
+    def device(dev, running):
+        while running():
+            if event_idx:   # suppress: an index the driver left behind long ago
+                u[ae] = (dev.last_avail + 0x8000) & 0xFFFF if suppress else dev.u16(dev.lay.avail_offset + 2)
+            else:
+                u[0] = 1 if suppress else 0
+            for head, _, _ in dev.take():
+                dev.use(head, 4097)
+
+    r = _run_against(dev, bq, device, 0.3)
+    c = r.counters
+    assert r.broken is None and c["completed"] > 20
+    if suppress:
+        assert c["kicks"] == 0 and c["kicks_suppressed"] > 0
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(dev.kick_fd)
+    else:
+        assert c["kicks"] > 0 and os.eventfd_read(dev.kick_fd) == c["kicks"]
+    # The run ends with calls armed (§2.7.7): used_event at the last used index, or no NO_INTERRUPT.
+    a = dev.lay.avail_offset
+    assert dev.u16(a + 4 + 2 * dev.num) == bq.ring_indices[1] if event_idx else dev.u16(a) == 0
+
+
 @pytest.mark.parametrize("bad, reason", [
     ("id", "has id 1, which is not the head of a request in flight"),
     ("len", "has len 4098, more than the 4097 bytes"),
