@@ -343,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="empty used-ring polls before sleeping on the call eventfd (default 64)")
     lbp.add_argument("--stall", type=float, default=10.0,
                      help="seconds without a completion after which the back-end counts as stalled (default 10)")
+    lbp.add_argument("--packed", action="store_true",
+                     help="packed rings (VIRTIO_F_RING_PACKED) when the back-end offers them; else split")
     lbp.add_argument("--json", action="store_true", help="print one JSON object")
     lbp.set_defaults(func=cmd_load_blk)
 

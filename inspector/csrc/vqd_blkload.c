@@ -1,7 +1,7 @@
 /* The driver side of a virtio-blk requestq under load: `vqscope load blk`'s
  * data path (vqd_blkload.h has the contract).
  *
- * Spec: §2.7.5 (descriptors, chains), §2.7.13 (supplying buffers: the
+ * Spec, split rings: §2.7.5 (descriptors, chains), §2.7.13 (supplying buffers: the
  * driver writes descriptors and avail ring entries, then avail->idx after a
  * write barrier, §2.7.13.3; then, after a full barrier, decides whether to
  * kick from VRING_USED_F_NO_NOTIFY or, with VIRTIO_F_EVENT_IDX, avail_event,
@@ -9,6 +9,12 @@
  * with acquire before the elements and the buffers), §2.7.7 (used buffer
  * notification suppression: VRING_AVAIL_F_NO_INTERRUPT or used_event),
  * §5.2.6 (the request: struct virtio_blk_outhdr, data, status byte).
+ * Packed rings (§2.8): a chain is written at the next available slots with
+ * AVAIL/USED bits from the avail wrap counter, the head's flags last with
+ * release (§2.8.6, §2.8.21); used descriptors are those whose AVAIL and
+ * USED bits both equal the used wrap counter (§2.8.9), read with acquire;
+ * kicks follow the device's event suppression area and calls are asked
+ * for in the driver's (§2.8.10, with EVENT_IDX as RING_EVENT_FLAGS_DESC).
  *
  * Waiting: after a used-ring poll finds nothing new, the engine polls again
  * `spin` times (cpu_relax between), then arms the call (used_event =
@@ -155,11 +161,13 @@ static int bl_init(struct vqd_blkload *bl)
     uint32_t n = bl->num;
     if (!bl->mem || !bl->slots)
         return bl_fail(bl, VQD_E_INVAL, "no guest memory or no slots");
-    if (n == 0 || n > VQD_MAX_QUEUE_SIZE || (n & (n - 1)))
-        return bl_fail(bl, VQD_E_INVAL, "queue size %u is not a power of two up to %u (§2.7)", n,
-                       VQD_MAX_QUEUE_SIZE);
-    if (!in_mem(bl, bl->desc_gpa, 16ULL * n) || (bl->desc_gpa & 15) || !in_mem(bl, bl->avail_gpa, 6 + 2ULL * n)
-        || (bl->avail_gpa & 1) || !in_mem(bl, bl->used_gpa, 6 + 8ULL * n) || (bl->used_gpa & 3))
+    if (n == 0 || n > VQD_MAX_QUEUE_SIZE || (!bl->packed && (n & (n - 1))))
+        return bl_fail(bl, VQD_E_INVAL, "queue size %u is not %s up to %u (§2.7, §2.8)", n,
+                       bl->packed ? "between 1 and" : "a power of two", VQD_MAX_QUEUE_SIZE);
+    uint64_t avail_len = bl->packed ? sizeof(struct vqd_pevent) : 6 + 2ULL * n;
+    uint64_t used_len = bl->packed ? sizeof(struct vqd_pevent) : 6 + 8ULL * n;
+    if (!in_mem(bl, bl->desc_gpa, 16ULL * n) || (bl->desc_gpa & 15) || !in_mem(bl, bl->avail_gpa, avail_len)
+        || (bl->avail_gpa & (bl->packed ? 3 : 1)) || !in_mem(bl, bl->used_gpa, used_len) || (bl->used_gpa & 3))
         return bl_fail(bl, VQD_E_INVAL, "ring areas desc %#llx avail %#llx used %#llx (size %u) are not "
                        "aligned inside the %#llx bytes of guest memory", (unsigned long long)bl->desc_gpa,
                        (unsigned long long)bl->avail_gpa, (unsigned long long)bl->used_gpa, n,
@@ -188,13 +196,24 @@ static int bl_init(struct vqd_blkload *bl)
                            "guest memory", i, (unsigned long long)s->hdr_gpa,
                            (unsigned long long)s->status_gpa, (unsigned long long)s->data_gpa, bl->bs);
     }
+    if (bl->packed && (bl->avail_idx >= n || bl->last_used_idx >= n))
+        return bl_fail(bl, VQD_E_INVAL, "packed positions avail %u / used %u are not below queue size %u",
+                       bl->avail_idx, bl->last_used_idx, n);
     bl->descs_per_slot = d;
     bl->desc_ = (struct vqd_desc *)host(bl, bl->desc_gpa);
     bl->avail_ = (struct vqd_avail *)host(bl, bl->avail_gpa);
     bl->used_ = (struct vqd_used *)host(bl, bl->used_gpa);
-    /* Each slot's fixed chain: header (readable), data segments, status (writable). */
+    bl->pdesc_ = (struct vqd_pdesc *)host(bl, bl->desc_gpa);
+    bl->drv_event_ = (struct vqd_pevent *)host(bl, bl->avail_gpa);
+    bl->dev_event_ = (struct vqd_pevent *)host(bl, bl->used_gpa);
+    bl->added_ = 0;
+    /* Split: each slot's fixed chain: header (readable), data segments, status (writable). */
     for (uint32_t i = 0; i < bl->iodepth; i++) {
         struct vqd_bl_slot *s = &bl->slots[i];
+        s->in_flight = 0;
+        bl->free_[bl->iodepth - 1 - i] = i;
+        if (bl->packed)
+            continue;
         struct vqd_desc *c = &bl->desc_[i * d];
         uint16_t base = (uint16_t)(i * d);
         c[0] = (struct vqd_desc){s->hdr_gpa, VIRTIO_BLK_REQ_HDR_SIZE, VRING_DESC_F_NEXT, (uint16_t)(base + 1)};
@@ -204,8 +223,6 @@ static int bl_init(struct vqd_blkload *bl)
                                          (uint16_t)(base + 2 + k)};
         }
         c[d - 1] = (struct vqd_desc){s->status_gpa, 1, VRING_DESC_F_WRITE, 0};
-        s->in_flight = 0;
-        bl->free_[bl->iodepth - 1 - i] = i;
     }
     bl->nfree_ = bl->iodepth;
     bl->in_flight = 0;
@@ -232,6 +249,46 @@ static inline int bit_get(const uint8_t *map, uint64_t b)
     return map[b >> 3] >> (b & 7) & 1;
 }
 
+/* §2.8.6 / §2.8.21: write slot `id`'s chain at the next available slots,
+ * each descriptor's AVAIL/USED bits from the wrap counter of its own slot;
+ * the head's flags last, with release, so that the device sees the chain
+ * whole once it sees the head (§2.8.11: one chain is published at a time). */
+static inline void make_available_packed(struct vqd_blkload *bl, const struct vqd_bl_slot *s, uint32_t id,
+                                         int is_read)
+{
+    uint32_t d = bl->descs_per_slot, seg = bl->seg_size < bl->bs ? bl->seg_size : bl->bs;
+    uint16_t head = bl->avail_idx, head_flags = 0;
+    for (uint32_t k = 0; k < d; k++) {
+        struct vqd_pdesc *pd = &bl->pdesc_[bl->avail_idx];
+        uint16_t fl = bl->avail_wrap ? VIRTQ_DESC_F_AVAIL : VIRTQ_DESC_F_USED;
+        if (k == 0) {
+            pd->addr = s->hdr_gpa;
+            pd->len = VIRTIO_BLK_REQ_HDR_SIZE;
+        } else if (k == d - 1) {
+            pd->addr = s->status_gpa;
+            pd->len = 1;
+            fl |= VRING_DESC_F_WRITE;
+        } else {
+            uint32_t off = (k - 1) * seg;
+            pd->addr = s->data_gpa + off;
+            pd->len = bl->bs - off < seg ? bl->bs - off : seg;
+            fl |= is_read ? VRING_DESC_F_WRITE : 0;
+        }
+        pd->id = (uint16_t)id;
+        fl |= k < d - 1 ? VRING_DESC_F_NEXT : 0;
+        if (k == 0)
+            head_flags = fl;
+        else
+            __atomic_store_n(&pd->flags, fl, __ATOMIC_RELAXED);
+        if (++bl->avail_idx == bl->num) {
+            bl->avail_idx = 0;
+            bl->avail_wrap ^= 1;
+        }
+    }
+    __atomic_store_n(&bl->pdesc_[head].flags, head_flags, __ATOMIC_RELEASE);
+    bl->added_ += d;
+}
+
 /* Put one request for block `block` on the ring (not yet published). */
 static inline void submit(struct vqd_blkload *bl, uint64_t block, int is_read, int fill, uint64_t t)
 {
@@ -245,14 +302,18 @@ static inline void submit(struct vqd_blkload *bl, uint64_t block, int is_read, i
     s->check = is_read && bl->verify && (!bl->written || bit_get(bl->written, block));
     struct virtio_blk_outhdr h = {s->type, 0, s->sector};
     memcpy(host(bl, s->hdr_gpa), &h, sizeof(h));
-    for (uint32_t k = 1; k < d - 1; k++)
-        bl->desc_[head + k].flags = VRING_DESC_F_NEXT | (is_read ? VRING_DESC_F_WRITE : 0);
     if (!is_read && bl->verify)
         vqd_blkload_pattern(host(bl, s->data_gpa), s->sector, bl->bs / VIRTIO_BLK_SECTOR_SIZE, bl->seed);
     *host(bl, s->status_gpa) = 0xFF; /* not a status: the device did not write it */
-    __atomic_store_n(&bl->avail_->ring[bl->avail_idx & (bl->num - 1)], head, __ATOMIC_RELAXED);
-    bl->avail_idx++;
     s->submit_ns = t;
+    if (bl->packed) {
+        make_available_packed(bl, s, i, is_read);
+    } else {
+        for (uint32_t k = 1; k < d - 1; k++)
+            bl->desc_[head + k].flags = VRING_DESC_F_NEXT | (is_read ? VRING_DESC_F_WRITE : 0);
+        __atomic_store_n(&bl->avail_->ring[bl->avail_idx & (bl->num - 1)], head, __ATOMIC_RELAXED);
+        bl->avail_idx++;
+    }
     s->in_flight = 1;
     bl->in_flight++;
     bl->submitted++;
@@ -261,15 +322,31 @@ static inline void submit(struct vqd_blkload *bl, uint64_t block, int is_read, i
 /* Publish avail->idx and kick if the device asked for it (§2.7.13.3-4). */
 static inline void publish(struct vqd_blkload *bl)
 {
+    int need;
+    if (bl->packed) {   /* §2.8.10: the device's event suppression area */
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        uint16_t flags = __atomic_load_n(&bl->dev_event_->flags, __ATOMIC_RELAXED) & 3;
+        uint16_t off_wrap = __atomic_load_n(&bl->dev_event_->off_wrap, __ATOMIC_RELAXED);
+        if (flags == RING_EVENT_FLAGS_DESC && bl->event_idx) {   /* as Linux's virtqueue_kick_prepare_packed */
+            uint16_t off = off_wrap & RING_EVENT_OFF_MASK, now = bl->avail_idx;
+            if ((off_wrap >> RING_EVENT_WRAP_SHIFT) != bl->avail_wrap)
+                off = (uint16_t)(off - bl->num);
+            need = vqd_need_event(off, now, (uint16_t)(now - bl->added_));
+        } else {
+            need = flags != RING_EVENT_FLAGS_DISABLE;
+        }
+        bl->added_ = 0;
+        goto kick;
+    }
     __atomic_store_n(&bl->avail_->idx, bl->avail_idx, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    int need;
     if (bl->event_idx)
         need = vqd_need_event(__atomic_load_n(avail_event_ptr(bl), __ATOMIC_RELAXED), bl->avail_idx,
                               bl->kicked_idx_);
     else
         need = !(__atomic_load_n(&bl->used_->flags, __ATOMIC_RELAXED) & VRING_USED_F_NO_NOTIFY);
     bl->kicked_idx_ = bl->avail_idx;
+kick:
     if (need && bl->kick_fd >= 0) {
         uint64_t one = 1;
         if (write(bl->kick_fd, &one, sizeof(one)) == sizeof(one))
@@ -306,9 +383,67 @@ static void verify_read(struct vqd_blkload *bl, const struct vqd_bl_slot *s)
     }
 }
 
-/* Take the used elements published since last_used_idx, each checked
- * (§2.7.8) before it is believed. Returns how many, or VQD_E_BROKEN. */
-static int reap(struct vqd_blkload *bl, uint64_t t)
+/* Complete slot `s` (id `id`) with used length `len` at time `t`; `where`
+ * names the used entry for a report. Returns 0, or VQD_E_BROKEN for a len
+ * beyond the chain. */
+static int complete_one(struct vqd_blkload *bl, struct vqd_bl_slot *s, uint32_t id, uint32_t len, uint64_t t,
+                        const char *where, uint32_t at)
+{
+    int is_read = s->type == VIRTIO_BLK_T_IN;
+    uint32_t writable = (is_read ? bl->bs : 0) + 1;
+    if (len > writable)
+        return bl_fail(bl, VQD_E_BROKEN, "%s[%u]: id %u has len %u, more than the %u bytes its chain lets the "
+                       "device write (§2.7.8.1, §2.8.9)", where, at, id, len, writable);
+    if (len < writable)
+        bl->used_len_short++;
+    uint8_t status = __atomic_load_n(host(bl, s->status_gpa), __ATOMIC_RELAXED);
+    int ok = status == VIRTIO_BLK_S_OK;
+    if (ok)
+        bl->status_ok++;
+    else if (status == VIRTIO_BLK_S_IOERR)
+        bl->status_ioerr++;
+    else if (status == VIRTIO_BLK_S_UNSUPP)
+        bl->status_unsupp++;
+    else
+        bl->status_other++;
+    uint64_t block = (s->sector - bl->region_sector) / (bl->bs / VIRTIO_BLK_SECTOR_SIZE);
+    if (is_read) {
+        bl->reads++;
+        if (ok) {
+            bl->bytes_read += bl->bs;
+            if (s->check)
+                verify_read(bl, s);
+            else if (bl->verify)
+                bl->unverified_reads++;
+        }
+    } else {
+        bl->writes++;
+        bl->fills += s->fill;
+        if (ok) {
+            bl->bytes_written += bl->bs;
+            if (bl->written)
+                bl->written[block >> 3] |= (uint8_t)(1u << (block & 7));
+        }
+    }
+    uint64_t lat = t > s->submit_ns ? t - s->submit_ns : 0;
+    struct vqd_bl_lat *l = &bl->lat[!is_read];
+    l->hist[bucket_of(lat)]++;
+    l->n++;
+    l->sum_ns += lat;
+    if (lat < l->min_ns)
+        l->min_ns = lat;
+    if (lat > l->max_ns)
+        l->max_ns = lat;
+    s->in_flight = 0;
+    bl->free_[bl->nfree_++] = (uint32_t)(s - bl->slots);
+    bl->in_flight--;
+    bl->completed++;
+    return 0;
+}
+
+/* Split: take the used elements published since last_used_idx, each
+ * checked (§2.7.8) before it is believed. Returns how many, or VQD_E_BROKEN. */
+static int reap_split(struct vqd_blkload *bl, uint64_t t)
 {
     uint16_t uidx = __atomic_load_n(&bl->used_->idx, __ATOMIC_ACQUIRE);
     uint16_t pending = (uint16_t)(uidx - bl->last_used_idx);
@@ -327,58 +462,57 @@ static int reap(struct vqd_blkload *bl, uint64_t t)
             return bl_fail(bl, VQD_E_BROKEN, "used->ring[%u] (used idx %u) has id %u, which is not the head "
                            "of a request in flight (heads are multiples of %u below %u)", at,
                            bl->last_used_idx, id, d, bl->iodepth * d);
-        int is_read = s->type == VIRTIO_BLK_T_IN;
-        uint32_t writable = (is_read ? bl->bs : 0) + 1;
-        if (len > writable)
-            return bl_fail(bl, VQD_E_BROKEN, "used->ring[%u]: id %u has len %u, more than the %u bytes its "
-                           "chain lets the device write (§2.7.8.1)", at, id, len, writable);
-        if (len < writable)
-            bl->used_len_short++;
-        uint8_t status = __atomic_load_n(host(bl, s->status_gpa), __ATOMIC_RELAXED);
-        int ok = status == VIRTIO_BLK_S_OK;
-        if (ok)
-            bl->status_ok++;
-        else if (status == VIRTIO_BLK_S_IOERR)
-            bl->status_ioerr++;
-        else if (status == VIRTIO_BLK_S_UNSUPP)
-            bl->status_unsupp++;
-        else
-            bl->status_other++;
-        uint64_t block = (s->sector - bl->region_sector) / (bl->bs / VIRTIO_BLK_SECTOR_SIZE);
-        if (is_read) {
-            bl->reads++;
-            if (ok) {
-                bl->bytes_read += bl->bs;
-                if (s->check)
-                    verify_read(bl, s);
-                else if (bl->verify)
-                    bl->unverified_reads++;
-            }
-        } else {
-            bl->writes++;
-            bl->fills += s->fill;
-            if (ok) {
-                bl->bytes_written += bl->bs;
-                if (bl->written)
-                    bl->written[block >> 3] |= (uint8_t)(1u << (block & 7));
-            }
-        }
-        uint64_t lat = t > s->submit_ns ? t - s->submit_ns : 0;
-        struct vqd_bl_lat *l = &bl->lat[!is_read];
-        l->hist[bucket_of(lat)]++;
-        l->n++;
-        l->sum_ns += lat;
-        if (lat < l->min_ns)
-            l->min_ns = lat;
-        if (lat > l->max_ns)
-            l->max_ns = lat;
-        s->in_flight = 0;
-        bl->free_[bl->nfree_++] = id / d;
-        bl->in_flight--;
-        bl->completed++;
+        if (complete_one(bl, s, id, len, t, "used->ring", at) < 0)
+            return VQD_E_BROKEN;
         bl->last_used_idx++;
     }
     return pending;
+}
+
+/* Packed: take the used descriptors from next used slot on (§2.8.9: AVAIL
+ * and USED both equal to the used wrap counter), each checked before it is
+ * believed; a used buffer's chain took descs_per_slot slots (§2.8.21).
+ * Bounded: each one completes a request in flight. Returns how many. */
+static int reap_packed(struct vqd_blkload *bl, uint64_t t)
+{
+    int n = 0;
+    for (;;) {
+        uint16_t at = bl->last_used_idx;
+        struct vqd_pdesc *pd = &bl->pdesc_[at];
+        uint16_t fl = __atomic_load_n(&pd->flags, __ATOMIC_ACQUIRE);
+        if (!!(fl & VIRTQ_DESC_F_AVAIL) != bl->used_wrap || !!(fl & VIRTQ_DESC_F_USED) != bl->used_wrap)
+            return n;
+        uint32_t id = __atomic_load_n(&pd->id, __ATOMIC_RELAXED);
+        uint32_t len = __atomic_load_n(&pd->len, __ATOMIC_RELAXED);
+        struct vqd_bl_slot *s = id < bl->iodepth ? &bl->slots[id] : NULL;
+        if (!s || !s->in_flight)
+            return bl_fail(bl, VQD_E_BROKEN, "used descriptor at slot %u (wrap %u) has buffer id %u, which is "
+                           "not a request in flight (ids are below %u)", at, bl->used_wrap, id, bl->iodepth);
+        if (complete_one(bl, s, id, len, t, "packed used descriptor", at) < 0)
+            return VQD_E_BROKEN;
+        uint32_t next = (uint32_t)at + bl->descs_per_slot;
+        if (next >= bl->num) {
+            next -= bl->num;
+            bl->used_wrap ^= 1;
+        }
+        bl->last_used_idx = (uint16_t)next;
+        n++;
+    }
+}
+
+static inline int reap(struct vqd_blkload *bl, uint64_t t)
+{
+    return bl->packed ? reap_packed(bl, t) : reap_split(bl, t);
+}
+
+/* Is anything used that reap has not taken (after the arming's fence)? */
+static inline int has_used(struct vqd_blkload *bl)
+{
+    if (bl->packed) {
+        uint16_t fl = __atomic_load_n(&bl->pdesc_[bl->last_used_idx].flags, __ATOMIC_ACQUIRE);
+        return !!(fl & VIRTQ_DESC_F_AVAIL) == bl->used_wrap && !!(fl & VIRTQ_DESC_F_USED) == bl->used_wrap;
+    }
+    return __atomic_load_n(&bl->used_->idx, __ATOMIC_ACQUIRE) != bl->last_used_idx;
 }
 
 /* The next block not yet written (fill phase), or -1 when none is left. */
@@ -394,6 +528,16 @@ static inline int64_t next_hole(struct vqd_blkload *bl)
 
 static inline void arm_calls(struct vqd_blkload *bl, int on)
 {
+    if (bl->packed) {   /* §2.8.10: the driver's event suppression area */
+        if (on && bl->event_idx) {
+            __atomic_store_n(&bl->drv_event_->off_wrap,
+                             (uint16_t)(bl->last_used_idx | bl->used_wrap << RING_EVENT_WRAP_SHIFT), __ATOMIC_RELAXED);
+            __atomic_thread_fence(__ATOMIC_RELEASE);
+        }
+        __atomic_store_n(&bl->drv_event_->flags, on ? (bl->event_idx ? RING_EVENT_FLAGS_DESC : RING_EVENT_FLAGS_ENABLE)
+                         : RING_EVENT_FLAGS_DISABLE, __ATOMIC_RELAXED);
+        return;
+    }
     if (bl->event_idx) {
         if (on)
             __atomic_store_n(used_event_ptr(bl), bl->last_used_idx, __ATOMIC_RELAXED);
@@ -461,13 +605,15 @@ static int bl_run(struct vqd_blkload *bl, uint64_t run_ns)
         idle = 0;
         if (bl->in_flight && t - progress > bl->stall_ns) {
             bl_fail(bl, VQD_E_BROKEN, "the back-end completed nothing for %.1f s with %u request(s) in flight "
-                    "(avail->idx %u, used->idx %u)", (t - progress) / 1e9, bl->in_flight, bl->avail_idx,
-                    __atomic_load_n(&bl->used_->idx, __ATOMIC_RELAXED));
+                    "(%s %u, %s %u)", (t - progress) / 1e9, bl->in_flight,
+                    bl->packed ? "next avail slot" : "avail->idx", bl->avail_idx,
+                    bl->packed ? "next used slot" : "used->idx", bl->packed ? bl->last_used_idx
+                    : __atomic_load_n(&bl->used_->idx, __ATOMIC_RELAXED));
             break;
         }
         arm_calls(bl, 1);
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        if (__atomic_load_n(&bl->used_->idx, __ATOMIC_ACQUIRE) == bl->last_used_idx) {
+        if (!has_used(bl)) {
             int ms = WAIT_MS;
             if (phase == PHASE_TIMED && deadline - t < (uint64_t)WAIT_MS * 1000000ULL)
                 ms = (int)((deadline - t) / 1000000ULL) + 1;

@@ -2,20 +2,23 @@
  * §5.2.6): the data path of `vqscope load blk` (inspector/datapath/blkload.py
  * wraps it, inspector/tools/blk_load.py is the command).
  *
- * One struct vqd_blkload is one split ring that this engine drives as the
- * driver while vqd_blkload_run runs (the front-end did the handshake and
+ * One struct vqd_blkload is one split or packed ring that this engine drives
+ * as the driver while vqd_blkload_run runs (the front-end did the handshake and
  * left nothing in flight). Python lays out `iodepth` request slots in guest
  * memory beforehand (struct vqd_bl_slot: 16-byte header, status byte, data
  * buffer of bs bytes) and fills the "in" fields; vqd_blkload_init checks
- * them all against guest memory and the queue size, writes each slot's
- * fixed chain of descriptors (header, data in segments of at most seg_size
- * bytes, status: `descs_per_slot` descriptors from slot * descs_per_slot,
- * whose first is the head), and vqd_blkload_run keeps `iodepth` requests in
+ * them all against guest memory and the queue size; each request is a
+ * chain of `descs_per_slot` descriptors (header, data in segments of at most
+ * seg_size bytes, status). Split: each slot's chain is written once, at
+ * descriptors slot * descs_per_slot on (the first is the head); packed: it
+ * is written at the next available slots each time, with the slot number as
+ * its buffer id. vqd_blkload_run keeps `iodepth` requests in
  * flight for `run_ns` nanoseconds, without the GIL.
  *
  * Every used element is checked before it is believed: its id must be the
- * head of a slot in flight, its len at most what the chain lets the device
- * write, used->idx at most `in flight` entries ahead; a violation stops the
+ * head (packed: the buffer id) of a slot in flight, its len at most what
+ * the chain lets the device write, used->idx at most `in flight` entries
+ * ahead; a violation stops the
  * run with `broken` and `reason` (the back-end is reported, never trusted),
  * as does a back-end that completes nothing for `stall_ns`.
  *
@@ -67,10 +70,14 @@ struct vqd_blkload {
     /* --- in: guest memory and the ring (gpa 0 is mem[0]) --- */
     uint8_t *mem;
     uint64_t mem_size;
-    uint32_t num;                      /* queue size (a power of two, split ring) */
-    uint64_t desc_gpa, avail_gpa, used_gpa;
-    uint16_t avail_idx;                /* in/out: the driver's avail->idx shadow */
-    uint16_t last_used_idx;            /* in/out */
+    uint8_t packed;                    /* VIRTIO_F_RING_PACKED (§2.8); else split (§2.7) */
+    uint32_t num;                      /* queue size (split: a power of two) */
+    uint64_t desc_gpa, avail_gpa, used_gpa;  /* packed: descriptor ring, driver event
+                                        * suppression, device event suppression */
+    uint16_t avail_idx;                /* in/out: split: the avail->idx shadow; packed:
+                                        * the next slot to make available */
+    uint16_t last_used_idx;            /* in/out: split: used idx; packed: next used slot */
+    uint8_t avail_wrap, used_wrap;     /* in/out: packed: the two wrap counters */
     uint8_t event_idx;                 /* VIRTIO_RING_F_EVENT_IDX negotiated */
     int kick_fd, call_fd;
     int conn_fd;                       /* the vhost-user socket (-1: none): a hang-up seen
@@ -116,7 +123,10 @@ struct vqd_blkload {
     struct vqd_used *used_;
     uint32_t *free_;                   /* [iodepth] free slot stack */
     uint32_t nfree_;
-    uint16_t kicked_idx_;              /* avail idx at the last kick decision */
+    uint16_t kicked_idx_;              /* avail idx at the last kick decision (split) */
+    uint16_t added_;                   /* descriptors made available since then (packed) */
+    struct vqd_pdesc *pdesc_;
+    struct vqd_pevent *drv_event_, *dev_event_;
     uint64_t rng_, cursor_, fill_cursor_;
 };
 

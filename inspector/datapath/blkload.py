@@ -126,12 +126,15 @@ class BlkLoadResult:
 
 
 class BlkLoadQueue:
-    """One split requestq driven by the C engine.
+    """One requestq driven by the C engine.
 
     ``mem_addr``/``mem_size``: the host address and size of guest memory
     (guest-physical 0 is ``mem_addr``; the caller keeps it mapped);
     ``ring``: (queue size, desc gpa, avail gpa, used gpa, avail idx, last
-    used idx); ``slots``: ``iodepth`` tuples (header gpa, status gpa, data
+    used idx) of a split ring, or with ``packed``: (queue size, descriptor
+    ring gpa, driver event suppression gpa, device event suppression gpa,
+    next avail slot, next used slot), and ``wraps`` (avail, used wrap
+    counters); ``slots``: ``iodepth`` tuples (header gpa, status gpa, data
     gpa), the data ``bs`` bytes long; ``seg_size``: longest data descriptor
     (the back-end's size_max); ``region``: (first sector, blocks of ``bs``);
     ``read_pct``: percent of requests that are IN; ``order``:
@@ -147,7 +150,8 @@ class BlkLoadQueue:
                  event_idx: bool, kick_fd: int, call_fd: int, slots: list[tuple[int, int, int]], bs: int,
                  seg_size: int, region: tuple[int, int], read_pct: int, order: int, seed: int = 0,
                  verify: bool = False, track: bool = False, fill: bool = False, max_ios: int = 0,
-                 spin: int = 64, stall: float = 10.0, conn_fd: int = -1):
+                 spin: int = 64, stall: float = 10.0, conn_fd: int = -1, packed: bool = False,
+                 wraps: tuple[int, int] = (1, 1)):
         self.bl = bl = ffi.new("struct vqd_blkload *")
         self._slots = ffi.new("struct vqd_bl_slot[]", max(len(slots), 1))
         self._free = ffi.new("uint32_t[]", max(len(slots), 1))
@@ -158,6 +162,7 @@ class BlkLoadQueue:
         bl.mem = ffi.cast("uint8_t *", mem_addr)
         bl.mem_size = mem_size
         (bl.num, bl.desc_gpa, bl.avail_gpa, bl.used_gpa, bl.avail_idx, bl.last_used_idx) = ring
+        bl.packed, (bl.avail_wrap, bl.used_wrap) = bool(packed), wraps
         bl.event_idx = bool(event_idx)
         bl.kick_fd, bl.call_fd, bl.conn_fd = kick_fd, call_fd, conn_fd
         bl.slots, bl.iodepth, bl.bs, bl.seg_size = self._slots, len(slots), bs, seg_size

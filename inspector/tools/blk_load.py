@@ -86,7 +86,7 @@ class BlkLoad:
     def __init__(self, socket: str, *, rw: str = "randread", bs: int = 4096, iodepth: int = 32,
                  queues: int = 1, size: int | None = None, rwmixread: int = 50, verify: bool = False,
                  then_read: bool = False, seed: int = 1, spin: int = 64, stall: float = 10.0,
-                 timeout: float = 5.0):
+                 packed: bool = False, timeout: float = 5.0):
         if rw not in RW_MODES:
             raise ArgumentError(f"--rw {rw!r}: use one of {', '.join(RW_MODES)}")
         if bs <= 0 or bs % VIRTIO_BLK_SECTOR_SIZE:
@@ -113,7 +113,7 @@ class BlkLoad:
                 try:
                     self.fe = BlkFrontend(socket, num_queues=queues, queue_size=qsize,
                                           mem_size=-(-mem // (2 << 20)) * (2 << 20), event_idx=True,
-                                          max_data=bs, timeout=timeout)
+                                          packed=packed, max_data=bs, timeout=timeout)
                 except OSError as e:   # no back-end there, or it went away during the handshake
                     raise InspectorError(f"--connect {socket}: {e.strerror or e}") from e
                 self.config = self.fe.config()
@@ -164,14 +164,20 @@ class BlkLoad:
             first, end = q * self.blocks // self.nqueues, (q + 1) * self.blocks // self.nqueues
             dq = fe.queues[q]
             ring = dq.ring
+            if fe.packed:
+                geometry = (ring.size, ring.desc_addr, ring.driver_event_addr, ring.device_event_addr,
+                            ring.next_avail, ring.next_used)
+                wraps = (ring.avail_wrap_counter, ring.used_wrap_counter)
+            else:
+                geometry = (ring.size, ring.desc_addr, ring.avail_addr, ring.used_addr, ring.avail_idx,
+                            ring.last_used_idx)
+                wraps = (1, 1)
             slots = []
             for _ in range(self.iodepth):
                 gpa = fe._slot_gpa(fe._alloc_slot())
                 slots.append((gpa, gpa + 16, gpa + _DATA_OFFSET))
             out.append(BlkLoadQueue(
-                fe.uva, fe.mem_size,
-                (ring.size, ring.desc_addr, ring.avail_addr, ring.used_addr, ring.avail_idx, ring.last_used_idx),
-                event_idx=has_feature(fe.features, VIRTIO_RING_F_EVENT_IDX), kick_fd=dq.kick_fd,
+                fe.uva, fe.mem_size, geometry, packed=fe.packed, wraps=wraps, event_idx=has_feature(fe.features, VIRTIO_RING_F_EVENT_IDX), kick_fd=dq.kick_fd,
                 call_fd=dq.call_fd, slots=slots, bs=self.bs, seg_size=self.seg_size,
                 region=(first * spb, end - first), read_pct=self.read_pct, order=self.order,
                 seed=self.seed, verify=self.verify, track=self.verify and writes,
@@ -226,8 +232,6 @@ class BlkLoad:
             for bq in self.queues:
                 bq.set_mode(read_pct=100, order=SEQUENTIAL, max_ios=bq.bl.region_blocks, track=False)
             back = self._run_all(3600.0)    # ends after one pass (max_ios)
-        for bq, dq in zip(self.queues, self.fe.queues):
-            dq.ring.avail_idx, dq.ring.last_used_idx = bq.ring_indices
         return self.report(main, back)
 
     def report(self, r: BlkLoadResult, back: BlkLoadResult | None) -> dict:
@@ -239,6 +243,7 @@ class BlkLoad:
             "rw": self.rw, "bs": self.bs, "iodepth": self.iodepth, "queues": self.nqueues,
             "region_bytes": self.blocks * self.bs, "seed": self.seed, "seconds": round(secs, 3),
             "capacity_sectors": self.config["capacity"], "queue_size": self.fe.queue_size,
+            "ring": "packed" if self.fe.packed else "split",
             "ios": c["completed"], "iops": round(c["completed"] / secs, 1),
             "bytes": c["bytes_read"] + c["bytes_written"],
             "mb_s": round((c["bytes_read"] + c["bytes_written"]) / secs / 1e6, 2),
@@ -251,8 +256,8 @@ class BlkLoad:
                        "other": c["status_other"]},
             "errors": c["status_ioerr"] + c["status_unsupp"] + c["status_other"],
             "used_len_short": c["used_len_short"],
-            "ring": {"kicks": c["kicks"], "kicks_suppressed": c["kicks_suppressed"], "calls": c["calls"],
-                     "sleeps": c["sleeps"]},
+            "notifications": {"kicks": c["kicks"], "kicks_suppressed": c["kicks_suppressed"],
+                              "calls": c["calls"], "sleeps": c["sleeps"]},
             "verify": _verify(r) if self.verify else None,
             "then_read": None,
             "broken": r.broken, "in_flight_at_end": r.in_flight, "interrupted": self.interrupted,
@@ -330,9 +335,9 @@ def format_report(rep: dict, socket: str) -> str:
                             if first else "")
                          + (f", {v['unverified_reads']} reads of blocks not written yet" if v["unverified_reads"]
                             else ""))
-    ring = rep["ring"]
-    lines.append(f"  ring: queue size {rep['queue_size']}, kicks {ring['kicks']} ({ring['kicks_suppressed']} "
-                 f"suppressed), calls {ring['calls']}, sleeps {ring['sleeps']}")
+    n = rep["notifications"]
+    lines.append(f"  ring: {rep['ring']}, queue size {rep['queue_size']}, kicks {n['kicks']} "
+                 f"({n['kicks_suppressed']} suppressed), calls {n['calls']}, sleeps {n['sleeps']}")
     if rep["broken"] or (rep["then_read"] or {}).get("broken"):
         lines.append(f"  BACK-END FAULT: {rep['broken'] or rep['then_read']['broken']}")
     return "\n".join(lines)
@@ -344,7 +349,8 @@ def blk_load_main(args) -> int:
     size = parse_size(args.size, "size") if args.size is not None else None
     with BlkLoad(args.connect, rw=args.rw, bs=parse_size(args.bs, "bs"), iodepth=args.iodepth,
                  queues=args.queues, size=size, rwmixread=args.rwmixread, verify=args.verify,
-                 then_read=args.then_read, seed=args.seed, spin=args.spin, stall=args.stall) as load:
+                 then_read=args.then_read, seed=args.seed, spin=args.spin, stall=args.stall,
+                 packed=args.packed) as load:
         rep = load.run(args.seconds)
     print(json.dumps(rep) if args.json else format_report(rep, args.connect), flush=True)
     return 130 if rep["interrupted"] else 1 if report_failed(rep) else 0

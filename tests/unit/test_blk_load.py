@@ -22,9 +22,10 @@ import threading
 import pytest
 
 from inspector.cli import main as vqscope
-from inspector.datapath.blkload import SEQUENTIAL, BlkLoadQueue, BlkLoadResult, Latency, bucket_low, sector_pattern
+from inspector.datapath.blkload import (RANDOM, SEQUENTIAL, BlkLoadQueue, BlkLoadResult, Latency, bucket_low,
+                                        sector_pattern)
 from inspector.errors import ArgumentError
-from inspector.layout import split_layout
+from inspector.layout import packed_layout, split_layout
 from inspector.spec.virtio import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
 from inspector.tools.blk_load import BlkLoad, parse_size, report_failed
 from tests.conftest import require, wait_for
@@ -72,7 +73,7 @@ class FakeDevice:
 
     def __init__(self, num: int = 64, depth: int = 4, bs: int = 4096, descs: int = 3):
         self.num, self.depth, self.bs, self.descs = num, depth, bs, descs
-        self.lay = split_layout(num, 4096)
+        self.lay = self.layout(num)
         self.size = 1 << 20
         self.map = mmap.mmap(-1, self.size)
         self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
@@ -85,6 +86,10 @@ class FakeDevice:
     def close(self) -> None:
         os.close(self.kick_fd)
         os.close(self.call_fd)
+
+    @staticmethod
+    def layout(num: int):
+        return split_layout(num, 4096)
 
     def queue(self, **kw) -> BlkLoadQueue:
         args = dict(event_idx=False, kick_fd=self.kick_fd, call_fd=self.call_fd, slots=self.slots, bs=self.bs, seg_size=self.bs,
@@ -120,13 +125,69 @@ class FakeDevice:
             os.eventfd_write(self.call_fd, 1)     # the engine arms calls before it sleeps
 
 
+class PackedFakeDevice(FakeDevice):
+    """The same, on a packed ring (§2.8) of ``num`` descriptors (any size):
+    the device's next avail and next used positions with their wrap
+    counters, a chain's buffer id read from its last descriptor."""
+
+    def __init__(self, num: int = 60, depth: int = 4, bs: int = 4096, descs: int = 3):
+        super().__init__(num, depth, bs, descs)
+        self.play = self.lay
+        self.avail, self.avail_wrap = 0, 1
+        self.used, self.used_wrap = 0, 1
+        self.chains: dict[int, int] = {}      # buffer id -> descriptors in its chain
+
+    @staticmethod
+    def layout(num: int):
+        return packed_layout(num)
+
+    def queue(self, **kw) -> BlkLoadQueue:
+        args = dict(event_idx=False, kick_fd=self.kick_fd, call_fd=self.call_fd, slots=self.slots, bs=self.bs,
+                    seg_size=self.bs, region=(0, 256), read_pct=100, order=SEQUENTIAL, spin=8, stall=2.0,
+                    packed=True, wraps=(1, 1))
+        args.update(kw)
+        return BlkLoadQueue(self.addr, self.size, (self.num, 0, self.play.driver_event_offset,
+                                                   self.play.device_event_offset, 0, 0), **args)
+
+    def take(self) -> list[tuple[int, int, int]]:
+        out = []
+        while True:
+            flags = struct.unpack_from("<H", self.map, 16 * self.avail + 14)[0]   # flags first, then the rest
+            if bool(flags & 0x80) != bool(self.avail_wrap) or bool(flags & 0x8000) == bool(self.avail_wrap):
+                return out
+            addr = struct.unpack_from("<Q", self.map, 16 * self.avail)[0]
+            typ, _, sector = struct.unpack_from("<IIQ", self.map, addr)
+            n = 0
+            while True:
+                _, _, bid, fl = struct.unpack_from("<QIHH", self.map, 16 * self.avail)
+                n += 1
+                self.avail += 1
+                if self.avail == self.num:
+                    self.avail, self.avail_wrap = 0, 1 - self.avail_wrap
+                if not fl & VRING_DESC_F_NEXT:
+                    break
+            self.chains[bid] = n
+            out.append((bid, typ, sector))
+
+    def use(self, head: int, length: int, status: int | None = 0, publish: bool = True) -> None:
+        if status is not None and head < self.depth:
+            self.map[self.slots[head][1]] = status
+        struct.pack_into("<QIH", self.map, 16 * self.used, 0, length, head)
+        flags = 0x8080 if self.used_wrap else 0
+        memoryview(self.map)[16 * self.used + 14:16 * self.used + 16].cast("H")[0] = flags
+        self.used += self.chains.pop(head, self.descs)
+        if self.used >= self.num:
+            self.used, self.used_wrap = self.used - self.num, 1 - self.used_wrap
+        os.eventfd_write(self.call_fd, 1)
+
+
 @pytest.fixture
 def fake():
     """Make FakeDevices (same arguments); their eventfds are closed at teardown."""
     made = []
 
-    def make(**kw) -> FakeDevice:
-        made.append(FakeDevice(**kw))
+    def make(packed: bool = False, **kw) -> FakeDevice:
+        made.append((PackedFakeDevice if packed else FakeDevice)(**kw))
         return made[-1]
 
     yield make
@@ -197,6 +258,43 @@ def test_data_split_at_size_max(fake):
 
     r = _run_against(dev, bq, device, 0.2)
     assert r.broken is None and r.counters["reads"] == r.counters["status_ok"] > 0
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_packed_ring_chains_wrap_and_complete(fake, event_idx):
+    """§2.8: chains of 3 descriptors in a ring of 61 (not a multiple: chains
+    straddle the wrap), written with the avail wrap counter, each used
+    descriptor taken when AVAIL and USED both equal the used wrap counter."""
+    dev = fake(packed=True, num=61)
+    bq = dev.queue(read_pct=50, order=RANDOM, event_idx=event_idx, verify=True)
+    seen = []
+
+    def device(dev, running):
+        while running():
+            for bid, typ, sector in dev.take():
+                assert typ in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT) and bid < 4 and dev.chains[bid] == 3
+                if typ == VIRTIO_BLK_T_OUT:
+                    data = dev.slots[bid][2]
+                    assert dev.map[data:data + 4096] == sector_pattern(sector, 8, 0)
+                seen.append(bid)
+                dev.use(bid, 4097 if typ == VIRTIO_BLK_T_IN else 1)
+
+    r = _run_against(dev, bq, device, 0.4)
+    assert r.broken is None and r.in_flight == 0, r.broken
+    assert r.counters["completed"] == r.counters["status_ok"] == len(seen) > 3 * 61 // 3   # wrapped
+    assert r.counters["reads"] and r.counters["writes"]
+
+
+def test_packed_ring_bad_buffer_id_is_reported(fake):
+    dev = fake(packed=True)
+    bq = dev.queue()
+
+    def device(dev, running):
+        assert wait_for(lambda: len(dev.take()) or dev.chains, 3)
+        dev.use(7, 4097, status=None)
+
+    r = _run_against(dev, bq, device, 5.0)
+    assert "has buffer id 7, which is not a request in flight" in r.broken
 
 
 @pytest.mark.parametrize("event_idx, suppress", [(False, True), (False, False), (True, True), (True, False)])
