@@ -332,6 +332,32 @@ def test_kicks_honour_the_devices_suppression(fake, event_idx, suppress):
     assert dev.u16(a + 4 + 2 * dev.num) == bq.ring_indices[1] if event_idx else dev.u16(a) == 0
 
 
+@pytest.mark.parametrize("event_idx, suppress", [(False, True), (False, False), (True, True), (True, False)])
+def test_packed_kicks_and_calls_follow_the_event_suppression_areas(fake, event_idx, suppress):
+    """§2.8.10: kicks as the device's area says (DISABLE: none; ENABLE:
+    each publish; DESC with EVENT_IDX: when the driver passes off_wrap);
+    the run ends with calls asked for in the driver's area (DESC at the
+    next used position with EVENT_IDX, else ENABLE)."""
+    dev = fake(packed=True)
+    bq = dev.queue(event_idx=event_idx)
+    ev = memoryview(dev.map)[dev.play.driver_event_offset:dev.play.driver_event_offset + 8].cast("H")
+    ev[3] = 1 if suppress else 0                       # device area flags: DISABLE / ENABLE
+
+    def device(dev, running):
+        while running():
+            if event_idx and not suppress:             # DESC: kick me when you pass where I am
+                ev[2], ev[3] = dev.avail | dev.avail_wrap << 15, 2
+            for bid, _, _ in dev.take():
+                dev.use(bid, 4097)
+
+    r = _run_against(dev, bq, device, 0.3)
+    c = r.counters
+    assert r.broken is None and c["completed"] > 20
+    assert (c["kicks"] == 0) == suppress and c["kicks"] + c["kicks_suppressed"] > 0
+    used, wrap = bq.ring_indices[1], bq.bl.used_wrap
+    assert (ev[0], ev[1]) == ((used | wrap << 15, 2) if event_idx else (ev[0], 0))
+
+
 @pytest.mark.parametrize("bad, reason", [
     ("id", "has id 1, which is not the head of a request in flight"),
     ("len", "has len 4098, more than the 4097 bytes"),
