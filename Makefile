@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMPS  := .stamps
 CSRC    := $(wildcard inspector/csrc/*.c inspector/csrc/*.h)
 
-.PHONY: all deps venv build lint test test-unit demo bench-decoder bench-net bench-attach bench-record bench-probes bench-doctor soak fuzz fuzz-build clean
+.PHONY: all deps venv build lint test test-unit demo bench-decoder bench-net bench-blk bench-attach bench-record bench-probes bench-doctor soak fuzz fuzz-build clean
 
 all: build
 
@@ -50,6 +50,11 @@ bench-decoder: build
 
 bench-net: build
 	$(PY) tests/bench/bench_net.py
+
+# load blk's 4 KiB randread/randwrite at iodepth 32 against serve blk and
+# qemu-storage-daemon on tmpfs images, interleaved rounds: one JSON line.
+bench-blk: build
+	$(PY) tests/bench/bench_blk.py
 
 bench-attach: build
 	$(PY) tests/bench/bench_attach.py

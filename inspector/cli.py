@@ -29,6 +29,7 @@ from .sources import open_source
 from .tools.demo import demo_main
 from .tools.doctor import VERDICT_HELP, doctor_main
 from .tools.serve import serve_main
+from .tools.blk_load import RW_MODES, blk_load_main
 from .tools.vhost_net_load import load_main
 
 
@@ -60,6 +61,17 @@ lasts `for` seconds (default: for ever).
                        stay in flight (extras blk.in_flight) until the fault ends
     drop-calls=VRING   calls that are due are not sent (a lost interrupt); counted only
                        in the snapshot's extras inject.calls_dropped"""
+
+
+#: What ``load blk --verify`` checks, for its epilog.
+BLK_LOAD_HELP = """\
+--verify: every 512-byte sector written carries a pattern of (sector, --seed); every
+sector read is checked against it. Read modes check every read: the region must have
+been written with the same --seed (by a write run through any back-end of the image).
+Write modes go on after --seconds until every block of the region was written once, so
+that a later read --verify finds no hole; mixed modes check reads of blocks written
+before. Exit status 1 on any error status, mismatch, or a back-end that broke the ring
+(a used id that is no request in flight, a used len beyond the chain) or stalled."""
 
 
 def _fault_type(kinds: tuple[str, ...]):
@@ -122,6 +134,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def cmd_load(args: argparse.Namespace) -> int:
     return load_main(args)
+
+
+def cmd_load_blk(args: argparse.Namespace) -> int:
+    return blk_load_main(args)
 
 
 #: The source options of ``snapshot``, ``tui`` and ``record``: (flags, add_argument keywords).
@@ -314,28 +330,67 @@ def build_parser() -> argparse.ArgumentParser:
                     help="split rings even when the back-end offers packed ones (VIRTIO_F_RING_PACKED)")
     dp.set_defaults(func=cmd_demo)
 
-    ldp = sub.add_parser("load", help="drive a kernel vhost-net device from user space (a load tool)",
+    ldp = sub.add_parser("load", help="load generators: a kernel vhost-net device, a vhost-user-blk back-end",
                          formatter_class=fmt, epilog=_examples("""
+                             vqscope load vhost-net --tx 32 --rx 32       # needs root and /dev/vhost-net
+                             vqscope load blk --connect /tmp/blk.sock --rw randread --bs 4k --iodepth 32
+                         """))
+    lsub = ldp.add_subparsers(dest="kind", metavar="DEVICE", required=True)
+    lnp = lsub.add_parser("vhost-net", help="drive a kernel vhost-net device from user space",
+                          formatter_class=fmt, epilog=_examples("""
                              vqscope load vhost-net --tx 32 --rx 32       # needs root and /dev/vhost-net
                              vqscope load vhost-net --hold 60 --every 0.5 # stay open for vqscope tui --vhost-net PID
                              vqscope load vhost-net --withhold-kicks --hold 60   # TX entries vhost was never kicked for
                              vqscope load vhost-net --hold 60 --every 1 --withhold-kicks 4 --withhold-after 20
                          """))
-    ldp.add_argument("kind", choices=["vhost-net"], help="device to drive")
-    ldp.add_argument("--tx", type=int, default=8, help="frames to send through TX (default 8)")
-    ldp.add_argument("--rx", type=int, default=8, help="frames to receive through RX (default 8)")
-    ldp.add_argument("--tap", default="vqs%d", help="tap device name (default vqs%%d: the kernel picks)")
-    ldp.add_argument("--size", type=int, default=256, help="queue size of both vrings (default 256)")
-    ldp.add_argument("--hold", type=float, default=0.0, help="seconds to stay open after the traffic")
-    ldp.add_argument("--every", type=float, default=0.0,
+    lnp.add_argument("--tx", type=int, default=8, help="frames to send through TX (default 8)")
+    lnp.add_argument("--rx", type=int, default=8, help="frames to receive through RX (default 8)")
+    lnp.add_argument("--tap", default="vqs%d", help="tap device name (default vqs%%d: the kernel picks)")
+    lnp.add_argument("--size", type=int, default=256, help="queue size of both vrings (default 256)")
+    lnp.add_argument("--hold", type=float, default=0.0, help="seconds to stay open after the traffic")
+    lnp.add_argument("--every", type=float, default=0.0,
                      help="while holding, one TX and one RX frame every SECONDS")
-    ldp.add_argument("--withhold-kicks", type=int, nargs="?", const=8, default=0, metavar="N",
+    lnp.add_argument("--withhold-kicks", type=int, nargs="?", const=8, default=0, metavar="N",
                      help="a lost kick on purpose: after the traffic, publish N TX frames (default 8) "
                           "without kicking vhost; from then on --every's TX frames are unkicked too")
-    ldp.add_argument("--withhold-after", type=float, default=0.0, metavar="S",
+    lnp.add_argument("--withhold-after", type=float, default=0.0, metavar="S",
                      help="start withholding S seconds into --hold (default 0), after normal "
                           "--every traffic, so that an observer attached meanwhile sees TX at work")
-    ldp.set_defaults(func=cmd_load)
+    lnp.set_defaults(func=cmd_load)
+
+    lbp = lsub.add_parser("blk", help="drive a vhost-user-blk back-end without a VM (fio-like)",
+                          formatter_class=fmt, epilog=_examples("""
+                             vqscope load blk --connect /tmp/blk.sock --rw randread --bs 4k --iodepth 32 --seconds 10
+                             vqscope load blk --connect /tmp/blk.sock --rw randwrite --queues 2 --json
+                             vqscope load blk --connect /tmp/qsd.sock --rw write --verify --size 64m --seed 7
+                             vqscope load blk --connect /tmp/blk.sock --rw read --verify --size 64m --seed 7
+                             vqscope load blk --connect /tmp/blk.sock --rw randwrite --verify --then-read
+                         """) + "\n\n" + BLK_LOAD_HELP)
+    lbp.add_argument("--connect", required=True, metavar="SOCK", help="the back-end's vhost-user socket")
+    lbp.add_argument("--rw", default="randread", choices=list(RW_MODES),
+                     help="randread, randwrite, read, write (sequential), rw / randrw (mixed, --rwmixread); "
+                          "default randread")
+    lbp.add_argument("--bs", default="4k", help="bytes per request, a multiple of 512 (k, m suffixes; default 4k)")
+    lbp.add_argument("--iodepth", type=int, default=32, help="requests in flight per queue (default 32)")
+    lbp.add_argument("--queues", type=int, default=1,
+                     help="requestqs, one thread each (the back-end must offer MQ for more than 1)")
+    lbp.add_argument("--seconds", type=float, default=5.0, help="how long to run (default 5)")
+    lbp.add_argument("--size", default=None,
+                     help="bytes of the disk to use from sector 0 (k, m, g suffixes; default: all of it)")
+    lbp.add_argument("--rwmixread", type=int, default=50, help="percent of reads for rw / randrw (default 50)")
+    lbp.add_argument("--verify", action="store_true",
+                     help="write a pattern of (sector, --seed) and check every sector read against it")
+    lbp.add_argument("--then-read", action="store_true",
+                     help="with --verify on a write mode: read the whole region back and check it")
+    lbp.add_argument("--seed", type=int, default=1, help="seed of random offsets and the pattern (default 1)")
+    lbp.add_argument("--spin", type=int, default=64,
+                     help="empty used-ring polls before sleeping on the call eventfd (default 64)")
+    lbp.add_argument("--stall", type=float, default=10.0,
+                     help="seconds without a completion after which the back-end counts as stalled (default 10)")
+    lbp.add_argument("--packed", action="store_true",
+                     help="packed rings (VIRTIO_F_RING_PACKED) when the back-end offers them; else split")
+    lbp.add_argument("--json", action="store_true", help="print one JSON object")
+    lbp.set_defaults(func=cmd_load_blk)
 
 
     prp = sub.add_parser("probe", help="BCC probes: vhost-net handlers, eventfd kicks/calls, vhost ioctls",

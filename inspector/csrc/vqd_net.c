@@ -50,15 +50,6 @@
 /* Status of delivering one frame into a receive queue. */
 enum { DELIVER_OK = 0, DELIVER_STARVED = 1, DELIVER_DROPPED = 2 };
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield" ::: "memory");
-#endif
-}
-
 /* A cursor over an iovec array. */
 struct cursor {
     struct vqd_iov *iov;

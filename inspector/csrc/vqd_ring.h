@@ -33,6 +33,16 @@
  * the module (not in any CDEF block either). */
 #define VQD_INTERNAL __attribute__((visibility("hidden")))
 
+/* A spin-wait hint (the net paths and the blk load engine poll rings). */
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield" ::: "memory");
+#endif
+}
+
 struct vqd_desc {
     uint64_t addr;
     uint32_t len;
