@@ -10,8 +10,9 @@ the same ``--seed``: every sector read must match. The same read with
 another seed must fail (exit 1): the check is real. The image itself is
 read too: a sector of it holds the pattern of its number.
 
-The pairs with ``vqscope serve blk`` run when the CLI has it (the blk
-back-end lands separately); qemu-storage-daemon to itself always runs.
+``serve blk`` offers packed rings (qemu-storage-daemon 7.2 does not): a
+``--packed`` write through it is read back through qemu-storage-daemon's
+split ring.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from contextlib import contextmanager
 
 import pytest
 
-from inspector.cli import build_parser
 from inspector.datapath.blkload import sector_pattern
 from tests.conftest import VQSCOPE, require
 from tests.support.peers import Peer, PeerError, wait_path
@@ -36,16 +36,7 @@ REGION = "16m"
 SEED = 77
 
 
-def _has_serve_blk() -> bool:
-    try:
-        build_parser().parse_args(["serve", "blk", "--socket", "s", "--file", "f"])
-    except SystemExit:
-        return False
-    return True
-
-
-SERVE_BLK = _has_serve_blk()
-PAIRS = [("qsd", "qsd")] + ([("qsd", "vqscope"), ("vqscope", "qsd")] if SERVE_BLK else [])
+PAIRS = [("qsd", "qsd"), ("qsd", "vqscope"), ("vqscope", "qsd")]
 
 
 @contextmanager
@@ -72,8 +63,9 @@ def _load(sock: str, *args: str) -> tuple[int, dict]:
     return r.returncode, json.loads(r.stdout)
 
 
-@pytest.mark.parametrize("writer, reader", PAIRS)
-def test_written_through_one_back_end_read_back_through_another(writer, reader):
+@pytest.mark.parametrize("writer, reader, packed", [(*p, False) for p in PAIRS] + [("vqscope", "qsd", True)],
+                         ids=[f"{w}-{r}" for w, r in PAIRS] + ["vqscope_packed-qsd"])
+def test_written_through_one_back_end_read_back_through_another(writer, reader, packed):
     d = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None, prefix="vqs-blkload-it-")
     img = os.path.join(d, "img")
     with open(img, "wb") as f:
@@ -81,8 +73,9 @@ def test_written_through_one_back_end_read_back_through_another(writer, reader):
     try:
         with _backend(writer, img, os.path.join(d, "w.sock")):
             rc, w = _load(os.path.join(d, "w.sock"), "--rw", "randwrite", "--queues", "2", "--seconds", "1",
-                          "--verify", "--seed", str(SEED))
+                          "--verify", "--seed", str(SEED), *(["--packed"] if packed else []))
         assert rc == 0 and w["errors"] == 0 and w["broken"] is None, w
+        assert w["ring"] == ("packed" if packed else "split"), w
         assert w["write"]["ios"] >= (16 << 20) // 4096        # every block once at least (the fill)
         with open(img, "rb") as f:
             f.seek(12345 * 512)
