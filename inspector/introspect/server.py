@@ -14,7 +14,9 @@ message log and the event buffer.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
 import json
 import logging
 import os
@@ -26,6 +28,8 @@ from typing import Protocol
 
 from ..errors import InspectorError
 from .buffer import EVENTS_PER_REPLY
+
+_TMP_SEQ = itertools.count()
 
 #: Every introspection operation; each only reads. Anything else is refused.
 INTROSPECT_OPS = ("snapshot", "messages", "events")
@@ -39,8 +43,9 @@ logger = logging.getLogger("inspector.vhost_user")
 def listen_unix(path: str) -> socket.socket:
     """A listening, non-blocking Unix stream socket at ``path``, mode 0600
     (chmod between bind and listen: no one can connect before listen, so
-    there is no window). A stale socket file (nobody listening) is removed;
-    a live one or a non-socket file is an InspectorError."""
+    there is no window); the file appears at ``path`` only once it listens.
+    A stale socket file (nobody listening) is removed; a live one or a
+    non-socket file is an InspectorError."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -59,13 +64,27 @@ def listen_unix(path: str) -> socket.socket:
             raise InspectorError(f"{path} is in use by a running server; choose another path")
         finally:
             probe.close()
+    # Bound and listening under a temporary name beside it, then renamed
+    # into place: the path appears only once connect() can succeed, so a
+    # peer that waits for the file (QEMU, a script, a test) never sees
+    # ECONNREFUSED from a socket that is not listening yet.
+    tmp = os.path.join(os.path.dirname(path) or ".", f".vqs-{os.getpid()}-{next(_TMP_SEQ)}")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        s.bind(path)
-        os.chmod(path, 0o600)
+        try:
+            s.bind(tmp)
+        except OSError:      # the temporary name too long for sun_path, say: bind in place
+            tmp = path
+            s.bind(path)
+        os.chmod(tmp, 0o600)
         s.listen(16)
+        if tmp != path:
+            os.rename(tmp, path)
     except OSError as e:
         s.close()
+        if tmp != path:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise InspectorError(f"cannot listen on {path}: {e.strerror}") from e
     s.setblocking(False)
     return s

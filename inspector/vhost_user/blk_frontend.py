@@ -14,8 +14,12 @@ of a back-end's answers to bad requests.
 
 Completions are matched to what was submitted by head: the status is read
 from where this front-end put the status byte, never from where the
-back-end says (a used length that does not cover it leaves the status
-unknown: ``status`` None).
+back-end says, whenever the used length is at least 1. A device that fails
+a request may write only the status byte (used length 1, §5.2.6), so a
+used length short of the data does not hide the status; the byte is set to
+0xff before submission, so a status the device never wrote reads as 0xff,
+not as a valid VIRTIO_BLK_S_*. A used length of 0 (nothing written) leaves
+``status`` None.
 """
 
 from __future__ import annotations
@@ -49,8 +53,9 @@ BLK_DRIVER_FEATURES = (1 << VIRTIO_BLK_F_SIZE_MAX | 1 << VIRTIO_BLK_F_SEG_MAX | 
 @dataclass
 class Completion:
     """One used request: ``head`` (split: head descriptor index; packed:
-    buffer id), ``status`` (the byte the device wrote, VIRTIO_BLK_S_*; None
-    when there was no status buffer or the used length does not reach it),
+    buffer id), ``status`` (the byte at the status buffer, VIRTIO_BLK_S_*,
+    or 0xff if the device did not write it; None when there was no status
+    buffer or the used length is 0),
     ``data`` (the device-writable data bytes, IN/GET_ID: as many as the used
     length covers), ``used_len`` (what the device put in the used element),
     and what was asked: ``type`` (VIRTIO_BLK_T_*, None for a raw chain) and
@@ -74,7 +79,6 @@ class _Pending:
     type: int | None
     sector: int | None
     status_gpa: int | None        # where the status byte was put (None: no status buffer)
-    status_end: int               # used length that covers the status byte
     in_gpa: int = 0
     in_len: int = 0
     submitted: float = field(default_factory=time.monotonic)
@@ -167,7 +171,7 @@ class BlkFrontend(FrontendCore):
             bufs.append((status_gpa, status_len, True))
         return self._add(queue, bufs, slot, _Pending(
             slot, type if header is None else None, sector if header is None else None, status_gpa,
-            in_len + status_len, data_gpa, in_len), publish)
+            data_gpa, in_len), publish)
 
     def submit_chain(self, q: int, buffers: list[tuple[bytes | int, bool]], *,
                      publish: bool = True) -> int:
@@ -193,8 +197,7 @@ class BlkFrontend(FrontendCore):
             gpa = _align(gpa + max(n, 1), 8)
         writable = [b for b in bufs if b[2]]
         status_gpa = writable[-1][0] + writable[-1][1] - 1 if writable and writable[-1][1] else None
-        return self._add(queue, bufs, slot, _Pending(slot, None, None, status_gpa,
-                                                     sum(b[1] for b in writable)), publish)
+        return self._add(queue, bufs, slot, _Pending(slot, None, None, status_gpa), publish)
 
     def _add(self, queue: DriverQueue, bufs, slot: int, pending: _Pending, publish: bool) -> int:
         try:
@@ -258,7 +261,7 @@ class BlkFrontend(FrontendCore):
             if p is None:
                 raise ProtocolError(f"requestq {queue.index}: the device used head {head}, not in flight")
             status = None
-            if p.status_gpa is not None and used_len >= p.status_end:
+            if p.status_gpa is not None and used_len >= 1:
                 status = self.mem.read(p.status_gpa, 1)[0]
             data = self.mem.read(p.in_gpa, min(p.in_len, used_len)) if p.in_len else b""
             out.append(Completion(head, status, data, used_len, p.type, p.sector))

@@ -114,16 +114,12 @@ def _set_config(fe: BlkFrontend, offset: int, data: bytes) -> int:
 
 
 def _status(fe: BlkFrontend, head: int, q: int = 0):
-    """Wait for ``head``; its completion and the status byte the device
-    wrote where the front-end put the status (None when the used length is
-    0: nothing written). BlkFrontend reports a status only when the used
-    length covers every writable byte; a device that fails a request writes
-    only the status byte (§5.2.6, used length 1)."""
-    where = fe._pending[(q, head)].status_gpa
+    """Wait for ``head``: its completion and its status (None when the used
+    length is 0: nothing written). A device that fails a request writes
+    only the status byte (§5.2.6, used length 1): BlkFrontend reads it all
+    the same."""
     c = fe.wait_head(q, head, 5.0)
-    if where is None or c.used_len == 0:
-        return c, None
-    return c, fe.mem.read(where, 1)[0]
+    return c, c.status
 
 
 def _read_image(path: str, offset: int, n: int) -> bytes:

@@ -875,3 +875,40 @@ def test_device_base_class_defaults_describe_a_device_without_capabilities():
         d.start_queue(VringConfig(index=2), None)
     with pytest.raises(DeviceError, match="vring 2"):
         d.stop_queue(2)
+
+
+def test_socket_appears_only_once_it_listens(tmp_path, monkeypatch):
+    """listen_unix binds and listens under a temporary name and renames the
+    socket into place: whoever sees the path can connect (no ECONNREFUSED
+    window between bind and listen), and no temporary file is left. A
+    directory where the temporary name would not fit sun_path still works
+    (bound in place)."""
+    from inspector.introspect import server as introspect_server
+
+    seen = []
+    real_listen = socket.socket.listen
+
+    class Watching(socket.socket):
+        def listen(self, *a):
+            seen.append(os.path.exists(path))    # the final path, just before listen
+            return real_listen(self, *a)
+
+    path = str(tmp_path / "vu.sock")
+    monkeypatch.setattr(introspect_server.socket, "socket", Watching)
+    s = introspect_server.listen_unix(path)
+    try:
+        assert seen == [False]
+        assert os.listdir(tmp_path) == ["vu.sock"]
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(path)
+        c.close()
+    finally:
+        introspect_server.close_listener(s, path)
+    deep = tmp_path / ("d" * (100 - len(str(tmp_path))))
+    deep.mkdir()
+    path = str(deep / "s")                       # 102 bytes: the temporary name would not fit
+    s = introspect_server.listen_unix(path)
+    try:
+        assert seen == [False, True] and os.listdir(deep) == ["s"]
+    finally:
+        introspect_server.close_listener(s, path)
