@@ -5,7 +5,7 @@
 # build/fuzz/message-findings/).
 #
 #   FUZZ_SECONDS           time of each decoder harness, split and packed (default 600)
-#   FUZZ_DATAPATH_SECONDS  data-path harness time (default: FUZZ_SECONDS / 2)
+#   FUZZ_DATAPATH_SECONDS  time of each data-path harness, net and blk (default: FUZZ_SECONDS / 2)
 #   FUZZ_JOBS              processes per harness (default 1), sharing a corpus
 #   FUZZ_MESSAGES          generated vhost-user messages (default 1000000)
 #   FUZZ_SEED              seed of the message fuzzer (default: time)
@@ -19,7 +19,7 @@ JOBS=${FUZZ_JOBS:-1}
 MESSAGES=${FUZZ_MESSAGES:-1000000}
 SEED=${FUZZ_SEED:-$(date +%s)}
 OUT=build/fuzz
-mkdir -p "$OUT/crashes" "$OUT/corpus-decoder" "$OUT/corpus-decoder_packed" "$OUT/corpus-datapath"
+mkdir -p "$OUT/crashes" "$OUT/corpus-decoder" "$OUT/corpus-decoder_packed" "$OUT/corpus-datapath" "$OUT/corpus-blk"
 status=0
 
 # run_harness NAME SECONDS: JOBS processes over build/fuzz/corpus-NAME (new
@@ -54,5 +54,6 @@ run_harness decoder "$SECONDS_DEC"
 run_harness decoder_packed "$SECONDS_DEC"
 "$PY" -m fuzz.fuzz_inputs replay-packed "$OUT/corpus-decoder_packed" fuzz/corpus/decoder_packed || status=1
 run_harness datapath "$SECONDS_DP"
+run_harness blk "$SECONDS_DP"
 "$PY" -m fuzz.fuzz_messages --messages "$MESSAGES" --seed "$SEED" --findings "$OUT/message-findings" || status=1
 exit $status
