@@ -39,7 +39,7 @@ CLANG = os.environ.get("CLANG", "clang-14")
 
 @pytest.fixture(scope="module")
 def harnesses():
-    """Build both harnesses (make fuzz-build); their paths by name."""
+    """Build the harnesses (make fuzz-build); their paths by name."""
     require(shutil.which(CLANG) is not None, f"{CLANG} is not installed (make deps installs clang-14)")
     rt = subprocess.run([CLANG, "-print-runtime-dir"], check=False, capture_output=True, text=True).stdout.strip()
     require(any(Path(rt).glob("libclang_rt.fuzzer-*.a")),
@@ -47,7 +47,7 @@ def harnesses():
     r = subprocess.run(["make", "-s", "fuzz-build", f"CLANG={CLANG}"], check=False, cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    return {n: ROOT / "build" / "fuzz" / f"fuzz_{n}" for n in ("decoder", "decoder_packed", "datapath")}
+    return {n: ROOT / "build" / "fuzz" / f"fuzz_{n}" for n in ("decoder", "decoder_packed", "datapath", "blk")}
 
 
 def run_harness(binary, *args, env=None, timeout=120):
@@ -55,7 +55,7 @@ def run_harness(binary, *args, env=None, timeout=120):
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
-@pytest.mark.parametrize("name", ["decoder", "decoder_packed", "datapath"])
+@pytest.mark.parametrize("name", ["decoder", "decoder_packed", "datapath", "blk"])
 @pytest.mark.timeout(180)
 def test_harness_runs_clean_over_the_seed_corpus(harnesses, name, tmp_path):
     """20000 mutated inputs (or 15 s, whichever first) from the seeds: no
