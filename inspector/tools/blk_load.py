@@ -47,7 +47,7 @@ from ..vhost_user.blk_frontend import BlkFrontend
 RW_MODES = {"randread": (100, RANDOM), "randwrite": (0, RANDOM), "read": (100, SEQUENTIAL),
             "write": (0, SEQUENTIAL), "rw": (None, SEQUENTIAL), "randrw": (None, RANDOM)}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.I)
-_DATA_OFFSET = 4096        # the data of a slot starts one page in (O_DIRECT back-ends)
+_DATA_OFFSET = BlkFrontend.DATA_OFFSET
 _MIN_QUEUE_SIZE = 128      # QEMU's vhost-user-blk default (libvhost-user takes up to 1024)
 
 
@@ -172,10 +172,7 @@ class BlkLoad:
                 geometry = (ring.size, ring.desc_addr, ring.avail_addr, ring.used_addr, ring.avail_idx,
                             ring.last_used_idx)
                 wraps = (1, 1)
-            slots = []
-            for _ in range(self.iodepth):
-                gpa = fe._slot_gpa(fe._alloc_slot())
-                slots.append((gpa, gpa + 16, gpa + _DATA_OFFSET))
+            slots = fe.take_request_slots(self.iodepth)
             out.append(BlkLoadQueue(
                 fe.uva, fe.mem_size, geometry, packed=fe.packed, wraps=wraps, event_idx=has_feature(fe.features, VIRTIO_RING_F_EVENT_IDX), kick_fd=dq.kick_fd,
                 call_fd=dq.call_fd, slots=slots, bs=self.bs, seg_size=self.seg_size,

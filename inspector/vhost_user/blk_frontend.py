@@ -114,6 +114,25 @@ class BlkFrontend(FrontendCore):
     def num_queues(self) -> int:
         return self.num_vrings
 
+    #: Where a slot's data starts (bytes into the slot): one page in, so that
+    #: a back-end using O_DIRECT sees page-aligned data buffers.
+    DATA_OFFSET = _DATA_OFFSET
+
+    def take_request_slots(self, n: int) -> list[tuple[int, int, int]]:
+        """``n`` buffer slots for a driver outside this class (``load blk``'s
+        C engine), laid out as :meth:`submit` lays out its own: per slot
+        (header gpa, status gpa, data gpa), the 16-byte header at the slot's
+        start, the status byte right after it, ``slot_size - DATA_OFFSET``
+        data bytes from ``DATA_OFFSET``. They stay taken for this front-end's
+        life. Raises InspectorError when fewer than ``n`` slots are free."""
+        if n > len(self.free_slots):
+            raise InspectorError(f"front-end: {n} request slots asked for, {len(self.free_slots)} free")
+        out = []
+        for _ in range(n):
+            base = self._slot_gpa(self._alloc_slot())
+            out.append((base, base + _align(_OUTHDR.size, 8), base + _DATA_OFFSET))
+        return out
+
     # --- config space ------------------------------------------------------------------------
     def config(self) -> dict[str, int]:
         """GET_CONFIG decoded by field (spec VIRTIO_BLK_CONFIG_FIELDS): every
