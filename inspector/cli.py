@@ -28,6 +28,7 @@ from .snapshot.codec import dumps
 from .sources import open_source
 from .tools.demo import demo_main
 from .tools.doctor import VERDICT_HELP, doctor_main
+from .tools.proxy import DEVICE_TYPES, proxy_main
 from .tools.serve import serve_main
 from .tools.blk_load import RW_MODES, blk_load_main
 from .tools.vhost_net_load import load_main
@@ -99,6 +100,10 @@ def cmd_layout(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     return serve_main(args)
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    return proxy_main(args)
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
@@ -251,6 +256,34 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--no-packed", dest="packed", action="store_false",
                     help="do not offer VIRTIO_F_RING_PACKED (default: offered; the driver picks split or "
                          "packed rings; crash safety covers split rings only)")
+
+    pxp = sub.add_parser("proxy", help="watch a third-party vhost-user back-end by relaying its socket",
+                         formatter_class=fmt,
+                         description="Listen for front-ends on --listen; for each, connect to the back-end on "
+                                     "--connect and forward every message both ways byte for byte, with its "
+                                     "fds (the back-end request channel too). The proxy never sends a "
+                                     "message of its own and never writes guest memory; kick and call fds "
+                                     "pass unchanged unless --count-notifications. Either side hanging up "
+                                     "closes the other (so QEMU's reconnect works through it).",
+                         epilog=_examples("""
+                             vqscope proxy --listen /tmp/front.sock --connect /tmp/qsd.sock
+                             # QEMU: -chardev socket,id=c0,path=/tmp/front.sock,reconnect=1
+                             vqscope snapshot --connect /tmp/front.sock --json
+                             vqscope tui --connect /tmp/front.sock
+                         """))
+    pxp.add_argument("--listen", required=True, metavar="FRONT.sock",
+                     help="the socket front-ends connect to (created mode 0600)")
+    pxp.add_argument("--connect", required=True, metavar="BACK.sock", help="the back-end's vhost-user socket")
+    pxp.add_argument("--introspect", metavar="PATH", help="introspection socket (default FRONT.sock.introspect)")
+    pxp.add_argument("--introspect-any-uid", action="store_true",
+                     help="serve introspection to readers of any uid (default: this uid and root)")
+    pxp.add_argument("--count-notifications", action="store_true",
+                     help="interpose the proxy's own kick and call eventfds to count and time them "
+                          "(the data path's notifications then pass through the proxy)")
+    pxp.add_argument("--device-type", choices=DEVICE_TYPES,
+                     help="the device behind the socket (default: inferred from what passes)")
+    pxp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    pxp.set_defaults(func=cmd_proxy)
 
     def add_source_args(q: argparse.ArgumentParser) -> None:
         for flags, kw in SOURCE_ARGS:

@@ -1,0 +1,476 @@
+"""``vqscope proxy``: a transparent vhost-user proxy between a front-end
+(QEMU, DPDK virtio-user) and a third-party back-end (DPDK, SPDK,
+qemu-storage-daemon), to watch the back-end's rings and messages live.
+
+The event loop (``selectors``, one thread, like inspector/vhost_user/
+server.py) listens on the front-end's socket; for each front-end accepted it
+connects to the back-end's socket and relays every message both ways, byte
+for byte, with its fds (inspector/vhost_user/proxy_link.py frames them):
+
+- front-end -> back-end requests ("front-end" in the message log) and the
+  back-end's replies ("back-end");
+- the back-end request channel (SET_BACKEND_REQ_FD, spec "Back-end
+  communication"): the proxy keeps the front-end's socket, makes a socket
+  pair, and sends the back-end one end of it in place of the front-end's,
+  then relays requests back-end -> front-end ("backend-req") and their
+  REPLY_ACK replies ("backend-req-reply").
+
+It never originates a message (no GET_VRING_BASE, ever) and never writes
+guest memory. Kick and call eventfds are forwarded unchanged, so the data
+path never passes through the proxy.
+
+Faults are passed on: either side hanging up closes the other side's
+connection and drops the connection's state (fds, channel), so a front-end
+with QEMU's ``reconnect`` connects again and the proxy connects to the
+back-end again; a back-end that cannot be connected to closes the
+front-end's connection. A malformed message is forwarded as-is and logged
+once, naming request, field and value.
+
+Logs (logger ``inspector.proxy``): ``proxy: listening on FRONT, back-end
+BACK``, ``proxy: connection N: front-end connected, back-end connected``,
+``proxy: connection N closed: WHY``, ``proxy: connection N: DIRECTION
+REQUEST: FIELD VALUE: WHAT (forwarded as-is)``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import selectors
+import socket
+import threading
+import time
+
+from ..introspect.server import IntrospectionServer, close_listener, listen_unix
+from ..snapshot.codec import to_json
+from ..snapshot.model import Snapshot
+from .protocol import MAX_PAYLOAD, BackendRequest, Request, request_name
+from .proxy_link import Frame, LinkClosed, LinkSide, close_fds
+
+logger = logging.getLogger("inspector.proxy")
+
+#: Seconds to wait for the back-end's socket to accept a connection.
+CONNECT_TIMEOUT_S = 2.0
+#: Message log entries kept per connection, and closed connections' logs kept.
+LOG_SIZE = 4096
+_CLOSED_LOGS_KEPT = 16
+
+#: Message-log direction names -> link-stats keys.
+DIRECTIONS = {"front-end": "front_end", "back-end": "back_end",
+              "backend-req": "backend_req", "backend-req-reply": "backend_req_reply"}
+
+
+class ProxyConnection:
+    """One proxied front-end: its link to the back-end and what passed.
+
+    ``id``: the connection number (1, 2, ...); ``front`` / ``back``: the
+    :class:`~.proxy_link.LinkSide` of the front-end's and the back-end's
+    connection; ``channel``: the two sides of the back-end request channel
+    (front-end's socket, proxy's end of the pair given to the back-end), or
+    None; ``log``: the bounded message log (dicts {time, request, flags,
+    size, nfds, fields, direction, malformed}, ``seq`` added by the proxy).
+    """
+
+    def __init__(self, conn_id: int, front: socket.socket, back: socket.socket, proxy: "VhostUserProxy"):
+        self.id = conn_id
+        self.proxy = proxy
+        self.log: collections.deque[dict] = collections.deque(maxlen=LOG_SIZE)
+        self.front = LinkSide(front, "front-end", "front-end", self._on_message, self._on_oversize)
+        self.back = LinkSide(back, "back-end", "back-end", self._on_message, self._on_oversize)
+        self.front.peer, self.back.peer = self.back, self.front
+        self.channel: tuple[LinkSide, LinkSide] | None = None
+        self.closed = False
+
+    @property
+    def sides(self) -> list[LinkSide]:
+        sides = [self.front, self.back]
+        if self.channel is not None:
+            sides += self.channel
+        return sides
+
+    def link_stats(self) -> dict:
+        """Per direction {"messages", "bytes", "fds"} in and ``*_out`` out,
+        and ``proxy_originated`` (always 0: the proxy sends nothing of its own)."""
+        stats = {key: {"messages": 0, "bytes": 0, "fds": 0, "messages_out": 0, "bytes_out": 0, "fds_out": 0}
+                 for key in DIRECTIONS.values()}
+        for side in self.sides:
+            stats[DIRECTIONS[side.direction]] = side.counters.as_dict()
+        for side in self._retired:
+            for k, v in side.counters.as_dict().items():
+                stats[DIRECTIONS[side.direction]][k] += v
+        stats["proxy_originated"] = 0
+        return stats
+
+    _retired: tuple = ()
+
+    # --- messages -------------------------------------------------------------------
+    def malformed(self, side: LinkSide, frame: Frame, field: str, value, why: str) -> str:
+        """Log one malformed message (forwarded as-is); the text for the message log."""
+        text = f"{field} {value}: {why}"
+        logger.warning("proxy: connection %d: %s %s: %s (forwarded as-is)", self.id, _side_label(side),
+                       _name(side, frame.request), text)
+        return text
+
+    def _entry(self, side: LinkSide, frame: Frame, fields: dict | None = None,
+               malformed: str | None = None) -> dict:
+        entry = {"time": time.time(), "request": _name(side, frame.request), "flags": frame.flags,
+                 "size": frame.size, "nfds": len(frame.fds), "fields": fields or {},
+                 "direction": side.direction, "malformed": malformed}
+        self.proxy.stamp(entry, self.log)
+        return entry
+
+    def _on_oversize(self, side: LinkSide, frame: Frame) -> None:
+        why = self.malformed(side, frame, "size", frame.size,
+                             f"exceeds the largest request payload ({MAX_PAYLOAD} bytes); payload streamed through")
+        self._entry(side, frame, malformed=why)
+
+    def _on_message(self, side: LinkSide, frame: Frame) -> None:
+        malformed = None
+        if frame.truncated:
+            malformed = self.malformed(side, frame, "fds", f">{len(frame.fds)}",
+                                       "more fds than the control buffer holds; the kernel dropped the rest")
+        if (side is self.front and frame.request == Request.SET_BACKEND_REQ_FD and len(frame.fds) == 1):
+            self._interpose_channel(frame)
+        self._entry(side, frame, malformed=malformed)
+
+    # --- back-end request channel ---------------------------------------------------
+    def _interpose_channel(self, frame: Frame) -> None:
+        """Keep the front-end's channel socket, give the back-end one end of
+        a new socket pair instead, and relay between them."""
+        try:
+            front_chan = socket.socket(fileno=frame.fds[0])
+        except OSError as e:
+            self.malformed(self.front, frame, "fd", frame.fds[0], f"not a socket ({e.strerror or e}); not relayed")
+            return
+        if front_chan.type != socket.SOCK_STREAM or front_chan.family != socket.AF_UNIX:
+            front_chan.detach()
+            self.malformed(self.front, frame, "fd", frame.fds[0], "not a Unix stream socket; not relayed")
+            return
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        frame.fds[0] = theirs.detach()      # sent to the back-end, then closed by the link
+        self._drop_channel()
+        f = LinkSide(front_chan, "front-end's back-end request channel", "backend-req-reply",
+                     self._on_message, self._on_oversize)
+        b = LinkSide(mine, "back-end's back-end request channel", "backend-req",
+                     self._on_message, self._on_oversize)
+        f.peer, b.peer = b, f
+        self.channel = (f, b)
+        self.proxy.watch(self, f)
+        self.proxy.watch(self, b)
+
+    def _drop_channel(self) -> None:
+        if self.channel is None:
+            return
+        for side in self.channel:
+            self.proxy.unwatch(side)
+            side.close()
+        self._retired = self._retired + self.channel
+        self.channel = None
+
+    def side_closed(self, side: LinkSide, why: str) -> bool:
+        """A side hung up or failed: True when the whole connection must
+        close (a main socket); a channel side closes just the channel."""
+        if self.channel is not None and side in self.channel:
+            logger.info("proxy: connection %d: back-end request channel closed: %s", self.id, why)
+            self._flush_quietly(side.peer)
+            self._drop_channel()
+            return False
+        return True
+
+    @staticmethod
+    def _flush_quietly(side: LinkSide) -> None:
+        try:
+            side.flush()
+        except LinkClosed:
+            pass
+
+    def close(self) -> None:
+        """Pass on what is queued if the socket takes it now, then close
+        every socket and fd of the connection."""
+        if self.closed:
+            return
+        self.closed = True
+        for side in self.sides:
+            if not side.closed:
+                self._flush_quietly(side)
+        for side in self.sides:
+            side.close()
+
+
+def _name(side: LinkSide, request: int) -> str:
+    if side.direction == "backend-req" or side.direction == "backend-req-reply":
+        try:
+            return BackendRequest(request).name
+        except ValueError:
+            return f"UNKNOWN({request})"
+    return request_name(request)
+
+
+def _side_label(side: LinkSide) -> str:
+    return {"front-end": "front-end", "back-end": "back-end", "backend-req": "back-end request",
+            "backend-req-reply": "back-end request reply"}[side.direction]
+
+
+class VhostUserProxy:
+    """Listen on ``listen_path`` for front-ends and relay each to a new
+    connection to the back-end at ``connect_path``.
+
+    ``introspect_path``: where to serve introspection (None: not served);
+    ``introspect_any_uid``: serve readers of any uid. ``connections`` lists
+    the live :class:`ProxyConnection`\\ s. Use :meth:`start` (a daemon
+    thread) or :meth:`serve_forever`, and :meth:`stop` (from any thread or a
+    signal handler): it closes every connection and removes the sockets.
+    """
+
+    def __init__(self, listen_path: str, connect_path: str, introspect_path: str | None = None, *,
+                 introspect_any_uid: bool = False, device_type: str | None = None,
+                 count_notifications: bool = False):
+        self.listen_path = listen_path
+        self.connect_path = connect_path
+        self.introspect_path = introspect_path
+        self.device_type = device_type
+        self.count_notifications = count_notifications
+        self.connections: list[ProxyConnection] = []
+        self.closed_logs: collections.deque[tuple[int, list[dict]]] = collections.deque(
+            maxlen=_CLOSED_LOGS_KEPT)
+        self.accepted = 0
+        self.refused = 0
+        self._next_id = 0
+        self._msg_seq = 0
+        self._lock = threading.Lock()
+        self._sel: selectors.BaseSelector | None = None
+        self._listener: socket.socket | None = None
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._masks: dict[LinkSide, int] = {}
+        self.instance = f"{os.getpid()}-{time.time_ns()}"
+        self.introspection = IntrospectionServer(introspect_path, self, any_uid=introspect_any_uid)
+
+    # --- lifecycle -----------------------------------------------------------------
+    def open(self) -> None:
+        """Create the sockets (done by start() / serve_forever() if needed)."""
+        if self._sel is not None:
+            return
+        self._listener = listen_unix(self.listen_path)
+        try:
+            ilistener = self.introspection.open()
+        except BaseException:
+            self._listener = close_listener(self._listener, self.listen_path)
+            raise
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._listener, selectors.EVENT_READ, ("listen", None))
+        if ilistener is not None:
+            self._sel.register(ilistener, selectors.EVENT_READ, ("ilisten", None))
+        self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self._stopping = False
+        logger.info("proxy: listening on %s, back-end %s", self.listen_path, self.connect_path)
+
+    def start(self) -> "VhostUserProxy":
+        """Listen now and run the loop in a daemon thread."""
+        self.open()
+        self._thread = threading.Thread(target=self._run, name="vhost-user-proxy", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Listen and run the loop in this thread until stop()."""
+        self.open()
+        self._run()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the loop, close every connection, remove the sockets."""
+        self._stopping = True
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"x")
+            except OSError:
+                pass
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> "VhostUserProxy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- loop ----------------------------------------------------------------------
+    def _run(self) -> None:
+        sel = self._sel
+        try:
+            while not self._stopping:
+                for key, events in sel.select(timeout=1.0):
+                    kind, obj = key.data
+                    try:
+                        if kind == "side":
+                            self._service(obj, events)
+                        elif kind == "listen":
+                            self._accept()
+                        elif kind == "ilisten":
+                            self.introspection.accept(sel)
+                        elif kind == "iclient":
+                            self.introspection.service(sel, obj, events)
+                        elif kind == "wake":
+                            try:
+                                self._wake_r.recv(64)
+                            except OSError:
+                                pass
+                    except Exception:
+                        logger.exception("proxy: unexpected error handling %s", kind)
+                        if kind == "side":
+                            self._close(obj[0], "proxy error (see the traceback above)")
+                        elif kind == "iclient":
+                            self.introspection.close_reader(sel, obj)
+                    if self._stopping:
+                        break
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        for conn in list(self.connections):
+            self._close(conn, "proxy stopping")
+        sel, self._sel = self._sel, None
+        if sel is not None:
+            for key in list(sel.get_map().values()):
+                kind, obj = key.data
+                if kind == "iclient":
+                    obj.sock.close()
+            sel.close()
+        self._listener = close_listener(self._listener, self.listen_path)
+        self.introspection.close()
+        for s in (self._wake_r, self._wake_w):
+            if s is not None:
+                s.close()
+        self._wake_r = self._wake_w = None
+
+    def _accept(self) -> None:
+        try:
+            front, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:  # EMFILE etc.: log, keep listening
+            logger.warning("proxy: accept failed: %s", e)
+            return
+        self._next_id += 1
+        conn_id = self._next_id
+        back = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        back.settimeout(CONNECT_TIMEOUT_S)
+        try:
+            back.connect(self.connect_path)
+        except OSError as e:
+            back.close()
+            front.close()
+            self.refused += 1
+            logger.warning("proxy: connection %d: front-end connected, back-end %s: cannot connect: %s; "
+                           "closed the front-end's connection", conn_id, self.connect_path,
+                           e.strerror or e)
+            return
+        conn = ProxyConnection(conn_id, front, back, self)
+        self.accepted += 1
+        with self._lock:
+            self.connections.append(conn)
+        for side in conn.sides:
+            self.watch(conn, side)
+        logger.info("proxy: connection %d: front-end connected, back-end connected", conn_id)
+
+    def watch(self, conn: ProxyConnection, side: LinkSide) -> None:
+        """Register ``side`` in the loop (reads; writes when it has output)."""
+        self._masks[side] = 0
+        side.owner = conn
+        self._update(side)
+
+    def unwatch(self, side: LinkSide) -> None:
+        if self._masks.pop(side, 0) and self._sel is not None:
+            try:
+                self._sel.unregister(side.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+
+    def _update(self, side: LinkSide) -> None:
+        """Set the events the loop waits for on ``side``: readable unless its
+        peer's outbox is full, writable while its own outbox holds data."""
+        if side not in self._masks or side.closed:
+            return
+        want = (0 if side.throttled else selectors.EVENT_READ) | (selectors.EVENT_WRITE if side.wants_write else 0)
+        have = self._masks[side]
+        if want == have:
+            return
+        if have == 0:
+            self._sel.register(side.sock, want, ("side", (side.owner, side)))
+        elif want == 0:
+            self._sel.unregister(side.sock)
+        else:
+            self._sel.modify(side.sock, want, ("side", (side.owner, side)))
+        self._masks[side] = want
+
+    def _service(self, obj, events: int) -> None:
+        conn, side = obj
+        if conn.closed or side.closed:
+            return
+        try:
+            if events & selectors.EVENT_WRITE:
+                side.flush()
+            if events & selectors.EVENT_READ:
+                side.read()
+                side.peer.flush()
+        except LinkClosed as e:
+            if conn.side_closed(e.side, e.why):
+                self._close(conn, e.why)
+                return
+        for s in conn.sides:
+            self._update(s)
+
+    def _close(self, conn: ProxyConnection, why: str) -> None:
+        logger.info("proxy: connection %d closed: %s", conn.id, why)
+        for side in conn.sides:
+            self.unwatch(side)
+        with self._lock:
+            if conn in self.connections:
+                self.connections.remove(conn)
+            self.closed_logs.append((conn.id, list(conn.log)))
+        conn.close()
+
+    # --- introspection (inspector/introspect/server.py IntrospectionBackend) ------------
+    def stamp(self, entry: dict, log: collections.deque) -> None:
+        """Give a new message-log entry its proxy-wide ``seq`` and append it
+        to ``log`` (under the lock :meth:`message_log` reads with)."""
+        with self._lock:
+            entry["seq"] = self._msg_seq
+            self._msg_seq += 1
+            log.append(entry)
+
+    def introspection_snapshot(self) -> dict:
+        """The Snapshot JSON of every proxied connection."""
+        return to_json(Snapshot(source=f"vqscope proxy {self.listen_path}", time=time.time()))
+
+    def message_log(self, since: int | None = None) -> tuple[list[dict], int]:
+        """Entries with ``seq >= since`` (None: all) of live and recently
+        closed connections, in arrival order, and the ``next`` cursor."""
+        with self._lock:
+            logs = list(self.closed_logs) + [(c.id, list(c.log)) for c in self.connections]
+            next_seq = self._msg_seq
+        if since is not None and since > next_seq:
+            since = 0
+        out = [dict(e, connection=cid) for cid, entries in logs for e in entries
+               if since is None or e["seq"] >= since]
+        out.sort(key=lambda e: e["seq"])
+        return out, next_seq
+
+    def read_events(self, since: int, limit: int, binary: bool):
+        """No events yet: an empty reply of the events op."""
+        reply = {"next": 0, "head": 0, "dropped": 0, "gap": 0, "events": []}
+        return (dict(reply, chunks=[], binary=0), b"") if binary else reply
+
+    def drain_events(self) -> None:
+        """Nothing to drain (events come with --count-notifications)."""
+
+
+__all__ = ["VhostUserProxy", "ProxyConnection", "close_fds"]
