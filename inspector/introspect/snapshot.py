@@ -33,9 +33,16 @@ from ..spec.virtio import VIRTIO_RING_F_EVENT_IDX, has_feature
 
 
 def queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features: int,
-                   stats: QueueStats, restat=None, device_type: str | None = None) -> QueueEntry:
+                   stats: QueueStats, restat=None, device_type: str | None = None, *,
+                   device_positions: bool = True) -> QueueEntry:
     """One queue entry of the snapshot for ``vring`` of ``device`` (of
     VIRTIO §5 type ``device_type``, None: unknown).
+
+    ``device_positions=False``: the device's positions are unknown (a
+    back-end watched from outside, inspector/introspect/proxy_snapshot.py):
+    ``last_avail_idx`` is None and the ring is decoded from what the ring
+    itself shows (split: in flight from ``used_idx``; packed: positions
+    derived from the descriptor flags), whatever ``stats`` and the base say.
 
     ``last_avail_idx`` is the device's (its data path) or, for a ring not
     started yet, the base the front-end set. A ring whose areas are not in
@@ -49,6 +56,8 @@ def queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features: 
     ``restat`` such a jump is only reported if it survives re-reading the
     stats and the ring (up to two more times) with ``last_avail_idx`` moving.
     """
+    if not device_positions:
+        return _queue_snapshot(device, vring, mem, features, stats, device_type, device_positions=False)
     for _ in range(2):
         entry = _queue_snapshot(device, vring, mem, features, stats, device_type)
         if restat is None or not entry.has_anomaly(AnomalyKind.AVAIL_IDX_JUMP):
@@ -61,12 +70,13 @@ def queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features: 
 
 
 def _queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features: int,
-                    stats: QueueStats, device_type: str | None) -> QueueEntry:
+                    stats: QueueStats, device_type: str | None, device_positions: bool = True) -> QueueEntry:
     num = vring.num
     entry = QueueEntry(
         device=device, index=vring.index, size=num, features=features,
         event_idx=has_feature(features, VIRTIO_RING_F_EVENT_IDX),
-        last_avail_idx=(stats.last_avail_idx if stats.last_avail_idx is not None
+        last_avail_idx=(None if not device_positions
+                        else stats.last_avail_idx if stats.last_avail_idx is not None
                         else decode_vring_base(vring.base)[0] if vring.packed else vring.base),
         kicks=stats.kicks, calls=stats.calls, calls_suppressed=stats.calls_suppressed,
         packets=stats.packets, bytes=stats.bytes, device_type=device_type,
@@ -77,7 +87,7 @@ def _queue_snapshot(device: str, vring: VringConfig, mem: GuestMemory, features:
         entry.extras[name] = value
     try:
         if vring.packed:
-            dec = _decode_packed(vring, mem, stats)
+            dec = _decode_packed(vring, mem, stats, device_positions)
         else:
             dec = decoder.snapshot_split(
                 mem, num,
@@ -104,11 +114,14 @@ def _blk_requests(dec, mem: GuestMemory, device_type: str | None) -> None:
         attach_requests(dec, memory_reader(mem))
 
 
-def _decode_packed(vring: VringConfig, mem: GuestMemory, stats: QueueStats):
+def _decode_packed(vring: VringConfig, mem: GuestMemory, stats: QueueStats, device_positions: bool = True):
     """The packed ring of ``vring`` decoded from the device's positions
-    (``stats`` of a running ring) or, before it runs, from the vring base."""
+    (``stats`` of a running ring) or, before it runs, from the vring base;
+    without ``device_positions``, from the descriptor flags alone."""
     lay = packed_layout(vring.num)
-    if stats.next_used is not None:
+    if not device_positions:
+        avail = avail_wrap = used = used_wrap = None
+    elif stats.next_used is not None:
         avail, avail_wrap = stats.last_avail_idx, stats.last_avail_wrap_counter
         used, used_wrap = stats.next_used, stats.used_wrap_counter
     else:

@@ -124,15 +124,18 @@ class MappedMemory:
         self.maps: list[FdMapping] = []
         self.stale: list[FdMapping] = []
 
-    def map(self, name: str, regions: Sequence[MemoryRegionDesc], fds: Sequence[int]) -> MappedTable:
+    def map(self, name: str, regions: Sequence[MemoryRegionDesc], fds: Sequence[int], *,
+            writable: bool = True) -> MappedTable:
         """Validate (:func:`check_regions`) and map ``regions`` from ``fds``
-        (not closed here). ProtocolViolation, with nothing left mapped, when
-        the table is invalid or a region cannot be mapped."""
+        (not closed here; PROT_READ only unless ``writable``).
+        ProtocolViolation, with nothing left mapped, when the table is
+        invalid or a region cannot be mapped."""
         check_regions(name, regions, fds)
         table = MappedTable([], GuestMemory())
         try:
             for n, r in enumerate(regions):
-                m = map_fd(name, f"regions[{n}].fd", fds[n], r.mmap_offset, r.memory_size)
+                m = map_fd(name, f"regions[{n}].fd", fds[n], r.mmap_offset, r.memory_size,
+                           writable=writable)
                 table.maps.append(m)
                 # A memfd sealed against shrinking (F_SEAL_SHRINK) cannot
                 # fault; any other region can be truncated under us: the

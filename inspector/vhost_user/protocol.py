@@ -220,6 +220,13 @@ def unpack_config(name: str, data: bytes) -> ConfigPayload:
     return ConfigPayload(offset, size, flags, bytes(data[CONFIG_HEADER.size:]))
 
 
+def unpack_mem_reg(name: str, data: bytes) -> MemoryRegionDesc:
+    """Decode ADD_MEM_REG / REM_MEM_REG's VhostUserMemRegMsg (spec
+    "Memory region description"): 8 bytes of padding, then one region."""
+    _need(name, data, U64.size + MEM_REGION.size, "single memory region")
+    return MemoryRegionDesc(*MEM_REGION.unpack_from(data, U64.size))
+
+
 #: Payload kinds: name -> decoder ``(request name, bytes) -> payload``.
 PAYLOAD_DECODERS: dict[str, Callable[[str, bytes], Any]] = {
     "u64": unpack_u64,
@@ -229,6 +236,7 @@ PAYLOAD_DECODERS: dict[str, Callable[[str, bytes], Any]] = {
     "log": unpack_log,
     "config": unpack_config,
     "inflight": unpack_inflight,
+    "mem_reg": unpack_mem_reg,
 }
 
 
@@ -327,6 +335,21 @@ def decode_payload(request: Request, data: bytes) -> Any:
             raise ProtocolViolation(request.name, "size", len(data), "this request carries no payload")
         return None
     return PAYLOAD_DECODERS[kind](request.name, data)
+
+
+#: The payload of a back-end's reply, for requests whose reply is not a
+#: u64 (GET_FEATURES, GET_QUEUE_NUM, ... and every REPLY_ACK are u64s).
+REPLY_KINDS: dict[Request, str] = {
+    Request.GET_VRING_BASE: "state",
+    Request.GET_CONFIG: "config",
+    Request.GET_INFLIGHT_FD: "inflight",
+}
+
+
+def decode_reply(request: Request, data: bytes) -> Any:
+    """Decode a back-end's reply to ``request`` (its own payload, or the
+    u64 of a REPLY_ACK), checking its size against the type."""
+    return PAYLOAD_DECODERS[REPLY_KINDS.get(request, "u64")](f"{request.name} reply", data)
 
 
 def payload_fields(payload: Any) -> dict:

@@ -44,8 +44,9 @@ import time
 
 from ..introspect.server import IntrospectionServer, close_listener, listen_unix
 from ..snapshot.codec import to_json
-from ..snapshot.model import Snapshot
-from .protocol import MAX_PAYLOAD, BackendRequest, Request, request_name
+from ..introspect.proxy_snapshot import proxy_snapshot
+from .protocol import MAX_PAYLOAD, ProtocolViolation, Request, payload_fields
+from .proxy_state import ConnectionState, decode_backend_message, message_name
 from .proxy_link import Frame, LinkClosed, LinkSide, close_fds
 
 logger = logging.getLogger("inspector.proxy")
@@ -80,6 +81,7 @@ class ProxyConnection:
         self.back = LinkSide(back, "back-end", "back-end", self._on_message, self._on_oversize)
         self.front.peer, self.back.peer = self.back, self.front
         self.channel: tuple[LinkSide, LinkSide] | None = None
+        self.state = ConnectionState(logger, conn_id)
         self.closed = False
 
     @property
@@ -109,12 +111,12 @@ class ProxyConnection:
         """Log one malformed message (forwarded as-is); the text for the message log."""
         text = f"{field} {value}: {why}"
         logger.warning("proxy: connection %d: %s %s: %s (forwarded as-is)", self.id, _side_label(side),
-                       _name(side, frame.request), text)
+                       message_name(side.direction, frame.request), text)
         return text
 
     def _entry(self, side: LinkSide, frame: Frame, fields: dict | None = None,
                malformed: str | None = None) -> dict:
-        entry = {"time": time.time(), "request": _name(side, frame.request), "flags": frame.flags,
+        entry = {"time": time.time(), "request": message_name(side.direction, frame.request), "flags": frame.flags,
                  "size": frame.size, "nfds": len(frame.fds), "fields": fields or {},
                  "direction": side.direction, "malformed": malformed}
         self.proxy.stamp(entry, self.log)
@@ -126,13 +128,28 @@ class ProxyConnection:
         self._entry(side, frame, malformed=why)
 
     def _on_message(self, side: LinkSide, frame: Frame) -> None:
-        malformed = None
+        """Decode a whole message, update the state, log it; interpose the
+        back-end request channel. The frame is forwarded whatever happens."""
+        malformed = fields = None
         if frame.truncated:
             malformed = self.malformed(side, frame, "fds", f">{len(frame.fds)}",
                                        "more fds than the control buffer holds; the kernel dropped the rest")
-        if (side is self.front and frame.request == Request.SET_BACKEND_REQ_FD and len(frame.fds) == 1):
+        else:
+            try:
+                fields = self._decode(side, frame)
+            except ProtocolViolation as e:
+                malformed = self.malformed(side, frame, e.field, _shown(e.value), e.why)
+        if (malformed is None and side is self.front and frame.request == Request.SET_BACKEND_REQ_FD):
             self._interpose_channel(frame)
-        self._entry(side, frame, malformed=malformed)
+        self._entry(side, frame, fields, malformed)
+
+    def _decode(self, side: LinkSide, frame: Frame) -> dict:
+        if side.direction == "front-end":
+            return self.state.front_end_message(frame)
+        if side.direction == "back-end":
+            return self.state.back_end_message(frame)
+        req, payload = decode_backend_message(frame, reply=side.direction == "backend-req-reply")
+        return payload_fields(payload)
 
     # --- back-end request channel ---------------------------------------------------
     def _interpose_channel(self, frame: Frame) -> None:
@@ -196,15 +213,18 @@ class ProxyConnection:
                 self._flush_quietly(side)
         for side in self.sides:
             side.close()
+        self.state.close()
+
+    def notification_counts(self, index: int) -> tuple[int | None, int | None]:
+        """(kicks, calls) of vring ``index`` seen by the proxy; (None, None)
+        unless it interposes the eventfds (--count-notifications)."""
+        return None, None
 
 
-def _name(side: LinkSide, request: int) -> str:
-    if side.direction == "backend-req" or side.direction == "backend-req-reply":
-        try:
-            return BackendRequest(request).name
-        except ValueError:
-            return f"UNKNOWN({request})"
-    return request_name(request)
+def _shown(value) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0xFFF:
+        return f"{value} ({value:#x})"
+    return str(value)
 
 
 def _side_label(side: LinkSide) -> str:
@@ -449,7 +469,7 @@ class VhostUserProxy:
 
     def introspection_snapshot(self) -> dict:
         """The Snapshot JSON of every proxied connection."""
-        return to_json(Snapshot(source=f"vqscope proxy {self.listen_path}", time=time.time()))
+        return to_json(proxy_snapshot(self))
 
     def message_log(self, since: int | None = None) -> tuple[list[dict], int]:
         """Entries with ``seq >= since`` (None: all) of live and recently

@@ -6,6 +6,7 @@ and the CLI."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -287,6 +288,16 @@ def test_cli_proxy_forwards_and_exits_cleanly_on_sigterm(sdir):
                 fe.post_rx_buffers(0, 8)
                 assert fe.send_frames(0, [b"x" * 80]) == 1
                 assert _frames_back(fe, 0, 1) == [b"x" * 80]
+                r = subprocess.run([*VQSCOPE, "snapshot", "--connect", front, "--json"], cwd=str(ROOT),
+                                   capture_output=True, text=True, timeout=30)
+                assert r.returncode == 0, r.stderr
+                snap = json.loads(r.stdout)
+                assert snap["source"] == f"vqscope proxy {front}" and snap["pid"] == proc.pid
+                assert [q["device"] for q in snap["queues"]] == ["proxy1", "proxy1"]
+                r = subprocess.run([*VQSCOPE, "doctor", "--connect", front, "--duration", "1", "--json"],
+                                   cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+                assert r.returncode in (0, 1), r.stderr
+                assert json.loads(r.stdout)
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=15)
         finally:
@@ -298,3 +309,122 @@ def test_cli_proxy_forwards_and_exits_cleanly_on_sigterm(sdir):
     assert "proxy: connection 1: front-end connected, back-end connected" in err
     assert "proxy: connection 1 closed: front-end hung up" in err
     assert not os.path.exists(front) and not os.path.exists(front + ".introspect")
+
+
+# --- Milestone 2: what passes, known and shown -------------------------------------------------
+
+#: Ring fields both snapshots must agree on at a quiescent point (the proxy
+#: cannot know the device's own positions: last_avail_idx stays None).
+SPLIT_FIELDS = ("size", "avail_idx", "used_idx", "inflight", "avail_flags", "used_flags", "used_event",
+                "avail_event", "layout", "features")
+PACKED_FIELDS = ("size", "layout", "inflight", "next_avail", "avail_wrap_counter", "next_used",
+                 "used_wrap_counter", "driver_event_flags", "device_event_flags", "features")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("packed", [False, True])
+def test_snapshot_through_the_proxy_matches_serves_own(sdir, proxy_to, packed):
+    from inspector.sources.backend import BackendSource
+
+    back = os.path.join(sdir, "back.sock")
+    with VqscopeServe(back, "net", ["--loopback"]):
+        proxy = proxy_to(back)
+        with VhostUserFrontend(proxy.listen_path, queue_size=64 if not packed else 48, mem_size=4 << 20,
+                               packed=packed, event_idx=True) as fe:
+            assert fe.packed == packed
+            fe.post_rx_buffers(0, 40)
+            for k in range(3):                                   # past a wrap of the 48-entry packed rings
+                sent = [bytes([k, i]) * 40 for i in range(30)]
+                assert fe.send_frames(0, sent) == 30
+                assert _frames_back(fe, 0, 30) == sent
+                assert wait_for(lambda: fe.poll_tx_done(0) >= 0 and not fe.tx(0).slots)
+                fe.post_rx_buffers(0, 30)
+            time.sleep(0.2)                                      # quiescent: nothing in motion
+            with BackendSource(proxy.listen_path) as via_proxy, BackendSource(back) as direct:
+                mine, theirs = via_proxy.snapshot(), direct.snapshot()
+        assert mine.source == f"vqscope proxy {proxy.listen_path}" and mine.pid == os.getpid()
+        assert [q.index for q in mine.queues] == [q.index for q in theirs.queues] == [0, 1]
+        for q, ref in zip(mine.queues, theirs.queues):
+            assert q.device == "proxy1" and q.device_type == "net"
+            assert q.last_avail_idx is None or packed
+            for f in PACKED_FIELDS if packed else SPLIT_FIELDS:
+                assert getattr(q, f) == getattr(ref, f), (q.index, f)
+            assert not q.anomalies, q.anomalies
+            px = q.extras["proxy"]
+            assert (px["connection"], px["enabled"], px["started"], px["kicks"], px["calls"]) == (1, True, True,
+                                                                                                 None, None)
+            assert px["link"]["proxy_originated"] == 0
+        assert mine.queues[1].used_idx in (None, 90)
+
+
+def test_message_log_directions_and_decoded_fields(sdir, proxy_to):
+    with _null_server(sdir) as srv:
+        proxy = proxy_to(srv.socket_path)
+        with VhostUserFrontend(proxy.listen_path, queue_size=64, mem_size=1 << 20, packed=False):
+            pass
+        assert wait_for(lambda: not proxy.connections)
+    msgs, nxt = proxy.message_log()
+    assert [m["seq"] for m in msgs] == list(range(nxt))
+    by = {(m["direction"], m["request"]): m for m in msgs}
+    assert by[("front-end", "SET_VRING_NUM")]["fields"] == {"index": 1, "num": 64}
+    assert by[("back-end", "GET_FEATURES")]["fields"]["u64"] & 1 << 32   # VHOST_USER_F_PROTOCOL_FEATURES
+    assert by[("front-end", "SET_MEM_TABLE")]["nfds"] == 1
+    assert all(m["connection"] == 1 and m["malformed"] is None for m in msgs)
+    assert proxy.message_log(nxt - 1)[0] == msgs[-1:]
+
+
+def _maps_of(marks) -> list[str]:
+    with open("/proc/self/maps") as f:
+        return [line for line in f if any(m in line for m in marks)]
+
+
+@pytest.mark.timeout(180)
+def test_hostile_corpus_through_the_proxy_to_serve(sdir, proxy_to, caplog):
+    """Every hostile case (tests/support/hostile_corpus.py) from a fresh
+    front-end through the proxy to `serve net`: forwarded, the malformed
+    ones the proxy can tell logged with request and field, the connection
+    closed by the back-end and passed on, and nothing of it left in the
+    proxy: fds and mappings back to the baseline."""
+    from tests.support.hostile_corpus import CORPUS, MARK, Ctx, send_case
+
+    # The classes whose violation the proxy sees from the message alone
+    # (framing, payload types, fds, memory table checks); the rest are
+    # device semantics only the back-end judges.
+    proxy_sees = {"size_over_limit", "size_vs_type", "payload_on_fdless_noarg", "fds_too_many", "fd_on_fdless",
+                  "fd_with_nofd_bit", "fd_missing", "mem_fd_missing", "mem_zero_regions", "mem_too_many_regions",
+                  "mem_overlap", "mem_zero_size", "mem_offset_overflow", "mem_beyond_fd", "index_above_0xffff",
+                  "index_u32_max", "kick_index_bits", "config_beyond_payload", "set_config_over_max",
+                  "request_zero", "request_beyond_spec", "request_u32_max", "reply_bit", "version_2", "version_0"}
+    cut = {"closed_in_header", "closed_in_payload"}
+    back = os.path.join(sdir, "back.sock")
+    with VqscopeServe(back, "net", ["--loopback", "--queues", "2"]):
+        proxy = proxy_to(back)
+        before = _fd_count()
+        seen = 0
+        with caplog.at_level(logging.INFO, logger="inspector.proxy"):
+            for case in CORPUS:
+                if case.inflight:
+                    continue
+                caplog.clear()
+                n = proxy.accepted + 1
+                with VhostUserFrontend(proxy.listen_path, queue_size=64, mem_size=1 << 20,
+                                       packed=case.layout == "packed") as fe:
+                    fds = send_case(fe.sock, case, Ctx(4, fe.uva, fe.mem_size))
+                    try:
+                        assert wait_for(lambda: f"connection {n} closed" in caplog.text, timeout=10), case.name
+                    finally:
+                        for fd in fds:
+                            os.close(fd)
+                req = case.expect(Ctx(4, fe.uva, fe.mem_size))[0]
+                if case.name in cut:
+                    assert f"connection {n} closed: front-end hung up in the middle of a message" in caplog.text
+                if case.name in proxy_sees:
+                    seen += 1
+                    assert f"connection {n}: front-end {req}:" in caplog.text and "(forwarded as-is)" in caplog.text, \
+                        (case.name, caplog.text)
+                assert f"connection {n}: back-end" not in caplog.text.replace(
+                    f"connection {n}: back-end request channel closed", ""), (case.name, caplog.text)
+                assert wait_for(lambda: _fd_count() == before), (case.name, _fd_count(), before)
+                assert not _maps_of([MARK, "vqscope-guest"]), case.name
+        assert seen == len(proxy_sees)
+        assert proxy._thread.is_alive() and not proxy.connections

@@ -1,0 +1,47 @@
+"""The snapshot of a ``vqscope proxy`` (inspector/vhost_user/proxy.py): every
+vring of every proxied connection, decoded from guest memory the proxy
+mapped read-only, in the same Snapshot model as ``serve``'s
+(inspector/introspect/snapshot.py queue_snapshot).
+
+What passes on the socket gives sizes, addresses, features and the memory
+table; the back-end's private positions are never known (the proxy never
+sends GET_VRING_BASE): ``last_avail_idx`` is None, a split ring's in-flight
+chains are walked from ``used_idx``, a packed ring's positions are derived
+from the descriptor flags. Each queue's ``extras["proxy"]`` says what the
+proxy saw: {"connection", "enabled", "started", "kicks", "calls" (None
+without --count-notifications), "link": the connection's per-direction
+message, byte and fd counts in and out, "proxy_originated": 0}.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ..devices.base import QueueStats
+from ..snapshot.model import Snapshot
+from .snapshot import queue_snapshot
+
+
+def proxy_snapshot(proxy) -> Snapshot:
+    """Snapshot of a VhostUserProxy: device ``proxy{N}`` (N: connection id)
+    per connection, ``device_type`` from ``proxy.device_type`` or inferred
+    (ConnectionState.device_type), ``pid`` this process's."""
+    queues = []
+    for conn in list(proxy.connections):
+        state = conn.state
+        mem = state.mem
+        if mem is None or state.features is None:
+            continue
+        dtype = proxy.device_type or state.device_type()
+        link = conn.link_stats()
+        for vring in state.snapshot_vrings():
+            kicks, calls = conn.notification_counts(vring.index)
+            entry = queue_snapshot(f"proxy{conn.id}", vring, mem, state.features,
+                                   QueueStats(kicks=kicks or 0, calls=calls or 0), device_type=dtype,
+                                   device_positions=False)
+            entry.extras["proxy"] = {"connection": conn.id, "enabled": vring.enabled, "started": vring.started,
+                                     "kicks": kicks, "calls": calls, "link": link}
+            queues.append(entry)
+    return Snapshot(source=f"vqscope proxy {proxy.listen_path}", time=time.time(), pid=os.getpid(),
+                    queues=queues)
