@@ -42,20 +42,27 @@ import socket
 import threading
 import time
 
+from ..introspect.buffer import EVENT_BUFFER, EventBuffer
 from ..introspect.server import IntrospectionServer, close_listener, listen_unix
 from ..snapshot.codec import to_json
 from ..introspect.proxy_snapshot import proxy_snapshot
-from .protocol import MAX_PAYLOAD, ProtocolViolation, Request, payload_fields
+from .protocol import MAX_PAYLOAD, VRING_IDX_MASK, VRING_NOFD_MASK, ProtocolViolation, Request, payload_fields
+from .proxy_notify import Notifier, interpose, is_eventfd
 from .proxy_state import ConnectionState, decode_backend_message, message_name
-from .proxy_link import Frame, LinkClosed, LinkSide, close_fds
+from .proxy_link import Frame, LinkClosed, LinkSide
 
 logger = logging.getLogger("inspector.proxy")
 
+#: Period of moving relayed kicks and calls into the event buffer (as serve's).
+EVENT_POLL_S = 0.05
 #: Seconds to wait for the back-end's socket to accept a connection.
 CONNECT_TIMEOUT_S = 2.0
 #: Message log entries kept per connection, and closed connections' logs kept.
 LOG_SIZE = 4096
 _CLOSED_LOGS_KEPT = 16
+
+#: The vring fd requests whose eventfd --count-notifications relays.
+_NOTIFY_KINDS = {Request.SET_VRING_KICK: "kick", Request.SET_VRING_CALL: "call"}
 
 #: Message-log direction names -> link-stats keys.
 DIRECTIONS = {"front-end": "front_end", "back-end": "back_end",
@@ -82,6 +89,7 @@ class ProxyConnection:
         self.front.peer, self.back.peer = self.back, self.front
         self.channel: tuple[LinkSide, LinkSide] | None = None
         self.state = ConnectionState(logger, conn_id)
+        self.notifiers: dict[tuple[str, int], Notifier] = {}
         self.closed = False
 
     @property
@@ -139,8 +147,11 @@ class ProxyConnection:
                 fields = self._decode(side, frame)
             except ProtocolViolation as e:
                 malformed = self.malformed(side, frame, e.field, _shown(e.value), e.why)
-        if (malformed is None and side is self.front and frame.request == Request.SET_BACKEND_REQ_FD):
-            self._interpose_channel(frame)
+        if malformed is None and side is self.front:
+            if frame.request == Request.SET_BACKEND_REQ_FD:
+                self._interpose_channel(frame)
+            elif frame.request in _NOTIFY_KINDS and self.proxy.count_notifications:
+                self._interpose_notifier(_NOTIFY_KINDS[frame.request], fields["u64"], frame)
         self._entry(side, frame, fields, malformed)
 
     def _decode(self, side: LinkSide, frame: Frame) -> dict:
@@ -150,6 +161,43 @@ class ProxyConnection:
             return self.state.back_end_message(frame)
         req, payload = decode_backend_message(frame, reply=side.direction == "backend-req-reply")
         return payload_fields(payload)
+
+    # --- --count-notifications -----------------------------------------------------
+    def _interpose_notifier(self, kind: str, u64: int, frame: Frame) -> None:
+        """SET_VRING_KICK / SET_VRING_CALL: relay through an eventfd of the
+        proxy's (inspector/vhost_user/proxy_notify.py); NOFD (bit 8) or an
+        fd that is no eventfd passes through untouched."""
+        index = u64 & VRING_IDX_MASK
+        old = self.notifiers.pop((kind, index), None)
+        if old is not None:
+            self.proxy.unwatch_fd(old.read_fd)
+            old.close()
+        if u64 & VRING_NOFD_MASK or not frame.fds:
+            return
+        if not is_eventfd(frame.fds[0]):
+            self.malformed(self.front, frame, "fd", frame.fds[0], "not an eventfd; passed through, not counted")
+            return
+        try:
+            n = interpose(kind, index, frame.fds)
+        except OSError as e:
+            logger.warning("proxy: connection %d: cannot make an eventfd for vring %d's %s: %s; passed "
+                           "through, not counted", self.id, index, kind, e.strerror or e)
+            return
+        if old is not None:
+            n.count, n.records = old.count, old.records + n.records
+        self.notifiers[kind, index] = n
+        self.proxy.watch_fd(self, n)
+
+    def notification_counts(self, index: int) -> tuple[int | None, int | None]:
+        """(kicks, calls) of vring ``index`` relayed by the proxy; (None,
+        None) unless it interposes the eventfds (--count-notifications)."""
+        if not self.proxy.count_notifications:
+            return None, None
+        return tuple(n.count if (n := self.notifiers.get((k, index))) else 0 for k in ("kick", "call"))
+
+    def drain_notifications(self):
+        """(vring index, packed event records) of every relay since the last drain."""
+        return [(n.index, n.drain()) for n in self.notifiers.values() if n.records]
 
     # --- back-end request channel ---------------------------------------------------
     def _interpose_channel(self, frame: Frame) -> None:
@@ -213,12 +261,10 @@ class ProxyConnection:
                 self._flush_quietly(side)
         for side in self.sides:
             side.close()
+        for n in self.notifiers.values():
+            self.proxy.unwatch_fd(n.read_fd)
+            n.close()
         self.state.close()
-
-    def notification_counts(self, index: int) -> tuple[int | None, int | None]:
-        """(kicks, calls) of vring ``index`` seen by the proxy; (None, None)
-        unless it interposes the eventfds (--count-notifications)."""
-        return None, None
 
 
 def _shown(value) -> str:
@@ -267,6 +313,10 @@ class VhostUserProxy:
         self._stopping = False
         self._masks: dict[LinkSide, int] = {}
         self.instance = f"{os.getpid()}-{time.time_ns()}"
+        # Relayed kicks and calls (--count-notifications), numbered for the
+        # events op as serve numbers its own (inspector/introspect/buffer.py).
+        self.events = EventBuffer(EVENT_BUFFER if count_notifications else 1024)
+        self._next_drain = 0.0
         self.introspection = IntrospectionServer(introspect_path, self, any_uid=introspect_any_uid)
 
     # --- lifecycle -----------------------------------------------------------------
@@ -327,10 +377,19 @@ class VhostUserProxy:
         sel = self._sel
         try:
             while not self._stopping:
-                for key, events in sel.select(timeout=1.0):
+                timeout = 1.0
+                if self.count_notifications:
+                    now = time.monotonic()
+                    if now >= self._next_drain:
+                        self.drain_events()
+                        self._next_drain = now + EVENT_POLL_S
+                    timeout = max(0.0, self._next_drain - now)
+                for key, events in sel.select(timeout=timeout):
                     kind, obj = key.data
                     try:
-                        if kind == "side":
+                        if kind == "notify":
+                            obj.relay()
+                        elif kind == "side":
                             self._service(obj, events)
                         elif kind == "listen":
                             self._accept()
@@ -401,6 +460,17 @@ class VhostUserProxy:
             self.watch(conn, side)
         logger.info("proxy: connection %d: front-end connected, back-end connected", conn_id)
 
+    def watch_fd(self, conn: ProxyConnection, notifier: Notifier) -> None:
+        """Relay ``notifier`` whenever its fd is readable."""
+        self._sel.register(notifier.read_fd, selectors.EVENT_READ, ("notify", notifier))
+
+    def unwatch_fd(self, fd: int) -> None:
+        try:
+            if self._sel is not None:
+                self._sel.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+
     def watch(self, conn: ProxyConnection, side: LinkSide) -> None:
         """Register ``side`` in the loop (reads; writes when it has output)."""
         self._masks[side] = 0
@@ -450,6 +520,7 @@ class VhostUserProxy:
 
     def _close(self, conn: ProxyConnection, why: str) -> None:
         logger.info("proxy: connection %d closed: %s", conn.id, why)
+        self._drain(conn)
         for side in conn.sides:
             self.unwatch(side)
         with self._lock:
@@ -485,12 +556,17 @@ class VhostUserProxy:
         return out, next_seq
 
     def read_events(self, since: int, limit: int, binary: bool):
-        """No events yet: an empty reply of the events op."""
-        reply = {"next": 0, "head": 0, "dropped": 0, "gap": 0, "events": []}
-        return (dict(reply, chunks=[], binary=0), b"") if binary else reply
+        """:meth:`EventBuffer.read` of the relayed kicks and calls."""
+        return self.events.read(since, limit, binary=binary)
 
     def drain_events(self) -> None:
-        """Nothing to drain (events come with --count-notifications)."""
+        """Move the relays' new event records into :attr:`events` (the loop
+        does every EVENT_POLL_S with --count-notifications, and the
+        introspection server before each reply)."""
+        for conn in list(self.connections):
+            self._drain(conn)
 
+    def _drain(self, conn: ProxyConnection) -> None:
+        for index, records in conn.drain_notifications():
+            self.events.add(f"proxy{conn.id}", index, records)
 
-__all__ = ["VhostUserProxy", "ProxyConnection", "close_fds"]

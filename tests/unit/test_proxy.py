@@ -428,3 +428,67 @@ def test_hostile_corpus_through_the_proxy_to_serve(sdir, proxy_to, caplog):
                 assert not _maps_of([MARK, "vqscope-guest"]), case.name
         assert seen == len(proxy_sees)
         assert proxy._thread.is_alive() and not proxy.connections
+
+
+# --- Milestone 3: --count-notifications --------------------------------------------------------
+
+def _read_u64(fd: int, timeout: float = 5.0) -> int:
+    import select
+    assert select.select([fd], [], [], timeout)[0], "nothing to read"
+    return int.from_bytes(os.read(fd, 8), "little")
+
+
+@pytest.mark.parametrize("count", [False, True])
+def test_kick_and_call_fds_pass_unchanged_or_relayed_and_counted(sdir, proxy_to, count):
+    with _null_server(sdir) as srv:
+        proxy = proxy_to(srv.socket_path, count_notifications=count)
+        with VhostUserFrontend(proxy.listen_path, queue_size=64, mem_size=1 << 20, packed=False) as fe:
+            conn = srv.connections[0]
+            assert wait_for(lambda: len(conn.vrings) == 2 and conn.vrings[1].call_fd is not None)
+            kick_be, call_be = conn.vrings[0].kick_fd, conn.vrings[0].call_fd
+            kick_fe, call_fe = fe.queues[0].kick_fd, fe.queues[0].call_fd
+            for n in (1, 3):
+                os.write(kick_fe, n.to_bytes(8, "little"))          # the driver kicks
+                assert _read_u64(kick_be) == n                       # the back-end sees the same count
+                os.write(call_be, n.to_bytes(8, "little"))           # the back-end calls
+                assert _read_u64(call_fe) == n
+            pconn = proxy.connections[0]
+            if count:
+                assert wait_for(lambda: pconn.notification_counts(0) == (2, 2))
+                assert pconn.notification_counts(1) == (0, 0)
+                proxy.drain_events()
+                reply = proxy.read_events(0, 100, False)
+                got = [(e[1], e[2], e[3], e[4]) for e in reply["events"]]
+                assert sorted(got) == sorted([("proxy1", 0, "kick", 1), ("proxy1", 0, "kick", 3),
+                                              ("proxy1", 0, "call", 0), ("proxy1", 0, "call", 0)])
+            else:
+                assert pconn.notification_counts(0) == (None, None) and not pconn.notifiers
+                assert proxy.read_events(0, 100, False)["events"] == []
+
+
+@pytest.mark.timeout(90)
+def test_count_notifications_with_traffic_through_serve(sdir, proxy_to):
+    from inspector.sources.backend import BackendSource
+
+    back = os.path.join(sdir, "back.sock")
+    with VqscopeServe(back, "net", ["--loopback"]):
+        proxy = proxy_to(back, count_notifications=True)
+        before = _fd_count()
+        with VhostUserFrontend(proxy.listen_path, queue_size=64, mem_size=4 << 20, packed=False) as fe:
+            fe.post_rx_buffers(0, 40)
+            for k in range(3):
+                sent = [bytes([k, i]) * 30 for i in range(10)]
+                assert fe.send_frames(0, sent) == 10
+                assert _frames_back(fe, 0, 10) == sent
+            with BackendSource(proxy.listen_path) as src:
+                snap = src.snapshot()
+                kinds = {(e.device, e.queue, e.kind) for e in src.events()}      # the events op, binary
+                msgs = src.new_messages()
+            assert {("proxy1", 1, "kick"), ("proxy1", 0, "call")} <= kinds
+            assert {m["direction"] for m in msgs} >= {"front-end", "back-end"}
+            tx = next(q for q in snap.queues if q.index == 1)
+            rx = next(q for q in snap.queues if q.index == 0)
+            assert tx.extras["proxy"]["kicks"] >= 1 and tx.kicks == tx.extras["proxy"]["kicks"]
+            assert rx.extras["proxy"]["calls"] >= 1 and rx.calls == rx.extras["proxy"]["calls"]
+        assert wait_for(lambda: not proxy.connections)
+        assert wait_for(lambda: _fd_count() == before)              # relays' eventfds closed
