@@ -36,20 +36,18 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import selectors
 import socket
-import threading
 import time
 
 from ..introspect.buffer import EVENT_BUFFER, EventBuffer
-from ..introspect.server import IntrospectionServer, close_listener, listen_unix
-from ..snapshot.codec import to_json
 from ..introspect.proxy_snapshot import proxy_snapshot
+from ..snapshot.codec import to_json
+from .loop import SocketLoop
 from .protocol import MAX_PAYLOAD, VRING_IDX_MASK, VRING_NOFD_MASK, ProtocolViolation, Request, payload_fields
+from .proxy_link import Frame, LinkClosed, LinkSide
 from .proxy_notify import Notifier, interpose, is_eventfd
 from .proxy_state import ConnectionState, decode_backend_message, message_name
-from .proxy_link import Frame, LinkClosed, LinkSide
 
 logger = logging.getLogger("inspector.proxy")
 
@@ -57,9 +55,8 @@ logger = logging.getLogger("inspector.proxy")
 EVENT_POLL_S = 0.05
 #: Seconds to wait for the back-end's socket to accept a connection.
 CONNECT_TIMEOUT_S = 2.0
-#: Message log entries kept per connection, and closed connections' logs kept.
+#: Message log entries kept per connection (SocketLoop keeps the last closed ones' logs).
 LOG_SIZE = 4096
-_CLOSED_LOGS_KEPT = 16
 
 #: The vring fd requests whose eventfd --count-notifications relays.
 _NOTIFY_KINDS = {Request.SET_VRING_KICK: "kick", Request.SET_VRING_CALL: "call"}
@@ -278,7 +275,7 @@ def _side_label(side: LinkSide) -> str:
             "backend-req-reply": "back-end request reply"}[side.direction]
 
 
-class VhostUserProxy:
+class VhostUserProxy(SocketLoop):
     """Listen on ``listen_path`` for front-ends and relay each to a new
     connection to the back-end at ``connect_path``.
 
@@ -289,155 +286,65 @@ class VhostUserProxy:
     signal handler): it closes every connection and removes the sockets.
     """
 
+    LOG_NAME = "proxy"
+    THREAD_NAME = "vhost-user-proxy"
+    logger = logger
+
     def __init__(self, listen_path: str, connect_path: str, introspect_path: str | None = None, *,
                  introspect_any_uid: bool = False, device_type: str | None = None,
                  count_notifications: bool = False):
-        self.listen_path = listen_path
+        super().__init__(listen_path, introspect_path, introspect_any_uid=introspect_any_uid)
         self.connect_path = connect_path
-        self.introspect_path = introspect_path
         self.device_type = device_type
         self.count_notifications = count_notifications
         self.connections: list[ProxyConnection] = []
-        self.closed_logs: collections.deque[tuple[int, list[dict]]] = collections.deque(
-            maxlen=_CLOSED_LOGS_KEPT)
         self.accepted = 0
         self.refused = 0
         self._next_id = 0
-        self._msg_seq = 0
-        self._lock = threading.Lock()
-        self._sel: selectors.BaseSelector | None = None
-        self._listener: socket.socket | None = None
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = False
         self._masks: dict[LinkSide, int] = {}
-        self.instance = f"{os.getpid()}-{time.time_ns()}"
         # Relayed kicks and calls (--count-notifications), numbered for the
         # events op as serve numbers its own (inspector/introspect/buffer.py).
         self.events = EventBuffer(EVENT_BUFFER if count_notifications else 1024)
         self._next_drain = 0.0
-        self.introspection = IntrospectionServer(introspect_path, self, any_uid=introspect_any_uid)
 
-    # --- lifecycle -----------------------------------------------------------------
+    @property
+    def listen_path(self) -> str:
+        """The socket front-ends connect to (``socket_path``)."""
+        return self.socket_path
+
     def open(self) -> None:
         """Create the sockets (done by start() / serve_forever() if needed)."""
-        if self._sel is not None:
-            return
-        self._listener = listen_unix(self.listen_path)
-        try:
-            ilistener = self.introspection.open()
-        except BaseException:
-            self._listener = close_listener(self._listener, self.listen_path)
-            raise
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self._listener, selectors.EVENT_READ, ("listen", None))
-        if ilistener is not None:
-            self._sel.register(ilistener, selectors.EVENT_READ, ("ilisten", None))
-        self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
-        self._stopping = False
-        logger.info("proxy: listening on %s, back-end %s", self.listen_path, self.connect_path)
+        if self._sel is None:
+            super().open()
+            logger.info("proxy: listening on %s, back-end %s", self.listen_path, self.connect_path)
 
-    def start(self) -> "VhostUserProxy":
-        """Listen now and run the loop in a daemon thread."""
-        self.open()
-        self._thread = threading.Thread(target=self._run, name="vhost-user-proxy", daemon=True)
-        self._thread.start()
-        return self
+    # --- loop (inspector/vhost_user/loop.py runs it) ------------------------------------
+    def _timers(self) -> float:
+        if not self.count_notifications:
+            return 1.0
+        now = time.monotonic()
+        if now >= self._next_drain:
+            self.drain_events()
+            self._next_drain = now + EVENT_POLL_S
+        return max(0.0, self._next_drain - now)
 
-    def serve_forever(self) -> None:
-        """Listen and run the loop in this thread until stop()."""
-        self.open()
-        self._run()
+    def _handle(self, kind: str, obj, events: int) -> None:
+        if kind == "notify":
+            obj.relay()
+        elif kind == "side":
+            self._service(obj, events)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the loop, close every connection, remove the sockets."""
-        self._stopping = True
-        if self._wake_w is not None:
-            try:
-                self._wake_w.send(b"x")
-            except OSError:
-                pass
-        t = self._thread
-        if t is not None and t is not threading.current_thread():
-            t.join(timeout)
-            self._thread = None
+    def _failed(self, kind: str, obj) -> None:
+        if kind == "side":
+            self._close(obj[0], "proxy error (see the traceback above)")
+        elif kind == "notify":
+            self.unwatch_fd(obj.read_fd)
 
-    def __enter__(self) -> "VhostUserProxy":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    # --- loop ----------------------------------------------------------------------
-    def _run(self) -> None:
-        sel = self._sel
-        try:
-            while not self._stopping:
-                timeout = 1.0
-                if self.count_notifications:
-                    now = time.monotonic()
-                    if now >= self._next_drain:
-                        self.drain_events()
-                        self._next_drain = now + EVENT_POLL_S
-                    timeout = max(0.0, self._next_drain - now)
-                for key, events in sel.select(timeout=timeout):
-                    kind, obj = key.data
-                    try:
-                        if kind == "notify":
-                            obj.relay()
-                        elif kind == "side":
-                            self._service(obj, events)
-                        elif kind == "listen":
-                            self._accept()
-                        elif kind == "ilisten":
-                            self.introspection.accept(sel)
-                        elif kind == "iclient":
-                            self.introspection.service(sel, obj, events)
-                        elif kind == "wake":
-                            try:
-                                self._wake_r.recv(64)
-                            except OSError:
-                                pass
-                    except Exception:
-                        logger.exception("proxy: unexpected error handling %s", kind)
-                        if kind == "side":
-                            self._close(obj[0], "proxy error (see the traceback above)")
-                        elif kind == "iclient":
-                            self.introspection.close_reader(sel, obj)
-                    if self._stopping:
-                        break
-        finally:
-            self._shutdown()
-
-    def _shutdown(self) -> None:
+    def _close_all(self) -> None:
         for conn in list(self.connections):
             self._close(conn, "proxy stopping")
-        sel, self._sel = self._sel, None
-        if sel is not None:
-            for key in list(sel.get_map().values()):
-                kind, obj = key.data
-                if kind == "iclient":
-                    obj.sock.close()
-            sel.close()
-        self._listener = close_listener(self._listener, self.listen_path)
-        self.introspection.close()
-        for s in (self._wake_r, self._wake_w):
-            if s is not None:
-                s.close()
-        self._wake_r = self._wake_w = None
 
-    def _accept(self) -> None:
-        try:
-            front, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:  # EMFILE etc.: log, keep listening
-            logger.warning("proxy: accept failed: %s", e)
-            return
+    def _accept(self, front: socket.socket) -> None:
         self._next_id += 1
         conn_id = self._next_id
         back = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -541,19 +448,6 @@ class VhostUserProxy:
     def introspection_snapshot(self) -> dict:
         """The Snapshot JSON of every proxied connection."""
         return to_json(proxy_snapshot(self))
-
-    def message_log(self, since: int | None = None) -> tuple[list[dict], int]:
-        """Entries with ``seq >= since`` (None: all) of live and recently
-        closed connections, in arrival order, and the ``next`` cursor."""
-        with self._lock:
-            logs = list(self.closed_logs) + [(c.id, list(c.log)) for c in self.connections]
-            next_seq = self._msg_seq
-        if since is not None and since > next_seq:
-            since = 0
-        out = [dict(e, connection=cid) for cid, entries in logs for e in entries
-               if since is None or e["seq"] >= since]
-        out.sort(key=lambda e: e["seq"])
-        return out, next_seq
 
     def read_events(self, since: int, limit: int, binary: bool):
         """:meth:`EventBuffer.read` of the relayed kicks and calls."""

@@ -34,6 +34,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..errors import InspectorError
 from .protocol import MAX_PAYLOAD
 from .transport import HEADER, HEADER_SIZE, _collect_fds
 
@@ -107,7 +108,7 @@ class _Out:
         self.last = last
 
 
-class LinkClosed(Exception):
+class LinkClosed(InspectorError):
     """``side``'s socket hung up or failed: ``why`` for the log line."""
 
     def __init__(self, side: "LinkSide", why: str):

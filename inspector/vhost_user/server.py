@@ -28,31 +28,26 @@ log entries are numbered the same way (op ``messages`` with ``since``).
 
 from __future__ import annotations
 
-import collections
 import logging
-import os
 import selectors
-import socket
 import threading
 import time
 from typing import Callable
 
 from ..devices.base import Device
 from ..introspect.buffer import EVENT_BUFFER, EventBuffer
-from ..introspect.server import IntrospectionServer, close_listener, listen_unix
 from ..snapshot.codec import to_json
 from ..snapshot.model import Snapshot
 from .backend import BackendConnection
+from .loop import SocketLoop
 
 STALL_CHECK_S = 0.5
 
 logger = logging.getLogger("inspector.vhost_user")
-
-_CLOSED_LOGS_KEPT = 16
 EVENT_POLL_S = 0.05          # device event logs are drained this often
 
 
-class VhostUserServer:
+class VhostUserServer(SocketLoop):
     """Serve vhost-user on ``socket_path``; one device per connection.
 
     ``device_factory()`` makes a Device for each new front-end.
@@ -75,170 +70,61 @@ class VhostUserServer:
     readers (its protocol: inspector/introspect/__init__.py).
     """
 
+    LOG_NAME = "vhost-user server"
+    THREAD_NAME = "vhost-user-server"
+    logger = logger
+
     def __init__(self, socket_path: str, device_factory: Callable[[], Device],
                  introspect_path: str | None = None,
                  snapshot_fn: Callable[["VhostUserServer"], Snapshot] | None = None,
                  event_poll_s: float | None = EVENT_POLL_S, event_buffer: int = EVENT_BUFFER,
                  introspect_any_uid: bool = False, stall_timeout: float | None = None):
-        self.socket_path = socket_path
-        self.introspect_any_uid = introspect_any_uid
+        super().__init__(socket_path, introspect_path, introspect_any_uid=introspect_any_uid)
         self.stall_timeout = stall_timeout
         self._next_stall_check = 0.0
         self.device_factory = device_factory
-        self.introspect_path = introspect_path
         self.snapshot_fn = snapshot_fn
         self.connections: list[BackendConnection] = []
-        self.closed_logs: collections.deque[tuple[int, list[dict]]] = collections.deque(
-            maxlen=_CLOSED_LOGS_KEPT)
         self.accepted = 0
         self._next_id = 0
-        self._sel: selectors.BaseSelector | None = None
-        self._listener: socket.socket | None = None
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._lock = threading.Lock()
         self.event_poll_s = event_poll_s
-        # Names this server among others on the same path (a restarted
-        # back-end starts its sequence numbers at 0 again): every events and
-        # messages reply carries it, and a client whose instance changed
-        # reads from 0 (inspector/introspect/__init__.py).
-        self.instance = f"{os.getpid()}-{time.time_ns()}"
         self.events = EventBuffer(event_buffer)
         self._ev_lock = threading.Lock()
         self._ev_dropped: dict[tuple[int, int], int] = {}  # (connection, vring) -> log drops seen
         self._ev_queues: dict[int, set[int]] = {}          # connection -> vrings that ran
         self._next_drain = 0.0
-        self._msg_seq = 0
-        self.introspection = IntrospectionServer(introspect_path, self, any_uid=introspect_any_uid)
 
-    # --- lifecycle -----------------------------------------------------------
-    def open(self) -> None:
-        """Create the sockets (done by start() / serve_forever() if needed)."""
-        if self._sel is not None:
-            return
-        self._listener = listen_unix(self.socket_path)
-        try:
-            ilistener = self.introspection.open()
-        except BaseException:
-            self._listener.close()
-            os.unlink(self.socket_path)
-            raise
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self._listener, selectors.EVENT_READ, ("listen", None))
-        if ilistener is not None:
-            self._sel.register(ilistener, selectors.EVENT_READ, ("ilisten", None))
-        self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
-        self._stopping = False
-
-    def start(self) -> "VhostUserServer":
-        """Listen now and run the loop in a daemon thread."""
-        self.open()
-        self._thread = threading.Thread(target=self._run, name="vhost-user-server", daemon=True)
-        self._thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        """Listen and run the loop in this thread until stop()."""
-        self.open()
-        self._run()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the loop, close every connection and remove the sockets.
-        Safe from any thread and from signal handlers."""
-        self._stopping = True
-        if self._wake_w is not None:
-            try:
-                self._wake_w.send(b"x")
-            except OSError:
-                pass
-        t = self._thread
-        if t is not None and t is not threading.current_thread():
-            t.join(timeout)
-            self._thread = None
-
-    def __enter__(self) -> "VhostUserServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    # --- loop -----------------------------------------------------------------------
-    def _run(self) -> None:
-        sel = self._sel
+    # --- loop (inspector/vhost_user/loop.py runs it) ------------------------------------------
+    def _timers(self) -> float:
+        """Drain the devices' event logs every ``event_poll_s`` and close
+        stalled connections every STALL_CHECK_S; the seconds until the next."""
         period = self.event_poll_s
-        try:
-            while not self._stopping:
-                if period is not None:
-                    now = time.monotonic()
-                    if now >= self._next_drain:
-                        self.drain_events()
-                        self._next_drain = now + period
-                    timeout = max(0.0, self._next_drain - now)
-                else:
-                    timeout = 1.0
-                now = time.monotonic()
-                if now >= self._next_stall_check:
-                    self._check_stalls(now)
-                    self._next_stall_check = now + STALL_CHECK_S
-                timeout = min(timeout, max(0.0, self._next_stall_check - now))
-                for key, events in sel.select(timeout=timeout):
-                    kind, obj = key.data
-                    try:
-                        if kind == "listen":
-                            self._accept()
-                        elif kind == "conn":
-                            if not self._readable(obj):
-                                self._drop(obj)
-                        elif kind == "ilisten":
-                            self.introspection.accept(sel)
-                        elif kind == "iclient":
-                            self.introspection.service(sel, obj, events)
-                        elif kind == "wake":
-                            try:
-                                self._wake_r.recv(64)
-                            except OSError:
-                                pass
-                    except Exception:
-                        logger.exception("vhost-user server: unexpected error handling %s", kind)
-                        if kind == "conn":
-                            self._drop(obj)
-                        elif kind == "iclient":
-                            self.introspection.close_reader(sel, obj)
-                    if self._stopping:
-                        break
-        finally:
-            self._shutdown()
+        if period is not None:
+            now = time.monotonic()
+            if now >= self._next_drain:
+                self.drain_events()
+                self._next_drain = now + period
+            timeout = max(0.0, self._next_drain - now)
+        else:
+            timeout = 1.0
+        now = time.monotonic()
+        if now >= self._next_stall_check:
+            self._check_stalls(now)
+            self._next_stall_check = now + STALL_CHECK_S
+        return min(timeout, max(0.0, self._next_stall_check - now))
 
-    def _shutdown(self) -> None:
+    def _handle(self, kind: str, conn: BackendConnection, events: int) -> None:
+        if not self._readable(conn):
+            self._drop(conn)
+
+    def _failed(self, kind: str, conn: BackendConnection) -> None:
+        self._drop(conn)
+
+    def _close_all(self) -> None:
         for conn in list(self.connections):
             self._drop(conn)
-        sel, self._sel = self._sel, None
-        if sel is not None:
-            for key in list(sel.get_map().values()):
-                kind, obj = key.data
-                if kind == "iclient":
-                    obj.sock.close()
-            sel.close()
-        self._listener = close_listener(self._listener, self.socket_path)
-        self.introspection.close()
-        for s in (self._wake_r, self._wake_w):
-            if s is not None:
-                s.close()
-        self._wake_r = self._wake_w = None
 
-    def _accept(self) -> None:
-        try:
-            sock, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:  # EMFILE etc.: log, keep serving
-            logger.warning("vhost-user server: accept failed: %s", e)
-            return
+    def _accept(self, sock) -> None:
         try:
             device = self.device_factory()
         except Exception as e:
@@ -352,32 +238,3 @@ class VhostUserServer:
                     self._ev_dropped[conn.id, i] = dropped
                 if not records and i < len(conn.vrings) and not conn.vrings[i].started:
                     ran.discard(i)  # stopped and drained: nothing more will come
-
-    # --- messages --------------------------------------------------------------------------
-    def messages(self, since: int | None = None) -> list[dict]:
-        """The message logs of recently closed and live connections, each
-        entry with its ``connection`` id and ``seq`` (a server-wide number,
-        in arrival order), in arrival order; with ``since``, only entries
-        whose seq is >= since."""
-        return self.message_log(since)[0]
-
-    def message_log(self, since: int | None = None) -> tuple[list[dict], int]:
-        """:meth:`messages` and the ``next`` cursor (the seq the next
-        logged message will get). A ``since`` beyond it (a cursor from an
-        earlier server) reads from the start."""
-        for _ in range(10):  # the loop thread may append meanwhile
-            try:
-                with self._lock:
-                    logs = list(self.closed_logs) + [(c.id, list(c.log)) for c in self.connections]
-                    next_seq = self._msg_seq
-                break
-            except RuntimeError:
-                continue
-        else:
-            logs, next_seq = [], self._msg_seq
-        if since is not None and since > next_seq:
-            since = 0
-        out = [dict(e, connection=cid) for cid, entries in logs for e in entries
-               if "seq" in e and (since is None or e["seq"] >= since)]
-        out.sort(key=lambda e: e["seq"])
-        return out, next_seq

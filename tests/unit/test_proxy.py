@@ -27,6 +27,7 @@ from inspector.vhost_user.server import VhostUserServer
 from tests.conftest import ROOT, VQSCOPE, wait_for
 from tests.support.nulldevice import NullDevice
 from tests.support.peers import VqscopeServe, socket_dir, wait_path
+from tests.unit.test_vhost_user_frontend import frames_back
 
 
 @pytest.fixture
@@ -68,13 +69,8 @@ def _balanced(proxy: VhostUserProxy, stats: dict) -> None:
         assert (s["messages"], s["bytes"], s["fds"]) == (s["messages_out"], s["bytes_out"], s["fds_out"]), key
 
 
-def _frames_back(fe, pair, n, timeout=10.0):
-    got = []
-    end = time.monotonic() + timeout
-    while len(got) < n and time.monotonic() < end:
-        fe.wait_call(pair, 0.1, "rx")
-        got += fe.recv_frames(pair)
-    return got
+def _frames_back(fe, pair, n):
+    return frames_back(fe, pair, n, timeout=10.0)
 
 
 @pytest.mark.timeout(90)
