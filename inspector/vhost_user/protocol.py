@@ -55,6 +55,7 @@ class ProtocolViolation(ProtocolError):
         shown = value
         if isinstance(value, int) and not isinstance(value, bool) and value > 0xFFF:
             shown = f"{value} ({value:#x})"
+        self.shown = str(shown)     # the value as the message shows it
         super().__init__(f"{request}: {field_}={shown}: {why}")
 
 

@@ -143,7 +143,7 @@ class ProxyConnection:
             try:
                 fields = self._decode(side, frame)
             except ProtocolViolation as e:
-                malformed = self.malformed(side, frame, e.field, _shown(e.value), e.why)
+                malformed = self.malformed(side, frame, e.field, e.shown, e.why)
         if malformed is None and side is self.front:
             if frame.request == Request.SET_BACKEND_REQ_FD:
                 self._interpose_channel(frame)
@@ -262,12 +262,6 @@ class ProxyConnection:
             self.proxy.unwatch_fd(n.read_fd)
             n.close()
         self.state.close()
-
-
-def _shown(value) -> str:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0xFFF:
-        return f"{value} ({value:#x})"
-    return str(value)
 
 
 def _side_label(side: LinkSide) -> str:

@@ -21,7 +21,7 @@ from inspector.spec.virtio import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T
 from inspector.vhost_user import transport as t
 from inspector.vhost_user.blk_frontend import BlkFrontend
 from inspector.vhost_user.frontend import VhostUserFrontend
-from inspector.vhost_user.protocol import BackendRequest, ProtocolFeature, Request
+from inspector.vhost_user.protocol import BackendRequest, ProtocolFeature, ProtocolViolation, Request
 from inspector.vhost_user.proxy import VhostUserProxy
 from inspector.vhost_user.server import VhostUserServer
 from tests.conftest import ROOT, VQSCOPE, wait_for
@@ -488,3 +488,40 @@ def test_count_notifications_with_traffic_through_serve(sdir, proxy_to):
             assert rx.extras["proxy"]["calls"] >= 1 and rx.calls == rx.extras["proxy"]["calls"]
         assert wait_for(lambda: not proxy.connections)
         assert wait_for(lambda: _fd_count() == before)              # relays' eventfds closed
+
+
+def test_memory_table_add_and_remove_regions_read_only_and_released():
+    """SET_MEM_TABLE, ADD_MEM_REG and REM_MEM_REG (CONFIGURE_MEM_SLOTS, as
+    QEMU sends them to libvhost-user) as the proxy's state follows them:
+    mapped PROT_READ, remapped on each change, all released on close."""
+    from inspector.vhost_user.protocol import MemoryRegionDesc, MemoryTable
+    from inspector.vhost_user.proxy_link import Frame
+    from inspector.vhost_user.proxy_state import ConnectionState
+
+    def memfd(fill: int) -> int:
+        fd = os.memfd_create("vqs-proxy-test")
+        os.write(fd, bytes([fill]) * 8192)
+        return fd
+
+    before = _fd_count()
+    state = ConnectionState(logging.getLogger("test"), 1)
+    fds = [memfd(1), memfd(2), memfd(3)]
+    try:
+        table = MemoryTable([MemoryRegionDesc(0, 8192, 0x10000, 0), MemoryRegionDesc(0x4000, 8192, 0x20000, 0)])
+        state.front_end_message(Frame(Request.SET_MEM_TABLE, 1, 72, table.pack(), fds[:2]))
+        reg = MemoryRegionDesc(0x8000, 4096, 0x30000, 4096)
+        fields = state.front_end_message(Frame(Request.ADD_MEM_REG, 1, 40, bytes(8) + reg.pack(), fds[2:]))
+        assert fields["guest_phys_addr"] == 0x8000
+        assert [state.mem.read(a, 1) for a in (0, 0x4000, 0x8000)] == [b"\x01", b"\x02", b"\x03"]
+        with pytest.raises(TypeError):                         # PROT_READ: a read-only buffer
+            state.mem.view(0, 1)[0] = 9
+        state.front_end_message(Frame(Request.REM_MEM_REG, 1, 40, bytes(8) + table.regions[0].pack(), []))
+        assert [r.gpa for r in state.mem] == [0x4000, 0x8000]
+        with pytest.raises(ProtocolViolation, match="no region"):
+            state.front_end_message(Frame(Request.REM_MEM_REG, 1, 40, bytes(8) + table.regions[0].pack(), []))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert _fd_count() > before                                  # the proxy's dups and mappings
+    state.close()
+    assert _fd_count() == before and not _maps_of(["vqs-proxy-test"])
