@@ -9,6 +9,16 @@ counter value read is written on unchanged, so the peer sees the same sum
 the event model (inspector/events.py: ``kick``, value the kicks coalesced
 into the read; ``call``, value 0: the proxy does not read the used index).
 
+The cost is a wake-up of the proxy's loop per notification (epoll, read,
+write: Python): measured with the built-in front-end bouncing one frame at a
+time off ``serve net --loopback`` (about 1.9 kicks and calls per round
+trip), a round trip took 26 µs direct, 28 µs through the proxy without the
+flag and 82 µs with it (medians of 3 rounds on the 2-core CI machine; the
+rounds swing by 2x): some 25-50 µs per relayed notification. A driver and
+device that suppress notifications under load pay next to nothing
+(dpdk-testpmd io forwarding through it: 1 kick per vring, no call, in 8
+million packets).
+
 Without the flag none of this exists: kick and call fds are forwarded
 unchanged and the data path never passes through the proxy. SET_VRING_ERR
 and a vring fd request with the NOFD bit (8) set are always passed through
