@@ -525,3 +525,80 @@ def test_memory_table_add_and_remove_regions_read_only_and_released():
     assert _fd_count() > before                                  # the proxy's dups and mappings
     state.close()
     assert _fd_count() == before and not _maps_of(["vqs-proxy-test"])
+
+
+@pytest.mark.timeout(120)
+def test_several_connections_at_once_each_with_its_own_back_end_connection(sdir, proxy_to):
+    back = os.path.join(sdir, "back.sock")
+    with VqscopeServe(back, "net", ["--loopback"]):
+        proxy = proxy_to(back)
+        fes = [VhostUserFrontend(proxy.listen_path, queue_size=64, mem_size=2 << 20, packed=k == 1)
+               for k in range(3)]
+        try:
+            assert sorted(c.id for c in proxy.connections) == [1, 2, 3]
+            for k, fe in enumerate(fes):
+                fe.post_rx_buffers(0, 8)
+                assert fe.send_frames(0, [bytes([k]) * 64] * 4) == 4
+            for k, fe in enumerate(fes):
+                assert _frames_back(fe, 0, 4) == [bytes([k]) * 64] * 4
+            snap = proxy_snapshot_of(proxy)
+            assert sorted({q.device for q in snap.queues}) == ["proxy1", "proxy2", "proxy3"]
+            fes[1].close()
+            assert wait_for(lambda: sorted(c.id for c in proxy.connections) == [1, 3])
+            again = bytes(12) + b"again" * 20      # (loopback swaps the two MAC addresses)
+            for k in (0, 2):                                   # the others go on
+                assert fes[k].send_frames(0, [again]) == 1
+                assert _frames_back(fes[k], 0, 1) == [again]
+        finally:
+            for fe in fes:
+                fe.close()
+        assert wait_for(lambda: not proxy.connections)
+
+
+def proxy_snapshot_of(proxy):
+    from inspector.introspect.proxy_snapshot import proxy_snapshot
+    return proxy_snapshot(proxy)
+
+
+def test_a_back_end_that_does_not_read_holds_only_its_own_connection(sdir, proxy_to):
+    """A payload streamed to a back-end that never reads: the proxy holds at
+    most its bounded outbox, stops reading that front-end, and serves
+    another connection meanwhile."""
+    from inspector.vhost_user.proxy_link import OUTBOX_LIMIT, STREAM_CHUNK
+
+    raw = _RawBackEnd(os.path.join(sdir, "raw.sock"))
+    proxy = proxy_to(raw.path)
+    front = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        front.connect(proxy.listen_path)
+        stuck = raw.accept()
+        front.setblocking(False)
+        sent = 0
+        payload = bytes(1 << 16)
+        front.send(t.encode_header(Request.SET_FEATURES, 1, 64 << 20))
+        end = time.monotonic() + 10
+        while time.monotonic() < end:                          # until every buffer on the way is full
+            try:
+                sent += front.send(payload)
+                end = min(end, time.monotonic() + 1)
+            except BlockingIOError:
+                time.sleep(0.05)
+            if sent > 32 << 20:
+                break
+        conn = proxy.connections[0]
+        assert conn.back.out_bytes <= OUTBOX_LIMIT + STREAM_CHUNK
+        assert sent < 32 << 20                                 # the proxy stopped reading it
+        other.settimeout(5)
+        other.connect(proxy.listen_path)
+        second = raw.accept()
+        t.send_message(other, Request.GET_FEATURES)
+        got, _ = _recv_exact(second, 12)
+        assert got == t.encode_message(Request.GET_FEATURES)
+        second.close()
+        stuck.close()
+    finally:
+        front.close()
+        other.close()
+        raw.close()
+    assert wait_for(lambda: not proxy.connections)
