@@ -194,3 +194,121 @@ def test_testpmd_through_proxy(net_path, devargs):
         assert px.peer.alive()
     assert be.pmd.alive(), be.tail()
     del be_start
+
+
+# ---------------------------------------------------------------- 3: the hostile corpus
+
+HANDSHAKE_DONE_RX = r"virtio is now ready for processing"
+
+
+def protocol_malformed(case, ctx: Ctx) -> bool:
+    """Whether ``case``'s message is malformed at the protocol level: what
+    the framing (payload size, fd count, a message cut short) or
+    protocol.check_header (version, REPLY bit, request number, payload size
+    against its type, fd count) rejects without any session state. The rest
+    (vring indices, addresses, features never offered...) only a back-end's
+    semantics can reject: a proxy forwards them without a word."""
+    h = case.build(ctx)
+    if h.cut is not None:
+        return True
+    if (h.size if h.size is not None else len(h.payload)) > p.MAX_PAYLOAD or h.nfds > MAX_FDS:
+        return True
+    msg = SimpleNamespace(request=h.request, flags=h.flags, payload=h.payload, fds=[-1] * h.nfds)
+    try:
+        p.check_header(msg)
+    except p.ProtocolViolation:
+        return True
+    return False
+
+
+def dpdk_saw(case, ctx: Ctx) -> str | None:
+    """A regex of what DPDK's vhost library (lib/vhost/vhost_user.c, INFO
+    level) logs when it reads ``case``'s message: proof that the bytes got
+    there. None when it logs nothing before the connection closes (a header
+    announcing a payload that never comes: it waits for it)."""
+    h = case.build(ctx)
+    if h.cut is None and h.size is not None and h.size > len(h.payload):
+        return None
+    try:
+        name = p.Request(h.request).name
+    except ValueError:
+        name = None
+    signed = h.request - (1 << 32) if h.request >= 1 << 31 else h.request
+    alts = [rf"\(req: {signed}\) was not handled"]
+    if name:
+        alts += [rf"read message VHOST_USER_{name}\b", rf"vhost read message for VHOST_USER_{name} failed"]
+    return "|".join(alts)
+
+
+def _drain(sock: socket.socket, timeout: float) -> None:
+    """Read (and close the fds of) whatever the back-end answers until it
+    closes the connection or ``timeout`` s pass without a word."""
+    sock.settimeout(timeout)
+    try:
+        while True:
+            m = t.recv_message(sock)
+            if m is None:
+                return
+            m.close_fds()
+    except (OSError, p.ProtocolError):
+        return
+
+
+def _restart_dpdk(net_path) -> None:
+    """A new DPDK vhost back-end on the same socket (the old one died)."""
+    net_path.be.close()
+    if os.path.exists(net_path.be.sock):
+        os.unlink(net_path.be.sock)      # a crashed DPDK leaves its socket file
+    net_path.be = DpdkVhostNet(net_path.be.sock)
+
+
+@pytest.mark.dpdk
+@pytest.mark.timeout(400)
+def test_hostile_corpus_through_proxy(net_path):
+    px = net_path.px
+    if px:
+        assert wait_for(lambda: len(px.log_lines(r"closed:")) >= len(px.log_lines(r"front-end connected")), 30)
+        base = px.fd_count()
+    report, deaths = [], []
+    for case in CORPUS:
+        if case.inflight:
+            continue   # DPDK's net_vhost does not offer INFLIGHT_SHMFD (protocol features 0x1002b)
+        be = net_path.be
+        start = len(px.peer.output) if px else 0
+        hs = len(be.pmd.output)
+        fe = VhostUserFrontend(net_path.front, queue_pairs=1, queue_size=64, mem_size=1 << 20, timeout=10,
+                               packed=case.layout != "split")
+        fds: list[int] = []
+        try:
+            be.pmd.wait_for(HANDSHAKE_DONE_RX, 10, start=hs)
+            time.sleep(0.05)
+            ctx = Ctx(num_queues=2, uva=fe.uva, mem_size=fe.mem_size, queue_size=fe.queue_size)
+            bad, want = protocol_malformed(case, ctx), dpdk_saw(case, ctx)
+            be_start = len(be.pmd.output)
+            fds = send_case(fe.sock, case, ctx)
+            saw = want is None or wait_for(lambda: re.search(want, be.pmd.output[be_start:]) is not None, 10, 0.05)
+            _drain(fe.sock, 0.3)
+        finally:
+            for fd in fds:
+                os.close(fd)
+            fe.close()
+        # DPDK logs the hang-up of each connection (or dies of the case).
+        wait_for(lambda: not be.pmd.alive() or "vhost peer closed" in be.pmd.output[be_start:], 3, 0.02)
+        died = not be.pmd.alive()
+        report.append((case.name, bad))
+        assert saw, f"{case.name}: DPDK did not log /{want}/ after the case was sent\n{be.tail()}"
+        if px:
+            assert px.peer.alive(), f"{case.name}: the proxy died\n{px.tail()}"
+            if died:   # the back-end's death is passed on to the front-end, as it is
+                px.peer.wait_for(r"proxy: connection \d+ closed: back-end hung up", 10, start=start)
+            assert wait_for(lambda: px.fd_count() == base, 10), \
+                f"{case.name}: the proxy holds {px.fd_count()} fds, {base} before\n{px.tail()}"
+            assert wait_for(lambda: len(px.malformed_lines(start)) >= bad, 5)
+            lines = px.malformed_lines(start)
+            assert len(lines) == int(bad), (case.name, bad, lines)
+        if died:
+            deaths.append(f"{case.name} (status {be.pmd.proc.returncode})")
+            _restart_dpdk(net_path)
+    print(f"hostile corpus through {'the proxy' if px else 'nothing (direct)'}: {len(report)} cases, "
+          f"{sum(b for _, b in report)} malformed at the protocol level "
+          f"({[n for n, b in report if b]}); DPDK's vhost died on {deaths or 'none'}")
