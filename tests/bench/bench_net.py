@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,16 +152,19 @@ def bench_vqscope(tmp: str, seconds: float, tag: str, layout: str) -> dict:
     return res
 
 
-def bench_dpdk(tmp: str, seconds: float, tag: str, layout: str) -> dict:
-    sock = os.path.join(tmp, f"dpdk-{tag}.sock")
+@contextmanager
+def dpdk_vhost(sock: str, prefix: str):
+    """DPDK's vhost back-end (testpmd ``net_vhost0`` on ``sock``, io
+    forwarding on CPU 1) until the block ends; yields its Proc once
+    ``sock`` exists."""
     argv = [testpmd(), "-l", "0,1", "--main-lcore", "0", "--no-pci", "--no-huge", "-m", "1024",
-            f"--file-prefix=vqbench-be-{tag}-{os.getpid()}", "--vdev",
-            f"net_vhost0,iface={sock},queues=1", "--", "--nb-cores=1", "--forward-mode=io"]
+            f"--file-prefix={prefix}", "--vdev", f"net_vhost0,iface={sock},queues=1", "--", "--nb-cores=1",
+            "--forward-mode=io"]
     # Without -i testpmd forwards until a line arrives on stdin: keep it open.
     be = Proc(argv, "testpmd vhost back-end", stdin=subprocess.PIPE)
     try:
         wait_path(sock, be)
-        res = run_frontend(sock, f"vqbench-fe-{tag}-{os.getpid()}", seconds, layout)
+        yield be
     finally:
         try:
             be.p.stdin.write(b"\n")
@@ -172,7 +176,12 @@ def bench_dpdk(tmp: str, seconds: float, tag: str, layout: str) -> dict:
         except subprocess.TimeoutExpired:
             pass
         be.close(signal.SIGINT)
-    return res
+
+
+def bench_dpdk(tmp: str, seconds: float, tag: str, layout: str) -> dict:
+    sock = os.path.join(tmp, f"dpdk-{tag}.sock")
+    with dpdk_vhost(sock, f"vqbench-be-{tag}-{os.getpid()}"):
+        return run_frontend(sock, f"vqbench-fe-{tag}-{os.getpid()}", seconds, layout)
 
 
 def summary(rounds: list[tuple[dict, dict]]) -> dict:
