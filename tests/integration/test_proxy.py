@@ -41,11 +41,13 @@ from inspector.spec.vhost import MAX_FDS
 from inspector.vhost_user import protocol as p
 from inspector.vhost_user import transport as t
 from inspector.vhost_user.frontend import VhostUserFrontend
+from inspector.vhost_user.memory_table import check_regions
+from inspector.vhost_user.proxy_state import MAX_VRINGS
 
 from tests.conftest import require, wait_for
 from tests.support.blk import (QsdBlk, blk_guest_script, command_rc, debugfs_sha256, parse_sums,
                                require_blk_guest, vhost_user_blk_opts)
-from tests.support.hostile_corpus import CORPUS, Ctx, send_case
+from tests.support.hostile_corpus import CORPUS, Ctx, memfd, send_case
 from tests.support.peers import (DpdkTestpmd, DpdkVhostNet, Guest, PeerError, find_testpmd, is_root, socket_dir,
                                  virtio_user_vdev, vq_rx, vq_tx)
 from tests.support.proxy import interpose, proxy_enabled
@@ -73,21 +75,17 @@ def _conn_queues(px, conn: int, snap: dict | None = None) -> dict[int, dict]:
 
 def _used_pos(q: dict) -> int:
     """The ring's used position: split ``used_idx``; packed the count of
-    (``next_used``, ``used_wrap_counter``), modulo 2 x size."""
+    (``next_used``, ``used_wrap_counter``) (VIRTIO 1.2 §2.8: modulo 2 x size)."""
     if q["layout"] == "split":
         return q["used_idx"]
     return q["next_used"] + q["size"] * (1 - q["used_wrap_counter"])
 
 
-def _used_modulus(q: dict) -> int:
-    return 1 << 16 if q["layout"] == "split" else 2 * q["size"]
-
-
 def assert_link_balanced(q: dict) -> dict:
-    """extras["proxy"]["link"] of a queue: for each direction, messages,
+    """``proxy.link`` of a queue (its extras["proxy"]["link"]): for each direction, messages,
     bytes and fds in (``messages``...) == out (``messages_out``...), and
     nothing the proxy originated."""
-    link = q["extras"]["proxy"]["link"]
+    link = q["proxy"]["link"]
     assert link["proxy_originated"] == 0, link
     assert {"front_end", "back_end", "backend_req"} <= set(link), link
     for direction, d in link.items():
@@ -190,7 +188,7 @@ def test_guest_blk_through_proxy_survives_qsd_restart(blk_path):
             q = qs[0]
             assert q["device_type"] == "block" and q["layout"] == "split" and q["size"] > 0, q
             assert q["used_idx"] is not None and q["last_avail_idx"] is None, q
-            assert q["extras"]["proxy"]["started"] and q["extras"]["proxy"]["enabled"], q["extras"]
+            assert q["proxy"]["started"] and q["proxy"]["enabled"], q["proxy"]
             assert_link_balanced(q)
             assert_log_decodes(px, conn)
         # qemu-storage-daemon dies: QEMU's connection is closed, QEMU retries every second.
@@ -215,7 +213,7 @@ def test_guest_blk_through_proxy_survives_qsd_restart(blk_path):
         _write_and_check(ns, FILES + 1)
         if px:
             q = _conn_queues(px, conn)[0]
-            assert q["device_type"] == "block" and q["extras"]["proxy"]["started"], q
+            assert q["device_type"] == "block" and q["proxy"]["started"], q
             assert_link_balanced(q)
             assert_log_decodes(px, conn)
             print("blk through the proxy: closes", px.log_lines(r"proxy: connection \d+ closed:"))
@@ -278,7 +276,7 @@ def test_testpmd_through_proxy(net_path, devargs):
                 assert a["layout"] == b["layout"] == layout, a
                 assert a["size"] > 0 and a.get("last_avail_idx") is None, a
                 assert a["device"] == f"proxy{conn}", a
-                pr = b["extras"]["proxy"]
+                pr = b["proxy"]
                 assert pr["connection"] == conn and pr["enabled"] and pr["started"], pr
                 assert pr["kicks"] is None and pr["calls"] is None, pr     # no --count-notifications
                 assert _used_pos(a) != _used_pos(b), f"vring {i} did not advance: {a} -> {b}"
@@ -294,13 +292,16 @@ def test_testpmd_through_proxy(net_path, devargs):
             assert dequeued <= fst.port_tx[0] and fst.port_rx[0] <= enqueued, (fst, bst)
             if px:
                 qs = _conn_queues(px, conn)
-                assert qs[vq_rx(0)]["device_type"] in ("net", None) or True
+                assert qs[vq_rx(0)]["device_type"] == "net", qs[vq_rx(0)]   # inferred from net feature bits
                 for i, n in ((vq_tx(0), dequeued), (vq_rx(0), enqueued)):
                     q = qs[i]
-                    mod = _used_modulus(q)
-                    assert _used_pos(q) % mod == n % mod, (
-                        f"vring {i}: the proxy's used position {_used_pos(q)} (mod {mod}) does not "
-                        f"match the back-end's {n} frames")
+                    if layout == "split":
+                        assert q["used_idx"] == n % (1 << 16), (
+                            f"vring {i}: the proxy's used_idx {q['used_idx']} does not match the back-end's "
+                            f"{n} frames (mod 2^16)")
+                    else:
+                        # No device position is known: the packed ring's are read from the flags.
+                        assert q["positions"] == "flags" and q["next_used"] is not None, q
                     assert_link_balanced(q)
                 assert_log_decodes(px, conn)
         finally:
@@ -332,18 +333,33 @@ def protocol_malformed(case, ctx: Ctx) -> str | None:
         return "message"
     msg = SimpleNamespace(request=h.request, flags=h.flags, payload=h.payload, fds=[-1] * h.nfds)
     try:
-        p.check_header(msg)
+        req, payload = p.check_header(msg)
+        index = p.vring_index(req, payload)
+        if index is not None and index >= MAX_VRINGS:
+            return "message"      # beyond any device's vrings: the proxy keeps no state for it
+        if req == p.Request.SET_MEM_TABLE:
+            # The table the proxy maps itself: checked with the case's fds.
+            fds = [memfd(h.fd_size) for _ in range(h.nfds)]
+            try:
+                check_regions(req.name, payload.regions, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
     except p.ProtocolViolation:
         return "message"
     return None
 
 
-def dpdk_saw(case, ctx: Ctx) -> str | None:
+def dpdk_saw(case, ctx: Ctx, proxied: bool) -> str | None:
     """A regex of what DPDK's vhost library (lib/vhost/vhost_user.c, INFO
     level) logs when it reads ``case``'s message: proof that the bytes got
     there. None when it logs nothing before the connection closes (a header
-    announcing a payload that never comes: it waits for it)."""
+    announcing a payload that never comes: it waits for it). ``proxied``: a
+    message cut short (the front-end hangs up in it) is not passed on by
+    the proxy, which forwards whole messages: the back-end sees the hang-up."""
     h = case.build(ctx)
+    if h.cut is not None and proxied:
+        return r"vhost peer closed"
     if h.cut is None and h.size is not None and h.size > len(h.payload):
         return None
     try:
@@ -386,7 +402,7 @@ def test_hostile_corpus_through_proxy(net_path):
     if px:
         assert wait_for(lambda: len(px.log_lines(r"closed:")) >= len(px.log_lines(r"front-end connected")), 30)
         base = px.fd_count()
-    report, deaths = [], []
+    report, deaths, replies = [], [], []
     for case in CORPUS:
         if case.inflight:
             continue   # DPDK's net_vhost does not offer INFLIGHT_SHMFD (protocol features 0x1002b)
@@ -400,7 +416,7 @@ def test_hostile_corpus_through_proxy(net_path):
             be.pmd.wait_for(HANDSHAKE_DONE_RX, 10, start=hs)
             time.sleep(0.05)
             ctx = Ctx(num_queues=2, uva=fe.uva, mem_size=fe.mem_size, queue_size=fe.queue_size)
-            bad, want = protocol_malformed(case, ctx), dpdk_saw(case, ctx)
+            bad, want = protocol_malformed(case, ctx), dpdk_saw(case, ctx, px is not None)
             be_start = len(be.pmd.output)
             fds = send_case(fe.sock, case, ctx)
             saw = want is None or wait_for(lambda: re.search(want, be.pmd.output[be_start:]) is not None, 10, 0.05)
@@ -423,8 +439,9 @@ def test_hostile_corpus_through_proxy(net_path):
             # One line per malformed message: "(forwarded as-is)", or for a
             # message cut short the close "in the middle of a message".
             want_lines = int(bad == "message")
-            wait_for(lambda: len(px.malformed_lines(start)) >= want_lines, 5)
-            lines = px.malformed_lines(start)
+            wait_for(lambda: len(px.malformed_lines(start, "front-end")) >= want_lines, 5)
+            lines = px.malformed_lines(start, "front-end")
+            replies += px.malformed_lines(start, "back-end")   # the back-end's answers, malformed or not
             assert len(lines) == want_lines, \
                 f"{case.name}: malformed at the protocol level: {bad}; the proxy logged {lines}\n{px.tail()}"
             if bad == "cut":
@@ -436,4 +453,5 @@ def test_hostile_corpus_through_proxy(net_path):
             _restart_dpdk(net_path)
     print(f"hostile corpus through {'the proxy' if px else 'nothing (direct)'}: {len(report)} cases, "
           f"{sum(bool(b) for _, b in report)} malformed at the protocol level "
-          f"({[n for n, b in report if b]}); DPDK's vhost died on {deaths or 'none'}")
+          f"({[n for n, b in report if b]}); DPDK's vhost died on {deaths or 'none'}; "
+          f"the proxy found these DPDK replies malformed: {replies}")

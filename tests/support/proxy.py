@@ -94,11 +94,12 @@ class VqscopeProxy(PeerHandle):
 
     def queues(self, snap: dict | None = None) -> dict[tuple[int, int], dict]:
         """``{(connection, vring index): QueueEntry}`` of a snapshot (taken now
-        when ``snap`` is None); the connection from ``extras["proxy"]``."""
+        when ``snap`` is None); the connection from the queue's ``proxy``
+        object (its extras["proxy"], inline in the JSON)."""
         snap = self.snapshot() if snap is None else snap
         out = {}
         for q in snap.get("queues", []):
-            conn = (q.get("extras") or {}).get("proxy", {}).get("connection")
+            conn = (q.get("proxy") or {}).get("connection")
             out[(conn, q["index"])] = q
         return out
 
@@ -122,8 +123,14 @@ class VqscopeProxy(PeerHandle):
         rx = re.compile(pattern)
         return [ln for ln in self.peer.output[start:].splitlines() if rx.search(ln)]
 
-    def malformed_lines(self, start: int = 0) -> list[str]:
-        return self.log_lines(MALFORMED_RX, start)
+    def malformed_lines(self, start: int = 0, side: str | None = None) -> list[str]:
+        """The "(forwarded as-is)" lines from output offset ``start``; with
+        ``side`` ("front-end", "back-end", "back-end request") only that
+        side's."""
+        lines = self.log_lines(MALFORMED_RX, start)
+        if side is not None:
+            lines = [ln for ln in lines if re.search(rf"proxy: connection \d+: {side} ", ln)]
+        return lines
 
     def close(self) -> None:
         if self._client is not None:
