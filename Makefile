@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMPS  := .stamps
 CSRC    := $(wildcard inspector/csrc/*.c inspector/csrc/*.h)
 
-.PHONY: all deps venv build lint test test-unit demo bench-decoder bench-net bench-blk bench-attach bench-record bench-probes bench-doctor soak fuzz fuzz-build clean
+.PHONY: all deps venv build lint test test-unit demo bench-decoder bench-net bench-blk bench-proxy bench-attach bench-record bench-probes bench-doctor soak fuzz fuzz-build clean
 
 all: build
 
@@ -55,6 +55,11 @@ bench-net: build
 # qemu-storage-daemon on tmpfs images, interleaved rounds: one JSON line.
 bench-blk: build
 	$(PY) tests/bench/bench_blk.py
+
+# dpdk-testpmd virtio-user <-> net_vhost directly, through `vqscope proxy` and
+# through `vqscope proxy --count-notifications`, interleaved rounds: one JSON line.
+bench-proxy: build
+	$(PY) tests/bench/bench_proxy.py
 
 bench-attach: build
 	$(PY) tests/bench/bench_attach.py
