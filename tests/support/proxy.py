@@ -94,11 +94,12 @@ class VqscopeProxy(PeerHandle):
 
     def queues(self, snap: dict | None = None) -> dict[tuple[int, int], dict]:
         """``{(connection, vring index): QueueEntry}`` of a snapshot (taken now
-        when ``snap`` is None); the connection from ``extras["proxy"]``."""
+        when ``snap`` is None); the connection from the entry's ``proxy``
+        extras (the snapshot JSON puts extras at the entry's top level)."""
         snap = self.snapshot() if snap is None else snap
         out = {}
         for q in snap.get("queues", []):
-            conn = (q.get("extras") or {}).get("proxy", {}).get("connection")
+            conn = q.get("proxy", {}).get("connection")
             out[(conn, q["index"])] = q
         return out
 
