@@ -125,6 +125,33 @@ class SocketLoop:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    @property
+    def listening(self) -> bool:
+        """True while front-ends can connect (see :meth:`pause_listening`)."""
+        return self._listener is not None
+
+    def pause_listening(self) -> None:
+        """Stop accepting front-ends: the listening socket is closed but its
+        file stays, so a front-end's connect() gets ECONNREFUSED, as from a
+        server that is not running (QEMU's ``reconnect`` retries then)."""
+        if self._listener is None:
+            return
+        if self._sel is not None:
+            try:
+                self._sel.unregister(self._listener)
+            except (KeyError, ValueError):
+                pass
+        self._listener.close()
+        self._listener = None
+
+    def resume_listening(self) -> None:
+        """Listen again after :meth:`pause_listening` (the stale file is
+        replaced: introspect.server.listen_unix)."""
+        if self._listener is not None or self._sel is None:
+            return
+        self._listener = listen_unix(self.socket_path)
+        self._sel.register(self._listener, selectors.EVENT_READ, ("listen", None))
+
     # --- loop ----------------------------------------------------------------------
     def _run(self) -> None:
         sel = self._sel
@@ -166,6 +193,11 @@ class SocketLoop:
                 if kind == "iclient":
                     obj.sock.close()
             sel.close()
+        if self._listener is None:           # paused: its file is still there
+            try:
+                os.unlink(self.socket_path)
+            except OSError:
+                pass
         self._listener = close_listener(self._listener, self.socket_path)
         self.introspection.close()
         for s in (self._wake_r, self._wake_w):

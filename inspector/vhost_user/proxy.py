@@ -40,6 +40,7 @@ import selectors
 import socket
 import time
 
+from ..errors import InspectorError
 from ..introspect.buffer import EVENT_BUFFER, EventBuffer
 from ..introspect.proxy_snapshot import proxy_snapshot
 from ..snapshot.codec import to_json
@@ -55,6 +56,8 @@ logger = logging.getLogger("inspector.proxy")
 EVENT_POLL_S = 0.05
 #: Seconds to wait for the back-end's socket to accept a connection.
 CONNECT_TIMEOUT_S = 2.0
+#: While the back-end is down, how often the proxy tries to connect to it.
+BACKEND_PROBE_S = 0.5
 #: Message log entries kept per connection (SocketLoop keeps the last closed ones' logs).
 LOG_SIZE = 4096
 
@@ -264,6 +267,17 @@ class ProxyConnection:
         self.state.close()
 
 
+def _peer_alive(sock: socket.socket) -> bool:
+    """False when the peer of connected ``sock`` hung up (EOF or an error
+    pending); reads nothing (MSG_PEEK)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+
+
 def _side_label(side: LinkSide) -> str:
     return {"front-end": "front-end", "back-end": "back-end", "backend-req": "back-end request",
             "backend-req-reply": "back-end request reply"}[side.direction]
@@ -300,6 +314,12 @@ class VhostUserProxy(SocketLoop):
         # events op as serve numbers its own (inspector/introspect/buffer.py).
         self.events = EventBuffer(EVENT_BUFFER if count_notifications else 1024)
         self._next_drain = 0.0
+        # The back-end gate (see _backend_lost): while the back-end is down
+        # the proxy does not listen; ``_spare`` is the back-end connection
+        # made when it came back, kept for the next front-end.
+        self.backend_down = False
+        self._spare: socket.socket | None = None
+        self._next_probe = 0.0
 
     @property
     def listen_path(self) -> str:
@@ -314,13 +334,75 @@ class VhostUserProxy(SocketLoop):
 
     # --- loop (inspector/vhost_user/loop.py runs it) ------------------------------------
     def _timers(self) -> float:
-        if not self.count_notifications:
-            return 1.0
         now = time.monotonic()
-        if now >= self._next_drain:
-            self.drain_events()
-            self._next_drain = now + EVENT_POLL_S
-        return max(0.0, self._next_drain - now)
+        wait = 1.0
+        if self.backend_down or self._spare is not None:
+            if now >= self._next_probe:
+                self._probe_backend()
+                self._next_probe = now + BACKEND_PROBE_S
+            wait = min(wait, max(0.0, self._next_probe - now))
+        if self.count_notifications:
+            if now >= self._next_drain:
+                self.drain_events()
+                self._next_drain = now + EVENT_POLL_S
+            wait = min(wait, max(0.0, self._next_drain - now))
+        return wait
+
+    # --- the back-end gate ----------------------------------------------------------------
+    # A front-end that connects while the back-end is down must see what it
+    # would see without the proxy: a refused connect, not an accepted
+    # connection that is closed at once (QEMU 7.2's vhost-user-blk takes the
+    # latter as a failed vhost_dev_init and its reconnected device then
+    # never completes I/O again). So when the back-end hangs up or refuses,
+    # the proxy stops listening (the socket file stays: ECONNREFUSED) and
+    # tries to connect to the back-end every BACKEND_PROBE_S (a refused
+    # connect touches nothing); the connection that succeeds is kept for
+    # the next front-end, and the proxy listens again. The back-end thus
+    # sees the next front-end's connection a little early, and nothing else.
+    def _backend_lost(self) -> None:
+        """The back-end hung up on a connection or refused one: find out
+        now whether it is still there (see above)."""
+        self._next_probe = 0.0
+        self._probe_backend()
+        self._next_probe = time.monotonic() + BACKEND_PROBE_S
+
+    def _probe_backend(self) -> None:
+        if self._spare is not None:
+            if _peer_alive(self._spare):
+                return
+            self._spare.close()
+            self._spare = None
+        back = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        back.settimeout(CONNECT_TIMEOUT_S)
+        try:
+            back.connect(self.connect_path)
+        except OSError as e:
+            back.close()
+            if not self.backend_down:
+                self.backend_down = True
+                self.pause_listening()
+                logger.warning("proxy: back-end %s is down (%s): not listening on %s until it is back, so "
+                               "front-ends are refused as they would be by the back-end itself",
+                               self.connect_path, e.strerror or e, self.listen_path)
+            return
+        back.setblocking(False)    # (with a timeout, even a MSG_DONTWAIT peek waits for data)
+        self._spare = back
+        if self.backend_down:
+            self.backend_down = False
+            try:
+                self.resume_listening()
+            except InspectorError as e:
+                logger.error("proxy: back-end %s is back, but listening on %s again failed: %s",
+                             self.connect_path, self.listen_path, e)
+                return
+            logger.info("proxy: back-end %s is back: listening on %s again", self.connect_path, self.listen_path)
+
+    def _take_spare(self) -> socket.socket | None:
+        spare, self._spare = self._spare, None
+        if spare is not None and not _peer_alive(spare):
+            spare.close()
+            return None
+        return spare
 
     def _handle(self, kind: str, obj, events: int) -> None:
         if kind == "notify":
@@ -337,22 +419,28 @@ class VhostUserProxy(SocketLoop):
     def _close_all(self) -> None:
         for conn in list(self.connections):
             self._close(conn, "proxy stopping")
+        if self._spare is not None:
+            self._spare.close()
+            self._spare = None
 
     def _accept(self, front: socket.socket) -> None:
         self._next_id += 1
         conn_id = self._next_id
-        back = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        back.settimeout(CONNECT_TIMEOUT_S)
-        try:
-            back.connect(self.connect_path)
-        except OSError as e:
-            back.close()
-            front.close()
-            self.refused += 1
-            logger.warning("proxy: connection %d: front-end connected, back-end %s: cannot connect: %s; "
-                           "closed the front-end's connection", conn_id, self.connect_path,
-                           e.strerror or e)
-            return
+        back = self._take_spare()
+        if back is None:
+            back = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            back.settimeout(CONNECT_TIMEOUT_S)
+            try:
+                back.connect(self.connect_path)
+            except OSError as e:
+                back.close()
+                front.close()
+                self.refused += 1
+                logger.warning("proxy: connection %d: front-end connected, back-end %s: cannot connect: %s; "
+                               "closed the front-end's connection", conn_id, self.connect_path,
+                               e.strerror or e)
+                self._backend_lost()
+                return
         conn = ProxyConnection(conn_id, front, back, self)
         self.accepted += 1
         with self._lock:
@@ -415,6 +503,8 @@ class VhostUserProxy(SocketLoop):
         except LinkClosed as e:
             if conn.side_closed(e.side, e.why):
                 self._close(conn, e.why)
+                if e.side is conn.back:
+                    self._backend_lost()
                 return
         for s in conn.sides:
             self._update(s)

@@ -217,9 +217,10 @@ class ConnectionState:
         if req == Request.GET_CONFIG and not frame.payload:
             self.config_seen = True
             return {"failed": True}        # libvhost-user's way of saying GET_CONFIG failed
-        if len(frame.payload) == 8 and req in REPLY_KINDS:
+        if len(frame.payload) == 8 and REPLY_KINDS.get(req, "state") != "state":
             # A u64 status instead of the reply (a back-end refusing a
             # request it found malformed, as libvhost-user and serve do).
+            # Not for GET_VRING_BASE: its reply, a vring state, is 8 bytes.
             return {"u64": unpack_u64(name, frame.payload)}
         payload = decode_reply(req, frame.payload)
         if req == Request.GET_FEATURES:

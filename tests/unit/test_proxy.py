@@ -58,8 +58,11 @@ def proxy_to(sdir):
         p.stop()
 
 
-def _fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _fd_count(proxy: VhostUserProxy | None = None) -> int:
+    """This process's open fds, less ``proxy``'s spare back-end connection
+    (made when a back-end hangs up and is still there: the back-end gate)."""
+    spare = proxy is not None and proxy._spare is not None
+    return len(os.listdir("/proc/self/fd")) - spare
 
 
 def _balanced(proxy: VhostUserProxy, stats: dict) -> None:
@@ -199,7 +202,7 @@ def _recv_exact(sock: socket.socket, n: int) -> tuple[bytes, list[int]]:
 def test_malformed_messages_are_forwarded_byte_for_byte_with_their_fds(sdir, proxy_to, caplog):
     raw = _RawBackEnd(os.path.join(sdir, "raw.sock"))
     proxy = proxy_to(raw.path)
-    before = _fd_count()
+    before = _fd_count(proxy)
     front = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     front.settimeout(5)
     try:
@@ -234,7 +237,9 @@ def test_malformed_messages_are_forwarded_byte_for_byte_with_their_fds(sdir, pro
     finally:
         front.close()
         raw.close()
-    assert wait_for(lambda: _fd_count() == before - 1)             # the raw back-end's listener is gone too
+    # The raw back-end's listener is gone, and with it the back-end: the
+    # proxy has paused its own listener too (the back-end gate).
+    assert wait_for(lambda: proxy.backend_down and _fd_count(proxy) == before - 2)
     msgs, _ = proxy.message_log()
     assert msgs[0]["malformed"] and msgs[0]["size"] == 300_000
 
@@ -256,17 +261,47 @@ def test_front_end_hang_up_closes_the_back_end(sdir, proxy_to, caplog):
         raw.close()
 
 
-def test_unreachable_back_end_closes_the_front_end_and_keeps_listening(sdir, proxy_to, caplog):
-    proxy = proxy_to(os.path.join(sdir, "nobody.sock"))
+def test_unreachable_back_end_is_mirrored_by_refusing_front_ends_until_it_is_back(sdir, proxy_to, caplog):
+    """The back-end gate: a front-end accepted while the back-end is down is
+    closed, and the proxy stops listening (the socket file stays), so the
+    next front-ends are refused as the back-end itself would refuse them
+    (QEMU's reconnect=1 retries); when a back-end listens again the proxy
+    connects to it, listens again, and the next front-end is relayed over
+    that connection."""
+    back = os.path.join(sdir, "back.sock")
+    proxy = proxy_to(back)
     with caplog.at_level(logging.INFO, logger="inspector.proxy"):
+        front = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        front.settimeout(5)
+        front.connect(proxy.listen_path)
+        assert front.recv(1) == b""
+        front.close()
+        assert wait_for(lambda: proxy.refused == 1 and proxy.backend_down)
+        assert "cannot connect" in caplog.text and "is down" in caplog.text and not proxy.connections
+        assert os.path.exists(proxy.listen_path)
         for _ in range(2):
             front = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            front.settimeout(5)
-            front.connect(proxy.listen_path)
-            assert front.recv(1) == b""
+            with pytest.raises(ConnectionRefusedError):
+                front.connect(proxy.listen_path)
             front.close()
-        assert wait_for(lambda: proxy.refused == 2)
-    assert "cannot connect" in caplog.text and not proxy.connections
+        assert proxy.refused == 1                       # refused by the kernel, not accepted and closed
+        with VqscopeServe(back, "net", ["--loopback"]):
+            assert wait_for(lambda: not proxy.backend_down and proxy.listening, 15), caplog.text
+            assert "is back: listening on" in caplog.text
+            with VhostUserFrontend(proxy.listen_path, queue_size=64, mem_size=2 << 20) as fe:
+                fe.post_rx_buffers(0, 8)
+                assert fe.send_frames(0, [b"y" * 70]) == 1
+                assert _frames_back(fe, 0, 1) == [b"y" * 70]
+            assert proxy.accepted == 1
+        # The back-end goes away while no front-end is connected: the proxy
+        # learns it from the next front-end (accepted and closed, once), and
+        # refuses the ones after it.
+        front = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        front.settimeout(5)
+        front.connect(proxy.listen_path)
+        assert front.recv(1) == b""
+        front.close()
+        assert wait_for(lambda: proxy.refused == 2 and proxy.backend_down and not proxy.listening, 15)
 
 
 @pytest.mark.timeout(90)
@@ -395,7 +430,7 @@ def test_hostile_corpus_through_the_proxy_to_serve(sdir, proxy_to, caplog):
     back = os.path.join(sdir, "back.sock")
     with VqscopeServe(back, "net", ["--loopback", "--queues", "2"]):
         proxy = proxy_to(back)
-        before = _fd_count()
+        before = _fd_count(proxy)
         seen = 0
         with caplog.at_level(logging.INFO, logger="inspector.proxy"):
             for case in CORPUS:
@@ -420,7 +455,7 @@ def test_hostile_corpus_through_the_proxy_to_serve(sdir, proxy_to, caplog):
                         (case.name, caplog.text)
                 assert f"connection {n}: back-end" not in caplog.text.replace(
                     f"connection {n}: back-end request channel closed", ""), (case.name, caplog.text)
-                assert wait_for(lambda: _fd_count() == before), (case.name, _fd_count(), before)
+                assert wait_for(lambda: _fd_count(proxy) == before), (case.name, _fd_count(proxy), before)
                 assert not _maps_of([MARK, "vqscope-guest"]), case.name
         assert seen == len(proxy_sees)
         assert proxy._thread.is_alive() and not proxy.connections
@@ -469,7 +504,7 @@ def test_count_notifications_with_traffic_through_serve(sdir, proxy_to):
     back = os.path.join(sdir, "back.sock")
     with VqscopeServe(back, "net", ["--loopback"]):
         proxy = proxy_to(back, count_notifications=True)
-        before = _fd_count()
+        before = _fd_count(proxy)
         with VhostUserFrontend(proxy.listen_path, queue_size=64, mem_size=4 << 20, packed=False) as fe:
             fe.post_rx_buffers(0, 40)
             for k in range(3):
@@ -487,7 +522,7 @@ def test_count_notifications_with_traffic_through_serve(sdir, proxy_to):
             assert tx.extras["proxy"]["kicks"] >= 1 and tx.kicks == tx.extras["proxy"]["kicks"]
             assert rx.extras["proxy"]["calls"] >= 1 and rx.calls == rx.extras["proxy"]["calls"]
         assert wait_for(lambda: not proxy.connections)
-        assert wait_for(lambda: _fd_count() == before)              # relays' eventfds closed
+        assert wait_for(lambda: _fd_count(proxy) == before)         # relays' eventfds closed
 
 
 def test_memory_table_add_and_remove_regions_read_only_and_released():
