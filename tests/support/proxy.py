@@ -24,6 +24,19 @@ from inspector.introspect.client import IntrospectionClient
 from tests.conftest import ROOT, VQSCOPE
 from tests.support.peers import Peer, PeerError, PeerHandle, wait_path
 
+#: The hostile corpus's cases (tests/support/hostile_corpus.py) whose
+#: violation the proxy sees from the message alone (framing, payload types,
+#: fds, memory table checks) and logs once, "(forwarded as-is)"; the other
+#: cases break device semantics only the back-end judges, and pass silently.
+PROXY_SEES = frozenset({
+    "size_over_limit", "size_vs_type", "payload_on_fdless_noarg", "fds_too_many", "fd_on_fdless",
+    "fd_with_nofd_bit", "fd_missing", "mem_fd_missing", "mem_zero_regions", "mem_too_many_regions",
+    "mem_overlap", "mem_zero_size", "mem_offset_overflow", "mem_beyond_fd", "index_above_0xffff",
+    "index_u32_max", "kick_index_bits", "config_beyond_payload", "set_config_over_max",
+    "request_zero", "request_beyond_spec", "request_u32_max", "reply_bit", "version_2", "version_0"})
+#: The cases whose front-end hangs up in the middle of a message.
+CUT_CASES = frozenset({"closed_in_header", "closed_in_payload"})
+
 #: The proxy's log line for a malformed message it forwarded (COMMON interface).
 MALFORMED_RX = r"proxy: connection \d+: (front-end|back-end|back-end request) .*\(forwarded as-is\)"
 
@@ -123,8 +136,13 @@ class VqscopeProxy(PeerHandle):
         rx = re.compile(pattern)
         return [ln for ln in self.peer.output[start:].splitlines() if rx.search(ln)]
 
-    def malformed_lines(self, start: int = 0) -> list[str]:
-        return self.log_lines(MALFORMED_RX, start)
+    def malformed_lines(self, start: int = 0, side: str | None = None) -> list[str]:
+        """The proxy's "(forwarded as-is)" lines from offset ``start``; with
+        ``side`` ("front-end", "back-end", "back-end request") that side's only."""
+        lines = self.log_lines(MALFORMED_RX, start)
+        if side is not None:
+            lines = [ln for ln in lines if re.search(rf"connection \d+: {side} ", ln)]
+        return lines
 
     def close(self) -> None:
         if self._client is not None:
