@@ -25,15 +25,15 @@ from .snapshot import queue_snapshot
 
 def proxy_snapshot(proxy) -> Snapshot:
     """Snapshot of a VhostUserProxy: device ``proxy{N}`` (N: connection id)
-    per connection, ``device_type`` from ``proxy.device_type`` or inferred
-    (ConnectionState.device_type), ``pid`` this process's."""
+    per connection, ``device_type`` from ``proxy.device_type_of`` (the
+    option, or inferred), ``pid`` this process's."""
     queues = []
     for conn in list(proxy.connections):
         state = conn.state
         mem = state.mem
         if mem is None or state.features is None:
             continue
-        dtype = proxy.device_type or state.device_type()
+        dtype = proxy.device_type_of(state)
         link = conn.link_stats()
         for vring in state.snapshot_vrings():
             kicks, calls = conn.notification_counts(vring.index)

@@ -349,7 +349,11 @@ REPLY_KINDS: dict[Request, str] = {
 
 def decode_reply(request: Request, data: bytes) -> Any:
     """Decode a back-end's reply to ``request`` (its own payload, or the
-    u64 of a REPLY_ACK), checking its size against the type."""
+    u64 of a REPLY_ACK), checking its size against the type. SET_LOG_BASE's
+    own reply (LOG_SHMFD: "the log is set up") has no payload: None (QEMU's
+    vhost_user_set_log_base reads just the header; DPDK sends it so)."""
+    if request == Request.SET_LOG_BASE and not data:
+        return None
     return PAYLOAD_DECODERS[REPLY_KINDS.get(request, "u64")](f"{request.name} reply", data)
 
 

@@ -317,9 +317,22 @@ class VhostUserProxy(SocketLoop):
         # The back-end gate (see _backend_lost): while the back-end is down
         # the proxy does not listen; ``_spare`` is the back-end connection
         # made when it came back, kept for the next front-end.
+        self._seen_device_type: str | None = None
         self.backend_down = False
         self._spare: socket.socket | None = None
         self._next_probe = 0.0
+
+    def device_type_of(self, state: ConnectionState) -> str | None:
+        """The VIRTIO device type of a connection: ``--device-type``, else
+        what its messages say (ConnectionState.device_type), else what an
+        earlier connection's said: the back-end behind ``connect_path`` is
+        one device, and a front-end that reconnects (QEMU's vhost-user-blk
+        after a back-end restart) does not ask GET_CONFIG again, and
+        virtio-blk's and virtio-net's feature bits overlap."""
+        dtype = self.device_type or state.device_type()
+        if dtype is not None:
+            self._seen_device_type = dtype
+        return dtype or self._seen_device_type
 
     @property
     def listen_path(self) -> str:

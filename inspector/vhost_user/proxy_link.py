@@ -181,6 +181,15 @@ class LinkSide:
         self._truncated |= cut
         if not data:
             if self.mid_message:
+                # What came of the message is passed on all the same (the
+                # peer sees what it would have seen without the proxy: a
+                # message cut short, then the hang-up).
+                partial, fds = bytes(self._head + self._payload), self._fds
+                self._head, self._payload, self._fds = bytearray(), bytearray(), []
+                if partial and self.peer is not None:
+                    self.peer.queue(partial, fds, last=False)
+                else:
+                    close_fds(fds)
                 raise LinkClosed(self, f"{self.name} hung up in the middle of a message")
             if self._fds:
                 raise LinkClosed(self, f"{self.name} sent {len(self._fds)} fd(s) without a message and hung up")

@@ -417,16 +417,9 @@ def test_hostile_corpus_through_the_proxy_to_serve(sdir, proxy_to, caplog):
     closed by the back-end and passed on, and nothing of it left in the
     proxy: fds and mappings back to the baseline."""
     from tests.support.hostile_corpus import CORPUS, MARK, Ctx, send_case
+    from tests.support.proxy import CUT_CASES, PROXY_SEES
 
-    # The classes whose violation the proxy sees from the message alone
-    # (framing, payload types, fds, memory table checks); the rest are
-    # device semantics only the back-end judges.
-    proxy_sees = {"size_over_limit", "size_vs_type", "payload_on_fdless_noarg", "fds_too_many", "fd_on_fdless",
-                  "fd_with_nofd_bit", "fd_missing", "mem_fd_missing", "mem_zero_regions", "mem_too_many_regions",
-                  "mem_overlap", "mem_zero_size", "mem_offset_overflow", "mem_beyond_fd", "index_above_0xffff",
-                  "index_u32_max", "kick_index_bits", "config_beyond_payload", "set_config_over_max",
-                  "request_zero", "request_beyond_spec", "request_u32_max", "reply_bit", "version_2", "version_0"}
-    cut = {"closed_in_header", "closed_in_payload"}
+    proxy_sees, cut = PROXY_SEES, CUT_CASES
     back = os.path.join(sdir, "back.sock")
     with VqscopeServe(back, "net", ["--loopback", "--queues", "2"]):
         proxy = proxy_to(back)
