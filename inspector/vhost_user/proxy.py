@@ -385,12 +385,9 @@ class VhostUserProxy(SocketLoop):
                 return
             self._spare.close()
             self._spare = None
-        back = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        back.settimeout(CONNECT_TIMEOUT_S)
         try:
-            back.connect(self.connect_path)
+            back = self._connect_backend()
         except OSError as e:
-            back.close()
             if not self.backend_down:
                 self.backend_down = True
                 self.pause_listening()
@@ -409,6 +406,18 @@ class VhostUserProxy(SocketLoop):
                              self.connect_path, self.listen_path, e)
                 return
             logger.info("proxy: back-end %s is back: listening on %s again", self.connect_path, self.listen_path)
+
+    def _connect_backend(self) -> socket.socket:
+        """A new connection to the back-end (OSError when it refuses, is
+        missing, or does not accept within CONNECT_TIMEOUT_S)."""
+        back = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        back.settimeout(CONNECT_TIMEOUT_S)
+        try:
+            back.connect(self.connect_path)
+        except OSError:
+            back.close()
+            raise
+        return back
 
     def _take_spare(self) -> socket.socket | None:
         spare, self._spare = self._spare, None
@@ -441,12 +450,9 @@ class VhostUserProxy(SocketLoop):
         conn_id = self._next_id
         back = self._take_spare()
         if back is None:
-            back = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            back.settimeout(CONNECT_TIMEOUT_S)
             try:
-                back.connect(self.connect_path)
+                back = self._connect_backend()
             except OSError as e:
-                back.close()
                 front.close()
                 self.refused += 1
                 logger.warning("proxy: connection %d: front-end connected, back-end %s: cannot connect: %s; "
