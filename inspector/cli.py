@@ -18,7 +18,8 @@ from rich.console import Console
 from probes.cli import EXAMPLES as PROBE_EXAMPLES
 from probes.cli import add_arguments as add_probe_arguments
 from probes.cli import probe_main
-from tui.render import blk_summary, snapshot_table
+from tui.render import snapshot_table
+from tui.render_blk import blk_summary
 
 from .errors import ArgumentError, InspectorError, SourceGone
 from .faults import BLK_FAULTS, FAULT_KINDS, NET_FAULTS, SPEC_FORMS, parse_fault

@@ -9,6 +9,12 @@
  * once per pass (vqd_flush), so the inflight area (vqd_inflight.c) stays
  * right with out-of-order completion; calls are decided by vqd_notify.
  *
+ * One file on purpose (1100 lines): it is one job, one requestq's request
+ * engine, whose stages (pop, check, issue, complete, publish) share the
+ * private slot and queue structs and call each other as static functions;
+ * splitting the checks from the engine would put those structs in a
+ * header for two files that no one else may use.
+ *
  * Spec: §5.2.6 (request layout, types, statuses, used length), §5.2.6.1 /
  * §5.2.6.2 (driver and device requirements: read-only, GET_ID, DISCARD and
  * WRITE_ZEROES segments and flags), §2.7.10 (kicks disabled while working).

@@ -1,5 +1,7 @@
 /* The driver side of a virtio-blk requestq under load: `vqscope load blk`'s
- * data path (vqd_blkload.h has the contract).
+ * data path (vqd_blkload.h has the contract). One job in one file (a little
+ * over 600 lines): split and packed rings are two short ring back ends of
+ * the same request loop, sharing its private state.
  *
  * Spec, split rings: §2.7.5 (descriptors, chains), §2.7.13 (supplying buffers: the
  * driver writes descriptors and avail ring entries, then avail->idx after a

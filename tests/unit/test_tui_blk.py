@@ -24,7 +24,7 @@ from inspector.snapshot import codec
 from inspector.snapshot.model import QueueEntry, Snapshot
 from inspector.spec.virtio import (VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_F_VERSION_1,
                                    VIRTIO_RING_F_EVENT_IDX)
-from tui import render
+from tui import render, render_blk
 from tui.app import VqscopeApp
 from tui.widgets.blk_panel import BlkPanel
 from tui.widgets.chain_table import ChainTable
@@ -109,7 +109,7 @@ def test_request_text_of_odd_requests():
 
 
 def test_blk_rows_highlight_bad_requests_and_errors():
-    rows = dict(render.blk_rows(blk_queue().extras["blk"]))
+    rows = dict(render_blk.blk_rows(blk_queue().extras["blk"]))
     bad = rows["bad"]
     assert "out_of_range 1" in bad.plain and "header_short 0" in bad.plain
     highlighted = {bad.plain[s.start:s.end] for s in bad.spans if s.style == render.ANOMALY_STYLE}
@@ -117,24 +117,24 @@ def test_blk_rows_highlight_bad_requests_and_errors():
     status = rows["status"]
     assert {status.plain[s.start:s.end] for s in status.spans if s.style} == {"ioerr 1", "unsupp 1"}
     assert rows["in flight"] == "2 · resubmitted 0 · read 491520 B · written 262144 B"
-    recent = [t for label, t in render.blk_rows(blk_queue().extras["blk"]) if label in ("recent", "")]
+    recent = [t for label, t in render_blk.blk_rows(blk_queue().extras["blk"]) if label in ("recent", "")]
     assert recent[-1].plain == "head 7: 99 @ sector 0 · unsupp (unsupported)" and recent[-1].style == render.ANOMALY_STYLE
 
 
 def test_blk_rows_survive_a_hostile_peer():
     """extras come from a peer's JSON: wrong shapes show as nothing, never raise."""
-    rows = render.blk_rows({"requests": [1], "status": None, "bad_requests": {"x": "y"}, "in_flight": "3",
+    rows = render_blk.blk_rows({"requests": [1], "status": None, "bad_requests": {"x": "y"}, "in_flight": "3",
                             "recent": [5, {"head": 1}]})
     assert dict(rows)["in flight"].startswith("0 ·") and len(rows) == 5
 
 
 def test_blk_summary_line():
-    line = render.blk_summary(blk_queue()).plain
+    line = render_blk.blk_summary(blk_queue()).plain
     assert line.startswith("blk0 q0: requests in 120  out 64  flush 3  get_id 1  other 1 · status ok 187")
     assert "bad out_of_range 1  unsupported 1 · in flight 2 · pending out 1  in 1  flush 1" in line
-    assert render.blk_summary(blk_queue(extras=False)).plain == "blk0 q0: pending out 1  in 1  flush 1"
+    assert render_blk.blk_summary(blk_queue(extras=False)).plain == "blk0 q0: pending out 1  in 1  flush 1"
     net = QueueEntry(device="net0", index=0, size=8, features=0, event_idx=False)
-    assert render.blk_summary(net) is None
+    assert render_blk.blk_summary(net) is None
 
 
 def test_vqscope_snapshot_text_shows_block_queues(tmp_path):

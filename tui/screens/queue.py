@@ -12,7 +12,8 @@ from inspector.snapshot.model import QueueEntry
 
 from ..pictures import call_text, kick_text, verdict_lines
 from ..rates import NO_RATES
-from ..render import blk_stats, features_text, labeled, role_text
+from ..render import features_text, labeled, role_text
+from ..render_blk import blk_stats
 from ..widgets.anomaly_table import AnomalyTable
 from ..widgets.blk_panel import BlkPanel
 from ..widgets.chain_table import ChainTable

@@ -7,7 +7,8 @@ from textual.widgets import Static
 
 from inspector.snapshot.model import QueueEntry
 
-from ..render import blk_rows, blk_stats, labeled
+from ..render import labeled
+from ..render_blk import blk_rows, blk_stats
 
 
 class BlkPanel(Static):
