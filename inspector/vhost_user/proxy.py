@@ -90,6 +90,10 @@ class ProxyConnection:
         self.channel: tuple[LinkSide, LinkSide] | None = None
         self.state = ConnectionState(logger, conn_id)
         self.notifiers: dict[tuple[str, int], Notifier] = {}
+        # Counters of replaced back-end request channels, summed by
+        # direction (a front-end may send SET_BACKEND_REQ_FD any number of
+        # times: only the sums are kept, not the sides).
+        self._retired: dict[str, dict[str, int]] = {}
         self.closed = False
 
     @property
@@ -106,13 +110,11 @@ class ProxyConnection:
                  for key in DIRECTIONS.values()}
         for side in self.sides:
             stats[DIRECTIONS[side.direction]] = side.counters.as_dict()
-        for side in self._retired:
-            for k, v in side.counters.as_dict().items():
-                stats[DIRECTIONS[side.direction]][k] += v
+        for key, counts in self._retired.items():
+            for k, v in counts.items():
+                stats[key][k] += v
         stats["proxy_originated"] = 0
         return stats
-
-    _retired: tuple = ()
 
     # --- messages -------------------------------------------------------------------
     def malformed(self, side: LinkSide, frame: Frame, field: str, value, why: str) -> str:
@@ -230,7 +232,10 @@ class ProxyConnection:
         for side in self.channel:
             self.proxy.unwatch(side)
             side.close()
-        self._retired = self._retired + self.channel
+        for side in self.channel:
+            sums = self._retired.setdefault(DIRECTIONS[side.direction], {})
+            for k, v in side.counters.as_dict().items():
+                sums[k] = sums.get(k, 0) + v
         self.channel = None
 
     def side_closed(self, side: LinkSide, why: str) -> bool:

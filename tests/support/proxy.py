@@ -14,6 +14,7 @@ the peers without the proxy; every assertion about the proxy is left out).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -102,7 +103,6 @@ class VqscopeProxy(PeerHandle):
         if r.returncode != 0:
             raise PeerError(f"vqscope snapshot --connect {self.sock} failed ({r.returncode}): {r.stderr}\n"
                             f"{self.tail()}")
-        import json
         return json.loads(r.stdout)
 
     def queues(self, snap: dict | None = None) -> dict[tuple[int, int], dict]:
