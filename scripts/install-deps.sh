@@ -12,6 +12,7 @@ PKGS=(
   dwarves
   clang-14 libclang-rt-14-dev llvm
   liburing-dev
+  prometheus
 )
 missing=()
 for p in "${PKGS[@]}"; do
