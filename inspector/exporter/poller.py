@@ -51,8 +51,10 @@ class SourceSpec(NamedTuple):
 
 
 def backend_spec(path: str, timeout: float) -> SourceSpec:
-    """A vqscope back-end or proxy, by its vhost-user or introspection socket."""
-    return SourceSpec(path, "backend", lambda: BackendSource(path, timeout=timeout))
+    """A vqscope back-end or proxy, by its vhost-user or introspection
+    socket; its snapshots without chains (no metric shows them, and they
+    are ~90 % of a loaded back-end's reply and its parsing)."""
+    return SourceSpec(path, "backend", lambda: BackendSource(path, timeout=timeout, chains=False))
 
 
 def qemu_spec(path: str, timeout: float) -> SourceSpec:
@@ -93,13 +95,16 @@ class Watch:
     opens it again (the Analyzer's state is kept across, so a stall keeps
     its start). ``prepare(snapshot, diagnoses, label)``, when given, runs
     in the thread after each read (the collector's sample building: off the
-    scrape path).
+    scrape path). ``phase``: seconds before the first read (the Fleet
+    spreads its watches' reads over the interval, so that 64 sources are
+    not parsed in one burst while a scrape waits for the GIL).
     """
 
     def __init__(self, spec: SourceSpec, interval: float, thresholds: Thresholds,
-                 prepare: Callable[[Snapshot, dict, str], object] | None = None):
+                 prepare: Callable[[Snapshot, dict, str], object] | None = None, phase: float = 0.0):
         self.spec = spec
         self.prepare = prepare
+        self.phase = phase
         self.interval = interval
         self.thresholds = thresholds
         self.reading: Reading | None = None
@@ -137,6 +142,7 @@ class Watch:
         src: Source | None = None
         analyzer: Analyzer | None = None
         try:
+            self._stop.wait(self.phase)
             while not self._stop.is_set():
                 t0 = time.monotonic()
                 try:
@@ -231,6 +237,7 @@ class Fleet:
         self._fixed = {}
         for s in specs:
             self._fixed.setdefault(s.label, s)
+        self._added = 0
         self._stale: dict[str, tuple | None] = {}   # glob matches nothing listens on: path -> _ident
         self._stop = threading.Event()
         self._scanner: threading.Thread | None = None
@@ -279,7 +286,10 @@ class Fleet:
                 self._add(qemu_spec(path, self.timeout))
 
     def _add(self, spec: SourceSpec) -> None:
-        w = Watch(spec, self.interval, self.thresholds, self.prepare)
+        # golden-ratio phases: any number of watches, added at any time, stay spread over the interval
+        self._added += 1
+        w = Watch(spec, self.interval, self.thresholds, self.prepare,
+                  phase=(self._added * 0.6180339887) % 1.0 * self.interval)
         with self._lock:
             if spec.label in self._watches:
                 return

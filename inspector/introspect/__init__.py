@@ -13,7 +13,9 @@ or has an invalid parameter gets ``{"error": "..."}`` and the connection
 stays open.
 
 - ``{"op": "snapshot"}`` returns one snapshot JSON object (README.md,
-  "Snapshot JSON"; built by snapshot.py's ``backend_snapshot``).
+  "Snapshot JSON"; built by snapshot.py's ``backend_snapshot``); with
+  ``"chains": false`` every queue's ``chains`` is ``[]`` and the object
+  has ``"chains_omitted": true`` (indices, counters and anomalies only).
 - ``{"op": "messages"}`` returns ``{"messages": [...], "next": M,
   "instance": I}``: the back-end's vhost-user message log (recently closed
   connections first, then live ones), each entry with its ``connection`` and

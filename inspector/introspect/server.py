@@ -126,6 +126,8 @@ def parse_request(line: bytes | str) -> tuple[str, dict] | dict:
             return {"error": f"events: limit {limit!r} is invalid: give a positive integer"}
         if not isinstance(req.get("binary", False), bool):
             return {"error": f"events: binary {req['binary']!r} is invalid: give true or false"}
+    if op == "snapshot" and not isinstance(req.get("chains", True), bool):
+        return {"error": f"snapshot: chains {req['chains']!r} is invalid: give true or false"}
     return op, req
 
 
@@ -156,8 +158,9 @@ class IntrospectionBackend(Protocol):
     #: when the back-end restarts (its sequence numbers start again at 0).
     instance: str
 
-    def introspection_snapshot(self) -> dict:
-        """The snapshot JSON object (README.md, "Snapshot JSON")."""
+    def introspection_snapshot(self, chains: bool = True) -> dict:
+        """The snapshot JSON object (README.md, "Snapshot JSON"); without
+        the chains (``codec.to_json``'s ``chains``) when ``chains`` is False."""
 
     def message_log(self, since: int | None) -> tuple[list[dict], int]:
         """The message log entries with ``seq >= since`` (None: all), and
@@ -290,7 +293,7 @@ class IntrospectionServer:
             return {**reply, "instance": instance}
         if op == "snapshot":
             try:
-                return backend.introspection_snapshot()
+                return backend.introspection_snapshot(chains=req.get("chains", True))
             except Exception as e:
                 logger.warning("introspection: snapshot failed: %s", e)
                 return {"error": f"snapshot failed: {type(e).__name__}: {e}"}

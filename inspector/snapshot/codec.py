@@ -43,26 +43,31 @@ _MISSING = object()
 
 # ------------------------------------------------------------------ model -> JSON
 
-def to_json(snap: Snapshot) -> dict[str, Any]:
+def to_json(snap: Snapshot, chains: bool = True) -> dict[str, Any]:
     """The Snapshot JSON object of ``snap``: ``source``, ``time``, ``pid``
     (when not None), ``queues``, ``skipped`` (when not None), then
     ``snap.extras``. New dicts, except that the chains of a queue parsed
-    from JSON are its (checked) input's: treat the result as read-only."""
+    from JSON are its (checked) input's: treat the result as read-only.
+    ``chains`` False: every queue's ``chains`` is ``[]`` and the object
+    says ``"chains_omitted": true`` (a reader that wants indices, counters
+    and anomalies only: the exporter; the chains are most of the bytes)."""
     out: dict[str, Any] = {"source": snap.source, "time": snap.time}
     if snap.pid is not None:
         out["pid"] = snap.pid
-    out["queues"] = [queue_to_json(q) for q in snap.queues]
+    out["queues"] = [queue_to_json(q, chains) for q in snap.queues]
     if snap.skipped is not None:
         out["skipped"] = [{"device": s.device, "index": s.index, "reason": s.reason} for s in snap.skipped]
     out.update(snap.extras)
+    if not chains:
+        out["chains_omitted"] = True
     return out
 
 
-def queue_to_json(q: QueueEntry) -> dict[str, Any]:
+def queue_to_json(q: QueueEntry, chains: bool = True) -> dict[str, Any]:
     """One queue entry: the core fields in README order (with the optional
     ``device_type``, ``shadow_avail_idx``, ``calls_suppressed`` and
     ``dropped`` after ``device``, ``last_avail_idx``, ``calls`` and
-    ``bytes`` when not None), ``chains``,
+    ``bytes`` when not None), ``chains`` (``[]`` when not ``chains``),
     ``anomalies`` (``kind``, ``detail``), ``q.extras``, then ``backend``
     (when not None)."""
     out: dict[str, Any] = {"device": q.device}
@@ -89,7 +94,7 @@ def queue_to_json(q: QueueEntry) -> dict[str, Any]:
     out["bytes"] = q.bytes
     if q.dropped is not None:
         out["dropped"] = q.dropped
-    out["chains"] = _chains_json(q)
+    out["chains"] = _chains_json(q) if chains else []
     out["anomalies"] = [{"kind": a.kind.value, "detail": a.detail} for a in q.anomalies]
     out.update(q.extras)
     if q.backend is not None:

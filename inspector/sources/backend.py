@@ -25,21 +25,23 @@ def introspect_path(path: str) -> str:
 
 class BackendSource(IntrospectionClient, Source):
     """Client of a back-end's introspection endpoint as a source; reconnects
-    lazily. ``events``, ``events_lost``, ``messages`` and ``new_messages``
+    lazily. ``chains`` False asks for snapshots without the in-flight chains
+    (introspection op ``snapshot`` with ``"chains": false``). ``events``, ``events_lost``, ``messages`` and ``new_messages``
     are the client's (IntrospectionClient)."""
 
     has_events = True
     has_messages = True
 
-    def __init__(self, path: str, timeout: float = 5.0):
+    def __init__(self, path: str, timeout: float = 5.0, chains: bool = True):
         super().__init__(introspect_path(path), timeout)
         self.name = self.path
+        self.chains = chains
 
     def snapshot(self) -> Snapshot:
-        """The back-end's snapshot (its ``snapshot`` reply, parsed);
-        SourceError when it does not answer or breaks the Snapshot JSON
-        contract."""
-        reply = self.request("snapshot")
+        """The back-end's snapshot (its ``snapshot`` reply, parsed; without
+        chains when the source was made with ``chains=False``); SourceError
+        when it does not answer or breaks the Snapshot JSON contract."""
+        reply = self.request("snapshot") if self.chains else self.request("snapshot", chains=False)
         try:
             return from_json(reply)
         except SnapshotFormatError as e:

@@ -553,9 +553,10 @@ class VhostUserProxy(SocketLoop):
             self._msg_seq += 1
             log.append(entry)
 
-    def introspection_snapshot(self) -> dict:
-        """The Snapshot JSON of every proxied connection."""
-        return to_json(proxy_snapshot(self))
+    def introspection_snapshot(self, chains: bool = True) -> dict:
+        """The Snapshot JSON of every proxied connection (without chains
+        when ``chains`` is False)."""
+        return to_json(proxy_snapshot(self), chains)
 
     def read_events(self, since: int, limit: int, binary: bool):
         """:meth:`EventBuffer.read` of the relayed kicks and calls."""

@@ -196,12 +196,13 @@ class VhostUserServer(SocketLoop):
                     f" (broken: {conn.broken_reason})" if conn.broken else "")
 
     # --- what introspection reads (inspector/introspect/server.py) -----------------
-    def introspection_snapshot(self) -> dict:
+    def introspection_snapshot(self, chains: bool = True) -> dict:
         """The Snapshot JSON: of ``snapshot_fn(self)``, or of an empty
-        snapshot without it (the codec is the one place JSON is built)."""
+        snapshot without it (the codec is the one place JSON is built);
+        without chains when ``chains`` is False."""
         if self.snapshot_fn is None:
-            return to_json(Snapshot(source=f"vqscope serve {self.socket_path}", time=time.time()))
-        return to_json(self.snapshot_fn(self))
+            return to_json(Snapshot(source=f"vqscope serve {self.socket_path}", time=time.time()), chains)
+        return to_json(self.snapshot_fn(self), chains)
 
     def read_events(self, since: int, limit: int, binary: bool):
         """:meth:`EventBuffer.read` of :attr:`events`, under its lock."""

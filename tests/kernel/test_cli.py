@@ -85,3 +85,31 @@ def test_probe_list_shows_kprobes_attachable():
     assert by[("eventfd", "tracepoint", "syscalls:sys_enter_write")]["status"] == "attached"
     # whatever is not attachable says why
     assert all(p["reason"] for p in points if p["status"] != "attached")
+
+
+def test_exporter_serves_the_vhost_net_queues(held):
+    """``vqscope exporter --vhost-net PID``: the probes' source read in the
+    background; both vrings' used_idx move in /metrics (one frame each way
+    a second) and the source says what it is."""
+    from tests.conftest import wait_for
+    from tests.support.prometheus import Exporter
+
+    load, summary = held
+    pid = summary["pid"]
+    ex = Exporter(["--interval", "1", "--vhost-net", str(pid)], startup_timeout=60)
+    try:
+        def used():
+            return {int(s.labels["queue"]): s.value for s in ex.samples("vqscope_queue_used_idx")
+                    if s.labels["device"] == f"vhost-net:{pid}:{summary['vhost_fd']}"}
+
+        assert wait_for(lambda: sorted(used()) == [0, 1], 300, 0.5), ex.tail() + load.tail()
+        first = used()
+        assert wait_for(lambda: all(used()[q] > first[q] for q in (0, 1)), 30, 0.5), (first, used(), ex.tail())
+        info = ex.samples("vqscope_source_info")
+        assert [(s.labels["source"], s.labels["kind"]) for s in info] == [(f"vhost-net:{pid}", "vhost-net")]
+        up = ex.samples("vqscope_source_up")
+        assert [s.value for s in up] == [1.0], ex.tail()
+        verdicts = {s.labels["queue"] for s in ex.samples("vqscope_queue_verdict") if s.value == 1}
+        assert verdicts == {"0", "1"}
+    finally:
+        ex.close()

@@ -26,6 +26,7 @@ from inspector.errors import SourceError
 from inspector.exporter import metrics as M
 from inspector.exporter.collector import FleetCollector, prepare
 from inspector.exporter.poller import Fleet, Reading, SourceSpec, Watch
+from inspector.introspect.client import IntrospectionClient
 from inspector.exporter.server import make_app, parse_listen, serve, wants_text
 from inspector.ring.anomalies import Anomaly, AnomalyKind
 from inspector.snapshot.model import QueueEntry, Snapshot
@@ -186,8 +187,8 @@ def test_a_hung_source_delays_no_scrape_and_goes_stale():
             fams = {f.name: f for f in text_string_to_metric_families(c.exposition().decode())}
             return {s.labels["source"]: s.value for s in fams["vqscope_source_up"].samples}
 
-        assert wait_for(lambda: up() == {"/h": 0, "/f": 1}, 10), up()
-        assert Hanging.calls == 3                                   # the third read still hangs ...
+        assert wait_for(lambda: Hanging.calls == 3 and up() == {"/h": 0, "/f": 1}, 10), up()
+        # the third read still hangs ...
         h = fleet.watches()[0]
         assert h.age() > 0.5 and h.reading is not None              # ... its last reading is served, stale
         fail.set()
@@ -322,6 +323,15 @@ def test_exporter_serves_a_running_backend():
     ex = None
     try:
         assert wait_for(lambda: os.path.exists(sock + ".introspect"), 30)
+        # the exporter's request: the snapshot without its chains (they are most of a loaded reply)
+        client = IntrospectionClient(sock + ".introspect")
+        full, bare = client.request("snapshot"), client.request("snapshot", chains=False)
+        assert "chains_omitted" not in full
+        assert bare["chains_omitted"] is True and all(q["chains"] == [] for q in bare["queues"])
+        assert [q["index"] for q in bare["queues"]] == [q["index"] for q in full["queues"]]
+        with pytest.raises(SourceError, match="chains 'no' is invalid"):
+            client.request("snapshot", chains="no")
+        client.close()
         ex = Exporter(["--interval", "0.2", "--connect", sock, "--connect", f"{d}/absent.sock"])
 
         def packets():
