@@ -159,8 +159,8 @@ def test_dashboard_shape(dash):
     assert len(ids) == len(set(ids)), f"duplicate panel ids: {sorted(ids)}"
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    assert "label_values(vqscope_source_up, source)" in json.dumps(variables["source"]["query"])
-    assert "device" in variables
+    assert re.fullmatch(r"label_values\(vqscope_source_up(\{[^}]*\})?, source\)", variables["source"]["query"]["query"])
+    assert {"host", "device"} <= set(variables)
     for p in panels(dash):
         if p["type"] == "row":
             continue
@@ -175,9 +175,10 @@ def test_dashboard_shape(dash):
 
 def test_dashboard_exprs_parse(dash, tmp_path):
     """promtool parses every dashboard query, the Grafana variables replaced
-    ($__rate_interval by a range, $source/$device by .*)."""
+    ($__rate_interval by a range, $host, $source and $device by .*)."""
     exprs = dashboard_queries(dash)
-    subst = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$source": ".*", "$device": ".*"}
+    subst = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h",
+             "$host": ".*", "$source": ".*", "$device": ".*"}
     rules = []
     for i, e in enumerate(exprs):
         for k, v in subst.items():
