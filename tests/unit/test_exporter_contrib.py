@@ -15,7 +15,7 @@ configurations for `vqscope exporter` (README "Fleet").
   and source_up; each firing alert's labels (severity) and annotations
   (summary, description rendered from $labels) are as alerts.yml says;
 - the dashboard is JSON with a uid, schemaVersion, unique panel ids, the
-  datasource, source and device template variables, and at least one
+  datasource, host, source and device template variables, and at least one
   target per panel, every panel on the ${datasource} variable.
 
 Under CI a missing promtool fails (tests.conftest.require); Debian's
