@@ -128,8 +128,8 @@ def test_dashboard_names_only_exposed_metrics(dash):
     texts = list(strings(dash))
     named = {n for t in texts for n in _NAME.findall(t)}
     # what README "Fleet" says the dashboard shows
-    assert named >= {"vqscope_queue_size", "vqscope_queue_inflight", "vqscope_queue_avail_idx", "vqscope_queue_used_idx",
-                     "vqscope_queue_verdict", "vqscope_queue_packets_total", "vqscope_queue_bytes_total",
+    assert named >= {"vqscope_queue_size", "vqscope_queue_inflight", "vqscope_queue_avail_idx",
+                     "vqscope_queue_used_idx", "vqscope_queue_verdict", "vqscope_queue_packets_total", "vqscope_queue_bytes_total",
                      "vqscope_queue_kicks_total", "vqscope_queue_calls_total", "vqscope_queue_calls_suppressed_total",
                      "vqscope_source_up", "vqscope_source_reading_age_seconds"}, named
     assert {n for t in texts for n in unknown_metrics(t)} == set()
