@@ -23,6 +23,7 @@ from tui.render_blk import blk_summary
 
 from .errors import ArgumentError, InspectorError, SourceGone
 from .faults import BLK_FAULTS, FAULT_KINDS, NET_FAULTS, SPEC_FORMS, parse_fault
+from .exporter.cli import add_parser as add_exporter_parser
 from .layout import split_layout
 from .record.cli import add_parsers as add_record_parsers
 from .snapshot.codec import dumps
@@ -434,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
     add_record_parsers(sub, add_source_args)
+    add_exporter_parser(sub)
     return p
 
 
