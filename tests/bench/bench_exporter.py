@@ -18,7 +18,8 @@ only on a broken exporter (every scrape's /metrics must hold 256
    by round: ``scraped`` (this process GETs /metrics every 1.0 s, alternately
    with Prometheus 2.42's headers -- OpenMetrics preferred, gzip -- and with
    none, i.e. the text format uncompressed; each scrape's latency is
-   connect to last byte) and ``read_only`` (no scrapes: the cost of reading
+   connect to last byte; each scrape at a random point of its 1 s slot)
+   and ``read_only`` (no scrapes: the cost of reading
    64 sources a second alone). A side's CPU is the exporter's utime+stime
    (/proc/PID/stat, all its threads) over the side's window, as % of one
    core. A warm-up round (and the wait for all 64 sources up) is discarded.
@@ -27,9 +28,16 @@ Figures: ``cpu_pct`` / ``read_only_cpu_pct`` are medians over rounds (with
 ``_min`` / ``_max``), ``scrape_cpu_pct`` the median of the per-round
 differences (what scraping adds); latency percentiles are over every
 measured scrape of every round (``samples``; with ~50 samples the p99 is
-close to the max), also split by format. ``replay_cpu_pct`` is the replay
+close to the max), also split by format. The scrapes are placed at random
+in their slots because the exporter reads its 64 sources in a burst once a
+second (one thread each, all started together) and a scrape that meets the
+burst waits for the GIL: a fixed phase, as one Prometheus keeps per target,
+would measure either the quiet or the busy part of the second only. ``replay_cpu_pct`` is the replay
 server's own CPU over the measured rounds, ``metrics_bytes`` / ``series``
-the size of the last uncompressed text scrape. The machine has 2 shared,
+the size of the last uncompressed text scrape. ``openmetrics_only_ms_*``:
+OPENMETRICS_ONLY_SCRAPES scrapes after the rounds by a client that takes only
+OpenMetrics (prometheus_client's own encoder in the exporter; Prometheus
+itself also takes the text format and gets the prepared text). The machine has 2 shared,
 noisy cores: compare figures only within one run.
 
 Prints ONE JSON line: {"bench": "exporter", "sources", "queues", "samples",
@@ -48,6 +56,7 @@ import gzip
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import statistics
@@ -80,6 +89,9 @@ PROMETHEUS_HEADERS = {
     "X-Prometheus-Scrape-Timeout-Seconds": "1",
 }
 PLAIN_HEADERS: dict[str, str] = {}
+#: A scraper that takes OpenMetrics only (measured apart, outside the CPU windows).
+OPENMETRICS_ONLY_HEADERS = {"Accept": "application/openmetrics-text;version=1.0.0"}
+OPENMETRICS_ONLY_SCRAPES = 5
 INFLIGHT_PREFIX = b"vqscope_queue_inflight{"
 
 
@@ -226,6 +238,7 @@ def side(ex: Proc, port: int, seconds: float, scraped: bool, state: dict) -> dic
     c0 = cpu_ticks(ex.p.pid)
     end = t_start + seconds
     k = 0
+    time.sleep(state["rnd"].random() * SCRAPE_EVERY if scraped else 0.0)
     while True:
         if not ex.alive():
             raise RuntimeError(f"vqscope exporter exited with {ex.p.returncode}:\n{ex.output[-3000:]}")
@@ -245,10 +258,27 @@ def side(ex: Proc, port: int, seconds: float, scraped: bool, state: dict) -> dic
                 state["last_text"] = text
             state["bytes"][fmt] = len(body)
         k += 1
-        time.sleep(max(0.0, min(end, t_start + k * SCRAPE_EVERY) - time.monotonic()))
+        # the next scrape at a random point of its SCRAPE_EVERY slot (see the docstring)
+        nxt = t_start + (k + state["rnd"].random()) * SCRAPE_EVERY if scraped else end
+        time.sleep(max(0.0, min(end, nxt) - time.monotonic()))
     c1 = cpu_ticks(ex.p.pid)
     wall = time.monotonic() - t_start
     return {"cpu_pct": 100.0 * (c1 - c0) / CLK_TCK / wall, "latencies": lat, "seconds": wall}
+
+
+def openmetrics_only(ex: Proc, port: int, state: dict, n: int = OPENMETRICS_ONLY_SCRAPES) -> list[float]:
+    """Latencies of ``n`` scrapes by a client that takes only OpenMetrics
+    (not Prometheus: it also takes the text format), outside the measured
+    windows, each at a random point of its second."""
+    out = []
+    for _ in range(n):
+        time.sleep(state["rnd"].random() * SCRAPE_EVERY)
+        dt, status, rh, body = get(port, "/metrics", OPENMETRICS_ONLY_HEADERS)
+        if status != 200:
+            raise RuntimeError(f"broken exporter: GET /metrics (OpenMetrics only) answered {status}")
+        check_metrics(body, rh)
+        out.append(dt)
+    return out
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -286,7 +316,7 @@ def main() -> int:
             port = free_port()
             ex = exporter(port, socks)
             wait_up(port, ex)
-            state: dict = {"n": 0, "bytes": {}, "last_text": b""}
+            state: dict = {"n": 0, "bytes": {}, "last_text": b"", "rnd": random.Random(16)}
             side(ex, port, warmup, True, state)     # warm-up: discarded
             side(ex, port, warmup, False, state)
             rounds = []
@@ -301,6 +331,7 @@ def main() -> int:
                       f"read only {res[False]['cpu_pct']:.2f}%, scrapes {len(lat)} "
                       f"max {ms(max(lat)) if lat else 0} ms", file=sys.stderr, flush=True)
             replay_pct = 100.0 * (cpu_ticks(rp.p.pid) - r0) / CLK_TCK / (time.monotonic() - t0)
+            om_only = openmetrics_only(ex, port, state)
             metrics_text = state["last_text"]
         finally:
             if ex is not None:
@@ -324,6 +355,7 @@ def main() -> int:
                              "bytes": state["bytes"].get(f)}
                          for f in sorted({f for f, _ in lat_all})
                          for v in [[x for g, x in lat_all if g == f]]},
+           "openmetrics_only_ms_p50": ms(statistics.median(om_only)), "openmetrics_only_ms_max": ms(max(om_only)),
            "metrics_bytes": len(metrics_text),
            "series": sum(1 for line in metrics_text.splitlines() if line and not line.startswith(b"#")),
            "replay_cpu_pct": round(replay_pct, 2),
