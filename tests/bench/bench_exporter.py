@@ -15,30 +15,33 @@ only on a broken exporter (every scrape's /metrics must hold 256
 3. ONE ``vqscope exporter --interval 1 --connect DIR/1.introspect ...
    --connect DIR/64.introspect`` (64 sources, 256 queues) runs for the whole
    bench. Each round measures two sides back to back, the order alternating
-   by round: ``scraped`` (this process GETs /metrics every 1.0 s, alternately
-   with Prometheus 2.42's headers -- OpenMetrics preferred, gzip -- and with
-   none, i.e. the text format uncompressed; each scrape's latency is
-   connect to last byte; each scrape at a random point of its 1 s slot)
-   and ``read_only`` (no scrapes: the cost of reading
-   64 sources a second alone). A side's CPU is the exporter's utime+stime
-   (/proc/PID/stat, all its threads) over the side's window, as % of one
-   core. A warm-up round (and the wait for all 64 sources up) is discarded.
+   by round: ``scraped`` (this process GETs /metrics every 1.0 s,
+   alternately with Prometheus 2.42's headers -- it offers OpenMetrics and
+   the text format, and takes gzip -- and with none; each scrape's latency
+   is connect to last byte) and ``read_only`` (no scrapes: the cost of
+   reading 64 sources a second alone). A side's CPU is the exporter's
+   utime+stime (/proc/PID/stat, all its threads) over the side's window, as
+   % of one core. A warm-up round (and the wait for all 64 sources up) is
+   discarded.
+
+Each scrape is at a random point of its 1 s slot: the exporter reads its 64
+sources in a burst once a second (a thread each, all started together), and
+a scrape that meets the burst waits for the GIL; a fixed phase (one
+Prometheus keeps one per target) would measure only the quiet or only the
+busy part of the second.
 
 Figures: ``cpu_pct`` / ``read_only_cpu_pct`` are medians over rounds (with
 ``_min`` / ``_max``), ``scrape_cpu_pct`` the median of the per-round
 differences (what scraping adds); latency percentiles are over every
 measured scrape of every round (``samples``; with ~50 samples the p99 is
-close to the max), also split by format. The scrapes are placed at random
-in their slots because the exporter reads its 64 sources in a burst once a
-second (one thread each, all started together) and a scrape that meets the
-burst waits for the GIL: a fixed phase, as one Prometheus keeps per target,
-would measure either the quiet or the busy part of the second only. ``replay_cpu_pct`` is the replay
-server's own CPU over the measured rounds, ``metrics_bytes`` / ``series``
-the size of the last uncompressed text scrape. ``openmetrics_only_ms_*``:
-OPENMETRICS_ONLY_SCRAPES scrapes after the rounds by a client that takes only
-OpenMetrics (prometheus_client's own encoder in the exporter; Prometheus
-itself also takes the text format and gets the prepared text). The machine has 2 shared,
-noisy cores: compare figures only within one run.
+close to the max), and by the format served (``by_format``: text,
+text_gzip, ...). ``replay_cpu_pct`` is the replay server's own CPU over the
+measured rounds; ``metrics_bytes`` / ``series`` the size of the last
+uncompressed text scrape. ``openmetrics_only_ms_*``: OPENMETRICS_ONLY_SCRAPES
+scrapes after the rounds by a client that takes only OpenMetrics (rendered
+by prometheus_client's own encoder; Prometheus, which also takes the text
+format, gets the exporter's prepared text). The machine has 2 shared, noisy
+cores: compare figures only within one run.
 
 Prints ONE JSON line: {"bench": "exporter", "sources", "queues", "samples",
 "cpu_pct", "cpu_pct_min", "cpu_pct_max", "read_only_cpu_pct", ...,
