@@ -85,7 +85,10 @@ class Analyzer:
     ``notifications_seen``: whether the source's ``kicks``/``calls``
     counters and kick/call events are real (a source with events: vqscope's
     back-end, the vhost-net probes); without them the rules that need kicks
-    or calls say "cannot tell". Feed it with :meth:`update` in time order.
+    or calls say "cannot tell". A snapshot whose ``extras`` say
+    ``"notifications_counted": false`` (a proxy that passes the eventfds
+    through uncounted) is judged as from a source without them, whatever
+    ``notifications_seen`` says. Feed it with :meth:`update` in time order.
     Queues that leave the snapshot are forgotten.
     """
 
@@ -107,6 +110,7 @@ class Analyzer:
             counts[q.device] = counts.get(q.device, 0) + 1
         seen = set()
         now = snap.time
+        counted = self.notifications_seen and snap.extras.get("notifications_counted") is not False
         for q in snap.queues:
             qid = (q.device, q.index)
             seen.add(qid)
@@ -114,7 +118,7 @@ class Analyzer:
             if tr is None:
                 tr = tracks[qid] = _Track()
             role = role_of(q.device_type, q.index, counts[q.device])
-            d = self._judge(tr, q, role, now)
+            d = self._judge(tr, q, role, now, counted)
             old = tr.diagnosis
             if old is None or old.verdict is not d.verdict:
                 changed.append(d)
@@ -137,7 +141,7 @@ class Analyzer:
                 tr = tracks[qid] = _Track()
             tr.last_call_used = value & 0xFFFF
 
-    def _judge(self, tr: _Track, q: QueueEntry, role: Role, now: float) -> Diagnosis:
+    def _judge(self, tr: _Track, q: QueueEntry, role: Role, now: float, counted: bool) -> Diagnosis:
         ob = Observation.of(q, now)
         prev = tr.prev
         # --- when did the indices last move (healthy vs idle)
@@ -149,7 +153,7 @@ class Analyzer:
         tr.device_ep = _step(tr.device_ep, prev, ob, ob.device_owes(), ob.device_progress(prev),
                              tr.last_call_used)
         if ob.calls_each:
-            tr.driver_ep = _step(tr.driver_ep, prev, ob, calls_owed(ob, prev, tr.driver_ep, self.notifications_seen),
+            tr.driver_ep = _step(tr.driver_ep, prev, ob, calls_owed(ob, prev, tr.driver_ep, counted),
                                  False, None)
         else:
             tr.driver_ep = _step(tr.driver_ep, prev, ob, ob.driver_owes(), ob.driver_progress(prev),
@@ -161,7 +165,7 @@ class Analyzer:
         # A call event's value is a split used_idx (inspector.events); not read for packed.
         verdict, evidence, since = judge(q, ob, role, tr.device_ep, tr.driver_ep, tr.starve_ep,
                                          tr.broken_streak, None if ob.packed else tr.last_call_used,
-                                         self.notifications_seen, self.thresholds)
+                                         counted, self.thresholds)
         bad = blk_bad_counts(q)
         if bad is not None:
             if tr.blk is None:

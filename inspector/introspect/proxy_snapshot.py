@@ -10,7 +10,9 @@ chains are walked from ``used_idx``, a packed ring's positions are derived
 from the descriptor flags. Each queue's ``extras["proxy"]`` says what the
 proxy saw: {"connection", "enabled", "started", "kicks", "calls" (None
 without --count-notifications), "link": the connection's per-direction
-message, byte and fd counts in and out, "proxy_originated": 0}.
+message, byte and fd counts in and out, "proxy_originated": 0}. The
+snapshot's ``notifications_counted`` (false without --count-notifications)
+tells the doctor that the 0 kicks and calls are not observations.
 """
 
 from __future__ import annotations
@@ -44,4 +46,4 @@ def proxy_snapshot(proxy) -> Snapshot:
                                      "kicks": kicks, "calls": calls, "link": link}
             queues.append(entry)
     return Snapshot(source=f"vqscope proxy {proxy.listen_path}", time=time.time(), pid=os.getpid(),
-                    queues=queues)
+                    queues=queues, extras={"notifications_counted": bool(proxy.count_notifications)})

@@ -149,6 +149,19 @@ def test_kick_missing_when_the_device_asked_for_one():
     assert "4 entries published past shadow_avail_idx 10" in d.evidence and "avail_event 10" in d.evidence
 
 
+def test_uncounted_notifications_cannot_make_kick_missing():
+    """The same state from a snapshot that says its kicks are not counted
+    (a proxy without --count-notifications): 0 kicks proves nothing, so
+    the device owes progress (device_stalled), not the driver a kick."""
+    base = entry(avail_idx=10, used_idx=10, last_avail_idx=10, shadow_avail_idx=10, avail_event=10, kicks=0)
+    waiting = entry(avail_idx=14, used_idx=10, last_avail_idx=10, shadow_avail_idx=10, avail_event=10, kicks=0)
+    a = Analyzer(TH, notifications_seen=True)
+    for i, q in enumerate([base] + [waiting] * 6):
+        a.update(Snapshot(source="t", time=T0 + i * 0.5, queues=[q], extras={"notifications_counted": False}))
+    d = verdict(a)
+    assert d.verdict is not Verdict.KICK_MISSING and not d.ok, d
+
+
 def test_kicked_device_that_did_not_look_is_stalled_not_kick_missing():
     base = entry(avail_idx=10, used_idx=10, last_avail_idx=10, shadow_avail_idx=10, avail_event=10, kicks=7)
     waiting = entry(avail_idx=14, used_idx=10, last_avail_idx=10, shadow_avail_idx=10, avail_event=10, kicks=8)
