@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMPS  := .stamps
 CSRC    := $(wildcard inspector/csrc/*.c inspector/csrc/*.h)
 
-.PHONY: all deps venv build lint test test-unit demo bench-decoder bench-net bench-blk bench-proxy bench-attach bench-record bench-probes bench-doctor soak fuzz fuzz-build clean
+.PHONY: all deps venv build lint test test-unit demo bench-decoder bench-net bench-blk bench-proxy bench-exporter bench-attach bench-record bench-probes bench-doctor soak fuzz fuzz-build clean
 
 all: build
 
@@ -60,6 +60,12 @@ bench-blk: build
 # through `vqscope proxy --count-notifications`, interleaved rounds: one JSON line.
 bench-proxy: build
 	$(PY) tests/bench/bench_proxy.py
+
+# vqscope exporter with 64 replayed back-ends x 4 queues (tests/bench/replay_backends.py,
+# recorded from serve net under dpdk-testpmd): its CPU scraped every 1 s and not
+# scraped, interleaved rounds, and the /metrics latency: one JSON line.
+bench-exporter: build
+	$(PY) tests/bench/bench_exporter.py
 
 bench-attach: build
 	$(PY) tests/bench/bench_attach.py
