@@ -75,6 +75,23 @@ def _label_value(v: str) -> str:
 _BASE_KEYS = tuple(sorted(M.QUEUE_LABELS))
 
 
+def _number(v: float) -> str:
+    """``floatToGoString(v)``, with the common case (finite, below 10^6:
+    where Go and Python write the same digits) first."""
+    return repr(v) if -1e300 < v < 1e6 else floatToGoString(v)
+
+
+#: Escaped label strings of the queues seen lately: (source, device, index,
+#: layout) -> (the ``{...}`` string, its sorted ``k="v"`` parts). A queue's
+#: labels repeat every reading; escaping them once saves most of a line's cost.
+_QUEUE_LABELS: dict[tuple, tuple[str, list[str]]] = {}
+#: A queue's 12 verdict lines by (its label parts' joined string, verdict).
+_VERDICT_LINES: dict[tuple[str, Verdict], str] = {}
+#: Entries either cache keeps at most (then it starts again: bounded memory
+#: whatever comes and goes).
+_CACHE_MAX = 1 << 16
+
+
 class _Rows:
     """Samples and their text lines, built together: a queue's labels are
     escaped once (:meth:`queue`), a family's own label is put in its sorted
@@ -92,8 +109,14 @@ class _Rows:
         self.base = base
         if self.want_samples:
             return
-        self._parts = [f'{k}="{_label_value(base[k])}"' for k in _BASE_KEYS]
-        self._labels = "{" + ",".join(self._parts) + "}"
+        key = (base["source"], base["device"], base["queue"], base["layout"])
+        hit = _QUEUE_LABELS.get(key)
+        if hit is None:
+            if len(_QUEUE_LABELS) >= _CACHE_MAX:
+                _QUEUE_LABELS.clear()
+            parts = [f'{k}="{_label_value(base[k])}"' for k in _BASE_KEYS]
+            hit = _QUEUE_LABELS[key] = ("{" + ",".join(parts) + "}", parts)
+        self._labels, self._parts = hit
 
     def add(self, m: M.Metric, value, extra: tuple[str, str] | None = None) -> None:
         v = float(value)
@@ -107,7 +130,24 @@ class _Rows:
             k, x = extra
             i = bisect.bisect(_BASE_KEYS, k)
             text = "{" + ",".join([*self._parts[:i], f'{k}="{_label_value(x)}"', *self._parts[i:]]) + "}"
-        self.lines.setdefault(m.name, []).append(f"{m.exposed}{text} {floatToGoString(v)}\n")
+        self.lines.setdefault(m.name, []).append(f"{m.exposed}{text} {_number(v)}\n")
+
+    def verdicts(self, current: Verdict) -> None:
+        """The queue's VERDICT gauges: 1 for ``current``, 0 for the others
+        (text mode: one cached block per queue and verdict)."""
+        if self.want_samples:
+            for v in VERDICTS:
+                self.add(M.VERDICT, 1 if v is current else 0, ("verdict", v.value))
+            return
+        key = (self._labels, current)
+        block = _VERDICT_LINES.get(key)
+        if block is None:
+            if len(_VERDICT_LINES) >= _CACHE_MAX:
+                _VERDICT_LINES.clear()
+            block = _VERDICT_LINES[key] = "".join(
+                f'{M.VERDICT.exposed}{self._labels[:-1]},verdict="{v.value}"}} {"1.0" if v is current else "0.0"}\n'
+                for v in VERDICTS)   # "verdict" sorts after every queue label
+        self.lines.setdefault(M.VERDICT.name, []).append(block)
 
 
 def prepare(snap: Snapshot, diagnoses: dict[QueueId, Diagnosis], source: str) -> Prepared:
@@ -150,8 +190,7 @@ def _rows(snap: Snapshot, diagnoses: dict[QueueId, Diagnosis], source: str, samp
                 add(M.ANOMALIES, n, ("kind", kind))
         d = diagnoses.get((q.device, q.index))
         if d is not None:
-            for v in VERDICTS:
-                add(M.VERDICT, 1 if v is d.verdict else 0, ("verdict", v.value))
+            rows.verdicts(d.verdict)
             add(M.VERDICT_SECONDS, max(0.0, snap.time - d.since))
         _blk_samples(q, add)
     return rows
@@ -184,7 +223,7 @@ def render_lines(samples: list[Sample]) -> str:
     for s in samples:
         lab = ("{" + ",".join(f'{k}="{_label_value(v)}"' for k, v in sorted(s.labels.items())) + "}"
                if s.labels else "")
-        out.append(f"{s.name}{lab} {floatToGoString(s.value)}\n")
+        out.append(f"{s.name}{lab} {_number(s.value)}\n")
     return "".join(out)
 
 

@@ -28,25 +28,28 @@ SOURCE_LABELS = ("source",)
 
 class Metric(NamedTuple):
     """One metric family: ``name`` (for a counter without ``_total``),
-    ``type`` ("gauge" or "counter"), ``labels`` (in order), ``help``."""
+    ``type`` ("gauge" or "counter"), ``labels`` (in order), ``help``, and
+    ``exposed``: the name its samples have in the text format (counters:
+    ``_total``; made by :func:`metric`)."""
 
     name: str
     type: str
     labels: tuple[str, ...]
     help: str
+    exposed: str
 
-    @property
-    def exposed(self) -> str:
-        """The name a sample has in the text format (counters: ``_total``)."""
-        return self.name + "_total" if self.type == "counter" else self.name
+
+def metric(name: str, type_: str, labels: tuple[str, ...], help_: str) -> Metric:
+    """A :class:`Metric` with its ``exposed`` name."""
+    return Metric(name, type_, labels, help_, name + "_total" if type_ == "counter" else name)
 
 
 def _q(name: str, type_: str, help_: str, extra: tuple[str, ...] = ()) -> Metric:
-    return Metric("vqscope_queue_" + name, type_, QUEUE_LABELS + extra, help_)
+    return metric("vqscope_queue_" + name, type_, QUEUE_LABELS + extra, help_)
 
 
 def _s(name: str, type_: str, help_: str, extra: tuple[str, ...] = ()) -> Metric:
-    return Metric("vqscope_source_" + name, type_, SOURCE_LABELS + extra, help_)
+    return metric("vqscope_source_" + name, type_, SOURCE_LABELS + extra, help_)
 
 
 # ---- per queue: the ring (VIRTIO 1.2 §2.7 split, §2.8 packed)
@@ -96,8 +99,8 @@ SOURCE_EVENTS_LOST = _s("events_lost", "counter", "Kick/call events the source c
 SOURCE_INFO = _s("info", "gauge", "The source: its kind (backend, qemu, vhost-net) and name; always 1",
                  ("kind", "name"))
 # ---- the exporter itself
-BUILD_INFO = Metric("vqscope_build_info", "gauge", ("version", "python"), "The exporter's build; always 1")
-EXPORTER_SOURCES = Metric("vqscope_exporter_sources", "gauge", (), "Sources the exporter watches")
+BUILD_INFO = metric("vqscope_build_info", "gauge", ("version", "python"), "The exporter's build; always 1")
+EXPORTER_SOURCES = metric("vqscope_exporter_sources", "gauge", (), "Sources the exporter watches")
 
 #: Every metric, in exposition order.
 METRICS: tuple[Metric, ...] = (

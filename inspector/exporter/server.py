@@ -3,8 +3,8 @@ from the collector's prepared lines; prometheus_client's WSGI app over the
 exporter's registry for a scraper that takes only OpenMetrics or filters
 with ``name[]``; gzip when accepted),
 ``GET /healthz`` (JSON: the exporter's threads and each source's state) and
-``GET /`` (a link to both). One thread per request (a slow client holds only
-its own); nothing here reads a source.
+``GET /`` (a link to both). A few long-lived threads answer (a slow client
+holds one for at most CLIENT_TIMEOUT); nothing here reads a source.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
-from socketserver import ThreadingMixIn
+from concurrent.futures import ThreadPoolExecutor
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -54,9 +54,44 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+#: Requests served at once; more wait in the listen backlog. Scrapers are
+#: few (one or two Prometheus servers, a curl), and a fixed set of threads
+#: bounds what a flood of connections can take (idle ones cost nothing).
+WORKERS = 16
+#: Seconds a client may take to send its request or read the reply: a
+#: client that connects and says nothing holds a worker that long.
+CLIENT_TIMEOUT = 5.0
+
+
+class _Server(WSGIServer):
+    """A WSGI server answering each connection on one of :data:`WORKERS`
+    long-lived threads (socketserver's ThreadingMixIn starts a thread per
+    request)."""
+
     allow_reuse_address = True
+    request_queue_size = 64
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="exporter http")
+
+    def process_request(self, request, client_address) -> None:
+        request.settimeout(CLIENT_TIMEOUT)
+        self._pool.submit(self._handle, request, client_address)
+
+    def _handle(self, request, client_address) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:   # noqa: BLE001 - a broken client: log it, keep serving
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+
+    def server_close(self) -> None:
+        super().server_close()
+        pool = getattr(self, "_pool", None)   # none when binding failed
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _Server6(_Server):

@@ -266,6 +266,24 @@ def from_json(obj: Any) -> Snapshot:
     return Snapshot(source=source, time=t, queues=queues, pid=pid, skipped=skipped, extras=extras)
 
 
+_INT_CORE = tuple(f for f in CORE_FIELDS if _CORE_CHECK[f] is _is_int)
+_OPT_INT_CORE = tuple(f for f in CORE_FIELDS if _CORE_CHECK[f] is _is_opt_int)
+
+
+def _split_core(q: dict) -> dict | None:
+    """A split queue's core fields when every one is there with its type
+    (the common case, checked in one pass); None otherwise."""
+    try:
+        core = {f: q[f] for f in CORE_FIELDS}
+    except KeyError:
+        return None
+    if (all(type(core[f]) is int for f in _INT_CORE)
+            and all(core[f] is None or type(core[f]) is int for f in _OPT_INT_CORE)
+            and type(core["device"]) is str and type(core["event_idx"]) is bool):
+        return core
+    return None
+
+
 def queue_from_json(q: Any, where: str = "queue") -> QueueEntry:
     """One queue entry of the Snapshot JSON (``where`` names it in errors)."""
     q = _dict(q, where)
@@ -278,7 +296,9 @@ def queue_from_json(q: Any, where: str = "queue") -> QueueEntry:
                 for f in CORE_FIELDS}
         core.update((f, _get(q, f, _PACKED_CHECK[f], where)) for f in PACKED_FIELDS)
     else:
-        core = {f: _get(q, f, _CORE_CHECK[f], where) for f in CORE_FIELDS}
+        core = _split_core(q)
+        if core is None:   # something is missing or of the wrong type: say which
+            core = {f: _get(q, f, _CORE_CHECK[f], where) for f in CORE_FIELDS}
         for f in PACKED_FIELDS:
             if f in q:
                 raise SnapshotFormatError(f"snapshot JSON: {where} is split and has the packed field {f!r}")

@@ -5,7 +5,9 @@ introspection protocol (inspector/introspect/__init__.py: newline-delimited
 JSON, one reply line per request line) and never touches a ring.
 
 - ``snapshot``: the recorded snapshots (``--recording``, one snapshot JSON
-  object a line, as ``vqscope snapshot --json`` prints it) in turn, socket N
+  object a line, as ``vqscope snapshot --json`` prints it; without chains
+  and with ``chains_omitted`` when asked with ``"chains": false``, as the
+  exporter asks) in turn, socket N
   starting at snapshot N mod len(recording) so the 64 back-ends differ; each
   reply with ``time`` set to now, ``source`` renamed ``vqscope serve DIR/N``
   and ``pid`` this process's. When a socket has played the whole recording
@@ -89,19 +91,23 @@ class Recording:
             self.steps.append(step)
         self._cache: dict[tuple[int, int], bytes] = {}
 
-    def body(self, k: int, lap: int) -> bytes:
-        key = (k, lap)
+    def body(self, k: int, lap: int, chains: bool = True) -> bytes:
+        key = (k, lap, chains)
         b = self._cache.get(key)
         if b is None:
-            if len(self._cache) >= KEEP_LAPS * self.n:
+            if len(self._cache) >= 2 * KEEP_LAPS * self.n:
                 for old in [x for x in self._cache if x[1] < lap - 1]:
                     del self._cache[old]
-            b = self._cache[key] = self._encode(self.snaps[k], lap)
+            b = self._cache[key] = self._encode(self.snaps[k], lap, chains)
         return b
 
-    def _encode(self, snap: dict, lap: int) -> bytes:
+    def _encode(self, snap: dict, lap: int, chains: bool = True) -> bytes:
         out = {k: v for k, v in snap.items() if k not in ("time", "source")}
         out["pid"] = os.getpid()
+        if not chains:   # the introspection op's "chains": false (the exporter asks so)
+            out["queues"] = [{**q, "chains": []} for q in snap["queues"]]
+            out["chains_omitted"] = True
+            snap = out
         if lap:
             queues = []
             for qi, q in enumerate(snap["queues"]):
@@ -224,15 +230,16 @@ class ReplayServer:
 
     def _answer(self, c: Conn, line: bytes) -> None:
         try:
-            op = json.loads(line).get("op")
+            req = json.loads(line)
+            op = req.get("op")
         except (ValueError, AttributeError):
-            op = None
+            req, op = {}, None
         if op == "snapshot":
             i = self.next_snapshot[c.name]
             self.next_snapshot[c.name] = i + 1
             lap, k = divmod(i, self.rec.n)
             head = b'{"time":%.6f,"source":%s,' % (time.time(), json.dumps(f"vqscope serve {c.name}").encode())
-            c.out += [memoryview(head), memoryview(self.rec.body(k, lap))]
+            c.out += [memoryview(head), memoryview(self.rec.body(k, lap, req.get("chains", True) is not False))]
             self.snapshots_served += 1
         elif op == "events":
             c.out.append(memoryview(self.events_reply))

@@ -121,6 +121,11 @@ def test_prepared_exposition_is_prometheus_clients_generate_latest_byte_for_byte
     c, reg = _fleet_collector(watches, now)
     mine = c.exposition()
     assert mine == generate_latest(reg)
+    for w in watches:   # again, from the label caches the first rendering filled
+        if w.reading is not None:
+            r = w.reading
+            w.reading = Reading(r.snapshot, r.diagnoses, r.taken, r.duration, prepare(r.snapshot, r.diagnoses, w.label))
+    assert c.exposition() == mine
     # and what it says: parsed back, every family, the escaped label intact, the dropped source's queues gone
     fams = {f.name: f for f in text_string_to_metric_families(mine.decode())}
     size = {(s.labels["source"], s.labels["device"]) for s in fams["vqscope_queue_size"].samples}
@@ -280,6 +285,21 @@ def test_http_metrics_formats_and_health(http):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code == 405
+
+
+def test_silent_clients_do_not_stop_scrapes(http):
+    """Connections that never send a request hold a worker each until
+    CLIENT_TIMEOUT; fewer than WORKERS of them leave /metrics answering."""
+    from inspector.exporter.server import WORKERS
+    url, c, reg = http
+    host, port = url.rsplit("/", 1)[1].split(":")
+    idle = [socket.create_connection((host, int(port))) for _ in range(WORKERS - 1)]
+    try:
+        status, _, body = _get(url + "/metrics")
+        assert status == 200 and body == c.exposition()
+    finally:
+        for s in idle:
+            s.close()
 
 
 def test_accept_header_and_listen_parsing():
