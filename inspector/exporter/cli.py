@@ -10,13 +10,8 @@ import sys
 import textwrap
 import threading
 
-from prometheus_client import CollectorRegistry
-
 from ..analysis import Thresholds
 from ..errors import ArgumentError, SourceError
-from .collector import FleetCollector, prepare
-from .poller import Fleet, backend_spec, qemu_spec, vhost_net_spec
-from .server import is_loopback, make_app, parse_listen, serve
 
 DEFAULT_LISTEN = "127.0.0.1:9793"
 
@@ -65,6 +60,13 @@ def add_parser(sub) -> None:
 def exporter_main(args: argparse.Namespace) -> int:
     """Run until SIGINT or SIGTERM; exit status 0 then, 2 on bad arguments
     or when the address cannot be bound."""
+    # Here, not at the top: every other command would pay prometheus_client's import (~40 ms).
+    from prometheus_client import CollectorRegistry
+
+    from .collector import FleetCollector, prepare
+    from .poller import Fleet, backend_spec, qemu_spec, vhost_net_spec
+    from .server import is_loopback, make_app, parse_listen, serve
+
     if not (args.connect or args.qmp or args.vhost_net):
         raise ArgumentError("no source given: use --connect SOCK, --qmp SOCK|GLOB or --vhost-net PID "
                             "(each repeatable)")
