@@ -377,3 +377,61 @@ def test_exporter_serves_a_running_backend():
             ex.close()
         demo.terminate()
         demo.wait(15)
+
+
+def test_exporter_serves_a_blk_backends_request_counters():
+    """``serve blk --memory`` under ``load blk``: the block queue's request,
+    status and byte counters in /metrics lie between two snapshots taken
+    around the scrape."""
+    from tests.support.peers import VqscopeServe
+    d = socket_dir()
+    sock = f"{d}/blk.sock"
+    with VqscopeServe(sock, "blk", ["--memory", "--size", "16M"]) as blk:
+        load = subprocess.Popen([*VQSCOPE, "load", "blk", "--connect", sock, "--rw", "randrw", "--seconds", "30",
+                                 "--iodepth", "4"], cwd=str(ROOT), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        ex = Exporter(["--interval", "0.2", "--connect", sock])
+        try:
+            def served():
+                return {(s.name, s.labels.get("request") or s.labels.get("status")): s.value
+                        for s in ex.samples() if s.name.startswith("vqscope_queue_blk_")}
+
+            assert wait_for(lambda: served().get(("vqscope_queue_blk_read_bytes_total", None), 0) > 0, 30), served()
+            before = blk.snapshot()["queues"][0]["blk"]
+            time.sleep(0.5)
+            got = served()
+            after = blk.snapshot()["queues"][0]["blk"]
+            for name, key in (("vqscope_queue_blk_read_bytes_total", "bytes_read"),
+                              ("vqscope_queue_blk_written_bytes_total", "bytes_written")):
+                assert before[key] <= got[(name, None)] <= after[key], (name, before[key], got, after[key])
+            for request in ("in", "out"):
+                assert (before["requests"][request] <= got[("vqscope_queue_blk_requests_total", request)]
+                        <= after["requests"][request]), (request, got)
+            assert before["status"]["ok"] <= got[("vqscope_queue_blk_status_total", "ok")] <= after["status"]["ok"]
+            assert after["requests"]["out"] > before["requests"]["out"]    # the load ran meanwhile
+        finally:
+            ex.close()
+            load.terminate()
+            load.wait(15)
+
+
+def test_sources_that_come_and_go_leave_no_thread_or_fd(tmp_path):
+    """Forty QMP-glob matches appearing and vanishing (nothing listens:
+    each watch fails, is dropped, ends its thread): threads and fds go
+    back to where they were."""
+    d = socket_dir()
+    fleet = Fleet([], [f"{d}/*.qmp"], interval=0.02, timeout=0.2, rescan=0.02).start()
+    try:
+        time.sleep(0.1)
+        threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+        for i in range(40):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(f"{d}/vm{i}.qmp")
+            s.close()                            # a socket file nobody listens on
+            assert wait_for(lambda: len(fleet.watches()) == 1, 10)
+            os.unlink(f"{d}/vm{i}.qmp")
+            assert wait_for(lambda: fleet.watches() == [], 10)
+        assert wait_for(lambda: threading.active_count() <= threads, 10), threading.active_count() - threads
+        assert len(os.listdir("/proc/self/fd")) <= fds
+    finally:
+        fleet.stop()
