@@ -58,6 +58,8 @@ class AnomalyKind(StrEnum):
     LAYOUT_UNSUPPORTED = "layout_unsupported"    # VIRTIO_F_RING_PACKED negotiated: not decoded
     ADDRESS_MISMATCH = "address_mismatch"        # vhost's QEMU address disagrees with the RAM map
     MEM_TABLE_UNKNOWN = "mem_table_unknown"      # vhost-net memory table set before the probes attached
+    IOVA_UNTRANSLATED = "iova_untranslated"      # VIRTIO_F_ACCESS_PLATFORM behind a vIOMMU: the ring
+                                                 # addresses are IOVAs the source cannot translate
 
     @classmethod
     def by_code(cls, code: int) -> AnomalyKind:

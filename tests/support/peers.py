@@ -559,7 +559,7 @@ def tap_up(tap: str, sub: str, mac: str, neighbour: tuple[str, str] | None = Non
 
 def vng_argv(sock: str | None, script: str, *, mac: str = GUEST_MAC, memory: str = "1G", cpus: int = 1,
              kernel: str | None = None, device_opts: str = "", qemu_extra: str = "",
-             chardev_opts: str = "") -> list[str]:
+             chardev_opts: str = "", append: str = "") -> list[str]:
     """The vng command line booting Debian's kernel under TCG with one
     vhost-user virtio-net-pci device on ``sock``, running ``script``.
     ``device_opts`` are appended to that device's options (e.g. ``,id=vunet``),
@@ -567,13 +567,15 @@ def vng_argv(sock: str | None, script: str, *, mac: str = GUEST_MAC, memory: str
     passes them through a shell), ``chardev_opts`` to the vhost-user socket's
     ``-chardev`` (e.g. ``,reconnect=1``: QEMU reconnects to a restarted back-end).
     ``sock`` None: no net device (the guest's vhost-user devices are all in
-    ``qemu_extra``), but still the shareable guest memory vhost-user needs."""
+    ``qemu_extra``), but still the shareable guest memory vhost-user needs.
+    ``append``: more kernel command line (e.g. ``intel_iommu=on``)."""
     net = (f"-chardev socket,id=c0,path={sock}{chardev_opts} -netdev vhost-user,id=n0,chardev=c0 "
            f"-device virtio-net-pci,netdev=n0,mac={mac},vectors=0{device_opts} ") if sock is not None else ""
     qemu_opts = (f"-object memory-backend-memfd,id=mem0,size={memory},share=on -numa node,memdev=mem0 "
                  f"{net}{qemu_extra}").strip()
     return [vng_path() or "vng", "-r", kernel or guest_kernel() or "", "--disable-kvm", "--disable-microvm",
-            "--cpus", str(cpus), "--memory", memory, f"--qemu-opts={qemu_opts}", "--exec", script]
+            "--cpus", str(cpus), "--memory", memory, f"--qemu-opts={qemu_opts}",
+            *(["--append", append] if append else []), "--exec", script]
 
 
 # Shell fragment: $IF := the interface whose MAC is GUEST_MAC.

@@ -207,3 +207,44 @@ def test_queue_state_takes_shadow_avail_idx_from_qmp():
     assert (q.last_avail_idx, q.shadow_avail_idx) == (123, 355)
     del reply["shadow-avail-idx"]
     assert queue_state(_dev(), 0, reply).shadow_avail_idx is None
+
+
+class _Hmp:
+    """The one HMP command the vIOMMU check asks (``info mtree``), answered."""
+
+    def __init__(self, mtree: str):
+        self.mtree = mtree
+        self.asked = 0
+
+    def hmp(self, line: str) -> str:
+        assert line == "info mtree"
+        self.asked += 1
+        return self.mtree
+
+
+VTD_MTREE = """address-space: vtd-root
+  0000000000000000-ffffffffffffffff (prio 0, i/o): vtd-09.0
+    0000000000000000-ffffffffffffffff (prio 0, i/o): vtd-09.0-dmar
+"""
+
+
+@pytest.mark.parametrize("mtree, iova", [(VTD_MTREE, True), ("address-space: memory\n  0-1 (prio 0, i/o): system\n",
+                                                              False)])
+def test_access_platform_behind_a_viommu_is_not_read_as_guest_physical(source, ring, mtree, iova):
+    """VIRTIO_F_ACCESS_PLATFORM on a machine with intel-iommu: the ring
+    addresses are IOVAs: one iova_untranslated anomaly, no ring read, the
+    indices QEMU itself holds. Without a vIOMMU the same queue is read."""
+    from inspector.spec.virtio import VIRTIO_F_ACCESS_PLATFORM
+    source.qmp = _Hmp(mtree)
+    source.map_refresh = 3.0
+    source._iommu, source._iommu_checked = None, None
+    entry, dec = source._queue_entry(_dev(FEATURES | 1 << VIRTIO_F_ACCESS_PLATFORM), _queue(ring))
+    if iova:
+        assert dec is None and [a.kind for a in entry.anomalies] == [AnomalyKind.IOVA_UNTRANSLATED]
+        assert "intel-iommu" in entry.anomalies[0].detail and f"desc {ring.addrs[0]:#x}" in entry.anomalies[0].detail
+        assert (entry.avail_idx, entry.used_idx, entry.inflight) == (3, 1, 2)
+        assert entry.chains == []
+    else:
+        assert dec is not None and entry.anomalies == [] and entry.avail_idx == 3
+    source._queue_entry(_dev(FEATURES | 1 << VIRTIO_F_ACCESS_PLATFORM), _queue(ring))
+    assert source.qmp.asked == 1        # asked again only after map_refresh seconds

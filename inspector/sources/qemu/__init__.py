@@ -64,9 +64,9 @@ from ...ring.packed import PackedRingSnapshot, packed_counter
 from ...ring.remote import snapshot_remote_packed, snapshot_remote_split
 from ...ring.snapshot import RingSnapshot
 from ...snapshot.model import QueueEntry, Skipped, Snapshot
-from ...spec.virtio import VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX
+from ...spec.virtio import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX
 from ..base import Source
-from .hmp import FlatRange, Mapping, check_mapped, parse_flatview, parse_gpa2hva, parse_maps
+from .hmp import FlatRange, Mapping, check_mapped, iommu_model, parse_flatview, parse_gpa2hva, parse_maps
 from .qmp import VHOST_UNSAFE, QmpChannel, QmpCommandError, peer_pid, queue_command
 from .state import (FEATURE_BITS, DeviceState, QueueState, device_state, features_mask, queue_state,
                     short_name)
@@ -140,6 +140,8 @@ class QemuSource(Source):
         self.device_refresh = device_refresh
         self.queue_refresh = queue_refresh
         self._signatures: dict[str, tuple] = {}
+        self._iommu: str | None = None
+        self._iommu_checked: float | None = None
         self._queues: dict[tuple[str, int], _Cached] = {}
         self.qmp = QmpChannel(qmp_path, timeout)
         self._pmem = None
@@ -415,6 +417,20 @@ class QemuSource(Source):
                     anomalies.append(Anomaly(AnomalyKind.ADDRESS_MISMATCH,
                                              f"{area} at guest-physical {gpa:#x}: vhost has QEMU "
                                              f"address {hva:#x}, the RAM map gives {mine:#x}"))
+        iommu = self._viommu() if dev.features >> VIRTIO_F_ACCESS_PLATFORM & 1 else None
+        if iommu:
+            # The driver maps its rings through the vIOMMU (VIRTIO 1.2 §6.1): desc/avail/used are
+            # IOVAs. Translating them would mean walking the guest's IOMMU page tables; they are
+            # not read as guest-physical (that reads unrelated memory, or nothing).
+            anomalies.append(Anomaly(AnomalyKind.IOVA_UNTRANSLATED,
+                                     f"{dev.path} negotiated VIRTIO_F_ACCESS_PLATFORM behind a vIOMMU "
+                                     f"({iommu}): desc {q.desc:#x}, avail {q.avail:#x}, used {q.used:#x} are "
+                                     f"IOVAs; the ring is not read"))
+            if not q.vhost and q.shadow_avail_idx is not None and q.qemu_used_idx is not None:
+                # QEMU's own view of a queue it services: what it last read and wrote
+                entry.avail_idx, entry.used_idx = q.shadow_avail_idx, q.qemu_used_idx
+                entry.inflight = (q.shadow_avail_idx - q.qemu_used_idx) & 0xFFFF
+            return entry, None
         try:
             dec = self._read_ring(q, packed)
         except ProcessExitedError as e:
@@ -441,6 +457,17 @@ class QemuSource(Source):
             # meanwhile may show the driver's next request in its buffers).
             attach_requests(dec, process_reader(self._pmem, self._ram))
         return entry, dec
+
+    def _viommu(self) -> str | None:
+        """The vIOMMU in front of the machine's devices, by the IOMMU memory
+        regions of ``info mtree`` (intel-iommu: ``vtd-BB.F-dmar``;
+        virtio-iommu; AMD; SMMUv3), or None; looked at again every
+        ``map_refresh`` s."""
+        now = time.monotonic()
+        if self._iommu_checked is None or now - self._iommu_checked >= self.map_refresh:
+            self._iommu = iommu_model(self.qmp.hmp("info mtree"))
+            self._iommu_checked = now
+        return self._iommu
 
     # ---- lifetime -------------------------------------------------------------
     def close(self) -> None:

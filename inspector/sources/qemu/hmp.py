@@ -26,6 +26,24 @@ class FlatRange:
     offset: int
 
 
+#: IOMMU memory regions in ``info mtree`` (QEMU's names: hw/i386/intel_iommu.c
+#: "vtd-BB.F-dmar", hw/virtio/virtio-iommu.c, hw/i386/amd_iommu.c,
+#: hw/arm/smmuv3.c) and the model each means.
+_IOMMU_REGIONS = (("-dmar", "intel-iommu"), ("virtio-iommu-memory-region", "virtio-iommu"),
+                  ("amd_iommu", "amd-iommu"), ("smmuv3-", "arm-smmuv3"))
+
+
+def iommu_model(mtree: str) -> str | None:
+    """The vIOMMU model whose IOMMU memory regions ``info mtree`` (not
+    ``-f``) shows, or None when the machine has none."""
+    for line in mtree.splitlines():
+        name = line.rpartition("): ")[2].split(" ", 1)[0]
+        for marker, model in _IOMMU_REGIONS:
+            if marker in name:
+                return model
+    return None
+
+
 def parse_flatview(text: str, address_space: str = "memory") -> list[FlatRange]:
     """The ``ram`` ranges of ``address_space``'s flat view in HMP ``info
     mtree -f`` output, e.g.::
