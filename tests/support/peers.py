@@ -11,6 +11,11 @@ Set ``VQSCOPE_PEER_BACKEND=dpdk`` to run the same tests against DPDK's own
 vhost back-end (``net_vhost0``, plus ``net_tap`` for the tap tests) instead:
 that proves the harness itself when our back-end is broken or absent.
 
+One file past 600 lines on purpose: every peer here (testpmd, our net
+back-end, the virtme-ng guest, the attach VM) is built on Peer's process
+handling and the recipes below; harnesses of one device or tool live
+beside it (qsd.py, blk.py, proxy.py, prometheus.py).
+
 Recipes (measured on the 2-core Debian 12 CI machine):
 
 - testpmd front-end: ``dpdk-testpmd -l 0,1 --main-lcore 1 --no-pci --no-huge
