@@ -88,9 +88,8 @@ def exporter_main(args: argparse.Namespace) -> int:
     registry = CollectorRegistry(auto_describe=False)
     collector = FleetCollector(fleet.watches, stale_after=stale_after, drop_after=args.drop_after)
     registry.register(collector)
-    threads_ok = lambda: fleet.scanner_alive()   # noqa: E731
     try:
-        httpd, _thread = serve(host, port, make_app(registry, collector, fleet.watches, threads_ok))
+        httpd, _thread = serve(host, port, make_app(registry, collector, fleet.watches, fleet.scanner_alive))
     except OSError as e:
         raise SourceError(f"cannot listen on {args.listen}: {e.strerror or e}") from None
     if not is_loopback(host):

@@ -25,7 +25,6 @@ import bisect
 import platform
 import time
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric as PromMetric
 from prometheus_client.registry import Collector
@@ -52,13 +51,6 @@ _SPLIT = ((M.AVAIL_IDX, "avail_idx"), (M.USED_IDX, "used_idx"))
 #: Counters (cumulative) every queue has, and their attribute; None values are not exposed.
 _COUNTERS = ((M.KICKS, "kicks"), (M.CALLS, "calls"), (M.CALLS_SUPPRESSED, "calls_suppressed"),
              (M.PACKETS, "packets"), (M.BYTES, "bytes"), (M.DROPPED, "dropped"))
-
-
-class Prepared(NamedTuple):
-    """A reading's queue samples as text-format sample lines (``text``:
-    family name -> str)."""
-
-    text: dict[str, str]
 
 
 def _family(m: M.Metric) -> PromMetric:
@@ -150,10 +142,10 @@ class _Rows:
         self.lines.setdefault(M.VERDICT.name, []).append(block)
 
 
-def prepare(snap: Snapshot, diagnoses: dict[QueueId, Diagnosis], source: str) -> Prepared:
-    """A reading's queue samples as text lines (the Fleet's ``prepare``,
-    run by the reader thread)."""
-    return Prepared({name: "".join(lines) for name, lines in _rows(snap, diagnoses, source, False).lines.items()})
+def prepare(snap: Snapshot, diagnoses: dict[QueueId, Diagnosis], source: str) -> dict[str, str]:
+    """A reading's queue samples as text-format lines, by family name (the
+    Fleet's ``prepare``, run by the reader thread)."""
+    return {name: "".join(lines) for name, lines in _rows(snap, diagnoses, source, False).lines.items()}
 
 
 def queue_samples(snap: Snapshot, diagnoses: dict[QueueId, Diagnosis], source: str) -> Samples:
@@ -241,7 +233,7 @@ class FleetCollector(Collector):
     most ``drop_after`` s old (after that only its source metrics, so
     Prometheus marks the queue series stale); ``up`` is 1 while the last
     attempt succeeded and the reading is at most ``stale_after`` s old.
-    :meth:`exposition` uses a reading's ``samples`` when the watch prepared
+    :meth:`exposition` uses a reading's ``prepared`` lines when the watch made
     them (:func:`prepare` as the Fleet's ``prepare``), else prepares them;
     :meth:`collect` builds prometheus_client Samples from the reading.
     ``clock``: time.monotonic (the readings' ``taken``), for tests.
@@ -309,11 +301,11 @@ class FleetCollector(Collector):
         """/metrics in the text format 0.0.4 from the prepared lines: what
         prometheus_client's ``generate_latest`` gives for :meth:`collect`."""
         own, served = self._parts()
-        queues = [r.samples if isinstance(r.samples, Prepared) else prepare(r.snapshot, r.diagnoses, w.label)
+        queues = [r.prepared if r.prepared is not None else prepare(r.snapshot, r.diagnoses, w.label)
                   for w, r in served]
         out = []
         for m in M.METRICS:
-            lines = [p.text[m.name] for p in queues if m.name in p.text]
+            lines = [p[m.name] for p in queues if m.name in p]
             if own[m.name]:
                 lines.append(render_lines(own[m.name]))
             if lines:

@@ -80,14 +80,14 @@ def vhost_net_spec(pid: int) -> SourceSpec:
 class Reading:
     """One successful read: the ``snapshot``, the Analyzer's ``diagnoses``
     after it (by queue id), ``taken`` (time.monotonic() when it was
-    published), ``duration`` (seconds the read took) and ``samples`` (what the
-    watch's ``prepare`` made of it in the reader thread, or None)."""
+    published), ``duration`` (seconds the read took) and ``prepared`` (what
+    the watch's ``prepare`` made of it in the reader thread, or None)."""
 
     snapshot: Snapshot
     diagnoses: dict[QueueId, Diagnosis]
     taken: float
     duration: float
-    samples: object = None
+    prepared: object = None
 
 
 class Watch:

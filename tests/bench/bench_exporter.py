@@ -73,6 +73,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests.bench.bench_net import Proc, testpmd, wait_path  # noqa: E402
+from tests.support.prometheus import free_port  # noqa: E402
 
 SOURCES = 64
 QUEUES_PER_SOURCE = 4
@@ -167,12 +168,6 @@ def cpu_ticks(pid: int) -> float:
         except (OSError, ValueError, IndexError):
             pass   # a thread that just ended
     return total / 1e9 * CLK_TCK
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def replay(recording: str, directory: str) -> Proc:
