@@ -345,6 +345,7 @@ def test_exporter_serves_a_running_backend():
         assert wait_for(lambda: os.path.exists(sock + ".introspect"), 30)
         # the exporter's request: the snapshot without its chains (they are most of a loaded reply)
         client = IntrospectionClient(sock + ".introspect")
+        assert wait_for(lambda: len(client.request("snapshot")["queues"]) == 2, 30)   # both vrings set up
         full, bare = client.request("snapshot"), client.request("snapshot", chains=False)
         assert "chains_omitted" not in full
         assert bare["chains_omitted"] is True and all(q["chains"] == [] for q in bare["queues"])
