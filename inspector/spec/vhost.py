@@ -160,6 +160,40 @@ VHOST_SET_VRING_KICK = _IOW(VHOST_VIRTIO, 0x20, VHOST_VRING_FILE.size)
 VHOST_SET_VRING_CALL = _IOW(VHOST_VIRTIO, 0x21, VHOST_VRING_FILE.size)
 VHOST_SET_VRING_ERR = _IOW(VHOST_VIRTIO, 0x22, VHOST_VRING_FILE.size)
 VHOST_NET_SET_BACKEND = _IOW(VHOST_VIRTIO, 0x30, VHOST_VRING_FILE.size)
+VHOST_GET_BACKEND_FEATURES = _IOR(VHOST_VIRTIO, 0x26, 8)
+VHOST_SET_BACKEND_FEATURES = _IOW(VHOST_VIRTIO, 0x25, 8)
+
+# --- the device IOTLB (vhost_types.h; the same struct is vhost-user's
+# VHOST_USER_IOTLB_MSG / VHOST_USER_BACKEND_IOTLB_MSG payload) -----------------
+#: Feature bit (bit number): the device translates IOVAs through an IOTLB the
+#: owner fills on misses (kernel vhost: VHOST_F_DEVICE_IOTLB).
+VHOST_F_DEVICE_IOTLB = 63
+#: struct vhost_iotlb_msg: u64 iova, u64 size, u64 uaddr, u8 perm, u8 type,
+#: padded to 32 bytes (its sizeof on LP64, what QEMU and DPDK send).
+VHOST_IOTLB_MSG_STRUCT = struct.Struct("<QQQBB6x")
+# struct vhost_iotlb_msg.type
+VHOST_IOTLB_MISS = 1
+VHOST_IOTLB_UPDATE = 2
+VHOST_IOTLB_INVALIDATE = 3
+VHOST_IOTLB_ACCESS_FAIL = 4
+VHOST_IOTLB_BATCH_BEGIN = 5
+VHOST_IOTLB_BATCH_END = 6
+# struct vhost_iotlb_msg.perm
+VHOST_ACCESS_RO = 0x1
+VHOST_ACCESS_WO = 0x2
+VHOST_ACCESS_RW = 0x3
+#: Names of the perm values (snapshot JSON and log lines use them).
+VHOST_ACCESS_NAMES = {VHOST_ACCESS_RO: "ro", VHOST_ACCESS_WO: "wo", VHOST_ACCESS_RW: "rw"}
+# The kernel's vhost fd read()/write() messages: struct vhost_msg {int type;
+# union {struct vhost_iotlb_msg iotlb; u8 padding[64];}} (type
+# VHOST_IOTLB_MSG) and struct vhost_msg_v2 {u32 type; u32 asid; union ...}
+# (VHOST_IOTLB_MSG_V2, after VHOST_SET_BACKEND_FEATURES with
+# VHOST_BACKEND_F_IOTLB_MSG_V2): 72 bytes each, the iotlb message at offset 8.
+VHOST_IOTLB_MSG = 0x1
+VHOST_IOTLB_MSG_V2 = 0x2
+VHOST_MSG_SIZE = 72
+VHOST_BACKEND_F_IOTLB_MSG_V2 = 0x1
+VHOST_BACKEND_F_IOTLB_BATCH = 0x2
 
 #: ioctl request number -> name.
 VHOST_IOCTL_NAMES: dict[int, str] = {v: k for k, v in dict(globals()).items()
