@@ -17,6 +17,9 @@
  * IOTLB_WALK_MAX maps) so maps inserted before the probes attached are
  * known too. HAVE_IOTLB_BTF 0: the kernel's BTF lacks struct vhost_iotlb
  * (no walk, no vq->iotlb). IOTLB_* / MAP_* offsets are BTF's.
+ *
+ * Over 600 lines: one BCC program (BCC compiles one text; the IOTLB part
+ * shares snap(), the maps and the pid filter), mostly attach-point stubs.
  */
 
 #define RD(dst, base, F)                                                        \
