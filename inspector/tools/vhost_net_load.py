@@ -214,12 +214,13 @@ class VhostNetDriver:
     negotiate VIRTIO_RING_F_EVENT_IDX (default off: vhost then signals every
     batch, which keeps call counts simple); ``iotlb``: run with vhost's
     device IOTLB (module docstring; ``.iotlb`` counts its messages,
-    ``.areas`` the IOVA areas). Raises VhostNetError (what ioctl, which
+    ``.areas`` the IOVA areas); ``iotlb_v2=False``: do not ask for v2
+    messages (vhost then speaks v1, ``struct vhost_msg``). Raises VhostNetError (what ioctl, which
     errno). A context manager; :meth:`close` frees every fd and the mapping.
     """
 
     def __init__(self, *, size: int = 256, tap: str = "vqs%d", event_idx: bool = False,
-                 mem_size: int | None = None, iotlb: bool = False):
+                 mem_size: int | None = None, iotlb: bool = False, iotlb_v2: bool = True):
         self.size = size
         self.vhost_fd = self.tap_fd = self.memfd = -1
         self.kick_fds: list[int] = []
@@ -238,6 +239,7 @@ class VhostNetDriver:
         self.areas: list[IovaArea] = []
         self._withheld: list[tuple[int, int]] = []   # IOVA ranges whose misses are not answered
         self._iotlb_v2 = False
+        self._want_v2 = iotlb_v2
         lay = split_layout(size, 4096)
         ring_bytes = -(-lay.total_size // 4096) * 4096
         self.mem_size = mem_size or 2 * ring_bytes + 2 * size * BUF_SIZE
@@ -384,7 +386,7 @@ class VhostNetDriver:
         bit = 1 << VHOST_BACKEND_F_IOTLB_MSG_V2
         try:
             offered = U64.unpack(fcntl.ioctl(self.vhost_fd, VHOST_GET_BACKEND_FEATURES, bytes(8)))[0]
-            if offered & bit:
+            if offered & bit and self._want_v2:
                 fcntl.ioctl(self.vhost_fd, VHOST_SET_BACKEND_FEATURES, U64.pack(bit))
                 self._iotlb_v2 = True
         except OSError:

@@ -173,3 +173,15 @@ def test_cli_snapshot_of_a_running_iotlb_load_walks_the_iotlb():
         kinds = {a["kind"] for a in q["anomalies"]}
         assert not kinds & {"iova_untranslated", "addr_out_of_range", "ring_unmapped"}, q["anomalies"]
         assert q["used_idx"] >= (6 if vr["name"] == "tx" else 5)
+
+
+def test_v1_messages_when_v2_is_not_asked_for():
+    """Without VHOST_SET_BACKEND_FEATURES(IOTLB_MSG_V2) vhost speaks v1
+    (struct vhost_msg: int type, the iotlb message at offset 8 too): the
+    driver reads its misses and answers in v1; frames still move both ways."""
+    with VhostNetDriver(size=16, iotlb=True, iotlb_v2=False) as drv:
+        drv.send(4)
+        drv.receive(3)
+        io = drv.iotlb
+        assert io.msg == "v1" and io.misses > 0 and io.answered == io.misses and io.unanswered == 0
+        assert drv.counters[VHOST_NET_VQ_TX].used == 4 and drv.counters[VHOST_NET_VQ_RX].used == 3
