@@ -45,14 +45,14 @@ import os
 import time
 
 from probes.attach import has_bpf_privilege
-from probes.iotlb import translation_ranges
 from probes.base import PrivilegeError
+from probes.iotlb import translation_ranges
 from probes.vhost_ioctl import VhostIoctlProbe
 from probes.vhost_net import VhostNetProbe
 
 from ..errors import InspectorError, RingError, SourceError, SourceGone
 from ..layout import avail_ring_size, desc_table_size, used_ring_size
-from ..memory.process import ProcessMemory, RamRange
+from ..memory.process import ProcessMemory, RamRange, ram_hva
 from ..ring.anomalies import Anomaly, AnomalyKind
 from ..ring.remote import snapshot_remote_split
 from ..snapshot.model import QueueEntry, Skipped, Snapshot
@@ -102,12 +102,20 @@ def iotlb_extras(mirror, ranges: list[tuple[int, int, int, int]], areas: list[tu
     ``ranges`` (after merging), ``source`` ("probe"), ``complete`` (False
     when the walk was truncated, maps were dropped or records lost),
     ``walked`` (the maps present before the probes attached were read) and
-    ``ring``: per area ``{"iova", "uaddr" (None: no map), "perm"}``."""
+    ``ring``: per area ``{"iova", "uaddr" (None: no map), "perm"}`` (the
+    access every map under the area grants; an area may span maps
+    contiguous in both spaces)."""
+    ram = iova_ranges(ranges)
     ring = {}
     for name, (iova, n) in zip(RING_AREAS, areas):
-        hit = next(((r[2] + iova - r[0], r[3]) for r in ranges if r[0] <= iova and iova + n <= r[0] + r[1]),
-                   (None, 0))
-        ring[name] = {"iova": iova, "uaddr": hit[0], "perm": VHOST_ACCESS_NAMES.get(hit[1])}
+        uaddr = ram_hva(ram, iova, n)
+        perm = 0
+        if uaddr is not None:
+            perm = 3
+            for r_iova, r_size, _u, r_perm in ranges:
+                if r_iova < iova + n and iova < r_iova + r_size:
+                    perm &= r_perm
+        ring[name] = {"iova": iova, "uaddr": uaddr, "perm": VHOST_ACCESS_NAMES.get(perm)}
     return {"entries": len(mirror) if mirror is not None else 0, "ranges": len(ranges), "source": "probe",
             "walked": bool(mirror is not None and mirror.walked),
             "complete": bool(mirror is not None and mirror.complete and not lost), "ring": ring}

@@ -239,3 +239,21 @@ def test_entry_with_a_ring_area_unmapped_is_said_untranslated_not_read(iova_ring
     e = _entry(ring, uva, None, avail_idx=1)
     assert [a.kind for a in e.anomalies] == [AnomalyKind.IOVA_UNTRANSLATED]
     assert "not read yet" in e.anomalies[0].detail and e.extras["iotlb"]["entries"] == 0
+
+
+def test_ring_area_across_maps_of_two_permissions_is_translated():
+    """An area spanning two maps contiguous in both spaces is translated
+    (one RamRange), its perm the access both grant."""
+    from inspector.sources.vhost_net import iotlb_extras
+
+    m = IotlbMirror()
+    m.add(0x1000, 0x1FFF, 0xA000, RO)
+    m.add(0x2000, 0x2FFF, 0xB000, RW)
+    ranges = translation_ranges(m.maps())
+    assert len(ranges) == 2
+    x = iotlb_extras(m, ranges, [(0x1F00, 0x200), (0x2100, 0x10), (0x2F00, 0x200)], 0)
+    assert x["ring"]["desc"] == {"iova": 0x1F00, "uaddr": 0xAF00, "perm": "ro"}
+    assert x["ring"]["avail"] == {"iova": 0x2100, "uaddr": 0xB100, "perm": "rw"}
+    assert x["ring"]["used"] == {"iova": 0x2F00, "uaddr": None, "perm": None}   # runs past the last map
+    assert (x["entries"], x["complete"], x["walked"]) == (2, True, False)
+    assert iotlb_extras(m, ranges, [], 3)["complete"] is False                      # records lost
