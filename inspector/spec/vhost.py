@@ -194,6 +194,16 @@ VHOST_IOTLB_MSG_V2 = 0x2
 VHOST_MSG_SIZE = 72
 VHOST_BACKEND_F_IOTLB_MSG_V2 = 0x1
 VHOST_BACKEND_F_IOTLB_BATCH = 0x2
+#: The header of struct vhost_msg (int type, 4 bytes of padding) and of
+#: struct vhost_msg_v2 (u32 type, u32 asid) before the iotlb message at offset 8.
+VHOST_MSG_HEADER = struct.Struct("<II")
+#: Kernel vhost-net turns its device IOTLB on when the owner acks
+#: VIRTIO_F_ACCESS_PLATFORM (bit 33, drivers/vhost/net.c
+#: vhost_net_set_features -> vhost_init_device_iotlb); VHOST_F_DEVICE_IOTLB
+#: (bit 63) is not in VHOST_NET_FEATURES and VHOST_SET_FEATURES refuses it
+#: (EOPNOTSUPP). The IOTLB is a cache: it holds what the owner sent
+#: (VHOST_IOTLB_UPDATE), the kernel asks for the rest (VHOST_IOTLB_MISS).
+VHOST_NET_IOTLB_FEATURE = 33
 
 #: ioctl request number -> name.
 VHOST_IOCTL_NAMES: dict[int, str] = {v: k for k, v in dict(globals()).items()
