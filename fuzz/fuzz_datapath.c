@@ -36,6 +36,13 @@
  *                  v % nregions, offset (v >> 2) % (room + 1), aligned down
  *  96  ops[24]: op = b & 15, arg = b >> 4 (see run_op)
  * 120  u32 inflight area mem_off
+ * 124  u8   IOTLB (VIRTIO_F_ACCESS_PLATFORM, vqd_iotlb.c) when bit 0 is set: both
+ *           vqs translate every buffer address through a table made of the
+ *           regions cut in pieces (bits 1-2: 4096, 256 or 16 bytes, or whole
+ *           regions), descriptor addresses being IOVAs equal to the gpas
+ * 125  u8   which pieces are mapped (piece k: bit k % 8; 0xff all): the rest miss
+ * 126  u8   each region's perm (2 bits; 0 reads as RW): refusals break the queue
+ *           (op 14 then invalidates a piece, instead of flushing)
  * 128  guest memory bytes (each region filled from mem_off, repeating)
  *
  * Checked beyond the sanitizers: every popped iovec lies inside one
@@ -58,6 +65,7 @@
 #include "vqd_evlog.h"
 #include "vqd_net.h"
 #include "vqd_inflight.h"
+#include "vqd_iotlb.h"
 #include "fuzz_input.h"
 
 #define DP_HDR_LEN 128
@@ -85,6 +93,8 @@ struct side {
 };
 
 struct ctx {
+    struct vqd_iotlb *iotlb;   /* NULL: guest-physical addresses */
+    uint64_t piece;            /* the IOTLB's piece size */
     struct vqd_region regions[4];
     int nregions;
     int hdr_len, mrg, packed;
@@ -275,13 +285,51 @@ static void run_op(uint8_t b)
         FUZZ_CHECK(vqd_vq_copy_iov(vq, sd->iov, sd->last_iov, buf, (uint64_t)got, 1) == got);
         break;
     }
-    default: /* 14, 15: flush */
+    case 14:
+        if (c.iotlb) { /* invalidate piece arg of region arg: takes effect before the next pop */
+            const struct vqd_region *r = &c.regions[arg % c.nregions];
+            uint64_t off = (uint64_t)arg * c.piece % (r->size ? r->size : 1);
+            FUZZ_CHECK(vqd_iotlb_invalidate(c.iotlb, r->gpa + off, r->gpa + off + c.piece - 1) >= 0
+                       || r->gpa + off + c.piece - 1 < r->gpa + off);
+            break;
+        }
+        /* fall through */
+    default: /* 15 (and 14 without an IOTLB): flush */
         rc = (c.packed ? vqd_pvq_flush : vqd_vq_flush)(vq);
         EXPECT_BROKEN(was, rc);
         break;
     }
     check_broken(&c.s[0].vq);
     check_broken(&c.s[1].vq);
+}
+
+/* Both vqs translate through an IOTLB of the regions cut in pieces (IOVA =
+ * gpa), the pieces in `mask` mapped with each region's perm from `perms`. */
+static void attach_iotlb(uint8_t mode, uint8_t mask, uint8_t perms)
+{
+    static const uint64_t pieces[4] = {4096, 256, 16, 0};
+    c.iotlb = vqd_iotlb_new(512);
+    FUZZ_CHECK(c.iotlb != NULL);
+    c.piece = pieces[(mode >> 1) & 3];
+    unsigned k = 0;
+    for (int i = 0; i < c.nregions; i++) {
+        const struct vqd_region *r = &c.regions[i];
+        uint64_t step = c.piece ? c.piece : r->size;
+        uint32_t perm = (perms >> (2 * i)) & 3;
+        for (uint64_t off = 0; step && off < r->size && k < 2048; off += step, k++) {
+            uint64_t len = r->size - off < step ? r->size - off : step;
+            if (mask != 0xff && !((mask >> (k & 7)) & 1))
+                continue;
+            int rc = vqd_iotlb_update(c.iotlb, r->gpa + off, len, r->gpa + off, r->host + off,
+                                      perm ? perm : VQD_ACCESS_RW, NULL);
+            /* regions may overlap in gpa (hostile input): the table refuses those */
+            FUZZ_CHECK(rc == VQD_IOTLB_ADDED || rc == VQD_IOTLB_SAME || rc == VQD_IOTLB_E_OVERLAP
+                       || rc == VQD_IOTLB_E_ARG);
+        }
+    }
+    if (!c.piece)
+        c.piece = 4096;
+    c.s[0].vq.iotlb = c.s[1].vq.iotlb = c.iotlb;
 }
 
 /* Host pointer to a ring area of `len` bytes, `align`-aligned, placed by v;
@@ -377,8 +425,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
             FUZZ_CHECK(rc == VQD_E_BROKEN || (rc >= 0 && (uint32_t)rc <= num));
             check_broken(&c.s[0].vq);
         }
+        if (HDR_U8(&h, 124) & 1)
+            attach_iotlb(HDR_U8(&h, 124), HDR_U8(&h, 125), HDR_U8(&h, 126));
         for (int k = 0; k < DP_OPS; k++)
             run_op(HDR_U8(&h, 96 + k));
+        if (c.iotlb) {
+            c.s[0].vq.iotlb = c.s[1].vq.iotlb = NULL;
+            vqd_iotlb_free(c.iotlb);
+            c.iotlb = NULL;
+        }
         /* FUZZ_PRINT=1: each vq's end state (tests/unit/test_fuzz_smoke.py
          * checks that the seeds move packets and break where they should) */
         static int print = -1;

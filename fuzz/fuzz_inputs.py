@@ -453,12 +453,14 @@ def op(code: int, arg: int = 0) -> int:
 
 
 def encode_datapath_input(ring_buf: bytes, data_buf: bytes, size: int, areas, *, flags: int = 0,
-                          last_avail=(0, 0), ops: bytes = b"", inflight: bytes = b"") -> bytes:
+                          last_avail=(0, 0), ops: bytes = b"", inflight: bytes = b"",
+                          iotlb: tuple[int, int, int] | None = None) -> bytes:
     """A fuzz_datapath.c input: region 0 is ``ring_buf`` at DP_RING_GPA,
     region 1 ``data_buf`` at DP_DATA_GPA; ``areas`` the (desc, avail, used)
     offsets in region 0 of vq 0 and vq 1; ``ops`` the script (at most 24);
     ``inflight`` the start of vq 0's inflight area (zeros after it; used
-    with flags bit 4)."""
+    with flags bit 4); ``iotlb`` the (mode, mask, perms) header bytes 124-126
+    that put both vqs behind an IOTLB (fuzz_datapath.c says what they mean)."""
     hdr = bytearray(DP_HDR_LEN)
     hdr[0] = _size_code(size)
     hdr[1] = flags
@@ -472,6 +474,8 @@ def encode_datapath_input(ring_buf: bytes, data_buf: bytes, size: int, areas, *,
         raise ValueError("at most 24 ops")
     hdr[96:96 + len(ops)] = ops
     struct.pack_into("<I", hdr, 120, len(ring_buf) + len(data_buf))  # inflight area: zeros after
+    if iotlb is not None:
+        hdr[124:127] = bytes(iotlb)
     return bytes(hdr + ring_buf + data_buf + inflight + bytes(64 + 16 * size))
 
 
@@ -490,7 +494,7 @@ def write_datapath_seeds(out: str | Path) -> int:
     traffic = bytes([op(6, 3), op(0, 2), op(1), op(0, 1), op(2, 1), op(3), op(3, 1), op(4, 2),
                      op(5), op(8, 3), op(7, 2), op(9, 2), op(0, 0), op(10), op(12), op(13), op(14)])
 
-    def build(hostile=None, indirect=False, flags=0):
+    def build(hostile=None, indirect=False, flags=0, iotlb=None):
         mem = GuestMemory()
         ring_buf, data_buf = bytearray(ring_len), bytearray(0x600)
         mem.add(DP_RING_GPA, ring_buf)
@@ -516,7 +520,7 @@ def write_datapath_seeds(out: str | Path) -> int:
             hostile(tx, heads)
         areas = [tx.desc_addr, tx.avail_addr, tx.used_addr, rx.desc_addr, rx.avail_addr, rx.used_addr]
         return encode_datapath_input(bytes(ring_buf), bytes(data_buf), size,
-                                     [a - DP_RING_GPA for a in areas], flags=flags, ops=traffic)
+                                     [a - DP_RING_GPA for a in areas], flags=flags, ops=traffic, iotlb=iotlb)
 
     seeds["traffic"] = build()
     seeds["traffic-event-idx-mrg-inflight"] = build(flags=1 | 2 | 4 | 8 | 16 | 64)
@@ -532,6 +536,12 @@ def write_datapath_seeds(out: str | Path) -> int:
     }
     for name, corrupt in hostile.items():
         seeds[name] = build(corrupt, flags=32 if name == "zero_len" else 0)
+    # behind an IOTLB (VIRTIO_F_ACCESS_PLATFORM): 256-byte pieces all mapped RW (traffic moves
+    # across piece boundaries); none mapped (every pop misses: nothing moves, nothing breaks);
+    # the data region read-only (RX buffers refused: RX breaks, TX goes on)
+    seeds["iotlb-traffic"] = build(iotlb=(1 | 1 << 1, 0xFF, 0))
+    seeds["iotlb-miss"] = build(iotlb=(1, 0x00, 0))
+    seeds["iotlb-write-ro"] = build(iotlb=(1 | 3 << 1, 0xFF, 3 | 1 << 2))
     for name, data in seeds.items():
         (out / f"seed-{name}").write_bytes(data)
     return len(seeds)

@@ -121,6 +121,14 @@ def test_datapath_seeds_move_packets_and_break_where_hostile(harnesses):
                "zero_len": "length 0", "indirect_bad_len": "length 24"}
     for name, reason in reasons.items():
         assert "broken=1" in runs[name] and reason in runs[name], (name, runs[name])
+    # behind an IOTLB: traffic through 256-byte pieces; all missing: nothing moves or breaks;
+    # RX buffers read-only: RX breaks on the refused write, TX goes on
+    rx = dict(re.findall(r"Running: \S+/seed-(\S+)\nvq0 .*\nvq1 (.*)\n", r.stderr))
+    assert re.match(r"packets=3 used_idx=3 broken=0", runs["iotlb-traffic"]), runs["iotlb-traffic"]
+    assert re.match(r"packets=0 used_idx=0 broken=0", runs["iotlb-miss"]), runs["iotlb-miss"]
+    assert re.match(r"packets=0 used_idx=0 broken=0", rx["iotlb-miss"]), rx["iotlb-miss"]
+    assert re.match(r"packets=3 used_idx=3 broken=0", runs["iotlb-write-ro"]), runs["iotlb-write-ro"]
+    assert "broken=1" in rx["iotlb-write-ro"] and "perm ro" in rx["iotlb-write-ro"], rx["iotlb-write-ro"]
 
 
 # --- the message fuzzer ---------------------------------------------------------
