@@ -20,6 +20,7 @@ from probes.cli import add_arguments as add_probe_arguments
 from probes.cli import probe_main
 from tui.render import snapshot_table
 from tui.render_blk import blk_summary
+from tui.render_iotlb import iotlb_summary
 
 from .errors import ArgumentError, InspectorError, SourceGone
 from .faults import BLK_FAULTS, FAULT_KINDS, NET_FAULTS, SPEC_FORMS, parse_fault
@@ -117,6 +118,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         console = Console(width=max(Console().width, 140))
         console.print(snapshot_table(snap))
         for line in filter(None, map(blk_summary, snap.queues)):   # block queues: their requests
+            console.print(line)
+        for line in filter(None, map(iotlb_summary, snap.queues)):   # behind an IOMMU: their IOVAs
             console.print(line)
     return 0
 

@@ -16,6 +16,7 @@ from ..render import features_text, labeled, role_text
 from ..render_blk import blk_stats
 from ..widgets.anomaly_table import AnomalyTable
 from ..widgets.blk_panel import BlkPanel
+from ..widgets.iotlb_panel import IotlbPanel
 from ..widgets.chain_table import ChainTable
 from ..widgets.latency_panel import LatencyPanel
 from ..widgets.queue_fields import QueueFields
@@ -36,7 +37,8 @@ class QueueScreen(LiveScreen):
     title (role, layout, size, features by name), the ring, the
     notification state in words, the verdict with its evidence, the rates of
     the last minute, latency histograms where the source has them, a block
-    queue's back-end counters (BlkPanel), every field, the in-flight chains
+    queue's back-end counters (BlkPanel), an IOVA-addressed queue's IOTLB
+    (IotlbPanel), every field, the in-flight chains
     (built for this queue only; a block queue's with their requests) and
     the anomalies."""
 
@@ -59,6 +61,7 @@ class QueueScreen(LiveScreen):
             yield RateSparklines(id="rates")
             yield LatencyPanel(id="latency")
             yield BlkPanel(id="blk", classes="panel")
+            yield IotlbPanel(id="iotlb", classes="panel")
             yield QueueFields()
         yield Static("in-flight chains (made available, not yet taken by the device)", classes="section")
         yield ChainTable(id="chains")
@@ -85,6 +88,7 @@ class QueueScreen(LiveScreen):
         self.query_one(RateSparklines).show(app.rates.get(self.queue, NO_RATES), app.history, self.queue)
         self.query_one(LatencyPanel).show(queue)
         self.query_one(BlkPanel).show(queue)
+        self.query_one(IotlbPanel).show(queue)
         self.query_one(QueueFields).show(queue)
         chains = queue.chains if queue else []
         # A block queue's chains with their requests (decoded, or the back-end counts them).
