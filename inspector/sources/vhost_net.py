@@ -304,18 +304,8 @@ class VhostNetSource(Source):
             return self._iova_entry(entry, st)
         mem_table = [(r.guest_phys_addr, r.memory_size, r.userspace_addr)
                      for r in dev.mem_table] if dev is not None and dev.mem_table else None
-        try:
-            dec = self._read_ring(st, mem_table)
-        except SourceGone:
-            raise
-        except (RingError, SourceError) as e:
-            self._check_alive()
-            entry.anomalies.append(Anomaly(AnomalyKind.RING_UNMAPPED, str(e)))
+        if not self._decode_into(entry, lambda: self._read_ring(st, mem_table)):
             return entry
-        # last_avail_idx None when the probe's value (vhost's last handler
-        # run) is older than the ring read (ring.remote); device_state keeps
-        # the probe's value.
-        entry.fill_from_ring(dec)
         if mem_table is None:
             entry.anomalies = [a for a in entry.anomalies if a.kind not in NEEDS_MEM_TABLE]
             entry.anomalies.append(Anomaly(AnomalyKind.MEM_TABLE_UNKNOWN,
@@ -341,18 +331,27 @@ class VhostNetSource(Source):
                 "vring " + ", ".join(f"{n} at IOVA {extras['ring'][n]['iova']:#x}" for n in missing)
                 + f": no map in vhost's device IOTLB ({extras['entries']} maps known{seen}); not read")))
             return entry
+        if self._decode_into(entry, lambda: snapshot_remote_split(self._pmem, iova_ranges(ranges), st.num, st.desc,
+                                                                  st.avail, st.used, st.last_avail_idx)):
+            entry.anomalies = untranslated(entry.anomalies)
+        return entry
+
+    def _decode_into(self, entry: QueueEntry, read) -> bool:
+        """Fill ``entry`` from ``read()`` (a decoded ring); False, with a
+        ``ring_unmapped`` anomaly, when the ring cannot be read (SourceGone
+        when the process went away). ``last_avail_idx`` becomes None when
+        the probe's value (vhost's last handler run) is older than the ring
+        read (ring.remote); ``device_state`` keeps the probe's value."""
         try:
-            dec = snapshot_remote_split(self._pmem, iova_ranges(ranges), st.num, st.desc, st.avail, st.used,
-                                        st.last_avail_idx)
+            dec = read()
         except SourceGone:
             raise
         except (RingError, SourceError) as e:
             self._check_alive()
             entry.anomalies.append(Anomaly(AnomalyKind.RING_UNMAPPED, str(e)))
-            return entry
+            return False
         entry.fill_from_ring(dec)
-        entry.anomalies = untranslated(entry.anomalies)
-        return entry
+        return True
 
     def _read_ring(self, st, mem_table):
         """Decode the vring at ``st``'s user addresses. With the memory
