@@ -1,0 +1,256 @@
+"""``vqscope serve`` behind a virtual IOMMU (issue 17): VIRTIO_F_ACCESS_PLATFORM,
+VHOST_USER_IOTLB_MSG and misses on the back-end channel, against the
+built-in front-end's IOMMU mode (inspector/vhost_user/frontend_iommu.py:
+rings and buffers given as IOVAs from windows far from both gpa and uva,
+misses answered with UPDATEs by policy). Real sockets, memfds and
+processes: the back-end runs as ``python -m inspector serve``.
+
+Hostile IOTLB messages and their one log line each: test_iotlb_hostile.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+
+from inspector.spec.vhost import VHOST_ACCESS_RO, VHOST_ACCESS_RW, VHOST_ACCESS_WO
+from inspector.spec.virtio import (VIRTIO_BLK_S_OK, VIRTIO_BLK_SECTOR_SIZE, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+                                   VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, has_feature)
+from inspector.vhost_user.blk_frontend import BlkFrontend
+from inspector.vhost_user.frontend import VhostUserFrontend
+from inspector.vhost_user.frontend_iommu import (IOTLB_PAGE, IOVA_RING_BASE, IOVA_RO_BASE, IOVA_WO_BASE,
+                                                 IotlbPolicy)
+
+from tests.support.blk import VqscopeBlk
+from tests.support.iotlb import Introspect, anomalies, collect, echoed, exchange, frame
+from tests.support.peers import VqscopeNet, socket_dir
+
+QSIZE = 64
+MEM = 1 << 20
+
+
+@pytest.fixture
+def net():
+    """``serve net --loopback --queues 2`` on a private socket: (back-end,
+    socket path, introspection)."""
+    d = socket_dir()
+    sock = os.path.join(d, "vu.sock")
+    try:
+        with VqscopeNet(sock, queues=2) as be:
+            look = Introspect(sock)
+            try:
+                yield be, sock, look
+            finally:
+                look.close()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def net_fe(sock: str, *, pairs: int = 1, packed: bool = False, policy: IotlbPolicy | None = None,
+           **kw) -> VhostUserFrontend:
+    return VhostUserFrontend(sock, queue_pairs=pairs, queue_size=QSIZE, mem_size=MEM, packed=packed,
+                             iommu=True, iotlb_policy=policy, timeout=10, **kw)
+
+
+def ring_iovas(fe, vring: int) -> dict[str, int]:
+    """The IOVAs the front-end gave SET_VRING_ADDR for ``vring``, by its
+    fields (desc, used, avail; packed: desc, device event, driver event)."""
+    ring = fe.queues[vring].ring
+    if fe.packed:
+        areas = (ring.desc_addr, ring.device_event_addr, ring.driver_event_addr)
+    else:
+        areas = (ring.desc_addr, ring.used_addr, ring.avail_addr)
+    return dict(zip(("desc", "used", "avail"), (IOVA_RING_BASE + a for a in areas)))
+
+
+def drain_tx(fe, pair: int, timeout: float) -> bool:
+    """Reclaim ``pair``'s TX buffers (answering misses) until all are
+    back or ``timeout`` s pass; whether all came back."""
+    deadline = time.monotonic() + timeout
+    while fe.tx(pair).ring.num_free < QSIZE and time.monotonic() < deadline:
+        fe.wait_call(pair, 0.05, "tx")
+        fe.poll_tx_done(pair)
+    return fe.tx(pair).ring.num_free == QSIZE
+
+
+# --- frames move through the IOTLB -------------------------------------------
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_net_loopback_through_the_iotlb(net, packed):
+    be, sock, look = net
+    with net_fe(sock, packed=packed) as fe:
+        assert has_feature(fe.features, VIRTIO_F_ACCESS_PLATFORM)
+        assert fe.packed == packed and has_feature(fe.features, VIRTIO_F_RING_PACKED) == packed
+        frames = [frame(i) for i in range(24)]
+        got = exchange(fe, 0, frames)
+        assert got == [echoed(f) for f in frames], be.tail()
+        # Misses were sent and answered: rings (RW window) and both kinds of buffer.
+        assert fe.iotlb_misses_seen > 0 and fe.iotlb_updates_sent > 0, be.tail()
+        assert fe.iotlb_updates_rejected == 0 and fe.iotlb_misses_ignored == 0
+        windows = {fe.iova_window(m.iova)[0] for m in fe.missed()}
+        assert windows == {IOVA_RING_BASE, IOVA_RO_BASE, IOVA_WO_BASE}, fe.missed()
+        assert all(m.ack == 0 for m in fe.missed())
+        # Post buffers the device has not used, so RX shows chains of IOVAs.
+        fe.post_rx_buffers(0, 4)
+        snap = be.snapshot()   # through the CLI: vqscope snapshot --connect SOCK --json
+        qs = {q["index"]: q for q in snap["queues"]}
+        for vring in (0, 1):
+            q = qs[vring]
+            iotlb = q["iotlb"]
+            assert iotlb["misses"] > 0 and iotlb["updates"] > 0 and iotlb["entries"] > 0, iotlb
+            assert iotlb["rejected"] == 0 and iotlb["miss"] is None, iotlb
+            for name, iova in ring_iovas(fe, vring).items():
+                gpa = iova - IOVA_RING_BASE
+                assert iotlb["ring"][name] == {"iova": iova, "uaddr": fe.uva + gpa, "gpa": gpa}, (name, iotlb)
+            assert not anomalies(q, "addr_out_of_range"), q["anomalies"]
+            assert not anomalies(q, "queue_broken"), q["anomalies"]
+        # The device's own counters: the sum over both vrings of what it asked for.
+        assert sum(qs[v]["iotlb"]["misses"] for v in (0, 1)) >= len({m.iova for m in fe.missed()}) > 0
+        rx_chains = qs[0]["chains"]
+        assert len(rx_chains) == 4, rx_chains
+        for c in rx_chains:
+            for d in c["descs"]:   # the IOVAs the driver wrote, decoded through the IOTLB
+                assert IOVA_WO_BASE <= d["addr"] < IOVA_WO_BASE + MEM, d
+
+
+def test_blk_writes_and_reads_through_the_iotlb(tmp_path):
+    d = socket_dir()
+    img, sock = str(tmp_path / "img"), os.path.join(d, "vu.sock")
+    with open(img, "wb") as f:
+        f.truncate(4 << 20)
+    try:
+        with VqscopeBlk(sock, img) as be, BlkFrontend(sock, mem_size=4 << 20, iommu=True, timeout=10) as fe:
+            assert has_feature(fe.features, VIRTIO_F_ACCESS_PLATFORM)
+            blocks = {8 * i: os.urandom(4096 * (1 + i % 3)) for i in range(6)}   # up to 3 pages: several entries
+            for sector, data in blocks.items():
+                c = fe.request(0, VIRTIO_BLK_T_OUT, sector, data, timeout=10)
+                assert c.status == VIRTIO_BLK_S_OK, (c, be.tail())
+            for sector, data in blocks.items():
+                c = fe.request(0, VIRTIO_BLK_T_IN, sector, in_len=len(data), timeout=10)
+                assert (c.status, c.data) == (VIRTIO_BLK_S_OK, data), be.tail()
+            assert fe.iotlb_misses_seen > 0 and fe.iotlb_updates_rejected == 0
+            perms = {m.answer[3] for m in fe.missed() if m.answer}
+            assert {VHOST_ACCESS_RO, VHOST_ACCESS_WO, VHOST_ACCESS_RW} <= perms, fe.missed()
+            iotlb = Introspect(sock).iotlb(0)
+            assert iotlb["misses"] > 0 and iotlb["updates"] >= 1 and iotlb["rejected"] == 0, iotlb
+        with open(img, "rb") as f:
+            for sector, data in blocks.items():
+                f.seek(sector * VIRTIO_BLK_SECTOR_SIZE)
+                assert f.read(len(data)) == data
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_whole_window_answers_need_one_miss_per_window(net):
+    """granularity "all": one UPDATE maps a window, so a second batch of
+    frames through the same windows misses no more."""
+    be, sock, look = net
+    with net_fe(sock, policy=IotlbPolicy(granularity="all")) as fe:
+        assert len(exchange(fe, 0, [frame(i) for i in range(8)])) == 8, be.tail()
+        seen = fe.iotlb_misses_seen
+        assert 0 < seen <= 6, fe.missed()   # about one per window (two vrings may ask at once)
+        assert len(exchange(fe, 0, [frame(i) for i in range(8, 40)])) == 32, be.tail()
+        assert fe.iotlb_misses_seen == seen, fe.missed()[seen:]
+
+
+# --- a front-end that does not answer --------------------------------------------
+
+def test_unanswered_miss_stalls_only_its_queue_until_answered(net):
+    be, sock, look = net
+    policy = IotlbPolicy(silent={3})          # pair 1's TX vring: its misses go unanswered
+    with net_fe(sock, pairs=2, policy=policy) as fe:
+        fe.post_rx_buffers(1, 8)
+        assert fe.send_frames(1, [frame(100 + i) for i in range(8)]) == 8
+        # Pair 0 keeps moving meanwhile, more than once.
+        for rnd in range(3):
+            frames = [frame(10 * rnd + i) for i in range(8)]
+            assert exchange(fe, 0, frames) == [echoed(f) for f in frames], be.tail()
+        assert collect(fe, 1, 8, 0.5) == []
+        qs = look.wait(lambda qs: qs[3]["iotlb"]["miss"] and qs[3]["iotlb"]["miss"]["waiting_s"] > 1.2
+                       and anomalies(qs[3], "iotlb_miss_unanswered"), timeout=10, serve=fe)
+        miss = qs[3]["iotlb"]["miss"]
+        assert miss and miss["perm"] in ("ro", "rw") and miss["waiting_s"] > 1.2, qs[3]["iotlb"]
+        assert any(m.iova == miss["iova"] for m in fe.missed(3)), (miss, fe.missed(3))
+        assert anomalies(qs[3], "iotlb_miss_unanswered"), qs[3]["anomalies"]
+        assert not anomalies(qs[1], "iotlb_miss_unanswered") and qs[1]["iotlb"]["miss"] is None
+        assert qs[3]["packets"] == 0 and not anomalies(qs[3], "queue_broken"), qs[3]
+        # Re-sent, but at most once a second per miss.
+        ignored = fe.missed(3)
+        span = ignored[-1].time - ignored[0].time
+        assert len(ignored) <= span + 1 + len({m.iova for m in ignored}), ignored
+        # Answer now: pair 1 continues and its frames come back.
+        policy.silent.clear()
+        got = collect(fe, 1, 8, 15)
+        assert got == [echoed(frame(100 + i)) for i in range(8)], be.tail()
+        qs = look.wait(lambda qs: qs[3]["iotlb"]["miss"] is None, timeout=5, serve=fe)
+        assert qs[3]["iotlb"]["miss"] is None and not anomalies(qs[3], "iotlb_miss_unanswered"), qs[3]
+
+
+# --- invalidation ----------------------------------------------------------------
+
+def test_invalidated_buffer_page_misses_again_before_it_moves(net):
+    be, sock, look = net
+    with net_fe(sock) as fe:
+        fe.post_rx_buffers(0, 2)
+        assert fe.send_frames(0, [frame(0)]) == 1
+        [slot] = fe.tx(0).slots.values()
+        assert collect(fe, 0, 1, 15) == [echoed(frame(0))], be.tail()
+        fe.free_slots.remove(slot)
+        fe.free_slots.append(slot)                    # the next TX frame takes the same slot
+        iova = fe.dma_addr(fe._slot_gpa(slot), False)
+        assert any(m.answer and m.answer[0] == iova for m in fe.missed()), (hex(iova), fe.missed())
+        before = look.iotlb(1)
+        assert fe.iotlb_invalidate(iova, IOTLB_PAGE) == 0
+        after = look.iotlb(1)
+        assert after["invalidations"] == before["invalidations"] + 1, (before, after)
+        assert after["entries"] < before["entries"], (before, after)
+        seen = [m for m in fe.missed() if m.iova // IOTLB_PAGE == iova // IOTLB_PAGE]
+        assert exchange(fe, 0, [frame(1)], post=False) == [echoed(frame(1))], be.tail()
+        again = [m for m in fe.missed() if m.iova // IOTLB_PAGE == iova // IOTLB_PAGE]
+        assert len(again) == len(seen) + 1 and again[-1].perm == VHOST_ACCESS_RO, again
+        assert look.iotlb(1)["misses"] > before["misses"]
+
+
+def test_invalidated_ring_is_translated_again(net):
+    be, sock, look = net
+    with net_fe(sock) as fe:
+        assert len(exchange(fe, 0, [frame(0)])) == 1, be.tail()
+        desc = ring_iovas(fe, 1)["desc"]
+        assert fe.iotlb_invalidate(desc, IOTLB_PAGE) == 0
+        n = len([m for m in fe.missed() if m.iova // IOTLB_PAGE == desc // IOTLB_PAGE])
+        assert exchange(fe, 0, [frame(1)]) == [echoed(frame(1))], be.tail()
+        ring_misses = [m for m in fe.missed() if m.iova // IOTLB_PAGE == desc // IOTLB_PAGE]
+        assert len(ring_misses) == n + 1, ring_misses
+
+
+# --- permissions -----------------------------------------------------------------
+
+def test_device_write_through_a_read_only_mapping_breaks_only_that_queue(net):
+    be, sock, look = net
+    with net_fe(sock, pairs=2, policy=IotlbPolicy(buffer_perm={0: VHOST_ACCESS_RO})) as fe:
+        pattern = b"\xa5" * 2048
+        posted = fe.free_slots[-4:]
+        for slot in posted:
+            fe.mem.view(fe._slot_gpa(slot), 2048)[:] = pattern
+        assert fe.post_rx_buffers(0, 4) == 4
+        assert fe.send_frames(0, [frame(i) for i in range(4)]) == 4
+        qs = look.wait(lambda qs: anomalies(qs[0], "queue_broken"), timeout=10, serve=fe)
+        broken = anomalies(qs[0], "queue_broken")
+        assert broken, (qs[0], be.tail())
+        rx_iovas = {fe.dma_addr(fe._slot_gpa(s), True) for s in posted}
+        assert any(f"{i:#x}" in broken[0]["detail"] for i in rx_iovas), (broken, [hex(i) for i in rx_iovas])
+        assert "wo" in broken[0]["detail"].lower() or "write" in broken[0]["detail"].lower(), broken
+        for slot in posted:                              # not a byte written into the RX buffers
+            assert fe.mem.read(fe._slot_gpa(slot), 2048) == pattern
+        assert fe.recv_frames(0) == []
+        # TX 0 is not broken and gave its buffers back; the other pair moves.
+        assert drain_tx(fe, 0, 10), be.tail()
+        frames = [frame(50 + i) for i in range(8)]
+        assert exchange(fe, 1, frames) == [echoed(f) for f in frames], be.tail()
+        qs = look.queues()
+        for v in (1, 2, 3):
+            assert not anomalies(qs[v], "queue_broken"), qs[v]
+        assert be.peer.alive()
