@@ -254,3 +254,38 @@ def test_device_write_through_a_read_only_mapping_breaks_only_that_queue(net):
         for v in (1, 2, 3):
             assert not anomalies(qs[v], "queue_broken"), qs[v]
         assert be.peer.alive()
+
+
+def test_blk_in_through_a_read_only_mapping_breaks_only_that_requestq(tmp_path):
+    """IN data mapped read-only on requestq 0: the device must not write it
+    (nor the status after it); requestq 1 goes on."""
+    d = socket_dir()
+    img, sock = str(tmp_path / "img"), os.path.join(d, "vu.sock")
+    data = os.urandom(8192)
+    with open(img, "wb") as f:
+        f.truncate(4 << 20)
+        f.seek(0)
+        f.write(data)
+    try:
+        with VqscopeBlk(sock, img, queues=2) as be, \
+                BlkFrontend(sock, num_queues=2, mem_size=4 << 20, iommu=True, timeout=10,
+                            iotlb_policy=IotlbPolicy(buffer_perm={0: VHOST_ACCESS_RO})) as fe:
+            slot = fe.free_slots[-1]
+            base = fe._slot_gpa(slot)
+            fe.mem.view(base, fe.slot_size)[:] = b"\x5a" * fe.slot_size
+            head = fe.submit(0, VIRTIO_BLK_T_IN, 0, in_len=len(data))
+            look = Introspect(sock)
+            qs = look.wait(lambda qs: anomalies(qs[0], "queue_broken"), timeout=10, serve=fe)
+            broken = anomalies(qs[0], "queue_broken")
+            assert broken, (qs[0], be.tail())
+            data_iova = fe.dma_addr(base + BlkFrontend.DATA_OFFSET, True)
+            assert f"{data_iova:#x}" in broken[0]["detail"], (hex(data_iova), broken)
+            assert fe.complete(0, timeout=0.5) == [] and fe.in_flight(0) == [head]
+            assert fe.mem.read(base + BlkFrontend.DATA_OFFSET, len(data)) == b"\x5a" * len(data)
+            assert fe.mem.read(base + 16, 1) == b"\xff"            # the status byte: never written
+            c = fe.request(1, VIRTIO_BLK_T_IN, 0, in_len=len(data), timeout=10)
+            assert (c.status, c.data) == (VIRTIO_BLK_S_OK, data), be.tail()
+            assert not anomalies(look.queue(1), "queue_broken")
+            look.close()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
