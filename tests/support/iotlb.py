@@ -101,3 +101,18 @@ def new_lines(peer, start: int) -> list[str]:
     """The complete lines ``peer`` printed after offset ``start`` of its output."""
     text = peer.output[start:]
     return [line for line in text.split("\n")[:-1] if line.strip()]
+
+
+def premap(fe) -> None:
+    """Map all of the front-end's IOVA windows up front (the misses its
+    vrings sent before are read and left unanswered, so that no page answer
+    overlaps the windows' entries): frames then move without a miss, for
+    tests about something else than misses."""
+    answer = fe.iotlb_policy.answer
+    fe.iotlb_policy.answer = False
+    try:
+        fe.serve_misses(0.2)
+        fe.premap()
+        fe.serve_misses(0.2)    # misses the vrings sent while the UPDATEs arrived
+    finally:
+        fe.iotlb_policy.answer = answer

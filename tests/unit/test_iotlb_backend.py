@@ -124,7 +124,7 @@ def test_blk_writes_and_reads_through_the_iotlb(tmp_path):
     try:
         with VqscopeBlk(sock, img) as be, BlkFrontend(sock, mem_size=4 << 20, iommu=True, timeout=10) as fe:
             assert has_feature(fe.features, VIRTIO_F_ACCESS_PLATFORM)
-            blocks = {8 * i: os.urandom(4096 * (1 + i % 3)) for i in range(6)}   # up to 3 pages: several entries
+            blocks = {32 * i: os.urandom(4096 * (1 + i % 3)) for i in range(6)}   # up to 3 pages: several entries
             for sector, data in blocks.items():
                 c = fe.request(0, VIRTIO_BLK_T_OUT, sector, data, timeout=10)
                 assert c.status == VIRTIO_BLK_S_OK, (c, be.tail())
@@ -289,3 +289,44 @@ def test_blk_in_through_a_read_only_mapping_breaks_only_that_requestq(tmp_path):
             look.close()
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_ring_areas_mapped_as_the_device_uses_them(net, packed):
+    """Each ring area mapped with only the access the device needs there:
+    a split ring's desc and avail read-only and its used ring write-only
+    moves frames; a packed descriptor ring mapped read-only cannot, since
+    the device writes used descriptors back into it (VIRTIO 1.2 §2.8.6):
+    the vring does not move and not a byte of that ring is written."""
+    be, sock, look = net
+    policy = IotlbPolicy(answer=False)
+    with net_fe(sock, packed=packed, policy=policy) as fe:
+        fe.serve_misses(0.3)                   # the rings' first misses: left unanswered
+        for vring in (0, 1):
+            ring = fe.queues[vring].ring
+            if packed:   # desc | driver event (device reads) | device event (device writes)
+                areas = [(ring.desc_addr, ring.driver_event_addr - ring.desc_addr, VHOST_ACCESS_RO),
+                         (ring.driver_event_addr, 4, VHOST_ACCESS_RO), (ring.device_event_addr, 4, VHOST_ACCESS_WO)]
+            else:        # desc | avail (device reads) ... used (device writes)
+                areas = [(ring.desc_addr, ring.used_addr - ring.desc_addr, VHOST_ACCESS_RO),
+                         (ring.used_addr, ring.layout.total_size - ring.layout.used_offset, VHOST_ACCESS_WO)]
+            for gpa, size, perm in areas:
+                assert fe.iotlb_update(IOVA_RING_BASE + gpa, size, fe.uva + gpa, perm) == 0, be.tail()
+        fe.serve_misses(0.3)                   # and those sent while the UPDATEs arrived
+        policy.answer = True                   # buffers as the driver maps them
+        frames = [frame(i) for i in range(8)]
+        assert fe.post_rx_buffers(0, 8) == 8 and fe.send_frames(0, frames) == 8
+        tx_desc = fe.tx(0).ring.desc_addr
+        written = bytes(fe.mem.read(tx_desc, 16 * QSIZE))   # the driver's descriptors, as published
+        got = collect(fe, 0, 8, 3 if packed else 15)
+        if not packed:
+            assert got == [echoed(f) for f in frames], be.tail()
+            for vring in (0, 1):
+                assert not anomalies(look.queue(vring), "queue_broken")
+            return
+        assert got == [], be.tail()
+        assert fe.tx(0).ring.num_free == QSIZE - 8, "the device used TX descriptors through a read-only ring"
+        assert bytes(fe.mem.read(tx_desc, 16 * QSIZE)) == written, "the device wrote a read-only ring"
+        q = look.queue(1)
+        assert anomalies(q, "queue_broken") or q["iotlb"]["miss"], (q, be.tail())

@@ -26,7 +26,7 @@ from inspector.vhost_user.frontend import VhostUserFrontend
 from inspector.vhost_user.frontend_iommu import IOTLB_PAGE, iotlb_payload
 
 from tests.conftest import wait_for
-from tests.support.iotlb import Introspect, echoed, exchange, fd_count, frame, new_lines
+from tests.support.iotlb import Introspect, echoed, exchange, fd_count, frame, new_lines, premap
 from tests.support.peers import VqscopeNet, socket_dir
 
 MEM = 1 << 20
@@ -52,11 +52,12 @@ def serve():
 
 @pytest.fixture
 def conn(serve):
-    """A front-end behind the IOMMU whose frames already moved (so the
-    IOTLB holds entries): (back-end, front-end, introspection)."""
+    """A front-end behind the IOMMU, its windows mapped up front, whose
+    frames already moved: (back-end, front-end, introspection)."""
     be, sock, look = serve
     with VhostUserFrontend(sock, queue_pairs=1, queue_size=64, mem_size=MEM, packed=False, iommu=True,
                            timeout=10) as fe:
+        premap(fe)
         assert exchange(fe, 0, [frame(i) for i in range(4)]) == [echoed(frame(i)) for i in range(4)], be.tail()
         # A known entry of our own at FRESH (for the overlap cases).
         assert fe.iotlb_update(FRESH, 2 * IOTLB_PAGE, fe.uva, VHOST_ACCESS_RO) == 0, be.tail()
@@ -180,6 +181,7 @@ def test_iotlb_msg_with_an_fd_leaves_no_fd_behind(serve):
     pid = be.peer.proc.pid
     with VhostUserFrontend(sock, queue_pairs=1, queue_size=64, mem_size=MEM, packed=False, iommu=True,
                            timeout=10) as fe:
+        premap(fe)
         assert exchange(fe, 0, [frame(0)]) == [echoed(frame(0))], be.tail()
         base = fd_count(pid)
         extra = os.memfd_create("vqscope-iotlb-extra")
@@ -197,6 +199,7 @@ def test_iotlb_msg_with_an_fd_leaves_no_fd_behind(serve):
             assert wait_for(lambda: fd_count(pid) == base, 5), be.tail()
     with VhostUserFrontend(sock, queue_pairs=1, queue_size=64, mem_size=MEM, packed=False, iommu=True,
                            timeout=10) as fe:
+        premap(fe)
         assert exchange(fe, 0, [frame(1)]) == [echoed(frame(1))], be.tail()
 
 
