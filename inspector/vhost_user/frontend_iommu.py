@@ -231,22 +231,51 @@ class IommuFrontend:
         if perm not in VHOST_ACCESS_NAMES:
             raise ProtocolError(f"BACKEND_IOTLB_MSG: perm={perm} of the miss at {iova:#x} is not RO/WO/RW")
         self.iotlb_misses_seen += 1
-        where = self.iova_window(iova)
-        vring = None
-        answer = None
-        if where is not None:
-            base, gpa = where
-            vring, area_gpa, area_size = self._owner(gpa, base)
-            answer = self._choose(iova, perm, base, gpa, vring, area_gpa, area_size)
-        ack = None
+        vring, answer = self._plan(iova, perm)
+        miss = IotlbMiss(iova, perm, vring, None, None, time.monotonic())
         if answer is None:
             self.iotlb_misses_ignored += 1
         else:
-            ack = self.iotlb_update(*answer)
-            self.iotlb_updates_sent += 1
-            if ack:
-                self.iotlb_updates_rejected += 1
-        self.iotlb_misses.append(IotlbMiss(iova, perm, vring, answer, ack, time.monotonic()))
+            self._send_answer(miss, answer)
+        self.iotlb_misses.append(miss)
+
+    def _plan(self, iova: int, perm: int) -> tuple[int | None, tuple[int, int, int, int] | None]:
+        """(owner vring, the UPDATE to answer with or None) for a miss."""
+        where = self.iova_window(iova)
+        if where is None:
+            return None, None
+        base, gpa = where
+        vring, area_gpa, area_size = self._owner(gpa, base)
+        return vring, self._choose(iova, perm, base, gpa, vring, area_gpa, area_size)
+
+    def _send_answer(self, miss: IotlbMiss, answer: tuple[int, int, int, int]) -> None:
+        miss.answer = answer
+        miss.ack = self.iotlb_update(*answer)
+        self.iotlb_updates_sent += 1
+        if miss.ack:
+            self.iotlb_updates_rejected += 1
+
+    def answer_missed(self, vring: int | None = None) -> int:
+        """Answer now, as ``iotlb_policy`` says now, the misses kept that
+        went unanswered (of ``vring`` only, if given): one UPDATE per page
+        and access, whether or not the back-end asks again. Returns how many
+        UPDATEs were sent."""
+        done: set[tuple[int, int]] = set()
+        sent = 0
+        for m in list(self.iotlb_misses):
+            if m.answer is not None or (vring is not None and m.vring != vring):
+                continue
+            key = (m.iova // IOTLB_PAGE, m.perm)
+            _, answer = self._plan(m.iova, m.perm)
+            if answer is None:
+                continue
+            if key in done:
+                m.answer, m.ack = answer, 0   # covered by the UPDATE just sent
+                continue
+            done.add(key)
+            self._send_answer(m, answer)
+            sent += 1
+        return sent
 
     def _choose(self, iova, perm, base, gpa, vring, area_gpa, area_size):
         """The (iova, size, uaddr, perm) to answer a miss with, or None."""

@@ -126,6 +126,16 @@ def test_a_miss_is_answered_with_an_update_on_the_front_end_channel(fe):
         assert [(m.vring, m.ack) for m in f.missed()] == [(0, 0), (None, None)]
         # The other message waits for its reader.
         assert f.recv_backend_request(0.1).request == BackendRequest.CONFIG_CHANGE_MSG
+        # Left unanswered, then answered later: one UPDATE for the page, both misses covered.
+        f.iotlb_policy = IotlbPolicy(answer=False)
+        for _ in range(2):
+            t.send_message(theirs, BackendRequest.IOTLB_MSG, _miss(ring_iova + 8, VHOST_ACCESS_RO))
+        assert f.serve_misses(1.0) == 2 and f.iotlb_misses_ignored == 3
+        f.iotlb_policy = IotlbPolicy()
+        t.send_message(peer, Request.IOTLB_MSG, struct.pack("<Q", 0), flags=VERSION | FLAG_REPLY)
+        assert f.answer_missed(0) == 1
+        assert VHOST_IOTLB_MSG_STRUCT.unpack(t.recv_message(peer).payload)[0] == IOVA_RING_BASE + f.ring_base[0]
+        assert [m.ack for m in f.missed(0)] == [0, 0, 0] and f.iotlb_updates_sent == 2
         # A malformed miss is the back-end's protocol error.
         t.send_message(theirs, BackendRequest.IOTLB_MSG, _miss(ring_iova, VHOST_ACCESS_RO)[:30])
         with pytest.raises(ProtocolError, match="30 bytes"):
