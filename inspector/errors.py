@@ -13,6 +13,8 @@ them are listed here too, so that this is the whole tree::
     ├── ProtocolError                      a vhost-user message breaking the spec
     │   └── vhost_user.protocol.ProtocolViolation   ... naming request, field, value
     ├── RequestRefused                     a request the back-end did not carry out (REPLY_ACK != 0)
+    ├── datapath.iotlb.IotlbRejected       an IOTLB UPDATE/INVALIDATE refused (field, value, why)
+    ├── datapath.iotlb.IotlbMiss           an IOVA range with no IOTLB translation (yet)
     ├── vhost_user.proxy_link.LinkClosed   a peer of `vqscope proxy` hung up or failed (link closed)
     ├── DeviceError                        a device asked for what it does not have
     ├── SnapshotFormatError                a Snapshot JSON object that breaks the contract

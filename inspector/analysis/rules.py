@@ -46,7 +46,8 @@ HARD_BROKEN = frozenset({AnomalyKind.QUEUE_BROKEN, AnomalyKind.DEVICE_BROKEN})
 #: disagrees with QEMU's RAM map, a memory table set before the probes).
 NOT_BROKEN = frozenset({AnomalyKind.ZERO_LEN, AnomalyKind.TRUNCATED, AnomalyKind.INDIRECT_NOT_READ,
                         AnomalyKind.LAYOUT_UNSUPPORTED, AnomalyKind.ADDRESS_MISMATCH,
-                        AnomalyKind.MEM_TABLE_UNKNOWN, AnomalyKind.IOVA_UNTRANSLATED})
+                        AnomalyKind.MEM_TABLE_UNKNOWN, AnomalyKind.IOVA_UNTRANSLATED,
+                        AnomalyKind.IOTLB_MISS_UNANSWERED})
 
 
 class Terms:

@@ -894,6 +894,17 @@ static int pass(struct vqd_blk_queue *q)
     return work;
 }
 
+/* One pass under the vq's IOTLB read lock and the SIGBUS guard (a fault
+ * breaks the queue). In a function of its own: the sigsetjmp clobbers no
+ * caller's locals. */
+static int guarded_pass(struct vqd_blk_queue *q)
+{
+    struct vqd_vq *vq = q->vq;
+    int rc;
+    VQD_VQ_GUARDED(vq, rc, pass(q), rc = vqd_fault_broken(vq));
+    return rc;
+}
+
 static int64_t now_ms(void)
 {
     struct timespec ts;
@@ -982,11 +993,13 @@ int vqd_blk_run(struct vqd_blk_queue *q, int wake_fd, int timeout_ms)
         return 0;
     for (;;) {
         int rc;
-        VQD_GUARDED(rc, pass(q), rc = vqd_fault_broken(vq));
+        rc = guarded_pass(q);
         if (q->uring && io_uring_sq_ready(&q->ring))
             io_uring_submit(&q->ring);
         if (vq->broken || q->wake_seen)
             break;
+        if (UNLIKELY(vq->miss_new))
+            break;   /* an IOTLB miss: the worker asks the front-end and waits for the update */
         int left = -1;
         if (deadline >= 0) {
             int64_t l = deadline - now_ms();
@@ -1050,7 +1063,7 @@ int vqd_blk_drain(struct vqd_blk_queue *q, int complete)
             slot_free(q, s);
         }
     } else {
-        VQD_GUARDED(rc, pass(q), rc = vqd_fault_broken(vq));   /* starts the held ones */
+        rc = guarded_pass(q);   /* starts the held ones */
     }
     while (q->uring && q->ops) {
         struct io_uring_cqe *cqe;
@@ -1058,7 +1071,7 @@ int vqd_blk_drain(struct vqd_blk_queue *q, int complete)
         if (io_uring_wait_cqe(&q->ring, &cqe) < 0)
             break;
         if (complete && !vq->broken) {
-            VQD_GUARDED(rc, pass(q), rc = vqd_fault_broken(vq));
+            rc = guarded_pass(q);
             continue;
         }
         unsigned head, n = 0;

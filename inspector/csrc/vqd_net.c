@@ -284,10 +284,12 @@ static inline void prefetch_w(const void *p)
  * one miss after another. A hint only: nothing is consumed or checked here
  * (pop does that); it stops at the first chain that is not a lone direct
  * descriptor, and maps addresses through the region table like pop. */
-static inline void prefetch_buf(const struct vqd_vq *vq, uint64_t addr)
+static inline void prefetch_buf(struct vqd_vq *vq, uint64_t addr)
 {
     uint64_t room;
-    const uint8_t *p = vqd_gpa_map(vq, addr, &room);
+    if (vq->iotlb)
+        return;   /* a miss or a refusal is pop's to meet */
+    const uint8_t *p = vqd_gpa_map(vq, addr, 64, &room, VQD_ACCESS_WO);
     if (p) {
         prefetch_w(p);
         if (room > 64)
@@ -430,7 +432,7 @@ int vqd_net_loopback(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, int mrg_
                      int budget, int spin, struct vqd_net_scratch *s)
 {
     int rc;
-    VQD_GUARDED(rc, net_loopback(tx, rx, hdr_len, mrg_rxbuf, budget, spin, s),
+    VQD_VQ_GUARDED(tx, rc, net_loopback(tx, rx, hdr_len, mrg_rxbuf, budget, spin, s),
                 (vqd_fault_broken(tx), rc = vqd_fault_broken(rx)));
     return rc;
 }
@@ -438,7 +440,7 @@ int vqd_net_loopback(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, int mrg_
 int vqd_net_tap_tx(struct vqd_vq *tx, int tap_fd, int hdr_len, int budget, struct vqd_net_scratch *s)
 {
     int rc;
-    VQD_GUARDED(rc, (tx->pdesc ? net_tap_tx_packed : net_tap_tx_split)(tx, tap_fd, hdr_len, budget, s),
+    VQD_VQ_GUARDED(tx, rc, (tx->pdesc ? net_tap_tx_packed : net_tap_tx_split)(tx, tap_fd, hdr_len, budget, s),
                 rc = vqd_fault_broken(tx));
     return rc;
 }
@@ -447,7 +449,7 @@ int vqd_net_tap_rx(struct vqd_vq *rx, int tap_fd, int hdr_len, int mrg_rxbuf, in
                    struct vqd_net_scratch *s)
 {
     int rc;
-    VQD_GUARDED(rc, (rx->pdesc ? net_tap_rx_packed : net_tap_rx_split)(rx, tap_fd, hdr_len, mrg_rxbuf,
+    VQD_VQ_GUARDED(rx, rc, (rx->pdesc ? net_tap_rx_packed : net_tap_rx_split)(rx, tap_fd, hdr_len, mrg_rxbuf,
                                                                      budget, s),
                 rc = vqd_fault_broken(rx));
     return rc;

@@ -103,7 +103,7 @@ static inline int map_desc(struct vqd_vq *vq, const struct vqd_pdesc *d, uint32_
                               "chain at slot %u (VIRTIO 1.2 §2.8.17)", slot, where, head);
         *out_len += d->len;
     }
-    int rc = vqd_map_range(vq, d->addr, d->len, iov, n, max_iov);
+    int rc = vqd_map_range(vq, d->addr, d->len, iov, n, max_iov, vqd_desc_perm(d->flags));
     if (UNLIKELY(rc))
         return rc;
     if (d->flags & VRING_DESC_F_WRITE)
@@ -113,7 +113,15 @@ static inline int map_desc(struct vqd_vq *vq, const struct vqd_pdesc *d, uint32_
     return VQD_OK;
 }
 
+static int ppop_chain(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int max_iov);
+
 int vqd_ppop_one(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int max_iov)
+{
+    int rc = ppop_chain(vq, e, iov, max_iov);
+    return rc == VQD_E_MISS ? 0 : rc;   /* an IOTLB miss: the chain stays available */
+}
+
+static int ppop_chain(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int max_iov)
 {
     if (UNLIKELY(vq->broken))
         return VQD_E_BROKEN;
@@ -168,10 +176,14 @@ int vqd_ppop_one(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int
                 return vqd_broken(vq, "indirect table of descriptor %u has %u entries, more than 32768",
                                   slot, entries);
             uint64_t room;
-            const struct vqd_pdesc *t = (const struct vqd_pdesc *)vqd_gpa_map(vq, d.addr, &room);
-            if (!t || room < d.len)
+            const struct vqd_pdesc *t = (const struct vqd_pdesc *)vqd_gpa_map(vq, d.addr, d.len, &room,
+                                                                               VQD_ACCESS_RO);
+            if (!t || room < d.len) {
+                if ((rc = vqd_iotlb_short(vq, d.addr, d.len, VQD_ACCESS_RO, (const uint8_t *)t, room)))
+                    return rc;
                 return vqd_broken(vq, "indirect table %#llx+%#x of descriptor %u is outside guest memory "
                                   "or crosses a region end", (unsigned long long)d.addr, d.len, slot);
+            }
             for (uint32_t k = 0; k < entries; k++) {
                 struct vqd_pdesc td;
                 memcpy(&td, &t[k], sizeof(td));
@@ -221,7 +233,7 @@ int vqd_pvq_pop(struct vqd_vq *vq, struct vqd_elem *elems, int max_elems,
                 struct vqd_iov *iov, int max_iov)
 {
     int rc;
-    VQD_GUARDED(rc, vqd_pop_batch(vq, elems, max_elems, iov, max_iov, vqd_ppop_one),
+    VQD_VQ_GUARDED(vq, rc, vqd_pop_batch(vq, elems, max_elems, iov, max_iov, vqd_ppop_one),
                 rc = vqd_fault_broken(vq));
     return rc;
 }

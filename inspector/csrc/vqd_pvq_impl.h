@@ -59,7 +59,7 @@ static inline int vqd_ppop(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov
             memcpy(&d, dp, sizeof(d));
             uint32_t len = d.len;
             uint16_t id = d.id;
-            uint8_t *p = vqd_gpa_map(vq, d.addr, &room);
+            uint8_t *p = vqd_gpa_map(vq, d.addr, len, &room, vqd_desc_perm(flags));
             if (LIKELY(p && room >= len && len && id < vq->num)) {
                 iov[0].base = p;
                 iov[0].len = len;

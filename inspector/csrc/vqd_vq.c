@@ -81,6 +81,52 @@ int vqd_fault_broken(struct vqd_vq *vq)
                       "SET_MEM_TABLE (memfd truncated?)", (unsigned long long)a);
 }
 
+static const char *access_name(uint32_t perm)
+{
+    return perm == VQD_ACCESS_RO ? "ro" : perm == VQD_ACCESS_WO ? "wo" : perm == VQD_ACCESS_RW ? "rw" : "none";
+}
+
+int vqd_iotlb_failed(struct vqd_vq *vq, uint64_t iova, uint32_t perm, int why, uint32_t entry_perm)
+{
+    if (why == VQD_IOTLB_PERM)
+        return vqd_broken(vq, "device %s at IOVA %#llx through an IOTLB entry with perm %s (the access needs "
+                          "%s): refused, nothing %s (vhost-user IOTLB, VIRTIO 1.2 §6.1 "
+                          "VIRTIO_F_ACCESS_PLATFORM)", perm & VQD_ACCESS_WO ? "write" : "read",
+                          (unsigned long long)iova, access_name(entry_perm), access_name(perm),
+                          perm & VQD_ACCESS_WO ? "written" : "read");
+    vq->miss_iova = iova;
+    vq->miss_perm = (uint8_t)perm;
+    vq->miss_updates = __atomic_load_n(&vq->iotlb->updates, __ATOMIC_ACQUIRE);
+    vq->miss_new = 1;
+    return VQD_E_MISS;
+}
+
+int vqd_iotlb_short(struct vqd_vq *vq, uint64_t addr, uint64_t len, uint32_t perm, const uint8_t *mapped,
+                    uint64_t room)
+{
+    if (vq->iotlb == NULL)
+        return 0;
+    if (vq->broken)
+        return VQD_E_BROKEN;   /* a permission refusal (vqd_iotlb_failed) */
+    if (mapped) {
+        /* The run stopped short: the rest misses, is refused, or lies elsewhere. */
+        uint64_t r2;
+        if (!vqd_gpa_map(vq, addr + room, len - room, &r2, perm))
+            return vq->broken ? VQD_E_BROKEN : (vq->iotlb_misses++, VQD_E_MISS);
+        return vqd_broken(vq, "IOVA range %#llx+%#llx is mapped by IOTLB entries that are not contiguous in "
+                          "the front-end's memory (a ring area or indirect table must be)",
+                          (unsigned long long)addr, (unsigned long long)len);
+    }
+    vq->iotlb_misses++;
+    return VQD_E_MISS;
+}
+
+int vqd_vq_iotlb_waiting(const struct vqd_vq *vq)
+{
+    return vq->iotlb != NULL && vq->iotlb_misses
+           && __atomic_load_n(&vq->iotlb->updates, __ATOMIC_ACQUIRE) == vq->miss_updates;
+}
+
 /* §2.7.10 / §2.7.7.2: "notify if the new used index has just passed
  * used_event", i.e. event lies in [old, new). */
 int vqd_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx)
@@ -170,10 +216,13 @@ static int map_chain(struct vqd_vq *vq, uint16_t head, struct vqd_elem *e,
             return vqd_broken(vq, "indirect table of descriptor %u has %u entries, more than 32768",
                               i, (unsigned)(d.len / sizeof(struct vqd_desc)));
         uint64_t room;
-        const uint8_t *t = vqd_gpa_map(vq, d.addr, &room);
-        if (!t || room < d.len)
+        const uint8_t *t = vqd_gpa_map(vq, d.addr, d.len, &room, VQD_ACCESS_RO);
+        if (!t || room < d.len) {
+            if ((rc = vqd_iotlb_short(vq, d.addr, d.len, VQD_ACCESS_RO, t, room)))
+                return rc;
             return vqd_broken(vq, "indirect table %#llx+%#x of descriptor %u is outside guest memory "
                               "or crosses a region end", (unsigned long long)d.addr, d.len, i);
+        }
         table = (const struct vqd_desc *)t;
         max = d.len / sizeof(struct vqd_desc);
         indirect = 1;
@@ -205,7 +254,7 @@ static int map_chain(struct vqd_vq *vq, uint16_t head, struct vqd_elem *e,
                                   "the chain of head %u (VIRTIO 1.2 §2.7.4.2)", i, head);
             out_len += d.len;
         }
-        rc = vqd_map_range(vq, d.addr, d.len, iov, &n, max_iov);
+        rc = vqd_map_range(vq, d.addr, d.len, iov, &n, max_iov, vqd_desc_perm(d.flags));
         if (UNLIKELY(rc))
             return rc;
         if (d.flags & VRING_DESC_F_WRITE)
@@ -243,7 +292,7 @@ int vqd_pop_one(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int 
         if (h >= 0) {
             int rc = map_chain(vq, (uint16_t)h, e, iov, max_iov);
             if (UNLIKELY(rc < 0))
-                return rc;
+                return rc == VQD_E_MISS ? 0 : rc;   /* an IOTLB miss: the head waits */
             vqd_inflight_popped(vq, (uint16_t)h, 1);
             return 1;
         }
@@ -261,7 +310,7 @@ int vqd_pop_one(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov *iov, int 
                           vq->last_avail_idx & (vq->num - 1), head, vq->num);
     int rc = map_chain(vq, head, e, iov, max_iov);
     if (UNLIKELY(rc < 0))
-        return rc;
+        return rc == VQD_E_MISS ? 0 : rc;   /* an IOTLB miss: the chain stays in the ring */
     if (UNLIKELY(vq->inflight != NULL))
         vqd_inflight_popped(vq, head, 0);
     vq->last_avail_idx++;
@@ -272,7 +321,7 @@ int vqd_vq_pop(struct vqd_vq *vq, struct vqd_elem *elems, int max_elems,
                struct vqd_iov *iov, int max_iov)
 {
     int rc;
-    VQD_GUARDED(rc, vqd_pop_batch(vq, elems, max_elems, iov, max_iov, vqd_pop_one),
+    VQD_VQ_GUARDED(vq, rc, vqd_pop_batch(vq, elems, max_elems, iov, max_iov, vqd_pop_one),
                 rc = vqd_fault_broken(vq));
     return rc;
 }
@@ -303,7 +352,7 @@ int64_t vqd_vq_copy_iov(struct vqd_vq *vq, const struct vqd_iov *iov, int n, uin
     int64_t rc;
     if (n < 0)
         return VQD_E_INVAL;
-    VQD_GUARDED(rc, iov_copy(iov, n, buf, len, to_guest), rc = vqd_fault_broken(vq));
+    VQD_VQ_GUARDED(vq, rc, iov_copy(iov, n, buf, len, to_guest), rc = vqd_fault_broken(vq));
     return rc;
 }
 

@@ -30,6 +30,7 @@
 struct vqd_evlog;    /* vqd_evlog.h */
 struct vqd_pused;    /* vqd_pvq.h */
 struct vqd_inflight; /* vqd_inflight.h */
+struct vqd_iotlb;    /* vqd_iotlb.h */
 
 /* CDEF BEGIN */
 #define VQD_OK 0
@@ -37,6 +38,7 @@ struct vqd_inflight; /* vqd_inflight.h */
 #define VQD_E_NOSPACE -2  /* the caller's iovec array cannot hold the next chain */
 #define VQD_E_IO -3       /* a tap read/write failed; errno in scratch->err */
 #define VQD_E_INVAL -4    /* bad argument from the caller (not the driver) */
+#define VQD_E_MISS -5     /* internal: an IOTLB miss (pop turns it into 0: the chain waits) */
 
 /* Faults on purpose (vqd_vq.fault, set by the thread servicing the vq;
  * inspector/faults.py): */
@@ -90,6 +92,16 @@ struct vqd_vq {
     uint64_t calls_dropped;      /* calls due but not written (VQD_FAULT_DROP_CALLS) */
     struct vqd_evlog *evlog;     /* NULL: no event log; set after vqd_vq_init (vqd_evlog.h) */
     struct vqd_inflight *inflight; /* NULL: no inflight tracking (vqd_inflight.h) */
+    /* VIRTIO_F_ACCESS_PLATFORM (vqd_iotlb.h): NULL, buffer addresses are
+     * guest-physical (the region table); else IOVAs translated through it.
+     * A buffer with no entry is an IOTLB miss: the chain is left in the ring
+     * (pop returns 0) and miss_* say what to ask the front-end for. */
+    struct vqd_iotlb *iotlb;
+    uint64_t miss_iova;          /* the IOVA of the last miss */
+    uint64_t miss_updates;       /* the IOTLB's update count at that miss */
+    uint64_t iotlb_misses;       /* misses met (a chain retried counts again) */
+    uint8_t miss_perm;           /* VQD_ACCESS_* the access needed */
+    uint8_t miss_new;            /* set at each miss; the worker clears it when it has asked */
     /* Packed rings only (VIRTIO 1.2 §2.8, vqd_pvq.c; pdesc NULL: a split ring). For
      * them last_avail_idx is the device's next slot to read, used_idx its
      * next_used slot, used_pending the used descriptors waiting in pused, and
@@ -128,6 +140,7 @@ int vqd_vq_set_notification(struct vqd_vq *vq, int enable);
 int vqd_vq_drain_kick(struct vqd_vq *vq);
 int vqd_vq_notice(struct vqd_vq *vq);
 void vqd_vq_set_broken(struct vqd_vq *vq, const char *reason);
+int vqd_vq_iotlb_waiting(const struct vqd_vq *vq);
 /* CDEF END */
 
 #endif

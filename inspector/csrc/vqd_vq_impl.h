@@ -23,6 +23,7 @@
 #include "vqd_evlog.h"
 #include "vqd_guard.h"
 #include "vqd_inflight.h"
+#include "vqd_iotlb.h"
 
 /* Latch vq broken with a printf-style reason (the first reason is kept:
  * later ones are consequences); returns VQD_E_BROKEN. */
@@ -88,10 +89,29 @@ static inline void vqd_init_common(struct vqd_vq *vq, uint32_t num, const struct
     vq->last_avail_idx = vq->shadow_avail_idx = last_avail_idx;
 }
 
-/* Find the region holding gpa; returns the host pointer and, in *room, the
- * bytes left in that region from gpa. NULL when no region holds it. */
-static inline uint8_t *vqd_gpa_map(const struct vqd_vq *vq, uint64_t gpa, uint64_t *room)
+/* Note an IOTLB failure of an access needing perm at iova (vqd_gpa_map):
+ * a miss is remembered for the worker to ask for (miss_*); a permission
+ * refusal breaks the queue (nothing was touched). Returns VQD_E_MISS or
+ * VQD_E_BROKEN. */
+VQD_INTERNAL int vqd_iotlb_failed(struct vqd_vq *vq, uint64_t iova, uint32_t perm, int why, uint32_t entry_perm);
+
+/* Map guest address addr for an access needing perm (VQD_ACCESS_RO: the
+ * device reads, WO: it writes): the host pointer and, in *room, the bytes
+ * contiguous from there. addr is guest-physical (the region table) or,
+ * with an IOTLB, an IOVA (want: the bytes the caller needs, to join
+ * contiguous entries). NULL when it does not map; with an IOTLB the reason
+ * is in vq->miss_* (vqd_iotlb_short says what to return). */
+static inline uint8_t *vqd_gpa_map(struct vqd_vq *vq, uint64_t gpa, uint64_t want, uint64_t *room,
+                                   uint32_t perm)
 {
+    if (UNLIKELY(vq->iotlb != NULL)) {
+        int why = 0;
+        uint32_t why_perm = 0;
+        uint8_t *p = vqd_iotlb_map(vq->iotlb, gpa, want, perm, room, &why, &why_perm);
+        if (UNLIKELY(!p))
+            vqd_iotlb_failed(vq, gpa, perm, why, why_perm);
+        return p;
+    }
     const struct vqd_region *r = vq->regions;
     for (int i = 0; i < vq->nregions; i++) {
         if (gpa >= r[i].gpa && gpa - r[i].gpa < r[i].size) {
@@ -103,19 +123,32 @@ static inline uint8_t *vqd_gpa_map(const struct vqd_vq *vq, uint64_t gpa, uint64
     return NULL;
 }
 
-/* Map [addr, addr + len) to iovecs, one per region it touches (clamped at
- * region ends, like libvhost-user's vu_gpa_to_va). */
+/* After vqd_gpa_map of [addr, addr + len) for perm returned `mapped` with
+ * `room` bytes (NULL, or room < len): with an IOTLB, VQD_E_MISS for a miss
+ * (the chain waits; iotlb_misses counted), VQD_E_BROKEN for a refusal or a
+ * range not contiguous in host memory (reason set); without one, 0: the
+ * caller breaks the queue with its own words. */
+VQD_INTERNAL int vqd_iotlb_short(struct vqd_vq *vq, uint64_t addr, uint64_t len, uint32_t perm,
+                                 const uint8_t *mapped, uint64_t room);
+
+/* Map [addr, addr + len) to iovecs, one per region (or IOTLB run) it
+ * touches (clamped at region ends, like libvhost-user's vu_gpa_to_va), for
+ * an access needing perm. */
 static inline int vqd_map_range(struct vqd_vq *vq, uint64_t addr, uint32_t len,
-                            struct vqd_iov *iov, int *n, int max_iov)
+                            struct vqd_iov *iov, int *n, int max_iov, uint32_t perm)
 {
     uint64_t left = len;
     while (left) {
         uint64_t room;
-        uint8_t *p = vqd_gpa_map(vq, addr, &room);
-        if (UNLIKELY(!p))
+        uint8_t *p = vqd_gpa_map(vq, addr, left, &room, perm);
+        if (UNLIKELY(!p)) {
+            int rc = vqd_iotlb_short(vq, addr, left, perm, NULL, 0);
+            if (rc)
+                return rc;
             return vqd_broken(vq, "buffer %#llx+%#x (at %#llx) is outside guest memory "
                               "(VIRTIO 1.2 §2.7.5, §2.8.13: addr is a guest-physical address)",
                               (unsigned long long)(addr - (len - left)), len, (unsigned long long)addr);
+        }
         if (UNLIKELY(*n >= max_iov))
             return VQD_E_NOSPACE;
         uint64_t chunk = left < room ? left : room;
@@ -127,6 +160,27 @@ static inline int vqd_map_range(struct vqd_vq *vq, uint64_t addr, uint32_t len,
     }
     return VQD_OK;
 }
+
+/* The access a descriptor's buffer needs (§2.7.5: VRING_DESC_F_WRITE: the device writes it). */
+static inline uint32_t vqd_desc_perm(uint16_t flags)
+{
+    return (flags & VRING_DESC_F_WRITE) ? VQD_ACCESS_WO : VQD_ACCESS_RO;
+}
+
+/* Run `call` into rc under vq's IOTLB read lock (when it has one) and the
+ * SIGBUS guard: the lock is held for the whole burst, so an invalidation
+ * (vqd_iotlb_invalidate) waits for it to end; it is taken outside the
+ * guarded section, which a fault abandons. Not re-entered: a burst calls
+ * the unguarded bodies. */
+#define VQD_VQ_GUARDED(vq, rc, call, on_fault)                                   \
+    do {                                                                         \
+        struct vqd_iotlb *const tlb_ = (vq)->iotlb;                              \
+        if (tlb_)                                                                \
+            pthread_rwlock_rdlock(&tlb_->lock);                                  \
+        VQD_GUARDED(rc, call, on_fault);                                         \
+        if (tlb_)                                                                \
+            pthread_rwlock_unlock(&tlb_->lock);                                  \
+    } while (0)
 
 /* vqd_pop_one with the common chain inline: a head (below the queue size)
  * whose descriptor is one direct buffer of non-zero length in one region,
@@ -146,7 +200,8 @@ static inline int vqd_pop(struct vqd_vq *vq, struct vqd_elem *e, struct vqd_iov 
             uint64_t room;
             uint8_t *p;
             if (LIKELY(!(d.flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)) && d.len
-                       && (p = vqd_gpa_map(vq, d.addr, &room)) != NULL && room >= d.len)) {
+                       && (p = vqd_gpa_map(vq, d.addr, d.len, &room, vqd_desc_perm(d.flags))) != NULL
+                       && room >= d.len)) {
                 iov[0].base = p;
                 iov[0].len = d.len;
                 e->head = head;

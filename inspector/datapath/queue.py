@@ -143,6 +143,41 @@ class QueueBase:
                   f"event_capacity {event_capacity} (give a power of two)")
             self.vq.evlog = self._evlog
 
+    # --- VIRTIO_F_ACCESS_PLATFORM ------------------------------------------------
+    #: The datapath.iotlb.Iotlb buffer addresses go through (None: guest-physical).
+    iotlb = None
+
+    def attach_iotlb(self, iotlb) -> None:
+        """From now on every buffer address is an IOVA translated through
+        ``iotlb`` (a datapath.iotlb.Iotlb, kept alive by this queue); a
+        chain meeting a miss stays in the ring (:meth:`take_miss`)."""
+        self.iotlb = iotlb
+        self.vq.iotlb = iotlb.ptr
+
+    def take_miss(self) -> tuple[int, int] | None:
+        """The IOTLB miss met since the last call, ``(iova, perm)``, or None.
+        Only the thread servicing the queue calls it."""
+        v = self.vq
+        if not v.miss_new:
+            return None
+        v.miss_new = 0
+        return v.miss_iova, v.miss_perm
+
+    @property
+    def iotlb_waiting(self) -> bool:
+        """A chain waits for an IOTLB UPDATE: the last miss came after the
+        last UPDATE."""
+        return bool(lib.vqd_vq_iotlb_waiting(self.vq))
+
+    @property
+    def iotlb_miss(self) -> dict | None:
+        """What the queue waits for (``iova``, ``perm`` VHOST_ACCESS_*) while
+        :attr:`iotlb_waiting`, else None (for the snapshot)."""
+        v = self.vq
+        if not self.iotlb_waiting:
+            return None
+        return {"iova": v.miss_iova, "perm": v.miss_perm, "misses": v.iotlb_misses}
+
     # --- state --------------------------------------------------------------
     @property
     def broken(self) -> str | None:

@@ -85,6 +85,9 @@ class QueueStats:
     last_avail_wrap_counter: int | None = None
     next_used: int | None = None
     used_wrap_counter: int | None = None
+    #: VIRTIO_F_ACCESS_PLATFORM: what the ring waits for in the IOTLB (``iova``,
+    #: ``perm``, ``misses``, ``waiting_s``), None when nothing.
+    iotlb_miss: dict | None = None
     extras: dict | None = None
 
 
@@ -120,6 +123,13 @@ class Device:
     #: §2.1.2) and sends CONFIG_CHANGE_MSG when BACKEND_REQ and CONFIG were
     #: negotiated. None until a core is attached.
     on_needs_reset: Callable[[str], None] | None = None
+
+    #: Set by the back-end core while VIRTIO_F_ACCESS_PLATFORM is negotiated:
+    #: the connection's IOTLB (inspector.datapath.iotlb.Iotlb). Rings started
+    #: then translate every buffer address through it (StartedRing's
+    #: ``iotlb``); the ring addresses in the VringConfig given to
+    #: :meth:`start_queue` are already translated. None: guest-physical.
+    iotlb = None
 
     def features(self) -> int:
         """The virtio feature bits offered (a mask of 1 << VIRTIO_F_*; the

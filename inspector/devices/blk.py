@@ -213,7 +213,7 @@ class BlkDevice(Device):
         with self._lock:
             self._stop(i)
             ring = StartedRing(vring, mem, self.event_idx, self.event_capacity,
-                               tuple(f for f in self.faults if f.vring == i))
+                               tuple(f for f in self.faults if f.vring == i), iotlb=self.iotlb)
             n = self._table.add(ring)
             if n:
                 logger.info("vring %d: resubmitting %d request(s) left in flight by the last back-end", i, n)

@@ -11,9 +11,12 @@ that changes; :meth:`_QueueWorker.stop` writes the wake eventfd.
 from __future__ import annotations
 
 import logging
+import os
+import select
 import time
 from typing import TYPE_CHECKING, Callable
 
+from ..datapath.iotlb import MISS_RESEND_S
 from ..errors import RingError
 from .vring import RingWorker, StartedRing, fault_bits, report_broken
 
@@ -34,6 +37,16 @@ class _QueueWorker(RingWorker):
         self.on_needs_reset = on_needs_reset
         self._hold = False
 
+    def _sleep(self, timeout_ms: int) -> None:
+        """Sleep on the wake eventfd (stop(), an IOTLB UPDATE) at most ``timeout_ms``."""
+        p = select.poll()
+        p.register(self._wake_fd, select.POLLIN)
+        if p.poll(timeout_ms):
+            try:
+                os.eventfd_read(self._wake_fd)
+            except OSError:
+                pass
+
     def _apply_faults(self) -> int:
         """Put the queue in its faults' state now; the ms until that may
         change (-1: never)."""
@@ -51,9 +64,17 @@ class _QueueWorker(RingWorker):
 
     def run(self) -> None:
         ring = self.ring
+        iot = [ring] if ring.q.iotlb is not None else []
+        self.watch_iotlb(iot)
         try:
             while not self._stopping:
                 timeout = self._apply_faults() if ring.faults else -1
+                if iot and self.iotlb_waiting(iot):
+                    # The next request waits for an IOTLB UPDATE (its miss was
+                    # sent): sleep until the UPDATE wakes us, or ask again.
+                    wait = int(MISS_RESEND_S * 1000)
+                    self._sleep(wait if timeout < 0 else min(timeout, wait))
+                    continue
                 self.engine.run(self._wake_fd, timeout)
                 if ring.q.broken:
                     raise RingError(ring.q.broken)

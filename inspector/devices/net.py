@@ -210,7 +210,8 @@ class NetDevice(Device):
             try:
                 self._table.add(StartedRing(vring, mem, self.event_idx, self.event_capacity,
                                             tuple(f for f in self.faults if f.vring == i),
-                                            in_order=has_feature(self.acked, VIRTIO_F_IN_ORDER)))
+                                            in_order=has_feature(self.acked, VIRTIO_F_IN_ORDER),
+                                            iotlb=self.iotlb))
             finally:
                 self._start_worker(pair)
 

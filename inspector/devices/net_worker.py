@@ -13,6 +13,7 @@ import select
 import time
 from typing import TYPE_CHECKING
 
+from ..datapath.iotlb import MISS_RESEND_S
 from ..datapath.net import NetScratch, net_loopback, net_tap_rx, net_tap_tx
 from ..datapath.queue import FAULT_STALL
 from ..errors import RingError
@@ -25,6 +26,8 @@ logger = logging.getLogger("inspector.devices.net")
 
 #: How often a stalled vring without a kick eventfd (a polling front-end) looks at avail->idx.
 _STALLED_POLL_MS = 10
+#: The longest sleep of a pair whose vrings wait for IOTLB UPDATEs (then the misses are asked again).
+_MISS_WAIT_MS = int(MISS_RESEND_S * 1000)
 
 
 class _PairWorker(RingWorker):
@@ -61,6 +64,12 @@ class _PairWorker(RingWorker):
         except Exception:
             logger.exception("net pair %d: worker failed", self.pair)
 
+    def _iotlb_rings(self) -> list[StartedRing]:
+        """This pair's rings that translate through an IOTLB (registered for its wake-ups)."""
+        rings = [r for r in (self.rx, self.tx) if r is not None and r.q.iotlb is not None]
+        self.watch_iotlb(rings)
+        return rings
+
     # --- waiting ---------------------------------------------------------------------
     def _wait(self, fds: list[tuple[int, int]], timeout_ms: int) -> None:
         want: dict[int, int] = {self._wake_fd: select.POLLIN}
@@ -73,6 +82,10 @@ class _PairWorker(RingWorker):
         try:
             p.poll(timeout_ms)
         except InterruptedError:
+            pass
+        try:
+            os.eventfd_read(self._wake_fd)   # an IOTLB UPDATE's wake-up is consumed here
+        except (BlockingIOError, OSError):
             pass
 
     def _sleep_on(self, q, kick_fd: int, extra: list[tuple[int, int]], timeout_ms: int) -> None:
@@ -146,6 +159,7 @@ class _PairWorker(RingWorker):
         hdr, mrg = dev.hdr_len, dev.mrg_rxbuf
         budget, spin, busy = dev.budget, dev.spin, dev.busy_poll_us / 1e6
         faulty = [r for r in (self.rx, self.tx) if r.faults]
+        iot = self._iotlb_rings()
         txq.set_notification(False)
         rxq.set_notification(False)
         idle_since = None
@@ -160,6 +174,14 @@ class _PairWorker(RingWorker):
                     self._wait(stalled, self._timeout_ms(wake, stalled))
                     continue
             if net_loopback(txq, rxq, s, hdr, mrg, budget, spin):
+                idle_since = None
+                if iot:
+                    self.iotlb_waiting(iot)
+                continue
+            if iot and self.iotlb_waiting(iot):
+                # A chain waits for an IOTLB UPDATE (its miss was sent): the
+                # UPDATE wakes us; ask again after MISS_RESEND_S.
+                self._wait(stalled, _MISS_WAIT_MS)
                 idle_since = None
                 continue
             # Idle. RX without buffers is no reason to wait: such frames are dropped.
@@ -177,6 +199,7 @@ class _PairWorker(RingWorker):
         s = NetScratch()
         hdr, mrg, budget, busy = dev.hdr_len, dev.mrg_rxbuf, dev.budget, dev.busy_poll_us / 1e6
         faulty = [r for r in (self.rx, self.tx) if r is not None and r.faults]
+        iot = self._iotlb_rings()
         for q in (txq, rxq):
             if q is not None:
                 q.set_notification(False)
@@ -195,7 +218,15 @@ class _PairWorker(RingWorker):
                 n += net_tap_tx(txq, tap, s, hdr, budget)
             if rxq is not None:
                 n += net_tap_rx(rxq, tap, s, hdr, mrg, budget)   # a stalled RX drops what it reads
+            waiting = self.iotlb_waiting(iot) if iot else ()
             if n:
+                idle_since = None
+                continue
+            if waiting:
+                # A chain waits for an IOTLB UPDATE (its miss was sent): the
+                # UPDATE wakes us; the other vring of the pair is looked at
+                # again every 10 ms meanwhile.
+                self._wait(stalled, 10 if len(waiting) < len(iot) else _MISS_WAIT_MS)
                 idle_since = None
                 continue
             now = clock()

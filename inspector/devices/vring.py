@@ -58,10 +58,14 @@ class StartedRing:
     §2.8.8), the fds it keeps (dup'ed: ours), its ``faults`` and when it
     ``started`` (time.monotonic(): faults count from there).
     ``reject_zero_len``: a zero-length descriptor breaks the queue (QEMU's
-    virtio-net and virtio-blk both refuse them)."""
+    virtio-net and virtio-blk both refuse them). ``iotlb``: the
+    connection's datapath.iotlb.Iotlb when VIRTIO_F_ACCESS_PLATFORM was
+    negotiated (buffer addresses are IOVAs; the ring addresses in ``vring``
+    were already translated)."""
 
     def __init__(self, vring: VringConfig, mem: GuestMemory, event_idx: bool, event_capacity: int,
-                 faults: tuple[Fault, ...] = (), in_order: bool = False, reject_zero_len: bool = True):
+                 faults: tuple[Fault, ...] = (), in_order: bool = False, reject_zero_len: bool = True,
+                 iotlb=None):
         self.index = vring.index
         self.faults = faults
         self.started = time.monotonic()
@@ -80,10 +84,14 @@ class StartedRing:
             else:
                 self.q = DeviceQueue(mem, vring.num, vring.desc_uva, vring.avail_uva, vring.used_uva,
                                      last_avail_idx=vring.base, **common)
+            if iotlb is not None:
+                self.q.attach_iotlb(iotlb)
         except BaseException:
             self._close_fds()
             raise
         self.reported_broken = False
+        #: time.monotonic() since which the ring waits for an IOTLB UPDATE (RingWorker.iotlb_waiting).
+        self.miss_since: float | None = None
 
     def active_faults(self, now: float) -> tuple[list[str], float | None]:
         """The kinds of this ring's faults in force at ``now``
@@ -219,6 +227,11 @@ class RingTable:
             st.last_avail_idx = q.last_avail_idx
             st.shadow_avail_idx = q.shadow_avail_idx
             st.broken = q.broken or st.broken
+            if q.iotlb is not None:
+                miss = q.iotlb_miss
+                if miss is not None and ring.miss_since is not None:
+                    miss["waiting_s"] = time.monotonic() - ring.miss_since
+                st.iotlb_miss = miss
             if q.layout == "packed":
                 st.last_avail_wrap_counter = q.avail_wrap_counter
                 st.next_used, st.used_wrap_counter = q.next_used, q.used_wrap_counter
@@ -249,20 +262,64 @@ class RingTable:
 class RingWorker(threading.Thread):
     """A device's data path thread (daemon, named ``name``) that sleeps on
     its rings and on ``_wake_fd``, an eventfd :meth:`stop` (and whatever
-    else must wake it) writes; it runs while ``_stopping`` is False."""
+    else must wake it: :meth:`wake`) writes; it runs while ``_stopping`` is
+    False.
+
+    IOTLB misses (VIRTIO_F_ACCESS_PLATFORM): :meth:`iotlb_waiting` sends the
+    misses its rings met to the front-end (datapath.iotlb.Iotlb.ask) and
+    says which rings wait for an UPDATE; an UPDATE wakes the worker (it
+    registers with the IOTLB of its rings)."""
 
     def __init__(self, name: str):
         super().__init__(name=name, daemon=True)
         self._stopping = False
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wake_lock = threading.Lock()
+        self._iotlbs: list = []
+
+    def wake(self) -> None:
+        """Wake the thread from its sleep (any thread; after stop() a no-op)."""
+        with self._wake_lock:
+            if self._wake_fd >= 0:
+                os.eventfd_write(self._wake_fd, 1)
+
+    def watch_iotlb(self, rings) -> None:
+        """Be woken by UPDATEs of the IOTLB ``rings`` translate through."""
+        for r in rings:
+            t = r.q.iotlb if r is not None else None
+            if t is not None and t not in self._iotlbs:
+                t.add_waker(id(self), self.wake)
+                self._iotlbs.append(t)
+
+    def iotlb_waiting(self, rings) -> list:
+        """Ask the front-end for the misses ``rings`` met; the rings whose
+        next chain waits for an UPDATE."""
+        waiting = []
+        for r in rings:
+            if r is None or r.q.iotlb is None:
+                continue
+            miss = r.q.take_miss()
+            if miss is not None:
+                r.q.iotlb.ask(*miss)
+            if r.q.iotlb_waiting:
+                waiting.append(r)
+                if r.miss_since is None:
+                    r.miss_since = time.monotonic()
+            else:
+                r.miss_since = None
+        return waiting
 
     def stop(self) -> None:
         """Ask the thread to end, wake it, wait for it, close the eventfd."""
         self._stopping = True
-        os.eventfd_write(self._wake_fd, 1)
+        for t in self._iotlbs:
+            t.remove_waker(id(self))
+        self.wake()
         if self.is_alive() and self is not threading.current_thread():
             self.join()
-        os.close(self._wake_fd)
+        with self._wake_lock:
+            os.close(self._wake_fd)
+            self._wake_fd = -1
 
 
 def report_broken(rings: list[StartedRing], what: str, error: Exception, log: logging.Logger,

@@ -24,7 +24,7 @@ from ..devices.base import QueueStats, VringConfig
 from ..errors import InspectorError
 from ..datapath.packed_queue import decode_vring_base
 from ..layout import avail_ring_size, desc_table_size, packed_layout, used_ring_size
-from ..memory import GuestMemory
+from ..memory import GuestMemory, iova_view
 from ..ring import decoder
 from ..ring.blk_request import attach_requests, memory_reader
 from ..ring.anomalies import Anomaly, AnomalyKind
@@ -135,6 +135,37 @@ def _decode_packed(vring: VringConfig, mem: GuestMemory, stats: QueueStats, devi
         last_avail_idx=avail, last_avail_wrap_counter=avail_wrap)
 
 
+#: Decoder anomalies that, on an IOVA-addressed ring, mean "not in the IOTLB (yet)".
+UNTRANSLATED_YET = frozenset({AnomalyKind.ADDR_OUT_OF_RANGE, AnomalyKind.INDIRECT_OUT_OF_RANGE})
+
+
+def _iotlb_extras(entry: QueueEntry, extras: dict) -> None:
+    """The queue's ``iotlb`` extras (inspector/vhost_user/iotlb.py
+    snapshot_extras) and, when it has waited over a second for an UPDATE,
+    an ``iotlb_miss_unanswered`` anomaly; a ring that is not in the IOTLB is
+    said to be waiting (not ``ring_unmapped``), buffers not in it yet are
+    counted (``buffers_untranslated``), not called out of range."""
+    entry.extras["iotlb"] = extras
+    # A buffer IOVA the back-end has not needed yet is not in the IOTLB (it
+    # asks when it gets there): not an error. One the front-end cannot
+    # translate shows as an unanswered miss when the device reaches it.
+    unknown = [a for a in entry.anomalies if a.kind in UNTRANSLATED_YET]
+    if unknown:
+        entry.anomalies = [a for a in entry.anomalies if a.kind not in UNTRANSLATED_YET]
+    extras["buffers_untranslated"] = len(unknown)
+    miss = extras.get("miss")
+    if miss is None:
+        return
+    if any(a.kind == AnomalyKind.RING_UNMAPPED for a in entry.anomalies):
+        entry.anomalies = [a for a in entry.anomalies if a.kind != AnomalyKind.RING_UNMAPPED]
+    waited = miss.get("waiting_s") or 0.0
+    if waited > 1.0:
+        entry.anomalies.append(Anomaly(AnomalyKind.IOTLB_MISS_UNANSWERED,
+                                       f"waiting {waited:.1f} s for the translation of IOVA {miss['iova']:#x} "
+                                       f"({miss['perm']}): the back-end sent an IOTLB miss (vhost-user "
+                                       f"BACKEND_IOTLB_MSG) the front-end has not answered"))
+
+
 def backend_snapshot(server) -> Snapshot:
     """Snapshot of every configured vring of every live connection of a
     VhostUserServer (inspector.vhost_user.server), with this process's
@@ -145,13 +176,19 @@ def backend_snapshot(server) -> Snapshot:
         if mem is None:
             continue
         name = f"{conn.device.name}{getattr(conn, 'id', n)}"
+        control = getattr(conn, "iotlb", None)
+        iotlb = control.iotlb if control is not None else None
+        # VIRTIO_F_ACCESS_PLATFORM: rings and buffers are read at their IOVAs, through the IOTLB.
+        dmem = iova_view(mem, iotlb.entries()) if iotlb is not None else mem
         for vring in list(conn.vrings):
             if not vring.addr_set or vring.num == 0:
                 continue
-            entry = queue_snapshot(name, vring, mem, conn.features,
-                                   conn.device.queue_stats(vring.index),
+            stats = conn.device.queue_stats(vring.index)
+            entry = queue_snapshot(name, vring, dmem, conn.features, stats,
                                    restat=lambda i=vring.index, d=conn.device: d.queue_stats(i),
                                    device_type=conn.device.device_type)
+            if iotlb is not None:
+                _iotlb_extras(entry, control.snapshot_extras(vring, mem, stats.iotlb_miss))
             # The vring's eventfds as this process holds them (what the
             # eventfd probe watches: vqscope probe --connect).
             entry.backend = BackendFds(vring.kick_fd, vring.call_fd)

@@ -117,3 +117,29 @@ class GuestMemory:
     def read(self, addr: int, size: int) -> bytes:
         """Copy ``size`` bytes at guest-physical ``addr``."""
         return bytes(self.view(addr, size))
+
+
+def iova_view(mem: GuestMemory, entries) -> GuestMemory:
+    """Memory as a device behind an IOMMU sees it (VIRTIO_F_ACCESS_PLATFORM):
+    one region per IOTLB entry ``(iova, size, uaddr, ...)`` at its IOVA
+    (both ``gpa`` and ``uva``), backed by the part of ``mem`` that holds
+    front-end addresses ``[uaddr, uaddr + size)``; neighbours contiguous in
+    both spaces are joined. Entries not inside one region of ``mem`` are
+    left out (those IOVAs then read as unmapped). Decoders given the view
+    read IOVA-addressed rings and check descriptor addresses against the
+    IOTLB instead of guest-physical memory."""
+    view = GuestMemory()
+    last = None
+    for e in entries:
+        iova, size, uaddr = e[0], e[1], e[2]
+        src = next((r for r in mem.regions if r.buf is not None and r.contains_uva(uaddr)
+                    and uaddr + size <= r.uva + r.size), None)
+        if src is None:
+            continue
+        off = src.buf_offset + (uaddr - src.uva)
+        if (last is not None and last.buf is src.buf and last.gpa + last.size == iova
+                and last.buf_offset + last.size == off):
+            last.size += size
+            continue
+        last = view.add(iova, src.buf, uva=iova, size=size, buf_offset=off)
+    return view

@@ -60,6 +60,8 @@ class AnomalyKind(StrEnum):
     MEM_TABLE_UNKNOWN = "mem_table_unknown"      # vhost-net memory table set before the probes attached
     IOVA_UNTRANSLATED = "iova_untranslated"      # VIRTIO_F_ACCESS_PLATFORM behind a vIOMMU: the ring
                                                  # addresses are IOVAs the source cannot translate
+    IOTLB_MISS_UNANSWERED = "iotlb_miss_unanswered"  # vqscope's back-end asked the front-end for an IOVA's
+                                                 # translation (IOTLB miss) over a second ago: the queue waits
 
     @classmethod
     def by_code(cls, code: int) -> AnomalyKind:

@@ -31,8 +31,9 @@ from ..devices.base import Device, VringConfig
 from ..errors import InspectorError, RequestRefused
 from ..memory import GuestMemory
 from ..spec.vhost import VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES
-from ..spec.virtio import has_feature
+from ..spec.virtio import VIRTIO_F_ACCESS_PLATFORM, has_feature
 from .inflight import InflightTracking
+from .iotlb import IotlbControl
 from .memory_table import U64_MAX, MappedMemory, fd_size, map_fd
 from .protocol import (
     FLAG_NEED_REPLY, FLAG_REPLY, VERSION, LogPayload, MemoryTable, ProtocolFeature, ProtocolViolation,
@@ -102,6 +103,7 @@ class BackendConnection:
         self.rings = Vrings(device, self.memory, self.logger, conn_id, features=lambda: self.features)
         self.inflight_areas = InflightTracking(device, self.num_queues, self._negotiated, self.logger, conn_id)
         self.control = DeviceControl(device, self._negotiated, self.logger, conn_id)
+        self.iotlb = IotlbControl(device, self.rings, self.control.send_iotlb_miss, self.logger, conn_id)
         self.features = 0
         self.features_set = False
         self.protocol_features = 0
@@ -141,6 +143,7 @@ class BackendConnection:
             Request.SET_INFLIGHT_FD: inflight.set_fd,
             Request.SET_STATUS: control.set_status,
             Request.GET_STATUS: control.get_status,
+            Request.IOTLB_MSG: self.iotlb.handle,
         }
 
     @property
@@ -272,6 +275,7 @@ class BackendConnection:
         except Exception as e:
             self.logger.warning("connection %d: device close failed: %s", self.id, e)
         self.rings.close()
+        self.iotlb.close()
         self.memory.close()
         self._close_log()
         self.inflight_areas.close()
@@ -322,7 +326,9 @@ class BackendConnection:
 
     # --- handlers: each returns the reply payload or None ------------------------
     def _offered_features(self) -> int:
-        return (int(self.device.features()) & ~(1 << VHOST_F_LOG_ALL)) | 1 << VHOST_USER_F_PROTOCOL_FEATURES
+        # VIRTIO_F_ACCESS_PLATFORM: the core translates IOVAs for every device (iotlb.py).
+        return ((int(self.device.features()) & ~(1 << VHOST_F_LOG_ALL)) | 1 << VHOST_USER_F_PROTOCOL_FEATURES
+                | 1 << VIRTIO_F_ACCESS_PLATFORM)
 
     def _offered_protocol_features(self) -> int:
         offered = int(OFFERED_PROTOCOL_FEATURES)
@@ -342,9 +348,15 @@ class BackendConnection:
 
     def _set_features(self, msg: Message, features: int) -> None:
         self._check_offered(msg.name, "features", features, self._offered_features())
+        if self.rings.running() and (has_feature(features, VIRTIO_F_ACCESS_PLATFORM)
+                                     != has_feature(self.features, VIRTIO_F_ACCESS_PLATFORM)):
+            raise ProtocolViolation(msg.name, "features", features,
+                                    "VIRTIO_F_ACCESS_PLATFORM changed while vrings run (their addresses "
+                                    "would change meaning)")
         self.features = features
         self.features_set = True
-        self.device.set_features(features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES))
+        self.device.set_features(features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES | 1 << VIRTIO_F_ACCESS_PLATFORM))
+        self.iotlb.set_features(features, self.memory.mem)
         if not has_feature(features, VHOST_USER_F_PROTOCOL_FEATURES):
             self.rings.enable_all(msg.name)  # spec: without protocol features, rings start enabled
 
@@ -376,8 +388,9 @@ class BackendConnection:
         new = self.memory.map(name, table.regions, msg.fds)
         running = self.rings.running()
         try:
-            for i in running:  # rings that keep running must still be mapped
-                check_ring_mapped(name, self.vrings[i], new.mem)
+            for i in running:  # rings that keep running must still be mapped (IOVAs: re-translated)
+                if self.iotlb.iotlb is None:
+                    check_ring_mapped(name, self.vrings[i], new.mem)
         except BaseException:
             new.close()
             raise
@@ -385,6 +398,7 @@ class BackendConnection:
         # Stop the rings that use the old table before unmapping it.
         for i in running:
             self.rings.stop(i)
+        self.iotlb.set_memory(new.mem)   # its host pointers are into the old mappings
         self.memory.install(new)
         self.rings.start_all(name)
 

@@ -14,13 +14,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from typing import Callable
 
 from ..devices.base import Device
 from ..errors import InspectorError, RequestRefused
+from ..spec.vhost import VERSION, VHOST_IOTLB_MISS
 from ..spec.virtio import VIRTIO_CONFIG_S_NEEDS_RESET
-from .protocol import BackendRequest, ConfigPayload, ProtocolFeature, ProtocolViolation, pack_u64
-from .transport import Message, send_message
+from .protocol import BackendRequest, ConfigPayload, IotlbMsg, ProtocolFeature, ProtocolViolation, pack_u64
+from .transport import Message, encode_message, send_message
 from .vrings import close_fd
 
 
@@ -43,6 +45,7 @@ class DeviceControl:
         self.needs_reset: str | None = None
         self.backend_req_fd: int | None = None
         self.closed = False
+        self._send_lock = threading.Lock()   # data path threads send misses on the channel too
 
     # --- status ---------------------------------------------------------------
     def _check_status_negotiated(self, name: str) -> None:
@@ -105,8 +108,9 @@ class DeviceControl:
 
     # --- back-end → front-end -----------------------------------------------------
     def set_backend_req_fd(self, msg: Message, _: None) -> None:
-        close_fd(self.backend_req_fd)
-        self.backend_req_fd = msg.take_fd()
+        with self._send_lock:
+            close_fd(self.backend_req_fd)
+            self.backend_req_fd = msg.take_fd()
 
     def send_config_change(self) -> bool:
         """Tell the front-end the config space changed (CONFIG_CHANGE_MSG on
@@ -123,6 +127,33 @@ class DeviceControl:
             s.close()
         return True
 
+    def send_iotlb_miss(self, iova: int, perm: int) -> bool:
+        """Ask the front-end for the translation of ``iova`` (BACKEND_IOTLB_MSG,
+        VHOST_IOTLB_MISS, ``perm`` VHOST_ACCESS_*; vhost-user "IOMMU
+        support"). Called from the data path threads: never blocks (a full
+        channel loses the miss, which is asked again). False when there is
+        no channel, BACKEND_REQ was not negotiated or the send failed."""
+        if self.closed or self.backend_req_fd is None or not self.negotiated() & ProtocolFeature.BACKEND_REQ:
+            return False
+        payload = IotlbMsg(iova, 0, 0, perm, VHOST_IOTLB_MISS).pack()
+        with self._send_lock:
+            fd = self.backend_req_fd
+            if fd is None:
+                return False
+            s = socket.socket(fileno=os.dup(fd))
+            try:
+                data = encode_message(BackendRequest.IOTLB_MSG, payload, flags=VERSION)
+                sent = s.send(data, socket.MSG_DONTWAIT)
+                if sent < len(data):   # 44 bytes: practically never; finish it rather than cut the stream
+                    s.sendall(data[sent:])
+            except OSError as e:
+                self.logger.info("connection %d: IOTLB miss for %#x not sent: %s", self.id, iova, e)
+                return False
+            finally:
+                s.close()
+        return True
+
     def close(self) -> None:
         self.closed = True
-        self.backend_req_fd = close_fd(self.backend_req_fd)
+        with self._send_lock:
+            self.backend_req_fd = close_fd(self.backend_req_fd)

@@ -113,6 +113,11 @@ class Vrings:
         self.num_queues = int(device.num_queues)
         self.configs = [VringConfig(index=i) for i in range(self.num_queues)]
         self._polling = [False] * self.num_queues  # kick "fd" is the no-fd bit
+        #: VIRTIO_F_ACCESS_PLATFORM (inspector/vhost_user/iotlb.py): a vring's
+        #: ring addresses are IOVAs, given to the device as translated by
+        #: ``translate(config)`` (a copy with front-end addresses; None: not
+        #: translatable yet, the vring waits). None: addresses are front-end ones.
+        self.translate: Callable[[VringConfig], VringConfig | None] | None = None
         # The base each vring's device handed back when it last stopped, while
         # nothing says the ring changed since: a packed base equal to it is
         # the device's own knowledge, kept without checking it against the ring.
@@ -135,12 +140,18 @@ class Vrings:
             return
         v, mem = self.configs[i], self.memory.mem
         v.packed = self.packed
-        check_ring_mapped(name, v, mem)
+        given = v
+        if self.translate is not None:
+            given = self.translate(v)
+            if given is None:
+                return   # a ring area misses in the IOTLB: started by the UPDATE that answers it
+        check_ring_mapped(name, given, mem)
         if v.packed and v.base != self._own_base[i]:
-            self._check_packed_base(v, mem)
+            self._check_packed_base(given, mem)
+            v.base = given.base
         v.started = True
         try:
-            self.device.start_queue(v, mem)
+            self.device.start_queue(given, mem)
         except BaseException:
             v.started = False
             raise
@@ -250,7 +261,7 @@ class Vrings:
                                  ("used_user_addr", a.used_user_addr, 4)):
             if addr % align:
                 raise ProtocolViolation(msg.name, fld, addr, f"must be {align}-byte aligned ({rule})")
-            if mem is not None:
+            if mem is not None and self.translate is None:   # IOVAs are checked when the ring starts
                 try:
                     mem.uva_to_gpa(addr, 1)
                 except MemoryAccessError as e:
