@@ -231,3 +231,54 @@ def test_payload_struct_is_the_kernels():
     p = iotlb_payload(1, 2, 3, VHOST_ACCESS_RO, VHOST_IOTLB_UPDATE)
     assert len(p) == VHOST_IOTLB_MSG_STRUCT.size == 32
     assert p[24:26] == bytes([VHOST_ACCESS_RO, VHOST_IOTLB_UPDATE]) and p[26:] == bytes(6)
+
+
+def test_a_flood_of_updates_stays_bounded_and_evicts(conn):
+    """More distinct UPDATEs than the IOTLB holds (``capacity``): each is
+    accepted, the table stays at its capacity by evicting, and an evicted
+    translation the device needs is simply asked for again."""
+    be, fe, look = conn
+    cap = look.iotlb(1)["capacity"]
+    before = look.iotlb(1)
+    pages = MEM // IOTLB_PAGE
+    extra = 64
+    t0 = time.monotonic()
+    for i in range(cap + extra):      # many IOVAs onto the same guest pages: allowed, as an IOMMU does
+        assert fe.iotlb_update(FRESH + 0x1000_0000 + i * IOTLB_PAGE, IOTLB_PAGE,
+                               fe.uva + (i % pages) * IOTLB_PAGE, VHOST_ACCESS_RO) == 0, i
+    took = time.monotonic() - t0
+    after = look.iotlb(1)
+    assert after["entries"] <= cap and after["updates"] == before["updates"] + cap + extra, (before, after)
+    assert after["evictions"] >= before["entries"] + extra, (before, after)
+    assert after["rejected"] == before["rejected"]
+    # Whatever was evicted (the windows' entries too, maybe) is asked again and answered.
+    more = [frame(200 + i) for i in range(4)]
+    assert exchange(fe, 0, more) == [echoed(f) for f in more], be.tail()
+    assert be.peer.alive()
+    print(f"{cap + extra} UPDATEs with REPLY_ACK in {took:.2f} s")
+
+
+def test_iommu_connections_leave_nothing_behind(serve):
+    """Connections behind the IOMMU (IOTLB, misses, back-end channel) come
+    and go: the back-end's fds and threads are back where they were."""
+    be, sock, look = serve
+    pid = be.peer.proc.pid
+
+    def cycle(i):
+        with VhostUserFrontend(sock, queue_pairs=1, queue_size=64, mem_size=MEM, packed=bool(i % 2),
+                               iommu=True, timeout=10) as fe:
+            premap(fe)
+            assert exchange(fe, 0, [frame(i)]) == [echoed(frame(i))], be.tail()
+            fe.iotlb_invalidate(FRESH, IOTLB_PAGE)
+
+    cycle(0)
+    time.sleep(0.3)
+    base = (fd_count(pid), thread_count(pid))
+    for i in range(1, 31):
+        cycle(i)
+    assert wait_for(lambda: (fd_count(pid), thread_count(pid)) == base, 10), (base, fd_count(pid),
+                                                                               thread_count(pid))
+
+
+def thread_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
