@@ -63,7 +63,7 @@ static uint32_t lower_bound(const struct vqd_iotlb *t, uint64_t iova)
 int vqd_iotlb_update(struct vqd_iotlb *t, uint64_t iova, uint64_t size, uint64_t uaddr, uint8_t *host,
                      uint32_t perm, struct vqd_iotlb_entry *conflict)
 {
-    if (size == 0 || size - 1 > UINT64_MAX - iova || size - 1 > UINT64_MAX - uaddr || !host
+    if (size == 0 || size - 1 > UINT64_MAX - iova || size - 1 > UINT64_MAX - uaddr
         || perm < VQD_ACCESS_RO || perm > VQD_ACCESS_RW)
         return VQD_IOTLB_E_ARG;
     int rc;
@@ -163,11 +163,11 @@ int64_t vqd_iotlb_lookup(struct vqd_iotlb *t, uint64_t iova, uint64_t len, uint3
     uint64_t room = 0;
     int64_t rc;
     pthread_rwlock_rdlock(&t->lock);
-    uint8_t *p = vqd_iotlb_map(t, iova, len, perm, &room, &why, &why_perm);
+    (void)vqd_iotlb_map(t, iova, len, perm, &room, &why, &why_perm);   /* NULL in a mirror: see why */
     int i = vqd_iotlb_find(t, iova);
     if (i >= 0 && first)
         *first = t->e[i];
-    if (!p)
+    if (why)
         rc = why;
     else
         rc = room > INT64_MAX ? INT64_MAX : (int64_t)room;

@@ -17,7 +17,8 @@
  *
  * Each entry's host pointer was computed by the caller from its uaddr and
  * the memory table; the caller flushes the table when that memory table
- * changes (its mappings go away).
+ * changes (its mappings go away). A table whose host pointers are NULL only
+ * mirrors what a front-end said (a proxy's view): it is never given to a vq.
  *
  * Concurrency: the connection's thread changes the table
  * (update/invalidate/flush) under the write lock; a data-path thread holds
@@ -54,7 +55,7 @@ struct vqd_iotlb_entry {
     uint64_t iova;
     uint64_t size;
     uint64_t uaddr;    /* the front-end's virtual address (the memory table's userspace_addr space) */
-    uint8_t *host;     /* where uaddr is mapped here */
+    uint8_t *host;     /* where uaddr is mapped here (NULL in a mirror) */
     uint32_t perm;     /* VQD_ACCESS_* */
     uint32_t pad;
 };
@@ -113,12 +114,14 @@ static inline int vqd_iotlb_find(const struct vqd_iotlb *t, uint64_t iova)
     return -1;
 }
 
-/* At most this many neighbouring entries are joined into one contiguous run. */
-#define VQD_IOTLB_MAX_RUN 64
+/* At most this many neighbouring entries are joined into one contiguous run:
+ * 256 pages, more than the largest ring area or indirect table (512 KiB). */
+#define VQD_IOTLB_MAX_RUN 256
 
 /* Translate iova for an access needing `perm`: the host pointer, and in
  * *room the bytes from there contiguous in both spaces with that perm
- * (joining up to VQD_IOTLB_MAX_RUN entries while *room < want). NULL with
+ * (joining up to VQD_IOTLB_MAX_RUN entries while *room < want; a mirror's
+ * entries join on uaddr alone). NULL with
  * *why = VQD_IOTLB_MISS (no entry) or VQD_IOTLB_PERM (*why_perm: the
  * entry's). Caller holds a lock. */
 static inline uint8_t *vqd_iotlb_map(const struct vqd_iotlb *t, uint64_t iova, uint64_t want, uint32_t perm,
@@ -139,7 +142,8 @@ static inline uint8_t *vqd_iotlb_map(const struct vqd_iotlb *t, uint64_t iova, u
     uint64_t r = e->size - off;
     for (uint32_t j = (uint32_t)i + 1; r < want && j < t->n && j <= (uint32_t)i + VQD_IOTLB_MAX_RUN; j++) {
         const struct vqd_iotlb_entry *f = &t->e[j];
-        if (f->iova != e->iova + e->size || f->host != e->host + e->size || (f->perm & perm) != perm)
+        if (f->iova != e->iova + e->size || f->uaddr != e->uaddr + e->size
+            || (e->host && f->host != e->host + e->size) || (f->perm & perm) != perm)
             break;
         r += f->size;
         e = f;

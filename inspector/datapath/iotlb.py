@@ -64,17 +64,21 @@ class Iotlb:
     """One connection's IOTLB. ``capacity``: entries kept (a full table
     evicts one; an evicted translation misses again). ``miss_sink(iova,
     perm)``: sends a miss to the front-end, returns whether it went out (set
-    by the connection; None: misses are only counted). Thread-safe: the data
-    path threads call :meth:`ask`, the connection's thread the rest."""
+    by the connection; None: misses are only counted). ``mirror``: only
+    record what the front-end said (a proxy watching a connection): entries
+    get no host pointer and the table is never attached to a queue.
+    Thread-safe: the data path threads call :meth:`ask`, the connection's
+    thread the rest."""
 
     def __init__(self, capacity: int = lib.VQD_IOTLB_DEFAULT_CAPACITY,
-                 miss_sink: Callable[[int, int], bool] | None = None):
+                 miss_sink: Callable[[int, int], bool] | None = None, *, mirror: bool = False):
         p = lib.vqd_iotlb_new(capacity)
         if p == ffi.NULL:
             raise InspectorError(f"cannot allocate an IOTLB of {capacity} entries")
         self.ptr = p
         self.capacity = capacity
         self.miss_sink = miss_sink
+        self.mirror = mirror
         self._mem = None
         self._regions: RegionTable | None = None
         self._lock = threading.Lock()
@@ -91,7 +95,7 @@ class Iotlb:
         lib.vqd_iotlb_flush(self.ptr)
         if self._regions is not None:
             self._regions.release()
-        self._regions = RegionTable(mem) if mem is not None else None
+        self._regions = RegionTable(mem) if mem is not None and not self.mirror else None
         self._mem = mem
 
     # --- front-end messages -------------------------------------------------------------
@@ -108,11 +112,11 @@ class Iotlb:
                 raise self._reject(fld, start, f"+ size {size:#x} runs past 2^64")
         if perm not in (VHOST_ACCESS_RO, VHOST_ACCESS_WO, VHOST_ACCESS_RW):
             raise self._reject("perm", perm, "not VHOST_ACCESS_RO (1), WO (2) or RW (3)")
-        if self._mem is None or self._regions is None:
+        if self._mem is None:
             raise self._reject("uaddr", uaddr, "no memory table yet (SET_MEM_TABLE first)")
         try:
             gpa = self._mem.uva_to_gpa(uaddr, size)
-            host = self._regions.host(gpa, size)
+            host = self._regions.host(gpa, size) if self._regions is not None else ffi.NULL
         except MemoryAccessError as e:
             raise self._reject("uaddr", uaddr, f"+ size {size:#x} is not inside one memory-table region "
                                                f"({e})") from None

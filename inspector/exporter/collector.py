@@ -185,7 +185,27 @@ def _rows(snap: Snapshot, diagnoses: dict[QueueId, Diagnosis], source: str, samp
             rows.verdicts(d.verdict)
             add(M.VERDICT_SECONDS, max(0.0, snap.time - d.since))
         _blk_samples(q, add)
+        _iotlb_samples(q, add)
     return rows
+
+
+#: (metric, key) of a queue's ``iotlb`` extras (inspector/vhost_user/iotlb.py iotlb_extras).
+_IOTLB = ((M.IOTLB_ENTRIES, "entries"), (M.IOTLB_UPDATES, "updates"), (M.IOTLB_INVALIDATIONS, "invalidations"),
+          (M.IOTLB_MISSES, "misses"), (M.IOTLB_REJECTED, "rejected"))
+
+
+def _iotlb_samples(q: QueueEntry, add) -> None:
+    """An IOVA-addressed queue's IOTLB counters (its ``iotlb`` extras)."""
+    io = q.extras.get("iotlb") if q.extras else None
+    if not isinstance(io, dict):
+        return
+    for m, key in _IOTLB:
+        n = io.get(key)
+        if isinstance(n, (int, float)):
+            add(m, n)
+    miss = io.get("miss")
+    if isinstance(miss, dict) and isinstance(miss.get("waiting_s"), (int, float)):
+        add(M.IOTLB_MISS_WAITING, miss["waiting_s"])
 
 
 def _blk_samples(q: QueueEntry, add) -> None:

@@ -87,6 +87,15 @@ BLK_BAD_REQUESTS = _q("blk_bad_requests", "counter", "Malformed virtio-blk reque
 BLK_INFLIGHT = _q("blk_inflight", "gauge", "virtio-blk requests submitted to the disk and not completed")
 BLK_READ_BYTES = _q("blk_read_bytes", "counter", "Bytes read from the disk for the guest")
 BLK_WRITTEN_BYTES = _q("blk_written_bytes", "counter", "Bytes written to the disk for the guest")
+# ---- per queue: VIRTIO_F_ACCESS_PLATFORM, the connection's device IOTLB (serve, proxy)
+IOTLB_ENTRIES = _q("iotlb_entries", "gauge", "IOVA translations in the connection's device IOTLB")
+IOTLB_UPDATES = _q("iotlb_updates", "counter", "IOTLB UPDATEs from the front-end that added a translation")
+IOTLB_INVALIDATIONS = _q("iotlb_invalidations", "counter", "IOTLB INVALIDATEs from the front-end that dropped "
+                                                           "at least one translation")
+IOTLB_MISSES = _q("iotlb_misses", "counter", "IOTLB misses the back-end sent the front-end (BACKEND_IOTLB_MSG)")
+IOTLB_REJECTED = _q("iotlb_rejected", "counter", "IOTLB messages refused as malformed or hostile")
+IOTLB_MISS_WAITING = _q("iotlb_miss_waiting_seconds", "gauge", "Seconds the queue has waited for the "
+                                                               "translation of an IOTLB miss (absent: none)")
 
 # ---- per source
 SOURCE_UP = _s("up", "gauge", "1 when the last read of the source succeeded and is not stale, else 0")
@@ -107,6 +116,7 @@ METRICS: tuple[Metric, ...] = (
     QUEUE_SIZE, AVAIL_IDX, USED_IDX, LAST_AVAIL_IDX, NEXT_AVAIL, NEXT_USED, AVAIL_WRAP_COUNTER,
     USED_WRAP_COUNTER, INFLIGHT, KICKS, CALLS, CALLS_SUPPRESSED, PACKETS, BYTES, DROPPED, ANOMALIES, VERDICT,
     VERDICT_SECONDS, BLK_REQUESTS, BLK_STATUS, BLK_BAD_REQUESTS, BLK_INFLIGHT, BLK_READ_BYTES, BLK_WRITTEN_BYTES,
+    IOTLB_ENTRIES, IOTLB_UPDATES, IOTLB_INVALIDATIONS, IOTLB_MISSES, IOTLB_REJECTED, IOTLB_MISS_WAITING,
     SOURCE_UP, SOURCE_AGE, SOURCE_READS, SOURCE_READ_ERRORS, SOURCE_READ_DURATION, SOURCE_QUEUES,
     SOURCE_EVENTS_LOST, SOURCE_INFO, BUILD_INFO, EXPORTER_SOURCES,
 )

@@ -13,6 +13,12 @@ without --count-notifications), "link": the connection's per-direction
 message, byte and fd counts in and out, "proxy_originated": 0}. The
 snapshot's ``notifications_counted`` (false without --count-notifications)
 tells the doctor that the 0 kicks and calls are not observations.
+
+VIRTIO_F_ACCESS_PLATFORM: the proxy mirrors the IOTLB the front-end gives
+the back-end (its IOTLB_MSG UPDATEs and INVALIDATEs, and the back-end's
+misses on the request channel) and reads the rings at their IOVAs through
+it, with the same ``iotlb`` extras as ``serve`` (no ``miss``: the back-end's
+wait is its own).
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import time
 
 from ..devices.base import QueueStats
 from ..snapshot.model import Snapshot
-from .snapshot import queue_snapshot
+from ..memory import iova_view
+from ..vhost_user.iotlb import iotlb_extras
+from .snapshot import iotlb_snapshot_extras, queue_snapshot
 
 
 def proxy_snapshot(proxy) -> Snapshot:
@@ -37,11 +45,15 @@ def proxy_snapshot(proxy) -> Snapshot:
             continue
         dtype = proxy.device_type_of(state)
         link = conn.link_stats()
+        # VIRTIO_F_ACCESS_PLATFORM: read at the IOVAs through the IOTLB the front-end gave (mirrored).
+        dmem = iova_view(mem, state.iotlb.entries()) if state.iotlb is not None else mem
         for vring in state.snapshot_vrings():
             kicks, calls = conn.notification_counts(vring.index)
-            entry = queue_snapshot(f"proxy{conn.id}", vring, mem, state.features,
+            entry = queue_snapshot(f"proxy{conn.id}", vring, dmem, state.features,
                                    QueueStats(kicks=kicks or 0, calls=calls or 0), device_type=dtype,
                                    device_positions=False)
+            if state.iotlb is not None:
+                iotlb_snapshot_extras(entry, iotlb_extras(state.iotlb, vring, mem))
             entry.extras["proxy"] = {"connection": conn.id, "enabled": vring.enabled, "started": vring.started,
                                      "kicks": kicks, "calls": calls, "link": link}
             queues.append(entry)

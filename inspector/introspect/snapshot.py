@@ -139,7 +139,7 @@ def _decode_packed(vring: VringConfig, mem: GuestMemory, stats: QueueStats, devi
 UNTRANSLATED_YET = frozenset({AnomalyKind.ADDR_OUT_OF_RANGE, AnomalyKind.INDIRECT_OUT_OF_RANGE})
 
 
-def _iotlb_extras(entry: QueueEntry, extras: dict) -> None:
+def iotlb_snapshot_extras(entry: QueueEntry, extras: dict) -> None:
     """The queue's ``iotlb`` extras (inspector/vhost_user/iotlb.py
     snapshot_extras) and, when it has waited over a second for an UPDATE,
     an ``iotlb_miss_unanswered`` anomaly; a ring that is not in the IOTLB is
@@ -188,7 +188,7 @@ def backend_snapshot(server) -> Snapshot:
                                    restat=lambda i=vring.index, d=conn.device: d.queue_stats(i),
                                    device_type=conn.device.device_type)
             if iotlb is not None:
-                _iotlb_extras(entry, control.snapshot_extras(vring, mem, stats.iotlb_miss))
+                iotlb_snapshot_extras(entry, control.snapshot_extras(vring, mem, stats.iotlb_miss))
             # The vring's eventfds as this process holds them (what the
             # eventfd probe watches: vqscope probe --connect).
             entry.backend = BackendFds(vring.kick_fd, vring.call_fd)

@@ -30,7 +30,7 @@ from typing import Callable
 
 from ..datapath.iotlb import Iotlb, IotlbMiss, IotlbRejected, access_name
 from ..devices.base import Device, VringConfig
-from ..errors import RequestRefused
+from ..errors import MemoryAccessError, RequestRefused
 from ..spec.vhost import VHOST_ACCESS_RO, VHOST_ACCESS_WO, VHOST_IOTLB_INVALIDATE, VHOST_IOTLB_UPDATE
 from ..spec.virtio import VIRTIO_F_ACCESS_PLATFORM, has_feature
 from .protocol import IotlbMsg
@@ -167,36 +167,41 @@ class IotlbControl:
 
     # --- snapshot ---------------------------------------------------------------------------------
     def snapshot_extras(self, v: VringConfig, mem, queue_miss: dict | None) -> dict:
-        """The queue's ``iotlb`` extras: the IOTLB's counters, each ring
-        area's IOVA with its translation (``uaddr``, ``gpa``; None where it
-        misses) and what the queue waits for (``miss``: ``iova``, ``perm``,
-        ``waiting_s``; None)."""
-        t = self.iotlb
-        out: dict = dict(t.stats())
+        """The queue's ``iotlb`` extras (:func:`iotlb_extras`) with the
+        vring restarts and what the queue waits for (``miss``: ``iova``,
+        ``perm``, ``waiting_s``; None): a ring area that missed at start, or
+        the data path's ``queue_miss`` (QueueStats.iotlb_miss)."""
+        out = iotlb_extras(self.iotlb, v, mem)
         out["ring_restarts"] = self.ring_restarts
-        ring = {}
-        for (fld, what, perm), size in zip(RING_AREAS, ring_area_sizes(v.num, v.packed)):
-            iova = getattr(v, fld)
-            try:
-                uaddr = t.translate(iova, size, perm, what)
-            except (IotlbMiss, IotlbRejected):
-                ring[what] = {"iova": iova, "uaddr": None, "gpa": None}
-                continue
-            try:
-                gpa = mem.uva_to_gpa(uaddr, size) if mem is not None else None
-            except Exception:
-                gpa = None
-            ring[what] = {"iova": iova, "uaddr": uaddr, "gpa": gpa}
-        out["ring"] = ring
-        miss = None
         rm = self.ring_misses.get(v.index)
         if rm is not None:
-            miss = {"iova": rm[0], "perm": access_name(rm[1]), "waiting_s": time.monotonic() - rm[2]}
+            out["miss"] = {"iova": rm[0], "perm": access_name(rm[1]), "waiting_s": time.monotonic() - rm[2]}
         elif queue_miss is not None:
-            miss = {"iova": queue_miss["iova"], "perm": access_name(queue_miss["perm"]),
-                    "waiting_s": queue_miss.get("waiting_s")}
-        out["miss"] = miss
+            out["miss"] = {"iova": queue_miss["iova"], "perm": access_name(queue_miss["perm"]),
+                           "waiting_s": queue_miss.get("waiting_s")}
         return out
 
 
-__all__ = ["IotlbControl", "RING_AREAS"]
+def iotlb_extras(t: Iotlb, v: VringConfig, mem) -> dict:
+    """A queue's ``iotlb`` snapshot extras over IOTLB ``t`` (a back-end's, or
+    a proxy's mirror): its counters (Iotlb.stats) and, under ``ring``, each
+    ring area's IOVA with its front-end address ``uaddr`` and guest-physical
+    ``gpa`` in ``mem`` (both None where it does not translate); ``miss``
+    None."""
+    out: dict = dict(t.stats())
+    ring = {}
+    for (fld, what, perm), size in zip(RING_AREAS, ring_area_sizes(v.num, v.packed)):
+        iova = getattr(v, fld)
+        uaddr = gpa = None
+        try:
+            uaddr = t.translate(iova, size, perm, what)
+            gpa = mem.uva_to_gpa(uaddr, size) if mem is not None else None
+        except (IotlbMiss, IotlbRejected, MemoryAccessError):
+            pass
+        ring[what] = {"iova": iova, "uaddr": uaddr, "gpa": gpa}
+    out["ring"] = ring
+    out["miss"] = None
+    return out
+
+
+__all__ = ["IotlbControl", "RING_AREAS", "iotlb_extras"]

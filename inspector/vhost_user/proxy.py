@@ -162,6 +162,8 @@ class ProxyConnection:
         if side.direction == "back-end":
             return self.state.back_end_message(frame)
         req, payload = decode_backend_message(frame, reply=side.direction == "backend-req-reply")
+        if side.direction != "backend-req-reply":
+            self.state.backend_request(req, payload)
         return payload_fields(payload)
 
     # --- --count-notifications -----------------------------------------------------

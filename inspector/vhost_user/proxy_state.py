@@ -24,9 +24,11 @@ import os
 from dataclasses import replace
 from typing import Any
 
+from ..datapath.iotlb import Iotlb, IotlbRejected
 from ..devices.base import VringConfig
+from ..spec.vhost import VHOST_IOTLB_INVALIDATE, VHOST_IOTLB_UPDATE
 from ..memory import GuestMemory
-from ..spec.virtio import (VIRTIO_BLK_F_GEOMETRY, VIRTIO_F_RING_PACKED, VIRTIO_NET_F_CSUM,
+from ..spec.virtio import (VIRTIO_BLK_F_GEOMETRY, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_NET_F_CSUM,
                            VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_VLAN,
                            VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
                            VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, has_feature)
@@ -124,6 +126,10 @@ class ConnectionState:
         self.resets = 0
         self._memory = MappedMemory(logger, conn_id)
         self._regions: list[tuple[MemoryRegionDesc, int]] = []   # the table, each region with our dup of its fd
+        #: VIRTIO_F_ACCESS_PLATFORM acked: a mirror of the IOTLB the front-end
+        #: gives the back-end (its UPDATE / INVALIDATE messages), to read the
+        #: rings at their IOVAs; None otherwise.
+        self.iotlb: Iotlb | None = None
 
     @property
     def mem(self) -> GuestMemory | None:
@@ -164,6 +170,9 @@ class ConnectionState:
             self._vring_request(req, self.vring(name, index), payload)
         elif req == Request.SET_FEATURES:
             self.features = payload
+            self._iotlb_features(payload)
+        elif req == Request.IOTLB_MSG:
+            self._iotlb_message(payload)
         elif req == Request.SET_PROTOCOL_FEATURES:
             self.protocol_features = payload
         elif req == Request.SET_MEM_TABLE:
@@ -252,12 +261,48 @@ class ConnectionState:
         except ProtocolViolation:
             _close(fds)
             raise
+        if self.iotlb is not None:
+            self.iotlb.set_memory(table.mem)   # as the back-end does: a new table flushes its IOTLB
         self._memory.install(table)
         _close([fd for _, fd in self._regions])
         self._regions = list(zip(descs, fds))
 
+    # --- VIRTIO_F_ACCESS_PLATFORM --------------------------------------------------------
+    def _iotlb_features(self, features: int) -> None:
+        """Mirror the connection's IOTLB while VIRTIO_F_ACCESS_PLATFORM is acked."""
+        if has_feature(features, VIRTIO_F_ACCESS_PLATFORM):
+            if self.iotlb is None:
+                self.iotlb = Iotlb(mirror=True)
+                self.iotlb.set_memory(self.mem)
+        elif self.iotlb is not None:
+            self.iotlb.close()
+            self.iotlb = None
+
+    def _iotlb_message(self, m) -> None:
+        """An IOTLB_MSG the front-end sent: applied to the mirror as a
+        back-end would (an UPDATE it refuses is counted in the mirror's
+        ``rejected``; the back-end decides for itself, the proxy only
+        watches)."""
+        if self.iotlb is None:
+            return
+        try:
+            if m.type == VHOST_IOTLB_UPDATE:
+                self.iotlb.update(m.iova, m.size, m.uaddr, m.perm)
+            elif m.type == VHOST_IOTLB_INVALIDATE:
+                self.iotlb.invalidate(m.iova, m.size)
+        except IotlbRejected:
+            pass
+
+    def backend_request(self, req, payload) -> None:
+        """A message the back-end sent on its request channel: IOTLB misses are counted."""
+        if req == BackendRequest.IOTLB_MSG and self.iotlb is not None:
+            self.iotlb.misses_sent += 1
+
     def close(self) -> None:
         """Unmap guest memory and close every fd kept."""
+        if self.iotlb is not None:
+            self.iotlb.close()
+            self.iotlb = None
         self._memory.close()
         _close([fd for _, fd in self._regions])
         self._regions = []

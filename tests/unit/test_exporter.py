@@ -84,6 +84,15 @@ def _blk() -> QueueEntry:
     return q
 
 
+def _iova() -> QueueEntry:
+    q = _split("net7", 0)
+    q.extras = {"iotlb": {"entries": 14, "capacity": 16384, "updates": 40, "invalidations": 26,
+                          "invalidations_unmapped": 1, "evictions": 0, "misses": 41, "rejected": 2,
+                          "ring_restarts": 0, "ring": {}, "buffers_untranslated": 3,
+                          "miss": {"iova": 0xFFFEE000, "perm": "wo", "waiting_s": 2.5}}}
+    return q
+
+
 def _reading(queues: list[QueueEntry], t: float, source: str = "s", taken: float | None = None) -> Reading:
     snap = Snapshot(source=source, time=t, queues=queues)
     a = Analyzer()
@@ -111,7 +120,7 @@ def test_prepared_exposition_is_prometheus_clients_generate_latest_byte_for_byte
     q = _split(odd, 0, anomalies=[Anomaly(AnomalyKind.LOOP, "x", 3), Anomaly(AnomalyKind.LOOP, "y", 4),
                                   Anomaly(AnomalyKind.ZERO_LEN, "z", 5)])
     watches = [
-        _watch("/run/a.sock", _reading([q, _split("net0", 1, dropped=5), _packed("net1", 0), _blk()], t,
+        _watch("/run/a.sock", _reading([q, _split("net0", 1, dropped=5), _packed("net1", 0), _blk(), _iova()], t,
                                         "/run/a.sock", taken=now - 1)),
         _watch("/run/qemu.qmp", _reading([_split("/machine/peripheral/unet", 2)], t, "/run/qemu.qmp",
                                          taken=now - 2), kind="qemu"),
@@ -138,6 +147,10 @@ def test_prepared_exposition_is_prometheus_clients_generate_latest_byte_for_byte
     pk = {s.name: s.value for f in fams.values() for s in f.samples
           if s.labels.get("device") == "net1"}
     assert pk["vqscope_queue_next_avail"] == 9 and pk["vqscope_queue_used_wrap_counter"] == 0
+    io = {s.name: s.value for f in fams.values() for s in f.samples if s.labels.get("device") == "net7"}
+    assert (io["vqscope_queue_iotlb_entries"], io["vqscope_queue_iotlb_misses_total"],
+            io["vqscope_queue_iotlb_rejected_total"], io["vqscope_queue_iotlb_miss_waiting_seconds"]) == (14, 41, 2, 2.5)
+    assert not any(s.labels.get("device") == "net0" for s in fams["vqscope_queue_iotlb_entries"].samples)
     assert "vqscope_queue_avail_idx" not in pk     # no split fields on a packed queue
     blk = {(s.name, s.labels.get("request") or s.labels.get("status") or s.labels.get("kind")): s.value
            for f in fams.values() for s in f.samples if s.labels.get("device") == "blk0"}

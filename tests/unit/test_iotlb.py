@@ -284,3 +284,17 @@ def test_the_iova_view_decodes_an_iova_ring():
                                  iova(rig.drv.used_addr), 0)
     assert [a.kind.value for a in dec.anomalies] == ["addr_out_of_range"]
     rig.close()
+
+
+def test_a_mirror_translates_without_host_pointers():
+    # a proxy's mirror: entries carry no host pointer, translations still work (joined on uaddr)
+    t = Iotlb(mirror=True)
+    t.set_memory(mem_())
+    t.update(IOVA, PAGE, UVA, VHOST_ACCESS_RW)
+    t.update(IOVA + PAGE, PAGE, UVA + PAGE, VHOST_ACCESS_RW)
+    assert t.translate(IOVA + 8, PAGE, VHOST_ACCESS_RO, "desc ring") == UVA + 8
+    with pytest.raises(IotlbMiss):
+        t.translate(IOVA + 2 * PAGE, 8, VHOST_ACCESS_RO, "x")
+    with pytest.raises(IotlbRejected):
+        t.update(IOVA, PAGE, UVA + MEM_SIZE, VHOST_ACCESS_RO)   # still checked against the memory table
+    t.close()
