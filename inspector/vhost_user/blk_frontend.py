@@ -128,7 +128,11 @@ class BlkFrontend(FrontendCore):
         (header gpa, status gpa, data gpa), the 16-byte header at the slot's
         start, the status byte right after it, ``slot_size - DATA_OFFSET``
         data bytes from ``DATA_OFFSET``. They stay taken for this front-end's
-        life. Raises InspectorError when fewer than ``n`` slots are free."""
+        life. Raises InspectorError when fewer than ``n`` slots are free, or
+        behind an IOMMU (the addresses are guest-physical, not IOVAs)."""
+        if self.iommu:
+            raise InspectorError("request slots for an outside driver give guest-physical addresses; this "
+                                 "front-end negotiated VIRTIO_F_ACCESS_PLATFORM (IOVAs): use submit()")
         if n > len(self.free_slots):
             raise InspectorError(f"front-end: {n} request slots asked for, {len(self.free_slots)} free")
         out = []

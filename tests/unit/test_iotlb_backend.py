@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from inspector.errors import InspectorError
 from inspector.spec.vhost import VHOST_ACCESS_RO, VHOST_ACCESS_RW, VHOST_ACCESS_WO
 from inspector.spec.virtio import (VIRTIO_BLK_S_OK, VIRTIO_BLK_SECTOR_SIZE, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
                                    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, has_feature)
@@ -136,6 +137,8 @@ def test_blk_writes_and_reads_through_the_iotlb(tmp_path):
             assert {VHOST_ACCESS_RO, VHOST_ACCESS_WO, VHOST_ACCESS_RW} <= perms, fe.missed()
             iotlb = Introspect(sock).iotlb(0)
             assert iotlb["misses"] > 0 and iotlb["updates"] >= 1 and iotlb["rejected"] == 0, iotlb
+            with pytest.raises(InspectorError, match="IOVAs"):   # load blk's C engine writes gpas
+                fe.take_request_slots(1)
         with open(img, "rb") as f:
             for sector, data in blocks.items():
                 f.seek(sector * VIRTIO_BLK_SECTOR_SIZE)
