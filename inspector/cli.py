@@ -377,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                              vqscope load vhost-net --hold 60 --every 0.5 # stay open for vqscope tui --vhost-net PID
                              vqscope load vhost-net --withhold-kicks --hold 60   # TX entries vhost was never kicked for
                              vqscope load vhost-net --hold 60 --every 1 --withhold-kicks 4 --withhold-after 20
+                             vqscope load vhost-net --iotlb --hold 60 --every 1   # addresses are IOVAs: vhost's device IOTLB
                          """))
     lnp.add_argument("--tx", type=int, default=8, help="frames to send through TX (default 8)")
     lnp.add_argument("--rx", type=int, default=8, help="frames to receive through RX (default 8)")
@@ -391,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     lnp.add_argument("--withhold-after", type=float, default=0.0, metavar="S",
                      help="start withholding S seconds into --hold (default 0), after normal "
                           "--every traffic, so that an observer attached meanwhile sees TX at work")
+    lnp.add_argument("--iotlb", action="store_true",
+                     help="ack VIRTIO_F_ACCESS_PLATFORM: vhost's device IOTLB translates every ring and "
+                          "buffer address (IOVAs: guest-physical + 0x100000000); IOTLB misses are "
+                          "answered with 4 KiB updates (the summary's iotlb counts them)")
     lnp.set_defaults(func=cmd_load)
 
     lbp = lsub.add_parser("blk", help="drive a vhost-user-blk back-end without a VM (fio-like)",

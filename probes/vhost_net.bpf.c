@@ -9,6 +9,17 @@
  * trusted is not attached). HANDLE_TX_KICK_ADDR/HANDLE_RX_KICK_ADDR are the
  * kick handlers' addresses from /proc/kallsyms (which vhost_poll is a
  * virtqueue's kick poll).
+ *
+ * The device IOTLB (drivers/vhost/iotlb.c): every add/del/reset of a
+ * struct vhost_iotlb goes to user space as a struct iotlb_op through
+ * `iotlb_ops` (probes/iotlb.py mirrors them); the first handler run of a
+ * vring whose vq->iotlb is set walks that IOTLB's map list once (at most
+ * IOTLB_WALK_MAX maps) so maps inserted before the probes attached are
+ * known too. HAVE_IOTLB_BTF 0: the kernel's BTF lacks struct vhost_iotlb
+ * (no walk, no vq->iotlb). IOTLB_* / MAP_* offsets are BTF's.
+ *
+ * Over 600 lines: one BCC program (BCC compiles one text; the IOTLB part
+ * shares snap(), the maps and the pid filter), mostly attach-point stubs.
  */
 
 #define RD(dst, base, F)                                                        \
@@ -24,6 +35,7 @@ struct vq_state {
     u64 used;
     u64 time;      /* bpf_ktime_get_ns() of the last hit */
     u64 acked_features; /* vq->acked_features: EVENT_IDX decides used_event/avail_event */
+    u64 iotlb;     /* vq->iotlb: the device IOTLB (0: addresses are not IOVAs) */
     u32 num;
     u32 owner;     /* the owner's pid (vhost worker "vhost-<pid>") */
     u16 last_avail_idx;
@@ -115,6 +127,9 @@ static __always_inline struct vq_state *snap(u64 vq)
     RD(s->signalled_used, vq, VQ_SIGNALLED_USED);
     RD(s->signalled_used_valid, vq, VQ_SIGNALLED_USED_VALID);
     RD(s->acked_features, vq, VQ_ACKED_FEATURES);
+#if HAVE_IOTLB_BTF
+    RD(s->iotlb, vq, VQ_IOTLB);
+#endif
     if (s->index < 0) {
         u64 dev = 0, vqs = 0;
         int nvqs = 0;
@@ -148,6 +163,127 @@ static __always_inline void emit(void *ctx, u64 vq, struct vq_state *s, u16 kind
     vqs_emit_pid(ctx, vq, kind, qidx(s), value, s ? s->owner : 0);
 }
 
+/* ---- the device IOTLB ------------------------------------------------------ */
+
+struct iotlb_op {
+    u64 ts;
+    u64 iotlb;     /* struct vhost_iotlb * */
+    u64 start;
+    u64 last;
+    u64 addr;
+    u32 perm;
+    u32 op;        /* IOTLB_OP_* */
+    u32 limit;     /* iotlb->limit, iotlb->flags (0 without BTF) */
+    u32 flags;
+};
+
+#if USE_RINGBUF
+BPF_RINGBUF_OUTPUT(iotlb_ops, IOTLB_RINGBUF_PAGES);
+#else
+BPF_PERF_OUTPUT(iotlb_ops);
+#endif
+BPF_PERCPU_ARRAY(iotlb_lost, u64, 1);
+BPF_HASH(iotlb_walked, u64, u8, 1024);   /* IOTLBs whose map list was walked */
+
+static __always_inline void iotlb_emit(void *ctx, u32 op, u64 iotlb, u64 start, u64 last, u64 addr, u32 perm)
+{
+    struct iotlb_op r = {};
+    r.ts = bpf_ktime_get_ns();
+    r.op = op;
+    r.iotlb = iotlb;
+    r.start = start;
+    r.last = last;
+    r.addr = addr;
+    r.perm = perm;
+#if HAVE_IOTLB_BTF
+    RD(r.limit, iotlb, IOTLB_LIMIT);
+    RD(r.flags, iotlb, IOTLB_FLAGS);
+#endif
+#if USE_RINGBUF
+    if (iotlb_ops.ringbuf_output(&r, sizeof(r), 0) != 0) {
+        u32 z = 0;
+        u64 *l = iotlb_lost.lookup(&z);
+        if (l)
+            (*l)++;
+    }
+#else
+    iotlb_ops.perf_submit(ctx, &r, sizeof(r));
+#endif
+}
+
+/* Once per IOTLB: its maps as they are now (list order: oldest first),
+ * at most IOTLB_WALK_MAX of them. */
+static __always_inline void iotlb_walk(void *ctx, u64 iotlb)
+{
+#if HAVE_IOTLB_BTF
+    u8 one = 1;
+    if (!iotlb || iotlb_walked.lookup(&iotlb))
+        return;
+    iotlb_walked.update(&iotlb, &one);
+    u64 head = iotlb + IOTLB_LIST_OFF, node = 0;
+    bpf_probe_read_kernel(&node, sizeof(node), (void *)head);   /* list_head.next */
+    for (int i = 0; i < IOTLB_WALK_MAX; i++) {
+        if (!node || node == head)
+            return;
+        u64 map = node - MAP_LINK_OFF, start = 0, last = 0, addr = 0;
+        u32 perm = 0;
+        RD(start, map, MAP_START);
+        RD(last, map, MAP_LAST);
+        RD(addr, map, MAP_ADDR);
+        RD(perm, map, MAP_PERM);
+        iotlb_emit(ctx, IOTLB_OP_SEEN, iotlb, start, last, addr, perm);
+        bpf_probe_read_kernel(&node, sizeof(node), (void *)node);
+    }
+    if (node && node != head)
+        iotlb_emit(ctx, IOTLB_OP_WALK_TRUNCATED, iotlb, 0, 0, 0, 0);
+#endif
+}
+
+#if HAVE_KPROBE_VHOST_IOTLB_ADD_RANGE_CTX
+/* vhost_iotlb_add_range_ctx(iotlb, start, last, addr, perm, opaque) */
+int kprobe_vhost_iotlb_add_range_ctx(struct pt_regs *ctx)
+{
+    if (!vqs_pid_ok(bpf_get_current_pid_tgid() >> 32))
+        return 0;
+    iotlb_emit(ctx, IOTLB_OP_ADD, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx),
+               PT_REGS_PARM4(ctx), (u32)PT_REGS_PARM5(ctx));
+    return 0;
+}
+#endif
+#if HAVE_KPROBE_VHOST_IOTLB_ADD_RANGE
+/* vhost_iotlb_add_range(iotlb, start, last, addr, perm) (kernels without the _ctx variant) */
+int kprobe_vhost_iotlb_add_range(struct pt_regs *ctx)
+{
+    if (!vqs_pid_ok(bpf_get_current_pid_tgid() >> 32))
+        return 0;
+    iotlb_emit(ctx, IOTLB_OP_ADD, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx),
+               PT_REGS_PARM4(ctx), (u32)PT_REGS_PARM5(ctx));
+    return 0;
+}
+#endif
+#if HAVE_KPROBE_VHOST_IOTLB_DEL_RANGE
+/* vhost_iotlb_del_range(iotlb, start, last) */
+int kprobe_vhost_iotlb_del_range(struct pt_regs *ctx)
+{
+    if (!vqs_pid_ok(bpf_get_current_pid_tgid() >> 32))
+        return 0;
+    iotlb_emit(ctx, IOTLB_OP_DEL, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), 0, 0);
+    return 0;
+}
+#endif
+#if HAVE_KPROBE_VHOST_IOTLB_RESET
+/* vhost_iotlb_reset(iotlb): every map goes (vhost_iotlb_free, device cleanup) */
+int kprobe_vhost_iotlb_reset(struct pt_regs *ctx)
+{
+    u64 iotlb = PT_REGS_PARM1(ctx);
+    iotlb_walked.delete(&iotlb);
+    if (!vqs_pid_ok(bpf_get_current_pid_tgid() >> 32))
+        return 0;
+    iotlb_emit(ctx, IOTLB_OP_RESET, iotlb, 0, 0, 0, 0);
+    return 0;
+}
+#endif
+
 /* ---- handlers ---------------------------------------------------------- */
 
 static __always_inline void handler_enter(struct pt_regs *ctx, u64 vq, int from_kick, int count_run)
@@ -155,6 +291,7 @@ static __always_inline void handler_enter(struct pt_regs *ctx, u64 vq, int from_
     struct vq_state *s = snap(vq);
     if (!s)
         return;
+    iotlb_walk(ctx, s->iotlb);
     u64 now = bpf_ktime_get_ns();
     if (from_kick) {
         u64 *k = kick_ts.lookup(&vq);

@@ -16,6 +16,15 @@ returned true: VHOST_NET_WEIGHT / VHOST_NET_PKT_WEIGHT), ``signals``,
 ``notify_enables``, ``notify_disables``, ``works_queued``. Histograms:
 ``kick_to_handler_ns``, ``handler_run_ns``, ``used_to_call_ns``.
 
+The device IOTLB (``vq->iotlb``, drivers/vhost/iotlb.c): every
+``vhost_iotlb_add_range_ctx`` / ``vhost_iotlb_del_range`` /
+``vhost_iotlb_reset`` of the traced processes, and once per IOTLB a bounded
+walk of the maps it already holds, go to user space in order (a ring
+buffer of their own, read whether or not ``stream`` is on) and are mirrored
+per IOTLB (:class:`probes.iotlb.IotlbMirror`, :meth:`VhostNetProbe.iotlb`);
+``VhostVqState.iotlb`` says which IOTLB a vring translates through (0: its
+addresses are not IOVAs).
+
 Every offset comes from the running kernel's BTF (``/sys/kernel/btf/vhost``
 and ``vhost_net``, split on ``vmlinux``) through :mod:`probes.btf` and goes
 to the program as ``#define``s; argument positions come from the functions'
@@ -27,12 +36,16 @@ always.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from pathlib import Path
+
+from inspector.events import monotonic_to_realtime_ns
 
 from .attach import AttachPoint, KernelInfo, choose_kprobe, no_btf_reason, resolve_symbol
 from .base import Probe, ProbeError
 from .btf import Btf, BtfError
+from .iotlb import (OP_ADD, OP_DEL, OP_RESET, OP_SEEN, OP_WALK_TRUNCATED, IotlbMirror, IotlbOp)
 
 # (function, kprobe reads the vq pointer from this source argument (None:
 # reads no vq argument), add a kretprobe?)
@@ -54,7 +67,17 @@ FUNCTIONS: list[tuple[str, int | None, bool]] = [
     ("vhost_vq_work_queue", 1, False),
     ("eventfd_signal_mask", None, False),
     ("eventfd_signal", None, False),
+    # the device IOTLB (drivers/vhost/iotlb.c, module vhost_iotlb): scalar arguments only
+    ("vhost_iotlb_add_range_ctx", None, False),
+    ("vhost_iotlb_add_range", None, False),
+    ("vhost_iotlb_del_range", None, False),
+    ("vhost_iotlb_reset", None, False),
 ]
+IOTLB_FUNCTIONS = {"vhost_iotlb_add_range_ctx", "vhost_iotlb_add_range", "vhost_iotlb_del_range",
+                   "vhost_iotlb_reset"}
+#: Most maps the walk of one IOTLB reads (the kernel's default limit is 2048).
+IOTLB_WALK_MAX = 512
+IOTLB_RINGBUF_PAGES = 64
 HANDLERS = {"handle_tx_kick", "handle_rx_kick", "handle_tx_net", "handle_rx_net", "handle_tx", "handle_rx"}
 # Where upstream puts the vq (or count) when the kernel's BTF has no
 # prototype for a function (static clones are often left out of BTF).
@@ -75,7 +98,9 @@ class VhostVqState:
     """Last-seen state of one ``struct vhost_virtqueue`` (device-private:
     vhost's own indices). Addresses are user addresses in the owner's mm;
     ``time_ns`` is CLOCK_MONOTONIC of the hit; ``acked_features`` the
-    vq's negotiated feature bits (VIRTIO_RING_F_EVENT_IDX among them); ``index`` the vq's position in
+    vq's negotiated feature bits (VIRTIO_RING_F_EVENT_IDX among them); ``iotlb`` the kernel
+    address of ``vq->iotlb`` (nonzero: the device IOTLB is on and ``desc``/``avail``/``used``
+    are IOVAs, see :meth:`VhostNetProbe.iotlb`); ``index`` the vq's position in
     its device (-1 unknown); ``notify_enabled`` None until vhost enabled or
     disabled kicks."""
 
@@ -95,6 +120,7 @@ class VhostVqState:
     notify_enabled: bool | None
     time_ns: int
     acked_features: int = 0
+    iotlb: int = 0
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -123,6 +149,33 @@ def btf_offsets(vhost: Btf, vhost_net: Btf) -> dict[str, int]:
     d["NET_VQ_TX_OFF"] = vhost_net.field("vhost_net", f"vqs[{VHOST_NET_VQ_TX}].vq").offset
     d["NET_POLL_RX_WORK_OFF"] = vhost_net.field("vhost_net", f"poll[{VHOST_NET_VQ_RX}].work").offset
     d["NET_POLL_TX_WORK_OFF"] = vhost_net.field("vhost_net", f"poll[{VHOST_NET_VQ_TX}].work").offset
+    return d
+
+
+#: struct vhost_iotlb / vhost_iotlb_map members the walk reads: #define stem -> (struct, member).
+IOTLB_FIELDS = {"VQ_IOTLB": ("vhost_virtqueue", "iotlb"), "IOTLB_LIST": ("vhost_iotlb", "list"),
+                "IOTLB_LIMIT": ("vhost_iotlb", "limit"), "IOTLB_FLAGS": ("vhost_iotlb", "flags"),
+                "MAP_LINK": ("vhost_iotlb_map", "link"), "MAP_START": ("vhost_iotlb_map", "start"),
+                "MAP_LAST": ("vhost_iotlb_map", "last"), "MAP_ADDR": ("vhost_iotlb_map", "addr"),
+                "MAP_PERM": ("vhost_iotlb_map", "perm")}
+
+
+def iotlb_offsets(vhost: Btf | None) -> dict[str, int | bool]:
+    """The IOTLB ``#define``s from the vhost module's BTF
+    (``HAVE_IOTLB_BTF`` 1 and ``*_OFF``/``*_SIZE`` of IOTLB_FIELDS), or
+    ``HAVE_IOTLB_BTF`` 0 with zeros when a struct or member is missing
+    (kernels before struct vhost_iotlb: no walk, no vq->iotlb)."""
+    d: dict[str, int | bool] = {}
+    try:
+        if vhost is None:
+            raise BtfError("no BTF")
+        for stem, (struct_name, member) in IOTLB_FIELDS.items():
+            fld = vhost.field(struct_name, member)
+            d[f"{stem}_OFF"], d[f"{stem}_SIZE"] = fld.offset, fld.size
+        d["HAVE_IOTLB_BTF"] = True
+    except BtfError:
+        d = {f"{stem}_{k}": 0 for stem in IOTLB_FIELDS for k in ("OFF", "SIZE")}
+        d["HAVE_IOTLB_BTF"] = False
     return d
 
 
@@ -167,6 +220,7 @@ class VhostNetProbe(Probe):
         super().__init__(pids, stream, kernel, **kw)
         self._btf: dict[str, Btf] | None = None
         self._btf_error: str = ""
+        self._mirrors: dict[int, IotlbMirror] = {}
 
     # ---- pure ------------------------------------------------------------
     def btf(self) -> dict[str, Btf] | None:
@@ -214,7 +268,12 @@ class VhostNetProbe(Probe):
 
     def defines(self) -> dict[str, int | str | bool]:
         btf = self.btf() if self.kernel.has_kprobes else None
-        d: dict[str, int | str | bool] = {"MAX_VQS": MAX_VQS}
+        d: dict[str, int | str | bool] = {"MAX_VQS": MAX_VQS, "IOTLB_WALK_MAX": IOTLB_WALK_MAX,
+                                          "IOTLB_RINGBUF_PAGES": IOTLB_RINGBUF_PAGES,
+                                          "IOTLB_OP_ADD": OP_ADD, "IOTLB_OP_DEL": OP_DEL,
+                                          "IOTLB_OP_SEEN": OP_SEEN, "IOTLB_OP_RESET": OP_RESET,
+                                          "IOTLB_OP_WALK_TRUNCATED": OP_WALK_TRUNCATED}
+        d.update(iotlb_offsets(btf["vhost"] if btf is not None else None))
         if btf is not None:
             d.update(btf_offsets(btf["vhost"], btf["vhost_net"]))
         else:
@@ -241,6 +300,51 @@ class VhostNetProbe(Probe):
             return
         super()._attach_point(bpf, ap)
 
+    def _after_attach(self) -> None:
+        if self._use_ringbuf:
+            self.bpf[b"iotlb_ops"].open_ring_buffer(self._on_iotlb)
+        else:
+            self.bpf[b"iotlb_ops"].open_perf_buffer(self._on_iotlb, page_cnt=IOTLB_RINGBUF_PAGES,
+                                                   lost_cb=self._on_iotlb_lost)
+        self._iotlb_lost_perf = 0
+
+    def _on_iotlb_lost(self, n: int) -> None:
+        self._iotlb_lost_perf += n
+
+    def _on_iotlb(self, ctx, data, size) -> None:
+        r = ctypes.cast(data, ctypes.POINTER(_IotlbRec)).contents
+        op = IotlbOp(r.op, r.iotlb, r.start, r.last, r.addr, r.perm, r.limit, r.flags,
+                     monotonic_to_realtime_ns(r.ts))
+        with self._lock:
+            self._mirrors.setdefault(op.iotlb, IotlbMirror()).apply(op)
+            if len(self._mirrors) > 4 * 1024:      # bounded: forget the oldest IOTLB
+                del self._mirrors[next(iter(self._mirrors))]
+
+    def _poll_iotlb(self) -> None:
+        bpf = self._need()
+        if self._use_ringbuf:
+            bpf.ring_buffer_consume()
+        else:
+            bpf.perf_buffer_poll(0)
+
+    def iotlb(self, address: int) -> IotlbMirror | None:
+        """The mirror of the device IOTLB at kernel ``address`` (a
+        ``VhostVqState.iotlb``), None when the probes saw nothing of it;
+        drains the IOTLB records first. The mirror is the probe's: read,
+        do not change it."""
+        self._poll_iotlb()
+        with self._lock:
+            return self._mirrors.get(address)
+
+    def iotlb_lost(self) -> int:
+        """IOTLB records the kernel could not deliver (the mirrors may then
+        be wrong), cumulative since attach()."""
+        bpf = self._need()
+        n = getattr(self, "_iotlb_lost_perf", 0)
+        for v in bpf[b"iotlb_lost"].values():
+            n += sum(int(x) for x in v)
+        return n
+
     # ---- live ------------------------------------------------------------
     def queue_states(self) -> dict[int, VhostVqState]:
         """``{vq address: VhostVqState}`` as last seen by any probe hit."""
@@ -253,12 +357,20 @@ class VhostNetProbe(Probe):
                 last_used_idx=s.last_used_idx, used_flags=s.used_flags, signalled_used=s.signalled_used,
                 signalled_used_valid=bool(s.signalled_used_valid),
                 notify_enabled=None if s.notify_enabled < 0 else bool(s.notify_enabled),
-                acked_features=s.acked_features, time_ns=s.time)
+                acked_features=s.acked_features, time_ns=s.time, iotlb=s.iotlb)
         return out
 
     def _event(self, rec):
         ev = super()._event(rec)
         return ev._replace(device=f"vhost-net:{rec.pid}")
+
+
+class _IotlbRec(ctypes.Structure):
+    """``struct iotlb_op`` of vhost_net.bpf.c."""
+
+    _fields_ = [("ts", ctypes.c_uint64), ("iotlb", ctypes.c_uint64), ("start", ctypes.c_uint64),
+                ("last", ctypes.c_uint64), ("addr", ctypes.c_uint64), ("perm", ctypes.c_uint32),
+                ("op", ctypes.c_uint32), ("limit", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
 def btf_offsets_names() -> list[str]:
@@ -282,15 +394,20 @@ def _pick(root: Path, name: str) -> Path | None:
 
 def _dedupe_alternatives(pts: list[AttachPoint]) -> list[AttachPoint]:
     """Of two functions that do the same job, attach one: eventfd_signal
-    when eventfd_signal_mask is there (the first calls the second)."""
+    when eventfd_signal_mask is there, vhost_iotlb_add_range when
+    vhost_iotlb_add_range_ctx is (the first calls the second)."""
     have = {(ap.kind, ap.wanted) for ap in pts if ap.ok}
     out = []
     for ap in pts:
         if ap.ok and ap.wanted == "eventfd_signal" and ("kprobe", "eventfd_signal_mask") in have:
             ap = AttachPoint(ap.probe, ap.kind, ap.wanted, ap.target, "unavailable",
                              "not needed: eventfd_signal_mask is probed (it is called from here)")
+        if ap.ok and ap.wanted == "vhost_iotlb_add_range" and ("kprobe", "vhost_iotlb_add_range_ctx") in have:
+            ap = AttachPoint(ap.probe, ap.kind, ap.wanted, ap.target, "unavailable",
+                             "not needed: vhost_iotlb_add_range_ctx is probed (it is called from here)")
         out.append(ap)
     return out
 
 
-__all__ = ["ProbeError", "VhostNetProbe", "VhostVqState", "arg_positions", "btf_offsets"]
+__all__ = ["IOTLB_FIELDS", "ProbeError", "VhostNetProbe", "VhostVqState", "arg_positions", "btf_offsets",
+           "iotlb_offsets"]

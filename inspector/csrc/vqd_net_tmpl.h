@@ -292,6 +292,14 @@ static int FN(net_loopback)(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, i
                     status = rc;
                     break;
                 }
+                if (rc == DELIVER_STARVED && UNLIKELY(rx->iotlb != NULL) && vqd_vq_iotlb_waiting(rx)) {
+                    /* RX's next buffer waits for an IOTLB UPDATE (a miss, not a
+                     * missing buffer): chains k.. go back untouched and TX waits
+                     * with it (the worker sends the miss; the UPDATE wakes it). */
+                    OP(giveback)(tx, &tm[k], n - k);
+                    status = 1;
+                    break;
+                }
                 if (rc == DELIVER_STARVED) {
                     /* No receive buffer (or too few for the frame, or RX stalled):
                      * the frame is lost on the receive side, as a NIC (and tun

@@ -129,7 +129,7 @@ class Iotlb:
         if rc < 0:
             raise self._reject("iova", iova, f"refused by the IOTLB (status {rc})")
         if rc == lib.VQD_IOTLB_ADDED:
-            self._answered()
+            self._answered(iova, size)
         return rc == lib.VQD_IOTLB_ADDED
 
     def invalidate(self, iova: int, size: int) -> tuple[int, bool]:
@@ -226,9 +226,13 @@ class Iotlb:
         with self._lock:
             self._wakers.pop(key, None)
 
-    def _answered(self) -> None:
+    def _answered(self, iova: int, size: int) -> None:
+        """An UPDATE added ``[iova, iova + size)``: the pages it covers may be
+        asked again (a later miss there is a new one); the workers wake."""
+        first, last = iova // MISS_PAGE, (iova + size - 1) // MISS_PAGE
         with self._lock:
-            self._asked.clear()
+            for key in [k for k in self._asked if first <= k[0] <= last]:
+                del self._asked[key]
             wakers = list(self._wakers.values())
         for w in wakers:
             try:

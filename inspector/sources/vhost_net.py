@@ -20,12 +20,23 @@ addresses in that process and whose ``last_avail_idx``, ``last_used_idx``,
   queue carries one ``mem_table_unknown`` anomaly instead of an
   ``addr_out_of_range`` per descriptor;
 - the rings: :func:`inspector.ring.remote.snapshot_remote_split`, one
-  ``process_vm_readv`` per vring, never a write.
+  ``process_vm_readv`` per vring, never a write;
+- with vhost's device IOTLB on (the owner acked VIRTIO_F_ACCESS_PLATFORM;
+  the probe reads ``vq->iotlb``), ``desc``/``avail``/``used`` and every
+  descriptor address are IOVAs: they are translated through the probe's
+  mirror of that IOTLB (:meth:`probes.vhost_net.VhostNetProbe.iotlb`: the
+  maps walked when vqscope first saw the device, then every update and
+  invalidation), never through the memory table. The IOTLB is a cache the
+  owner fills on misses, so an IOVA without a map is not the driver's
+  fault: a ring area without one is an ``iova_untranslated`` anomaly (the
+  ring is not read), a descriptor without one an ``iova_untranslated``
+  anomaly of its chain (instead of ``addr_out_of_range``).
 
 Queue entries are those of README "Snapshot JSON", device
 ``vhost-net:PID:FD`` (``vhost-net:PID:?`` when the fd cannot be told),
 index 0 (RX) / 1 (TX) as in drivers/vhost/net.c, ``last_avail_idx``
-vhost's, plus ``device_state`` and ``histograms`` (README "vhost-net").
+vhost's, plus ``device_state`` and ``histograms`` (README "vhost-net"), and
+with the device IOTLB ``iotlb`` (:func:`iotlb_extras`).
 """
 
 from __future__ import annotations
@@ -35,21 +46,79 @@ import time
 
 from probes.attach import has_bpf_privilege
 from probes.base import PrivilegeError
+from probes.iotlb import translation_ranges
 from probes.vhost_ioctl import VhostIoctlProbe
 from probes.vhost_net import VhostNetProbe
 
 from ..errors import InspectorError, RingError, SourceError, SourceGone
 from ..layout import avail_ring_size, desc_table_size, used_ring_size
-from ..memory.process import ProcessMemory, RamRange
+from ..memory.process import ProcessMemory, RamRange, ram_hva
 from ..ring.anomalies import Anomaly, AnomalyKind
 from ..ring.remote import snapshot_remote_split
 from ..snapshot.model import QueueEntry, Skipped, Snapshot
-from ..spec.vhost import DEV_VHOST_NET
+from ..spec.vhost import DEV_VHOST_NET, VHOST_ACCESS_NAMES
 from ..spec.virtio import VIRTIO_RING_F_EVENT_IDX, has_feature
 from .base import Source
 
 #: Anomalies that need the memory table: dropped when it is unknown.
 NEEDS_MEM_TABLE = frozenset({AnomalyKind.ADDR_OUT_OF_RANGE, AnomalyKind.INDIRECT_OUT_OF_RANGE})
+#: Ring areas in the order snapshot_remote_split takes them.
+RING_AREAS = ("desc", "avail", "used")
+
+
+def iova_ranges(ranges: list[tuple[int, int, int, int]]) -> list[RamRange]:
+    """RamRanges (``gpa`` = IOVA, ``hva`` = the owner's user address) of
+    :func:`probes.iotlb.translation_ranges`' ``(iova, size, uaddr, perm)``,
+    neighbours contiguous in both spaces merged whatever their permission
+    (the ring reader checks addresses, not access)."""
+    out: list[RamRange] = []
+    for iova, size, uaddr, _perm in ranges:
+        if out and out[-1].gpa + out[-1].size == iova and out[-1].hva + out[-1].size == uaddr:
+            out[-1] = RamRange(out[-1].gpa, out[-1].size + size, out[-1].hva)
+        else:
+            out.append(RamRange(iova, size, uaddr))
+    return out
+
+
+def untranslated(anomalies: list[Anomaly]) -> list[Anomaly]:
+    """``anomalies`` of a ring read through the device IOTLB with every
+    ``addr_out_of_range`` / ``indirect_out_of_range`` (an IOVA no map holds)
+    turned into ``iova_untranslated`` of the same chain: the IOTLB is a
+    cache vhost fills on misses, so the IOVA may be one it has not missed
+    on yet, or one invalidated since."""
+    out = []
+    for a in anomalies:
+        if a.kind in NEEDS_MEM_TABLE:
+            a = Anomaly(AnomalyKind.IOVA_UNTRANSLATED,
+                        f"{a.detail} (an IOVA with no device-IOTLB map: not missed on yet, or invalidated)",
+                        a.head)
+        out.append(a)
+    return out
+
+
+def iotlb_extras(mirror, ranges: list[tuple[int, int, int, int]], areas: list[tuple[int, int]],
+                 lost: int) -> dict:
+    """The queue entry's ``iotlb`` extras: ``entries`` (maps mirrored),
+    ``ranges`` (after merging), ``source`` ("probe"), ``complete`` (False
+    when the walk was truncated, maps were dropped or records lost),
+    ``walked`` (the maps present before the probes attached were read) and
+    ``ring``: per area ``{"iova", "uaddr" (None: no map), "perm"}`` (the
+    access every map under the area grants; an area may span maps
+    contiguous in both spaces)."""
+    ram = iova_ranges(ranges)
+    ring = {}
+    for name, (iova, n) in zip(RING_AREAS, areas):
+        uaddr = ram_hva(ram, iova, n)
+        perm = 0
+        if uaddr is not None:
+            perm = 3
+            for r_iova, r_size, _u, r_perm in ranges:
+                if r_iova < iova + n and iova < r_iova + r_size:
+                    perm &= r_perm
+        ring[name] = {"iova": iova, "uaddr": uaddr, "perm": VHOST_ACCESS_NAMES.get(perm)}
+    return {"entries": len(mirror) if mirror is not None else 0, "ranges": len(ranges), "source": "probe",
+            "walked": bool(mirror is not None and mirror.walked),
+            "complete": bool(mirror is not None and mirror.complete and not lost), "ring": ring}
 
 
 def vhost_net_fds(pid: int) -> list[int]:
@@ -231,6 +300,8 @@ class VhostNetSource(Source):
         if not st.num:
             entry.anomalies.append(Anomaly(AnomalyKind.RING_UNMAPPED, "vring size 0 (not set up)"))
             return entry
+        if getattr(st, "iotlb", 0):
+            return self._iova_entry(entry, st)
         mem_table = [(r.guest_phys_addr, r.memory_size, r.userspace_addr)
                      for r in dev.mem_table] if dev is not None and dev.mem_table else None
         try:
@@ -250,6 +321,37 @@ class VhostNetSource(Source):
             entry.anomalies.append(Anomaly(AnomalyKind.MEM_TABLE_UNKNOWN,
                                            "the vhost memory table was set before vqscope attached: "
                                            "descriptor addresses (guest-physical) are not checked"))
+        return entry
+
+    def _iova_entry(self, entry: QueueEntry, st) -> QueueEntry:
+        """Fill ``entry`` for a vring whose addresses are IOVAs (``st.iotlb``
+        set): translate through the probe's mirror of that IOTLB (module
+        docstring)."""
+        mirror = self.probe.iotlb(st.iotlb)
+        lost = self.probe.iotlb_lost()
+        ranges = translation_ranges(mirror.maps()) if mirror is not None else []
+        areas = [(st.desc, desc_table_size(st.num)), (st.avail, avail_ring_size(st.num)),
+                 (st.used, used_ring_size(st.num))]
+        extras = iotlb_extras(mirror, ranges, areas, lost)
+        entry.extras["iotlb"] = extras
+        missing = [name for name in RING_AREAS if extras["ring"][name]["uaddr"] is None]
+        if missing:
+            seen = "" if extras["walked"] else "; its maps from before vqscope attached were not read yet"
+            entry.anomalies.append(Anomaly(AnomalyKind.IOVA_UNTRANSLATED, (
+                "vring " + ", ".join(f"{n} at IOVA {extras['ring'][n]['iova']:#x}" for n in missing)
+                + f": no map in vhost's device IOTLB ({extras['entries']} maps known{seen}); not read")))
+            return entry
+        try:
+            dec = snapshot_remote_split(self._pmem, iova_ranges(ranges), st.num, st.desc, st.avail, st.used,
+                                        st.last_avail_idx)
+        except SourceGone:
+            raise
+        except (RingError, SourceError) as e:
+            self._check_alive()
+            entry.anomalies.append(Anomaly(AnomalyKind.RING_UNMAPPED, str(e)))
+            return entry
+        entry.fill_from_ring(dec)
+        entry.anomalies = untranslated(entry.anomalies)
         return entry
 
     def _read_ring(self, st, mem_table):

@@ -14,6 +14,7 @@ import struct
 from enum import IntEnum, IntFlag
 
 from .ioctl import _IO, _IOR, _IOW, _IOWR
+from .virtio import VIRTIO_F_ACCESS_PLATFORM
 
 class Request(IntEnum):
     """Front-end → back-end message types (spec "Front-end message types")."""
@@ -165,8 +166,8 @@ VHOST_SET_BACKEND_FEATURES = _IOW(VHOST_VIRTIO, 0x25, 8)
 
 # --- the device IOTLB (vhost_types.h; the same struct is vhost-user's
 # VHOST_USER_IOTLB_MSG / VHOST_USER_BACKEND_IOTLB_MSG payload) -----------------
-#: Feature bit (bit number): the device translates IOVAs through an IOTLB the
-#: owner fills on misses (kernel vhost: VHOST_F_DEVICE_IOTLB).
+#: uapi vhost.h's VHOST_F_DEVICE_IOTLB (bit number): defined, but not what
+#: turns the device IOTLB on for vhost-net (VHOST_NET_IOTLB_FEATURE below).
 VHOST_F_DEVICE_IOTLB = 63
 #: struct vhost_iotlb_msg: u64 iova, u64 size, u64 uaddr, u8 perm, u8 type,
 #: padded to 32 bytes (its sizeof on LP64, what QEMU and DPDK send).
@@ -192,8 +193,19 @@ VHOST_ACCESS_NAMES = {VHOST_ACCESS_RO: "ro", VHOST_ACCESS_WO: "wo", VHOST_ACCESS
 VHOST_IOTLB_MSG = 0x1
 VHOST_IOTLB_MSG_V2 = 0x2
 VHOST_MSG_SIZE = 72
+#: VHOST_SET/GET_BACKEND_FEATURES bits, as bit numbers (the u64 is 1 << bit).
 VHOST_BACKEND_F_IOTLB_MSG_V2 = 0x1
 VHOST_BACKEND_F_IOTLB_BATCH = 0x2
+#: The header of struct vhost_msg (int type, 4 bytes of padding) and of
+#: struct vhost_msg_v2 (u32 type, u32 asid) before the iotlb message at offset 8.
+VHOST_MSG_HEADER = struct.Struct("<II")
+#: Kernel vhost-net turns its device IOTLB on when the owner acks
+#: VIRTIO_F_ACCESS_PLATFORM (bit 33, drivers/vhost/net.c
+#: vhost_net_set_features -> vhost_init_device_iotlb); VHOST_F_DEVICE_IOTLB
+#: (bit 63) is not in VHOST_NET_FEATURES and VHOST_SET_FEATURES refuses it
+#: (EOPNOTSUPP). The IOTLB is a cache: it holds what the owner sent
+#: (VHOST_IOTLB_UPDATE), the kernel asks for the rest (VHOST_IOTLB_MISS).
+VHOST_NET_IOTLB_FEATURE = VIRTIO_F_ACCESS_PLATFORM
 
 #: ioctl request number -> name.
 VHOST_IOCTL_NAMES: dict[int, str] = {v: k for k, v in dict(globals()).items()

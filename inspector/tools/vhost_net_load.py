@@ -1,6 +1,9 @@
 """A userspace driver for the kernel's vhost-net device: real packets through
 the real vhost-net handlers, without a VM.
 
+(Over 600 lines: one driver, most of it docstrings; the device IOTLB part
+shares the driver's fds, rings and wait loops, so it stays in the class.)
+
 This is the approach of the kernel's ``tools/virtio/vhost_net_test.c``: a
 process plays the guest. It owns "guest memory" (one memfd it maps), lays
 out the two split rings of one queue pair in it with
@@ -39,6 +42,32 @@ Counters (:class:`RingCounters`): kicks sent, used entries seen and the used
 ring's ``idx`` as last read, per vring. ``vqscope load vhost-net`` is the
 CLI (see :func:`load_main`).
 
+The device IOTLB (``iotlb=True``, ``--iotlb``): the driver acks
+``VIRTIO_F_ACCESS_PLATFORM``, which is what makes kernel vhost-net allocate
+its device IOTLB (drivers/vhost/net.c ``vhost_net_set_features`` ->
+``vhost_init_device_iotlb``; ``VHOST_F_DEVICE_IOTLB``, bit 63, is refused),
+asks for v2 messages (``VHOST_SET_BACKEND_FEATURES`` with
+``VHOST_BACKEND_F_IOTLB_MSG_V2``; v1 when the kernel refuses), and gives
+every ring and buffer address as an IOVA: ``iova = gpa + IOVA_OFFSET``, a
+space that is neither the guest-physical one (from 0) nor the user
+addresses, so a reader that confuses them fails visibly. vhost then
+translates each access through its IOTLB: an IOVA it has no entry for
+parks the vring and queues a ``VHOST_IOTLB_MISS`` message on the vhost fd
+(drivers/vhost/vhost.c ``translate_desc`` / ``iotlb_access_ok`` ->
+``vhost_iotlb_miss``, read with ``vhost_chr_read_iter``); the driver reads
+it and writes a ``VHOST_IOTLB_UPDATE`` of the 4 KiB page holding that IOVA
+(``vhost_chr_write_iter`` -> ``vhost_process_iotlb_msg``, whose
+``vhost_iotlb_notify_vq`` requeues the parked vring) with the page's
+permission: ring descriptors and avail RO, used ring RW (vhost reads
+``used->idx`` through the IOTLB too), TX buffers RO (the device reads
+them), RX buffers WO. The used rings are mapped before
+``VHOST_NET_SET_BACKEND``, as QEMU does (``vhost_vq_init_access`` writes
+``used->flags`` at once and fails with EFAULT on a miss). The memory table
+is still required (``vhost_vq_access_ok`` -> ``vq_memory_access_ok``
+refuses a device without one: ``VHOST_NET_SET_BACKEND`` fails with EFAULT,
+measured on 6.1) but no longer translates. Misses answered,
+updates and invalidations sent are counted (:class:`IotlbCounters`).
+
 A fault on purpose: :meth:`VhostNetDriver.publish_tx` with ``kick=False``
 (``--withhold-kicks``) publishes TX entries without the kick vhost asked
 for (without EVENT_IDX, VRING_USED_F_NO_NOTIFY is clear while vhost waits:
@@ -66,12 +95,16 @@ from ..errors import InspectorError
 from ..layout import split_layout
 from ..memory import GuestMemory
 from ..spec.tun import DEV_TUN, IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, IFNAMSIZ, TUNSETIFF, TUNSETVNETHDRSZ
-from ..spec.vhost import (DEV_VHOST_NET, VHOST_GET_FEATURES, VHOST_GET_VRING_BASE,
-                          VHOST_MEMORY, VHOST_MEMORY_REGION, VHOST_NET_SET_BACKEND, VHOST_NET_VQ_RX,
-                          VHOST_NET_VQ_TX, VHOST_SET_FEATURES, VHOST_SET_MEM_TABLE, VHOST_SET_OWNER,
-                          VHOST_SET_VRING_ADDR, VHOST_SET_VRING_BASE, VHOST_SET_VRING_CALL,
-                          VHOST_SET_VRING_KICK, VHOST_SET_VRING_NUM, VHOST_VRING_ADDR, VHOST_VRING_FILE,
-                          VHOST_VRING_STATE)
+from ..spec.vhost import (DEV_VHOST_NET, VHOST_ACCESS_NAMES, VHOST_ACCESS_RO, VHOST_ACCESS_RW,
+                          VHOST_ACCESS_WO, VHOST_BACKEND_F_IOTLB_MSG_V2, VHOST_GET_BACKEND_FEATURES,
+                          VHOST_GET_FEATURES, VHOST_GET_VRING_BASE, VHOST_IOTLB_INVALIDATE,
+                          VHOST_IOTLB_MISS, VHOST_IOTLB_MSG, VHOST_IOTLB_MSG_STRUCT, VHOST_IOTLB_MSG_V2,
+                          VHOST_IOTLB_UPDATE, VHOST_MEMORY, VHOST_MEMORY_REGION, VHOST_MSG_HEADER,
+                          VHOST_MSG_SIZE, VHOST_NET_IOTLB_FEATURE, VHOST_NET_SET_BACKEND, VHOST_NET_VQ_RX,
+                          VHOST_NET_VQ_TX, VHOST_SET_BACKEND_FEATURES, VHOST_SET_FEATURES,
+                          VHOST_SET_MEM_TABLE, VHOST_SET_OWNER, VHOST_SET_VRING_ADDR,
+                          VHOST_SET_VRING_BASE, VHOST_SET_VRING_CALL, VHOST_SET_VRING_KICK,
+                          VHOST_SET_VRING_NUM, VHOST_VRING_ADDR, VHOST_VRING_FILE, VHOST_VRING_STATE)
 from ..spec.virtio import (VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_HDR_MRG_RXBUF_SIZE,
                            VIRTIO_RING_F_EVENT_IDX)
 
@@ -82,6 +115,12 @@ U64 = struct.Struct("<Q")
 ETH_P_VQSCOPE = 0x88B5
 ETH_HLEN = 14
 BUF_SIZE = 2048
+#: ``--iotlb``: every ring and buffer address is ``gpa + IOVA_OFFSET`` (module docstring).
+IOVA_OFFSET = 0x1_0000_0000
+#: Granularity of the IOTLB updates that answer misses.
+IOTLB_PAGE = 4096
+#: Most messages one :meth:`VhostNetDriver.service_iotlb` call reads (bounds the loop).
+IOTLB_READ_MAX = 4096
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -107,11 +146,43 @@ class RingCounters:
     withheld: int = 0
 
 
+@dataclass
+class IotlbCounters:
+    """The device IOTLB traffic of ``--iotlb`` on the vhost fd: ``msg``
+    ``"v2"`` or ``"v1"`` (the message format vhost took); ``misses``
+    VHOST_IOTLB_MISS messages read; ``answered`` misses answered with an
+    update; ``unanswered`` misses left waiting (an IOVA in no area, or one
+    :meth:`VhostNetDriver.withhold_iova` holds back: that vring stays
+    parked); ``updates`` VHOST_IOTLB_UPDATE messages written (answers and
+    the used rings mapped ahead); ``invalidations`` VHOST_IOTLB_INVALIDATE
+    messages written."""
+
+    msg: str = ""
+    misses: int = 0
+    answered: int = 0
+    unanswered: int = 0
+    updates: int = 0
+    invalidations: int = 0
+
+
+@dataclass(frozen=True)
+class IovaArea:
+    """One area of ``--iotlb``'s IOVA space: ``size`` bytes at ``iova``,
+    at user address ``uaddr`` of the driver, device access ``perm``
+    (VHOST_ACCESS_RO/WO/RW)."""
+
+    name: str
+    iova: int
+    size: int
+    uaddr: int
+    perm: int
+
+
 @dataclass(frozen=True)
 class VringSetup:
     """What the driver told vhost about one vring (the ioctl arguments):
-    user virtual addresses of the three areas, the size, the base and the
-    kick/call eventfds."""
+    the addresses of the three areas (user virtual addresses; IOVAs with
+    the device IOTLB), the size, the base and the kick/call eventfds."""
 
     index: int
     num: int
@@ -142,13 +213,15 @@ class VhostNetDriver:
     ``size``: queue size of both vrings; ``tap``: tap name (``vqs%d`` lets
     the kernel choose; the chosen name is ``.tap``); ``event_idx``:
     negotiate VIRTIO_RING_F_EVENT_IDX (default off: vhost then signals every
-    batch, which keeps call counts simple). Raises VhostNetError (what
-    ioctl, which errno). A context manager; :meth:`close` frees every fd and
-    the mapping.
+    batch, which keeps call counts simple); ``iotlb``: run with vhost's
+    device IOTLB (module docstring; ``.iotlb`` counts its messages,
+    ``.areas`` the IOVA areas); ``iotlb_v2=False``: do not ask for v2
+    messages (vhost then speaks v1, ``struct vhost_msg``). Raises VhostNetError (what ioctl, which
+    errno). A context manager; :meth:`close` frees every fd and the mapping.
     """
 
     def __init__(self, *, size: int = 256, tap: str = "vqs%d", event_idx: bool = False,
-                 mem_size: int | None = None):
+                 mem_size: int | None = None, iotlb: bool = False, iotlb_v2: bool = True):
         self.size = size
         self.vhost_fd = self.tap_fd = self.memfd = -1
         self.kick_fds: list[int] = []
@@ -162,6 +235,12 @@ class VhostNetDriver:
         self._free_bufs: list[list[int]] = [[], []]
         self._seq = 0
         self.tap = ""
+        self.use_iotlb = iotlb
+        self.iotlb = IotlbCounters()
+        self.areas: list[IovaArea] = []
+        self._withheld: list[tuple[int, int]] = []   # IOVA ranges whose misses are not answered
+        self._iotlb_v2 = False
+        self._want_v2 = iotlb_v2
         lay = split_layout(size, 4096)
         ring_bytes = -(-lay.total_size // 4096) * 4096
         self.mem_size = mem_size or 2 * ring_bytes + 2 * size * BUF_SIZE
@@ -205,6 +284,9 @@ class VhostNetDriver:
         want = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MRG_RXBUF)
         if event_idx:
             want |= 1 << VIRTIO_RING_F_EVENT_IDX
+        if self.use_iotlb:
+            want |= 1 << VHOST_NET_IOTLB_FEATURE
+            self._backend_features()
         if want & ~offered:
             raise VhostNetError(f"vhost-net does not offer features {want & ~offered:#x} "
                                 f"(offered {offered:#x})")
@@ -224,8 +306,21 @@ class VhostNetDriver:
             self.kick_fds.append(kick)
             call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self.call_fds.append(call)
-            setup = VringSetup(index, self.size, self.uva + ring.desc_addr,
-                               self.uva + ring.avail_addr, self.uva + ring.used_addr, 0, kick, call)
+            name = "rx" if index == VHOST_NET_VQ_RX else "tx"
+            base = index * ring_bytes
+            self.areas += [IovaArea(f"{name} desc+avail", self.dma(base), ring.used_addr - base,
+                                    self.uva + base, VHOST_ACCESS_RO),
+                           IovaArea(f"{name} used", self.dma(ring.used_addr),
+                                    base + ring_bytes - ring.used_addr, self.uva + ring.used_addr,
+                                    VHOST_ACCESS_RW),
+                           IovaArea(f"{name} buffers", self.dma(first), self.size * BUF_SIZE,
+                                    self.uva + first,
+                                    VHOST_ACCESS_WO if index == VHOST_NET_VQ_RX else VHOST_ACCESS_RO)]
+            if self.use_iotlb:
+                addrs = (self.dma(ring.desc_addr), self.dma(ring.avail_addr), self.dma(ring.used_addr))
+            else:
+                addrs = (self.uva + ring.desc_addr, self.uva + ring.avail_addr, self.uva + ring.used_addr)
+            setup = VringSetup(index, self.size, *addrs, 0, kick, call)
             self.setups.append(setup)
             fd = self.vhost_fd
             self._ioctl(fd, VHOST_SET_VRING_NUM, VHOST_VRING_STATE.pack(index, self.size),
@@ -241,6 +336,13 @@ class VhostNetDriver:
                         "VHOST_SET_VRING_CALL")
 
         self._open_tap(tap)
+        if self.use_iotlb:
+            # vhost_vq_init_access (at SET_BACKEND) writes used->flags and reads
+            # used->idx through the IOTLB at once: map the used rings first.
+            os.set_blocking(self.vhost_fd, False)
+            for area in self.areas:
+                if area.name.endswith(" used"):
+                    self._map(area.iova, area.size)
         for index in (VHOST_NET_VQ_RX, VHOST_NET_VQ_TX):
             self._ioctl(self.vhost_fd, VHOST_NET_SET_BACKEND,
                         VHOST_VRING_FILE.pack(index, self.tap_fd), "VHOST_NET_SET_BACKEND")
@@ -267,6 +369,114 @@ class VhostNetDriver:
         self.packet = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_VQSCOPE))
         self.packet.bind((self.tap, ETH_P_VQSCOPE))
         self.packet.setblocking(False)
+
+    # ---- the device IOTLB --------------------------------------------------------------
+    def dma(self, gpa: int) -> int:
+        """The address the device is given for guest-physical ``gpa``: its
+        IOVA with the device IOTLB, else ``gpa`` itself."""
+        return gpa + IOVA_OFFSET if self.use_iotlb else gpa
+
+    def uaddr_of(self, iova: int) -> int | None:
+        """The driver's user address of ``iova`` (None outside every area)."""
+        area = next((a for a in self.areas if a.iova <= iova < a.iova + a.size), None)
+        return None if area is None else area.uaddr + iova - area.iova
+
+    def _backend_features(self) -> None:
+        """Ask for v2 IOTLB messages (VHOST_SET_BACKEND_FEATURES); v1 when
+        the kernel does not offer them or refuses."""
+        bit = 1 << VHOST_BACKEND_F_IOTLB_MSG_V2
+        try:
+            offered = U64.unpack(fcntl.ioctl(self.vhost_fd, VHOST_GET_BACKEND_FEATURES, bytes(8)))[0]
+            if offered & bit and self._want_v2:
+                fcntl.ioctl(self.vhost_fd, VHOST_SET_BACKEND_FEATURES, U64.pack(bit))
+                self._iotlb_v2 = True
+        except OSError:
+            self._iotlb_v2 = False
+        self.iotlb.msg = "v2" if self._iotlb_v2 else "v1"
+
+    def _page_perm(self, page: int) -> int:
+        """The device access of the IOTLB_PAGE at IOVA ``page``: the union of
+        the areas it overlaps (0: none)."""
+        perm = 0
+        for a in self.areas:
+            if a.iova < page + IOTLB_PAGE and page < a.iova + a.size:
+                perm |= a.perm
+        return perm
+
+    def _send_iotlb(self, kind: int, iova: int, size: int, uaddr: int = 0, perm: int = 0) -> None:
+        head = VHOST_MSG_HEADER.pack(VHOST_IOTLB_MSG_V2 if self._iotlb_v2 else VHOST_IOTLB_MSG, 0)
+        msg = head + VHOST_IOTLB_MSG_STRUCT.pack(iova, size, uaddr, perm, kind)
+        msg += bytes(VHOST_MSG_SIZE - len(msg))
+        try:
+            os.write(self.vhost_fd, msg)
+        except OSError as e:
+            what = {VHOST_IOTLB_UPDATE: "VHOST_IOTLB_UPDATE", VHOST_IOTLB_INVALIDATE: "VHOST_IOTLB_INVALIDATE"}
+            raise VhostNetError(f"{what.get(kind, kind)} iova {iova:#x} size {size:#x} on {DEV_VHOST_NET} "
+                                f"failed: {os.strerror(e.errno)} (errno {e.errno})") from None
+
+    def _map(self, iova: int, size: int) -> None:
+        """VHOST_IOTLB_UPDATE of every IOTLB_PAGE of ``[iova, iova + size)``,
+        each with its areas' permission."""
+        page = iova & ~(IOTLB_PAGE - 1)
+        while page < iova + size:
+            self._send_iotlb(VHOST_IOTLB_UPDATE, page, IOTLB_PAGE, self.uaddr_of(page), self._page_perm(page))
+            self.iotlb.updates += 1
+            page += IOTLB_PAGE
+
+    def withhold_iova(self, iova: int, size: int) -> None:
+        """Leave misses in ``[iova, iova + size)`` unanswered from now on
+        (the vring that asked stays parked: a front-end that never answers)."""
+        self._withheld.append((iova, size))
+
+    def invalidate(self, iova: int, size: int) -> None:
+        """VHOST_IOTLB_INVALIDATE ``[iova, iova + size)``: vhost drops every
+        entry that overlaps it (vhost_iotlb_del_range) and misses again on
+        its next access."""
+        self._send_iotlb(VHOST_IOTLB_INVALIDATE, iova, size)
+        self.iotlb.invalidations += 1
+
+    def service_iotlb(self) -> int:
+        """Read every message waiting on the vhost fd (at most
+        IOTLB_READ_MAX) and answer each miss with the update of its page
+        (unless the IOVA is in no area or withheld: counted
+        ``unanswered``). Returns the misses read; no-op without the IOTLB."""
+        if not self.use_iotlb or self.vhost_fd < 0:
+            return 0
+        n = 0
+        for _ in range(IOTLB_READ_MAX):
+            try:
+                data = os.read(self.vhost_fd, VHOST_MSG_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                raise VhostNetError(f"read of {DEV_VHOST_NET} (IOTLB messages) failed: "
+                                    f"{os.strerror(e.errno)} (errno {e.errno})") from None
+            if len(data) < VHOST_MSG_HEADER.size + VHOST_IOTLB_MSG_STRUCT.size:
+                break
+            iova, _size, _uaddr, _perm, kind = VHOST_IOTLB_MSG_STRUCT.unpack_from(data, VHOST_MSG_HEADER.size)
+            if kind != VHOST_IOTLB_MISS:
+                continue
+            n += 1
+            self.iotlb.misses += 1
+            page = iova & ~(IOTLB_PAGE - 1)
+            if not self._page_perm(page) or any(a <= iova < a + s for a, s in self._withheld):
+                self.iotlb.unanswered += 1
+                continue
+            self._map(page, IOTLB_PAGE)
+            self.iotlb.answered += 1
+        return n
+
+    def wait(self, seconds: float) -> None:
+        """Sleep ``seconds``, answering IOTLB misses meanwhile."""
+        if not self.use_iotlb:
+            time.sleep(seconds)
+            return
+        end = time.monotonic() + seconds
+        poller = select.poll()
+        poller.register(self.vhost_fd, select.POLLIN)
+        while (left := end - time.monotonic()) > 0:
+            if poller.poll(left * 1000):
+                self.service_iotlb()
 
     # ---- lifetime -----------------------------------------------------------------
     def close(self) -> None:
@@ -317,7 +527,10 @@ class VhostNetDriver:
         deadline = time.monotonic() + timeout
         poller = select.poll()
         poller.register(self.call_fds[index], select.POLLIN)
+        if self.use_iotlb:
+            poller.register(self.vhost_fd, select.POLLIN)
         while True:
+            self.service_iotlb()
             got = ring.get_used()
             c.used_idx = ring.used_idx
             c.used += len(got)
@@ -334,7 +547,7 @@ class VhostNetDriver:
                     f"vhost-net vring {index} ({'RX' if index == 0 else 'TX'}): {len(out)} of {want} "
                     f"used entries after {timeout:.0f} s (used->idx {ring.used_idx}, avail->idx "
                     f"{ring.avail_idx})")
-            if poller.poll(min(left, 0.2) * 1000):
+            if any(fd == self.call_fds[index] for fd, _ in poller.poll(min(left, 0.2) * 1000)):
                 self._read_call(index)
 
     def _read_call(self, index: int) -> None:
@@ -370,7 +583,7 @@ class VhostNetDriver:
             self._seq += 1
             gpa = self._take_buf(VHOST_NET_VQ_TX)
             self.mem.view(gpa, VNET_HDR_LEN + length)[:] = bytes(VNET_HDR_LEN) + frame
-            head = ring.add_chain([(gpa, VNET_HDR_LEN + length, False)])
+            head = ring.add_chain([(self.dma(gpa), VNET_HDR_LEN + length, False)])
             self._bufs[VHOST_NET_VQ_TX][head] = gpa
             frames.append(frame)
         if frames:
@@ -430,7 +643,7 @@ class VhostNetDriver:
         ring = self.rings[VHOST_NET_VQ_RX]
         for _ in range(m):
             gpa = self._take_buf(VHOST_NET_VQ_RX)
-            head = ring.add_chain([(gpa, BUF_SIZE, True)])
+            head = ring.add_chain([(self.dma(gpa), BUF_SIZE, True)])
             self._bufs[VHOST_NET_VQ_RX][head] = gpa
         ring.publish()
         self.kick(VHOST_NET_VQ_RX)
@@ -455,7 +668,8 @@ class VhostNetDriver:
 
     def summary(self) -> dict:
         """A JSON-able summary: pid, vhost fd, tap, features, mem table,
-        per vring its set-up and counters."""
+        per vring its set-up and counters; with the device IOTLB, ``iotlb``:
+        its counters, ``iova_offset`` and the IOVA areas."""
         return {
             "pid": os.getpid(), "vhost_fd": self.vhost_fd, "tap": self.tap,
             "features": self.features,
@@ -463,6 +677,9 @@ class VhostNetDriver:
                           for g, s, u in self.mem_table],
             "vrings": [{"name": "rx" if s.index == 0 else "tx", **asdict(s), **asdict(c)}
                        for s, c in zip(self.setups, self.counters)],
+            **({"iotlb": {**asdict(self.iotlb), "iova_offset": IOVA_OFFSET,
+                          "areas": [{**asdict(a), "perm": VHOST_ACCESS_NAMES[a.perm]} for a in self.areas]}}
+               if self.use_iotlb else {}),
         }
 
 
@@ -477,7 +694,8 @@ def load_main(args) -> int:
     kick), ``--withhold-after`` seconds into the hold (default 0: before the
     first summary; later, a summary line follows); from then on the TX
     frames of ``--every`` are published unkicked too, while TX buffers are
-    free. Waiting lets an observer attached meanwhile see the TX vring at
+    free. ``--iotlb``: with vhost's device IOTLB, misses answered all along
+    (the summary's ``iotlb``). Waiting lets an observer attached meanwhile see the TX vring at
     work first (the probes learn a vring from vhost's handlers)."""
     withhold = getattr(args, "withhold_kicks", 0) or 0
     after = getattr(args, "withhold_after", 0.0) or 0.0
@@ -486,7 +704,7 @@ def load_main(args) -> int:
     if after < 0 or (withhold and after and after >= args.hold):
         raise VhostNetError(f"--withhold-after {after:g} is invalid: give seconds >= 0 and less than "
                             f"--hold ({args.hold:g})")
-    with VhostNetDriver(size=args.size, tap=args.tap) as drv:
+    with VhostNetDriver(size=args.size, tap=args.tap, iotlb=getattr(args, "iotlb", False)) as drv:
         if args.tx:
             drv.send(args.tx)
         if args.rx:
@@ -502,7 +720,7 @@ def load_main(args) -> int:
             nap = min(args.every or 1.0, left)
             if withhold and not withholding:
                 nap = min(nap, max(0.0, start + after - time.monotonic()))
-            time.sleep(nap)
+            drv.wait(nap)
             now = time.monotonic()
             if withhold and not withholding and now >= start + after:
                 drv.publish_tx(withhold, kick=False)
@@ -521,6 +739,6 @@ def load_main(args) -> int:
 
 
 __all__ = [
-    "RingCounters", "VhostNetDriver", "VhostNetError", "VringSetup",
+    "IOVA_OFFSET", "IotlbCounters", "IovaArea", "RingCounters", "VhostNetDriver", "VhostNetError", "VringSetup",
     "VHOST_NET_VQ_RX", "VHOST_NET_VQ_TX", "load_main",
 ]

@@ -113,6 +113,14 @@ class IotlbControl:
         self.ring_misses.pop(v.index, None)
         return dataclasses.replace(v, **out)
 
+    def retry(self) -> None:
+        """Ask again for the ring areas that still miss (the server's timer,
+        every second; Iotlb.ask sends at most one per page and second): a
+        front-end that lost the first miss is not left waiting for ever."""
+        if self.iotlb is not None:
+            for iova, perm, _ in list(self.ring_misses.values()):
+                self.iotlb.ask(iova, perm)
+
     # --- IOTLB_MSG ----------------------------------------------------------------------------
     def handle(self, msg: Message, m: IotlbMsg) -> None:
         """IOTLB_MSG: UPDATE or INVALIDATE; RequestRefused (one log line,

@@ -150,10 +150,13 @@ class VhostUserServer(SocketLoop):
 
     def _check_stalls(self, now: float) -> None:
         """Close the connections whose front-end began a message and has not
-        finished it within their stall timeout."""
+        finished it within their stall timeout; ask again for the IOTLB
+        misses of ring areas still unanswered (inspector/vhost_user/iotlb.py)."""
         for conn in list(self.connections):
             if conn.stalled(now):
                 self._drop(conn)
+            else:
+                conn.iotlb.retry()
 
     def _readable(self, conn: BackendConnection) -> bool:
         try:

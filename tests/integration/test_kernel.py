@@ -194,6 +194,8 @@ int main(void) {
   printf("VHOST_SET_VRING_KICK %lu\n", (unsigned long)VHOST_SET_VRING_KICK);
   printf("VHOST_SET_VRING_CALL %lu\n", (unsigned long)VHOST_SET_VRING_CALL);
   printf("VHOST_NET_SET_BACKEND %lu\n", (unsigned long)VHOST_NET_SET_BACKEND);
+  printf("VHOST_GET_BACKEND_FEATURES %lu\n", (unsigned long)VHOST_GET_BACKEND_FEATURES);
+  printf("VHOST_SET_BACKEND_FEATURES %lu\n", (unsigned long)VHOST_SET_BACKEND_FEATURES);
   printf("TUNSETIFF %lu\n", (unsigned long)TUNSETIFF);
   printf("TUNSETVNETHDRSZ %lu\n", (unsigned long)TUNSETVNETHDRSZ);
   printf("sizeof_vhost_vring_addr %zu\n", sizeof(struct vhost_vring_addr));
@@ -218,7 +220,7 @@ def test_ioctl_numbers_match_the_uapi_header(tmp_path: Path) -> None:
         assert int(got[name]) == getattr(tun, name), name
     assert int(got["sizeof_vhost_vring_addr"]) == vhost.VHOST_VRING_ADDR.size
     assert int(got["sizeof_vhost_memory_region"]) == vhost.VHOST_MEMORY_REGION.size
-    assert len(vhost.VHOST_IOCTL_NAMES) == 14  # no two requests share a number
+    assert len(vhost.VHOST_IOCTL_NAMES) == 16  # no two requests share a number
 
 
 @pytest.mark.skipif(os.path.exists(vhost.DEV_VHOST_NET), reason="this kernel has vhost-net")

@@ -170,8 +170,10 @@ def test_misses_are_deduped_per_page_and_asked_again_after_an_update():
     assert t.ask(IOVA + 16, VHOST_ACCESS_WO) is True        # another access
     woke = threading.Event()
     t.add_waker(1, woke.set)
-    t.update(IOVA + 10 * PAGE, PAGE, UVA, VHOST_ACCESS_RO)  # any UPDATE: wake the workers, forget asks
+    t.update(IOVA + 10 * PAGE, PAGE, UVA, VHOST_ACCESS_RO)  # an UPDATE elsewhere: workers wake, ...
     assert woke.is_set()
+    assert t.ask(IOVA + 8, VHOST_ACCESS_RO) is False        # ... but this page's ask still stands
+    t.update(IOVA, PAGE, UVA, VHOST_ACCESS_RO)              # an UPDATE of the page: it may be asked again
     assert t.ask(IOVA + 8, VHOST_ACCESS_RO) is True
     assert sent == [(IOVA + 8, 1), (IOVA + 16, 2), (IOVA + 8, 1)] and t.stats()["misses"] == 3
     t.close()

@@ -456,3 +456,23 @@ def test_snapshot_eventfd_ids_maps_each_vring_fd_to_its_queue():
     finally:
         for fd in (kick, call, r, w):
             os.close(fd)
+
+
+def test_vhost_net_plan_follows_the_device_iotlb_on_debian_61(btf_dir):
+    """Debian 6.1's vhost_iotlb module: the IOTLB's add (the _ctx variant,
+    which vhost_iotlb_add_range calls: that one is left out), del and reset
+    are probed; the walk's offsets come from the vhost BTF (HAVE_IOTLB_BTF);
+    without kprobes none of it is attached."""
+    pl = plan_of(VhostNetProbe(kernel=kernel(KALLSYMS_61, btf_dir)))
+    for fn in ("vhost_iotlb_add_range_ctx", "vhost_iotlb_del_range", "vhost_iotlb_reset"):
+        assert pl[("kprobe", fn)].ok, pl[("kprobe", fn)]
+    plain = pl[("kprobe", "vhost_iotlb_add_range")]
+    assert plain.status == "unavailable" and "vhost_iotlb_add_range_ctx is probed" in plain.reason
+    # a kernel without the _ctx variant probes the plain one
+    old = "\n".join(line for line in KALLSYMS_61.splitlines() if " vhost_iotlb_add_range_ctx" not in line)
+    assert plan_of(VhostNetProbe(kernel=kernel(old, btf_dir)))[("kprobe", "vhost_iotlb_add_range")].ok
+    c = VhostNetProbe(kernel=kernel(KALLSYMS_61, btf_dir)).ebpf_text()
+    assert "#define HAVE_IOTLB_BTF 1\n" in c and "#define MAP_START_OFF 40\n" in c
+    assert "#define HAVE_KPROBE_VHOST_IOTLB_ADD_RANGE_CTX 1\n" in c and "#define IOTLB_WALK_MAX 512\n" in c
+    host = VhostNetProbe(kernel=kernel(KALLSYMS_61, btf_dir, kprobes=False)).ebpf_text()
+    assert "#define HAVE_KPROBE_VHOST_IOTLB_DEL_RANGE 0\n" in host
