@@ -51,8 +51,7 @@ from ..ring.driver_packed import PackedDriverRing
 from ..spec.vhost import VHOST_USER_F_PROTOCOL_FEATURES
 from ..spec.virtio import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
                            VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED,
-                           VIRTIO_F_VERSION_1,
-                           VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX, has_feature)
+                           VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX, has_feature)
 from .protocol import (
     FLAG_NEED_REPLY, FLAG_REPLY, REQUESTS, VERSION, ConfigPayload, InflightPayload, MemoryRegionDesc,
     MemoryTable, ProtocolFeature, Request, VringAddr, VringState, has_reply, pack_u64, unpack_inflight,
@@ -88,9 +87,9 @@ class FrontendCore(IommuFrontend, QueueDriver):
     (the handshake fails when the back-end does not offer it, or REPLY_ACK
     and BACKEND_REQ) and give the device IOVAs; misses are answered as
     ``iotlb_policy`` (:class:`~.frontend_iommu.IotlbPolicy`) says, in
-    :meth:`serve_misses` and while waiting for calls. Raises ProtocolError when the back-end
-    breaks the protocol or cannot give what was asked, OSError on socket
-    errors."""
+    :meth:`serve_misses` and while waiting for calls. Raises ProtocolError
+    when the back-end breaks the protocol or cannot give what was asked,
+    OSError on socket errors."""
 
     def __init__(self, socket_path: str, num_vrings: int, queue_size: int = 256,
                  mem_size: int = 64 << 20, *, want_features: int = 0, queue_count: int | None = None,
