@@ -262,14 +262,26 @@ def judge(q: QueueEntry, ob: Observation, role: Role, device_ep: Episode | None,
             return _calls_not_sent(ob, driver_ep)
         return _driver_side(ob, driver_ep, starve_ep, last_call_used, seen)
     if role is Role.CONSUME and device_ep is not None and now - device_ep.t0 >= stall:
-        return _device_side(ob, device_ep, seen)
+        return _why_device(q, _device_side(ob, device_ep, seen))
     if role is Role.FILL and device_ep is not None and now - device_ep.t0 >= stall:
         filled_none = _fill_stalled(ob, device_ep)
         if filled_none is not None:
-            return filled_none
+            return _why_device(q, filled_none)
     if role is Role.FILL and starve_ep is not None and now - starve_ep.t0 >= stall:
         return _starved(ob, starve_ep)
     return None, "", None
+
+
+def _why_device(q: QueueEntry, found: tuple[Verdict, str, float]) -> tuple[Verdict, str, float]:
+    """A device-side verdict, with the reason the source knows when the
+    device waits for the front-end: an unanswered IOTLB miss (vqscope's
+    back-end behind an IOMMU) is why a device_stalled device takes nothing."""
+    verdict, evidence, since = found
+    if verdict is Verdict.DEVICE_STALLED:
+        for a in q.anomalies:
+            if a.kind is AnomalyKind.IOTLB_MISS_UNANSWERED:
+                return verdict, f"{evidence}; it is {a.detail}", since
+    return found
 
 
 def _fill_stalled(ob: Observation, ep: Episode) -> tuple[Verdict, str, float] | None:

@@ -253,10 +253,13 @@ static int FN(net_loopback)(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, i
 {
     int done = 0, idle = 0, tx_dirty = 0, rx_dirty = 0, status = VQD_OK;
     s->rx_starved = 0;
-    if (tx->broken || rx->broken)
+    if (tx->broken)
         return VQD_E_BROKEN;
     if (hdr_len != 10 && hdr_len != 12)
         return VQD_E_INVAL;
+    /* A broken RX breaks only itself: TX goes on, its frames lost on the
+     * receive side (counted in rx->drops, as with no buffer). */
+    int rx_dead = rx->broken;
     while (done < budget && status == VQD_OK) {
         struct vqd_elem te[VQD_BURST];
         VQ_MARK tm[VQD_BURST];
@@ -283,14 +286,17 @@ static int FN(net_loopback)(struct vqd_vq *tx, struct vqd_vq *rx, int hdr_len, i
             uint64_t frame_len = out_len > (uint64_t)hdr_len ? out_len - hdr_len : 0;
             if (UNLIKELY(out_len <= (uint64_t)hdr_len)) {
                 tx->drops++;
+            } else if (UNLIKELY(rx_dead)) {
+                rx->drops++;
+                tx->packets++;
+                tx->bytes += frame_len;
             } else {
                 struct cursor src = tx_frame(s, &te[k], hdr_len);
                 int rc = FN(deliver)(rx, &src, frame_len, 1, hdr_len, mrg_rxbuf, s);
                 if (UNLIKELY(rc < 0)) {
-                    /* RX broke: chains k.. go back to the driver untouched */
-                    OP(giveback)(tx, &tm[k], n - k);
-                    status = rc;
-                    break;
+                    /* RX broke (its reason latched): this frame is lost there, TX goes on */
+                    rx_dead = 1;
+                    rx->drops++;
                 }
                 if (rc == DELIVER_STARVED && UNLIKELY(rx->iotlb != NULL) && vqd_vq_iotlb_waiting(rx)) {
                     /* RX's next buffer waits for an IOTLB UPDATE (a miss, not a

@@ -64,6 +64,11 @@ class _PairWorker(RingWorker):
         except Exception:
             logger.exception("net pair %d: worker failed", self.pair)
 
+    def _broke(self, rings: list[StartedRing], error: RingError) -> None:
+        """``rings`` broke while the pair's other vring goes on: SET_VRING_ERR,
+        one log line, the device's needs-reset hook (report_broken)."""
+        report_broken(rings, f"net pair {self.pair}", error, logger, self.dev.on_needs_reset)
+
     def _iotlb_rings(self) -> list[StartedRing]:
         """This pair's rings that translate through an IOTLB (registered for its wake-ups)."""
         rings = [r for r in (self.rx, self.tx) if r is not None and r.q.iotlb is not None]
@@ -173,7 +178,11 @@ class _PairWorker(RingWorker):
                 if txq.fault & FAULT_STALL:  # loopback: no TX, no work
                     self._wait(stalled, self._timeout_ms(wake, stalled))
                     continue
-            if net_loopback(txq, rxq, s, hdr, mrg, budget, spin):
+            moved = net_loopback(txq, rxq, s, hdr, mrg, budget, spin)
+            if rxq.broken and not self.rx.reported_broken:
+                # RX broke alone (its reason latched): TX goes on, its frames lost on RX
+                self._broke([self.rx], RingError(rxq.broken))
+            if moved:
                 idle_since = None
                 if iot:
                     self.iotlb_waiting(iot)
@@ -214,10 +223,22 @@ class _PairWorker(RingWorker):
                 stalled = self._notice_stalled(faulty)
                 tx_on = tx_on and not txq.fault & FAULT_STALL
             n = 0
-            if tx_on:
-                n += net_tap_tx(txq, tap, s, hdr, budget)
-            if rxq is not None:
-                n += net_tap_rx(rxq, tap, s, hdr, mrg, budget)   # a stalled RX drops what it reads
+            try:
+                if tx_on:
+                    n += net_tap_tx(txq, tap, s, hdr, budget)
+                if rxq is not None:
+                    n += net_tap_rx(rxq, tap, s, hdr, mrg, budget)   # a stalled RX drops what it reads
+            except RingError as e:
+                # One vring broke: it is reported and no longer serviced; the other goes on.
+                for r in (self.rx, self.tx):
+                    if r is not None and r.q.broken and not r.reported_broken:
+                        self._broke([r], e)
+                txq = None if txq is None or txq.broken else txq
+                rxq = None if rxq is None or rxq.broken else rxq
+                if txq is None and rxq is None:
+                    return
+                iot = [r for r in iot if not r.q.broken]
+                continue
             waiting = self.iotlb_waiting(iot) if iot else ()
             if n:
                 idle_since = None

@@ -153,6 +153,9 @@ def iotlb_snapshot_extras(entry: QueueEntry, extras: dict) -> None:
     if unknown:
         entry.anomalies = [a for a in entry.anomalies if a.kind not in UNTRANSLATED_YET]
     extras["buffers_untranslated"] = len(unknown)
+    if extras.get("ring_refused"):
+        entry.anomalies = [a for a in entry.anomalies if a.kind != AnomalyKind.RING_UNMAPPED]
+        entry.anomalies.append(Anomaly(AnomalyKind.QUEUE_BROKEN, extras["ring_refused"]))
     miss = extras.get("miss")
     if miss is None:
         return

@@ -25,21 +25,33 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Callable
 
 from ..datapath.iotlb import Iotlb, IotlbMiss, IotlbRejected, access_name
 from ..devices.base import Device, VringConfig
 from ..errors import MemoryAccessError, RequestRefused
-from ..spec.vhost import VHOST_ACCESS_RO, VHOST_ACCESS_WO, VHOST_IOTLB_INVALIDATE, VHOST_IOTLB_UPDATE
+from ..spec.vhost import (VHOST_ACCESS_RO, VHOST_ACCESS_RW, VHOST_ACCESS_WO, VHOST_IOTLB_INVALIDATE,
+                          VHOST_IOTLB_MSG_STRUCT, VHOST_IOTLB_UPDATE)
 from ..spec.virtio import VIRTIO_F_ACCESS_PLATFORM, has_feature
-from .protocol import IotlbMsg
+from .protocol import IotlbMsg, MalformedIotlbMsg
 from .transport import Message
 from .vrings import Vrings, ring_area_sizes
 
-#: The three ring areas of a vring: (VringConfig field, snapshot name, the device's access).
+#: The three ring areas of a split vring: (VringConfig field, snapshot name, the device's access).
 RING_AREAS = (("desc_uva", "desc", VHOST_ACCESS_RO), ("avail_uva", "avail", VHOST_ACCESS_RO),
               ("used_uva", "used", VHOST_ACCESS_WO))
+#: A packed vring's (VIRTIO 1.2 §2.8): the device writes used descriptors into
+#: the descriptor ring (§2.8.6) and reads the driver's event suppression area.
+PACKED_RING_AREAS = (("desc_uva", "desc", VHOST_ACCESS_RW), ("avail_uva", "avail", VHOST_ACCESS_RO),
+                     ("used_uva", "used", VHOST_ACCESS_WO))
+
+
+def ring_areas(v: VringConfig) -> list[tuple[str, str, int, int]]:
+    """``(field, name, access, size)`` of each ring area of ``v``."""
+    return [(fld, what, perm, size) for (fld, what, perm), size
+            in zip(PACKED_RING_AREAS if v.packed else RING_AREAS, ring_area_sizes(v.num, v.packed))]
 
 
 class IotlbControl:
@@ -58,6 +70,8 @@ class IotlbControl:
         self.iotlb: Iotlb | None = None
         #: vring index -> (iova, perm, time.monotonic() of the first miss) of a ring area that misses.
         self.ring_misses: dict[int, tuple[int, int, float]] = {}
+        #: vring index -> why its ring areas cannot be used (an entry refuses the access).
+        self.ring_refused: dict[int, str] = {}
         self.ring_restarts = 0
 
     # --- features / memory ---------------------------------------------------------------
@@ -84,6 +98,7 @@ class IotlbControl:
         self.iotlb.close()
         self.iotlb = None
         self.ring_misses.clear()
+        self.ring_refused.clear()
 
     def close(self) -> None:
         """After every vring stopped."""
@@ -93,12 +108,12 @@ class IotlbControl:
     # --- ring addresses ---------------------------------------------------------------------
     def translate(self, v: VringConfig) -> VringConfig | None:
         """Vrings' translator: a copy of ``v`` with the three ring IOVAs
-        replaced by front-end addresses, or None when one misses (the miss
-        is sent; the vring starts once an UPDATE covers it). RequestRefused
-        when an entry refuses the access or the area is not contiguous."""
-        sizes = ring_area_sizes(v.num, v.packed)
+        replaced by front-end addresses, or None: when one misses (the miss
+        is sent; the vring starts once an UPDATE covers it), or when an
+        entry refuses the device's access or the area is not contiguous
+        (the vring is refused: :meth:`_refuse_ring`)."""
         out = {}
-        for (fld, what, perm), size in zip(RING_AREAS, sizes):
+        for fld, what, perm, size in ring_areas(v):
             iova = getattr(v, fld)
             try:
                 out[fld] = self.iotlb.translate(iova, size, perm, f"vring {v.index} {what} ring")
@@ -109,9 +124,27 @@ class IotlbControl:
                 self.iotlb.ask(m.iova, m.perm)
                 return None
             except IotlbRejected as e:
-                raise RequestRefused(f"vring {v.index}: {e}") from None
+                self._refuse_ring(v, f"vring {v.index}: {e}")
+                return None
         self.ring_misses.pop(v.index, None)
+        self.ring_refused.pop(v.index, None)
         return dataclasses.replace(v, **out)
+
+    def _refuse_ring(self, v: VringConfig, reason: str) -> None:
+        """A ring area's entry refuses the device's access (a used ring
+        mapped read-only...): the vring does not start, as a queue broken
+        by a refused buffer access stops (one log line, SET_VRING_ERR; the
+        snapshot's queue_broken), until the front-end maps it right."""
+        self.ring_misses.pop(v.index, None)
+        if self.ring_refused.get(v.index) == reason:
+            return
+        self.ring_refused[v.index] = reason
+        self.logger.warning("connection %d: %s; the vring does not start", self.id, reason)
+        if v.err_fd is not None:
+            try:
+                os.eventfd_write(v.err_fd, 1)
+            except OSError:
+                pass
 
     def retry(self) -> None:
         """Ask again for the ring areas that still miss (the server's timer,
@@ -128,6 +161,10 @@ class IotlbControl:
         if self.iotlb is None:
             raise RequestRefused(f"{msg.name}: VIRTIO_F_ACCESS_PLATFORM (bit {VIRTIO_F_ACCESS_PLATFORM}) was not "
                                  f"negotiated: there is no IOTLB; message ignored")
+        if isinstance(m, MalformedIotlbMsg):
+            self.iotlb.rejected += 1
+            raise RequestRefused(f"{msg.name}: size={m.size}: a struct vhost_iotlb_msg is "
+                                 f"{VHOST_IOTLB_MSG_STRUCT.size} bytes; message ignored")
         try:
             if m.type == VHOST_IOTLB_UPDATE:
                 if self.iotlb.update(m.iova, m.size, m.uaddr, m.perm):
@@ -164,9 +201,8 @@ class IotlbControl:
         for v in self.rings.configs:
             if not v.started:
                 continue
-            sizes = ring_area_sizes(v.num, v.packed)
             if any(getattr(v, fld) < iova + size and iova < getattr(v, fld) + n
-                   for (fld, _, _), n in zip(RING_AREAS, sizes)):
+                   for fld, _, _, n in ring_areas(v)):
                 self.logger.info("connection %d: vring %d: an IOTLB invalidation took its ring areas; "
                                  "restarting it through the IOTLB", self.id, v.index)
                 self.ring_restarts += 1
@@ -181,6 +217,7 @@ class IotlbControl:
         the data path's ``queue_miss`` (QueueStats.iotlb_miss)."""
         out = iotlb_extras(self.iotlb, v, mem)
         out["ring_restarts"] = self.ring_restarts
+        out["ring_refused"] = self.ring_refused.get(v.index)
         rm = self.ring_misses.get(v.index)
         if rm is not None:
             out["miss"] = {"iova": rm[0], "perm": access_name(rm[1]), "waiting_s": time.monotonic() - rm[2]}
@@ -198,7 +235,7 @@ def iotlb_extras(t: Iotlb, v: VringConfig, mem) -> dict:
     None."""
     out: dict = dict(t.stats())
     ring = {}
-    for (fld, what, perm), size in zip(RING_AREAS, ring_area_sizes(v.num, v.packed)):
+    for fld, what, perm, size in ring_areas(v):
         iova = getattr(v, fld)
         uaddr = gpa = None
         try:
@@ -212,4 +249,4 @@ def iotlb_extras(t: Iotlb, v: VringConfig, mem) -> dict:
     return out
 
 
-__all__ = ["IotlbControl", "RING_AREAS", "iotlb_extras"]
+__all__ = ["IotlbControl", "PACKED_RING_AREAS", "RING_AREAS", "iotlb_extras", "ring_areas"]

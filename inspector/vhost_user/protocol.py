@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
-from ..errors import ProtocolError, RequestRefused
+from ..errors import ProtocolError
 # The protocol's vocabulary, re-exported so that users of this module need
 # one import; the numbers are defined in inspector.spec.vhost only.
 from ..spec.vhost import (  # noqa: F401
@@ -128,14 +128,20 @@ class IotlbMsg(_Fixed):
     type: int
 
 
-def unpack_iotlb(name: str, data: bytes) -> IotlbMsg:
-    """Decode IOTLB_MSG. A payload that is not 32 bytes is refused
-    (RequestRefused: a non-zero REPLY_ACK, one log line) rather than a
-    protocol violation: an IOTLB message changes no connection state, so
-    the connection goes on."""
+@dataclass
+class MalformedIotlbMsg:
+    """An IOTLB_MSG whose payload is not a struct vhost_iotlb_msg: ``size``
+    bytes. Not a protocol violation: an IOTLB message changes no connection
+    state, so the receiver refuses it (a non-zero REPLY_ACK, one log line:
+    inspector/vhost_user/iotlb.py) and the connection goes on."""
+
+    size: int
+
+
+def unpack_iotlb(name: str, data: bytes) -> IotlbMsg | MalformedIotlbMsg:
+    """Decode IOTLB_MSG (32 bytes), or say it is malformed."""
     if len(data) != VHOST_IOTLB_MSG_STRUCT.size:
-        raise RequestRefused(f"{name}: size={len(data)}: a struct vhost_iotlb_msg is "
-                             f"{VHOST_IOTLB_MSG_STRUCT.size} bytes; message ignored")
+        return MalformedIotlbMsg(len(data))
     return IotlbMsg(*VHOST_IOTLB_MSG_STRUCT.unpack(data))
 
 

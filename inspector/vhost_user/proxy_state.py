@@ -33,7 +33,7 @@ from ..spec.virtio import (VIRTIO_BLK_F_GEOMETRY, VIRTIO_F_ACCESS_PLATFORM, VIRT
                            VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
                            VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, has_feature)
 from .memory_table import MappedMemory
-from .protocol import (FLAG_REPLY, VERSION, VERSION_MASK, VRING_IDX_MASK, BackendRequest,
+from .protocol import (FLAG_REPLY, VERSION, VERSION_MASK, VRING_IDX_MASK, BackendRequest, IotlbMsg,
                        MemoryRegionDesc, ProtocolViolation, Request, VringAddr, VringState,
                        check_header, decode_reply, REPLY_KINDS, payload_fields, request_name, unpack_mem_reg, unpack_u64,
                        unpack_vring_state)
@@ -283,7 +283,7 @@ class ConnectionState:
         back-end would (an UPDATE it refuses is counted in the mirror's
         ``rejected``; the back-end decides for itself, the proxy only
         watches)."""
-        if self.iotlb is None:
+        if self.iotlb is None or not isinstance(m, IotlbMsg):
             return
         try:
             if m.type == VHOST_IOTLB_UPDATE:

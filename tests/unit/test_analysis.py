@@ -375,3 +375,18 @@ def test_avail_event_tells_a_vhost_queue_read_its_entries():
     a, _ = run([base] + [stuck] * 6, seen=False)
     d = verdict(a)
     assert d.verdict is Verdict.DEVICE_STALLED and "read avail_idx 23 (its avail_event)" in d.evidence
+
+
+def test_a_device_waiting_for_an_unanswered_iotlb_miss_says_so():
+    # vqscope's back-end behind an IOMMU: the device read avail_idx, could not translate the next
+    # buffer and asked the front-end, which has not answered: device_stalled, with the reason
+    miss = Anomaly(AnomalyKind.IOTLB_MISS_UNANSWERED,
+                   "waiting 2.5 s for the translation of IOVA 0xfffee000 (ro): the back-end sent an IOTLB miss "
+                   "(vhost-user BACKEND_IOTLB_MSG) the front-end has not answered")
+    states = [entry(avail_idx=10, used_idx=10, last_avail_idx=10)] + \
+             [entry(avail_idx=14, used_idx=10, last_avail_idx=10, shadow_avail_idx=14, kicks=1,
+                    anomalies=[miss])] * 6
+    a, _ = run(states)
+    d = verdict(a)
+    assert d.verdict is Verdict.DEVICE_STALLED
+    assert "read avail_idx 14" in d.evidence and "translation of IOVA 0xfffee000" in d.evidence
