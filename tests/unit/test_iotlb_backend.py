@@ -335,3 +335,23 @@ def test_ring_areas_mapped_as_the_device_uses_them(net, packed):
         assert bytes(fe.mem.read(tx_desc, 16 * QSIZE)) == written, "the device wrote a read-only ring"
         q = look.queue(1)
         assert anomalies(q, "queue_broken") or q["iotlb"]["miss"], (q, be.tail())
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_frames_across_pages_and_merged_rx_buffers(net, packed):
+    """A TX frame whose one descriptor spans two IOTLB pages (two entries:
+    two iovecs), looped into several MRG_RXBUF receive buffers each on a
+    page of its own, the later ones missing in the middle of the frame:
+    every frame arrives whole."""
+    be, sock, look = net
+    with net_fe(sock, packed=packed, mrg_rxbuf=True, slot_size=8192) as fe:
+        frames = [frame(i, size=6000) for i in range(4)]
+        assert fe.post_rx_buffers(0, 24, buf_len=1024) == 24
+        assert fe.send_frames(0, frames) == 4
+        got = collect(fe, 0, 4, 15)
+        assert got == [echoed(f) for f in frames], (len(got), be.tail())
+        tx_pages = {m.iova // IOTLB_PAGE for m in fe.missed(1) if fe.iova_window(m.iova)[0] == IOVA_RO_BASE}
+        assert len(tx_pages) >= 8, sorted(hex(p * IOTLB_PAGE) for p in tx_pages)   # two pages a frame
+        rx_pages = {m.iova // IOTLB_PAGE for m in fe.missed(0) if fe.iova_window(m.iova)[0] == IOVA_WO_BASE}
+        assert len(rx_pages) >= 6 * 4 - 4, len(rx_pages)      # a page per RX buffer used (6 a frame)
+        assert not anomalies(look.queue(0), "queue_broken") and look.queue(0)["dropped"] == 0
