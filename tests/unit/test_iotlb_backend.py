@@ -355,3 +355,21 @@ def test_frames_across_pages_and_merged_rx_buffers(net, packed):
         rx_pages = {m.iova // IOTLB_PAGE for m in fe.missed(0) if fe.iova_window(m.iova)[0] == IOVA_WO_BASE}
         assert len(rx_pages) >= 6 * 4 - 4, len(rx_pages)      # a page per RX buffer used (6 a frame)
         assert not anomalies(look.queue(0), "queue_broken") and look.queue(0)["dropped"] == 0
+
+
+def test_a_reconnected_front_end_starts_from_an_empty_iotlb(net):
+    """The IOTLB is the connection's: after a reconnect (same memory and
+    rings, a new connection) the back-end holds no entry until it asks
+    again, and the rings go on from where they were."""
+    be, sock, look = net
+    with net_fe(sock) as fe:
+        assert exchange(fe, 0, [frame(i) for i in range(4)]) == [echoed(frame(i)) for i in range(4)], be.tail()
+        seen = fe.iotlb_misses_seen
+        fe.reconnect()
+        # (the old connection's queues may show until the back-end has seen it close)
+        fresh = look.wait(lambda qs: qs[1]["iotlb"]["updates"] == 0, timeout=5)[1]["iotlb"]
+        assert fresh["updates"] == 0 and fresh["entries"] == 0, fresh
+        assert exchange(fe, 0, [frame(i) for i in range(4, 8)]) == [echoed(frame(i)) for i in range(4, 8)], \
+            be.tail()
+        assert fe.iotlb_misses_seen > seen
+        assert look.iotlb(1)["entries"] > 0
