@@ -35,6 +35,7 @@ from ..spec.virtio import (VIRTIO_BLK_CONFIG_FIELDS, VIRTIO_BLK_CONFIG_SIZE, VIR
                            VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_T_NAMES, VIRTIO_RING_F_INDIRECT_DESC)
 from .driver_queue import DriverQueue
 from .frontend import FrontendCore, _align
+from .frontend_iommu import IotlbPolicy
 
 _OUTHDR = struct.Struct("<IIQ")            # type, ioprio (reserved), sector
 _SEGMENT = struct.Struct("<QII")           # sector, num_sectors, flags
@@ -90,8 +91,9 @@ class BlkFrontend(FrontendCore):
     counts queues) of ``queue_size`` entries in ``mem_size`` bytes of shared
     memory, with buffer slots for requests of up to ``max_data`` data bytes.
     ``event_idx``, ``packed``, ``inflight`` (keep the back-end's inflight
-    area across :meth:`reconnect`), ``handshake``, ``timeout`` and
-    ``faults`` are :class:`~.frontend.FrontendCore`'s. Acks the virtio-blk
+    area across :meth:`reconnect`), ``handshake``, ``timeout``,
+    ``faults``, ``iommu`` and ``iotlb_policy`` are
+    :class:`~.frontend.FrontendCore`'s. Acks the virtio-blk
     features in :data:`BLK_DRIVER_FEATURES` that the back-end offers, plus
     ``extra_features``.
 
@@ -101,14 +103,16 @@ class BlkFrontend(FrontendCore):
     def __init__(self, socket_path: str, num_queues: int = 1, queue_size: int = 128,
                  mem_size: int = 64 << 20, *, event_idx: bool = True, packed: bool = False,
                  inflight: bool = False, handshake: bool = True, timeout: float = 5.0,
-                 max_data: int = 64 << 10, extra_features: int = 0, faults=()):
+                 max_data: int = 64 << 10, extra_features: int = 0, faults=(), iommu: bool = False,
+                 iotlb_policy: IotlbPolicy | None = None):
         self.max_data = max_data
         self._pending: dict[tuple[int, int], _Pending] = {}
         self._done: dict[int, list[Completion]] = {}
         super().__init__(socket_path, num_queues, queue_size, mem_size,
                          want_features=BLK_DRIVER_FEATURES | extra_features, event_idx=event_idx,
                          packed=packed, slot_size=_DATA_OFFSET + _align(max(max_data, 1), 4096),
-                         handshake=handshake, timeout=timeout, inflight=inflight, faults=faults)
+                         handshake=handshake, timeout=timeout, inflight=inflight, faults=faults,
+                         iommu=iommu, iotlb_policy=iotlb_policy)
 
     @property
     def num_queues(self) -> int:
@@ -124,7 +128,11 @@ class BlkFrontend(FrontendCore):
         (header gpa, status gpa, data gpa), the 16-byte header at the slot's
         start, the status byte right after it, ``slot_size - DATA_OFFSET``
         data bytes from ``DATA_OFFSET``. They stay taken for this front-end's
-        life. Raises InspectorError when fewer than ``n`` slots are free."""
+        life. Raises InspectorError when fewer than ``n`` slots are free, or
+        behind an IOMMU (the addresses are guest-physical, not IOVAs)."""
+        if self.iommu:
+            raise InspectorError("request slots for an outside driver give guest-physical addresses; this "
+                                 "front-end negotiated VIRTIO_F_ACCESS_PLATFORM (IOVAs): use submit()")
         if n > len(self.free_slots):
             raise InspectorError(f"front-end: {n} request slots asked for, {len(self.free_slots)} free")
         out = []
@@ -219,8 +227,8 @@ class BlkFrontend(FrontendCore):
         return self._add(queue, bufs, slot, _Pending(slot, None, None, status_gpa), publish)
 
     def _add(self, queue: DriverQueue, bufs, slot: int, pending: _Pending, publish: bool) -> int:
-        try:
-            head = queue.ring.add_chain(bufs)
+        try:   # the device's addresses: IOVAs behind an IOMMU (FrontendCore.dma_addr)
+            head = queue.ring.add_chain([(self.dma_addr(gpa, w), n, w) for gpa, n, w in bufs])
         except BaseException:
             self.free_slots.append(slot)
             raise

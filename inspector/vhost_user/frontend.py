@@ -26,6 +26,10 @@ table (after which this front-end must not touch guest memory past the new
 size itself: its own mapping faults there too). Driver faults
 (``faults``, inspector/faults.py: ``withhold-kicks``, ``stop-consuming``)
 make it a stuck or buggy driver, for tests of diagnosis tools.
+
+Behind a virtual IOMMU (``iommu=True``: VIRTIO_F_ACCESS_PLATFORM) ring and
+buffer addresses are IOVAs and misses from the back-end are answered with
+IOTLB updates: :mod:`.frontend_iommu`.
 """
 
 from __future__ import annotations
@@ -46,14 +50,15 @@ from ..ring.driver import DriverRing
 from ..ring.driver_packed import PackedDriverRing
 from ..spec.vhost import VHOST_USER_F_PROTOCOL_FEATURES
 from ..spec.virtio import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
-                           VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
-                           VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX, has_feature)
+                           VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED,
+                           VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX, has_feature)
 from .protocol import (
     FLAG_NEED_REPLY, FLAG_REPLY, REQUESTS, VERSION, ConfigPayload, InflightPayload, MemoryRegionDesc,
     MemoryTable, ProtocolFeature, Request, VringAddr, VringState, has_reply, pack_u64, unpack_inflight,
 )
 # HOSTILE_KINDS and HOSTILE_PACKED_KINDS are re-exported: tests name them from here.
 from .driver_queue import DriverQueue, QueueDriver
+from .frontend_iommu import IommuFrontend, IotlbPolicy
 from .net_driver import HOSTILE_KINDS, HOSTILE_PACKED_KINDS, VirtioNetDriver  # noqa: F401
 from .transport import Message, recv_message, send_message
 
@@ -61,7 +66,7 @@ def _align(x: int, a: int) -> int:
     return (x + a - 1) & ~(a - 1)
 
 
-class FrontendCore(QueueDriver):
+class FrontendCore(IommuFrontend, QueueDriver):
     """A vhost-user front-end of any device: connect to the back-end at
     ``socket_path`` and set up ``num_vrings`` vrings of ``queue_size``
     entries in ``mem_size`` bytes of shared memory (a memfd), as QEMU does.
@@ -78,14 +83,19 @@ class FrontendCore(QueueDriver):
     when offered: the back-end's area (GET_INFLIGHT_FD) is kept in
     ``inflight_map`` and handed to it, and to every back-end after a
     :meth:`reconnect`, with SET_INFLIGHT_FD. ``faults``: driver faults on
-    purpose (:meth:`set_faults`). Raises ProtocolError when the back-end
-    breaks the protocol or cannot give what was asked, OSError on socket
-    errors."""
+    purpose (:meth:`set_faults`). ``iommu``: ack VIRTIO_F_ACCESS_PLATFORM
+    (the handshake fails when the back-end does not offer it, or REPLY_ACK
+    and BACKEND_REQ) and give the device IOVAs; misses are answered as
+    ``iotlb_policy`` (:class:`~.frontend_iommu.IotlbPolicy`) says, in
+    :meth:`serve_misses` and while waiting for calls. Raises ProtocolError
+    when the back-end breaks the protocol or cannot give what was asked,
+    OSError on socket errors."""
 
     def __init__(self, socket_path: str, num_vrings: int, queue_size: int = 256,
                  mem_size: int = 64 << 20, *, want_features: int = 0, queue_count: int | None = None,
                  event_idx: bool = False, packed: bool = True, slot_size: int = 4096,
-                 handshake: bool = True, timeout: float = 5.0, inflight: bool = False, faults=()):
+                 handshake: bool = True, timeout: float = 5.0, inflight: bool = False, faults=(),
+                 iommu: bool = False, iotlb_policy: IotlbPolicy | None = None):
         self.socket_path = socket_path
         self.num_vrings = num_vrings
         self.queue_count = num_vrings if queue_count is None else queue_count
@@ -97,6 +107,9 @@ class FrontendCore(QueueDriver):
             self.want_features |= 1 << VIRTIO_RING_F_EVENT_IDX
         if packed:
             self.want_features |= 1 << VIRTIO_F_RING_PACKED
+        self._init_iommu(iommu, iotlb_policy)
+        if iommu:
+            self.want_features |= 1 << VIRTIO_F_ACCESS_PLATFORM
         self.features = 0
         self.device_features = 0
         self.protocol_features = 0
@@ -142,7 +155,7 @@ class FrontendCore(QueueDriver):
         sizes = [packed_layout(self.queue_size).total_size]
         if is_power_of_two(self.queue_size):
             sizes.append(split_layout(self.queue_size, 4096).total_size)
-        ring_bytes = _align(max(sizes), 4096)
+        self.ring_bytes = ring_bytes = _align(max(sizes), 4096)
         self.ring_base = [i * ring_bytes for i in range(self.num_vrings)]
         self.slots_base = _align(self.num_vrings * ring_bytes, 4096)
         nslots = (self.mem_size - self.slots_base) // self.slot_size
@@ -252,6 +265,11 @@ class FrontendCore(QueueDriver):
                 finally:
                     theirs.close()
                 self.backend_channel = mine
+        if self.iommu:
+            if not has_feature(self.device_features, VIRTIO_F_ACCESS_PLATFORM):
+                raise ProtocolError(f"an IOMMU front-end needs VIRTIO_F_ACCESS_PLATFORM; the back-end offers "
+                                    f"features {self.device_features:#x} without it")
+            self.check_iommu_negotiated()
         self.features = self.device_features & (self.want_features | 1 << VHOST_USER_F_PROTOCOL_FEATURES)
         self._request(Request.SET_FEATURES, pack_u64(self.features))
         self._request(Request.SET_MEM_TABLE,
@@ -282,9 +300,19 @@ class FrontendCore(QueueDriver):
 
     def recv_backend_request(self, timeout: float = 1.0) -> Message | None:
         """One back-end → front-end message from the SET_BACKEND_REQ_FD
-        channel (e.g. CONFIG_CHANGE_MSG), or None after ``timeout`` s."""
+        channel (e.g. CONFIG_CHANGE_MSG), or None after ``timeout`` s. With
+        the IOMMU, misses are answered on the way (serve_misses) and not
+        returned."""
         if self.backend_channel is None:
             raise ProtocolError("no back-end channel: BACKEND_REQ was not negotiated")
+        if self.iommu:
+            deadline = time.monotonic() + timeout
+            while not self._backend_pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.serve_misses(left)
+            return self._backend_pending.popleft()
         if not select.select([self.backend_channel], [], [], timeout)[0]:
             return None
         msg = recv_message(self.backend_channel)
@@ -339,6 +367,7 @@ class FrontendCore(QueueDriver):
             if s is not None:
                 s.close()
         self.backend_channel = None
+        self._backend_pending.clear()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(socket_path or self.socket_path)
@@ -368,7 +397,7 @@ class FrontendCore(QueueDriver):
             areas = (ring.desc_addr, ring.used_addr, ring.avail_addr)
         self._request(Request.SET_VRING_NUM, VringState(i, self.queue_size).pack())
         self._request(Request.SET_VRING_BASE, VringState(i, base).pack())
-        desc, used, avail = (self.gpa_to_uva(a) for a in areas)
+        desc, used, avail = (self.ring_addr(a) for a in areas)
         self._request(Request.SET_VRING_ADDR, VringAddr(i, 0, desc, used, avail, 0).pack())
         self._request(Request.SET_VRING_KICK, pack_u64(i), fds=[q.kick_fd])
         self._request(Request.SET_VRING_CALL, pack_u64(i), fds=[q.call_fd])
@@ -418,14 +447,16 @@ class VhostUserFrontend(FrontendCore, VirtioNetDriver):
     VIRTIO_RING_F_EVENT_IDX / VIRTIO_NET_F_MRG_RXBUF when offered;
     ``extra_features`` are acked too when offered; ``packed``: ack
     VIRTIO_F_RING_PACKED when offered (False forces split rings). The other
-    arguments are :class:`FrontendCore`'s."""
+    arguments (``iommu``, ``iotlb_policy`` too) are :class:`FrontendCore`'s."""
 
     def __init__(self, socket_path: str, queue_pairs: int = 1, queue_size: int = 256,
                  mem_size: int = 64 << 20, *, event_idx: bool = False, mrg_rxbuf: bool = False,
                  extra_features: int = 0, slot_size: int = 4096, handshake: bool = True,
-                 timeout: float = 5.0, inflight: bool = False, faults=(), packed: bool = True):
+                 timeout: float = 5.0, inflight: bool = False, faults=(), packed: bool = True,
+                 iommu: bool = False, iotlb_policy: IotlbPolicy | None = None):
         self.queue_pairs = queue_pairs
         want = extra_features | (1 << VIRTIO_NET_F_MRG_RXBUF if mrg_rxbuf else 0)
         super().__init__(socket_path, 2 * queue_pairs, queue_size, mem_size, want_features=want,
                          queue_count=queue_pairs, event_idx=event_idx, packed=packed, slot_size=slot_size,
-                         handshake=handshake, timeout=timeout, inflight=inflight, faults=faults)
+                         handshake=handshake, timeout=timeout, inflight=inflight, faults=faults,
+                         iommu=iommu, iotlb_policy=iotlb_policy)

@@ -62,7 +62,9 @@ HOSTILE_PACKED_KINDS = {kind.value: kind for kind in HOSTILE_PACKED}
 class VirtioNetDriver(QueueDriver):
     """The virtio-net driver methods of the built-in front-end (a mixin: see
     the module docstring for what the front-end provides). Vring ``2p`` is
-    pair ``p``'s RX queue, ``2p+1`` its TX queue."""
+    pair ``p``'s RX queue, ``2p+1`` its TX queue. Buffer addresses go on the
+    rings as ``dma_addr`` gives them (IOVAs behind an IOMMU); the hostile
+    chains of :meth:`write_hostile` keep guest-physical ones."""
 
     # --- virtio-net driver ---------------------------------------------------------------------
     @property
@@ -91,7 +93,7 @@ class VirtioNetDriver(QueueDriver):
             if q.ring.num_free == 0 or not self.free_slots:
                 break
             slot = self._alloc_slot()
-            head = q.ring.add_chain([(self._slot_gpa(slot), buf_len, True)])
+            head = q.ring.add_chain([(self.dma_addr(self._slot_gpa(slot), True), buf_len, True)])
             q.slots[head] = slot
             posted += 1
         if posted:
@@ -117,7 +119,7 @@ class VirtioNetDriver(QueueDriver):
             view = self.mem.view(gpa, hlen + len(frame))
             view[:hlen] = bytes(hlen)
             view[hlen:] = frame
-            head = q.ring.add_chain([(gpa, hlen + len(frame), False)])
+            head = q.ring.add_chain([(self.dma_addr(gpa, False), hlen + len(frame), False)])
             q.slots[head] = slot
             sent += 1
         if sent and publish:
