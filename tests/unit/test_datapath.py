@@ -1,5 +1,9 @@
 """The C data path (csrc/vqd_vq.c, vqd_net.c) driven directly, without vhost-user.
 
+(Over 600 lines: the split queue's and the net paths' tests share the Rig
+and NetRig builders here; the packed ring's are in test_datapath_packed.py,
+the IOTLB's in test_iotlb.py.)
+
 Rings are built with inspector.ring.driver.DriverRing in a GuestMemory over
 bytearrays; the device side is inspector.datapath.queue.DeviceQueue. Hostile rings
 quote the VIRTIO 1.2 rule they break and must mark the queue broken quickly
