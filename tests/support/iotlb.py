@@ -5,12 +5,15 @@ queue, its log lines and its fds."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import time
 
 from inspector.introspect.client import IntrospectionClient
 
 from tests.conftest import wait_for
+from tests.support.peers import VqscopeNet, socket_dir
 
 
 def frame(i: int, size: int = 60) -> bytes:
@@ -116,3 +119,21 @@ def premap(fe) -> None:
         fe.serve_misses(0.2)    # misses the vrings sent while the UPDATEs arrived
     finally:
         fe.iotlb_policy.answer = answer
+
+
+@contextlib.contextmanager
+def serve_net(queues: int = 1):
+    """``vqscope serve net --loopback --queues N`` on a private socket dir,
+    with an :class:`Introspect` client: yields (back-end, socket path,
+    introspection); everything closed and removed after."""
+    d = socket_dir()
+    sock = os.path.join(d, "vu.sock")
+    try:
+        with VqscopeNet(sock, queues=queues) as be:
+            look = Introspect(sock)
+            try:
+                yield be, sock, look
+            finally:
+                look.close()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

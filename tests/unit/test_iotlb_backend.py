@@ -26,8 +26,8 @@ from inspector.vhost_user.frontend_iommu import (IOTLB_PAGE, IOVA_RING_BASE, IOV
                                                  IotlbPolicy)
 
 from tests.support.blk import VqscopeBlk
-from tests.support.iotlb import Introspect, anomalies, collect, echoed, exchange, frame
-from tests.support.peers import VqscopeNet, socket_dir
+from tests.support.iotlb import Introspect, anomalies, collect, echoed, exchange, frame, serve_net
+from tests.support.peers import socket_dir
 
 QSIZE = 64
 MEM = 1 << 20
@@ -37,17 +37,8 @@ MEM = 1 << 20
 def net():
     """``serve net --loopback --queues 2`` on a private socket: (back-end,
     socket path, introspection)."""
-    d = socket_dir()
-    sock = os.path.join(d, "vu.sock")
-    try:
-        with VqscopeNet(sock, queues=2) as be:
-            look = Introspect(sock)
-            try:
-                yield be, sock, look
-            finally:
-                look.close()
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    with serve_net(queues=2) as net:
+        yield net
 
 
 def net_fe(sock: str, *, pairs: int = 1, packed: bool = False, policy: IotlbPolicy | None = None,

@@ -15,7 +15,6 @@ case is a new front-end connection behind the IOMMU
 from __future__ import annotations
 
 import os
-import shutil
 import time
 
 import pytest
@@ -28,8 +27,7 @@ from inspector.vhost_user.frontend import VhostUserFrontend
 from inspector.vhost_user.frontend_iommu import IOTLB_PAGE, iotlb_payload
 
 from tests.conftest import wait_for
-from tests.support.iotlb import Introspect, echoed, exchange, fd_count, frame, new_lines, premap
-from tests.support.peers import VqscopeNet, socket_dir
+from tests.support.iotlb import echoed, exchange, fd_count, frame, new_lines, premap, serve_net
 
 MEM = 1 << 20
 #: An IOVA outside the front-end's three windows: its responder never maps there.
@@ -39,19 +37,10 @@ U64 = 1 << 64
 
 @pytest.fixture(scope="module")
 def serve():
-    d = socket_dir()
-    sock = os.path.join(d, "vu.sock")
-    try:
-        with VqscopeNet(sock) as be:
-            look = Introspect(sock)
-            look.queues()                 # its introspection connection open: counted in what follows
-            be.idle_fds = fd_count(be.peer.proc.pid)   # with no front-end connected
-            try:
-                yield be, sock, look
-            finally:
-                look.close()
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    with serve_net() as (be, sock, look):
+        look.queues()                 # its introspection connection open: counted in what follows
+        be.idle_fds = fd_count(be.peer.proc.pid)   # with no front-end connected
+        yield be, sock, look
 
 
 @pytest.fixture
