@@ -3,30 +3,19 @@
 
 from __future__ import annotations
 
-from textual.widgets import Static
+from rich.text import Text
 
 from inspector.snapshot.model import QueueEntry
 
-from ..render import labeled
 from ..render_blk import blk_rows, blk_stats
+from .rows_panel import RowsPanel
 
 
-class BlkPanel(Static):
+class BlkPanel(RowsPanel):
     """Requests by type, statuses, bad requests by kind (non-zero ones
     highlighted), in flight, resubmitted, bytes and the recent completions
-    with their status; hidden for a queue without blk counters. Updated
-    only when its text changed."""
+    with their status; hidden for a queue without blk counters."""
 
-    _shown: tuple[str, ...] | None = None
-
-    def show(self, queue: QueueEntry | None) -> None:
+    def rows(self, queue: QueueEntry | None) -> list[tuple[str, Text | str]] | None:
         blk = blk_stats(queue)
-        self.display = blk is not None
-        if blk is None:
-            self._shown = None
-            return
-        rows = blk_rows(blk)
-        key = tuple(f"{label}\0{text}" for label, text in rows)
-        if key != self._shown:
-            self._shown = key
-            self.update(labeled(rows))
+        return None if blk is None else blk_rows(blk)
